@@ -1,0 +1,266 @@
+"""The objectives: gradient flow per loss (the proof that the method is X-FM), formulas against hand
+computations, hard negatives, the temperature clamp, and global ITC across 2 processes."""
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from conftest import make_batch, tiny_config
+from losses import (bbox_loss, box_xyxy, generalized_iou, itc_loss, mim_loss, sample_hard_negatives,
+                    xfm_losses)
+from model import XFM
+
+
+def grad_norms(loss, modules):
+    """Gradient norm that `loss` sends to each module's parameters (0.0 when nothing reaches them)."""
+    out = {}
+    for name, mod in modules.items():
+        params = [p for p in mod.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        out[name] = sum(float(g.abs().sum()) for g in grads if g is not None)
+    return out
+
+
+def losses_and_parts(stop_grad, seed=0):
+    torch.manual_seed(seed)
+    cfg = tiny_config()
+    model = XFM(cfg)
+    losses = xfm_losses(model, make_batch(cfg, seed=seed), stop_grad=stop_grad)
+    parts = {"language": model.text, "vision": model.vision, "fusion": model.fusion}
+    return model, losses, parts
+
+
+def test_every_loss_is_present_and_finite():
+    _, losses, _ = losses_and_parts(True)
+    assert set(losses) == {"mlm", "itc", "itm", "imlm", "mim", "itc_region", "itm_region", "imlm_region",
+                           "bbox_l1", "bbox_giou", "mim_image"}
+    assert all(torch.isfinite(v) and v.ndim == 0 for v in losses.values())
+
+
+def test_gradient_flow_with_stop_gradient():
+    """XFM.md §3.8: the language encoder learns only from MLM and ITC; the vision encoder from everything
+    else that sees an image; MIM never reaches the language or fusion encoders."""
+    _, losses, parts = losses_and_parts(stop_grad=True)
+    g = {name: grad_norms(loss, parts) for name, loss in losses.items()}
+    for name in ("mlm", "itc", "itc_region"):
+        assert g[name]["language"] > 0, name
+    for name in ("itm", "imlm", "itm_region", "imlm_region", "bbox_l1", "bbox_giou"):
+        assert g[name]["language"] == 0.0, f"{name} leaked into the language encoder"
+    for name in ("itc", "itm", "imlm", "mim", "itc_region", "itm_region", "imlm_region", "bbox_l1",
+                 "bbox_giou", "mim_image"):
+        assert g[name]["vision"] > 0, name
+    for name in ("itm", "imlm", "itm_region", "imlm_region", "bbox_l1", "bbox_giou"):
+        assert g[name]["fusion"] > 0, name
+    for name in ("mim", "mim_image"):
+        assert g[name]["language"] == 0.0 and g[name]["fusion"] == 0.0, name
+    assert g["mlm"]["vision"] == 0.0 and g["mlm"]["fusion"] == 0.0
+    assert g["itc"]["fusion"] == 0.0
+
+
+def test_gradient_flow_without_stop_gradient():
+    """The ablation (and fine-tuning): with the detach removed, ITM, IMLM and BBP reach the language encoder."""
+    _, losses, parts = losses_and_parts(stop_grad=False)
+    for name in ("itm", "imlm", "itm_region", "imlm_region", "bbox_l1", "bbox_giou"):
+        assert grad_norms(losses[name], parts)["language"] > 0, name
+
+
+def test_mim_target_carries_no_gradient():
+    """The MIM gradient equals the one computed with a target made under no_grad: nothing flows through
+    the unmasked branch, and no second copy (EMA) of the encoder exists."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = XFM(cfg)
+    b = make_batch(cfg, kinds=("image",))["image"]
+    params = list(model.vision.parameters())
+    loss = xfm_losses(model, {"image": b})["mim_image"]
+    g1 = torch.autograd.grad(loss, params, allow_unused=True)
+    with torch.no_grad():
+        target = model.encode_image(b["image"])
+    loss2 = mim_loss(model.encode_image(b["image"], b["mim_mask"]), target, b["mim_mask"])
+    g2 = torch.autograd.grad(loss2, params, allow_unused=True)
+    assert torch.allclose(loss, loss2)
+    for a, c in zip(g1, g2):
+        assert (a is None and c is None) or torch.allclose(a, c, atol=1e-6)
+    # pair batches: the target is the same tensor that ITC uses, so it is made WITH grad, then detached
+    with pytest.raises(AssertionError):
+        mim_loss(target.requires_grad_(), target, b["mim_mask"])
+
+
+def test_mim_loss_formula_and_unmasked_patches_do_not_count():
+    torch.manual_seed(0)
+    B, P, D = 3, 16, 8
+    pred, target = torch.randn(B, 1 + P, D), torch.randn(B, 1 + P, D)
+    mask = torch.zeros(B, P, dtype=torch.bool)
+    mask[0, [1, 5]] = True
+    mask[1, [0]] = True
+    mask[2, [3, 4, 15]] = True
+    # by hand: mean over the 6 masked patches of ||.||^2 / D, plus mean over images of slot 0's ||.||^2 / D
+    sq = ((pred - target) ** 2).sum(-1) / D
+    masked = [sq[0, 2], sq[0, 6], sq[1, 1], sq[2, 4], sq[2, 5], sq[2, 16]]
+    expected = sum(masked) / 6 + sq[:, 0].mean()
+    assert torch.allclose(mim_loss(pred, target, mask), expected)
+    changed = pred.clone()
+    changed[0, 1 + 0] += 10.0  # an unmasked patch
+    assert torch.allclose(mim_loss(changed, target, mask), expected)
+
+
+def test_itc_formula_symmetry_and_minimum():
+    torch.manual_seed(0)
+    f = F.normalize(torch.randn(5, 16), dim=-1)
+    temp = torch.tensor(0.1)
+    s = f @ f.t() / temp
+    y = torch.arange(5)
+    by_hand = 0.5 * (F.cross_entropy(s, y) + F.cross_entropy(s.t(), y))
+    assert torch.allclose(itc_loss(f, f, temp), by_hand)
+    g = F.normalize(torch.randn(5, 16), dim=-1)
+    assert torch.allclose(itc_loss(f, g, temp), itc_loss(g, f, temp))  # symmetric in image/text
+    shuffled = itc_loss(f, f[torch.tensor([1, 0, 2, 3, 4])], temp)
+    assert itc_loss(f, f, temp) < shuffled  # lowest when the diagonal pairs match
+
+
+def test_itc_with_ids_makes_duplicates_positives():
+    f = F.normalize(torch.randn(4, 8), dim=-1)
+    v = f.clone()
+    v[1] = v[0]  # images 0 and 1 are the same image
+    ids = torch.tensor([0, 0, 1, 2])
+    temp = torch.tensor(0.05)
+    s = v @ f.t() / temp
+    target = torch.tensor([[.5, .5, 0, 0], [.5, .5, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.]])
+    i2t = -(F.log_softmax(s, 1) * target).sum(1).mean()
+    t2i = -(F.log_softmax(s.t(), 1) * target).sum(1).mean()
+    assert torch.allclose(itc_loss(v, f, temp, ids), 0.5 * (i2t + t2i))
+
+
+def test_hard_negatives_never_pick_the_positive_or_a_duplicate():
+    torch.manual_seed(0)
+    f = F.normalize(torch.randn(6, 8), dim=-1)
+    img_id = torch.tensor([0, 1, 1, 2, 3, 3])  # rows 1,2 and 4,5 share an image
+    temp = torch.tensor(0.001)  # the positive dominates the softmax: a buggy sampler would pick it
+    for _ in range(200):
+        neg_txt, neg_img = sample_hard_negatives(f, f, temp, img_id)
+        assert (neg_txt >= 0).all() and (neg_img >= 0).all()
+        assert (img_id[neg_txt] != img_id).all() and (img_id[neg_img] != img_id).all()
+    # batch size 1, or a batch that is all one image: no valid negative, marked -1 (no crash)
+    n1, n2 = sample_hard_negatives(f[:1], f[:1], temp, img_id[:1])
+    assert n1.tolist() == [-1] and n2.tolist() == [-1]
+    n1, n2 = sample_hard_negatives(f[1:3], f[1:3], temp, img_id[1:3])
+    assert n1.tolist() == [-1, -1] and n2.tolist() == [-1, -1]
+
+
+def test_losses_work_at_batch_size_one():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = XFM(cfg)
+    losses = xfm_losses(model, make_batch(cfg, kinds=("pair", "text"), B=1))
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_temperature_is_clamped():
+    cfg = tiny_config()
+    model = XFM(cfg)
+    assert math.isclose(model.temp.item(), 0.07, rel_tol=1e-6)
+    batch = make_batch(cfg, kinds=("pair",))
+    for value, clamped in ((5.0, 0.5), (1e-6, 0.001)):
+        with torch.no_grad():
+            model.temp.fill_(value)
+        xfm_losses(model, batch)
+        assert math.isclose(model.temp.item(), clamped, rel_tol=1e-6)
+
+
+def test_giou_and_l1_against_hand_computed_boxes():
+    # A = [0,0,2,2], B = [1,1,3,3]: inter 1, union 7, enclosing C = [0,0,3,3] area 9 -> GIoU = 1/7 - 2/9
+    a = torch.tensor([[0., 0., 2., 2.]])
+    b = torch.tensor([[1., 1., 3., 3.]])
+    assert torch.allclose(generalized_iou(a, b), torch.tensor([1 / 7 - 2 / 9]))
+    # disjoint: A = [0,0,1,1], B = [2,0,3,1]: IoU 0, C = [0,0,3,1] area 3, union 2 -> GIoU = -1/3
+    assert torch.allclose(generalized_iou(torch.tensor([[0., 0., 1., 1.]]), torch.tensor([[2., 0., 3., 1.]])),
+                          torch.tensor([-1 / 3]))
+    assert torch.allclose(box_xyxy(torch.tensor([0.5, 0.5, 0.2, 0.4])), torch.tensor([0.4, 0.3, 0.6, 0.7]))
+    pred = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.2, 0.2], [0.9, 0.9, 0.1, 0.1]])
+    target = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.4, 0.3, 0.2, 0.2], [0.1, 0.1, 0.1, 0.1]])
+    is_region = torch.tensor([True, True, False])  # the third is a whole-image caption: ignored
+    l1, giou = bbox_loss(pred, target, is_region)
+    assert torch.allclose(l1, torch.tensor(0.1 / 2))
+    # second pair: boxes [0.2,0.2,0.4,0.4] and [0.3,0.2,0.5,0.4]: IoU = 0.02/0.06, C area 0.06
+    assert torch.allclose(giou, torch.tensor((0.0 + (1 - 1 / 3)) / 2))
+    none = bbox_loss(pred, target, torch.zeros(3, dtype=torch.bool))
+    assert none[0].item() == 0.0 and none[1].item() == 0.0
+
+
+def test_bbox_loss_sees_only_region_captions_and_the_full_image():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = XFM(cfg).eval()
+    batch = make_batch(cfg, kinds=("region",))
+    torch.manual_seed(1)
+    ref = xfm_losses(model, batch)
+    moved = {k: v.clone() for k, v in batch["region"].items()}
+    moved["box"][~moved["is_region"]] = torch.tensor([0.1, 0.1, 0.1, 0.1])  # whole-image captions' targets
+    torch.manual_seed(1)
+    out = xfm_losses(model, {"region": moved})
+    assert torch.allclose(ref["bbox_l1"], out["bbox_l1"]) and torch.allclose(ref["bbox_giou"], out["bbox_giou"])
+    # BBP reads the full image: changing which patches a caption's region covers changes ITC/ITM (region
+    # view) but not the box prediction
+    moved = {k: v.clone() for k, v in batch["region"].items()}
+    moved["patch_mask"][:] = True
+    torch.manual_seed(1)
+    out = xfm_losses(model, {"region": moved})
+    assert torch.allclose(ref["bbox_l1"], out["bbox_l1"])
+    assert not torch.allclose(ref["itc_region"], out["itc_region"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Global ITC across 2 processes (gloo) == 1 process on the concatenated batch
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _itc_setup(seed=0):
+    torch.manual_seed(seed)
+    proj_v, proj_t = torch.nn.Linear(12, 8), torch.nn.Linear(12, 8)
+    temp = torch.nn.Parameter(torch.tensor(0.07))
+    x_v, x_t = torch.randn(8, 12), torch.randn(8, 12)
+    return proj_v, proj_t, temp, x_v, x_t
+
+
+def _itc_grads(proj_v, proj_t, temp, x_v, x_t):
+    f_v, f_t = F.normalize(proj_v(x_v), dim=-1), F.normalize(proj_t(x_t), dim=-1)
+    loss = itc_loss(f_v, f_t, temp)
+    params = [*proj_v.parameters(), *proj_t.parameters(), temp]
+    return loss.detach(), torch.autograd.grad(loss, params)
+
+
+def _itc_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        proj_v, proj_t, temp, x_v, x_t = _itc_setup()
+        n = x_v.shape[0] // world
+        rows = slice(rank * n, (rank + 1) * n)
+        loss, grads = _itc_grads(proj_v, proj_t, temp, x_v[rows], x_t[rows])
+        # what DDP does: average loss and gradients over the ranks
+        dist.all_reduce(loss)
+        for g in grads:
+            dist.all_reduce(g)
+        if rank == 0:
+            torch.save({"loss": loss / world, "grads": [g / world for g in grads]}, os.path.join(out_dir, "itc.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_itc_two_processes_equals_one_process(tmp_path):
+    mp.spawn(_itc_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    got = torch.load(tmp_path / "itc.pt")
+    loss, grads = _itc_grads(*_itc_setup())
+    assert torch.allclose(got["loss"], loss, atol=1e-6)
+    for a, b in zip(got["grads"], grads):
+        assert torch.allclose(a, b, atol=1e-6)

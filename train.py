@@ -1,0 +1,606 @@
+"""
+X-FM pre-training: the main job. Reads top to bottom: config -> distributed setup -> data -> model ->
+optimizer -> (resume) -> compile -> DDP -> loop -> evaluation -> teardown.
+
+    python train.py                                   # toy world, tiny model, CPU, a few minutes
+    python train.py --help                            # every config key with its default
+    python train.py --data_dir=my_data --config=small --max_steps=20000 --batch_size=256
+    torchrun --standalone --nproc_per_node=8 train.py --config=base --data_dir=...     # one node, 8 GPUs
+    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=HOST --master_port=29500 train.py ...
+
+With no arguments it builds the toy world in data/toy if it is missing, trains the tiny X-FM, evaluates
+zero-shot image-text retrieval on the held-out toy pairs (ITC ranking, then ITM re-ranking of the top k) and
+writes runs/default/{config.json, metrics.jsonl, ckpt.pt, loss_curves.png, tokenizer.json}.
+
+One step follows the official schedule (XFM.md §4), three optimizer updates in order:
+    1. text: MLM            2. regions + images: ITC/ITM/IMLM/BBP + MIM            3. pairs: ITC/ITM/IMLM/MIM
+or, with --schedule=summed, one update over the sum of every loss.
+"""
+import difflib
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+import data
+from losses import xfm_losses
+from model import XFM, make_config
+
+# ---------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class TrainConfig:
+    # model and recipe
+    config: str = "tiny"            # model preset: tiny | small | base (model.py PRESETS)
+    recipe: str = "xfm"             # pre-training recipe (xfm)
+    stop_grad: bool = True          # X-FM idea 1: detach the language encoder's output before the fusion encoder
+    mim_target: str = "vl"          # X-FM idea 2: vl (same encoder, unmasked view) | pixel (MAE-style) | off
+    attn_impl: str = "sdpa"         # sdpa | explicit (attention written out, for teaching)
+    # data
+    data_dir: str = "data/toy"      # folder with pairs/regions/text/images (data.py); the toy world is built here if missing
+    out_dir: str = "runs/default"   # run folder: config, metrics, checkpoint, curves, tokenizer
+    tokenizer: str = ""             # path to a tokenizer.json (e.g. RoBERTa's); empty: train a BPE on the data
+    vocab_size: int = 2000          # BPE size when training a tokenizer
+    caption_len: int = 30           # max caption tokens (pairs, regions)
+    text_len: int = 64              # max tokens of a text-only document
+    crop_min_scale: float = 0.8     # random resized crop scale lower bound (official: 0.2; the toy captions name positions)
+    hflip: bool = False             # horizontal flip (off: captions say "left of"/"right of")
+    num_workers: int = 0            # DataLoader workers per rank
+    strict: bool = False            # any bad input record is an error instead of being skipped and counted
+    # optimisation
+    max_steps: int = 1000           # steps (each = three optimizer updates, or one with schedule=summed)
+    stop_at: int = 0                # stop (as if interrupted) after this step, keeping the schedule of max_steps; 0 = off
+    batch_size: int = 32            # global batch per stream: pairs, region images, images
+    text_batch_size: int = 0        # global text-only batch; 0 = batch_size
+    micro_batch_size: int = 0       # per-rank micro batch; 0 = batch_size / world_size (no accumulation)
+    schedule: str = "three"         # three (official: text | regions+images | pairs) | summed (one update)
+    lr: float = 1e-3                # peak lr (official 1e-4 from pre-trained encoders; from scratch ~5e-4..1e-3)
+    lr_mult: float = 2.0            # lr multiplier for the new heads and the temperature (official lr_mult)
+    warmup_steps: int = 50          # linear warmup, then linear decay to 0 at max_steps
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.98
+    grad_clip: float = 1.0
+    max_bad_steps: int = 5          # this many non-finite updates in a row stop the run (with a checkpoint)
+    # runtime
+    device: str = "auto"            # auto (cuda > mps > cpu) | cpu | cuda | mps
+    amp: str = "auto"               # auto (bf16 on a bf16 GPU, else fp32) | bf16 | fp16 (CUDA, with GradScaler) | fp32
+    compile: bool = False           # torch.compile the model
+    seed: int = 0
+    log_every: int = 25
+    ckpt_every: int = 500
+    resume: str = ""                # a run folder or ckpt.pt to continue from
+    eval_k: int = 16                # retrieval: ITM re-ranks the top k ITC candidates (official k_test 256)
+    eval_batch_size: int = 64
+
+
+def parse_args(argv):
+    """`--key=value` overrides of TrainConfig. Unknown keys are errors that suggest the closest key."""
+    cfg, types = TrainConfig(), {f.name: f.type for f in fields(TrainConfig)}
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip().split("\n\n")[1] + "\n\nConfig keys (--key=value):")
+        for f in fields(TrainConfig):
+            print(f"  --{f.name}={getattr(cfg, f.name)!s:<14} ({f.type.__name__})")
+        sys.exit(0)
+    given = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"error: expected --key=value, got {arg!r} (see --help)")
+        key, val = arg[2:].split("=", 1)
+        if key not in types:
+            close = difflib.get_close_matches(key, list(types), n=1)
+            raise SystemExit(f"error: unknown config key {key!r}" + (f"; did you mean --{close[0]}?" if close else "")
+                             + " (see --help)")
+        typ = types[key]
+        if typ is bool:
+            if val.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise SystemExit(f"error: --{key} takes true/false, not {val!r}")
+            given[key] = val.lower() in ("1", "true", "yes")
+        else:
+            try:
+                given[key] = typ(val)
+            except ValueError:
+                raise SystemExit(f"error: --{key} takes a {typ.__name__}, not {val!r}")
+    for key, val in given.items():
+        setattr(cfg, key, val)
+    return cfg, given
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distributed setup, logging, optimizer, schedule
+
+
+def setup_distributed(device_name):
+    """(ddp, rank, local_rank, world_size, device). Under torchrun (RANK in the env) the device comes from
+    LOCAL_RANK and is set *before* init_process_group; NCCL on CUDA, gloo on CPU."""
+    if "RANK" in os.environ:
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
+        if use_cuda:
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        return True, rank, local_rank, world, device
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return False, 0, 0, 1, torch.device(device_name)
+
+
+def teardown():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def amp_setup(amp, device):
+    """(autocast context factory, GradScaler or None, dtype name). CPU autocast is bf16 only."""
+    if amp == "auto":  # check CUDA before probing bf16 support: probing without a driver crashes
+        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if amp == "fp32":
+        return nullcontext, None, amp
+    if amp == "fp16" and device.type != "cuda":
+        raise SystemExit("error: --amp=fp16 needs CUDA (use bf16 or fp32 on the CPU)")
+    if amp not in ("bf16", "fp16"):
+        raise SystemExit(f"error: --amp must be auto, bf16, fp16 or fp32, not {amp!r}")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None  # bf16 needs no loss scaling
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler, amp
+
+
+def param_groups(model, weight_decay, lr_mult):
+    """AdamW groups: no decay on biases, norms, layer-scale gammas, the temperature and the CLS/mask tokens;
+    lr x lr_mult for the new heads and the temperature (XFM.md §5). Asserts the groups partition the params."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim < 2 or name.endswith(("cls_token", "mask_token"))
+        new = name.split(".")[0] in XFM.NEW_PARAMS
+        key = (no_decay, new)
+        groups.setdefault(key, {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                "lr_scale": lr_mult if new else 1.0})
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    named = [n for g in groups.values() for n in g["names"]]
+    assert len(named) == len(set(named)) == len([p for p in model.parameters() if p.requires_grad])
+    return [{k: v for k, v in g.items() if k != "names"} for g in groups.values()]
+
+
+def get_lr(step, cfg):
+    """Linear warmup over warmup_steps, then linear decay to 0 at max_steps (XFM.md §5)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr * max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - cfg.warmup_steps))
+
+
+class LossModel(nn.Module):
+    """What DDP wraps: its forward runs the whole loss computation, so DDP's reducer sees every parameter the
+    step uses (calling model methods outside a DDP forward would silently skip the gradient sync)."""
+
+    def __init__(self, model, stop_grad):
+        super().__init__()
+        self.model, self.stop_grad = model, stop_grad
+
+    def forward(self, batch):
+        stats = {}
+        losses = xfm_losses(self.model, batch, stop_grad=self.stop_grad, stats=stats)
+        return losses, stats
+
+
+def forward_backward(loss_model, micro_batches, accum, ddp, autocast, scaler):
+    """Forward and backward over one update's `accum` micro-batches; gradients accumulate in .grad.
+
+    Each micro-batch's loss is divided by accum, so the summed gradients are the MEAN over the global batch.
+    Under DDP the gradients are all-reduced only on the last micro-step: no_sync() must cover the forward
+    as well as the backward. Returns (the update's total loss, detached; {name: loss / accum} to log).
+    """
+    total, logs = 0.0, {}
+    for i, batch in enumerate(micro_batches):
+        sync = not ddp or i == accum - 1
+        with (nullcontext() if sync else loss_model.no_sync()):
+            with autocast():
+                losses, stats = loss_model(batch)
+            loss = sum(losses.values()) / accum
+            (scaler.scale(loss) if scaler else loss).backward()
+        total = total + loss.detach()
+        for name, val in {**losses, **stats}.items():
+            logs[name] = logs.get(name, 0.0) + val.detach().float() / accum
+    return total, logs
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, model, optimizer, scaler, step, cfg, model_cfg, streams, extra):
+    """Atomic: write path.tmp, then rename, so a crash never leaves a half-written checkpoint. The model is the
+    raw one (no DDP `module.` or compile `_orig_mod.` prefix)."""
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
+            "rng": rng_state(), "data": {k: s.state_dict() for k, s in streams.items()},
+            "train_config": asdict(cfg), "model_config": asdict(model_cfg), **extra}
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, device):
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no checkpoint at {path}")
+    # numpy's RNG state holds a numpy array, which the safe loader must be told about
+    with torch.serialization.safe_globals([np.ndarray, np.dtype, np.dtypes.UInt32DType,
+                                           np._core.multiarray._reconstruct]):
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+    ckpt["model"] = state
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Zero-shot retrieval: ITC ranking, then ITM re-ranking of the top k (XFM.md §7)
+
+
+@torch.no_grad()
+def evaluate_retrieval(model, rs, device, k, batch_size, autocast):
+    """rs: data.load_retrieval_set output. Returns R@1/5/10 for text->image and image->text, with ITM
+    re-ranking (the official procedure: the top k by ITC get the ITM positive logit, every other pair -100)
+    and by ITC alone."""
+    model.eval()
+    chunks = lambda n: [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    with autocast():
+        v = torch.cat([model.encode_image(rs["image"][s].to(device)) for s in chunks(len(rs["image"]))])
+        t = torch.cat([model.encode_text(rs["ids"][s].to(device), rs["att"][s].to(device)) for s in chunks(len(rs["ids"]))])
+        f_t, f_v = model.itc_features(t, v)
+    att = rs["att"].to(device)
+    itc = (f_t @ f_v.t()).float()                                          # (Nt, Ni) text x image
+    k = min(k, itc.shape[1], itc.shape[0])
+
+    def rerank(sim, query_is_text):
+        out = torch.full_like(sim, -100.0)
+        top = sim.topk(k, dim=1).indices                                   # (Nq, k)
+        for q in range(sim.shape[0]):
+            cand = top[q]
+            if query_is_text:
+                tt, aa, vv = t[q].expand(k, -1, -1), att[q].expand(k, -1), v[cand]
+            else:
+                tt, aa, vv = t[cand], att[cand], v[q].expand(k, -1, -1)
+            with autocast():
+                logit = model.itm_head(model.fuse(tt, aa, vv)[:, 0])[:, 1]  # ITM "match" logit
+            out[q, cand] = logit.float()
+        return out
+
+    txt2img, img2txt = rs["txt2img"].to(device), rs["img2txt"]
+
+    def recall_t2i(sim):
+        ranks = (sim > sim.gather(1, txt2img[:, None])).sum(1)            # images scored above the right one
+        return {f"r{n}": float((ranks < n).float().mean()) * 100 for n in (1, 5, 10)}
+
+    def recall_i2t(sim):  # an image is right if any of its captions is in the top n
+        order = sim.argsort(dim=1, descending=True)
+        best = torch.tensor([min((order[i] == j).nonzero().item() for j in img2txt[i]) for i in range(len(img2txt))])
+        return {f"r{n}": float((best < n).float().mean()) * 100 for n in (1, 5, 10)}
+
+    res = {}
+    for name, r in recall_t2i(itc).items():
+        res[f"t2i_itc_{name}"] = r
+    for name, r in recall_i2t(itc.t()).items():
+        res[f"i2t_itc_{name}"] = r
+    for name, r in recall_t2i(rerank(itc, True)).items():
+        res[f"t2i_{name}"] = r
+    for name, r in recall_i2t(rerank(itc.t().contiguous(), False)).items():
+        res[f"i2t_{name}"] = r
+    res["t2i_chance_r1"] = 100.0 / itc.shape[1]
+    res["i2t_chance_r1"] = float(np.mean([len(x) for x in img2txt])) * 100.0 / itc.shape[0]
+    model.train()
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loss curves as a PNG, drawn with Pillow (no plotting library needed)
+
+
+def plot_curves(records, path, cols=4, w=300, h=200):
+    from PIL import Image, ImageDraw
+    names = sorted({k[5:] for r in records for k in r if k.startswith("loss/")})
+    if not names:
+        return
+    rows = math.ceil(len(names) / cols)
+    img = Image.new("RGB", (cols * w, rows * h), "white")
+    draw = ImageDraw.Draw(img)
+    for i, name in enumerate(names):
+        pts = [(r["step"], r[f"loss/{name}"]) for r in records if f"loss/{name}" in r]
+        x0, y0 = (i % cols) * w, (i // cols) * h
+        left, top, right, bottom = x0 + 45, y0 + 22, x0 + w - 10, y0 + h - 22
+        draw.rectangle([left, top, right, bottom], outline="gray")
+        draw.text((x0 + 45, y0 + 5), name, fill="black")
+        if len(pts) < 1:
+            continue
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        xmin, xmax, ymin, ymax = min(xs), max(xs), min(0.0, min(ys)), max(ys) or 1.0
+        sx = lambda x: left + (x - xmin) / max(xmax - xmin, 1) * (right - left)
+        sy = lambda y: bottom - (y - ymin) / max(ymax - ymin, 1e-9) * (bottom - top)
+        draw.line([(sx(x), sy(y)) for x, y in pts] if len(pts) > 1 else [(sx(xs[0]), sy(ys[0]))] * 2, fill="blue", width=2)
+        draw.text((x0 + 2, top - 4), f"{ymax:.2f}", fill="black")
+        draw.text((x0 + 2, bottom - 8), f"{ymin:.2f}", fill="black")
+        draw.text((left, bottom + 4), f"step {xmin}", fill="black")
+        draw.text((right - 60, bottom + 4), f"{xmax}", fill="black")
+    img.save(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Main
+
+
+def main(argv=None):
+    cfg, given = parse_args(sys.argv[1:] if argv is None else argv)
+    ckpt = None
+    ddp, rank, local_rank, world, device = setup_distributed(cfg.device)
+    master = rank == 0
+    print0 = lambda *a, **k: print(*a, **k, flush=True) if master else None
+    try:
+        if cfg.resume:  # continue a run: its config, overridden by what this command line says
+            ckpt = load_checkpoint(cfg.resume, "cpu")
+            resume_from = cfg.resume
+            cfg = TrainConfig(**{**ckpt["train_config"], **given})
+            cfg.resume = resume_from
+            if "out_dir" not in given:
+                cfg.out_dir = resume_from if os.path.isdir(resume_from) else os.path.dirname(resume_from) or "."
+        if cfg.recipe != "xfm":
+            raise SystemExit(f"error: unknown recipe {cfg.recipe!r} (available: xfm)")
+        if cfg.schedule not in ("three", "summed"):
+            raise SystemExit(f"error: --schedule must be three or summed, not {cfg.schedule!r}")
+        return train(cfg, ckpt, ddp, rank, world, device, master, print0)
+    finally:
+        teardown()
+
+
+def train(cfg, ckpt, ddp, rank, world, device, master, print0):
+    t_start = time.time()
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)  # the same model init on every rank (DDP also broadcasts rank 0's weights)
+
+    # ---- data -------------------------------------------------------------------------------------------
+    if not os.path.isdir(cfg.data_dir) and cfg.data_dir == TrainConfig.data_dir:
+        if master:
+            print0(f"building the toy world in {cfg.data_dir} ...")
+            data.make_toy(cfg.data_dir, seed=0)
+        if ddp:
+            dist.barrier()
+    if not os.path.isdir(cfg.data_dir):
+        raise SystemExit(f"error: data_dir {cfg.data_dir!r} does not exist")
+    bad = data.BadInput(strict=cfg.strict, verbose=master)
+    if master:  # rank 0 trains (or loads) the tokenizer, the others then load the saved file
+        tok = data.get_tokenizer(cfg.data_dir, cfg.out_dir, cfg.vocab_size, cfg.tokenizer or None)
+    if ddp:
+        dist.barrier()
+    if not master:
+        tok = data.get_tokenizer(cfg.data_dir, cfg.out_dir, cfg.vocab_size, cfg.tokenizer or None)
+
+    model_cfg = make_config(cfg.config, vocab_size=tok.vocab_size, pad_id=tok.pad_id, mim_target=cfg.mim_target,
+                            attn_impl=cfg.attn_impl, max_text_len=max(cfg.caption_len, cfg.text_len))
+    if ckpt is not None:
+        model_cfg = type(model_cfg)(**ckpt["model_config"])
+
+    # global batch per stream -> per-rank micro batch x accumulation steps (asserted exact)
+    micro = cfg.micro_batch_size or cfg.batch_size // world
+    accum = cfg.batch_size // (micro * world)
+    text_global = cfg.text_batch_size or cfg.batch_size
+    if accum < 1 or accum * micro * world != cfg.batch_size or text_global % (accum * world):
+        raise SystemExit(f"error: batch_size {cfg.batch_size} (text {text_global}) must be a multiple of "
+                         f"micro_batch_size {micro} x world_size {world}")
+    per_rank = {"pair": micro, "region": micro, "image": micro, "text": text_global // (accum * world)}
+    streams = data.build_streams(cfg.data_dir, tok, image_size=model_cfg.image_size, patch_size=model_cfg.patch_size,
+                                 batch_size=per_rank, text_len=cfg.text_len, caption_len=cfg.caption_len,
+                                 seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.num_workers, bad=bad,
+                                 hflip=cfg.hflip, crop_scale=(cfg.crop_min_scale, 1.0))
+    if cfg.mim_target == "off":
+        streams.pop("image", None)  # image-only data feeds nothing but MIM
+    if not streams:
+        raise SystemExit(f"error: no training data found in {cfg.data_dir} (see data.py for the formats)")
+    sources = data.find_sources(cfg.data_dir)
+
+    # ---- model, optimizer ---------------------------------------------------------------------------------
+    model = XFM(model_cfg).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr_mult), lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=device.type == "cuda")
+    autocast, scaler, amp = amp_setup(cfg.amp, device)
+    start_step, history = 0, []
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt["scaler"] is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        for k, s in streams.items():
+            if k in ckpt["data"]:
+                s.load_state_dict(ckpt["data"][k])
+        start_step = ckpt["step"]
+        for kind, n in ckpt.get("bad_input", {}).items():  # keep counting where the run left off
+            bad.add(kind, n)
+        print0(f"resumed from {cfg.resume} at step {start_step}")
+
+    loss_model = LossModel(model, cfg.stop_grad)
+    if cfg.compile:
+        loss_model = torch.compile(loss_model)
+    if ddp:
+        # Each of the three updates touches a different subset of the parameters (the text update never runs
+        # the vision encoder), so DDP must look for unused parameters; with the summed schedule over every
+        # data kind it need not.
+        all_used = cfg.schedule == "summed" and set(streams) == {"text", "pair", "region", "image"}
+        loss_model = nn.parallel.DistributedDataParallel(
+            loss_model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=not all_used)
+
+    # the per-rank RNG (hard negatives, dropout) is seeded after the shared init; a resume restores it exactly
+    torch.manual_seed(cfg.seed * 1000 + rank)
+    if ckpt is not None:
+        set_rng_state(ckpt["rng"])
+    if master:
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump({"train": asdict(cfg), "model": asdict(model_cfg), "world_size": world, "amp": amp,
+                       "accum_steps": accum, "per_rank_batch": per_rank, "data": sources}, f, indent=2)
+    print0(f"X-FM {cfg.config}: {model.num_params() / 1e6:.2f}M parameters | device {device} x{world} | amp {amp}"
+           f" | streams {sorted(streams)} | per-rank batch {per_rank} x{accum} accum | stop_grad {cfg.stop_grad}"
+           f" | mim_target {cfg.mim_target} | schedule {cfg.schedule}")
+
+    # ---- the loop -----------------------------------------------------------------------------------------
+    updates = [["text"], ["region", "image"], ["pair"]] if cfg.schedule == "three" else [["text", "region", "image", "pair"]]
+    updates = [[k for k in u if k in streams] for u in updates]
+    updates = [u for u in updates if u]
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if master and start_step == 0 and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    end_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
+    bad_streak, skipped = 0, 0
+    acc = {}                                                               # loss sums since the last log
+    n_acc, samples, t_log = 0, 0, time.time()
+    pbar = tqdm(total=end_step, initial=start_step, disable=not master, desc="train", dynamic_ncols=True)
+    step = start_step
+    for step in range(start_step, end_step):
+        lr = get_lr(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        for kinds in updates:
+            def micro_batches():
+                nonlocal samples
+                for _ in range(accum):
+                    batch = {}
+                    for k in kinds:
+                        b = next(streams[k])  # (the stream counts any unreadable images in `bad`)
+                        samples += len(b["ids"]) if k != "image" else len(b["image"])
+                        batch[k] = to_device(b, device)
+                    yield batch
+            update_loss, logs = forward_backward(loss_model, micro_batches(), accum, ddp, autocast, scaler)
+            for name, val in logs.items():
+                acc[name] = acc.get(name, 0.0) + val
+            # every rank must agree whether to step: a non-finite loss anywhere skips the update everywhere
+            nonfinite = (~torch.isfinite(update_loss)).float()
+            if ddp:
+                dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
+            if nonfinite.item() > 0:
+                optimizer.zero_grad(set_to_none=True)
+                bad_streak, skipped = bad_streak + 1, skipped + 1
+                print0(f"warning: non-finite loss at step {step} ({'+'.join(kinds)}): update skipped")
+                if bad_streak >= cfg.max_bad_steps:
+                    if master:
+                        save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), model, optimizer, scaler, step, cfg,
+                                        model_cfg, streams, {"bad_input": bad.counts()})
+                    raise SystemExit(f"error: {bad_streak} non-finite updates in a row at step {step}; stopped. "
+                                     f"The last good state is in {cfg.out_dir}/ckpt.pt (lower --lr, or try --amp=fp32).")
+                continue
+            bad_streak = 0
+            if scaler:
+                scaler.unscale_(optimizer)                                  # clip the true gradients, not scaled ones
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            acc["grad_norm"] = acc.get("grad_norm", 0.0) + grad_norm.detach().float() / len(updates)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            model.clamp_temp()
+        n_acc += 1
+        pbar.update(1)
+
+        done = step + 1
+        if done % cfg.log_every == 0 or done == end_step:
+            names = sorted(acc)
+            vals = torch.stack([acc[n] for n in names]) / n_acc
+            if ddp:  # loss and metrics averaged over the ranks before logging
+                dist.all_reduce(vals, op=dist.ReduceOp.AVG)
+            dt = time.time() - t_log
+            rec = {"step": done, "lr": lr, "samples_per_s": samples * world / dt, "temp": model.temp.item()}
+            for n, v in zip(names, vals.tolist()):
+                rec[("loss/" if n not in ("grad_norm", "mim_target_std") else "") + n] = v
+            rec["loss/total"] = sum(v for k, v in rec.items() if k.startswith("loss/"))
+            history.append(rec)
+            if master:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                pbar.set_postfix_str(" ".join(f"{n}={rec['loss/' + n]:.2f}" for n in ("itc", "itm", "mlm", "mim") if "loss/" + n in rec))
+            acc, n_acc, samples, t_log = {}, 0, 0, time.time()
+        if master and (done % cfg.ckpt_every == 0 or done == end_step):
+            save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), model, optimizer, scaler, done, cfg, model_cfg,
+                            streams, {"bad_input": bad.counts()})
+        if ddp and done % cfg.ckpt_every == 0:
+            dist.barrier()
+    pbar.close()
+
+    # ---- evaluation and summary (rank 0, raw model: no collective may run here) ----------------------------
+    final = {"final": True, "step": end_step, "wall_s": time.time() - t_start, "skipped_updates": skipped,
+             "bad_input": bad.counts()}
+    if master and "pair_test" in sources:
+        rs = data.load_retrieval_set(sources["pair_test"], tok, model_cfg.image_size, cfg.caption_len, bad)
+        final["retrieval"] = evaluate_retrieval(model, rs, device, cfg.eval_k, cfg.eval_batch_size, autocast)
+        final["retrieval"]["n_images"], final["retrieval"]["n_texts"] = len(rs["image"]), len(rs["ids"])
+    final["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        final["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    if master:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(final) + "\n")
+        all_records = [json.loads(l) for l in open(metrics_path) if '"final"' not in l]
+        plot_curves(all_records, os.path.join(cfg.out_dir, "loss_curves.png"))
+        print_summary(history, final, cfg, bad)
+    if ddp:
+        dist.barrier()
+    return {"history": history, "final": final}
+
+
+def print_summary(history, final, cfg, bad):
+    print(f"\ndone: {final['step']} steps in {final['wall_s']:.0f} s, peak memory {final['peak_mem_mb']:.0f} MB, "
+          f"run folder {cfg.out_dir}")
+    if history:
+        first, last = history[0], history[-1]
+        print("loss        first log -> last log")
+        for k in sorted(k for k in last if k.startswith("loss/")):
+            if k in first:
+                print(f"  {k[5:]:<11} {first[k]:7.3f} -> {last[k]:7.3f}")
+    if "retrieval" in final:
+        r = final["retrieval"]
+        print(f"zero-shot retrieval on {r['n_images']} held-out images / {r['n_texts']} captions "
+              f"(ITC top-{cfg.eval_k} re-ranked by ITM):")
+        print(f"  text->image R@1 {r['t2i_r1']:.1f}  R@5 {r['t2i_r5']:.1f}  R@10 {r['t2i_r10']:.1f}   "
+              f"(ITC alone R@1 {r['t2i_itc_r1']:.1f}; chance R@1 {r['t2i_chance_r1']:.1f})")
+        print(f"  image->text R@1 {r['i2t_r1']:.1f}  R@5 {r['i2t_r5']:.1f}  R@10 {r['i2t_r10']:.1f}   "
+              f"(ITC alone R@1 {r['i2t_itc_r1']:.1f}; chance R@1 {r['i2t_chance_r1']:.1f})")
+    if bad.counts():
+        print("bad input skipped: " + bad.summary())
+
+
+if __name__ == "__main__":
+    main()

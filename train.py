@@ -61,15 +61,16 @@ class TrainConfig:
     num_workers: int = 0            # DataLoader workers per rank
     strict: bool = False            # any bad input record is an error instead of being skipped and counted
     # optimisation
-    max_steps: int = 1000           # steps (each = three optimizer updates, or one with schedule=summed)
+    max_steps: int = 600            # steps (each = three optimizer updates, or one with schedule=summed)
     stop_at: int = 0                # stop (as if interrupted) after this step, keeping the schedule of max_steps; 0 = off
-    batch_size: int = 32            # global batch per stream: pairs, region images, images
+    batch_size: int = 16            # global batch of the pair and image streams
     text_batch_size: int = 0        # global text-only batch; 0 = batch_size
+    region_batch_size: int = 0      # global region batch in images (~3 captions each on the toy world); 0 = batch_size / 2
     micro_batch_size: int = 0       # per-rank micro batch; 0 = batch_size / world_size (no accumulation)
     schedule: str = "three"         # three (official: text | regions+images | pairs) | summed (one update)
     lr: float = 1e-3                # peak lr (official 1e-4 from pre-trained encoders; from scratch ~5e-4..1e-3)
     lr_mult: float = 2.0            # lr multiplier for the new heads and the temperature (official lr_mult)
-    warmup_steps: int = 50          # linear warmup, then linear decay to 0 at max_steps
+    warmup_steps: int = 30          # linear warmup, then linear decay to 0 at max_steps
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.98
@@ -419,10 +420,12 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
     micro = cfg.micro_batch_size or cfg.batch_size // world
     accum = cfg.batch_size // (micro * world)
     text_global = cfg.text_batch_size or cfg.batch_size
-    if accum < 1 or accum * micro * world != cfg.batch_size or text_global % (accum * world):
-        raise SystemExit(f"error: batch_size {cfg.batch_size} (text {text_global}) must be a multiple of "
-                         f"micro_batch_size {micro} x world_size {world}")
-    per_rank = {"pair": micro, "region": micro, "image": micro, "text": text_global // (accum * world)}
+    region_global = cfg.region_batch_size or max(cfg.batch_size // 2, accum * world)
+    if accum < 1 or accum * micro * world != cfg.batch_size or text_global % (accum * world) or region_global % (accum * world):
+        raise SystemExit(f"error: batch_size {cfg.batch_size} (text {text_global}, region {region_global}) must be "
+                         f"a multiple of micro_batch_size {micro} x world_size {world}")
+    per_rank = {"pair": micro, "region": region_global // (accum * world), "image": micro,
+                "text": text_global // (accum * world)}
     streams = data.build_streams(cfg.data_dir, tok, image_size=model_cfg.image_size, patch_size=model_cfg.patch_size,
                                  batch_size=per_rank, text_len=cfg.text_len, caption_len=cfg.caption_len,
                                  seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.num_workers, bad=bad,

@@ -24,48 +24,58 @@ import torch.nn.functional as F
 # Distributed helper: all-gather that keeps autograd
 
 
+def _distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def gather_sizes(n, device):
+    """Every rank's row count: region batches have a fixed number of images but a varying number of captions."""
+    if not _distributed():
+        return [n]
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([n], device=device))
+    return [int(s) for s in sizes]
+
+
+def _all_gather_rows(x, sizes):
+    """All-gather along dim 0 for per-rank row counts `sizes`: pad to the largest, gather, unpad."""
+    pad = x.new_zeros((max(sizes) - x.shape[0],) + x.shape[1:])
+    parts = [x.new_empty((max(sizes),) + x.shape[1:]) for _ in sizes]
+    dist.all_gather(parts, torch.cat([x, pad]).contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0 whose backward all-reduces (sums) the incoming gradient before taking this
-    rank's slice: every rank's loss depends on every rank's features, so each slice must receive the sum of
+    rank's rows: every rank's loss depends on every rank's features, so each slice must receive the sum of
     all those gradients. Returning only the local slice without the sum is the bug that scales the official
     ITC gradient by 1/world_size (XFM.md §3.3)."""
 
     @staticmethod
-    def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        ctx.n = x.shape[0]
-        return torch.cat(parts, dim=0)                                     # (world * B, ...)
+    def forward(ctx, x, sizes):
+        ctx.sizes = sizes
+        return _all_gather_rows(x, sizes)                                  # (sum(sizes), ...)
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
         dist.all_reduce(grad)                                              # sum over every rank's loss
-        r = dist.get_rank()
-        return grad[r * ctx.n:(r + 1) * ctx.n]
+        start = sum(ctx.sizes[:_rank()])
+        return grad[start:start + ctx.sizes[_rank()]], None
 
 
-def _distributed():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def gather_with_grad(x, sizes):
+    """Concatenate x from every rank along dim 0, keeping the graph (identity when not distributed)."""
+    return _GatherWithGrad.apply(x, sizes) if _distributed() else x
 
 
-def gather_with_grad(x):
-    """Concatenate x from every rank along dim 0, keeping the graph (identity when not distributed).
-    Every rank must pass the same shape: training batches are equal-sized on every rank."""
-    return _GatherWithGrad.apply(x) if _distributed() else x
-
-
-def gather_no_grad(x):
+def gather_no_grad(x, sizes):
     """Plain all-gather along dim 0 (for ids and other tensors that carry no gradient)."""
-    if not _distributed():
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
-
-
-def _rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return _all_gather_rows(x, sizes) if _distributed() else x
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -106,23 +116,26 @@ def itc_loss(f_v, f_t, temp, ids=None):
     f_v, f_t (B, E): this rank's L2-normalised image / text embeddings; temp: scalar temperature.
     Each rank scores its B local rows against the N = B * world keys gathered *with* autograd:
         S_i2t = f_v @ gather(f_t)^T / temp  (B, N),  S_t2i = f_t @ gather(f_v)^T / temp  (B, N)
-        L = 1/2 [ CE(S_i2t, y) + CE(S_t2i, y) ],   y_b = b + B * rank
+        L = 1/2 [ CE(S_i2t, y) + CE(S_t2i, y) ],   y_b = b + (rows of the ranks before this one)
     Averaged over ranks by DDP, this is exactly the loss and gradient of one process on the whole batch.
     ids (B,) optional: pairs sharing an id are all positives (target uniform over them), as in fine-tuning.
     """
-    all_v, all_t = gather_with_grad(f_v), gather_with_grad(f_t)            # (N, E)
+    B = f_v.shape[0]
+    sizes = gather_sizes(B, f_v.device)                                    # rows per rank (regions vary)
+    all_v, all_t = gather_with_grad(f_v, sizes), gather_with_grad(f_t, sizes)  # (N, E)
     s_i2t = f_v @ all_t.t() / temp                                         # (B, N)
     s_t2i = f_t @ all_v.t() / temp                                         # (B, N)
-    B = f_v.shape[0]
     if ids is None:
-        y = torch.arange(B, device=f_v.device) + B * _rank()               # (B,) diagonal of the global matrix
-        return 0.5 * (F.cross_entropy(s_i2t.float(), y) + F.cross_entropy(s_t2i.float(), y))
-    all_ids = gather_no_grad(ids)                                          # (N,) ids need no graph
-    pos = (ids[:, None] == all_ids[None, :]).float()                       # (B, N)
-    target = pos / pos.sum(1, keepdim=True)
-    loss_i2t = -(F.log_softmax(s_i2t.float(), dim=1) * target).sum(1).mean()
-    loss_t2i = -(F.log_softmax(s_t2i.float(), dim=1) * target).sum(1).mean()
-    return 0.5 * (loss_i2t + loss_t2i)
+        y = torch.arange(B, device=f_v.device) + sum(sizes[:_rank()])      # (B,) diagonal of the global matrix
+        target = F.one_hot(y, len(all_t)).float()                          # (B, N)
+    else:  # every pair sharing an id is a positive
+        all_ids = gather_no_grad(ids, sizes)                               # (N,) ids need no graph
+        pos = (ids[:, None] == all_ids[None, :]).float()                   # (B, N)
+        target = pos / pos.sum(1, keepdim=True)
+    row_loss = -(F.log_softmax(s_i2t.float(), 1) * target).sum(1) - (F.log_softmax(s_t2i.float(), 1) * target).sum(1)
+    # sum over local rows x world / N: DDP's mean over ranks is then the mean over ALL N rows, even when
+    # ranks hold different row counts (region captions); with equal counts this is the local mean
+    return 0.5 * row_loss.sum() * len(sizes) / sum(sizes)
 
 
 @torch.no_grad()

@@ -239,13 +239,12 @@ def _itc_grads(proj_v, proj_t, temp, x_v, x_t):
     return loss.detach(), torch.autograd.grad(loss, params)
 
 
-def _itc_worker(rank, world, port, out_dir):
+def _itc_worker(rank, world, port, out_dir, split):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         proj_v, proj_t, temp, x_v, x_t = _itc_setup()
-        n = x_v.shape[0] // world
-        rows = slice(rank * n, (rank + 1) * n)
+        rows = slice(sum(split[:rank]), sum(split[:rank + 1]))
         loss, grads = _itc_grads(proj_v, proj_t, temp, x_v[rows], x_t[rows])
         # what DDP does: average loss and gradients over the ranks
         dist.all_reduce(loss)
@@ -257,8 +256,9 @@ def _itc_worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def test_global_itc_two_processes_equals_one_process(tmp_path):
-    mp.spawn(_itc_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("split", [(4, 4), (3, 5)])  # unequal: region batches vary in caption count
+def test_global_itc_two_processes_equals_one_process(tmp_path, split):
+    mp.spawn(_itc_worker, args=(2, _free_port(), str(tmp_path), split), nprocs=2, join=True)
     got = torch.load(tmp_path / "itc.pt")
     loss, grads = _itc_grads(*_itc_setup())
     assert torch.allclose(got["loss"], loss, atol=1e-6)

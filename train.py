@@ -455,9 +455,13 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
             bad.add(kind, n)
         print0(f"resumed from {cfg.resume} at step {start_step}")
 
-    loss_model = LossModel(model, cfg.stop_grad)
     if cfg.compile:
-        loss_model = torch.compile(loss_model)
+        # compile the three encoders (pure tensor code), not the loss code: hard-negative sampling and masked
+        # gathers have data-dependent shapes that would make the compiler break the graph and recompile.
+        # dynamic=True: batch and text lengths vary from batch to batch. `model` keeps its parameter names.
+        for name in ("text", "vision", "fusion"):
+            getattr(model, name).compile(dynamic=True)
+    loss_model = LossModel(model, cfg.stop_grad)
     if ddp:
         # Each of the three updates touches a different subset of the parameters (the text update never runs
         # the vision encoder), so DDP must look for unused parameters; with the summed schedule over every

@@ -1,9 +1,12 @@
 """Shared test helpers: a tiny config and synthetic batches of every data kind (no files needed)."""
 import os
+import socket
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -86,3 +89,20 @@ def tiny():
     torch.manual_seed(0)
     cfg = tiny_config()
     return cfg, XFM(cfg)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def gloo_group(rank, world, port):
+    """A CPU process group for the 2-process tests (torch.multiprocessing.spawn workers)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -2,7 +2,6 @@
 computations, hard negatives, the temperature clamp, and global ITC across 2 processes."""
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import make_batch, tiny_config
+from conftest import free_port, gloo_group, make_batch, tiny_config
 from losses import (bbox_loss, box_xyxy, generalized_iou, itc_loss, mim_loss, sample_hard_negatives,
                     xfm_losses)
 from model import XFM
@@ -218,12 +217,6 @@ def test_bbox_loss_sees_only_region_captions_and_the_full_image():
 # Global ITC across 2 processes (gloo) == 1 process on the concatenated batch
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _itc_setup(seed=0):
     torch.manual_seed(seed)
     proj_v, proj_t = torch.nn.Linear(12, 8), torch.nn.Linear(12, 8)
@@ -240,9 +233,7 @@ def _itc_grads(proj_v, proj_t, temp, x_v, x_t):
 
 
 def _itc_worker(rank, world, port, out_dir, split):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         proj_v, proj_t, temp, x_v, x_t = _itc_setup()
         rows = slice(sum(split[:rank]), sum(split[:rank + 1]))
         loss, grads = _itc_grads(proj_v, proj_t, temp, x_v[rows], x_t[rows])
@@ -252,13 +243,11 @@ def _itc_worker(rank, world, port, out_dir, split):
             dist.all_reduce(g)
         if rank == 0:
             torch.save({"loss": loss / world, "grads": [g / world for g in grads]}, os.path.join(out_dir, "itc.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("split", [(4, 4), (3, 5)])  # unequal: region batches vary in caption count
 def test_global_itc_two_processes_equals_one_process(tmp_path, split):
-    mp.spawn(_itc_worker, args=(2, _free_port(), str(tmp_path), split), nprocs=2, join=True)
+    mp.spawn(_itc_worker, args=(2, free_port(), str(tmp_path), split), nprocs=2, join=True)
     got = torch.load(tmp_path / "itc.pt")
     loss, grads = _itc_grads(*_itc_setup())
     assert torch.allclose(got["loss"], loss, atol=1e-6)

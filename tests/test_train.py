@@ -3,16 +3,14 @@ config parser, bad input and non-finite losses."""
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import data
 import train
-from conftest import make_batch, tiny_config
+from conftest import free_port, gloo_group, make_batch, tiny_config
 from model import XFM
 
 FAST = ["--max_steps=4", "--batch_size=8", "--log_every=1", "--warmup_steps=2", "--vocab_size=300",
@@ -156,12 +154,6 @@ def test_non_finite_losses_skip_then_stop_with_a_checkpoint(toy, tmp_path, monke
 # 2-process gloo DDP with gradient accumulation == one process on the full batch
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _full_batch():
     cfg = tiny_config()
     b = make_batch(cfg, kinds=("text", "image", "pair"), B=8, seed=3)
@@ -183,9 +175,7 @@ def _grads(model):
 
 
 def _ddp_worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         torch.manual_seed(0)
         cfg, full = _full_batch()
         model = XFM(cfg)
@@ -198,12 +188,10 @@ def _ddp_worker(rank, world, port, out_dir):
         train.forward_backward(ddp, iter(mine), 2, True, train.nullcontext, None)
         if rank == 0:
             torch.save(_grads(model), os.path.join(out_dir, "ddp_grads.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_with_accumulation_equals_one_process_full_batch(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     got = torch.load(tmp_path / "ddp_grads.pt")
     torch.manual_seed(0)
     cfg, full = _full_batch()
@@ -218,9 +206,7 @@ def test_ddp_with_accumulation_equals_one_process_full_batch(tmp_path):
 
 def _ddp_pair_worker(rank, world, port, out_dir):
     """Pairs without accumulation: ITC is global, so 2 ranks x 4 equal 1 x 8 (ITM switched off: sampled)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, port):
         torch.manual_seed(0)
         cfg, full = _full_batch()
         model = XFM(cfg)
@@ -230,8 +216,6 @@ def _ddp_pair_worker(rank, world, port, out_dir):
                                train.nullcontext, None)
         if rank == 0:
             torch.save(_grads(model), os.path.join(out_dir, "pair_grads.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 class _NoITM(train.LossModel):
@@ -245,7 +229,7 @@ class _NoITM(train.LossModel):
 
 
 def test_ddp_pairs_with_global_itc_equal_one_process(tmp_path):
-    mp.spawn(_ddp_pair_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_pair_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     got = torch.load(tmp_path / "pair_grads.pt")
     torch.manual_seed(0)
     cfg, full = _full_batch()

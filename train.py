@@ -334,9 +334,12 @@ def evaluate_retrieval(model, rs, device, k, batch_size, autocast):
 # Loss curves as a PNG, drawn with Pillow (no plotting library needed)
 
 
-def plot_curves(records, path, cols=4, w=300, h=200):
+def plot_curves(records, path, chance=None, bands=None, cols=4, w=300, h=200):
+    """One small panel per loss (blue), with optional chance levels (dashed red) and reference bands
+    {name: (steps, lo, hi)} (grey). Pillow only, so no plotting library is needed."""
     from PIL import Image, ImageDraw
-    names = sorted({k[5:] for r in records for k in r if k.startswith("loss/")})
+    chance, bands = chance or {}, bands or {}
+    names = sorted({k[5:] for r in records for k in r if k.startswith("loss/")} | set(bands))
     if not names:
         return
     rows = math.ceil(len(names) / cols)
@@ -344,21 +347,33 @@ def plot_curves(records, path, cols=4, w=300, h=200):
     draw = ImageDraw.Draw(img)
     for i, name in enumerate(names):
         pts = [(r["step"], r[f"loss/{name}"]) for r in records if f"loss/{name}" in r]
+        band = bands.get(name)
         x0, y0 = (i % cols) * w, (i // cols) * h
         left, top, right, bottom = x0 + 45, y0 + 22, x0 + w - 10, y0 + h - 22
         draw.rectangle([left, top, right, bottom], outline="gray")
         draw.text((x0 + 45, y0 + 5), name, fill="black")
-        if len(pts) < 1:
+        xs = [p[0] for p in pts] + (list(band[0]) if band else [])
+        ys = [p[1] for p in pts] + (list(band[2]) if band else []) + ([chance[name]] if name in chance else [])
+        if not xs:
             continue
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         xmin, xmax, ymin, ymax = min(xs), max(xs), min(0.0, min(ys)), max(ys) or 1.0
         sx = lambda x: left + (x - xmin) / max(xmax - xmin, 1) * (right - left)
         sy = lambda y: bottom - (y - ymin) / max(ymax - ymin, 1e-9) * (bottom - top)
-        draw.line([(sx(x), sy(y)) for x, y in pts] if len(pts) > 1 else [(sx(xs[0]), sy(ys[0]))] * 2, fill="blue", width=2)
+        if band:  # the reference band as a grey polygon
+            steps, lo, hi = band
+            draw.polygon([(sx(x), sy(y)) for x, y in zip(steps, hi)] + [(sx(x), sy(y)) for x, y in zip(steps[::-1], lo[::-1])],
+                         fill=(225, 225, 225))
+        if name in chance:  # dashed line at the chance level
+            y = sy(chance[name])
+            for x in range(int(left), int(right), 8):
+                draw.line([(x, y), (min(x + 4, right), y)], fill="red", width=1)
+        if pts:
+            line = [(sx(x), sy(y)) for x, y in pts]
+            draw.line(line if len(line) > 1 else line * 2, fill="blue", width=2)
         draw.text((x0 + 2, top - 4), f"{ymax:.2f}", fill="black")
         draw.text((x0 + 2, bottom - 8), f"{ymin:.2f}", fill="black")
         draw.text((left, bottom + 4), f"step {xmin}", fill="black")
-        draw.text((right - 60, bottom + 4), f"{xmax}", fill="black")
+        draw.text((right - 30, bottom + 4), f"{xmax}", fill="black")
     img.save(path)
 
 

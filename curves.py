@@ -1,0 +1,246 @@
+"""
+Expected learning, written down: reference curves for the toy run, chance levels, and a health check.
+
+    python curves.py make                  # re-run the reference runs (2 seeds each) and rewrite reference/*.json, *.png
+    python curves.py make --which short    # only the short run that the CI learning test compares against
+    python curves.py check runs/default    # health check of a run folder: which objective looks wrong, and why
+
+A reference file (reference/NAME.json) holds, for one train.py command: each objective's loss at a handful of
+steps (the mean over the log window ending there) averaged over two seeds, a band around it, each objective's
+chance level, and the final zero-shot retrieval figures. tests/test_learning.py runs the short command and fails
+when a loss leaves its band or retrieval falls towards chance: a wrong mask, a missing detach or a swapped label
+shows up there.
+
+Chance levels (what a model that learned nothing scores):
+    MLM, IMLM    ln V                 uniform over the vocabulary
+    ITC          ln N                 N = pairs (or region captions) per batch, i.e. the number of candidates
+    ITM          H(1/3) = 0.637       the best constant guess for 1 positive : 2 negatives (ln 2 = 0.693 at random)
+    box L1/GIoU  measured             the best constant box (the mean box of the data) on real batches
+    MIM          none                 its target moves; judged by its band and by the target's feature std
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+import data
+import train
+
+REFERENCES = {  # name -> train.py arguments (on top of the defaults) and the steps recorded
+    "xfm_toy": {"args": [], "steps": [25, 50, 100, 200, 300, 400, 500, 600]},
+    "xfm_toy_short": {"args": ["--max_steps=150"], "steps": [25, 50, 75, 100, 125, 150]},
+}
+SEEDS = (0, 1)
+# the config keys that must match for a run to be compared with a reference's bands
+MATCH_KEYS = ("config", "recipe", "max_steps", "batch_size", "text_batch_size", "region_batch_size",
+              "micro_batch_size", "schedule", "lr", "warmup_steps", "stop_grad", "mim_target", "log_every")
+REL_BAND, ABS_BAND, SPREAD_BAND = 0.12, 0.04, 3.0  # half-width = max(12 % of ref, 0.04, 3 x half the seed spread)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading runs and computing chance levels
+
+
+def read_run(run_dir):
+    lines = [json.loads(l) for l in open(os.path.join(run_dir, "metrics.jsonl"))]
+    config = json.load(open(os.path.join(run_dir, "config.json")))
+    return [l for l in lines if not l.get("final")], next((l for l in lines if l.get("final")), None), config
+
+
+def chance_levels(run_dir, n_batches=20):
+    """Chance level of every objective for the run in run_dir, from its config, tokenizer and data."""
+    _, _, config = read_run(run_dir)
+    t, world = config["train"], config["world_size"]
+    tok = data.Tokenizer.load(os.path.join(run_dir, "tokenizer.json"))
+    ln_v = math.log(tok.vocab_size)
+    itm = -(1 / 3 * math.log(1 / 3) + 2 / 3 * math.log(2 / 3))
+    chance = {"mlm": ln_v, "imlm": ln_v, "imlm_region": ln_v, "itm": itm, "itm_region": itm,
+              "itc": math.log(config["per_rank_batch"]["pair"] * world)}
+    sources = data.find_sources(t["data_dir"])
+    if "region" in sources:  # the region stream's caption count varies, and so does the best constant box
+        bad = data.BadInput(verbose=False)
+        m = config["model"]
+        stream = data.build_streams(t["data_dir"], tok, image_size=m["image_size"], patch_size=m["patch_size"],
+                                    batch_size={"region": config["per_rank_batch"]["region"]},
+                                    text_len=t["text_len"], caption_len=t["caption_len"], seed=t["seed"], rank=0,
+                                    world_size=1, num_workers=0, bad=bad, hflip=t["hflip"],
+                                    crop_scale=(t["crop_min_scale"], 1.0))["region"]
+        batches = [next(stream) for _ in range(n_batches)]
+        chance["itc_region"] = float(np.mean([math.log(len(b["ids"]) * world) for b in batches]))
+        boxes = np.concatenate([b["box"][b["is_region"]].numpy() for b in batches])
+        chance.update(_constant_box_losses(boxes))
+    return chance
+
+
+def _constant_box_losses(boxes):
+    """L1 and 1 - GIoU of predicting the mean box for every region (boxes (N, 4) cx, cy, w, h)."""
+    import torch
+    from losses import bbox_loss
+    target = torch.tensor(boxes)
+    pred = target.mean(0, keepdim=True).expand_as(target)
+    l1, giou = bbox_loss(pred, target, torch.ones(len(target), dtype=torch.bool))
+    return {"bbox_l1": float(l1), "bbox_giou": float(giou)}
+
+
+def losses_at(records, steps):
+    """{objective: [loss at each step]} from metrics records (None where a step was not logged)."""
+    by_step = {r["step"]: r for r in records}
+    names = sorted({k[5:] for r in records for k in r if k.startswith("loss/") and k != "loss/total"})
+    return {n: [by_step.get(s, {}).get(f"loss/{n}") for s in steps] for n in names}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Making a reference
+
+
+def make_reference(name, out_dir="reference", runs_dir="runs/reference"):
+    spec = REFERENCES[name]
+    runs = []
+    for seed in SEEDS:
+        run = os.path.join(runs_dir, f"{name}_seed{seed}")
+        train.main([*spec["args"], f"--seed={seed}", f"--out_dir={run}"])
+        runs.append(run)
+    steps = spec["steps"]
+    per_seed = [losses_at(read_run(r)[0], steps) for r in runs]
+    finals = [read_run(r)[1]["retrieval"] for r in runs]
+    ref, band = {}, {}
+    for obj in per_seed[0]:
+        vals = np.array([p[obj] for p in per_seed], dtype=float)        # (seeds, steps)
+        mean, spread = vals.mean(0), (vals.max(0) - vals.min(0)) / 2
+        half = np.maximum.reduce([REL_BAND * np.abs(mean), np.full_like(mean, ABS_BAND), SPREAD_BAND * spread])
+        ref[obj] = [round(float(v), 4) for v in mean]
+        band[obj] = [[round(float(v), 4) for v in mean - half], [round(float(v), 4) for v in mean + half]]
+    config = read_run(runs[0])[2]
+    reference = {
+        "name": name,
+        "command": " ".join(["python train.py", *spec["args"]]),
+        "seeds": list(SEEDS),
+        "config": {k: config["train"][k] for k in MATCH_KEYS},
+        "steps": steps,
+        "loss": ref,
+        "band": band,
+        "chance": {k: round(v, 4) for k, v in chance_levels(runs[0]).items()},
+        "mim_target_std": [round(float(np.mean([dict((r["step"], r.get("mim_target_std")) for r in read_run(x)[0])[s]
+                                                for x in runs])), 4) for s in steps],
+        "retrieval": {k: [round(f[k], 2) for f in finals] for k in finals[0] if not k.startswith("n_")},
+        "note": "loss = mean over seeds of the log-window mean ending at each step; band = the range a healthy "
+                "run of the same command lands in; chance = what a model that learned nothing scores.",
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(reference, f, indent=1)
+    plot_reference(reference, read_run(runs[0])[0], os.path.join(out_dir, f"{name}.png"))
+    print(f"wrote {out_dir}/{name}.json and {out_dir}/{name}.png")
+    return reference
+
+
+def plot_reference(reference, records, path):
+    steps = reference["steps"]
+    bands = {k: (steps, lo, hi) for k, (lo, hi) in reference["band"].items()}
+    records = [{k: v for k, v in r.items() if k != "loss/total"} for r in records]
+    train.plot_curves(records, path, chance=reference["chance"], bands=bands)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The health check
+
+
+def diagnose(records, chance, reference=None):
+    """[(objective, start, end, chance, verdict, ok)] for a run's metrics records.
+
+    With a matching reference every logged step is checked against its band. Without one, each objective is
+    judged against its chance level: stuck at chance, diverging (rising well above its best), non-finite;
+    MIM is judged by its target's feature std, since its loss legitimately rises while its target moves."""
+    rows = []
+    names = sorted({k[5:] for r in records for k in r if k.startswith("loss/") and k != "loss/total"})
+    for n in names:
+        vals = [(r["step"], r[f"loss/{n}"]) for r in records if f"loss/{n}" in r]
+        start, end = vals[0][1], vals[-1][1]
+        c = chance.get(n)
+        verdict, ok = "learning", True
+        if not all(math.isfinite(v) for _, v in vals):
+            verdict, ok = "diverged: non-finite loss", False
+        elif reference is not None and n in reference["band"]:
+            lo, hi = reference["band"][n]
+            by_step = dict(vals)
+            for s, l, h in zip(reference["steps"], lo, hi):
+                v = by_step.get(s)
+                if v is None:
+                    continue
+                if v > h:
+                    verdict, ok = f"above the reference band at step {s} ({v:.3f} > {h:.3f}): learning too slowly", False
+                    break
+                if v < l:
+                    verdict, ok = (f"below the reference band at step {s} ({v:.3f} < {l:.3f}): suspiciously easy "
+                                   f"(labels leaking into the input?)"), False
+                    break
+            else:
+                verdict = "inside the reference band"
+        elif n.startswith("mim"):
+            verdict = "judged by the target std below"
+        elif end > 1.5 * min(v for _, v in vals) and end > 0.9 * start:
+            verdict, ok = "diverging: rose well above its best", False
+        elif c is not None and end > 0.97 * c:
+            verdict, ok = f"stuck at chance ({c:.3f})", False
+        elif c is not None and n in ("mlm", "imlm", "imlm_region") and end < 0.02 * c:
+            verdict, ok = "suspiciously low: are the masked tokens visible to the model?", False
+        rows.append((n, start, end, c, verdict, ok))
+    stds = [r["mim_target_std"] for r in records if "mim_target_std" in r]
+    if stds:
+        if stds[-1] < 0.2 * max(stds) or stds[-1] < 1e-3:
+            rows.append(("mim_target_std", stds[0], stds[-1], None, "collapsed: the MIM target lost its variance", False))
+        else:
+            rows.append(("mim_target_std", stds[0], stds[-1], None, "no collapse", True))
+    return rows
+
+
+def check(run_dir, reference_path=None):
+    """Print the health check of a run folder; returns True when every objective looks healthy."""
+    records, final, config = read_run(run_dir)
+    reference = None
+    candidates = [reference_path] if reference_path else [os.path.join("reference", f"{n}.json") for n in REFERENCES]
+    for path in candidates:
+        if path and os.path.exists(path):
+            ref = json.load(open(path))
+            if all(config["train"].get(k) == v for k, v in ref["config"].items()):
+                reference = ref
+                break
+    chance = reference["chance"] if reference else chance_levels(run_dir)
+    print(f"health check of {run_dir}: " + (f"compared with the reference bands of {reference['name']} "
+          f"({reference['command']})" if reference else "no reference with this config; compared with chance levels"))
+    rows = diagnose(records, chance, reference)
+    print(f"  {'objective':<15} {'first':>7} {'last':>7} {'chance':>7}  verdict")
+    for n, start, end, c, verdict, ok in rows:
+        print(f"  {n:<15} {start:7.3f} {end:7.3f} {'' if c is None else f'{c:7.3f}':>7}  {'ok ' if ok else 'BAD'} {verdict}")
+    healthy = all(ok for *_, ok in rows)
+    if final and "retrieval" in final:
+        r = final["retrieval"]
+        good = r["t2i_r1"] >= 3 * r["t2i_chance_r1"]
+        healthy &= good
+        print(f"  retrieval: text->image R@1 {r['t2i_r1']:.1f} vs chance {r['t2i_chance_r1']:.1f}: "
+              f"{'ok' if good else 'BAD: less than 3x chance'}")
+    print("verdict: " + ("healthy" if healthy else "something is wrong (see BAD above)"))
+    return healthy
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("make", help="re-run the reference runs and rewrite reference/*.json and *.png")
+    m.add_argument("--which", choices=[*REFERENCES, "all"], default="all")
+    c = sub.add_parser("check", help="health check of a run folder")
+    c.add_argument("run_dir")
+    c.add_argument("--reference", default=None, help="a reference JSON (default: the one whose config matches)")
+    args = p.parse_args(argv)
+    if args.cmd == "make":
+        for name in (REFERENCES if args.which == "all" else [args.which]):
+            make_reference(name)
+        return 0
+    return 0 if check(args.run_dir, args.reference) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1030,6 +1030,14 @@ def _textcls(rng, S):
             "label_name": ["inconsistent", "consistent"][label]}
 
 
+def _refer(o, S, rng):
+    """A RefCOCO-style referring phrase for one shape of a scene: colour + shape (unique within a scene),
+    sometimes with its size or its place: "the red circle", "the large blue square at the top left"."""
+    size = f"{o['size']} " if rng.random() < 0.3 else ""
+    place = f" {_where(o, S)}" if rng.random() < 0.3 else ""
+    return f"the {size}{o['colour']} {o['shape']}{place}"
+
+
 TOY_FILES = ("img", "unlabeled", "downstream", "pairs.jsonl", "pairs_test.jsonl", "regions.jsonl", "text.txt",
              "images.jsonl", "README.txt", "toy.json")
 
@@ -1056,7 +1064,7 @@ def make_toy(out_dir, seed=0, size=64, n_pairs=4000, n_regions=1500, n_text=3000
     S = size
     # one generator per part: changing one part's size leaves the others (and the test set) unchanged
     part = {name: np.random.default_rng([seed, i]) for i, name in enumerate(
-        ("test", "pair", "region", "image", "text", "vqa", "nlvr", "imgcls", "textcls"))}
+        ("test", "pair", "region", "image", "text", "vqa", "nlvr", "imgcls", "textcls", "grounding"))}
     n_draw = n_test + n_pairs + n_regions + n_images + 2 * (n_down + n_test)
     bar = tqdm(total=n_draw, desc="toy world", disable=not progress, unit="img")
 
@@ -1135,6 +1143,12 @@ def make_toy(out_dir, seed=0, size=64, n_pairs=4000, n_regions=1500, n_text=3000
         _write_jsonl(os.path.join(down, f"imgcls_{split}.jsonl"), recs)
 
         _write_jsonl(os.path.join(down, f"textcls_{split}.jsonl"), [_textcls(part["textcls"], S) for _ in range(2 * n)])
+
+        rng, recs = part["grounding"], []
+        for img, objs in pool:  # one referring phrase per VQA-pool image (no new images are drawn)
+            o = objs[rng.integers(len(objs))]
+            recs.append({"image": img, "phrase": _refer(o, S, rng), "box": o["box"]})
+        _write_jsonl(os.path.join(down, f"grounding_{split}.jsonl"), recs)
     # retrieval fine-tuning reuses pre-training pairs (as COCO does); its test set is pairs_test
     _write_jsonl(os.path.join(down, "retrieval_train.jsonl"),
                  [dict(r, image="../" + r["image"]) for r in pairs[:n_down]])
@@ -1172,6 +1186,8 @@ downstream/       (image paths relative to downstream/; random scenes, test scen
                               the images are those of the VQA split
   imgcls_{{train,test}}.jsonl   {{"image", "label", "label_name"}}: the shape in a one-shape image (index in shapes)
   textcls_{{train,test}}.jsonl  {{"text", "label", "label_name"}}: 1 if the claimed object is in the listed scene
+  grounding_{{train,test}}.jsonl {{"image", "phrase", "box": [x, y, w, h]}} (pixels): a RefCOCO-style phrase naming
+                              one shape of a VQA-split image, and that shape's box
   retrieval_train.jsonl       the first {n_down} pre-training pairs; retrieval_test.jsonl = pairs_test
 Train splits have {n_down} images or pairs (textcls: 2 x {n_down} texts), test splits {n_test} (textcls: 2 x {n_test}).
 """

@@ -1,0 +1,914 @@
+"""
+Fine-tuning and evaluation of a pre-trained X-FM on every kind of downstream task, the way the paper does
+(XFM.md §6, §7). Fine-tuning removes the stop-gradient: the fusion encoder reads the language encoder's states
+with their graph (`losses.fusion_input(t, stop_grad=False)`), so each task trains every encoder it uses.
+
+    task       model                                                         loss            metric
+    textcls    language encoder alone; build_mlp(D, C) on <s>                CE (MSE if C=1) accuracy|f1|mcc|pearson
+    imgcls     vision encoder; build_mlp(D, C) on v[:, 0] (full fine-tuning), CE              accuracy
+               or --probe linear: one nn.Linear on v[:, 0] of the frozen encoder, computed under no_grad
+    vqa        fusion [CLS] of (question, image); build_mlp(D, #answers)     CE | soft BCE   VQA score
+    nlvr       statement fused with each of 2 images; [CLS; CLS] -> build_mlp(2D, 2)          CE      accuracy
+    retrieval  ITC (same image = positive) + ITM (hard negatives); ITC ranking, ITM re-ranking R@1/5/10
+    grounding  the pre-trained bbox_head on the fusion [CLS] of (phrase, full image) L1 + GIoU acc@IoU>=0.5
+
+Every task runs on the toy world (data/toy/downstream; `python data.py toy --out data/toy`) with no other
+arguments. After `python train.py`:
+    python finetune.py --task vqa --init runs/default/ckpt.pt            # -> runs/default/finetune/vqa/
+    python finetune.py --task imgcls --probe linear --init runs/default/ckpt.pt
+    python finetune.py --task retrieval --epochs 0 --init runs/default/ckpt.pt     # zero-shot retrieval
+    python finetune.py --task all --init runs/default/ckpt.pt            # the toy suite -> finetune/benchmark.md
+    python finetune.py --task vqa --eval_only --init runs/default/finetune/vqa/ckpt.pt
+    python finetune.py --task attention --init runs/default/ckpt.pt --image IMG --caption "a red circle"
+    torchrun --standalone --nproc_per_node=2 finetune.py --task nlvr --init runs/default/ckpt.pt
+    python finetune.py --help                                            # every key with its default
+
+A task folder gets metrics.json (eval.json with --eval_only), ckpt.pt (written atomically) and tokenizer.json, so
+it is itself a valid --init; retrieval adds retrieval_examples.png, attention writes attention.png. An
+--image_size other than the pre-training one interpolates the relative position bias tables.
+"""
+import csv
+import difflib
+import json
+import math
+import os
+import sys
+import textwrap
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, fields, replace
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from tqdm import tqdm
+
+import data
+import losses
+import train
+from model import XFM, XFMConfig, build_mlp, resize_rel_pos
+
+# ---------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = ""                  # textcls | imgcls | vqa | nlvr | retrieval | grounding | all | attention
+    init: str = ""                  # pre-trained run folder or ckpt.pt (train.py), or a fine-tuned ckpt.pt
+    eval_only: bool = False         # evaluate --init as it is (fine-tuned; or zero-shot retrieval / grounding)
+    # data
+    data_dir: str = "data/toy"      # task files default to DATA_DIR/downstream/TASK_{train,test}.jsonl
+    train_file: str = ""            # .jsonl | .json list | Karpathy dataset_*.json | .tsv | ImageFolder directory
+    test_file: str = ""
+    image_root: str = ""            # image paths are relative to this folder (default: the file's folder)
+    out_dir: str = ""               # default: INIT_RUN/finetune; each task writes OUT_DIR/NAME/
+    tokenizer: str = ""             # default: tokenizer.json next to --init
+    image_size: int = 0             # 0 = the pre-training size; another size interpolates the rel-pos tables
+    text_len: int = 0               # 0 = the model's max_text_len
+    # optimisation (0 or -1 = the task's default from TASK_DEFAULTS)
+    epochs: int = -1
+    batch_size: int = 0             # global batch, split over the ranks
+    lr: float = 0.0
+    lr_mult: float = 2.0            # the new head trains at lr x lr_mult (official lr_mult on new parameters)
+    weight_decay: float = 0.01
+    warmup: float = 0.1             # linear warmup over this fraction of the steps, then linear decay to 0
+    grad_clip: float = 1.0
+    # task options
+    probe: str = "full"             # imgcls: full (fine-tune the encoder) | linear (nn.Linear on frozen features)
+    metric: str = ""                # textcls: accuracy | f1 | mcc | pearson ("" = accuracy, pearson if regression)
+    num_labels: int = 0             # textcls: 0 = from the training labels; 1 = regression (MSE)
+    text_fields: str = ""           # textcls: sentence field(s), comma-separated names or TSV column numbers
+    label_field: str = ""           # textcls: "" = the first of label, score, gold_label, Quality
+    k_test: int = 16                # retrieval: ITM re-ranks the ITC top k (official k_test 256)
+    image: str = ""                 # attention: the image (default: the first retrieval test image)
+    caption: str = ""               # attention: the caption (default: that image's first caption)
+    # runtime
+    device: str = "auto"            # auto (cuda > mps > cpu) | cpu | cuda | mps
+    amp: str = "auto"               # auto | bf16 | fp16 | fp32 (train.amp_setup)
+    seed: int = 0
+    num_workers: int = 0
+    eval_batch_size: int = 64
+
+
+TASKS = ("textcls", "imgcls", "vqa", "nlvr", "retrieval", "grounding")
+# per run name, tuned for the toy world and the tiny model (2 CPU cores); the command line always wins
+TASK_DEFAULTS = {
+    "textcls": dict(epochs=10, batch_size=32, lr=5e-4),
+    "imgcls": dict(epochs=20, batch_size=32, lr=1e-3),
+    "imgcls_linear": dict(epochs=20, batch_size=64, lr=1e-2, weight_decay=0.0, lr_mult=1.0),
+    "vqa": dict(epochs=8, batch_size=32, lr=3e-4),
+    "nlvr": dict(epochs=8, batch_size=32, lr=3e-4),
+    "retrieval": dict(epochs=3, batch_size=32, lr=1e-4),
+    "retrieval_zeroshot": dict(epochs=0),
+    "grounding": dict(epochs=20, batch_size=16, lr=5e-4),
+    "attention": dict(epochs=0),
+}
+# the toy benchmark of `--task all`, one table row each: (run name, extra arguments)
+SUITE = (("textcls", []), ("imgcls", []), ("imgcls_linear", ["--probe", "linear"]), ("vqa", []), ("nlvr", []),
+         ("retrieval_zeroshot", ["--epochs", "0"]), ("retrieval", []), ("grounding", []))
+
+
+def parse_args(argv):
+    """`--key=value` or `--key value` overrides of FinetuneConfig; a bare `--flag` sets a bool to true.
+    Unknown keys are errors that suggest the closest key (as in train.parse_args)."""
+    cfg, types = FinetuneConfig(), {f.name: f.type for f in fields(FinetuneConfig)}
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip().split("\n\n")[2] + "\n\nConfig keys (--key=value or --key value):")
+        for f in fields(FinetuneConfig):
+            print(f"  --{f.name}={getattr(cfg, f.name)!s:<14} ({f.type.__name__})")
+        sys.exit(0)
+    given, i = {}, 0
+    while i < len(argv):
+        arg, i = argv[i], i + 1
+        if not arg.startswith("--"):
+            raise SystemExit(f"error: expected --key=value or --key value, got {arg!r} (see --help)")
+        key, eq, val = arg[2:].partition("=")
+        if key not in types:
+            close = difflib.get_close_matches(key, list(types), n=1)
+            raise SystemExit(f"error: unknown config key {key!r}" + (f"; did you mean --{close[0]}?" if close else "")
+                             + " (see --help)")
+        typ = types[key]
+        if not eq:  # the value is the next word; a bool flag may stand alone
+            if typ is bool and (i == len(argv) or argv[i].startswith("--")):
+                val = "true"
+            elif i < len(argv):
+                val, i = argv[i], i + 1
+            else:
+                raise SystemExit(f"error: --{key} needs a value")
+        if typ is bool:
+            if val.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise SystemExit(f"error: --{key} takes true/false, not {val!r}")
+            given[key] = val.lower() in ("1", "true", "yes")
+        else:
+            try:
+                given[key] = typ(val)
+            except ValueError:
+                raise SystemExit(f"error: --{key} takes a {typ.__name__}, not {val!r}")
+    for key, val in given.items():
+        setattr(cfg, key, val)
+    return cfg, given
+
+
+def run_name(cfg, finetuned):
+    """The task's folder and TASK_DEFAULTS key; imgcls_linear and retrieval_zeroshot are variants."""
+    if cfg.task == "imgcls" and cfg.probe == "linear":
+        return "imgcls_linear"
+    if cfg.task == "retrieval" and (cfg.epochs == 0 or (cfg.eval_only and not finetuned)):
+        return "retrieval_zeroshot"
+    return cfg.task
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics, in % (checked against hand-computed values in tests/test_finetune.py)
+
+
+def accuracy(pred, y):
+    return float((pred == y).float().mean()) * 100
+
+
+def f1_score(pred, y, positive=1):
+    """Binary F1 of the positive class (GLUE MRPC, QQP): 2 tp / (2 tp + fp + fn)."""
+    tp = float(((pred == positive) & (y == positive)).sum())
+    fp, fn = float(((pred == positive) & (y != positive)).sum()), float(((pred != positive) & (y == positive)).sum())
+    return 200 * tp / max(2 * tp + fp + fn, 1)
+
+
+def matthews(pred, y, num_classes):
+    """Matthews correlation (CoLA) in its multi-class form, from the confusion matrix C (rows true, columns
+    predicted): (c s - t.p) / sqrt((s^2 - p.p)(s^2 - t.t)), c = trace, s = total, t / p = true / predicted counts."""
+    C = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+    C.index_put_((y.long(), pred.long()), torch.ones(len(y), dtype=torch.float64), accumulate=True)
+    t, p, c, s = C.sum(1), C.sum(0), C.trace(), C.sum()
+    den = math.sqrt(float((s * s - p @ p) * (s * s - t @ t)))
+    return float((c * s - t @ p) / den) * 100 if den > 0 else 0.0        # 0 when one side is constant
+
+
+def pearson(x, y):
+    """Pearson correlation (STS-B)."""
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    return float((x @ y) / (x.norm() * y.norm()).clamp(min=1e-12)) * 100
+
+
+def vqa_score(pred, answers):
+    """VQA score of one predicted answer (a fraction): min(1, #annotators who gave it / 3) for several answers
+    (the usual simplification of the official average over 10-choose-9 subsets); plain accuracy for one."""
+    return min(1.0, answers.count(pred) / 3) if len(answers) > 1 else float(pred == answers[0])
+
+
+def box_iou(a, b):
+    """Element-wise IoU of two (N, 4) xyxy box sets (a fraction)."""
+    lt, rb = torch.max(a[:, :2], b[:, :2]), torch.min(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)                                # (N,) intersection areas
+    area = lambda x: (x[:, 2:] - x[:, :2]).clamp(min=0).prod(-1)          # noqa: E731
+    return inter / (area(a) + area(b) - inter).clamp(min=1e-12)
+
+
+def report(metric, value, summary=None, key=None, **metrics):
+    """What each task's evaluation returns: the headline metric, its value (stored under `key`, default the
+    metric's name), the text for the table, and every other metric."""
+    return {"metric": metric, "value": value, "summary": summary or f"{value:.1f}",
+            "metrics": {key or metric: value, **metrics}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Task files: JSONL / JSON lists (data.read_records), Karpathy JSON, GLUE TSV, ImageFolder
+
+
+def read_records(path, split, cfg, bad):
+    """-> list of record dicts, image paths ("image" or "images") made absolute against --image_root or the
+    file's folder. A record whose image is missing is reported to `bad` and skipped."""
+    if not os.path.exists(path):
+        hint = " (an old toy world? rebuild it: python data.py toy --out data/toy)" if "downstream" in path else ""
+        raise SystemExit(f"error: no {split} file {path}{hint}")
+    root = cfg.image_root or (path if os.path.isdir(path) else os.path.dirname(path))
+    recs = None
+    if os.path.isdir(path):  # ImageFolder: one sub-folder per class
+        recs = [{"image": os.path.join(c, n), "label": c} for c in sorted(os.listdir(path))
+                if os.path.isdir(os.path.join(path, c))
+                for n in sorted(os.listdir(os.path.join(path, c))) if n.lower().endswith(data.IMAGE_EXTS)]
+    elif path.endswith(".tsv"):  # GLUE: a header row; no header when --text_fields are column numbers (CoLA)
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = [r for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if r]
+        numbered = cfg.text_fields.split(",")[0].strip().isdigit()
+        recs = [{str(j): v for j, v in enumerate(r)} for r in rows] if numbered else \
+            [dict(zip(rows[0], r)) for r in rows[1:]]
+    elif path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+        if isinstance(obj, dict) and "images" in obj:  # Karpathy: images[{filepath, filename, split, sentences}]
+            keep = ("train", "restval") if split == "train" else ("test",)
+            recs = [{"image": os.path.join(im.get("filepath", ""), im["filename"]),
+                     "caption": [s["raw"] for s in im["sentences"]]} for im in obj["images"] if im["split"] in keep]
+    if recs is None:  # .jsonl, or a .json list of records (ALBEF / X-VLM style)
+        recs = [dict(r, where=w) for w, r in data.read_records(path, bad)]
+    out = []
+    for i, r in enumerate(recs):
+        key = "images" if "images" in r else "image" if "image" in r else None
+        if key:
+            paths = [os.path.abspath(os.path.join(root, p)) for p in (r[key] if key == "images" else [r[key]])]
+            missing = [p for p in paths if not os.path.isfile(p)]
+            if missing:
+                bad.report("missing image", r.get("where", f"{path}[{i}]"), f"no such file {missing[0]}")
+                continue
+            r = dict(r, **{key: paths if key == "images" else paths[0]})
+        out.append(r)
+    if not out:
+        raise SystemExit(f"error: no usable record in {path}")
+    return out
+
+
+def splits(cfg, env, need_train=True):
+    """(train records, test records, BadInput); files default to DATA_DIR/downstream/TASK_{train,test}.jsonl."""
+    bad, down = data.BadInput(verbose=env.master), os.path.join(cfg.data_dir, "downstream")
+    path = lambda split, given: given or os.path.join(down, f"{cfg.task}_{split}.jsonl")  # noqa: E731
+    tr = read_records(path("train", cfg.train_file), "train", cfg, bad) if need_train else []
+    return tr, read_records(path("test", cfg.test_file), "test", cfg, bad), bad
+
+
+def label_value(v):
+    """A label as an int (ints, bools, "true"/"false", "3"), a float ("3.8": a score to regress) or a class name."""
+    s = str(v).strip()
+    if s.lower() in ("true", "false"):
+        return int(s.lower() == "true")
+    for typ in (int, float):
+        try:
+            return typ(s)
+        except ValueError:
+            pass
+    return s
+
+
+def label_vocab(values, num_labels=0):
+    """The class list: range(C) for integer labels, sorted names for strings; [] = regression."""
+    if num_labels == 1 or any(isinstance(v, float) and not v.is_integer() for v in values):
+        return []
+    if all(isinstance(v, (int, float)) for v in values):
+        return list(range(max(num_labels, int(max(values)) + 1)))
+    return sorted({str(v) for v in values})
+
+
+def label_index(v, labels):
+    """A label's class index (-1 if never seen in training: always wrong), or the value itself for regression."""
+    if not labels:
+        return float(v)
+    v = int(v) if isinstance(v, (int, float)) else str(v)
+    return labels.index(v) if v in labels else -1
+
+
+class Examples(Dataset):
+    """records -> make(record) -> sample dict. `collate` pads "ids" (and adds "att"), stacks tensors and keeps
+    anything else as a list."""
+
+    def __init__(self, records, make, pad_id):
+        self.records, self.make, self.pad_id = records, make, pad_id
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        return self.make(self.records[i])
+
+    def collate(self, samples):
+        out = {}
+        for key in samples[0]:
+            vals = [s[key] for s in samples]
+            if key == "ids":
+                out["ids"] = data.pad_seqs(vals, self.pad_id)              # (B, T)
+                out["att"] = data.attention(vals, out["ids"].shape[1])     # (B, T)
+            else:
+                out[key] = torch.stack(vals) if torch.is_tensor(vals[0]) else vals
+        return out
+
+
+def image_tensor(path, size):
+    """Every task's image transform: bicubic resize + CLIP normalisation -> (3, S, S). No crop or flip: the toy
+    world's questions name positions (for real image classification, add data.random_resized_crop)."""
+    return data.eval_transform(data.load_image(path), size)
+
+
+def tokens(tok, a, b, max_len):
+    """RoBERTa input: <s> a </s>, or <s> a </s></s> b </s> for a pair; cut to max_len with </s> kept last."""
+    ids = tok.encode(a, max_len)
+    if b is not None:
+        ids = ids + [tok.sep_id] + tok.encode(b, max_len)[1:]
+    return ids if len(ids) <= max_len else ids[: max_len - 1] + [tok.sep_id]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model: X-FM + a task head; a pre-trained checkpoint loads with exactly the expected keys missing
+
+
+class TaskModel(nn.Module):
+    """X-FM and a task head (or None). forward(batch) -> (loss, parts) is the task loss, like train.LossModel,
+    so DDP wraps this module and sees every parameter the loss uses. frozen: the linear probe's encoder stays
+    in eval mode (no drop path) while the head trains."""
+
+    def __init__(self, xfm, head, loss_fn, frozen=False):
+        super().__init__()
+        self.xfm, self.head, self.loss_fn, self.frozen = xfm, head, loss_fn, frozen
+
+    def forward(self, batch):
+        return self.loss_fn(self, batch)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.frozen:
+            self.xfm.eval()
+        return self
+
+
+def build_model(cfg, env, head, loss_fn, trainable, frozen=False):
+    """TaskModel with env.ckpt's weights. A pre-trained checkpoint must load with exactly the new head's keys
+    missing and nothing unexpected (MAE style); a checkpoint fine-tuned for this task with nothing missing.
+    Only the XFM parts in `trainable` (and the head) keep requires_grad, set before any DDP wrap: DDP then
+    needs no find_unused_parameters."""
+    mcfg = replace(XFMConfig(**env.ckpt["model_config"]), image_size=cfg.image_size)
+    model = TaskModel(XFM(mcfg), head, loss_fn, frozen)
+    state = env.ckpt["model"] if env.finetuned else {"xfm." + k: v for k, v in env.ckpt["model"].items()}
+    if head is None:  # attention maps from a fine-tuned model: its head is not needed
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    for k in [k for k in state if k.endswith("rel_pos.table")]:  # another image size: interpolate every table
+        state[k] = resize_rel_pos(state[k], env.mcfg.grid, mcfg.grid)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    expected = set() if env.finetuned else {k for k in model.state_dict() if k.startswith("head.")}
+    env.print0(f"loaded {cfg.init}: missing keys {sorted(missing) or 'none'}, "
+               f"unexpected {sorted(unexpected) or 'none'}")
+    assert set(missing) == expected and not unexpected, \
+        f"unexpected checkpoint keys: missing {sorted(set(missing) ^ expected)}, unexpected {sorted(unexpected)}"
+    for name, p in model.named_parameters():  # the MIM mask token takes no part in any task
+        part = name.split(".")[1]
+        p.requires_grad = name.startswith("head.") or (part in trainable and name != "xfm.vision.mask_token")
+    return model.to(env.device)
+
+
+def fused_cls(m, b):
+    """The fusion [CLS] of (text, image), with NO stop-gradient (fine-tuning, XFM.md §3.7) -> (B, D)."""
+    t = m.xfm.encode_text(b["ids"], b["att"])                              # (B, T, D)
+    v = m.xfm.encode_image(b["image"])                                     # (B, 1+P, D)
+    return m.xfm.fuse(losses.fusion_input(t, stop_grad=False), b["att"], v)[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop: AdamW, warmup + linear decay, clipping, AMP, DDP; evaluation and an atomic checkpoint on rank 0
+
+
+@torch.no_grad()
+def predict(cfg, env, model, dataset, fn, target=None):
+    """fn(model, batch) over a dataset in order, in eval mode -> outputs on the CPU (and the batches' `target`)."""
+    model.eval()
+    loader = DataLoader(dataset, cfg.eval_batch_size, collate_fn=dataset.collate, num_workers=cfg.num_workers)
+    outs, gold = [], []
+    for batch in loader:
+        with env.autocast():
+            outs.append(fn(model, train.to_device(batch, env.device)).float().cpu())
+        gold += [batch[target]] if target else []
+    return (torch.cat(outs), torch.cat(gold)) if target else torch.cat(outs)
+
+
+def fit(cfg, env, model, train_set, evaluate, out, meta):
+    """Fine-tune for cfg.epochs (none with --eval_only or epochs 0), then evaluate on rank 0 with the raw model
+    and save the fine-tuned checkpoint. -> the evaluation's report plus the loss history (None on other ranks)."""
+    history, steps = [], 0
+    if cfg.epochs > 0 and not cfg.eval_only:
+        if cfg.batch_size % env.world:
+            raise SystemExit(f"error: batch_size {cfg.batch_size} is not a multiple of the world size {env.world}")
+        sampler = DistributedSampler(train_set, shuffle=True, seed=cfg.seed, drop_last=True) if env.ddp else \
+            RandomSampler(train_set, generator=torch.Generator().manual_seed(cfg.seed))
+        # drop_last: every rank runs the same number of full steps (a short last batch could deadlock DDP)
+        loader = DataLoader(train_set, cfg.batch_size // env.world, sampler=sampler, drop_last=True,
+                            collate_fn=train_set.collate, num_workers=cfg.num_workers)
+        if len(loader) == 0:
+            raise SystemExit(f"error: {len(train_set)} training examples, fewer than batch_size {cfg.batch_size}")
+        steps = cfg.epochs * len(loader)
+        # no decay on biases and norms (train.param_groups); the new head at lr x lr_mult
+        groups = train.param_groups(model.xfm, cfg.weight_decay, 1.0)
+        if model.head is not None:
+            groups += [dict(g, lr_scale=cfg.lr_mult) for g in train.param_groups(model.head, cfg.weight_decay, 1.0)]
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=env.device.type == "cuda")
+        schedule = SimpleNamespace(lr=cfg.lr, warmup_steps=int(cfg.warmup * steps), max_steps=steps)  # for get_lr
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.ddp else model
+        params, step = [p for p in model.parameters() if p.requires_grad], 0
+        for epoch in range(cfg.epochs):
+            if env.ddp:
+                sampler.set_epoch(epoch)  # a new shuffle each epoch
+            model.train()
+            total = torch.zeros((), device=env.device)
+            for batch in tqdm(loader, desc=f"{cfg.task} {epoch + 1}/{cfg.epochs}", disable=not env.master, leave=False):
+                lr = train.get_lr(step, schedule)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr * g["lr_scale"]
+                with env.autocast():
+                    loss, _ = wrapped(train.to_device(batch, env.device))
+                (env.scaler.scale(loss) if env.scaler else loss).backward()
+                if env.scaler:
+                    env.scaler.unscale_(optimizer)                         # clip the true gradients, not scaled ones
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                if env.scaler:
+                    env.scaler.step(optimizer)
+                    env.scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                model.xfm.clamp_temp()                                     # ITC temperature in [0.001, 0.5]
+                total += loss.detach().float()                             # no .item(): no sync per step
+                step += 1
+            mean = total / len(loader)
+            if env.ddp:  # averaged over the ranks, so every rank takes the same decision below
+                dist.all_reduce(mean, op=dist.ReduceOp.AVG)
+            if not math.isfinite(mean.item()):
+                raise SystemExit(f"error: non-finite {cfg.task} loss in epoch {epoch + 1} (lower --lr, or --amp=fp32)")
+            history.append(mean.item())
+            env.print0(f"{cfg.task} epoch {epoch + 1}/{cfg.epochs}: loss {mean.item():.4f}")
+    result = None
+    if env.master:  # rank 0 alone, on the raw model: no collective may run in here
+        result = dict(evaluate(model), train_loss=history, epochs=len(history), steps=steps)
+        if history:  # write path.tmp, then rename: a crash never leaves half a checkpoint
+            ckpt = {"model": model.state_dict(), "model_config": asdict(model.xfm.cfg), "task": cfg.task, "meta": meta,
+                    "finetune_config": asdict(cfg), "pretrain_config": env.ckpt.get("train_config"), "result": result}
+            torch.save(ckpt, os.path.join(out, "ckpt.pt.tmp"))
+            os.replace(os.path.join(out, "ckpt.pt.tmp"), os.path.join(out, "ckpt.pt"))
+    if env.ddp:
+        dist.barrier()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tasks, one function each: data -> head and loss -> model -> evaluation -> fit
+
+
+def run_textcls(cfg, env, out):
+    """GLUE style, single sentences or pairs: the language encoder alone (no fusion), a head on <s>."""
+    tr, te, _ = splits(cfg, env)
+    guesses = (("sentence1", "sentence2"), ("question", "sentence"), ("question1", "question2"),
+               ("#1 String", "#2 String"), ("premise", "hypothesis"), ("sentence", None), ("text", None))
+    names = [s.strip() for s in cfg.text_fields.split(",")] if cfg.text_fields else \
+        next(([n for n in g if n] for g in guesses if all(n is None or n in tr[0] for n in g)), None)
+    label_key = cfg.label_field or next((k for k in ("label", "score", "gold_label", "Quality") if k in tr[0]), None)
+    if not names or label_key is None:
+        raise SystemExit(f"error: which of {sorted(tr[0])} hold the text and the label? (--text_fields, --label_field)")
+    labels = env.meta["labels"] if env.meta else label_vocab([label_value(r[label_key]) for r in tr], cfg.num_labels)
+    C = len(labels) or 1                                                   # one output = regression
+
+    def make(r):
+        ids = tokens(env.tok, r[names[0]], r[names[1]] if len(names) > 1 else None, cfg.text_len)
+        y = label_index(label_value(r[label_key]), labels)
+        return {"ids": ids, "label": torch.tensor(y, dtype=torch.float32 if C == 1 else torch.long)}
+
+    def logits(m, b):  # the language encoder's <s>: no image, no fusion encoder
+        return m.head(m.xfm.encode_text(b["ids"], b["att"])[:, 0])        # (B, C)
+
+    def loss_fn(m, b):
+        z = logits(m, b).float()
+        return (F.mse_loss(z.squeeze(-1), b["label"]) if C == 1 else F.cross_entropy(z, b["label"])), {}
+
+    model = build_model(cfg, env, build_mlp(env.mcfg.width, C), loss_fn, trainable=("text",))
+    test_set = Examples(te, make, env.tok.pad_id)
+
+    def evaluate(m):
+        z, y = predict(cfg, env, m, test_set, logits, target="label")      # (N, C), (N,)
+        if C == 1:
+            metrics = {"pearson": pearson(z.squeeze(-1), y)}
+        else:
+            pred = z.argmax(-1)
+            metrics = {"accuracy": accuracy(pred, y), "mcc": matthews(pred, y.clamp(min=0), C)}
+            metrics.update({"f1": f1_score(pred, y)} if C == 2 else {})
+        name = cfg.metric or ("pearson" if C == 1 else "accuracy")
+        if name not in metrics:
+            raise SystemExit(f"error: --metric={name} is not available for this task (have {sorted(metrics)})")
+        return report(name, metrics[name], **metrics)
+
+    return fit(cfg, env, model, Examples(tr, make, env.tok.pad_id), evaluate, out, {"labels": labels})
+
+
+def run_imgcls(cfg, env, out):
+    """Image classification on v[:, 0]: full fine-tuning with a build_mlp head, or (--probe linear) a TRUE linear
+    probe: one nn.Linear on the frozen encoder's features, computed under no_grad. The official "linear
+    evaluation" is a 5-layer MLP on frozen features (XFM.md §7, §10)."""
+    if cfg.probe not in ("full", "linear"):
+        raise SystemExit(f"error: --probe must be full or linear, not {cfg.probe!r}")
+    tr, te, _ = splits(cfg, env)
+    labels = env.meta["labels"] if env.meta else label_vocab([label_value(r["label"]) for r in tr])
+    linear, D = cfg.probe == "linear", env.mcfg.width
+
+    def make(r):
+        y = label_index(label_value(r["label"]), labels)
+        return {"image": image_tensor(r["image"], cfg.image_size), "label": torch.tensor(y)}
+
+    def logits(m, b):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not linear):  # the probe's features: no graph
+            feat = m.xfm.encode_image(b["image"])[:, 0]                    # (B, D), the mean-pooled image "[CLS]"
+        return m.head(feat)                                                # (B, C)
+
+    def loss_fn(m, b):
+        return F.cross_entropy(logits(m, b).float(), b["label"]), {}
+
+    head = nn.Linear(D, len(labels)) if linear else build_mlp(D, len(labels))
+    model = build_model(cfg, env, head, loss_fn, trainable=() if linear else ("vision",), frozen=linear)
+    test_set = Examples(te, make, env.tok.pad_id)
+
+    def evaluate(m):
+        z, y = predict(cfg, env, m, test_set, logits, target="label")
+        return report("accuracy", accuracy(z.argmax(-1), y))
+
+    return fit(cfg, env, model, Examples(tr, make, env.tok.pad_id), evaluate, out, {"labels": labels})
+
+
+def run_vqa(cfg, env, out):
+    """VQA as classification over the training split's answers, on the fusion [CLS]; VQA-score soft targets
+    with BCE when a question has several answers. (The paper generates the answer with a decoder and ranks a
+    fixed answer list, XFM.md §7.)"""
+    tr, te, _ = splits(cfg, env)
+    given = lambda r: [str(a).strip().lower() for a in r.get("answers", [r.get("answer")])]  # noqa: E731
+    counts = Counter(a for r in tr for a in given(r))
+    answers = env.meta["answers"] if env.meta else sorted(counts, key=lambda a: (-counts[a], a))  # most frequent first
+    index, soft = {a: i for i, a in enumerate(answers)}, any(len(given(r)) > 1 for r in tr)
+
+    def make(r):
+        target = torch.zeros(len(answers))                                 # (A,) min(1, count / 3), or one-hot
+        for a, c in Counter(given(r)).items():
+            if a in index:
+                target[index[a]] = min(1.0, c / 3) if soft else 1.0
+        return {"image": image_tensor(r["image"], cfg.image_size),
+                "ids": tokens(env.tok, r["question"], None, cfg.text_len), "target": target}
+
+    def logits(m, b):
+        return m.head(fused_cls(m, b))                                     # (B, A)
+
+    def loss_fn(m, b):
+        z = logits(m, b).float()
+        if soft:  # BCE summed over the answers, averaged over the questions (the usual VQA classifier loss)
+            return F.binary_cross_entropy_with_logits(z, b["target"], reduction="sum") / len(z), {}
+        return F.cross_entropy(z, b["target"]), {}                         # a one-hot target: plain CE
+
+    model = build_model(cfg, env, build_mlp(env.mcfg.width, len(answers)), loss_fn, ("text", "vision", "fusion"))
+    test_set = Examples(te, make, env.tok.pad_id)
+
+    def evaluate(m):
+        pred = predict(cfg, env, m, test_set, logits).argmax(-1).tolist()
+        score = 100 * sum(vqa_score(answers[p], given(r)) for p, r in zip(pred, te)) / len(te)
+        return report("vqa_score" if any(len(given(r)) > 1 for r in te) else "accuracy", score, n_answers=len(answers))
+
+    return fit(cfg, env, model, Examples(tr, make, env.tok.pad_id), evaluate, out, {"answers": answers})
+
+
+def run_nlvr(cfg, env, out):
+    """NLVR2: the statement fused with each image by the same fusion encoder; the two [CLS] concatenated."""
+    tr, te, _ = splits(cfg, env)
+
+    def make(r):
+        return {"image": torch.stack([image_tensor(p, cfg.image_size) for p in r["images"]]),  # (2, 3, S, S)
+                "ids": tokens(env.tok, r["sentence"], None, cfg.text_len),
+                "label": torch.tensor(label_value(r["label"]))}
+
+    def logits(m, b):
+        v = m.xfm.encode_image(b["image"].flatten(0, 1))                   # (2B, 1+P, D): left, right, left, ...
+        t = losses.fusion_input(m.xfm.encode_text(b["ids"], b["att"]), stop_grad=False)  # (B, T, D), no detach
+        h = [m.xfm.fuse(t, b["att"], v[k::2])[:, 0] for k in (0, 1)]       # [CLS] with each image: 2 x (B, D)
+        return m.head(torch.cat(h, dim=-1))                                # (B, 2D) -> (B, 2)
+
+    def loss_fn(m, b):
+        return F.cross_entropy(logits(m, b).float(), b["label"]), {}
+
+    model = build_model(cfg, env, build_mlp(2 * env.mcfg.width, 2), loss_fn, ("text", "vision", "fusion"))
+    test_set = Examples(te, make, env.tok.pad_id)
+
+    def evaluate(m):
+        z, y = predict(cfg, env, m, test_set, logits, target="label")
+        return report("accuracy", accuracy(z.argmax(-1), y))
+
+    return fit(cfg, env, model, Examples(tr, make, env.tok.pad_id), evaluate, out, {})
+
+
+def run_retrieval(cfg, env, out):
+    """Image-text retrieval: fine-tuning with ITC (pairs sharing an image are positives) + ITM (hard negatives),
+    no detach; evaluation by ITC ranking and ITM re-ranking of the top k (train.evaluate_retrieval), also
+    zero-shot (epochs 0). Reads the project's JSONL, ALBEF / X-VLM JSON lists and Karpathy's dataset_*.json."""
+    train_now = cfg.epochs > 0 and not cfg.eval_only
+    tr_recs, te, bad = splits(cfg, env, need_train=train_now)
+    test_path = os.path.join(out, "retrieval_test.jsonl")  # absolute image paths, the format load_retrieval_set reads
+    if env.master:
+        with open(test_path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"image": r["image"], "caption": r["caption"]}) + "\n" for r in te)
+    tr, img_ids = [], {}
+    for r in tr_recs:  # one example per caption; the same image file -> the same id
+        for c in r["caption"] if isinstance(r["caption"], list) else [r["caption"]]:
+            tr.append({"image": r["image"], "caption": c, "img_id": img_ids.setdefault(r["image"], len(img_ids))})
+
+    def make(r):
+        return {"image": image_tensor(r["image"], cfg.image_size),
+                "ids": tokens(env.tok, r["caption"], None, cfg.text_len), "img_id": torch.tensor(r["img_id"])}
+
+    def loss_fn(m, b):
+        x = m.xfm
+        x.clamp_temp()
+        v, t = x.encode_image(b["image"]), x.encode_text(b["ids"], b["att"])  # (B, 1+P, D), (B, T, D)
+        f_t, f_v = x.itc_features(t, v)                                    # (B, E) each
+        itc = losses.itc_loss(f_v, f_t, x.temp, ids=b["img_id"])
+        # the fusion encoder reads t WITH its graph: fine-tuning has no stop-gradient
+        t_f = losses.fusion_input(t, stop_grad=False)
+        itm = losses.itm_loss(x, t_f, b["att"], v, None, f_v, f_t, x.temp, b["img_id"])
+        return itc + itm, {"itc": itc, "itm": itm}
+
+    parts = ("text", "vision", "fusion", "text_proj", "vision_proj", "temp", "itm_head")  # ITC + ITM use all of them
+    model = build_model(cfg, env, None, loss_fn, parts)
+
+    def evaluate(m):
+        rs = data.load_retrieval_set(test_path, env.tok, cfg.image_size, cfg.text_len, bad)
+        r = train.evaluate_retrieval(m.xfm, rs, env.device, cfg.k_test, cfg.eval_batch_size, env.autocast)
+        retrieval_sheet(m.xfm, rs, env, cfg.k_test, os.path.join(out, "retrieval_examples.png"))
+        summary = ", ".join(f"{d} " + "/".join(f"{r[f'{d}_r{n}']:.1f}" for n in (1, 5, 10)) for d in ("t2i", "i2t"))
+        return report("R@1/5/10", (r["t2i_r1"] + r["i2t_r1"]) / 2, summary, key="mean_r1", **r)
+
+    return fit(cfg, env, model, Examples(tr, make, env.tok.pad_id), evaluate, out, {})
+
+
+def run_grounding(cfg, env, out):
+    """RefCOCO style: the pre-trained box head (+ sigmoid) on the fusion [CLS] of (phrase, full image), trained
+    with L1 + GIoU (losses.bbox_loss); a prediction is right when its IoU with the box is >= 0.5."""
+    tr, te, _ = splits(cfg, env)
+
+    def make(r):
+        img = data.load_image(r["image"])
+        (W, H), (x, y, w, h) = img.size, r.get("box", r.get("bbox"))      # pixels -> normalised cx, cy, w, h
+        return {"image": data.eval_transform(img, cfg.image_size),
+                "ids": tokens(env.tok, r.get("phrase", r.get("text")), None, cfg.text_len),
+                "box": torch.tensor([(x + w / 2) / W, (y + h / 2) / H, w / W, h / H], dtype=torch.float32)}
+
+    def boxes(m, b):
+        return m.xfm.bbox_head(fused_cls(m, b)).sigmoid()                  # (B, 4) cx, cy, w, h in [0, 1]
+
+    def loss_fn(m, b):
+        every = torch.ones(len(b["box"]), dtype=torch.bool, device=b["box"].device)  # every phrase names a region
+        l1, giou = losses.bbox_loss(boxes(m, b).float(), b["box"], every)
+        return l1 + giou, {"l1": l1, "giou": giou}
+
+    model = build_model(cfg, env, None, loss_fn, ("text", "vision", "fusion", "bbox_head"))
+    test_set = Examples(te, make, env.tok.pad_id)
+
+    def evaluate(m):
+        pred, gold = predict(cfg, env, m, test_set, boxes, target="box")  # (N, 4) each
+        iou = box_iou(losses.box_xyxy(pred), losses.box_xyxy(gold))
+        acc, miou = float((iou >= 0.5).float().mean()) * 100, float(iou.mean()) * 100
+        return report("acc@IoU0.5", acc, f"{acc:.1f} (mean IoU {miou:.1f})", mean_iou=miou)
+
+    return fit(cfg, env, model, Examples(tr, make, env.tok.pad_id), evaluate, out, {})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pictures, drawn with Pillow: cross-attention heatmaps, retrieval examples
+
+
+def to_pil(x, size):
+    """A CLIP-normalised (3, S, S) tensor back to an RGB image, resized to size x size."""
+    arr = (x.float().cpu().permute(1, 2, 0).numpy() * data.CLIP_STD + data.CLIP_MEAN).clip(0, 1)  # (S, S, 3)
+    return Image.fromarray((arr * 255).astype("uint8")).resize((size, size), Image.Resampling.BICUBIC)
+
+
+@torch.no_grad()
+def cross_attention_maps(xfm, ids, att, image):
+    """The fusion encoder's cross-attention weights, one (B, nh, T, 1+P) tensor per layer: each word's
+    softmax(q k^T / sqrt(hs)) over the image tokens. model.Attention hands them to SDPA without keeping them,
+    so a forward hook on every cross_attn recomputes them from the module's own q / kv projections and the
+    inputs it was called with (no change to model.py)."""
+    maps = []
+
+    def hook(m, args, kwargs, output):
+        x, kv, key_mask = args[0], kwargs["kv"], kwargs.get("key_mask")
+        q = m.split_heads(m.q(x))                                          # (B, nh, T, hs)
+        k = m.split_heads(m.kv(kv).chunk(2, dim=-1)[0])                    # (B, nh, S, hs)
+        a = (q @ k.transpose(-2, -1)) / math.sqrt(m.head_dim)              # (B, nh, T, S)
+        if key_mask is not None:
+            a = a.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
+        maps.append(a.float().softmax(dim=-1))
+
+    hooks = [blk.cross_attn.register_forward_hook(hook, with_kwargs=True) for blk in xfm.fusion.blocks]
+    try:
+        xfm.eval()
+        xfm.fuse(xfm.encode_text(ids, att), att, xfm.encode_image(image))
+    finally:
+        for h in hooks:
+            h.remove()
+    return maps
+
+
+def render_attention(maps, words, image, grid, path, tile=96):
+    """A PNG grid, one row per fusion layer and one tile per word: the image with that word's attention over the
+    patches (mean over heads) as a red heatmap. The number is the weight on slot 0, the mean-pooled image token."""
+    pad, top = 4, 16
+    sheet = Image.new("RGB", (60 + len(words) * (tile + pad), len(maps) * (tile + top + pad)), "white")
+    draw, base = ImageDraw.Draw(sheet), image.resize((tile, tile), Image.Resampling.BICUBIC)
+    red = Image.new("RGB", (tile, tile), (255, 0, 0))
+    for l, a in enumerate(maps):
+        a, y0 = a[0].mean(0), l * (tile + top + pad)                      # (T, 1+P), heads averaged
+        draw.text((4, y0 + top + tile // 2 - 6), f"layer {l}", fill="black")
+        for j, word in enumerate(words):
+            w = a[j, 1:].reshape(grid, grid)                               # (g, g) weights on the patches
+            w = (w / w.max().clamp(min=1e-12) * 255).byte().numpy()        # each tile scaled to its own maximum
+            alpha = Image.fromarray(w).resize((tile, tile), Image.Resampling.BILINEAR).point(lambda p: int(p * 0.7))
+            x0 = 60 + j * (tile + pad)
+            sheet.paste(Image.composite(red, base, alpha), (x0, y0 + top))
+            draw.text((x0, y0 + 2), f"{word[:10]} {float(a[j, 0]):.2f}", fill="black")
+    sheet.save(path)
+
+
+def run_attention(cfg, env, out):
+    """Cross-attention heatmaps for one (image, caption): --image and --caption, or the first toy test pair."""
+    if not cfg.image:
+        first = read_records(os.path.join(cfg.data_dir, "downstream", "retrieval_test.jsonl"), "test", cfg,
+                             data.BadInput(verbose=False))[0]
+        caps = first["caption"] if isinstance(first["caption"], list) else [first["caption"]]
+        cfg = replace(cfg, image=first["image"], caption=cfg.caption or caps[0])
+    if not cfg.caption:
+        raise SystemExit("error: --task attention needs --caption as well as --image")
+    xfm = build_model(cfg, env, None, None, trainable=()).xfm
+    ids = torch.tensor([env.tok.encode(cfg.caption, cfg.text_len)], device=env.device)  # (1, T)
+    image = image_tensor(cfg.image, cfg.image_size)[None].to(env.device)  # (1, 3, S, S)
+    maps = cross_attention_maps(xfm, ids, torch.ones_like(ids), image)
+    words = [env.tok.hf.id_to_token(i).replace("\u0120", "") for i in ids[0].tolist()]  # byte-level BPE: Ġ = space
+    path = os.path.join(out, "attention.png")
+    render_attention([m.cpu() for m in maps], words, data.load_image(cfg.image), xfm.cfg.grid, path)
+    env.print0(f"wrote {path}: {len(maps)} layers x {len(words)} tokens for {cfg.image}, {cfg.caption!r}")
+    return dict(report("picture", 0.0, path), train_loss=[], epochs=0, steps=0)
+
+
+@torch.no_grad()
+def retrieval_sheet(xfm, rs, env, k_test, path, n_queries=6, k=5, size=72):
+    """A PNG: a few text queries, each with its top-5 images after ITC ranking and ITM re-ranking of the ITC
+    top k_test (as train.evaluate_retrieval ranks them); the correct image is framed in green."""
+    xfm.eval()
+    qs = torch.linspace(0, len(rs["ids"]) - 1, min(n_queries, len(rs["ids"]))).long()  # spread over the set
+    rows = []
+    with env.autocast():
+        v = torch.cat([xfm.encode_image(rs["image"][i:i + 64].to(env.device)) for i in range(0, len(rs["image"]), 64)])
+        ids, att = rs["ids"][qs].to(env.device), rs["att"][qs].to(env.device)
+        t = xfm.encode_text(ids, att)                                      # (n, T, D)
+        f_t, f_v = xfm.itc_features(t, v)
+        kk = min(k_test, len(v))
+        for i, q in enumerate(qs.tolist()):
+            cand = (f_t[i] @ f_v.t()).topk(kk).indices                     # the ITC top k
+            h = xfm.fuse(t[i:i + 1].expand(kk, -1, -1), att[i:i + 1].expand(kk, -1), v[cand])[:, 0]
+            order = xfm.itm_head(h)[:, 1].float().argsort(descending=True)  # by the ITM "match" logit
+            rows.append((env.tok.decode(rs["ids"][q].tolist()), cand[order][:k].tolist(), int(rs["txt2img"][q])))
+    left, pad = 260, 6
+    sheet = Image.new("RGB", (left + k * (size + pad), len(rows) * (size + 2 * pad)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (caption, top, gold) in enumerate(rows):
+        y0 = r * (size + 2 * pad) + pad
+        note = [] if gold in top else ["(correct image: not in the top 5)"]
+        draw.multiline_text((4, y0), "\n".join(textwrap.wrap(caption, 40)[:4] + note), fill="black")
+        for j, idx in enumerate(top):
+            x0 = left + j * (size + pad)
+            sheet.paste(to_pil(rs["image"][idx], size), (x0, y0))
+            hit = idx == gold
+            draw.rectangle([x0 - 2, y0 - 2, x0 + size + 1, y0 + size + 1], outline="green" if hit else "lightgray",
+                           width=3 if hit else 1)
+    sheet.save(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Main: one task, or the whole toy suite as a Markdown table
+
+
+RUNNERS = {"textcls": run_textcls, "imgcls": run_imgcls, "vqa": run_vqa, "nlvr": run_nlvr,
+           "retrieval": run_retrieval, "grounding": run_grounding, "attention": run_attention}
+
+
+def load_init(cfg, ddp, rank, world, device):
+    """What every task needs: the --init checkpoint and its kind (pre-trained by train.py or fine-tuned here),
+    its tokenizer, the (distributed) device, autocast and the GradScaler."""
+    ckpt = train.load_checkpoint(cfg.init, "cpu")
+    run_dir = cfg.init if os.path.isdir(cfg.init) else os.path.dirname(cfg.init) or "."
+    tok_path = cfg.tokenizer or os.path.join(run_dir, "tokenizer.json")
+    if not os.path.isfile(tok_path):
+        raise SystemExit(f"error: no tokenizer at {tok_path} (use --tokenizer)")
+    finetuned, master = "task" in ckpt, rank == 0
+    autocast, scaler, _ = train.amp_setup(cfg.amp, device)
+    return SimpleNamespace(ckpt=ckpt, tok=data.Tokenizer.load(tok_path), finetuned=finetuned, run_dir=run_dir,
+                           meta=ckpt.get("meta") if finetuned else None, mcfg=XFMConfig(**ckpt["model_config"]),
+                           ddp=ddp, rank=rank, world=world, device=device, master=master, autocast=autocast,
+                           scaler=scaler, print0=lambda *a: print(*a, flush=True) if master else None)
+
+
+def run_task(cfg, given, env):
+    """One task with its defaults filled in -> its report; writes NAME/metrics.json (eval.json if --eval_only)."""
+    if env.finetuned and env.ckpt["task"] != cfg.task and cfg.task != "attention":
+        raise SystemExit(f"error: {cfg.init} was fine-tuned for {env.ckpt['task']!r}, not {cfg.task!r}")
+    name = run_name(cfg, env.finetuned)
+    if cfg.eval_only and not env.finetuned and name not in ("retrieval_zeroshot", "grounding", "attention"):
+        raise SystemExit(f"error: --eval_only with a pre-trained checkpoint works for retrieval and grounding "
+                         f"(zero-shot); {cfg.task} needs a checkpoint fine-tuned by this script")
+    cfg = replace(cfg, **{k: v for k, v in TASK_DEFAULTS[name].items() if k not in given})
+    cfg = replace(cfg, image_size=cfg.image_size or env.mcfg.image_size, text_len=cfg.text_len or env.mcfg.max_text_len)
+    # a fine-tuned checkpoint is evaluated in its own folder; a pre-trained one fine-tunes into RUN/finetune/NAME
+    out = env.run_dir if env.finetuned and not cfg.out_dir else \
+        os.path.join(cfg.out_dir or os.path.join(env.run_dir, "finetune"), name)
+    if env.master:
+        os.makedirs(out, exist_ok=True)
+        env.tok.hf.save(os.path.join(out, "tokenizer.json"))               # so the folder is itself an --init
+    if env.ddp:
+        dist.barrier()
+    torch.manual_seed(cfg.seed)  # the same head init on every rank
+    t0 = time.time()
+    result = RUNNERS[cfg.task](cfg, env, out)
+    if env.master:
+        result.update(task=cfg.task, name=name, init=cfg.init, wall_s=time.time() - t0, config=asdict(cfg))
+        with open(os.path.join(out, "eval.json" if cfg.eval_only else "metrics.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        env.print0(f"{name}: {result['metric']} {result['summary']} ({result['wall_s']:.0f} s) -> {out}")
+    return result
+
+
+def run_all(cfg, given, env):
+    """The toy suite for one pre-trained checkpoint: every SUITE row, then OUT/benchmark.md and .json."""
+    rows = []
+    for name, extra in SUITE:
+        task = name.split("_")[0]
+        # the command line's keys go to every task, except those the row sets itself (--epochs 0 for zero-shot)
+        passed = [f"--{k}={v}" for k, v in given.items() if k not in ("task", "init") and f"--{k}" not in extra]
+        sub, sub_given = parse_args([f"--task={task}", f"--init={cfg.init}", *passed, *extra])
+        res = run_task(sub, sub_given, env)
+        rows.append((name, res, " ".join(["python finetune.py --task", task, "--init", cfg.init, *passed, *extra])))
+    run_task(replace(cfg, task="attention"), {"task": "attention"}, env)  # the pre-trained model's attention maps
+    out = cfg.out_dir or os.path.join(env.run_dir, "finetune")
+    if env.master:
+        tc = env.ckpt.get("train_config") or {}
+        lines = [f"Toy benchmark of `{cfg.init}` (model {tc.get('config', '?')}, pre-trained "
+                 f"{env.ckpt.get('step', '?')} steps); results in %, time = fine-tuning + evaluation.", "",
+                 "| task | metric | result | time (s) | command |", "|---|---|---|---|---|"]
+        lines += [f"| {n} | {r['metric']} | {r['summary']} | {r['wall_s']:.0f} | `{c}` |" for n, r, c in rows]
+        with open(os.path.join(out, "benchmark.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        with open(os.path.join(out, "benchmark.json"), "w") as f:
+            json.dump([dict(r, name=n, command=c) for n, r, c in rows], f, indent=1)
+        print("\n" + "\n".join(lines) + f"\n\nwritten to {out}/benchmark.md")
+    return rows
+
+
+def main(argv=None):
+    cfg, given = parse_args(sys.argv[1:] if argv is None else argv)
+    if cfg.task not in (*TASKS, "all", "attention"):
+        raise SystemExit(f"error: --task must be one of {', '.join((*TASKS, 'all', 'attention'))}, not {cfg.task!r}")
+    if not cfg.init:
+        raise SystemExit("error: --init RUN/ckpt.pt is required (a checkpoint from train.py)")
+    if cfg.task == "all" and cfg.eval_only:
+        raise SystemExit("error: --task all fine-tunes every task; --eval_only takes a single task")
+    ddp, rank, _, world, device = train.setup_distributed(cfg.device)
+    try:
+        if rank == 0 and cfg.data_dir == FinetuneConfig.data_dir and not os.path.isdir(cfg.data_dir):
+            data.make_toy(cfg.data_dir, seed=0)  # the toy world, as train.py builds it
+        if ddp:
+            dist.barrier()
+        env = load_init(cfg, ddp, rank, world, device)
+        return run_all(cfg, given, env) if cfg.task == "all" else run_task(cfg, given, env)
+    finally:
+        train.teardown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""finetune.py: every task fine-tunes and evaluates on a tiny toy world, checkpoints load with exactly the
+expected missing keys, metrics match hand-computed values, the rel-pos tables interpolate, fine-tuning has no
+stop-gradient, the attention pictures use the model's own weights, and the config parser."""
+import json
+import math
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import data
+import finetune
+import train
+from conftest import tiny_config
+from model import XFM, build_mlp, resize_rel_pos
+
+EPOCH1 = ["--epochs=1", "--batch_size=8", "--eval_batch_size=16", "--k_test=4"]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("toy"))
+    data.make_toy(d, n_pairs=64, n_regions=32, n_text=64, n_images=32, n_test=16, n_down=16, progress=False)
+    return d
+
+
+@pytest.fixture(scope="module")
+def ckpt(toy, tmp_path_factory):
+    """A tiny pre-trained checkpoint (2 steps of train.py) in its run folder with the tokenizer."""
+    run = str(tmp_path_factory.mktemp("pre"))
+    train.main([f"--data_dir={toy}", f"--out_dir={run}", "--max_steps=2", "--batch_size=8", "--vocab_size=300",
+                "--caption_len=24", "--text_len=32", "--eval_k=4"])
+    return os.path.join(run, "ckpt.pt")
+
+
+@pytest.fixture(scope="module")
+def suite(toy, ckpt, tmp_path_factory):
+    """`--task all` for one epoch of every task: the whole benchmark, end to end."""
+    out = str(tmp_path_factory.mktemp("ft"))
+    rows = finetune.main(["--task", "all", "--init", ckpt, "--data_dir", toy, "--out_dir", out, *EPOCH1])
+    return out, rows
+
+
+def make_env(ckpt, **kw):
+    cfg, _ = finetune.parse_args([f"--init={ckpt}"])
+    env = finetune.load_init(cfg, False, 0, 1, torch.device("cpu"))
+    cfg = replace(cfg, **{"image_size": env.mcfg.image_size, "text_len": env.mcfg.max_text_len, **kw})
+    return cfg, env
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tasks, end to end
+
+
+def test_every_task_trains_evaluates_and_the_table_is_written(suite):
+    out, rows = suite
+    assert [n for n, _, _ in rows] == [n for n, _ in finetune.SUITE]
+    for name, res, command in rows:
+        saved = json.load(open(os.path.join(out, name, "metrics.json")))
+        assert saved["value"] == pytest.approx(res["value"]) and 0 <= res["value"] <= 100, name
+        assert saved["epochs"] == (0 if name == "retrieval_zeroshot" else 1), name
+        assert os.path.exists(os.path.join(out, name, "ckpt.pt")) == (name != "retrieval_zeroshot"), name
+        assert os.path.exists(os.path.join(out, name, "tokenizer.json"))
+        assert command.startswith(f"python finetune.py --task {name.split('_')[0]} --init ")
+    zs = json.load(open(os.path.join(out, "retrieval_zeroshot", "metrics.json")))["metrics"]
+    assert {"t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10"} <= set(zs)
+    assert zs["t2i_r1"] <= zs["t2i_r5"] <= zs["t2i_r10"]
+    table = open(os.path.join(out, "benchmark.md")).read()
+    assert table.count("\n| ") == len(finetune.SUITE) + 1 and "--probe linear" in table and "--epochs 0" in table
+    for png in ("retrieval/retrieval_examples.png", "retrieval_zeroshot/retrieval_examples.png", "attention/attention.png"):
+        with Image.open(os.path.join(out, png)) as im:
+            assert im.size[0] > 100 and im.size[1] > 50, png
+
+
+@pytest.mark.parametrize("task", ["vqa", "textcls"])
+def test_eval_only_reproduces_the_fine_tuned_result(suite, task):
+    out, rows = suite
+    res = finetune.main(["--task", task, "--eval_only", "--init", os.path.join(out, task, "ckpt.pt"), "--data_dir",
+                         json.load(open(os.path.join(out, task, "metrics.json")))["config"]["data_dir"]])
+    assert res["value"] == pytest.approx(dict((n, r) for n, r, _ in rows)[task]["value"])
+    assert res["epochs"] == 0 and os.path.exists(os.path.join(out, task, "eval.json"))
+
+
+def test_linear_probe_freezes_the_encoder_and_full_fine_tuning_only_its_tower(suite, ckpt):
+    pre = train.load_checkpoint(ckpt, "cpu")["model"]
+    out, _ = suite
+    probe = train.load_checkpoint(os.path.join(out, "imgcls_linear", "ckpt.pt"), "cpu")["model"]
+    assert all(torch.equal(probe["xfm." + k], v) for k, v in pre.items())     # every encoder weight untouched
+    assert set(k for k in probe if k.startswith("head.")) == {"head.weight", "head.bias"}  # one nn.Linear
+    full = train.load_checkpoint(os.path.join(out, "imgcls", "ckpt.pt"), "cpu")["model"]
+    assert not torch.equal(full["xfm.vision.blocks.0.attn.qkv.weight"], pre["vision.blocks.0.attn.qkv.weight"])
+    assert torch.equal(full["xfm.text.blocks.0.attn.qkv.weight"], pre["text.blocks.0.attn.qkv.weight"])
+
+
+def test_textcls_reads_a_glue_tsv_of_pairs_and_regresses(toy, ckpt, tmp_path):
+    """STS-B style: a TSV with a header, sentence pairs and float scores -> one output, MSE, Pearson."""
+    texts = [json.loads(l)["text"] for l in open(os.path.join(toy, "downstream", "textcls_train.jsonl"))]
+    for split in ("train", "test"):
+        with open(tmp_path / f"{split}.tsv", "w") as f:
+            f.write("index\tsentence1\tsentence2\tscore\n")
+            f.writelines(f"{i}\t{t}\t{texts[-i]}\t{(i * 7) % 11 / 2.0 + 0.25}\n" for i, t in enumerate(texts[:12]))
+    res = finetune.main(["--task", "textcls", "--init", ckpt, "--train_file", str(tmp_path / "train.tsv"),
+                         "--test_file", str(tmp_path / "test.tsv"), "--out_dir", str(tmp_path / "out"), *EPOCH1])
+    assert res["metric"] == "pearson" and -100 <= res["value"] <= 100
+    ck = train.load_checkpoint(str(tmp_path / "out" / "textcls" / "ckpt.pt"), "cpu")
+    assert ck["model"]["head.3.weight"].shape[0] == 1 and ck["meta"]["labels"] == []
+
+
+def test_karpathy_json_and_image_root(toy, tmp_path):
+    """Karpathy's dataset_coco.json: images[{filepath, filename, split, sentences: [{raw}]}], paths under a root."""
+    items = [{"filepath": "img", "filename": f"test_{i:05d}.png", "split": "test" if i < 3 else "restval",
+              "sentences": [{"raw": f"caption {i}"}, {"raw": f"another {i}"}]} for i in range(5)]
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps({"images": items, "dataset": "coco"}))
+    cfg, _ = finetune.parse_args([f"--image_root={toy}"])
+    bad = data.BadInput(verbose=False)
+    test, tr = finetune.read_records(str(path), "test", cfg, bad), finetune.read_records(str(path), "train", cfg, bad)
+    assert len(test) == 3 and len(tr) == 2 and test[1]["caption"] == ["caption 1", "another 1"]
+    assert test[0]["image"] == os.path.abspath(os.path.join(toy, "img", "test_00000.png")) and bad.counts() == {}
+
+
+def test_toy_grounding_split(toy):
+    """data.py's grounding split: a phrase naming one shape of a VQA-split image, and its pixel box."""
+    recs = [json.loads(l) for l in open(os.path.join(toy, "downstream", "grounding_train.jsonl"))]
+    assert len(recs) == 16
+    for r in recs:
+        x, y, w, h = r["box"]
+        assert r["phrase"].startswith("the ") and 0 <= x and 0 <= y and x + w <= 64 and y + h <= 64 and w > 0
+        assert os.path.isfile(os.path.join(toy, "downstream", r["image"]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading, interpolation, gradient flow, attention maps
+
+
+def test_checkpoint_loads_with_exactly_the_expected_missing_keys(ckpt, capsys):
+    cfg, env = make_env(ckpt)
+    model = finetune.build_model(cfg, env, build_mlp(env.mcfg.width, 3), None, trainable=("text",))
+    assert "missing keys ['head.0.bias', 'head.0.weight', 'head.1.bias', 'head.1.weight', 'head.3.bias', " \
+           "'head.3.weight'], unexpected none" in capsys.readouterr().out
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {n for n, _ in model.named_parameters() if n.startswith(("head.", "xfm.text."))}
+    finetune.build_model(cfg, env, None, None, trainable=())              # reused heads: nothing missing
+    assert "missing keys none, unexpected none" in capsys.readouterr().out
+    env.ckpt["model"] = {**env.ckpt["model"], "surplus.weight": torch.zeros(1)}
+    with pytest.raises(AssertionError, match="surplus"):
+        finetune.build_model(cfg, env, None, None, trainable=())
+    env.ckpt["model"] = {k: v for k, v in env.ckpt["model"].items() if k not in ("surplus.weight", "temp")}
+    with pytest.raises(AssertionError, match="temp"):
+        finetune.build_model(cfg, env, None, None, trainable=())
+
+
+def test_rel_pos_interpolation():
+    table = torch.randn(7 * 7 + 3, 4)                                       # grid 4: (2*4-1)^2 + 3 rows
+    assert torch.equal(resize_rel_pos(table, 4, 4), table)                  # unchanged grid: identity
+    big = resize_rel_pos(table, 4, 6)
+    assert big.shape == (11 * 11 + 3, 4) and torch.equal(big[-3:], table[-3:])  # the 3 CLS entries kept
+    assert torch.allclose(big[:-3].view(11, 11, 4)[5, 5], table[:-3].view(7, 7, 4)[3, 3])  # zero offset stays
+    assert torch.allclose(big[:-3].view(11, 11, 4)[0, 0], table[:-3].view(7, 7, 4)[0, 0])  # so do the corners
+    assert torch.allclose(resize_rel_pos(torch.full((52, 4), 0.3), 4, 8), torch.full((228, 4), 0.3))
+
+
+def test_model_at_a_new_image_size_from_a_checkpoint_of_another(ckpt):
+    cfg, env = make_env(ckpt, image_size=48)                               # pre-trained at 32 px (grid 4)
+    xfm = finetune.build_model(cfg, env, None, None, trainable=()).xfm.eval()
+    assert xfm.vision.blocks[0].rel_pos.table.shape == ((2 * 6 - 1) ** 2 + 3, xfm.cfg.heads)
+    assert xfm.encode_image(torch.randn(2, 3, 48, 48)).shape == (2, 1 + 36, xfm.cfg.width)
+
+
+def test_fine_tuning_has_no_stop_gradient_vqa_loss_reaches_the_language_encoder(toy, ckpt, tmp_path, monkeypatch):
+    cfg, env = make_env(ckpt, task="vqa", data_dir=toy)
+    got = {}
+    monkeypatch.setattr(finetune, "fit", lambda cfg, env, model, train_set, *a: got.update(model=model, ds=train_set))
+    finetune.run_vqa(cfg, env, str(tmp_path))
+    model, ds = got["model"].train(), got["ds"]
+    loss, _ = model(ds.collate([ds[i] for i in range(4)]))
+    loss.backward()
+    for part in ("text", "vision", "fusion", "head"):
+        grads = [p.grad for n, p in model.named_parameters() if n.startswith(("xfm." + part, part))]
+        assert grads and any(g is not None and g.abs().sum() > 0 for g in grads), part
+
+
+def test_attention_maps_are_the_weights_the_model_uses():
+    torch.manual_seed(0)
+    xfm = XFM(tiny_config()).eval()
+    ids, att = torch.randint(5, 64, (2, 6)), torch.ones(2, 6, dtype=torch.long)
+    seen = []
+    attn = xfm.fusion.blocks[1].cross_attn
+    hook = attn.register_forward_hook(lambda m, a, kw, out: seen.append((a[0], kw["kv"], out)), with_kwargs=True)
+    maps = finetune.cross_attention_maps(xfm, ids, att, torch.randn(2, 3, 32, 32))
+    hook.remove()
+    assert len(maps) == 2 and maps[1].shape == (2, 4, 6, 17)              # (B, nh, T, 1+P) per fusion layer
+    assert torch.allclose(maps[1].sum(-1), torch.ones(2, 4, 6))
+    x, kv, out = seen[0]
+    v = attn.split_heads(attn.kv(kv).chunk(2, dim=-1)[1])                  # (B, nh, S, hs)
+    y = (maps[1] @ v).transpose(1, 2).reshape(x.shape)                    # weights x values, heads merged
+    assert torch.allclose(attn.proj(y), out, atol=1e-5)                    # = what the module returned
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics against hand-computed values
+
+
+def test_classification_and_regression_metrics_by_hand():
+    pred, y = torch.tensor([1, 0, 1, 1]), torch.tensor([1, 1, 1, 0])
+    assert finetune.accuracy(pred, y) == 50.0
+    assert finetune.f1_score(pred, y) == pytest.approx(100 * 4 / 6)        # tp 2, fp 1, fn 1: 2tp / (2tp+fp+fn)
+    # binary MCC: (tp tn - fp fn) / sqrt((tp+fp)(tp+fn)(tn+fp)(tn+fn)) = (0 - 1) / sqrt(3 * 3 * 1 * 1)
+    assert finetune.matthews(pred, y, 2) == pytest.approx(-100 / 3)
+    assert finetune.matthews(y, y, 2) == pytest.approx(100.0)
+    # 3 classes: c = 3, s = 6, t = (2, 2, 2), p = (3, 1, 2): (18 - 12) / sqrt((36 - 14)(36 - 12))
+    three = finetune.matthews(torch.tensor([0, 2, 1, 0, 0, 2]), torch.tensor([0, 1, 2, 0, 1, 2]), 3)
+    assert three == pytest.approx(100 * 6 / math.sqrt(22 * 24))
+    # x - mean = (-1, 0, 1), y - mean = (-7, -1, 8) / 3: r = 5 / (sqrt(2) sqrt(114) / 3)
+    assert finetune.pearson(torch.tensor([1., 2, 3]), torch.tensor([2., 4, 7])) == pytest.approx(100 * 15 / math.sqrt(228))
+
+
+def test_vqa_score_and_iou_by_hand():
+    assert finetune.vqa_score("two", ["two", "two", "three"]) == pytest.approx(2 / 3)
+    assert finetune.vqa_score("two", ["two"] * 4 + ["three"] * 6) == 1.0
+    assert finetune.vqa_score("four", ["two", "three"]) == 0.0
+    assert finetune.vqa_score("yes", ["yes"]) == 1.0 and finetune.vqa_score("no", ["yes"]) == 0.0
+    a = torch.tensor([[0., 0, 2, 2], [0, 0, 1, 1], [0, 0, 1, 1]])
+    b = torch.tensor([[1., 1, 3, 3], [0, 0, 1, 1], [2, 2, 3, 3]])
+    assert torch.allclose(finetune.box_iou(a, b), torch.tensor([1 / 7, 1.0, 0.0]))  # 1 / (4 + 4 - 1)
+
+
+class _Stub(nn.Module):
+    """Scores chosen by hand: image i is the vector images[i], text j the vector texts[j]; ITC and ITM both
+    score a pair by the dot product."""
+
+    def __init__(self, texts):
+        super().__init__()
+        self.texts = texts
+
+    def encode_image(self, x):
+        return x.flatten(1)[:, None]                                       # (B, 1, 3)
+
+    def encode_text(self, ids, att):
+        return self.texts[ids[:, 0]][:, None]                              # (B, 1, 3)
+
+    def itc_features(self, t, v):
+        return t[:, 0], v[:, 0]
+
+    def fuse(self, t, att, v):
+        return t * v
+
+    def itm_head(self, h):
+        return torch.stack([-h.sum(-1), h.sum(-1)], dim=-1)
+
+
+def test_recall_at_k_by_hand():
+    """train.evaluate_retrieval (reused for retrieval) on scores where every rank is known."""
+    images = torch.eye(3).view(3, 3, 1, 1)                                 # e0, e1, e2
+    texts = torch.tensor([[1., 0, 0], [0, 1, 0], [0.9, 0, 0.1], [0, 1, 0], [0.3, 0, 0.2]])
+    rs = {"image": images, "ids": torch.arange(5)[:, None], "att": torch.ones(5, 1, dtype=torch.long),
+          "txt2img": torch.tensor([0, 1, 2, 1, 0]), "img2txt": [[0, 4], [1, 3], [2]]}
+    r = train.evaluate_retrieval(_Stub(texts), rs, torch.device("cpu"), 2, 2, train.nullcontext)
+    # text 2 ranks its image (score 0.1) below image 0 (0.9): t2i R@1 = 4/5. Image 2 ranks text 4 (0.2) above
+    # its own text 2 (0.1): i2t R@1 = 2/3. Everything is within the top 5 (and the ITM re-ranking agrees).
+    for pre in ("t2i_", "t2i_itc_"):
+        assert (r[pre + "r1"], r[pre + "r5"], r[pre + "r10"]) == pytest.approx((80.0, 100.0, 100.0))
+    for pre in ("i2t_", "i2t_itc_"):
+        assert (r[pre + "r1"], r[pre + "r5"]) == pytest.approx((200 / 3, 100.0))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config
+
+
+def test_parse_args_takes_both_styles_and_rejects_unknown_keys(capsys):
+    cfg, given = finetune.parse_args(["--task", "vqa", "--init=r/ckpt.pt", "--eval_only", "--epochs", "3", "--lr=1e-4"])
+    assert (cfg.task, cfg.init, cfg.eval_only, cfg.epochs, cfg.lr) == ("vqa", "r/ckpt.pt", True, 3, 1e-4)
+    assert set(given) == {"task", "init", "eval_only", "epochs", "lr"}
+    assert finetune.parse_args(["--eval_only", "false", "--probe", "linear"])[0].eval_only is False
+    with pytest.raises(SystemExit, match="did you mean --epochs"):
+        finetune.parse_args(["--epoch=3"])
+    with pytest.raises(SystemExit, match="needs a value"):
+        finetune.parse_args(["--epochs"])
+    with pytest.raises(SystemExit, match="takes a int"):
+        finetune.parse_args(["--epochs", "many"])
+    with pytest.raises(SystemExit, match="--key=value or --key value"):
+        finetune.parse_args(["vqa"])
+    with pytest.raises(SystemExit) as e:
+        finetune.parse_args(["--help"])
+    assert e.value.code == 0 and "--probe=full" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--task must be one of"):
+        finetune.main(["--task", "glue", "--init", "x"])

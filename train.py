@@ -565,7 +565,8 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
             if ddp:  # loss and metrics averaged over the ranks before logging
                 dist.all_reduce(vals, op=dist.ReduceOp.AVG)
             dt = time.time() - t_log
-            rec = {"step": done, "lr": lr, "samples_per_s": samples * world / dt, "temp": model.temp.item()}
+            rec = {"step": done, "lr": lr, "s_per_step": dt / n_acc, "samples_per_s": samples * world / dt,
+                   "temp": model.temp.item()}
             for n, v in zip(names, vals.tolist()):
                 rec[("loss/" if n not in ("grad_norm", "mim_target_std") else "") + n] = v
             rec["loss/total"] = sum(v for k, v in rec.items() if k.startswith("loss/"))

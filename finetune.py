@@ -19,6 +19,7 @@ arguments. After `python train.py`:
     python finetune.py --task retrieval --epochs 0 --init runs/default/ckpt.pt     # zero-shot retrieval
     python finetune.py --task all --init runs/default/ckpt.pt            # the toy suite -> finetune/benchmark.md
     python finetune.py --task vqa --eval_only --init runs/default/finetune/vqa/ckpt.pt
+    python finetune.py --task textcls --init_text roberta-base/ --out_dir runs/roberta    # from public encoders
     python finetune.py --task attention --init runs/default/ckpt.pt --image IMG --caption "a red circle"
     torchrun --standalone --nproc_per_node=2 finetune.py --task nlvr --init runs/default/ckpt.pt
     python finetune.py --help                                            # every key with its default
@@ -49,8 +50,9 @@ from tqdm import tqdm
 
 import data
 import losses
+import pretrained
 import train
-from model import XFM, XFMConfig, build_mlp, resize_rel_pos
+from model import XFM, XFMConfig, build_mlp, make_config, resize_rel_pos
 
 # ---------------------------------------------------------------------------------------------------------
 # Config
@@ -61,6 +63,9 @@ class FinetuneConfig:
     task: str = ""                  # textcls | imgcls | vqa | nlvr | retrieval | grounding | all | attention
     init: str = ""                  # pre-trained run folder or ckpt.pt (train.py), or a fine-tuned ckpt.pt
     eval_only: bool = False         # evaluate --init as it is (fine-tuned; or zero-shot retrieval / grounding)
+    init_text: str = ""             # instead of --init: a Hugging Face RoBERTa folder (pretrained.py) ...
+    init_vision: str = ""           # ... and/or a BEiT-v2 checkpoint; the rest of the model is freshly initialised
+    preset: str = "base"            # with --init_text/--init_vision: model preset for what they do not say (fusion depth)
     # data
     data_dir: str = "data/toy"      # task files default to DATA_DIR/downstream/TASK_{train,test}.jsonl
     train_file: str = ""            # .jsonl | .json list | Karpathy dataset_*.json | .tsv | ImageFolder directory
@@ -819,14 +824,36 @@ RUNNERS = {"textcls": run_textcls, "imgcls": run_imgcls, "vqa": run_vqa, "nlvr":
            "retrieval": run_retrieval, "grounding": run_grounding, "attention": run_attention}
 
 
+def from_pretrained_encoders(cfg, tok, master):
+    """A stand-in for a train.py checkpoint: the --preset model with the language encoder (+ MLM head) from
+    --init_text and the vision encoder from --init_vision (pretrained.py); fusion encoder and heads are fresh."""
+    base = make_config(cfg.preset, vocab_size=tok.vocab_size, pad_id=tok.pad_id, max_text_len=cfg.text_len or 1)
+    mcfg = train.pretrained_config(cfg, base, tok)
+    torch.manual_seed(cfg.seed)  # the same init on every rank
+    model = XFM(mcfg)
+    for path, load in ((cfg.init_text, pretrained.load_text), (cfg.init_vision, pretrained.load_vision)):
+        if path:
+            rep = load(model, path)
+            if master:
+                print(rep, flush=True)
+    return {"model": model.state_dict(), "model_config": asdict(mcfg), "step": 0}
+
+
 def load_init(cfg, ddp, rank, world, device):
     """What every task needs: the --init checkpoint and its kind (pre-trained by train.py or fine-tuned here),
     its tokenizer, the (distributed) device, autocast and the GradScaler."""
-    ckpt = train.load_checkpoint(cfg.init, "cpu")
-    run_dir = cfg.init if os.path.isdir(cfg.init) else os.path.dirname(cfg.init) or "."
-    tok_path = cfg.tokenizer or os.path.join(run_dir, "tokenizer.json")
+    if cfg.init:
+        ckpt = train.load_checkpoint(cfg.init, "cpu")
+        run_dir = cfg.init if os.path.isdir(cfg.init) else os.path.dirname(cfg.init) or "."
+        tok_path = cfg.tokenizer or os.path.join(run_dir, "tokenizer.json")
+    else:  # public encoders: the text folder's tokenizer, a checkpoint made on the spot
+        run_dir = cfg.out_dir or "runs/from_pretrained"
+        text_dir = cfg.init_text if os.path.isdir(cfg.init_text) else os.path.dirname(cfg.init_text)
+        tok_path = cfg.tokenizer or (os.path.join(text_dir, "tokenizer.json") if cfg.init_text else "")
     if not os.path.isfile(tok_path):
-        raise SystemExit(f"error: no tokenizer at {tok_path} (use --tokenizer)")
+        raise SystemExit(f"error: no tokenizer at {tok_path!r} (use --tokenizer)")
+    if not cfg.init:
+        ckpt = from_pretrained_encoders(cfg, data.Tokenizer.load(tok_path), rank == 0)
     finetuned, master = "task" in ckpt, rank == 0
     autocast, scaler, _ = train.amp_setup(cfg.amp, device)
     return SimpleNamespace(ckpt=ckpt, tok=data.Tokenizer.load(tok_path), finetuned=finetuned, run_dir=run_dir,
@@ -894,8 +921,11 @@ def main(argv=None):
     cfg, given = parse_args(sys.argv[1:] if argv is None else argv)
     if cfg.task not in (*TASKS, "all", "attention"):
         raise SystemExit(f"error: --task must be one of {', '.join((*TASKS, 'all', 'attention'))}, not {cfg.task!r}")
-    if not cfg.init:
-        raise SystemExit("error: --init RUN/ckpt.pt is required (a checkpoint from train.py)")
+    if not cfg.init and not (cfg.init_text or cfg.init_vision):
+        raise SystemExit("error: --init RUN/ckpt.pt is required (a checkpoint from train.py), "
+                         "or --init_text / --init_vision (public encoders)")
+    if cfg.init and (cfg.init_text or cfg.init_vision):
+        raise SystemExit("error: --init already holds both encoders; --init_text / --init_vision go without it")
     if cfg.task == "all" and cfg.eval_only:
         raise SystemExit("error: --task all fine-tunes every task; --eval_only takes a single task")
     ddp, rank, _, world, device = train.setup_distributed(cfg.device)

@@ -25,7 +25,7 @@ import resource
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
+import pretrained
 from losses import xfm_losses
 from model import XFM, make_config
 
@@ -49,10 +50,13 @@ class TrainConfig:
     stop_grad: bool = True          # X-FM idea 1: detach the language encoder's output before the fusion encoder
     mim_target: str = "vl"          # X-FM idea 2: vl (same encoder, unmasked view) | pixel (MAE-style) | off
     attn_impl: str = "sdpa"         # sdpa | explicit (attention written out, for teaching)
+    init_text: str = ""             # Hugging Face RoBERTa folder: language encoder + MLM head (pretrained.py)
+    init_vision: str = ""           # BEiT-v2 checkpoint (official .pth or Hugging Face folder): vision encoder
     # data
     data_dir: str = "data/toy"      # folder with pairs/regions/text/images (data.py); the toy world is built here if missing
     out_dir: str = "runs/default"   # run folder: config, metrics, checkpoint, curves, tokenizer
     tokenizer: str = ""             # path to a tokenizer.json (e.g. RoBERTa's); empty: train a BPE on the data
+                                    # (with --init_text: that folder's tokenizer.json if it has one)
     vocab_size: int = 2000          # BPE size when training a tokenizer
     caption_len: int = 30           # max caption tokens (pairs, regions)
     text_len: int = 64              # max tokens of a text-only document
@@ -404,6 +408,25 @@ def main(argv=None):
         teardown()
 
 
+def pretrained_config(cfg, model_cfg, tok):
+    """The model config with what --init_text / --init_vision say (width, depth, heads, vocabulary, image and
+    patch size); the fusion depth stays the preset's."""
+    try:
+        over = pretrained.config_overrides(cfg.init_text, cfg.init_vision)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise SystemExit(f"error: {e}")
+    if "vocab_size" in over:
+        if tok.vocab_size > over["vocab_size"]:
+            raise SystemExit(f"error: the tokenizer has {tok.vocab_size} tokens but {cfg.init_text} only "
+                             f"{over['vocab_size']} embeddings (use its tokenizer.json: --tokenizer)")
+        if tok.pad_id != over["pad_id"]:
+            raise SystemExit(f"error: the tokenizer's <pad> is {tok.pad_id}, {cfg.init_text}'s is {over['pad_id']}")
+        if over["max_text_len"] < model_cfg.max_text_len:
+            raise SystemExit(f"error: {cfg.init_text} has positions for {over['max_text_len']} tokens, fewer than "
+                             f"--caption_len/--text_len {model_cfg.max_text_len}")
+    return replace(model_cfg, **over)
+
+
 def train(cfg, ckpt, ddp, rank, world, device, master, print0):
     t_start = time.time()
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -419,6 +442,11 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
     if not os.path.isdir(cfg.data_dir):
         raise SystemExit(f"error: data_dir {cfg.data_dir!r} does not exist")
     bad = data.BadInput(strict=cfg.strict, verbose=master)
+    if cfg.init_text and not cfg.tokenizer and ckpt is None:  # the pre-trained encoder's own vocabulary
+        hf_tok = os.path.join(cfg.init_text if os.path.isdir(cfg.init_text) else os.path.dirname(cfg.init_text),
+                              "tokenizer.json")
+        if os.path.isfile(hf_tok):
+            cfg.tokenizer = hf_tok
     if master:  # rank 0 trains (or loads) the tokenizer, the others then load the saved file
         tok = data.get_tokenizer(cfg.data_dir, cfg.out_dir, cfg.vocab_size, cfg.tokenizer or None)
     if ddp:
@@ -428,6 +456,8 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
 
     model_cfg = make_config(cfg.config, vocab_size=tok.vocab_size, pad_id=tok.pad_id, mim_target=cfg.mim_target,
                             attn_impl=cfg.attn_impl, max_text_len=max(cfg.caption_len, cfg.text_len))
+    if (cfg.init_text or cfg.init_vision) and ckpt is None:
+        model_cfg = pretrained_config(cfg, model_cfg, tok)
     if ckpt is not None:
         model_cfg = type(model_cfg)(**ckpt["model_config"])
 
@@ -452,7 +482,13 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
     sources = data.find_sources(cfg.data_dir)
 
     # ---- model, optimizer ---------------------------------------------------------------------------------
-    model = XFM(model_cfg).to(device)
+    model = XFM(model_cfg)
+    if ckpt is None:  # pre-trained encoders (a resume has them in its checkpoint already)
+        if cfg.init_text:
+            print0(pretrained.load_text(model, cfg.init_text))
+        if cfg.init_vision:
+            print0(pretrained.load_vision(model, cfg.init_vision))
+    model = model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr_mult), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=device.type == "cuda")
     autocast, scaler, amp = amp_setup(cfg.amp, device)

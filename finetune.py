@@ -29,7 +29,6 @@ it is itself a valid --init; retrieval adds retrieval_examples.png, attention wr
 --image_size other than the pre-training one interpolates the relative position bias tables.
 """
 import csv
-import difflib
 import json
 import math
 import os
@@ -37,7 +36,7 @@ import sys
 import textwrap
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from types import SimpleNamespace
 
 import torch
@@ -119,44 +118,8 @@ SUITE = (("textcls", []), ("imgcls", []), ("imgcls_linear", ["--probe", "linear"
 
 
 def parse_args(argv):
-    """`--key=value` or `--key value` overrides of FinetuneConfig; a bare `--flag` sets a bool to true.
-    Unknown keys are errors that suggest the closest key (as in train.parse_args)."""
-    cfg, types = FinetuneConfig(), {f.name: f.type for f in fields(FinetuneConfig)}
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip().split("\n\n")[2] + "\n\nConfig keys (--key=value or --key value):")
-        for f in fields(FinetuneConfig):
-            print(f"  --{f.name}={getattr(cfg, f.name)!s:<14} ({f.type.__name__})")
-        sys.exit(0)
-    given, i = {}, 0
-    while i < len(argv):
-        arg, i = argv[i], i + 1
-        if not arg.startswith("--"):
-            raise SystemExit(f"error: expected --key=value or --key value, got {arg!r} (see --help)")
-        key, eq, val = arg[2:].partition("=")
-        if key not in types:
-            close = difflib.get_close_matches(key, list(types), n=1)
-            raise SystemExit(f"error: unknown config key {key!r}" + (f"; did you mean --{close[0]}?" if close else "")
-                             + " (see --help)")
-        typ = types[key]
-        if not eq:  # the value is the next word; a bool flag may stand alone
-            if typ is bool and (i == len(argv) or argv[i].startswith("--")):
-                val = "true"
-            elif i < len(argv):
-                val, i = argv[i], i + 1
-            else:
-                raise SystemExit(f"error: --{key} needs a value")
-        if typ is bool:
-            if val.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise SystemExit(f"error: --{key} takes true/false, not {val!r}")
-            given[key] = val.lower() in ("1", "true", "yes")
-        else:
-            try:
-                given[key] = typ(val)
-            except ValueError:
-                raise SystemExit(f"error: --{key} takes a {typ.__name__}, not {val!r}")
-    for key, val in given.items():
-        setattr(cfg, key, val)
-    return cfg, given
+    """`--key=value` or `--key value` overrides of FinetuneConfig (train.parse_overrides)."""
+    return train.parse_overrides(argv, FinetuneConfig, __doc__.strip().split("\n\n")[2])
 
 
 def run_name(cfg, finetuned):

@@ -15,7 +15,7 @@ is X-FM's first idea) live in losses.py; the training loop in train.py. Spec: sh
 Try it:  python model.py            (prints the parameter count of every preset)
 """
 import math
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn

@@ -33,7 +33,6 @@ import os
 import re
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from model import resize_rel_pos

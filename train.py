@@ -92,24 +92,34 @@ class TrainConfig:
     eval_batch_size: int = 64
 
 
-def parse_args(argv):
-    """`--key=value` overrides of TrainConfig. Unknown keys are errors that suggest the closest key."""
-    cfg, types = TrainConfig(), {f.name: f.type for f in fields(TrainConfig)}
+def parse_overrides(argv, config_cls, intro):
+    """`--key=value` or `--key value` overrides of a config dataclass; a bare `--flag` sets a bool to true.
+    Unknown keys are errors that suggest the closest key; `--help` prints `intro` and every key with its
+    default. Returns (config, {key: value given}). finetune.py uses it too."""
+    cfg, types = config_cls(), {f.name: f.type for f in fields(config_cls)}
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip().split("\n\n")[1] + "\n\nConfig keys (--key=value):")
-        for f in fields(TrainConfig):
+        print(intro + "\n\nConfig keys (--key=value or --key value):")
+        for f in fields(config_cls):
             print(f"  --{f.name}={getattr(cfg, f.name)!s:<14} ({f.type.__name__})")
         sys.exit(0)
-    given = {}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"error: expected --key=value, got {arg!r} (see --help)")
-        key, val = arg[2:].split("=", 1)
+    given, i = {}, 0
+    while i < len(argv):
+        arg, i = argv[i], i + 1
+        if not arg.startswith("--"):
+            raise SystemExit(f"error: expected --key=value or --key value, got {arg!r} (see --help)")
+        key, eq, val = arg[2:].partition("=")
         if key not in types:
             close = difflib.get_close_matches(key, list(types), n=1)
             raise SystemExit(f"error: unknown config key {key!r}" + (f"; did you mean --{close[0]}?" if close else "")
                              + " (see --help)")
         typ = types[key]
+        if not eq:  # the value is the next word; a bool flag may stand alone
+            if typ is bool and (i == len(argv) or argv[i].startswith("--")):
+                val = "true"
+            elif i < len(argv):
+                val, i = argv[i], i + 1
+            else:
+                raise SystemExit(f"error: --{key} needs a value")
         if typ is bool:
             if val.lower() not in ("1", "0", "true", "false", "yes", "no"):
                 raise SystemExit(f"error: --{key} takes true/false, not {val!r}")
@@ -122,6 +132,10 @@ def parse_args(argv):
     for key, val in given.items():
         setattr(cfg, key, val)
     return cfg, given
+
+
+def parse_args(argv):
+    return parse_overrides(argv, TrainConfig, __doc__.strip().split("\n\n")[1])
 
 
 # ---------------------------------------------------------------------------------------------------------

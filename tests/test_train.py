@@ -79,7 +79,7 @@ def test_unknown_and_malformed_keys_are_rejected(capsys):
         train.parse_args(["--max_steps=many"])
     with pytest.raises(SystemExit, match="true/false"):
         train.parse_args(["--stop_grad=maybe"])
-    with pytest.raises(SystemExit, match="--key=value"):
+    with pytest.raises(SystemExit, match="expected --key=value"):
         train.parse_args(["max_steps=3"])
     cfg, given = train.parse_args(["--stop_grad=false", "--mim_target=pixel", "--lr=3e-4"])
     assert cfg.stop_grad is False and cfg.mim_target == "pixel" and cfg.lr == 3e-4 and set(given) == {"stop_grad", "mim_target", "lr"}
@@ -201,7 +201,7 @@ def test_ddp_with_accumulation_equals_one_process_full_batch(tmp_path):
     ref = _grads(model)
     assert set(got) == set(ref) and len(ref) > 20
     for n in ref:
-        assert torch.allclose(got[n], ref[n], atol=1e-5, rtol=1e-4), n
+        assert torch.allclose(got[n], ref[n], atol=2e-5, rtol=1e-4), n
 
 
 def _ddp_pair_worker(rank, world, port, out_dir):
@@ -237,4 +237,4 @@ def test_ddp_pairs_with_global_itc_equal_one_process(tmp_path):
     train.forward_backward(_NoITM(model), iter([{"pair": full["pair"]}]), 1, False, train.nullcontext, None)
     ref = _grads(model)
     for n in ref:
-        assert torch.allclose(got[n], ref[n], atol=1e-5, rtol=1e-4), n
+        assert torch.allclose(got[n], ref[n], atol=2e-5, rtol=1e-4), n

@@ -114,6 +114,7 @@ def make_reference(name, out_dir="reference", runs_dir="runs/reference"):
         ref[obj] = [round(float(v), 4) for v in mean]
         band[obj] = [[round(float(v), 4) for v in mean - half], [round(float(v), 4) for v in mean + half]]
     config = read_run(runs[0])[2]
+    std_per_seed = [[{r["step"]: r.get("mim_target_std") for r in read_run(x)[0]}[s] for s in steps] for x in runs]
     reference = {
         "name": name,
         "command": " ".join(["python train.py", *spec["args"]]),
@@ -123,8 +124,7 @@ def make_reference(name, out_dir="reference", runs_dir="runs/reference"):
         "loss": ref,
         "band": band,
         "chance": {k: round(v, 4) for k, v in chance_levels(runs[0]).items()},
-        "mim_target_std": [round(float(np.mean([dict((r["step"], r.get("mim_target_std")) for r in read_run(x)[0])[s]
-                                                for x in runs])), 4) for s in steps],
+        "mim_target_std": [round(float(np.mean(v)), 4) for v in zip(*std_per_seed)],
         "retrieval": {k: [round(f[k], 2) for f in finals] for k in finals[0] if not k.startswith("n_")},
         "note": "loss = mean over seeds of the log-window mean ending at each step; band = the range a healthy "
                 "run of the same command lands in; chance = what a model that learned nothing scores.",

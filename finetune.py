@@ -436,11 +436,10 @@ def fit(cfg, env, model, train_set, evaluate, out, meta):
     result = None
     if env.master:  # rank 0 alone, on the raw model: no collective may run in here
         result = dict(evaluate(model), train_loss=history, epochs=len(history), steps=steps)
-        if history:  # write path.tmp, then rename: a crash never leaves half a checkpoint
+        if history:  # written atomically: a crash never leaves half a checkpoint
             ckpt = {"model": model.state_dict(), "model_config": asdict(model.xfm.cfg), "task": cfg.task, "meta": meta,
                     "finetune_config": asdict(cfg), "pretrain_config": env.ckpt.get("train_config"), "result": result}
-            torch.save(ckpt, os.path.join(out, "ckpt.pt.tmp"))
-            os.replace(os.path.join(out, "ckpt.pt.tmp"), os.path.join(out, "ckpt.pt"))
+            train.atomic_save(ckpt, os.path.join(out, "ckpt.pt"))
     if env.ddp:
         dist.barrier()
     return result

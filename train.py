@@ -271,7 +271,12 @@ def save_checkpoint(path, model, optimizer, scaler, step, cfg, model_cfg, stream
             "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
             "rng": rng_state(), "data": {k: s.state_dict() for k, s in streams.items()},
             "train_config": asdict(cfg), "model_config": asdict(model_cfg), **extra}
-    torch.save(ckpt, path + ".tmp")
+    atomic_save(ckpt, path)
+
+
+def atomic_save(obj, path):
+    """torch.save to path.tmp, then rename: a crash never leaves a half-written file (finetune.py uses it too)."""
+    torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
 
 

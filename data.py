@@ -610,15 +610,21 @@ def _image_ids(items):
     return [ids.setdefault(it["image"], len(ids)) for it in items]
 
 
+# How captions are masked: X-FM's IMLM masks half of each caption (at most 15 tokens, with "skipgram" spans);
+# FLAVA's MMM masks 15 % of the tokens, BERT style (FLAVA.md §2.6). (prob, max_masks, skipgram_prob)
+CAPTION_MASKING = {"xfm": (0.5, 15, 0.2), "flava": (0.15, 10 ** 6, 0.0)}
+
+
 class PairDataset(ImageDataset):
-    def __init__(self, pairs, tok, image_size, grid, caption_len, seed, bad, hflip, crop_scale):
+    def __init__(self, pairs, tok, image_size, grid, caption_len, seed, bad, hflip, crop_scale, caption_mask="xfm"):
         super().__init__(pairs, image_size, grid, seed, bad, hflip, crop_scale, kind="pair")
         self.tok, self.caption_len, self.img_ids = tok, caption_len, _image_ids(pairs)
+        self.prob, self.max_masks, self.skipgram = CAPTION_MASKING[caption_mask]
 
     def __getitem__(self, key):
         j, x, m, n_bad, rng = self.image_and_mask(key)
         ids = self.tok.encode(self.items[j]["caption"], self.caption_len)  # j: the caption goes with the image
-        mlm_ids, mlm_labels = mask_text(ids, self.tok, 0.5, 15, rng)  # IMLM masks half the caption
+        mlm_ids, mlm_labels = mask_text(ids, self.tok, self.prob, self.max_masks, rng, skipgram_prob=self.skipgram)
         return {"image": x, "mim_mask": m, "ids": ids, "mlm_ids": mlm_ids, "mlm_labels": mlm_labels,
                 "img_id": self.img_ids[j], "bad": n_bad}
 
@@ -757,14 +763,14 @@ class Stream:
 
 
 def build_streams(data_dir, tok, *, image_size, patch_size, batch_size, text_len, caption_len, seed, rank,
-                  world_size, num_workers, bad, hflip, crop_scale, max_regions=5):
+                  world_size, num_workers, bad, hflip, crop_scale, max_regions=5, caption_mask="xfm"):
     """{kind: Stream} for every kind present in data_dir and named in batch_size (a dict kind -> per-rank batch;
     for "region" it counts images). crop_scale[0] also bounds the region crop's area from below;
     crop_scale=(1, 1) turns every crop off, the region crop included."""
     assert image_size % patch_size == 0, "image_size must be a multiple of patch_size"
     grid = image_size // patch_size
     streams = {}
-    for kind, path in find_sources(data_dir).items():
+    for kind, path in find_sources(data_dir).items():  # caption_mask: a CAPTION_MASKING key (xfm | flava)
         if kind not in KINDS:
             continue
         if kind not in batch_size:
@@ -777,7 +783,7 @@ def build_streams(data_dir, tok, *, image_size, patch_size, batch_size, text_len
         elif kind == "image":
             ds = ImageDataset(items, image_size, grid, seed, bad, hflip, crop_scale)
         elif kind == "pair":
-            ds = PairDataset(items, tok, image_size, grid, caption_len, seed, bad, hflip, crop_scale)
+            ds = PairDataset(items, tok, image_size, grid, caption_len, seed, bad, hflip, crop_scale, caption_mask)
         else:
             ds = RegionDataset(items, tok, image_size, grid, caption_len, seed, bad, max_regions,
                                min_scale=crop_scale[0])
@@ -1200,7 +1206,7 @@ Train splits have {n_down} images or pairs (textcls: 2 x {n_down} texts), test s
 def check(data_dir, strict=False):
     """Parse every source of a folder; print the records per kind and the bad-input counts."""
     bad = BadInput(strict=strict)
-    for kind, path in find_sources(data_dir).items():
+    for kind, path in find_sources(data_dir).items():  # caption_mask: a CAPTION_MASKING key (xfm | flava)
         items = PARSERS[kind](path, bad)
         extra = ""
         if kind in ("pair", "pair_test"):

@@ -48,10 +48,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from tqdm import tqdm
 
 import data
+import flava
 import losses
 import pretrained
 import train
-from model import XFM, XFMConfig, build_mlp, make_config, resize_rel_pos
+from model import XFM, build_mlp, make_config, resize_rel_pos
 
 # ---------------------------------------------------------------------------------------------------------
 # Config
@@ -335,13 +336,15 @@ def build_model(cfg, env, head, loss_fn, trainable, frozen=False):
     missing and nothing unexpected (MAE style); a checkpoint fine-tuned for this task with nothing missing.
     Only the XFM parts in `trainable` (and the head) keep requires_grad, set before any DDP wrap: DDP then
     needs no find_unused_parameters."""
-    mcfg = replace(XFMConfig(**env.ckpt["model_config"]), image_size=cfg.image_size)
-    model = TaskModel(XFM(mcfg), head, loss_fn, frozen)
+    mcfg = replace(flava.config_from_dict(env.ckpt["model_config"]), image_size=cfg.image_size)
+    model = TaskModel(flava.build_model(mcfg), head, loss_fn, frozen)  # X-FM or FLAVA, as the checkpoint says
     state = env.ckpt["model"] if env.finetuned else {"xfm." + k: v for k, v in env.ckpt["model"].items()}
     if head is None:  # attention maps from a fine-tuned model: its head is not needed
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
     for k in [k for k in state if k.endswith("rel_pos.table")]:  # another image size: interpolate every table
         state[k] = resize_rel_pos(state[k], env.mcfg.grid, mcfg.grid)
+    for k in [k for k in state if k.endswith("vision.pos_embed")]:  # FLAVA's absolute image positions
+        state[k] = flava.resize_pos_embed(state[k], mcfg.grid)
     missing, unexpected = model.load_state_dict(state, strict=False)
     expected = set() if env.finetuned else {k for k in model.state_dict() if k.startswith("head.")}
     env.print0(f"loaded {cfg.init}: missing keys {sorted(missing) or 'none'}, "
@@ -468,7 +471,7 @@ def run_textcls(cfg, env, out):
         return {"ids": ids, "label": torch.tensor(y, dtype=torch.float32 if C == 1 else torch.long)}
 
     def logits(m, b):  # the language encoder's <s>: no image, no fusion encoder
-        return m.head(m.xfm.encode_text(b["ids"], b["att"])[:, 0])        # (B, C)
+        return m.head(m.xfm.text_cls(m.xfm.encode_text(b["ids"], b["att"])))  # (B, C)
 
     def loss_fn(m, b):
         z = logits(m, b).float()
@@ -509,7 +512,7 @@ def run_imgcls(cfg, env, out):
 
     def logits(m, b):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not linear):  # the probe's features: no graph
-            feat = m.xfm.encode_image(b["image"])[:, 0]                    # (B, D), the mean-pooled image "[CLS]"
+            feat = m.xfm.image_cls(m.xfm.encode_image(b["image"]))        # (B, D): X-FM's mean-pooled patches, FLAVA's CLS_I
         return m.head(feat)                                                # (B, C)
 
     def loss_fn(m, b):
@@ -622,7 +625,8 @@ def run_retrieval(cfg, env, out):
         itm = losses.itm_loss(x, t_f, b["att"], v, None, f_v, f_t, x.temp, b["img_id"])
         return itc + itm, {"itc": itc, "itm": itm}
 
-    parts = ("text", "vision", "fusion", "text_proj", "vision_proj", "temp", "itm_head")  # ITC + ITM use all of them
+    # ITC + ITM use all of them (the temperature is `temp` in X-FM, `logit_scale` in FLAVA)
+    parts = ("text", "vision", "fusion", "text_proj", "vision_proj", "temp", "logit_scale", "itm_head")
     model = build_model(cfg, env, None, loss_fn, parts)
 
     def evaluate(m):
@@ -648,14 +652,17 @@ def run_grounding(cfg, env, out):
                 "box": torch.tensor([(x + w / 2) / W, (y + h / 2) / H, w / W, h / H], dtype=torch.float32)}
 
     def boxes(m, b):
-        return m.xfm.bbox_head(fused_cls(m, b)).sigmoid()                  # (B, 4) cx, cy, w, h in [0, 1]
+        box_head = m.head if m.head is not None else m.xfm.bbox_head
+        return box_head(fused_cls(m, b)).sigmoid()                         # (B, 4) cx, cy, w, h in [0, 1]
 
     def loss_fn(m, b):
         every = torch.ones(len(b["box"]), dtype=torch.bool, device=b["box"].device)  # every phrase names a region
         l1, giou = losses.bbox_loss(boxes(m, b).float(), b["box"], every)
         return l1 + giou, {"l1": l1, "giou": giou}
 
-    model = build_model(cfg, env, None, loss_fn, ("text", "vision", "fusion", "bbox_head"))
+    # X-FM's box head was pre-trained (BBP); FLAVA has none, so it gets a fresh one as the task head
+    head = build_mlp(env.mcfg.width, 4) if getattr(env.mcfg, "recipe", "xfm") == "flava" else None
+    model = build_model(cfg, env, head, loss_fn, ("text", "vision", "fusion", "bbox_head"))
     test_set = Examples(te, make, env.tok.pad_id)
 
     def evaluate(m):
@@ -682,7 +689,10 @@ def cross_attention_maps(xfm, ids, att, image):
     """The fusion encoder's cross-attention weights, one (B, nh, T, 1+P) tensor per layer: each word's
     softmax(q k^T / sqrt(hs)) over the image tokens. model.Attention hands them to SDPA without keeping them,
     so a forward hook on every cross_attn recomputes them from the module's own q / kv projections and the
-    inputs it was called with (no change to model.py)."""
+    inputs it was called with (no change to model.py). FLAVA has no cross-attention: its maps are the text rows
+    of the fusion self-attention over CLS_I and the patches (flava.FLAVA.text_to_image_attention)."""
+    if hasattr(xfm, "text_to_image_attention"):
+        return xfm.text_to_image_attention(ids, att, image)
     maps = []
 
     def hook(m, args, kwargs, output):
@@ -819,7 +829,7 @@ def load_init(cfg, ddp, rank, world, device):
     finetuned, master = "task" in ckpt, rank == 0
     autocast, scaler, _ = train.amp_setup(cfg.amp, device)
     return SimpleNamespace(ckpt=ckpt, tok=data.Tokenizer.load(tok_path), finetuned=finetuned, run_dir=run_dir,
-                           meta=ckpt.get("meta") if finetuned else None, mcfg=XFMConfig(**ckpt["model_config"]),
+                           meta=ckpt.get("meta") if finetuned else None, mcfg=flava.config_from_dict(ckpt["model_config"]),
                            ddp=ddp, rank=rank, world=world, device=device, master=master, autocast=autocast,
                            scaler=scaler, print0=lambda *a: print(*a, flush=True) if master else None)
 

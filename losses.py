@@ -110,7 +110,7 @@ def mlm_loss(hidden, labels, head):
     return F.cross_entropy(logits.float(), labels[sel])
 
 
-def itc_loss(f_v, f_t, temp, ids=None):
+def itc_loss(f_v, f_t, temp, ids=None, queries=None):
     """Image-text contrastive loss, global across ranks (XFM.md §3.3, FLAVA.md §5).
 
     f_v, f_t (B, E): this rank's L2-normalised image / text embeddings; temp: scalar temperature.
@@ -119,6 +119,8 @@ def itc_loss(f_v, f_t, temp, ids=None):
         L = 1/2 [ CE(S_i2t, y) + CE(S_t2i, y) ],   y_b = b + (rows of the ranks before this one)
     Averaged over ranks by DDP, this is exactly the loss and gradient of one process on the whole batch.
     ids (B,) optional: pairs sharing an id are all positives (target uniform over them), as in fine-tuning.
+    queries (B,) bool optional: only these rows are queries (FLAVA: not the ITM negatives, whose image and
+    caption do not match); every row stays a key. The mean is then over the queries of all ranks.
     """
     B = f_v.shape[0]
     sizes = gather_sizes(B, f_v.device)                                    # rows per rank (regions vary)
@@ -133,9 +135,13 @@ def itc_loss(f_v, f_t, temp, ids=None):
         pos = (ids[:, None] == all_ids[None, :]).float()                   # (B, N)
         target = pos / pos.sum(1, keepdim=True)
     row_loss = -(F.log_softmax(s_i2t.float(), 1) * target).sum(1) - (F.log_softmax(s_t2i.float(), 1) * target).sum(1)
+    n_queries = sizes
+    if queries is not None:
+        row_loss = row_loss[queries]
+        n_queries = gather_sizes(len(row_loss), f_v.device)                # query rows per rank
     # sum over local rows x world / N: DDP's mean over ranks is then the mean over ALL N rows, even when
     # ranks hold different row counts (region captions); with equal counts this is the local mean
-    return 0.5 * row_loss.sum() * len(sizes) / sum(sizes)
+    return 0.5 * row_loss.sum() * len(sizes) / max(sum(n_queries), 1)
 
 
 @torch.no_grad()

@@ -223,21 +223,24 @@ class Block(nn.Module):
         x = LN(x + SelfAttn(x));  [cross=True: x = LN(x + CrossAttn(x, image))];  x = LN(x + MLP(x))
     pre-LN (BEiT-v2; vision encoder), with layer scale g1, g2 and drop path:
         x = x + DropPath(g1 * SelfAttn(LN(x), bias=rel_pos));  x = x + DropPath(g2 * MLP(LN(x)))
+    pre-LN with beit=False (FLAVA's three encoders, flava.py): the same without g1, g2, with a full qkv bias
     """
 
-    def __init__(self, cfg, pre_norm=False, cross=False, drop_path=0.0, rel_pos_grid=None):
+    def __init__(self, cfg, pre_norm=False, cross=False, drop_path=0.0, rel_pos_grid=None, beit=None, eps=None):
         super().__init__()
-        D, eps = cfg.width, (1e-6 if pre_norm else 1e-5)
+        beit = pre_norm if beit is None else beit  # beit=False: a plain pre-LN ViT block (FLAVA, flava.py)
+        D, eps = cfg.width, eps or (1e-6 if pre_norm else 1e-5)
         drop = 0.0 if pre_norm else cfg.dropout  # BEiT-v2 pre-training uses no dropout, only drop path
         self.pre_norm, self.drop_path = pre_norm, drop_path
-        self.attn = Attention(D, cfg.heads, beit_bias=pre_norm, attn_drop=drop, proj_drop=drop, impl=cfg.attn_impl)
+        self.attn = Attention(D, cfg.heads, beit_bias=beit, attn_drop=drop, proj_drop=drop, impl=cfg.attn_impl)
         self.norm1 = nn.LayerNorm(D, eps=eps)
         if cross:
             self.cross_attn = Attention(D, cfg.heads, cross=True, attn_drop=drop, proj_drop=drop, impl=cfg.attn_impl)
             self.norm_cross = nn.LayerNorm(D, eps=eps)
         self.mlp = MLP(D, cfg.mlp_ratio * D, drop=drop)
         self.norm2 = nn.LayerNorm(D, eps=eps)
-        if pre_norm:
+        self.gamma_1 = self.gamma_2 = None
+        if pre_norm and beit:  # BEiT's layer scale: each residual branch starts scaled down by layer_scale
             self.gamma_1 = nn.Parameter(cfg.layer_scale * torch.ones(D))
             self.gamma_2 = nn.Parameter(cfg.layer_scale * torch.ones(D))
         self.rel_pos = RelativePositionBias(rel_pos_grid, cfg.heads) if rel_pos_grid else None
@@ -245,9 +248,14 @@ class Block(nn.Module):
     def forward(self, x, key_mask=None, image=None, image_mask=None):
         bias = self.rel_pos() if self.rel_pos is not None else None
         if self.pre_norm:
-            x = x + drop_path(self.gamma_1 * self.attn(self.norm1(x), key_mask=key_mask, bias=bias), self.drop_path, self.training)
-            x = x + drop_path(self.gamma_2 * self.mlp(self.norm2(x)), self.drop_path, self.training)
-            return x
+            a = self.attn(self.norm1(x), key_mask=key_mask, bias=bias)
+            if self.gamma_1 is not None:
+                a = self.gamma_1 * a
+            x = x + drop_path(a, self.drop_path, self.training)
+            m = self.mlp(self.norm2(x))
+            if self.gamma_2 is not None:
+                m = self.gamma_2 * m
+            return x + drop_path(m, self.drop_path, self.training)
         x = self.norm1(x + self.attn(x, key_mask=key_mask, bias=bias))
         if image is not None:  # text queries attend to image keys/values; the image is not updated
             x = self.norm_cross(x + self.cross_attn(x, kv=image, key_mask=image_mask))
@@ -262,14 +270,15 @@ def build_mlp(d, out):
 class MLMHead(nn.Module):
     """RoBERTa's LM head: dense -> GELU -> LayerNorm -> decoder to the vocabulary (+ bias)."""
 
-    def __init__(self, cfg, tied_embedding=None):
+    def __init__(self, cfg, tied_embedding=None, num_classes=None):
         super().__init__()
+        num_classes = num_classes or cfg.vocab_size  # FLAVA's MIM heads predict image-token ids instead
         self.dense = nn.Linear(cfg.width, cfg.width)
         self.norm = nn.LayerNorm(cfg.width, eps=1e-5)
-        self.decoder = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
+        self.decoder = nn.Linear(cfg.width, num_classes, bias=False)
         if tied_embedding is not None:  # RoBERTa ties the decoder to the input word embeddings
             self.decoder.weight = tied_embedding.weight
-        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.bias = nn.Parameter(torch.zeros(num_classes))
 
     def forward(self, h):                                                  # (..., D) -> (..., V)
         return self.decoder(self.norm(F.gelu(self.dense(h)))) + self.bias
@@ -418,6 +427,12 @@ class XFM(nn.Module):
 
     def fuse(self, t, att, image, image_mask=None):
         return self.fusion(t, att, image, image_mask)                      # (B, T, D)
+
+    def text_cls(self, t):
+        return t[:, 0]                                                     # (B, D) <s>: the encoder ends in a LayerNorm
+
+    def image_cls(self, v):
+        return v[:, 0]                                                     # (B, D) the mean-pooled image "[CLS]"
 
     def itc_features(self, t, v):
         """L2-normalised ITC embeddings of the text [CLS] t[:, 0] and the image [CLS] v[:, 0]."""

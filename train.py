@@ -15,6 +15,7 @@ writes runs/default/{config.json, metrics.jsonl, ckpt.pt, loss_curves.png, token
 One step follows the official schedule (XFM.md §4), three optimizer updates in order:
     1. text: MLM            2. regions + images: ITC/ITM/IMLM/BBP + MIM            3. pairs: ITC/ITM/IMLM/MIM
 or, with --schedule=summed, one update over the sum of every loss.
+With --recipe=flava (flava.py) a step is three updates too, each on ONE data kind drawn with --flava_ratios.
 """
 import difflib
 import json
@@ -34,9 +35,10 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
+import flava
 import pretrained
 from losses import xfm_losses
-from model import XFM, make_config
+from model import make_config
 
 # ---------------------------------------------------------------------------------------------------------
 # Config
@@ -46,9 +48,12 @@ from model import XFM, make_config
 class TrainConfig:
     # model and recipe
     config: str = "tiny"            # model preset: tiny | small | base (model.py PRESETS)
-    recipe: str = "xfm"             # pre-training recipe (xfm)
+    recipe: str = "xfm"             # pre-training recipe: xfm | flava (flava.py; FLAVA's wd 0.1 and beta2 0.999)
     stop_grad: bool = True          # X-FM idea 1: detach the language encoder's output before the fusion encoder
     mim_target: str = "vl"          # X-FM idea 2: vl (same encoder, unmasked view) | pixel (MAE-style) | off
+    flava_ratios: str = "0.70,0.15,0.15"  # FLAVA: probability of pair, image, text data for each update
+    codebook_size: int = 256        # FLAVA: image-token vocabulary of the k-means tokenizer (the dVAE's: 8192)
+    image_tokenizer: str = ""       # FLAVA: a saved RUN/image_tokenizer.pt to reuse; empty = fit one on the data
     attn_impl: str = "sdpa"         # sdpa | explicit (attention written out, for teaching)
     init_text: str = ""             # Hugging Face RoBERTa folder: language encoder + MLM head (pretrained.py)
     init_vision: str = ""           # BEiT-v2 checkpoint (official .pth or Hugging Face folder): vision encoder
@@ -181,14 +186,16 @@ def amp_setup(amp, device):
 
 
 def param_groups(model, weight_decay, lr_mult):
-    """AdamW groups: no decay on biases, norms, layer-scale gammas, the temperature and the CLS/mask tokens;
-    lr x lr_mult for the new heads and the temperature (XFM.md §5). Asserts the groups partition the params."""
+    """AdamW groups: no decay on biases, norms, layer-scale gammas, the temperature and the CLS/mask tokens
+    (FLAVA: also its image positions); lr x lr_mult for the new heads and the temperature (model.NEW_PARAMS,
+    XFM.md §5). Asserts the groups partition the params."""
     groups = {}
+    no_decay_names = getattr(model, "NO_DECAY", ("cls_token", "mask_token"))
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim < 2 or name.endswith(("cls_token", "mask_token"))
-        new = name.split(".")[0] in XFM.NEW_PARAMS
+        no_decay = p.ndim < 2 or name.endswith(no_decay_names)
+        new = name.split(".")[0] in getattr(model, "NEW_PARAMS", ())
         key = (no_decay, new)
         groups.setdefault(key, {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay,
                                 "lr_scale": lr_mult if new else 1.0})
@@ -210,12 +217,14 @@ class LossModel(nn.Module):
     """What DDP wraps: its forward runs the whole loss computation, so DDP's reducer sees every parameter the
     step uses (calling model methods outside a DDP forward would silently skip the gradient sync)."""
 
-    def __init__(self, model, stop_grad):
+    def __init__(self, model, stop_grad, recipe="xfm"):
         super().__init__()
-        self.model, self.stop_grad = model, stop_grad
+        self.model, self.stop_grad, self.recipe = model, stop_grad, recipe
 
     def forward(self, batch):
         stats = {}
+        if self.recipe == "flava":
+            return flava.flava_losses(self.model, batch, stats=stats), stats
         losses = xfm_losses(self.model, batch, stop_grad=self.stop_grad, stats=stats)
         return losses, stats
 
@@ -418,13 +427,24 @@ def main(argv=None):
             cfg.resume = resume_from
             if "out_dir" not in given:
                 cfg.out_dir = resume_from if os.path.isdir(resume_from) else os.path.dirname(resume_from) or "."
-        if cfg.recipe != "xfm":
-            raise SystemExit(f"error: unknown recipe {cfg.recipe!r} (available: xfm)")
+        if cfg.recipe not in ("xfm", "flava"):
+            raise SystemExit(f"error: unknown recipe {cfg.recipe!r} (available: xfm, flava)")
+        if cfg.recipe == "flava" and ckpt is None:
+            cfg = flava_defaults(cfg, given)
         if cfg.schedule not in ("three", "summed"):
             raise SystemExit(f"error: --schedule must be three or summed, not {cfg.schedule!r}")
         return train(cfg, ckpt, ddp, rank, world, device, master, print0)
     finally:
         teardown()
+
+
+def flava_defaults(cfg, given):
+    """FLAVA's optimizer settings where the command line says nothing (FLAVA.md §3.3: AdamW, weight decay 0.1,
+    beta2 0.999); the X-FM-only keys are refused rather than silently ignored."""
+    xfm_only = [k for k in ("stop_grad", "mim_target", "schedule", "init_text", "init_vision", "lr_mult") if k in given]
+    if xfm_only:
+        raise SystemExit(f"error: --{xfm_only[0]} belongs to the xfm recipe; FLAVA has no such option")
+    return replace(cfg, **{k: v for k, v in (("weight_decay", 0.1), ("beta2", 0.999)) if k not in given})
 
 
 def pretrained_config(cfg, model_cfg, tok):
@@ -473,12 +493,18 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
     if not master:
         tok = data.get_tokenizer(cfg.data_dir, cfg.out_dir, cfg.vocab_size, cfg.tokenizer or None)
 
-    model_cfg = make_config(cfg.config, vocab_size=tok.vocab_size, pad_id=tok.pad_id, mim_target=cfg.mim_target,
-                            attn_impl=cfg.attn_impl, max_text_len=max(cfg.caption_len, cfg.text_len))
+    is_flava = cfg.recipe == "flava"
+    if is_flava:
+        model_cfg = flava.make_flava_config(cfg.config, vocab_size=tok.vocab_size, pad_id=tok.pad_id,
+                                            attn_impl=cfg.attn_impl, max_text_len=max(cfg.caption_len, cfg.text_len),
+                                            codebook_size=cfg.codebook_size)
+    else:
+        model_cfg = make_config(cfg.config, vocab_size=tok.vocab_size, pad_id=tok.pad_id, mim_target=cfg.mim_target,
+                                attn_impl=cfg.attn_impl, max_text_len=max(cfg.caption_len, cfg.text_len))
     if (cfg.init_text or cfg.init_vision) and ckpt is None:
         model_cfg = pretrained_config(cfg, model_cfg, tok)
     if ckpt is not None:
-        model_cfg = type(model_cfg)(**ckpt["model_config"])
+        model_cfg = flava.config_from_dict(ckpt["model_config"])
 
     # global batch per stream -> per-rank micro batch x accumulation steps (asserted exact)
     micro = cfg.micro_batch_size or cfg.batch_size // world
@@ -490,18 +516,42 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
                          f"a multiple of micro_batch_size {micro} x world_size {world}")
     per_rank = {"pair": micro, "region": region_global // (accum * world), "image": micro,
                 "text": text_global // (accum * world)}
+    if is_flava:
+        per_rank.pop("region")  # FLAVA has no region objective; its pairs are masked 15 %, BERT style
     streams = data.build_streams(cfg.data_dir, tok, image_size=model_cfg.image_size, patch_size=model_cfg.patch_size,
                                  batch_size=per_rank, text_len=cfg.text_len, caption_len=cfg.caption_len,
                                  seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.num_workers, bad=bad,
-                                 hflip=cfg.hflip, crop_scale=(cfg.crop_min_scale, 1.0))
-    if cfg.mim_target == "off":
+                                 hflip=cfg.hflip, crop_scale=(cfg.crop_min_scale, 1.0),
+                                 caption_mask="flava" if is_flava else "xfm")
+    if cfg.mim_target == "off" and not is_flava:
         streams.pop("image", None)  # image-only data feeds nothing but MIM
     if not streams:
         raise SystemExit(f"error: no training data found in {cfg.data_dir} (see data.py for the formats)")
     sources = data.find_sources(cfg.data_dir)
+    if is_flava:
+        try:
+            ratios = flava.parse_ratios(cfg.flava_ratios, streams)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
 
     # ---- model, optimizer ---------------------------------------------------------------------------------
-    model = XFM(model_cfg)
+    model = flava.build_model(model_cfg)
+    if is_flava and ckpt is None:  # the frozen image tokenizer that makes the MIM / MMM targets
+        tok_path = os.path.join(cfg.out_dir, "image_tokenizer.pt")
+        if cfg.image_tokenizer:
+            tok_path = cfg.image_tokenizer
+        elif master:
+            n = flava.fit_image_tokenizer(model, streams["pair"].dataset, seed=cfg.seed,
+                                          progress=lambda x: tqdm(x, desc="image tokenizer", leave=False))
+            atomic_save({"codebook": model.image_tokenizer.codebook, "patch_size": model_cfg.patch_size}, tok_path)
+            print0(f"image tokenizer: k-means codebook of {model_cfg.codebook_size} fitted on {n} patches -> {tok_path}")
+        if ddp:
+            dist.barrier()
+        saved = torch.load(tok_path, map_location="cpu", weights_only=True)
+        if tuple(saved["codebook"].shape) != tuple(model.image_tokenizer.codebook.shape):
+            raise SystemExit(f"error: {tok_path} holds a codebook of shape {tuple(saved['codebook'].shape)}; this "
+                             f"model needs {tuple(model.image_tokenizer.codebook.shape)} (--codebook_size, patch size)")
+        model.image_tokenizer.codebook.copy_(saved["codebook"])
     if ckpt is None:  # pre-trained encoders (a resume has them in its checkpoint already)
         if cfg.init_text:
             print0(pretrained.load_text(model, cfg.init_text))
@@ -531,7 +581,7 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
         # dynamic=True: batch and text lengths vary from batch to batch. `model` keeps its parameter names.
         for name in ("text", "vision", "fusion"):
             getattr(model, name).compile(dynamic=True)
-    loss_model = LossModel(model, cfg.stop_grad)
+    loss_model = LossModel(model, cfg.stop_grad, cfg.recipe)
     if ddp:
         # Each of the three updates touches a different subset of the parameters (the text update never runs
         # the vision encoder), so DDP must look for unused parameters; with the summed schedule over every
@@ -549,9 +599,10 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump({"train": asdict(cfg), "model": asdict(model_cfg), "world_size": world, "amp": amp,
                        "accum_steps": accum, "per_rank_batch": per_rank, "data": sources}, f, indent=2)
-    print0(f"X-FM {cfg.config}: {model.num_params() / 1e6:.2f}M parameters | device {device} x{world} | amp {amp}"
-           f" | streams {sorted(streams)} | per-rank batch {per_rank} x{accum} accum | stop_grad {cfg.stop_grad}"
-           f" | mim_target {cfg.mim_target} | schedule {cfg.schedule}")
+    recipe = (f"FLAVA {cfg.config} | data kinds per update {ratios}" if is_flava else
+              f"X-FM {cfg.config} | stop_grad {cfg.stop_grad} | mim_target {cfg.mim_target} | schedule {cfg.schedule}")
+    print0(f"{recipe}: {model.num_params() / 1e6:.2f}M parameters | device {device} x{world} | amp {amp}"
+           f" | streams {sorted(streams)} | per-rank batch {per_rank} x{accum} accum")
 
     # ---- the loop -----------------------------------------------------------------------------------------
     updates = [["text"], ["region", "image"], ["pair"]] if cfg.schedule == "three" else [["text", "region", "image", "pair"]]
@@ -562,7 +613,7 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
         os.remove(metrics_path)
     end_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
     bad_streak, skipped = 0, 0
-    acc = {}                                                               # loss sums since the last log
+    acc, n_seen = {}, {}                                                   # loss sums and counts since the last log
     n_acc, samples, t_log = 0, 0, time.time()
     pbar = tqdm(total=end_step, initial=start_step, disable=not master, desc="train", dynamic_ncols=True)
     step = start_step
@@ -570,6 +621,8 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
         lr = get_lr(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_scale"]
+        if is_flava:  # three updates, each on one data kind, the same on every rank
+            updates = [[flava.sample_kind(ratios, cfg.seed, step, u)] for u in range(3)]
         for kinds in updates:
             def micro_batches():
                 nonlocal samples
@@ -582,7 +635,7 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
                     yield batch
             update_loss, logs = forward_backward(loss_model, micro_batches(), accum, ddp, autocast, scaler)
             for name, val in logs.items():
-                acc[name] = acc.get(name, 0.0) + val
+                acc[name], n_seen[name] = acc.get(name, 0.0) + val, n_seen.get(name, 0) + 1
             # every rank must agree whether to step: a non-finite loss anywhere skips the update everywhere
             nonfinite = (~torch.isfinite(update_loss)).float()
             if ddp:
@@ -602,7 +655,8 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
             if scaler:
                 scaler.unscale_(optimizer)                                  # clip the true gradients, not scaled ones
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            acc["grad_norm"] = acc.get("grad_norm", 0.0) + grad_norm.detach().float() / len(updates)
+            acc["grad_norm"] = acc.get("grad_norm", 0.0) + grad_norm.detach().float()
+            n_seen["grad_norm"] = n_seen.get("grad_norm", 0) + 1
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
@@ -616,7 +670,7 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
         done = step + 1
         if done % cfg.log_every == 0 or done == end_step:
             names = sorted(acc)
-            vals = torch.stack([acc[n] for n in names]) / n_acc
+            vals = torch.stack([acc[n] / n_seen[n] for n in names])      # each name: mean over the updates it ran in
             if ddp:  # loss and metrics averaged over the ranks before logging
                 dist.all_reduce(vals, op=dist.ReduceOp.AVG)
             dt = time.time() - t_log
@@ -629,8 +683,9 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
             if master:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
-                pbar.set_postfix_str(" ".join(f"{n}={rec['loss/' + n]:.2f}" for n in ("itc", "itm", "mlm", "mim") if "loss/" + n in rec))
-            acc, n_acc, samples, t_log = {}, 0, 0, time.time()
+                pbar.set_postfix_str(" ".join(f"{n}={rec['loss/' + n]:.2f}" for n in ("itc", "gc", "itm", "mlm", "mim")
+                                              if "loss/" + n in rec))
+            acc, n_seen, n_acc, samples, t_log = {}, {}, 0, 0, time.time()
         if master and (done % cfg.ckpt_every == 0 or done == end_step):
             save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), model, optimizer, scaler, done, cfg, model_cfg,
                             streams, {"bad_input": bad.counts()})

@@ -2,7 +2,7 @@
 Expected learning, written down: reference curves for the toy run, chance levels, and a health check.
 
     python curves.py make                  # re-run the reference runs (2 seeds each) and rewrite reference/*.json, *.png
-    python curves.py make --which short    # only the short run that the CI learning test compares against
+    python curves.py make --which xfm_toy_short   # only one reference (the CI learning test compares against the short ones)
     python curves.py check runs/default    # health check of a run folder: which objective looks wrong, and why
 
 A reference file (reference/NAME.json) holds, for one train.py command: each objective's loss at a handful of
@@ -17,6 +17,10 @@ Chance levels (what a model that learned nothing scores):
     ITM          H(1/3) = 0.637       the best constant guess for 1 positive : 2 negatives (ln 2 = 0.693 at random)
     box L1/GIoU  measured             the best constant box (the mean box of the data) on real batches
     MIM          none                 its target moves; judged by its band and by the target's feature std
+  FLAVA (--recipe=flava):
+    MLM, MMM-text    ln V             GC    ln N
+    MIM, MMM-image   ln K             K = the image tokenizer's codebook size; its targets are fixed
+    ITM              H(0.1) = 0.325   the best constant guess when 10 % of the pairs are swapped
 """
 import argparse
 import json
@@ -32,6 +36,8 @@ import train
 REFERENCES = {  # name -> train.py arguments (on top of the defaults) and the steps recorded
     "xfm_toy": {"args": [], "steps": [25, 50, 100, 200, 300, 400, 500, 600]},
     "xfm_toy_short": {"args": ["--max_steps=150"], "steps": [25, 50, 75, 100, 125, 150]},
+    "flava_toy": {"args": ["--recipe=flava"], "steps": [25, 50, 100, 200, 300, 400, 500, 600]},
+    "flava_toy_short": {"args": ["--recipe=flava", "--max_steps=150"], "steps": [25, 50, 75, 100, 125, 150]},
 }
 SEEDS = (0, 1)
 # the config keys that must match for a run to be compared with a reference's bands
@@ -56,6 +62,11 @@ def chance_levels(run_dir, n_batches=20):
     t, world = config["train"], config["world_size"]
     tok = data.Tokenizer.load(os.path.join(run_dir, "tokenizer.json"))
     ln_v = math.log(tok.vocab_size)
+    if t.get("recipe") == "flava":
+        p, ln_k = config["model"]["itm_neg_prob"], math.log(config["model"]["codebook_size"])
+        return {"mlm": ln_v, "mmm_text": ln_v, "mim": ln_k, "mmm_image": ln_k,
+                "itm": -(p * math.log(p) + (1 - p) * math.log(1 - p)),
+                "gc": math.log(config["per_rank_batch"]["pair"] * world)}
     itm = -(1 / 3 * math.log(1 / 3) + 2 / 3 * math.log(2 / 3))
     chance = {"mlm": ln_v, "imlm": ln_v, "imlm_region": ln_v, "itm": itm, "itm_region": itm,
               "itc": math.log(config["per_rank_batch"]["pair"] * world)}
@@ -124,7 +135,7 @@ def make_reference(name, out_dir="reference", runs_dir="runs/reference"):
         "loss": ref,
         "band": band,
         "chance": {k: round(v, 4) for k, v in chance_levels(runs[0]).items()},
-        "mim_target_std": [round(float(np.mean(v)), 4) for v in zip(*std_per_seed)],
+        "mim_target_std": [None if None in v else round(float(np.mean(v)), 4) for v in zip(*std_per_seed)],
         "retrieval": {k: [round(f[k], 2) for f in finals] for k in finals[0] if not k.startswith("n_")},
         "note": "loss = mean over seeds of the log-window mean ending at each step; band = the range a healthy "
                 "run of the same command lands in; chance = what a model that learned nothing scores.",
@@ -179,13 +190,13 @@ def diagnose(records, chance, reference=None):
                     break
             else:
                 verdict = "inside the reference band"
-        elif n.startswith("mim"):
+        elif n.startswith("mim") and c is None:  # X-FM's MIM: a moving target, no chance level
             verdict = "judged by the target std below"
         elif end > 1.5 * min(v for _, v in vals) and end > 0.9 * start:
             verdict, ok = "diverging: rose well above its best", False
         elif c is not None and end > 0.97 * c:
             verdict, ok = f"stuck at chance ({c:.3f})", False
-        elif c is not None and n in ("mlm", "imlm", "imlm_region") and end < 0.02 * c:
+        elif c is not None and n in ("mlm", "imlm", "imlm_region", "mmm_text") and end < 0.02 * c:
             verdict, ok = "suspiciously low: are the masked tokens visible to the model?", False
         rows.append((n, start, end, c, verdict, ok))
     stds = [r["mim_target_std"] for r in records if "mim_target_std" in r]

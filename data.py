@@ -616,17 +616,29 @@ CAPTION_MASKING = {"xfm": (0.5, 15, 0.2), "flava": (0.15, 10 ** 6, 0.0)}
 
 
 class PairDataset(ImageDataset):
-    def __init__(self, pairs, tok, image_size, grid, caption_len, seed, bad, hflip, crop_scale, caption_mask="xfm"):
+    """Image-text pairs. itm_neg_prob > 0 (FLAVA): with that probability the caption is replaced by the caption
+    of a random pair with another image, and itm_label says 0 (1 = the caption matches the image)."""
+
+    def __init__(self, pairs, tok, image_size, grid, caption_len, seed, bad, hflip, crop_scale, caption_mask="xfm",
+                 itm_neg_prob=0.0):
         super().__init__(pairs, image_size, grid, seed, bad, hflip, crop_scale, kind="pair")
         self.tok, self.caption_len, self.img_ids = tok, caption_len, _image_ids(pairs)
         self.prob, self.max_masks, self.skipgram = CAPTION_MASKING[caption_mask]
+        self.itm_neg_prob = itm_neg_prob
 
     def __getitem__(self, key):
         j, x, m, n_bad, rng = self.image_and_mask(key)
-        ids = self.tok.encode(self.items[j]["caption"], self.caption_len)  # j: the caption goes with the image
+        caption, match = self.items[j]["caption"], 1                      # j: the caption goes with the image
+        if self.itm_neg_prob and rng.random() < self.itm_neg_prob:
+            for _ in range(10):  # a random pair showing another image (10 tries: duplicates are rare)
+                k = int(rng.integers(len(self.items)))
+                if self.img_ids[k] != self.img_ids[j]:
+                    caption, match = self.items[k]["caption"], 0
+                    break
+        ids = self.tok.encode(caption, self.caption_len)
         mlm_ids, mlm_labels = mask_text(ids, self.tok, self.prob, self.max_masks, rng, skipgram_prob=self.skipgram)
         return {"image": x, "mim_mask": m, "ids": ids, "mlm_ids": mlm_ids, "mlm_labels": mlm_labels,
-                "img_id": self.img_ids[j], "bad": n_bad}
+                "img_id": self.img_ids[j], "itm_label": match, "bad": n_bad}
 
     def collate(self, samples):
         batch = super().collate(samples)
@@ -634,7 +646,8 @@ class PairDataset(ImageDataset):
         batch.update(ids=ids, att=attention([s["ids"] for s in samples], ids.shape[1]),
                      mlm_ids=pad_seqs([s["mlm_ids"] for s in samples], self.tok.pad_id),
                      mlm_labels=pad_seqs([s["mlm_labels"] for s in samples], -100),
-                     img_id=torch.tensor([s["img_id"] for s in samples], dtype=torch.long))
+                     img_id=torch.tensor([s["img_id"] for s in samples], dtype=torch.long),
+                     itm_label=torch.tensor([s["itm_label"] for s in samples], dtype=torch.long))
         return batch
 
 
@@ -763,14 +776,15 @@ class Stream:
 
 
 def build_streams(data_dir, tok, *, image_size, patch_size, batch_size, text_len, caption_len, seed, rank,
-                  world_size, num_workers, bad, hflip, crop_scale, max_regions=5, caption_mask="xfm"):
+                  world_size, num_workers, bad, hflip, crop_scale, max_regions=5, caption_mask="xfm", itm_neg_prob=0.0):
     """{kind: Stream} for every kind present in data_dir and named in batch_size (a dict kind -> per-rank batch;
     for "region" it counts images). crop_scale[0] also bounds the region crop's area from below;
     crop_scale=(1, 1) turns every crop off, the region crop included."""
     assert image_size % patch_size == 0, "image_size must be a multiple of patch_size"
     grid = image_size // patch_size
     streams = {}
-    for kind, path in find_sources(data_dir).items():  # caption_mask: a CAPTION_MASKING key (xfm | flava)
+    # caption_mask: a CAPTION_MASKING key (xfm | flava); itm_neg_prob: FLAVA's swapped captions (PairDataset)
+    for kind, path in find_sources(data_dir).items():
         if kind not in KINDS:
             continue
         if kind not in batch_size:
@@ -783,7 +797,8 @@ def build_streams(data_dir, tok, *, image_size, patch_size, batch_size, text_len
         elif kind == "image":
             ds = ImageDataset(items, image_size, grid, seed, bad, hflip, crop_scale)
         elif kind == "pair":
-            ds = PairDataset(items, tok, image_size, grid, caption_len, seed, bad, hflip, crop_scale, caption_mask)
+            ds = PairDataset(items, tok, image_size, grid, caption_len, seed, bad, hflip, crop_scale, caption_mask,
+                             itm_neg_prob)
         else:
             ds = RegionDataset(items, tok, image_size, grid, caption_len, seed, bad, max_regions,
                                min_scale=crop_scale[0])
@@ -1206,7 +1221,7 @@ Train splits have {n_down} images or pairs (textcls: 2 x {n_down} texts), test s
 def check(data_dir, strict=False):
     """Parse every source of a folder; print the records per kind and the bad-input counts."""
     bad = BadInput(strict=strict)
-    for kind, path in find_sources(data_dir).items():  # caption_mask: a CAPTION_MASKING key (xfm | flava)
+    for kind, path in find_sources(data_dir).items():
         items = PARSERS[kind](path, bad)
         extra = ""
         if kind in ("pair", "pair_test"):

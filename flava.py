@@ -10,6 +10,7 @@ frozen image tokenizer that makes its MIM targets, its objectives and its data-k
     image target     the same encoder's unmasked output (MSE)       discrete image-token ids (cross-entropy)
     masked pairs     IMLM: caption masked, image whole              MMM: image block-masked AND caption masked
     ITM negatives    hard negatives from the ITC similarities       a random other caption for 10 % of the pairs
+                                                                    (swapped in by data.PairDataset)
     contrastive      256-d, temperature in [0.001, 0.5]             width-d, logit scale in [0, ln 100], only
                                                                     matched pairs are queries
     data mixing      every data kind in every step                  one data kind per update (0.70/0.15/0.15)
@@ -22,8 +23,7 @@ which cannot be downloaded here. The stand-in is `PatchTokenizer`: a k-means cod
 images' patches when the run starts (saved as RUN/image_tokenizer.pt; `--image_tokenizer=FILE` reuses one).
 Each patch's id is its nearest centroid. Like the dVAE it is frozen and only makes integer targets, but its codes
 describe raw pixels (colour, coarse shape), not the dVAE's learned features. The text side has no token-type
-embedding and uses the project's BPE, not BERT's WordPiece; ITM negatives are swapped within the batch, not
-drawn from the whole dataset.
+embedding and uses the project's BPE, not BERT's WordPiece.
 """
 import math
 from dataclasses import dataclass
@@ -94,10 +94,11 @@ class PatchTokenizer(nn.Module):
 
     @torch.no_grad()
     def forward(self, images):                                             # (B, 3, H, W) -> (B, P) long
-        x = patchify(images.float(), self.patch_size)                      # (B, P, d)
-        c = self.codebook.float()
-        # squared distances ||x||^2 - 2 x.c + ||c||^2; the ||x||^2 term does not change the argmin
-        d = c.pow(2).sum(-1) - 2 * x @ c.t()                               # (B, P, K)
+        with torch.autocast(images.device.type, enabled=False):           # distances in fp32, even under AMP
+            x = patchify(images.float(), self.patch_size)                  # (B, P, d)
+            c = self.codebook.float()
+            # squared distances ||x||^2 - 2 x.c + ||c||^2; the ||x||^2 term does not change the argmin
+            d = c.pow(2).sum(-1) - 2 * x @ c.t()                           # (B, P, K)
         return d.argmin(-1)
 
 
@@ -332,25 +333,6 @@ def resize_pos_embed(pos, new_grid):
 # The objectives (FLAVA.md §2). The total loss is the unweighted sum of what the batch's data kind gives.
 
 
-def swap_captions(b, prob, generator=None):
-    """ITM negatives: each pair's caption is replaced, with probability `prob`, by the caption of a random other
-    pair of the batch with a different image. -> (batch with the swapped captions, itm_labels (B,) 1 = match,
-    0 = swapped). The caption's ids, mask and MLM targets move together."""
-    img_id = b["img_id"]
-    B = len(img_id)
-    swap = torch.rand(B, generator=generator) < prob                      # (B,) on the CPU: cheap, reproducible
-    other = img_id.cpu()[:, None] != img_id.cpu()[None, :]                 # (B, B) candidates: another image
-    src = torch.arange(B)
-    for i in torch.nonzero(swap & other.any(1)).flatten().tolist():
-        cand = torch.nonzero(other[i]).flatten()
-        src[i] = cand[torch.randint(len(cand), (1,), generator=generator)].item()
-    src = src.to(img_id.device)
-    out = dict(b)
-    for k in ("ids", "att", "mlm_ids", "mlm_labels"):
-        out[k] = b[k][src]
-    return out, (src == torch.arange(B, device=src.device)).long()
-
-
 def flava_losses(model, batch, stats=None):
     """All FLAVA pre-training losses for a batch holding any subset of text / image / pair (FLAVA.md §2.1).
 
@@ -360,6 +342,8 @@ def flava_losses(model, batch, stats=None):
                 MMM:  ONE fusion pass over the masked image + masked caption; mmm_image_head predicts the patch
                       ids at fusion positions 2..1+P, mmm_text_head the words at the text positions (matched pairs)
                 ITM:  CE of itm_head(CLS_M) of that same pass, label 1 = matched, 0 = swapped caption
+    The pair batch's itm_label (B,) marks the ITM negatives: data.PairDataset replaced their caption by the
+    caption of a random pair with another image (probability cfg.itm_neg_prob); without it every pair matches.
     No stop-gradient: every pair loss reaches both encoders. stats receives nothing here (kept for the interface).
     """
     out, P = {}, model.cfg.num_patches
@@ -376,7 +360,8 @@ def flava_losses(model, batch, stats=None):
 
     if "pair" in batch:
         model.clamp_temp()
-        b, itm_labels = swap_captions(batch["pair"], model.cfg.itm_neg_prob)
+        b = batch["pair"]
+        itm_labels = b.get("itm_label", torch.ones_like(b["img_id"]))     # (B,) 1 = match, 0 = swapped caption
         pos = itm_labels.bool()
         if not pos.any():  # no matched pair in the batch: every row serves (both public implementations)
             pos = torch.ones_like(pos)

@@ -522,7 +522,8 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
                                  batch_size=per_rank, text_len=cfg.text_len, caption_len=cfg.caption_len,
                                  seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.num_workers, bad=bad,
                                  hflip=cfg.hflip, crop_scale=(cfg.crop_min_scale, 1.0),
-                                 caption_mask="flava" if is_flava else "xfm")
+                                 caption_mask="flava" if is_flava else "xfm",
+                                 itm_neg_prob=model_cfg.itm_neg_prob if is_flava else 0.0)
     if cfg.mim_target == "off" and not is_flava:
         streams.pop("image", None)  # image-only data feeds nothing but MIM
     if not streams:

@@ -132,14 +132,10 @@ def test_text_padding_never_changes_the_other_fusion_outputs(model):
 def test_mmm_losses_read_the_right_slices(model):
     """Recompute MMM from the fused sequence by hand: image ids at positions 2..1+P for the masked patches of
     matched pairs, words at positions 2+P.. for the masked tokens of matched pairs."""
-    model.cfg.itm_neg_prob = 0.5
-    batch = make_batch(model.cfg, kinds=("pair",), B=8)
-    torch.manual_seed(3)
-    out = flava.flava_losses(model, batch)
-    torch.manual_seed(3)
-    b, itm = flava.swap_captions(batch["pair"], 0.5)
-    assert (itm == 0).any() and (itm == 1).any()                          # the seed gives both kinds
-    pos, P = itm.bool(), model.cfg.num_patches
+    b = make_batch(model.cfg, kinds=("pair",), B=8)["pair"]
+    b["itm_label"] = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1])               # rows 1 and 4: swapped captions
+    out = flava.flava_losses(model, {"pair": b})
+    pos, P = b["itm_label"].bool(), model.cfg.num_patches
     h = model.fuse(model.encode_text(b["mlm_ids"], b["att"]), b["att"], model.encode_image(b["image"], b["mim_mask"]))
     codes = model.image_tokenizer(b["image"])
     sel = b["mim_mask"] & pos[:, None]                                     # (B, P)
@@ -148,38 +144,53 @@ def test_mmm_losses_read_the_right_slices(model):
     want_txt = F.cross_entropy(model.mmm_text_head(h[:, 2 + P:][sel_t]), b["mlm_labels"][sel_t])
     assert torch.allclose(out["mmm_image"], want_img, atol=1e-5)
     assert torch.allclose(out["mmm_text"], want_txt, atol=1e-5)
-    want_itm = F.cross_entropy(model.itm_head(h[:, 0]), itm)
-    assert torch.allclose(out["itm"], want_itm, atol=1e-5)
+    assert torch.allclose(out["itm"], F.cross_entropy(model.itm_head(h[:, 0]), b["itm_label"]), atol=1e-5)
+    # the swapped rows take no part in MMM: changing their masked words changes nothing there
+    b2 = dict(b, mlm_labels=b["mlm_labels"].clone())
+    b2["mlm_labels"][~pos] = -100
+    assert torch.allclose(flava.flava_losses(model, {"pair": b2})["mmm_text"], out["mmm_text"], atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # ITM: label 1 = match, 0 = a swapped caption from another image
 
 
-def test_itm_label_polarity_and_swaps():
-    batch = make_batch(tiny_flava(), kinds=("pair",), B=8)["pair"]
-    batch["img_id"] = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    b, labels = flava.swap_captions(batch, prob=0.0)
-    assert labels.tolist() == [1] * 8 and torch.equal(b["ids"], batch["ids"])
-    b, labels = flava.swap_captions(batch, prob=1.0)
-    assert labels.tolist() == [0] * 8                                      # every row found another image
-    for i in range(8):  # row i's caption (ids, mask, MLM targets together) comes from a row with another image
-        src = [j for j in range(8) if torch.equal(batch["ids"][j], b["ids"][i])]
-        assert src and all(batch["img_id"][j] != batch["img_id"][i] for j in src)
-        j = src[0]
-        assert torch.equal(b["mlm_labels"][i], batch["mlm_labels"][j]) and torch.equal(b["att"][i], batch["att"][j])
-    one = {k: v[:2] for k, v in batch.items()}                             # both rows show image 0: no negative
-    _, labels = flava.swap_captions(one, prob=1.0)
-    assert labels.tolist() == [1, 1]
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("toy"))
+    data.make_toy(d, seed=0, n_pairs=64, n_regions=8, n_text=64, n_images=32, n_test=16, n_down=16, progress=False)
+    return d
+
+
+def test_itm_negatives_swap_in_another_images_caption(toy, tmp_path):
+    bad = data.BadInput(verbose=False)
+    tok = data.get_tokenizer(toy, str(tmp_path), 300)
+    pairs = data.parse_pairs(os.path.join(toy, "pairs.jsonl"), bad)
+    own = lambda j: tok.encode(pairs[j]["caption"], 24)  # noqa: E731
+
+    def dataset(prob):
+        return data.PairDataset(pairs, tok, 32, 4, 24, 0, bad, False, (1, 1), caption_mask="flava", itm_neg_prob=prob)
+
+    matched = [dataset(0.0)[(i, 0)] for i in range(20)]
+    assert all(s["itm_label"] == 1 and s["ids"] == own(i) for i, s in enumerate(matched))
+    swapped = [dataset(1.0)[(i, 0)] for i in range(20)]
+    assert all(s["itm_label"] == 0 and s["ids"] != own(i) for i, s in enumerate(swapped))
+    captions = {tuple(own(j)): pairs[j]["image"] for j in range(len(pairs))}
+    assert all(captions[tuple(s["ids"])] != pairs[i]["image"] for i, s in enumerate(swapped))  # another image's
+    some = [dataset(0.1)[(i, 0)]["itm_label"] for i in range(len(pairs))]
+    assert 0 < some.count(0) < 0.3 * len(some)
+    batch = dataset(0.5).collate([dataset(0.5)[(i, 0)] for i in range(8)])
+    assert batch["itm_label"].dtype == torch.long and set(batch["itm_label"].tolist()) <= {0, 1}
 
 
 def test_itm_loss_is_small_when_the_head_says_match_for_matches(model):
-    """Polarity end to end: a head biased towards class 1 gives a small ITM loss on all-matched pairs."""
-    model.cfg.itm_neg_prob = 0.0
-    batch = make_batch(model.cfg, kinds=("pair",), B=4)
+    """Polarity end to end: a head biased towards class 1 gives a small ITM loss on matched pairs, a large
+    one on swapped pairs."""
+    b = make_batch(model.cfg, kinds=("pair",), B=4)["pair"]
     with torch.no_grad():
         model.itm_head[2].bias.copy_(torch.tensor([-10.0, 10.0]))
-    assert flava.flava_losses(model, batch)["itm"] < 1e-3
+    assert flava.flava_losses(model, {"pair": dict(b, itm_label=torch.ones(4, dtype=torch.long))})["itm"] < 1e-3
+    assert flava.flava_losses(model, {"pair": dict(b, itm_label=torch.zeros(4, dtype=torch.long))})["itm"] > 5
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -284,7 +295,6 @@ def test_initial_losses_are_near_chance():
     cfg = tiny_flava(vocab_size=500, codebook_size=64)
     m = flava.FLAVA(cfg)
     m.image_tokenizer.codebook.normal_()
-    cfg.itm_neg_prob = 0.0
     out = flava.flava_losses(m, make_batch(cfg, kinds=("text", "image", "pair"), B=8))
     for name, chance in (("mlm", math.log(500)), ("mmm_text", math.log(500)), ("mim", math.log(64)),
                          ("mmm_image", math.log(64)), ("gc", math.log(8))):
@@ -293,13 +303,6 @@ def test_initial_losses_are_near_chance():
 
 # ---------------------------------------------------------------------------------------------------------
 # End to end: train.py --recipe=flava, resume, finetune.py on its checkpoint
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("toy"))
-    data.make_toy(d, seed=0, n_pairs=64, n_regions=8, n_text=64, n_images=32, n_test=16, n_down=16, progress=False)
-    return d
 
 
 FAST = ["--recipe=flava", "--batch_size=8", "--log_every=1", "--warmup_steps=2", "--vocab_size=300",

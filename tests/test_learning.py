@@ -1,8 +1,8 @@
 """Learning itself, guarded. A short CPU run of the toy world (`python train.py --max_steps=150`, about a
-minute) must land inside the committed reference bands (reference/xfm_toy_short.json, rewritten by
-`python curves.py make --which short`), and its zero-shot retrieval must beat chance by a wide margin.
-A change that breaks learning (a wrong mask, a missing detach, a swapped label) fails here even when every
-shape and gradient test still passes."""
+minute, and the same for `--recipe=flava`) must land inside the committed reference bands
+(reference/{xfm,flava}_toy_short.json, rewritten by `python curves.py make --which xfm_toy_short`), and X-FM's
+zero-shot retrieval must beat chance by a wide margin. A change that breaks learning (a wrong mask, a missing
+detach, a swapped label) fails here even when every shape and gradient test still passes."""
 import json
 import math
 import os
@@ -14,26 +14,33 @@ import data
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REFERENCE = os.path.join(ROOT, "reference", "xfm_toy_short.json")
 
 
-def test_short_run_lands_inside_the_reference_bands(tmp_path):
-    ref = json.load(open(REFERENCE))
-    toy = str(tmp_path / "toy")
-    data.make_toy(toy, seed=0, progress=False)                             # the default toy world, as train.py builds it
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("toy"))
+    data.make_toy(d, seed=0, progress=False)                              # the default toy world, as train.py builds it
+    return d
+
+
+@pytest.mark.parametrize("name", ["xfm_toy_short", "flava_toy_short"])
+def test_short_run_lands_inside_the_reference_bands(toy, tmp_path, name):
+    ref = json.load(open(os.path.join(ROOT, "reference", f"{name}.json")))
     out = str(tmp_path / "run")
-    train.main([*curves.REFERENCES["xfm_toy_short"]["args"], f"--data_dir={toy}", f"--out_dir={out}"])
+    train.main([*curves.REFERENCES[name]["args"], f"--data_dir={toy}", f"--out_dir={out}"])
     records, final, config = curves.read_run(out)
     assert all(config["train"][k] == v for k, v in ref["config"].items()), "the test no longer runs the reference command"
     rows = curves.diagnose(records, ref["chance"], ref)
     bad = [f"{n}: {verdict}" for n, _, _, _, verdict, ok in rows if not ok]
     assert not bad, "learning left the reference bands:\n" + "\n".join(bad)
     r = final["retrieval"]
-    # the reference runs reach ~5x chance at R@10 after 150 steps (R@1 is still noisy there, and ITM re-ranking
-    # only starts to help later); a broken ITC, ITM or data pairing falls back towards chance (R@10 = 5 %)
-    chance_r10 = 10 * r["t2i_chance_r1"]
     assert r["t2i_r10"] >= 0.6 * min(ref["retrieval"]["t2i_r10"]), (r["t2i_r10"], ref["retrieval"]["t2i_r10"])
-    assert r["t2i_r10"] >= 3 * chance_r10, (r["t2i_r10"], chance_r10)
+    if name.startswith("xfm"):
+        # the reference runs reach ~5x chance at R@10 after 150 steps (R@1 is still noisy there, and ITM
+        # re-ranking only starts to help later); a broken ITC, ITM or data pairing falls back towards chance.
+        # (FLAVA's contrastive loss sits at chance for its first ~250 toy steps, so only its bands guard it.)
+        chance_r10 = 10 * r["t2i_chance_r1"]
+        assert r["t2i_r10"] >= 3 * chance_r10, (r["t2i_r10"], chance_r10)
 
 
 # ---------------------------------------------------------------------------------------------------------

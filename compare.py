@@ -25,12 +25,12 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-RECIPES = {  # name -> train.py arguments
-    "X-FM": [],
-    "X-FM, no stop-grad": ["--stop_grad=false"],
-    "X-FM, pixel MIM": ["--mim_target=pixel"],
-    "X-FM, no MIM": ["--mim_target=off"],
-    "FLAVA": ["--recipe=flava"],
+RECIPES = {  # id (also the run folder's prefix) -> (column title, train.py arguments)
+    "xfm": ("X-FM", []),
+    "xfm_nosg": ("X-FM, no stop-grad", ["--stop_grad=false"]),
+    "xfm_pixel": ("X-FM, pixel MIM", ["--mim_target=pixel"]),
+    "xfm_nomim": ("X-FM, no MIM", ["--mim_target=off"]),
+    "flava": ("FLAVA", ["--recipe=flava"]),
 }
 # task (finetune.py's SUITE names) -> (domain, label); retrieval reports the mean of t2i and i2t R@1
 TASKS = {
@@ -46,22 +46,18 @@ TASKS = {
 DOMAINS = ("language", "vision", "vision-language")
 
 
-def slug(name):
-    return name.lower().replace(",", "").replace(" ", "_").replace("-", "")
-
-
 def run_one(name, seed, args):
     """Pre-train and fine-tune one (recipe, seed) in a subprocess; -> its run folder. Skips what is done."""
-    run = os.path.join(args.out_dir, f"{slug(name)}_seed{seed}")
+    run = os.path.join(args.out_dir, f"{name}_seed{seed}")
     bench = os.path.join(run, "finetune", "benchmark.json")
     if os.path.exists(bench):
         return run
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    log = open(os.path.join(args.out_dir, f"{slug(name)}_seed{seed}.log"), "w")
+    log = open(os.path.join(args.out_dir, f"{name}_seed{seed}.log"), "w")
     extra = args.train_args.split() if args.train_args else []
-    cmds = [[sys.executable, "train.py", *RECIPES[name], f"--seed={seed}", f"--out_dir={run}", *extra]]
+    cmds = [[sys.executable, "train.py", *RECIPES[name][1], f"--seed={seed}", f"--out_dir={run}", *extra]]
     cmds.append([sys.executable, "finetune.py", "--task", "all", "--init", os.path.join(run, "ckpt.pt"),
                  f"--seed={seed}"])
     for cmd in cmds:
@@ -96,7 +92,7 @@ def mean_spread(xs):
 def table(args, seeds, device):
     found = {}
     for name in RECIPES:
-        runs = [os.path.join(args.out_dir, f"{slug(name)}_seed{s}") for s in seeds]
+        runs = [os.path.join(args.out_dir, f"{name}_seed{s}") for s in seeds]
         done = [r for r in runs if os.path.exists(os.path.join(r, "finetune", "benchmark.json"))]
         if done:
             found[name] = [results(r) for r in done]
@@ -107,7 +103,7 @@ def table(args, seeds, device):
              f"then `finetune.py --task all`; mean ± half-range over seeds {','.join(map(str, seeds))} "
              f"(runs finished: {', '.join(f'{n} {len(v)}' for n, v in found.items())}). Device: {device}. "
              f"Results in %.", "",
-             "| task | domain | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+             "| task | domain | " + " | ".join(RECIPES[n][0] for n in names) + " |", "|---|---|" + "---|" * len(names)]
     fmt = lambda xs: "{:.1f} ± {:.1f}".format(*mean_spread(xs))  # noqa: E731
     for task, (domain, label) in TASKS.items():
         cells = [fmt([r[task] for r in found[n]]) for n in names]
@@ -140,7 +136,8 @@ def device_name():
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
-    p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated subset of: " + ", ".join(RECIPES))
+    p.add_argument("--recipes", default=",".join(RECIPES),
+                   help="comma-separated subset of: " + ", ".join(f"{k} ({t})" for k, (t, _) in RECIPES.items()))
     p.add_argument("--out_dir", default="runs/compare")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each is its own process)")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS per run (0: torch's default)")

@@ -6,7 +6,7 @@ import compare
 
 
 def fake_run(root, name, seed, values, wall):
-    run = os.path.join(root, f"{compare.slug(name)}_seed{seed}")
+    run = os.path.join(root, f"{name}_seed{seed}")
     os.makedirs(os.path.join(run, "finetune"))
     rows = [{"name": task, "value": values[task], "wall_s": 1.0} for task in compare.TASKS]
     json.dump(rows, open(os.path.join(run, "finetune", "benchmark.json"), "w"))
@@ -15,7 +15,7 @@ def fake_run(root, name, seed, values, wall):
 
 
 def test_table_mean_spread_domains_and_macro(tmp_path, monkeypatch):
-    monkeypatch.setattr(compare, "RECIPES", {"A": [], "B": []})
+    monkeypatch.setattr(compare, "RECIPES", {"A": ("Recipe A", []), "B": ("Recipe B", [])})
     base = {t: 50.0 for t in compare.TASKS}
     fake_run(tmp_path, "A", 0, {**base, "textcls": 60.0, "imgcls": 40.0}, 100)
     fake_run(tmp_path, "A", 1, {**base, "textcls": 70.0, "imgcls": 30.0}, 120)

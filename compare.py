@@ -1,17 +1,19 @@
 """
-X-FM against its ablations and FLAVA at equal compute: pre-train each recipe on the same data with the same model
-size, batch sizes, step count and optimizer updates, then run the whole `finetune.py --task all` suite on each,
-for several seeds; write a Markdown table with the mean and spread per task and per domain.
+X-FM against its ablations and FLAVA on the same data and budget: pre-train each recipe with the same model size,
+batch sizes, step count and optimizer updates, then run the whole `finetune.py --task all` suite on each, for
+several seeds; write a Markdown table with the mean and spread per task and per domain.
 
     python compare.py                          # 5 recipes x 2 seeds on the toy world (CPU: ~75 min; see --jobs)
     python compare.py --seeds 0,1,2 --jobs 4   # more seeds, 4 runs at a time (a GPU, or a many-core CPU)
     python compare.py --table                  # only rebuild the table from the runs already in --out_dir
+    python compare.py --recipes xfm,flava,flava_2x   # add FLAVA with twice the steps (about X-FM's compute)
 
-Equal compute here means: the same `train.py` defaults for every recipe (tiny model, 600 steps of three optimizer
-updates each, 16 samples per data stream in a batch), so every recipe makes the same number of updates on batches
-of the same size. The recipes do not cost the same per update (X-FM's second update holds a region batch and an
-image batch; FLAVA runs each encoder twice on a pair batch, X-FM runs its fusion encoder four times), so the table
-also gives each recipe's measured pre-training wall time.
+The budget is the same `train.py` defaults for every recipe (tiny model, 600 steps of three optimizer updates
+each, 16 samples per data stream in a batch): every recipe makes the same number of updates on batches of the same
+size. That is equal updates, not equal FLOPs: an X-FM step runs every data kind (its second update holds a region
+batch and an image batch; its fusion encoder runs four times on a pair batch), a FLAVA update one kind, and a
+FLAVA step costs about half an X-FM step (bench.py counts both). The table gives each recipe's measured
+pre-training wall time, and `flava_2x` (1200 steps) gives FLAVA about X-FM's compute.
 
 Every run lives in OUT/NAME_seedS (train.py's run folder, with finetune/benchmark.json inside); a run that
 already has its benchmark is not repeated, so an interrupted comparison continues where it stopped.
@@ -31,6 +33,9 @@ RECIPES = {  # id (also the run folder's prefix) -> (column title, train.py argu
     "xfm_pixel": ("X-FM, pixel MIM", ["--mim_target=pixel"]),
     "xfm_nomim": ("X-FM, no MIM", ["--mim_target=off"]),
     "flava": ("FLAVA", ["--recipe=flava"]),
+    # a FLAVA step costs about half an X-FM step (bench.py; measured wall times below): twice the steps is
+    # about X-FM's compute
+    "flava_2x": ("FLAVA, 1200 steps", ["--recipe=flava", "--max_steps=1200"]),
 }
 # task (finetune.py's SUITE names) -> (domain, label); retrieval reports the mean of t2i and i2t R@1
 TASKS = {
@@ -80,6 +85,7 @@ def results(run):
     out = {r["name"]: r["value"] for r in rows if r["name"] in TASKS}
     final = next(json.loads(line) for line in open(os.path.join(run, "metrics.jsonl")) if '"final"' in line)
     out["pretrain_s"] = final["wall_s"]
+    out["device"] = json.load(open(os.path.join(run, "config.json"))).get("device", "?")
     out["finetune_s"] = sum(r["wall_s"] for r in rows)
     return out
 
@@ -89,7 +95,7 @@ def mean_spread(xs):
     return statistics.fmean(xs), (max(xs) - min(xs)) / 2
 
 
-def table(args, seeds, device):
+def table(args, seeds):
     found = {}
     for name in RECIPES:
         runs = [os.path.join(args.out_dir, f"{name}_seed{s}") for s in seeds]
@@ -99,7 +105,8 @@ def table(args, seeds, device):
     if not found:
         raise SystemExit(f"error: no finished runs in {args.out_dir}")
     names = list(found)
-    lines = [f"Toy-world comparison at equal compute (tiny model, `train.py` defaults: 600 steps x 3 updates, batch 16), "
+    device = ", ".join(sorted({r["device"] for runs in found.values() for r in runs}))
+    lines = [f"Toy-world comparison (tiny model, `train.py` defaults: 600 steps x 3 updates, batch 16, unless named), "
              f"then `finetune.py --task all`; mean ± half-range over seeds {','.join(map(str, seeds))} "
              f"(runs finished: {', '.join(f'{n} {len(v)}' for n, v in found.items())}). Device: {device}. "
              f"Results in %.", "",
@@ -126,17 +133,10 @@ def table(args, seeds, device):
     return md
 
 
-def device_name():
-    import torch
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU ({os.cpu_count()} cores)"
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
-    p.add_argument("--recipes", default=",".join(RECIPES),
+    p.add_argument("--recipes", default="xfm,xfm_nosg,xfm_pixel,xfm_nomim,flava",
                    help="comma-separated subset of: " + ", ".join(f"{k} ({t})" for k, (t, _) in RECIPES.items()))
     p.add_argument("--out_dir", default="runs/compare")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each is its own process)")
@@ -160,7 +160,7 @@ def main(argv=None):
         jobs = [(name, seed) for seed in seeds for name in RECIPES]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             list(pool.map(lambda job: run_one(*job, args), jobs))
-    md = table(args, seeds, device_name())
+    md = table(args, seeds)
     print("\n" + md + f"\nwritten to {args.out_dir}/comparison.md ({time.time() - t0:.0f} s)")
 
 

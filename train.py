@@ -579,9 +579,11 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
     if cfg.compile:
         # compile the three encoders (pure tensor code), not the loss code: hard-negative sampling and masked
         # gathers have data-dependent shapes that would make the compiler break the graph and recompile.
-        # dynamic=True: batch and text lengths vary from batch to batch. `model` keeps its parameter names.
+        # PyTorch's default dynamic=None: the first shapes are specialised, and a dimension that changes (text
+        # lengths vary from batch to batch) is recompiled once as dynamic. (dynamic=True from the start failed in
+        # Inductor on an H100 with torch 2.11, see bench.py.) `model` keeps its parameter names.
         for name in ("text", "vision", "fusion"):
-            getattr(model, name).compile(dynamic=True)
+            getattr(model, name).compile()
     loss_model = LossModel(model, cfg.stop_grad, cfg.recipe)
     if ddp:
         # Each of the three updates touches a different subset of the parameters (the text update never runs
@@ -598,7 +600,8 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
         set_rng_state(ckpt["rng"])
     if master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump({"train": asdict(cfg), "model": asdict(model_cfg), "world_size": world, "amp": amp,
+            device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+            json.dump({"train": asdict(cfg), "model": asdict(model_cfg), "world_size": world, "amp": amp, "device": device_name,
                        "accum_steps": accum, "per_rank_batch": per_rank, "data": sources}, f, indent=2)
     recipe = (f"FLAVA {cfg.config} | data kinds per update {ratios}" if is_flava else
               f"X-FM {cfg.config} | stop_grad {cfg.stop_grad} | mim_target {cfg.mim_target} | schedule {cfg.schedule}")

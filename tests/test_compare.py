@@ -10,6 +10,7 @@ def fake_run(root, name, seed, values, wall):
     os.makedirs(os.path.join(run, "finetune"))
     rows = [{"name": task, "value": values[task], "wall_s": 1.0} for task in compare.TASKS]
     json.dump(rows, open(os.path.join(run, "finetune", "benchmark.json"), "w"))
+    json.dump({"device": "test device"}, open(os.path.join(run, "config.json"), "w"))
     with open(os.path.join(run, "metrics.jsonl"), "w") as f:
         f.write(json.dumps({"step": 1, "loss/itc": 1.0}) + "\n" + json.dumps({"final": True, "wall_s": wall}) + "\n")
 
@@ -21,7 +22,7 @@ def test_table_mean_spread_domains_and_macro(tmp_path, monkeypatch):
     fake_run(tmp_path, "A", 1, {**base, "textcls": 70.0, "imgcls": 30.0}, 120)
     fake_run(tmp_path, "B", 0, base, 50)                                   # B: one seed finished of two
     args = type("Args", (), {"out_dir": str(tmp_path)})
-    md = compare.table(args, [0, 1], "test device")
+    md = compare.table(args, [0, 1])
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[3:-1]] for line in md.splitlines()
             if line.startswith("| ") and "---" not in line}
     assert rows["text classification acc"] == ["65.0 ± 5.0", "50.0 ± 0.0"]

@@ -740,7 +740,7 @@ class ShardedBatchSampler:
 class Stream:
     """An infinite iterator of batch dicts for one kind. state_dict() / load_state_dict() resume it exactly."""
 
-    def __init__(self, kind, dataset, batch_size, *, seed, rank, world_size, num_workers, bad):
+    def __init__(self, kind, dataset, batch_size, *, seed, rank, world_size, num_workers, bad, pin_memory=False):
         self.kind, self.dataset, self.bad = kind, dataset, bad
         self.sampler = ShardedBatchSampler(len(dataset), batch_size, seed, rank, world_size, name=kind)
         # whole batches go to the workers, so workers read disjoint batches and keep their order
@@ -748,6 +748,8 @@ class Stream:
         # resumed run (which creates it at another point) would diverge from the uninterrupted one
         self.loader = DataLoader(dataset, batch_sampler=self.sampler, collate_fn=dataset.collate,
                                  num_workers=num_workers, persistent_workers=num_workers > 0,
+                                 # page-locked batches make train.to_device's non_blocking copy truly asynchronous
+                                 pin_memory=pin_memory,
                                  generator=torch.Generator().manual_seed(seed * 1000 + rank))
         self.len_per_epoch = self.sampler.batches_per_epoch
         self.batches, self._it = 0, None
@@ -776,7 +778,8 @@ class Stream:
 
 
 def build_streams(data_dir, tok, *, image_size, patch_size, batch_size, text_len, caption_len, seed, rank,
-                  world_size, num_workers, bad, hflip, crop_scale, max_regions=5, caption_mask="xfm", itm_neg_prob=0.0):
+                  world_size, num_workers, bad, hflip, crop_scale, max_regions=5, caption_mask="xfm", itm_neg_prob=0.0,
+                  pin_memory=False):
     """{kind: Stream} for every kind present in data_dir and named in batch_size (a dict kind -> per-rank batch;
     for "region" it counts images). crop_scale[0] also bounds the region crop's area from below;
     crop_scale=(1, 1) turns every crop off, the region crop included."""
@@ -803,7 +806,7 @@ def build_streams(data_dir, tok, *, image_size, patch_size, batch_size, text_len
             ds = RegionDataset(items, tok, image_size, grid, caption_len, seed, bad, max_regions,
                                min_scale=crop_scale[0])
         streams[kind] = Stream(kind, ds, batch_size[kind], seed=seed, rank=rank, world_size=world_size,
-                               num_workers=num_workers, bad=bad)
+                               num_workers=num_workers, bad=bad, pin_memory=pin_memory)
     return {k: streams[k] for k in KINDS if k in streams}
 
 

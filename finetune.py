@@ -372,7 +372,8 @@ def fused_cls(m, b):
 def predict(cfg, env, model, dataset, fn, target=None):
     """fn(model, batch) over a dataset in order, in eval mode -> outputs on the CPU (and the batches' `target`)."""
     model.eval()
-    loader = DataLoader(dataset, cfg.eval_batch_size, collate_fn=dataset.collate, num_workers=cfg.num_workers)
+    loader = DataLoader(dataset, cfg.eval_batch_size, collate_fn=dataset.collate, num_workers=cfg.num_workers,
+                        pin_memory=env.device.type == "cuda")
     outs, gold = [], []
     for batch in loader:
         with env.autocast():
@@ -392,7 +393,8 @@ def fit(cfg, env, model, train_set, evaluate, out, meta):
             RandomSampler(train_set, generator=torch.Generator().manual_seed(cfg.seed))
         # drop_last: every rank runs the same number of full steps (a short last batch could deadlock DDP)
         loader = DataLoader(train_set, cfg.batch_size // env.world, sampler=sampler, drop_last=True,
-                            collate_fn=train_set.collate, num_workers=cfg.num_workers)
+                            collate_fn=train_set.collate, num_workers=cfg.num_workers,
+                            pin_memory=env.device.type == "cuda", persistent_workers=cfg.num_workers > 0)
         if len(loader) == 0:
             raise SystemExit(f"error: {len(train_set)} training examples, fewer than batch_size {cfg.batch_size}")
         steps = cfg.epochs * len(loader)

@@ -523,7 +523,8 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
                                  seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.num_workers, bad=bad,
                                  hflip=cfg.hflip, crop_scale=(cfg.crop_min_scale, 1.0),
                                  caption_mask="flava" if is_flava else "xfm",
-                                 itm_neg_prob=model_cfg.itm_neg_prob if is_flava else 0.0)
+                                 itm_neg_prob=model_cfg.itm_neg_prob if is_flava else 0.0,
+                                 pin_memory=device.type == "cuda")
     if cfg.mim_target == "off" and not is_flava:
         streams.pop("image", None)  # image-only data feeds nothing but MIM
     if not streams:

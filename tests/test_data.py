@@ -405,7 +405,8 @@ def test_batch_formats(toy, tok):
     assert (im["mim_mask"].sum(1) == 6).all()
 
     p = next(st["pair"])
-    assert set(p) == {"image", "mim_mask", "ids", "att", "mlm_ids", "mlm_labels", "img_id", "n_bad"}
+    assert set(p) == {"image", "mim_mask", "ids", "att", "mlm_ids", "mlm_labels", "img_id", "itm_label", "n_bad"}
+    assert (p["itm_label"] == 1).all()                                      # X-FM swaps no captions
     assert p["image"].shape == (4, 3, 32, 32) and p["mim_mask"].shape == (4, P)
     assert p["img_id"].shape == (4,) and p["img_id"].dtype == torch.long
     for k in ("ids", "att", "mlm_ids", "mlm_labels"):

@@ -1,0 +1,288 @@
+"""The fast paths of the training step (issue 7) against the slow computations they replace, on a fixed batch of
+the tiny config: the same loss values AND the same gradient for every parameter (a fast path that dropped a
+gradient, or took the wrong rows, would keep many values but not the gradients). Each test also checks that the
+fast path is really taken (how many encoder passes run, under which grad mode, how many rows reach a head), so
+removing an optimisation fails a test as surely as breaking one.
+
+    fast path                                          where                          test
+    MLM / IMLM heads on the masked positions only      losses.mlm_loss                test_mlm_head_*
+    IMLM language pass without a graph (stop-grad)     losses._vl_losses              test_imlm_language_pass_*
+    image-only MIM target without a graph              losses._mim                    test_mim_target_*
+    ITM negatives reuse the encoders' outputs          losses.itm_loss                test_itm_negatives_*
+    SDPA instead of the written-out softmax            model.Attention                test_sdpa_*
+    all of them at once                                losses.xfm_losses              test_all_fast_paths_*
+    fused AdamW (train.py and finetune.py on CUDA)     torch.optim.AdamW(fused=True)  test_fused_adamw_*
+    pinned memory + non_blocking copies                train.to_device                test_pinned_* (CUDA only)
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import losses
+from conftest import make_batch, tiny_config
+from model import XFM
+
+ALL_FAST = ("masked_heads", "no_grad_imlm", "no_grad_target", "reuse_itm")
+
+# ---------------------------------------------------------------------------------------------------------
+# The slow reference: xfm_losses written out plainly, each fast path switchable
+
+
+def slow_mlm_loss(hidden, labels, head):
+    """The vocabulary-sized head on EVERY position, then a cross-entropy that ignores the unmasked ones."""
+    logits = head(hidden)                                                  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
+def slow_itm_loss(model, b, t_sg, v, v_mask, f_v, f_t, reencode_images, stop_grad):
+    """ITM whose hard negatives are encoded again from their raw inputs (pixels, token ids), in three fusion
+    passes, instead of indexing the outputs the step already has."""
+    neg_txt, neg_img = losses.sample_hard_negatives(f_v, f_t, model.temp, b["img_id"])
+    ti, ii = neg_img >= 0, neg_txt >= 0
+    if v_mask is None:
+        v_mask = torch.ones(v.shape[:2], dtype=torch.bool)
+    v_neg, m_neg = reencode_images(neg_img[ti])                            # the negative images, from pixels
+    t_neg = losses.fusion_input(model.encode_text(b["ids"][neg_txt[ii]], b["att"][neg_txt[ii]]), stop_grad)
+    cls = torch.cat([model.fuse(t_sg, b["att"], v, v_mask)[:, 0],         # positives
+                     model.fuse(t_sg[ti], b["att"][ti], v_neg, m_neg)[:, 0],  # text i + a negative image
+                     model.fuse(t_neg, b["att"][neg_txt[ii]], v[ii], v_mask[ii])[:, 0]])  # image i + a negative text
+    labels = torch.zeros(len(cls), dtype=torch.long)
+    labels[:len(t_sg)] = 1
+    return F.cross_entropy(model.itm_head(cls).float(), labels)
+
+
+def reference_losses(model, batch, stop_grad=True, fast=()):
+    """The X-FM losses of XFM.md §3 without the fast paths, except those named in `fast` (ALL_FAST: the same
+    computation as losses.xfm_losses). Hard negatives are drawn in the same order as xfm_losses draws them."""
+    mlm = losses.mlm_loss if "masked_heads" in fast else slow_mlm_loss
+    out = {}
+    model.clamp_temp()
+    if "text" in batch:
+        b = batch["text"]
+        out["mlm"] = mlm(model.encode_text(b["ids"], b["att"]), b["labels"], model.text_mlm)
+    for kind, sfx in (("pair", ""), ("region", "_region")):
+        if kind not in batch:
+            continue
+        b = batch[kind]
+        v_full = model.encode_image(b["image"])                            # (B_img, 1+P, D)
+        if kind == "pair":
+            v, v_mask = v_full, None
+            ones = lambda x: torch.ones(x.shape[:2], dtype=torch.bool)
+            reencode = lambda rows: (lambda x: (x, ones(x)))(model.encode_image(b["image"][rows]))
+        else:  # caption n sees the region view of its image img_index[n]
+            v, v_mask = model.region_view(v_full, b["img_index"], b["patch_mask"])
+            reencode = lambda rows: model.region_view(model.encode_image(b["image"][b["img_index"][rows]]),
+                                                      torch.arange(len(rows)), b["patch_mask"][rows])
+        t = model.encode_text(b["ids"], b["att"])
+        f_t, f_v = model.itc_features(t, v)
+        out["itc" + sfx] = losses.itc_loss(f_v, f_t, model.temp)
+        t_sg = losses.fusion_input(t, stop_grad)
+        if "reuse_itm" in fast:
+            out["itm" + sfx] = losses.itm_loss(model, t_sg, b["att"], v, v_mask, f_v, f_t, model.temp, b["img_id"])
+        else:
+            out["itm" + sfx] = slow_itm_loss(model, b, t_sg, v, v_mask, f_v, f_t, reencode, stop_grad)
+        # IMLM: slow = the masked caption's language pass always builds a graph (detached afterwards)
+        with torch.set_grad_enabled(not (stop_grad and "no_grad_imlm" in fast)):
+            t_m = model.encode_text(b["mlm_ids"], b["att"])
+        h = model.fuse(losses.fusion_input(t_m, stop_grad), b["att"], v, v_mask)
+        out["imlm" + sfx] = mlm(h, b["mlm_labels"], model.fusion_mlm)
+        if kind == "pair":
+            out["mim"] = losses.mim_loss(model.encode_image(b["image"], b["mim_mask"]), v_full.detach(), b["mim_mask"])
+        else:
+            h = model.fuse(losses.fusion_input(t, stop_grad), b["att"], v_full[b["img_index"]])
+            out["bbox_l1"], out["bbox_giou"] = losses.bbox_loss(model.bbox_head(h[:, 0]).sigmoid(), b["box"],
+                                                                b["is_region"])
+    if "image" in batch:
+        b = batch["image"]
+        with torch.set_grad_enabled("no_grad_target" not in fast):         # slow: a graph, then detach
+            target = model.encode_image(b["image"])
+        out["mim_image"] = losses.mim_loss(model.encode_image(b["image"], b["mim_mask"]), target.detach(), b["mim_mask"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def tiny_model(**kw):
+    torch.manual_seed(0)
+    return XFM(tiny_config(**kw)).train()  # dropout and drop path are 0 in tiny_config: deterministic
+
+
+def step(model, fn, batch, seed=0):
+    """({name: loss}, {param name: grad}) of one forward + backward of fn(model, batch); `seed` fixes the hard
+    negatives (torch.multinomial is the only random draw with dropout and drop path off)."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = fn(model, batch)
+    sum(out.values()).backward()
+    grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
+    return {k: v.detach() for k, v in out.items()}, grads
+
+
+def assert_same(fast, slow, atol=1e-5, rtol=1e-4):
+    (l_fast, g_fast), (l_slow, g_slow) = fast, slow
+    assert sorted(l_fast) == sorted(l_slow)
+    for k in l_fast:
+        torch.testing.assert_close(l_fast[k], l_slow[k], atol=atol, rtol=rtol, msg=lambda m: f"loss {k}: {m}")
+    assert sum(g.abs().sum() for g in g_fast.values()) > 0
+    for n in g_fast:
+        torch.testing.assert_close(g_fast[n], g_slow[n], atol=atol, rtol=rtol, msg=lambda m: f"grad of {n}: {m}")
+
+
+def record_calls(module):
+    """Forward hook on `module`: a list of (first input, grad mode) per call."""
+    calls = []
+    module.register_forward_hook(lambda m, args, out: calls.append((args[0], torch.is_grad_enabled())))
+    return calls
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return make_batch(tiny_config())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fast paths, one at a time
+
+
+def test_mlm_head_on_masked_positions_only(batch):
+    model = tiny_model()
+    b = batch["text"]
+    hidden = torch.randn(*b["ids"].shape, model.cfg.width, requires_grad=True)  # (B, T, D)
+    rows = []
+    model.text_mlm.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1]))
+    results = []
+    for fn in (losses.mlm_loss, slow_mlm_loss):
+        model.zero_grad(set_to_none=True)
+        hidden.grad = None
+        loss = fn(hidden, b["labels"], model.text_mlm)
+        loss.backward()
+        results.append(({"mlm": loss.detach()}, {"hidden": hidden.grad.clone(),
+                                                 **{n: p.grad.clone() for n, p in model.text_mlm.named_parameters()}}))
+    assert_same(*results, atol=1e-6)
+    n_masked = int((b["labels"] != -100).sum())
+    assert rows[0] == (n_masked,) and rows[1] == b["ids"].shape           # the fast head saw only the masked rows
+    assert n_masked < b["ids"].numel() / 2
+
+
+def test_mlm_head_with_no_masked_position_adds_nothing():
+    """No masked token in a batch: the fast loss is 0 with zero gradients (the full-position CE would be NaN)."""
+    model = tiny_model()
+    hidden = torch.randn(2, 5, model.cfg.width, requires_grad=True)
+    loss = losses.mlm_loss(hidden, torch.full((2, 5), -100), model.text_mlm)
+    loss.backward()
+    assert loss.item() == 0.0 and hidden.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("stop_grad", [True, False])
+def test_imlm_language_pass_without_graph(batch, stop_grad):
+    """Under the stop-gradient the masked caption's language pass runs without a graph: the same IMLM losses and
+    every gradient as the pass with a graph that is detached afterwards. Without the stop-gradient the graph
+    must be kept (IMLM then trains the language encoder: a wrongly disabled graph loses those gradients)."""
+    vl = {k: batch[k] for k in ("pair", "region")}
+    model = tiny_model()
+    calls = record_calls(model.text)
+    fast = step(model, lambda m, bt: losses.xfm_losses(m, bt, stop_grad=stop_grad), vl)
+    masked_pass_grad = [g for x, g in calls if any(x is vl[k]["mlm_ids"] for k in vl)]
+    assert masked_pass_grad == [not stop_grad] * 2                         # one per kind, graph only without sg
+    slow = step(model, lambda m, bt: reference_losses(m, bt, stop_grad, [f for f in ALL_FAST if f != "no_grad_imlm"]), vl)
+    assert_same(fast, slow)
+    text_grad = sum(g.abs().sum() for n, g in fast[1].items() if n.startswith("text."))
+    assert text_grad > 0  # ITC always reaches the language encoder
+
+
+def test_mim_target_without_graph(batch):
+    """The image-only MIM target (the unmasked pass) runs under no_grad: the same loss and gradients as a pass
+    with a graph that is detached."""
+    img = {"image": batch["image"]}
+    model = tiny_model()
+    calls = record_calls(model.vision)
+    fast = step(model, losses.xfm_losses, img)
+    assert [g for _, g in calls] == [False, True]                          # target without graph, masked view with
+    slow = step(model, lambda m, bt: reference_losses(m, bt, True, [f for f in ALL_FAST if f != "no_grad_target"]), img)
+    assert_same(fast, slow)
+
+
+@pytest.mark.parametrize("stop_grad", [True, False])
+def test_itm_negatives_reuse_encoder_outputs(batch, stop_grad):
+    """ITM's hard negatives index the encoders' outputs of the step (text states, image tokens, region views)
+    instead of encoding the negative images and captions again: the same losses and gradients (the vision
+    encoder's gradient from the negatives arrives through the shared output), with fewer encoder passes."""
+    vl = {k: batch[k] for k in ("pair", "region")}
+    model = tiny_model()
+    vision_calls, text_calls = record_calls(model.vision), record_calls(model.text)
+    fast = step(model, lambda m, bt: losses.xfm_losses(m, bt, stop_grad=stop_grad), vl)
+    # pair: unmasked + masked view; region: one pass; language: caption + masked caption per kind
+    assert (len(vision_calls), len(text_calls)) == (3, 4)
+    slow = step(model, lambda m, bt: reference_losses(m, bt, stop_grad, [f for f in ALL_FAST if f != "reuse_itm"]), vl)
+    assert (len(vision_calls), len(text_calls)) == (3 + 5, 4 + 6)  # the reference re-encodes the negatives
+    assert_same(fast, slow)
+
+
+def test_sdpa_equals_explicit_attention(batch):
+    """F.scaled_dot_product_attention and the written-out softmax(q k^T / sqrt(d) + mask) v give the same losses
+    and gradients on every data kind: text padding, the relative position bias, region key masks."""
+    sdpa = tiny_model(attn_impl="sdpa")
+    explicit = tiny_model(attn_impl="explicit")
+    explicit.load_state_dict(sdpa.state_dict())
+    assert_same(step(sdpa, losses.xfm_losses, batch), step(explicit, losses.xfm_losses, batch))
+
+
+def test_all_fast_paths_together(batch):
+    """losses.xfm_losses with SDPA == the slow reference with explicit attention, on all four data kinds; and the
+    reference with every fast path switched on is xfm_losses itself (so the single-path tests above compare
+    against a faithful copy)."""
+    fast_model = tiny_model(attn_impl="sdpa")
+    slow_model = tiny_model(attn_impl="explicit")
+    slow_model.load_state_dict(fast_model.state_dict())
+    fast = step(fast_model, losses.xfm_losses, batch)
+    assert_same(fast, step(slow_model, reference_losses, batch))
+    assert_same(fast, step(fast_model, lambda m, bt: reference_losses(m, bt, True, ALL_FAST), batch), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimizer and host-to-device copies
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_adamw_matches_foreach(batch, device):
+    """AdamW(fused=True) (train.py and finetune.py on CUDA) makes the same updates as the default for-each AdamW:
+    three steps with two parameter groups (decay / no decay) on the gradients of a real step."""
+    model = tiny_model()
+    _, grads = step(model, losses.xfm_losses, batch)
+    params = {}
+    for kind in ("fused", "foreach"):
+        ps = {n: p.detach().clone().to(device).requires_grad_() for n, p in model.named_parameters()}
+        groups = [{"params": [p for n, p in ps.items() if p.ndim >= 2], "weight_decay": 0.01},
+                  {"params": [p for n, p in ps.items() if p.ndim < 2], "weight_decay": 0.0}]
+        try:
+            opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.98), eps=1e-8, fused=kind == "fused",
+                                    foreach=None if kind == "fused" else True)
+        except RuntimeError as e:  # an old torch without a fused CPU kernel
+            pytest.skip(f"fused AdamW unavailable on {device}: {e}")
+        for i in range(3):
+            for n, p in ps.items():
+                p.grad = grads[n].to(device) * (1 + i)                     # a different gradient each step
+            opt.step()
+        params[kind] = ps
+    for n in params["fused"]:
+        torch.testing.assert_close(params["fused"][n], params["foreach"][n], atol=1e-6, rtol=1e-5, msg=n)
+    assert any(not torch.equal(params["fused"][n].cpu(), p) for n, p in model.named_parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pinned_non_blocking_copy_is_exact(batch):
+    """train.to_device with non_blocking=True from pinned memory (what a DataLoader with pin_memory=True hands
+    out) gives the same tensors as a plain copy, once the stream is synchronized."""
+    train = pytest.importorskip("train")
+    device = torch.device("cuda")
+    for kind, b in batch.items():
+        pinned = {k: v.pin_memory() for k, v in b.items()}
+        assert all(v.is_pinned() for v in pinned.values())
+        got = train.to_device(pinned, device)
+        torch.cuda.synchronize()
+        for k, v in b.items():
+            assert torch.equal(got[k].cpu(), v), (kind, k)

@@ -27,6 +27,10 @@ arguments. After `python train.py`:
 A task folder gets metrics.json (eval.json with --eval_only), ckpt.pt (written atomically) and tokenizer.json, so
 it is itself a valid --init; retrieval adds retrieval_examples.png, attention writes attention.png. An
 --image_size other than the pre-training one interpolates the relative position bias tables.
+
+A FLAVA checkpoint (train.py --recipe=flava) works for every task: the model comes from the checkpoint's config
+(flava.build_model); its [CLS] is CLS_M, its features the final-LN CLS tokens (text_cls / image_cls), its ITC
+embeddings the GC ones, and grounding gets a fresh box head (FLAVA pre-trains none).
 """
 import csv
 import json

@@ -11,6 +11,7 @@ The X-FM model: a language encoder, a vision encoder and a fusion encoder, writt
 
 This file holds only the modules and their forward passes. The objectives (and the stop-gradient that
 is X-FM's first idea) live in losses.py; the training loop in train.py. Spec: shared/method/XFM.md §1.
+FLAVA (flava.py) builds its encoders from the same Attention, MLP, Block and MLMHead.
 
 Try it:  python model.py            (prints the parameter count of every preset)
 """
@@ -305,11 +306,12 @@ class TextEncoder(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.text_layers)])
 
     def forward(self, ids, att):
-        not_pad = (ids != self.pad_id).long()
-        pos = torch.cumsum(not_pad, dim=1) * not_pad + self.pad_id         # (B, T) RoBERTa position ids
-        if pos.max() >= self.pos_embed.num_embeddings:
+        # the largest position id is at most T + pad_id: checked on the shape, so the GPU never waits for the CPU
+        if ids.shape[1] + self.pad_id >= self.pos_embed.num_embeddings:
             raise ValueError(f"text of {ids.shape[1]} tokens is longer than max_text_len "
                              f"{self.pos_embed.num_embeddings - self.pad_id - 1}")
+        not_pad = (ids != self.pad_id).long()
+        pos = torch.cumsum(not_pad, dim=1) * not_pad + self.pad_id         # (B, T) RoBERTa position ids
         x = self.drop(self.norm(self.word_embed(ids) + self.pos_embed(pos)))  # (B, T, D)
         for blk in self.blocks:
             x = blk(x, key_mask=att.bool())

@@ -7,9 +7,9 @@ Expected learning, written down: reference curves for the toy run, chance levels
 
 A reference file (reference/NAME.json) holds, for one train.py command: each objective's loss at a handful of
 steps (the mean over the log window ending there) averaged over two seeds, a band around it, each objective's
-chance level, and the final zero-shot retrieval figures. tests/test_learning.py runs the short command and fails
-when a loss leaves its band or retrieval falls towards chance: a wrong mask, a missing detach or a swapped label
-shows up there.
+chance level, and the final zero-shot retrieval figures. tests/test_learning.py runs the short commands and fails
+when a loss leaves its band or retrieval falls towards chance: a wrong mask or a swapped label shows up there. (A
+missing detach does not move the toy losses out of their bands; the gradient-flow tests of test_losses.py catch it.)
 
 Chance levels (what a model that learned nothing scores):
     MLM, IMLM    ln V                 uniform over the vocabulary
@@ -186,7 +186,7 @@ def diagnose(records, chance, reference=None):
                     break
                 if v < l:
                     verdict, ok = (f"below the reference band at step {s} ({v:.3f} < {l:.3f}): suspiciously easy "
-                                   f"(labels leaking into the input?)"), False
+                                   f"(a label leaking into the input, or an easier task than the reference's?)"), False
                     break
             else:
                 verdict = "inside the reference band"
@@ -212,7 +212,8 @@ def check(run_dir, reference_path=None):
     """Print the health check of a run folder; returns True when every objective looks healthy."""
     records, final, config = read_run(run_dir)
     reference = None
-    candidates = [reference_path] if reference_path else [os.path.join("reference", f"{n}.json") for n in REFERENCES]
+    ref_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference")  # wherever it is run from
+    candidates = [reference_path] if reference_path else [os.path.join(ref_dir, f"{n}.json") for n in REFERENCES]
     for path in candidates:
         if path and os.path.exists(path):
             ref = json.load(open(path))

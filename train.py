@@ -338,13 +338,19 @@ def evaluate_retrieval(model, rs, device, k, batch_size, autocast):
 
     txt2img, img2txt = rs["txt2img"].to(device), rs["img2txt"]
 
+    def rank(sim, right):
+        """The rank of the right candidate in each row, ties counted against it: outside the re-ranked top k every
+        candidate scores -100, so a right one there must rank behind all of them, not in front."""
+        s = sim.gather(1, right)                                           # (Nq, c) scores of the right ones
+        return (sim[:, None, :] > s[..., None]).sum(-1) + (sim[:, None, :] == s[..., None]).sum(-1) - 1
+
     def recall_t2i(sim):
-        ranks = (sim > sim.gather(1, txt2img[:, None])).sum(1)            # images scored above the right one
+        ranks = rank(sim, txt2img[:, None])[:, 0]                          # (Nt,)
         return {f"r{n}": float((ranks < n).float().mean()) * 100 for n in (1, 5, 10)}
 
     def recall_i2t(sim):  # an image is right if any of its captions is in the top n
-        order = sim.argsort(dim=1, descending=True)
-        best = torch.tensor([min((order[i] == j).nonzero().item() for j in img2txt[i]) for i in range(len(img2txt))])
+        best = torch.stack([rank(sim[i:i + 1], torch.tensor([img2txt[i]], device=sim.device)).min()
+                            for i in range(len(img2txt))])
         return {f"r{n}": float((best < n).float().mean()) * 100 for n in (1, 5, 10)}
 
     res = {}

@@ -250,6 +250,21 @@ def forward_backward(loss_model, micro_batches, accum, ddp, autocast, scaler):
     return total, logs
 
 
+def optimizer_step(optimizer, scaler, params, clip):
+    """Clip and step (train.py, finetune.py and bench.py share it). With fp16's GradScaler the gradients are
+    unscaled first, so the clipping sees the true gradients. -> the gradient norm before clipping."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    if scaler:
+        scaler.step(optimizer)                                             # skips the step on inf/nan gradients
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -338,20 +353,22 @@ def evaluate_retrieval(model, rs, device, k, batch_size, autocast):
 
     txt2img, img2txt = rs["txt2img"].to(device), rs["img2txt"]
 
-    def rank(sim, right):
-        """The rank of the right candidate in each row, ties counted against it: outside the re-ranked top k every
-        candidate scores -100, so a right one there must rank behind all of them, not in front."""
-        s = sim.gather(1, right)                                           # (Nq, c) scores of the right ones
-        return (sim[:, None, :] > s[..., None]).sum(-1) + (sim[:, None, :] == s[..., None]).sum(-1) - 1
+    def rank(scores, right):
+        """How many wrong candidates score at least as high as the best right one. Ties count against the right
+        one: outside the re-ranked top k every candidate scores -100, so a right one there ranks behind them all."""
+        wrong = torch.ones_like(scores, dtype=torch.bool)
+        wrong[right] = False
+        return int((scores[wrong] >= scores[right].max()).sum())
 
-    def recall_t2i(sim):
-        ranks = rank(sim, txt2img[:, None])[:, 0]                          # (Nt,)
+    def recall(sim, rights):  # a query is right at n if one of its right candidates ranks in the top n
+        ranks = torch.tensor([rank(sim[q], rights[q]) for q in range(sim.shape[0])])
         return {f"r{n}": float((ranks < n).float().mean()) * 100 for n in (1, 5, 10)}
 
-    def recall_i2t(sim):  # an image is right if any of its captions is in the top n
-        best = torch.stack([rank(sim[i:i + 1], torch.tensor([img2txt[i]], device=sim.device)).min()
-                            for i in range(len(img2txt))])
-        return {f"r{n}": float((best < n).float().mean()) * 100 for n in (1, 5, 10)}
+    def recall_t2i(sim):  # one right image per caption
+        return recall(sim, [[int(i)] for i in txt2img])
+
+    def recall_i2t(sim):  # every caption of the image is right
+        return recall(sim, img2txt)
 
     res = {}
     for name, r in recall_t2i(itc).items():
@@ -663,17 +680,9 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
                                      f"The last good state is in {cfg.out_dir}/ckpt.pt (lower --lr, or try --amp=fp32).")
                 continue
             bad_streak = 0
-            if scaler:
-                scaler.unscale_(optimizer)                                  # clip the true gradients, not scaled ones
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
             acc["grad_norm"] = acc.get("grad_norm", 0.0) + grad_norm.detach().float()
             n_seen["grad_norm"] = n_seen.get("grad_norm", 0) + 1
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             model.clamp_temp()
         n_acc += 1
         pbar.update(1)

@@ -57,6 +57,7 @@ import torch
 
 import data
 import losses
+import train
 from model import XFM, TextEncoder, VisionEncoder, make_config
 
 # ---------------------------------------------------------------------------------------------------------
@@ -424,15 +425,7 @@ def bench_step(recipe, preset, device, B, dtype="fp32", attn="sdpa", compile="of
         timer.mark()
         (scaler.scale(loss) if scaler else loss).backward()
         timer.mark()
-        if scaler:
-            scaler.unscale_(optimizer)                                  # clip the true gradients
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train.optimizer_step(optimizer, scaler, model.parameters(), 1.0)   # clip + AdamW, as train.py
         timer.mark()
     sync(device)
     wall = time.perf_counter() - t0

@@ -423,15 +423,7 @@ def fit(cfg, env, model, train_set, evaluate, out, meta):
                 with env.autocast():
                     loss, _ = wrapped(train.to_device(batch, env.device))
                 (env.scaler.scale(loss) if env.scaler else loss).backward()
-                if env.scaler:
-                    env.scaler.unscale_(optimizer)                         # clip the true gradients, not scaled ones
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                if env.scaler:
-                    env.scaler.step(optimizer)
-                    env.scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                train.optimizer_step(optimizer, env.scaler, params, cfg.grad_clip)
                 model.xfm.clamp_temp()                                     # ITC temperature in [0.001, 0.5]
                 total += loss.detach().float()                             # no .item(): no sync per step
                 step += 1
@@ -692,25 +684,30 @@ def to_pil(x, size):
 
 @torch.no_grad()
 def cross_attention_maps(xfm, ids, att, image):
-    """The fusion encoder's cross-attention weights, one (B, nh, T, 1+P) tensor per layer: each word's
-    softmax(q k^T / sqrt(hs)) over the image tokens. model.Attention hands them to SDPA without keeping them,
-    so a forward hook on every cross_attn recomputes them from the module's own q / kv projections and the
-    inputs it was called with (no change to model.py). FLAVA has no cross-attention: its maps are the text rows
-    of the fusion self-attention over CLS_I and the patches (flava.FLAVA.text_to_image_attention)."""
-    if hasattr(xfm, "text_to_image_attention"):
-        return xfm.text_to_image_attention(ids, att, image)
-    maps = []
+    """The fusion encoder's attention from each word to the image tokens, one (B, nh, T, 1+P) tensor per layer:
+    softmax(q k^T / sqrt(hs)). model.Attention hands the weights to SDPA without keeping them, so a forward hook
+    on each fusion attention module recomputes them from the module's own projections and the inputs it was called
+    with (no change to model.py). X-FM: the cross-attention over [mean-pooled slot, patches]. FLAVA has no
+    cross-attention: its maps are the text rows of the fusion self-attention over [CLS_I, patches] (their
+    softmax runs over the whole fused sequence, so a row need not sum to 1 over the image)."""
+    maps, flava_model = [], getattr(xfm.cfg, "recipe", "xfm") == "flava"
+    P = xfm.cfg.num_patches
 
     def hook(m, args, kwargs, output):
-        x, kv, key_mask = args[0], kwargs["kv"], kwargs.get("key_mask")
-        q = m.split_heads(m.q(x))                                          # (B, nh, T, hs)
-        k = m.split_heads(m.kv(kv).chunk(2, dim=-1)[0])                    # (B, nh, S, hs)
-        a = (q @ k.transpose(-2, -1)) / math.sqrt(m.head_dim)              # (B, nh, T, S)
+        x, key_mask = args[0], kwargs.get("key_mask")
+        if flava_model:  # self-attention over [CLS_M; CLS_I; patches; text]
+            q, k, _ = F.linear(x, m.qkv.weight, m.qkv.bias).chunk(3, dim=-1)
+        else:            # text queries, image keys
+            q, k = m.q(x), m.kv(kwargs["kv"]).chunk(2, dim=-1)[0]
+        q, k = m.split_heads(q), m.split_heads(k)                          # (B, nh, N, hs), (B, nh, S, hs)
+        a = (q @ k.transpose(-2, -1)) / math.sqrt(m.head_dim)              # (B, nh, N, S)
         if key_mask is not None:
             a = a.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
-        maps.append(a.float().softmax(dim=-1))
+        a = a.float().softmax(dim=-1)
+        maps.append(a[:, :, 2 + P:, 1:2 + P] if flava_model else a)       # (B, nh, T, 1+P)
 
-    hooks = [blk.cross_attn.register_forward_hook(hook, with_kwargs=True) for blk in xfm.fusion.blocks]
+    modules = [blk.attn if flava_model else blk.cross_attn for blk in xfm.fusion.blocks]
+    hooks = [mod.register_forward_hook(hook, with_kwargs=True) for mod in modules]
     try:
         xfm.eval()
         xfm.fuse(xfm.encode_text(ids, att), att, xfm.encode_image(image))

@@ -295,28 +295,6 @@ class FLAVA(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    @torch.no_grad()
-    def text_to_image_attention(self, ids, att, image):
-        """The fusion self-attention from each text position to CLS_I and the patches, one (B, nh, T, 1+P) tensor
-        per layer (finetune.py --task attention draws them as it draws X-FM's cross-attention)."""
-        maps, P = [], self.cfg.num_patches
-
-        def hook(m, args, kwargs, output):
-            q, k, _ = F.linear(args[0], m.qkv.weight, m.qkv.bias).chunk(3, dim=-1)
-            q, k = m.split_heads(q), m.split_heads(k)                     # (B, nh, N, hs)
-            a = (q @ k.transpose(-2, -1)) / math.sqrt(m.head_dim)          # (B, nh, N, N)
-            a = a.masked_fill(~kwargs["key_mask"][:, None, None, :], float("-inf")).float().softmax(-1)
-            maps.append(a[:, :, 2 + P:, 1:2 + P])                          # text queries x (CLS_I, patches)
-
-        hooks = [blk.attn.register_forward_hook(hook, with_kwargs=True) for blk in self.fusion.blocks]
-        try:
-            self.eval()
-            self.fuse(self.encode_text(ids, att), att, self.encode_image(image))
-        finally:
-            for h in hooks:
-                h.remove()
-        return maps
-
 
 def resize_pos_embed(pos, new_grid):
     """(1, 1+g*g, D) -> (1, 1+g'*g', D): the patch positions resized bicubically, CLS_I's kept (fine-tuning at

@@ -24,6 +24,11 @@ Sections of the report (one Markdown table each; also in JSON), written to --out
        FLOPs/step  analytic matmul FLOPs (`flops_per_step`, X-FM) and as counted by torch.utils.flop_counter
                    on one real step (both recipes); MFU = FLOPs/step / step time / the device's peak FLOP/s
                    for the step's dtype (PEAK_FLOPS; CUDA only: a CPU has no meaningful table entry)
+       aten ops    ops that one forward + backward dispatches and that may launch a kernel (DispatchCounter;
+                   views and allocations excluded, the fused optimizer left out), host syncs among them (ops
+                   that make a CUDA host wait: .item(), `if tensor`, nonzero, boolean-mask indexing) with their
+                   source lines, and µs/op = step time / ops. An eager step pays a host cost per op; when µs/op
+                   is about that cost (tens of µs) the GPU waits on the host and MFU says little about the GPU
   2. Speed knobs, one at a time from the baseline (sdpa attention, bf16 autocast on a bf16 GPU else fp32,
      no compile): attention explicit vs sdpa (XFMConfig.attn_impl), every dtype of --dtypes (fp16 with a
      GradScaler, as train.py; fp16 is skipped on the CPU, whose autocast is bf16 only), and torch.compile of the
@@ -51,9 +56,11 @@ import platform
 import resource
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import losses
@@ -288,6 +295,52 @@ def counted_flops(model, loss_fn, batch):
     return counter.get_total_flops()
 
 
+# Ops that make the host wait for the GPU on CUDA: a tensor read as a Python number or bool (.item(), `if t.any()`)
+# and ops whose output size depends on the data (nonzero, boolean-mask indexing, masked_select).
+HOST_SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2"}
+NO_KERNEL_OPS = {"_unsafe_view", "_reshape_alias", "lift_fresh", "empty", "empty_like", "empty_strided"}
+
+
+class DispatchCounter(TorchDispatchMode):
+    """Counts the aten ops that one region of code dispatches: `ops`, those that may launch a kernel (views and
+    bare allocations excluded), and `syncs`, those that block the host until the GPU catches up (HOST_SYNC_OPS
+    and indexing with a boolean mask), with the source line of each sync in `sync_sites` (file:line -> count).
+
+    Why count: an eager step pays a roughly fixed host cost per op (Python, dispatcher, kernel launch). When
+    step time / ops is about that cost, the host is the bottleneck and the GPU waits, whatever its speed."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.syncs, self.sync_sites = 0, 0, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in NO_KERNEL_OPS:
+            self.ops += 1
+        indices = args[1] if name in ("index", "index_put", "index_put_") and len(args) > 1 else ()
+        bool_mask = any(torch.is_tensor(t) and t.dtype == torch.bool for t in indices)
+        if name in HOST_SYNC_OPS or bool_mask:
+            self.syncs += 1
+            # the innermost caller outside torch; bench.py itself there means the autograd engine's backward
+            frame = next(f for f in reversed(traceback.extract_stack()[:-1])
+                         if f"{os.sep}torch{os.sep}" not in f.filename)
+            in_bench = os.path.abspath(frame.filename) == os.path.abspath(__file__)
+            site = "backward" if in_bench else f"{os.path.basename(frame.filename)}:{frame.lineno}"
+            self.sync_sites[site] = self.sync_sites.get(site, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_dispatch(model, loss_fn, batch, autocast):
+    """One forward (under the step's autocast) and backward of every loss, counted by a DispatchCounter. The
+    optimizer is left out: on CUDA it is one fused AdamW, a handful of kernels and no sync."""
+    with DispatchCounter() as counter:
+        with autocast():
+            out = loss_fn(model, batch)
+        sum(out.values()).backward()
+    model.zero_grad(set_to_none=True)
+    return counter
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The recipes
 
@@ -441,6 +494,10 @@ def bench_step(recipe, preset, device, B, dtype="fp32", attn="sdpa", compile="of
                loss=float(loss.detach()))
     if recipe == "xfm":
         row["flops_analytic"] = flops_per_step(cfg, batch_shape(batch))
+    if compile == "off":  # a compiled step runs fused kernels, not the aten ops counted here
+        counter = count_dispatch(model, loss_fn, batch, autocast)
+        row.update(ops=counter.ops, syncs=counter.syncs, sync_sites=counter.sync_sites,
+                   us_per_op=row["step_ms"] * 1e3 / counter.ops)
     del model, optimizer, out, loss
     if compile != "off":
         torch._dynamo.reset()                                           # drop the compiled graphs before the next run
@@ -658,7 +715,7 @@ def md_table(headers, rows):
 def step_table(rows):
     headers = ["config", "recipe", "params", "batch (pair/region img/image/text)", "step ms", "fwd ms", "bwd ms",
                "opt ms", "samples/s", "tokens/s", "peak mem MB", "GFLOP/step analytic", "GFLOP/step counted",
-               "TFLOP/s", "MFU"]
+               "TFLOP/s", "MFU", "aten ops (fwd+bwd)", "host syncs", "µs/op"]
     out = []
     for r in rows:
         B = r["batch"]
@@ -671,8 +728,19 @@ def step_table(rows):
                     fmt(r["tokens_per_s"], 0), fmt(r["peak_mem_mb"], 0),
                     fmt(r["flops_analytic"] / 1e9 if r.get("flops_analytic") else None),
                     fmt(r["flops_counted"] / 1e9 if r.get("flops_counted") else None),
-                    fmt(r.get("tflops_per_s"), 2), mfu])
+                    fmt(r.get("tflops_per_s"), 2), mfu, fmt(r.get("ops")), fmt(r.get("syncs")),
+                    fmt(r.get("us_per_op"))])
     return md_table(headers, out)
+
+
+def sync_sites_text(rows):
+    """One line per baseline run: where its host syncs come from (file:line x count)."""
+    lines = []
+    for r in rows:
+        sites = sorted(r.get("sync_sites", {}).items(), key=lambda kv: -kv[1])
+        if sites:
+            lines.append(f"- {r['config']} {r['recipe']}: " + ", ".join(f"{k} x{n}" for k, n in sites))
+    return "\n".join(lines)
 
 
 def variant_table(rows, baselines):
@@ -839,7 +907,13 @@ def main(argv=None):
     say("\n## 1. Training step (baseline)\n")
     say(step_table(list(baselines.values())))
     say("\nsamples = pairs + region captions + images + texts; tokens = text positions + image patches, each input "
-        "once; MFU from the analytic count (X-FM) or torch's FLOP counter (FLAVA, marked), CUDA only.")
+        "once; MFU from the analytic count (X-FM) or torch's FLOP counter (FLAVA, marked), CUDA only. aten ops: "
+        "the ops one forward + backward dispatches that may launch a kernel (views excluded; optimizer left out); "
+        "host syncs: those that make the host wait for the GPU on CUDA; µs/op = step time / aten ops: near the "
+        "eager per-op host cost (tens of µs), the step is bound by the host, not by the device.")
+    sites = sync_sites_text(list(baselines.values()))
+    if sites:
+        say("\nHost syncs by source line (CUDA waits there; the CPU does the same work without waiting):\n\n" + sites)
     say("\n## 2. Speed knobs, one at a time (bold: what differs from the baseline; vs baseline > 1: faster)\n")
     say(variant_table(step_rows, baselines))
 

@@ -129,7 +129,7 @@ def itc_loss(f_v, f_t, temp, ids=None, queries=None):
     s_t2i = f_t @ all_v.t() / temp                                         # (B, N)
     if ids is None:
         y = torch.arange(B, device=f_v.device) + sum(sizes[:_rank()])      # (B,) diagonal of the global matrix
-        target = F.one_hot(y, len(all_t)).float()                          # (B, N)
+        target = (y[:, None] == torch.arange(len(all_t), device=y.device)[None, :]).float()  # (B, N) one-hot
     else:  # every pair sharing an id is a positive
         all_ids = gather_no_grad(ids, sizes)                               # (N,) ids need no graph
         pos = (ids[:, None] == all_ids[None, :]).float()                   # (B, N)

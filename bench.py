@@ -28,7 +28,8 @@ Sections of the report (one Markdown table each; also in JSON), written to --out
                    views and allocations excluded, the fused optimizer left out), host syncs among them (ops
                    that make a CUDA host wait: .item(), `if tensor`, nonzero, boolean-mask indexing) with their
                    source lines, and µs/op = step time / ops. An eager step pays a host cost per op; when µs/op
-                   is about that cost (tens of µs) the GPU waits on the host and MFU says little about the GPU
+                   is about that cost (tens of µs) the GPU waits on the host and MFU says little about the GPU;
+                   and how many of the forward's ops run inside the three encoders (what compile covers)
   2. Speed knobs, one at a time from the baseline (sdpa attention, bf16 autocast on a bf16 GPU else fp32,
      no compile): attention explicit vs sdpa (XFMConfig.attn_impl), every dtype of --dtypes (fp16 with a
      GradScaler, as train.py; fp16 is skipped on the CPU, whose autocast is bf16 only), and torch.compile of the
@@ -312,11 +313,13 @@ class DispatchCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops, self.syncs, self.sync_sites = 0, 0, {}
+        self.depth, self.encoder_ops = 0, 0          # count_dispatch's hooks: ops inside an encoder's forward
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if not func.is_view and name not in NO_KERNEL_OPS:
             self.ops += 1
+            self.encoder_ops += self.depth > 0
         indices = args[1] if name in ("index", "index_put", "index_put_") and len(args) > 1 else ()
         bool_mask = any(torch.is_tensor(t) and t.dtype == torch.bool for t in indices)
         if name in HOST_SYNC_OPS or bool_mask:
@@ -332,11 +335,21 @@ class DispatchCounter(TorchDispatchMode):
 
 def count_dispatch(model, loss_fn, batch, autocast):
     """One forward (under the step's autocast) and backward of every loss, counted by a DispatchCounter. The
-    optimizer is left out: on CUDA it is one fused AdamW, a handful of kernels and no sync."""
-    with DispatchCounter() as counter:
+    optimizer is left out: on CUDA it is one fused AdamW, a handful of kernels and no sync. Also sets
+    counter.forward_ops and counter.encoder_ops: the forward's ops, and those inside the three encoders (what
+    compiling the encoders, as train.py --compile does, takes out of eager mode)."""
+    counter = DispatchCounter()
+    enter = lambda *_: setattr(counter, "depth", counter.depth + 1)
+    leave = lambda *_: setattr(counter, "depth", counter.depth - 1)
+    encoders = [getattr(model, n) for n in ("text", "vision", "fusion") if hasattr(model, n)]
+    hooks = [h for m in encoders for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    with counter:
         with autocast():
             out = loss_fn(model, batch)
+        counter.forward_ops = counter.ops
         sum(out.values()).backward()
+    for h in hooks:
+        h.remove()
     model.zero_grad(set_to_none=True)
     return counter
 
@@ -497,7 +510,8 @@ def bench_step(recipe, preset, device, B, dtype="fp32", attn="sdpa", compile="of
     if compile == "off":  # a compiled step runs fused kernels, not the aten ops counted here
         counter = count_dispatch(model, loss_fn, batch, autocast)
         row.update(ops=counter.ops, syncs=counter.syncs, sync_sites=counter.sync_sites,
-                   us_per_op=row["step_ms"] * 1e3 / counter.ops)
+                   us_per_op=row["step_ms"] * 1e3 / counter.ops, forward_ops=counter.forward_ops,
+                   encoder_forward_ops=counter.encoder_ops)
     del model, optimizer, out, loss
     if compile != "off":
         torch._dynamo.reset()                                           # drop the compiled graphs before the next run
@@ -715,7 +729,7 @@ def md_table(headers, rows):
 def step_table(rows):
     headers = ["config", "recipe", "params", "batch (pair/region img/image/text)", "step ms", "fwd ms", "bwd ms",
                "opt ms", "samples/s", "tokens/s", "peak mem MB", "GFLOP/step analytic", "GFLOP/step counted",
-               "TFLOP/s", "MFU", "aten ops (fwd+bwd)", "host syncs", "µs/op"]
+               "TFLOP/s", "MFU", "aten ops (fwd+bwd)", "host syncs", "µs/op", "fwd ops in encoders"]
     out = []
     for r in rows:
         B = r["batch"]
@@ -729,7 +743,8 @@ def step_table(rows):
                     fmt(r["flops_analytic"] / 1e9 if r.get("flops_analytic") else None),
                     fmt(r["flops_counted"] / 1e9 if r.get("flops_counted") else None),
                     fmt(r.get("tflops_per_s"), 2), mfu, fmt(r.get("ops")), fmt(r.get("syncs")),
-                    fmt(r.get("us_per_op"))])
+                    fmt(r.get("us_per_op")),
+                    f"{r['encoder_forward_ops']} / {r['forward_ops']}" if r.get("ops") else "n/a"])
     return md_table(headers, out)
 
 
@@ -910,7 +925,8 @@ def main(argv=None):
         "once; MFU from the analytic count (X-FM) or torch's FLOP counter (FLAVA, marked), CUDA only. aten ops: "
         "the ops one forward + backward dispatches that may launch a kernel (views excluded; optimizer left out); "
         "host syncs: those that make the host wait for the GPU on CUDA; µs/op = step time / aten ops: near the "
-        "eager per-op host cost (tens of µs), the step is bound by the host, not by the device.")
+        "eager per-op host cost (tens of µs), the step is bound by the host, not by the device; fwd ops in "
+        "encoders: of the forward's ops, those inside the three encoders (what compiling them takes out of eager).")
     sites = sync_sites_text(list(baselines.values()))
     if sites:
         say("\nHost syncs by source line (CUDA waits there; the CPU does the same work without waiting):\n\n" + sites)

@@ -312,14 +312,25 @@ class Tokenizer:
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(cls.SPECIALS), show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         hf.train_from_iterator(texts, trainer)
+        tok = cls(hf)
+        tok.save(path)
+        return tok
+
+    def save(self, path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        hf.save(path + ".tmp")
+        self.hf.save(path + ".tmp")
         os.replace(path + ".tmp", path)  # atomic: a crash never leaves half a tokenizer.json
-        return cls(hf)
 
     @classmethod
     def load(cls, path):
         return cls(HFTokenizer.from_file(path))
+
+    def to_json(self):  # the whole tokenizer as one string: what rank 0 sends the other ranks
+        return self.hf.to_str()
+
+    @classmethod
+    def from_json(cls, text):
+        return cls(HFTokenizer.from_str(text))
 
     def encode(self, text, max_len):
         """<s> tokens </s>, truncated to max_len with </s> kept last."""
@@ -347,7 +358,7 @@ def corpus_texts(data_dir):
 
 def get_tokenizer(data_dir, run_dir, vocab_size, tokenizer_path=None):
     """Load tokenizer_path, else run_dir/tokenizer.json, else train one on the folder and save it there.
-    Under DDP call it on rank 0 first, then barrier, then on the other ranks (they will load the saved file)."""
+    Under DDP rank 0 calls it and sends the others its JSON (train.rank0_shares), so they need no shared folder."""
     if tokenizer_path:
         return Tokenizer.load(tokenizer_path)
     path = os.path.join(run_dir, "tokenizer.json")

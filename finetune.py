@@ -73,20 +73,20 @@ class FinetuneConfig:
     # data
     data_dir: str = "data/toy"      # task files default to DATA_DIR/downstream/TASK_{train,test}.jsonl
     train_file: str = ""            # .jsonl | .json list | Karpathy dataset_*.json | .tsv | ImageFolder directory
-    test_file: str = ""
+    test_file: str = ""             # the evaluation split, in the same formats
     image_root: str = ""            # image paths are relative to this folder (default: the file's folder)
     out_dir: str = ""               # default: INIT_RUN/finetune; each task writes OUT_DIR/NAME/
     tokenizer: str = ""             # default: tokenizer.json next to --init
     image_size: int = 0             # 0 = the pre-training size; another size interpolates the rel-pos tables
     text_len: int = 0               # 0 = the model's max_text_len
     # optimisation (0 or -1 = the task's default from TASK_DEFAULTS)
-    epochs: int = -1
+    epochs: int = -1                # passes over the training split; 0 = evaluate without training
     batch_size: int = 0             # global batch, split over the ranks
-    lr: float = 0.0
+    lr: float = 0.0                 # peak learning rate of AdamW
     lr_mult: float = 2.0            # the new head trains at lr x lr_mult (official lr_mult on new parameters)
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01      # AdamW weight decay (not on biases and norms)
     warmup: float = 0.1             # linear warmup over this fraction of the steps, then linear decay to 0
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0          # clip the global gradient norm of each step to this
     # task options
     probe: str = "full"             # imgcls: full (fine-tune the encoder) | linear (nn.Linear on frozen features)
     metric: str = ""                # textcls: accuracy | f1 | mcc | pearson ("" = accuracy, pearson if regression)
@@ -99,9 +99,9 @@ class FinetuneConfig:
     # runtime
     device: str = "auto"            # auto (cuda > mps > cpu) | cpu | cuda | mps
     amp: str = "auto"               # auto | bf16 | fp16 | fp32 (train.amp_setup)
-    seed: int = 0
-    num_workers: int = 0
-    eval_batch_size: int = 64
+    seed: int = 0                   # head init and data order
+    num_workers: int = 0            # DataLoader workers per rank
+    eval_batch_size: int = 64       # examples per forward in evaluation
 
 
 TASKS = ("textcls", "imgcls", "vqa", "nlvr", "retrieval", "grounding")
@@ -122,9 +122,15 @@ SUITE = (("textcls", []), ("imgcls", []), ("imgcls_linear", ["--probe", "linear"
          ("retrieval_zeroshot", ["--epochs", "0"]), ("retrieval", []), ("grounding", []))
 
 
+# the keys with a fixed set of values (checked when the command line is read, before any work)
+CHOICES = {"task": (*TASKS, "all", "attention"), "preset": train.CHOICES["config"], "probe": ("full", "linear"),
+           "metric": ("", "accuracy", "f1", "mcc", "pearson"), "device": train.CHOICES["device"],
+           "amp": train.CHOICES["amp"]}
+
+
 def parse_args(argv):
     """`--key=value` or `--key value` overrides of FinetuneConfig (train.parse_overrides)."""
-    return train.parse_overrides(argv, FinetuneConfig, __doc__.strip().split("\n\n")[2])
+    return train.parse_overrides(argv, FinetuneConfig, __doc__.strip().split("\n\n")[2], CHOICES)
 
 
 def run_name(cfg, finetuned):
@@ -386,6 +392,24 @@ def predict(cfg, env, model, dataset, fn, target=None):
     return (torch.cat(outs), torch.cat(gold)) if target else torch.cat(outs)
 
 
+def freeze_unused(model, train_set, n, device):
+    """Freeze every trainable parameter that the task's loss does not reach, found by one backward pass over the
+    first n training examples (eval mode, fp32: no randomness is drawn). A task then trains exactly the
+    parameters it uses, and DDP, which expects a gradient for every parameter that requires one, needs no
+    find_unused_parameters. (FLAVA's fused tasks read the encoders' states before their final LayerNorm, so
+    text.norm and vision.norm get none.) -> the names frozen."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    batch = train_set.collate([train_set[i] for i in range(min(n, len(train_set)))])
+    model.eval()
+    loss, _ = model(train.to_device(batch, device))
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    model.train()
+    unused = [name for name, g in zip(params, grads) if g is None]
+    for name in unused:
+        params[name].requires_grad = False
+    return unused
+
+
 def fit(cfg, env, model, train_set, evaluate, out, meta):
     """Fine-tune for cfg.epochs (none with --eval_only or epochs 0), then evaluate on rank 0 with the raw model
     and save the fine-tuned checkpoint. -> the evaluation's report plus the loss history (None on other ranks)."""
@@ -402,6 +426,10 @@ def fit(cfg, env, model, train_set, evaluate, out, meta):
         if len(loader) == 0:
             raise SystemExit(f"error: {len(train_set)} training examples, fewer than batch_size {cfg.batch_size}")
         steps = cfg.epochs * len(loader)
+        unused = freeze_unused(model, train_set, cfg.batch_size // env.world, env.device)
+        if unused:
+            env.print0(f"{cfg.task}: {len(unused)} parameter tensors get no gradient from its loss and stay frozen: "
+                       + ", ".join(unused[:4]) + (", ..." if len(unused) > 4 else ""))
         # no decay on biases and norms (train.param_groups); the new head at lr x lr_mult
         groups = train.param_groups(model.xfm, cfg.weight_decay, 1.0)
         if model.head is not None:
@@ -825,13 +853,17 @@ def load_init(cfg, ddp, rank, world, device):
         run_dir = cfg.out_dir or "runs/from_pretrained"
         text_dir = cfg.init_text if os.path.isdir(cfg.init_text) else os.path.dirname(cfg.init_text)
         tok_path = cfg.tokenizer or (os.path.join(text_dir, "tokenizer.json") if cfg.init_text else "")
-    if not os.path.isfile(tok_path):
-        raise SystemExit(f"error: no tokenizer at {tok_path!r} (use --tokenizer)")
+
+    def read_tokenizer():  # rank 0 reads it; every rank gets its JSON (no shared folder needed for it)
+        if not os.path.isfile(tok_path):
+            raise SystemExit(f"error: no tokenizer at {tok_path!r} (use --tokenizer)")
+        return data.Tokenizer.load(tok_path).to_json()
+    tok = data.Tokenizer.from_json(train.rank0_shares(read_tokenizer, ddp, rank))
     if not cfg.init:
-        ckpt = from_pretrained_encoders(cfg, data.Tokenizer.load(tok_path), rank == 0)
+        ckpt = from_pretrained_encoders(cfg, tok, rank == 0)
     finetuned, master = "task" in ckpt, rank == 0
     autocast, scaler, _ = train.amp_setup(cfg.amp, device)
-    return SimpleNamespace(ckpt=ckpt, tok=data.Tokenizer.load(tok_path), finetuned=finetuned, run_dir=run_dir,
+    return SimpleNamespace(ckpt=ckpt, tok=tok, finetuned=finetuned, run_dir=run_dir,
                            meta=ckpt.get("meta") if finetuned else None, mcfg=flava.config_from_dict(ckpt["model_config"]),
                            ddp=ddp, rank=rank, world=world, device=device, master=master, autocast=autocast,
                            scaler=scaler, print0=lambda *a: print(*a, flush=True) if master else None)
@@ -894,8 +926,8 @@ def run_all(cfg, given, env):
 
 def main(argv=None):
     cfg, given = parse_args(sys.argv[1:] if argv is None else argv)
-    if cfg.task not in (*TASKS, "all", "attention"):
-        raise SystemExit(f"error: --task must be one of {', '.join((*TASKS, 'all', 'attention'))}, not {cfg.task!r}")
+    if not cfg.task:
+        raise SystemExit(f"error: --task is required, one of {', '.join(CHOICES['task'])} (see --help)")
     if not cfg.init and not (cfg.init_text or cfg.init_vision):
         raise SystemExit("error: --init RUN/ckpt.pt is required (a checkpoint from train.py), "
                          "or --init_text / --init_vision (public encoders)")
@@ -905,11 +937,13 @@ def main(argv=None):
         raise SystemExit("error: --task all fine-tunes every task; --eval_only takes a single task")
     ddp, rank, _, world, device = train.setup_distributed(cfg.device)
     try:
-        if rank == 0 and cfg.data_dir == FinetuneConfig.data_dir and not os.path.isdir(cfg.data_dir):
-            data.make_toy(cfg.data_dir, seed=0)  # the toy world, as train.py builds it
-        if ddp:
-            dist.barrier()
         env = load_init(cfg, ddp, rank, world, device)
+
+        def prepare_data():  # rank 0 builds the toy world, as train.py does; every rank is told
+            if cfg.data_dir == FinetuneConfig.data_dir and not os.path.isdir(cfg.data_dir):
+                print(f"building the toy world in {cfg.data_dir} ...", flush=True)
+                data.make_toy(cfg.data_dir, seed=0)
+        train.rank0_shares(prepare_data, ddp, rank)
         return run_all(cfg, given, env) if cfg.task == "all" else run_task(cfg, given, env)
     finally:
         train.teardown()

@@ -18,10 +18,12 @@ or, with --schedule=summed, one update over the sum of every loss.
 With --recipe=flava (flava.py) a step is three updates too, each on ONE data kind drawn with --flava_ratios.
 """
 import difflib
+import inspect
 import json
 import math
 import os
 import random
+import re
 import resource
 import sys
 import time
@@ -80,32 +82,57 @@ class TrainConfig:
     lr: float = 1e-3                # peak lr (official 1e-4 from pre-trained encoders; from scratch ~5e-4..1e-3)
     lr_mult: float = 2.0            # lr multiplier for the new heads and the temperature (official lr_mult)
     warmup_steps: int = 30          # linear warmup, then linear decay to 0 at max_steps
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.98
-    grad_clip: float = 1.0
+    weight_decay: float = 0.01      # AdamW weight decay (not on biases, norms, tokens, the temperature)
+    beta1: float = 0.9              # AdamW beta1
+    beta2: float = 0.98             # AdamW beta2 (FLAVA: 0.999)
+    grad_clip: float = 1.0          # clip the global gradient norm of each update to this
     max_bad_steps: int = 5          # this many non-finite updates in a row stop the run (with a checkpoint)
     # runtime
     device: str = "auto"            # auto (cuda > mps > cpu) | cpu | cuda | mps
     amp: str = "auto"               # auto (bf16 on a bf16 GPU, else fp32) | bf16 | fp16 (CUDA, with GradScaler) | fp32
-    compile: bool = False           # torch.compile the model
-    seed: int = 0
-    log_every: int = 25
-    ckpt_every: int = 500
+    compile: bool = False           # torch.compile the three encoders
+    seed: int = 0                   # model init, data order, masks, hard negatives (per rank: seed * 1000 + rank)
+    log_every: int = 25             # steps between metrics.jsonl records (losses averaged over the ranks)
+    ckpt_every: int = 500           # steps between checkpoints (RUN/ckpt.pt, written atomically; also at the end)
     resume: str = ""                # a run folder or ckpt.pt to continue from
     eval_k: int = 16                # retrieval: ITM re-ranks the top k ITC candidates (official k_test 256)
-    eval_batch_size: int = 64
+    eval_batch_size: int = 64       # retrieval evaluation: images / captions encoded per forward
 
 
-def parse_overrides(argv, config_cls, intro):
+# the keys with a fixed set of values (checked when the command line is read, before any work)
+CHOICES = {"config": ("tiny", "small", "base"), "recipe": ("xfm", "flava"), "mim_target": ("vl", "pixel", "off"),
+           "attn_impl": ("sdpa", "explicit"), "schedule": ("three", "summed"), "device": ("auto", "cpu", "cuda", "mps"),
+           "amp": ("auto", "bf16", "fp16", "fp32")}
+
+
+def key_help(config_cls):
+    """{key: the comment written beside it in the dataclass, with the comment lines indented below it}: the
+    text of --help. (A comment line at the keys' own indentation heads a group of keys and is not help.)"""
+    helps, key = {}, None
+    for line in inspect.getsource(config_cls).splitlines():
+        indent = len(line) - len(line.lstrip())
+        field_match = re.match(r"\s+(\w+): \w+ = [^#]*?(?:#\s*(.*))?$", line)
+        if field_match:
+            key, key_indent = field_match.group(1), indent
+            helps[key] = field_match.group(2) or ""
+        elif key and line.lstrip().startswith("#") and indent > key_indent:
+            helps[key] += " " + line.strip().lstrip("#").strip()
+        else:
+            key = None
+    return helps
+
+
+def parse_overrides(argv, config_cls, intro, choices=CHOICES):
     """`--key=value` or `--key value` overrides of a config dataclass; a bare `--flag` sets a bool to true.
-    Unknown keys are errors that suggest the closest key; `--help` prints `intro` and every key with its
-    default. Returns (config, {key: value given}). finetune.py uses it too."""
+    Unknown keys, values of the wrong type and values outside `choices` are errors with a one-line message,
+    raised before any work starts; `--help` prints `intro` and every key with its default and its meaning.
+    Returns (config, {key: value given}). finetune.py uses it too."""
     cfg, types = config_cls(), {f.name: f.type for f in fields(config_cls)}
     if any(a in ("-h", "--help") for a in argv):
-        print(intro + "\n\nConfig keys (--key=value or --key value):")
+        helps = key_help(config_cls)
+        print(intro + "\n\nConfig keys (--key=value or --key value), with their defaults:")
         for f in fields(config_cls):
-            print(f"  --{f.name}={getattr(cfg, f.name)!s:<14} ({f.type.__name__})")
+            print(f"  {'--' + f.name + '=' + str(getattr(cfg, f.name)):<32} {helps.get(f.name, '')}")
         sys.exit(0)
     given, i = {}, 0
     while i < len(argv):
@@ -134,6 +161,8 @@ def parse_overrides(argv, config_cls, intro):
                 given[key] = typ(val)
             except ValueError:
                 raise SystemExit(f"error: --{key} takes a {typ.__name__}, not {val!r}")
+        if key in choices and given[key] not in choices[key]:
+            raise SystemExit(f"error: --{key} must be one of {', '.join(choices[key])}, not {val!r}")
     for key, val in given.items():
         setattr(cfg, key, val)
     return cfg, given
@@ -150,7 +179,13 @@ def parse_args(argv):
 def setup_distributed(device_name):
     """(ddp, rank, local_rank, world_size, device). Under torchrun (RANK in the env) the device comes from
     LOCAL_RANK and is set *before* init_process_group; NCCL on CUDA, gloo on CPU."""
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device=cuda, but torch sees no CUDA device (use --device=auto or cpu)")
+    if device_name == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("error: --device=mps, but torch sees no MPS device (use --device=auto or cpu)")
     if "RANK" in os.environ:
+        if device_name == "mps":
+            raise SystemExit("error: --device=mps has no distributed backend here; run it without torchrun")
         rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
         use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
         if use_cuda:
@@ -163,6 +198,29 @@ def setup_distributed(device_name):
     if device_name == "auto":
         device_name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     return False, 0, 0, 1, torch.device(device_name)
+
+
+def rank0_shares(fn, ddp, rank):
+    """fn() on rank 0 alone, its result given to every rank: a "rank 0 prepares, the others use it" step decides
+    once and shares the decision (or the object itself), so no rank re-decides it from its own file system
+    (rank 0 may be creating the very folder the others would look for) and several nodes need no shared file
+    system. When fn fails on rank 0, every rank stops (rank 0 with the error), so none waits for a broadcast
+    that never comes."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except BaseException as e:  # SystemExit included: every rank must stop with it
+            error = e
+    if ddp:
+        box = [result, error is not None]
+        dist.broadcast_object_list(box, src=0)
+        result, failed = box
+        if failed and rank != 0:
+            raise SystemExit(1)  # rank 0 prints the error once
+    if error is not None:
+        raise error
+    return result
 
 
 def teardown():
@@ -450,12 +508,8 @@ def main(argv=None):
             cfg.resume = resume_from
             if "out_dir" not in given:
                 cfg.out_dir = resume_from if os.path.isdir(resume_from) else os.path.dirname(resume_from) or "."
-        if cfg.recipe not in ("xfm", "flava"):
-            raise SystemExit(f"error: unknown recipe {cfg.recipe!r} (available: xfm, flava)")
         if cfg.recipe == "flava" and ckpt is None:
             cfg = flava_defaults(cfg, given)
-        if cfg.schedule not in ("three", "summed"):
-            raise SystemExit(f"error: --schedule must be three or summed, not {cfg.schedule!r}")
         return train(cfg, ckpt, ddp, rank, world, device, master, print0)
     finally:
         teardown()
@@ -491,30 +545,44 @@ def pretrained_config(cfg, model_cfg, tok):
 
 def train(cfg, ckpt, ddp, rank, world, device, master, print0):
     t_start = time.time()
+    autocast, scaler, amp = amp_setup(cfg.amp, device)                   # (a bad --amp fails before any work)
+    # global batch per stream -> per-rank micro batch x accumulation steps (asserted exact)
+    micro = cfg.micro_batch_size or cfg.batch_size // world
+    if micro < 1:
+        raise SystemExit(f"error: batch_size {cfg.batch_size} is smaller than the world size {world}")
+    accum = cfg.batch_size // (micro * world)
+    text_global = cfg.text_batch_size or cfg.batch_size
+    region_global = cfg.region_batch_size or max(cfg.batch_size // 2, accum * world)
+    if accum < 1 or accum * micro * world != cfg.batch_size or text_global % (accum * world) or region_global % (accum * world):
+        raise SystemExit(f"error: batch_size {cfg.batch_size} (text {text_global}, region {region_global}) must be "
+                         f"a multiple of micro_batch_size {micro} x world_size {world}")
+    per_rank = {"pair": micro, "region": region_global // (accum * world), "image": micro,
+                "text": text_global // (accum * world)}
     os.makedirs(cfg.out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)  # the same model init on every rank (DDP also broadcasts rank 0's weights)
 
     # ---- data -------------------------------------------------------------------------------------------
-    if not os.path.isdir(cfg.data_dir) and cfg.data_dir == TrainConfig.data_dir:
-        if master:
+    def prepare_data():  # rank 0 builds the toy world if the default folder is missing; every rank is told
+        if not os.path.isdir(cfg.data_dir) and cfg.data_dir == TrainConfig.data_dir:
             print0(f"building the toy world in {cfg.data_dir} ...")
             data.make_toy(cfg.data_dir, seed=0)
-        if ddp:
-            dist.barrier()
-    if not os.path.isdir(cfg.data_dir):
-        raise SystemExit(f"error: data_dir {cfg.data_dir!r} does not exist")
+        if not os.path.isdir(cfg.data_dir):
+            raise SystemExit(f"error: data_dir {cfg.data_dir!r} does not exist")
+    rank0_shares(prepare_data, ddp, rank)
+    if not os.path.isdir(cfg.data_dir):  # another node, without rank 0's file system
+        raise SystemExit(f"error: data_dir {cfg.data_dir!r} does not exist on rank {rank}'s node (copy it there)")
     bad = data.BadInput(strict=cfg.strict, verbose=master)
     if cfg.init_text and not cfg.tokenizer and ckpt is None:  # the pre-trained encoder's own vocabulary
         hf_tok = os.path.join(cfg.init_text if os.path.isdir(cfg.init_text) else os.path.dirname(cfg.init_text),
                               "tokenizer.json")
         if os.path.isfile(hf_tok):
             cfg.tokenizer = hf_tok
-    if master:  # rank 0 trains (or loads) the tokenizer, the others then load the saved file
+
+    def prepare_tokenizer():  # rank 0 trains (or loads) it and saves it in the run folder; every rank gets its JSON
         tok = data.get_tokenizer(cfg.data_dir, cfg.out_dir, cfg.vocab_size, cfg.tokenizer or None)
-    if ddp:
-        dist.barrier()
-    if not master:
-        tok = data.get_tokenizer(cfg.data_dir, cfg.out_dir, cfg.vocab_size, cfg.tokenizer or None)
+        tok.save(os.path.join(cfg.out_dir, "tokenizer.json"))             # the run folder is a complete --init
+        return tok.to_json()
+    tok = data.Tokenizer.from_json(rank0_shares(prepare_tokenizer, ddp, rank))
 
     is_flava = cfg.recipe == "flava"
     if is_flava:
@@ -529,16 +597,6 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
     if ckpt is not None:
         model_cfg = flava.config_from_dict(ckpt["model_config"])
 
-    # global batch per stream -> per-rank micro batch x accumulation steps (asserted exact)
-    micro = cfg.micro_batch_size or cfg.batch_size // world
-    accum = cfg.batch_size // (micro * world)
-    text_global = cfg.text_batch_size or cfg.batch_size
-    region_global = cfg.region_batch_size or max(cfg.batch_size // 2, accum * world)
-    if accum < 1 or accum * micro * world != cfg.batch_size or text_global % (accum * world) or region_global % (accum * world):
-        raise SystemExit(f"error: batch_size {cfg.batch_size} (text {text_global}, region {region_global}) must be "
-                         f"a multiple of micro_batch_size {micro} x world_size {world}")
-    per_rank = {"pair": micro, "region": region_global // (accum * world), "image": micro,
-                "text": text_global // (accum * world)}
     if is_flava:
         per_rank.pop("region")  # FLAVA has no region objective; its pairs are masked 15 %, BERT style
     streams = data.build_streams(cfg.data_dir, tok, image_size=model_cfg.image_size, patch_size=model_cfg.patch_size,
@@ -562,21 +620,21 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
     # ---- model, optimizer ---------------------------------------------------------------------------------
     model = flava.build_model(model_cfg)
     if is_flava and ckpt is None:  # the frozen image tokenizer that makes the MIM / MMM targets
-        tok_path = os.path.join(cfg.out_dir, "image_tokenizer.pt")
-        if cfg.image_tokenizer:
-            tok_path = cfg.image_tokenizer
-        elif master:
+        def prepare_image_tokenizer():  # rank 0 fits (or loads) the codebook; every rank gets the tensor
+            if cfg.image_tokenizer:
+                codebook = torch.load(cfg.image_tokenizer, map_location="cpu", weights_only=True)["codebook"]
+                if tuple(codebook.shape) != tuple(model.image_tokenizer.codebook.shape):
+                    raise SystemExit(f"error: {cfg.image_tokenizer} holds a codebook of shape {tuple(codebook.shape)};"
+                                     f" this model needs {tuple(model.image_tokenizer.codebook.shape)} "
+                                     f"(--codebook_size, patch size)")
+                return codebook
             n = flava.fit_image_tokenizer(model, streams["pair"].dataset, seed=cfg.seed,
                                           progress=lambda x: tqdm(x, desc="image tokenizer", leave=False))
+            tok_path = os.path.join(cfg.out_dir, "image_tokenizer.pt")
             atomic_save({"codebook": model.image_tokenizer.codebook, "patch_size": model_cfg.patch_size}, tok_path)
             print0(f"image tokenizer: k-means codebook of {model_cfg.codebook_size} fitted on {n} patches -> {tok_path}")
-        if ddp:
-            dist.barrier()
-        saved = torch.load(tok_path, map_location="cpu", weights_only=True)
-        if tuple(saved["codebook"].shape) != tuple(model.image_tokenizer.codebook.shape):
-            raise SystemExit(f"error: {tok_path} holds a codebook of shape {tuple(saved['codebook'].shape)}; this "
-                             f"model needs {tuple(model.image_tokenizer.codebook.shape)} (--codebook_size, patch size)")
-        model.image_tokenizer.codebook.copy_(saved["codebook"])
+            return model.image_tokenizer.codebook
+        model.image_tokenizer.codebook.copy_(rank0_shares(prepare_image_tokenizer, ddp, rank))
     if ckpt is None:  # pre-trained encoders (a resume has them in its checkpoint already)
         if cfg.init_text:
             print0(pretrained.load_text(model, cfg.init_text))
@@ -585,7 +643,6 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
     model = model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr_mult), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=device.type == "cuda")
-    autocast, scaler, amp = amp_setup(cfg.amp, device)
     start_step, history = 0, []
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])

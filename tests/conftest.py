@@ -3,6 +3,7 @@ import os
 import socket
 import sys
 from contextlib import contextmanager
+from datetime import timedelta
 
 import pytest
 import torch
@@ -98,10 +99,11 @@ def free_port():
 
 
 @contextmanager
-def gloo_group(rank, world, port):
-    """A CPU process group for the 2-process tests (torch.multiprocessing.spawn workers)."""
+def gloo_group(rank, world, port, timeout_s=60):
+    """A CPU process group for the 2-process tests (torch.multiprocessing.spawn workers). Its short timeout turns
+    a deadlock (ranks waiting in different collectives) into an error within a minute instead of a hung CI."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
     try:
         yield
     finally:

@@ -141,7 +141,7 @@ def find_sources(data_dir):
 PROBE_LINES = 10
 
 
-def _type_of(value):
+def type_of(value):
     """The JSON type of a value, for messages: "an int", "a list", "null", ..."""
     if value is None:
         return "null"
@@ -248,6 +248,12 @@ def _bad_string(value):
     return None
 
 
+def not_utf8(value):
+    """What makes a parsed JSON value (a record, a field, a name) not UTF-8 text, or None."""
+    s = _bad_string(value)
+    return None if s is None else _string_problem(s)[1]
+
+
 def _string_problem(s):
     """-> (the bytes that were not UTF-8, b"" for a broken \\u escape; the message) for a _bad_string."""
     k = next(i for i, c in enumerate(s) if "\ud800" <= c <= "\udfff")
@@ -269,24 +275,24 @@ def read_records(path, bad):
         if items is None:
             return
         if not isinstance(items, list):
-            bad.report("malformed JSON", path, f"expected a JSON list of records, got {_type_of(items)}",
+            bad.report("malformed JSON", path, f"expected a JSON list of records, got {type_of(items)}",
                        action="file skipped")
             return
-        _check_encoding(path, items)
+        check_encoding(path, items)
         numbered = ((f"{path}[{i}]", rec) for i, rec in enumerate(items))
     else:
         numbered = _jsonl_lines(path, bad)
     for where, rec in numbered:
-        s = _bad_string(rec)
-        if s is not None:
-            bad.report("not UTF-8", where, _string_problem(s)[1])
+        problem = not_utf8(rec)
+        if problem:
+            bad.report("not UTF-8", where, problem)
         elif isinstance(rec, dict):
             yield where, rec
         else:
-            bad.report("malformed record", where, f"expected a JSON object, got {_type_of(rec)}")
+            bad.report("malformed record", where, f"expected a JSON object, got {type_of(rec)}")
 
 
-def _check_encoding(path, items):
+def check_encoding(path, items):
     """Raise encoding_error when more than half of a .json list's records hold bytes that are not UTF-8."""
     flagged = [(i, _string_problem(s)) for i, s in enumerate(map(_bad_string, items)) if s is not None]
     flagged = [(i, raw, problem) for i, (raw, problem) in flagged if raw]  # bytes, not broken \u escapes
@@ -316,7 +322,7 @@ def captions_of(rec, where, bad, key="caption"):
     for j, c in enumerate(value if isinstance(value, list) else [value]):
         name = f"{key}[{j}]" if isinstance(value, list) else key
         if not isinstance(c, str):
-            bad.report("malformed record", where, f"{name} is {_type_of(c)}, not a string")
+            bad.report("malformed record", where, f"{name} is {type_of(c)}, not a string")
         elif not c.strip():
             bad.report("empty caption", where, f"{name} is empty")
         else:
@@ -329,7 +335,7 @@ def _image_path(rec, base, where, bad):
     rel = rec.get("image")
     if not isinstance(rel, str) or not rel:
         why = "no 'image' field" if "image" not in rec else \
-            "image is empty" if rel == "" else f"image is {_type_of(rel)}, not a string"
+            "image is empty" if rel == "" else f"image is {type_of(rel)}, not a string"
         bad.report("malformed record", where, why)
         return None
     path = os.path.normpath(os.path.join(base, rel))
@@ -368,7 +374,7 @@ def parse_regions(path, bad):
     base, out = os.path.dirname(path), []
     for where, rec in read_records(path, bad):
         if not isinstance(rec.get("regions", []), list):  # a string or an object would be read item by item
-            bad.report("malformed record", where, f"regions is {_type_of(rec['regions'])}, not a list")
+            bad.report("malformed record", where, f"regions is {type_of(rec['regions'])}, not a list")
             continue
         img = _image_path(rec, base, where, bad)
         if img is None:
@@ -384,7 +390,7 @@ def parse_regions(path, bad):
         for j, r in enumerate(rec.get("regions") or []):
             rw = f"{where} region {j}"
             if not isinstance(r, dict):
-                bad.report("malformed record", rw, f"region is {_type_of(r)}, not an object")
+                bad.report("malformed record", rw, f"region is {type_of(r)}, not an object")
                 continue
             problem = box_problem(r.get("box"), W, H)
             if problem:
@@ -411,7 +417,7 @@ def parse_texts(path, bad):
         t = rec.get("text")
         if "text" not in rec or not isinstance(t, str):
             bad.report("malformed record", where, "no 'text' field" if "text" not in rec else
-                       f"text is {_type_of(t)}, not a string")
+                       f"text is {type_of(t)}, not a string")
         elif not t.strip():
             bad.report("empty text", where, "text is empty")
         else:

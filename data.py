@@ -23,6 +23,8 @@ A data folder holds any subset of these files (image paths are relative to the f
         {"image": "unlabeled/00000.png"}
         {"image": "unlabeled/00001.png"}
     pairs_test.jsonl  held-out pairs for retrieval evaluation, same format as pairs.jsonl.
+Files are UTF-8. A line or record that is not is bad input (named, skipped and counted, like a malformed one);
+a file in another encoding stops the run with one error that gives the iconv command converting it.
 
 Batches (all tensors; T = longest sequence in the batch, P = (image_size // patch_size) ** 2):
     text:   ids (B,T) masked ids, att (B,T), labels (B,T) with -100 where not masked       MLM p=0.15, <= 20 masks
@@ -221,10 +223,12 @@ def load_json(path, bad):
     hold them; a file that is not JSON because it is in another encoding raises encoding_error."""
     with open(path, "rb") as f:
         raw = f.read()
+    text = raw.decode("utf-8-sig", "surrogateescape")
     try:
-        return json.loads(raw.decode("utf-8-sig", "surrogateescape"))
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        if _decode(raw[:1 << 16])[1]:  # not even its start is UTF-8 text
+        start = text[:1 << 16]
+        if _bad_string(start) is not None or "\x00" in start:  # not even its start is UTF-8 text
             raise encoding_error(path, raw[:1 << 16], f"it is no JSON when read as UTF-8 ({e})") from None
         bad.report("malformed JSON", path, str(e), action="file skipped")
         return None
@@ -241,8 +245,10 @@ def _bad_string(value):
             return None
         except UnicodeEncodeError:
             return value
-    for x in value.items() if isinstance(value, dict) else value if isinstance(value, list) else ():
-        s = _bad_string(x) if not isinstance(x, tuple) else _bad_string(x[0]) or _bad_string(x[1])
+    if isinstance(value, dict):
+        value = [x for item in value.items() for x in item]
+    for x in value if isinstance(value, list) else ():
+        s = _bad_string(x)
         if s is not None:
             return s
     return None
@@ -350,7 +356,7 @@ def box_problem(box, W, H):
     h <= 0, or outside the image by more than 1 px (rounding slack)."""
     if not (isinstance(box, list) and len(box) == 4 and
             all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
-        return f"box {_short(repr(box))} is not [x, y, w, h] (4 finite numbers)"
+        return f"box {_short(repr(box))} is not [x, y, w, h] of 4 finite numbers"
     x, y, w, h = box
     if w <= 0 or h <= 0:
         return f"box {box} has w or h <= 0"

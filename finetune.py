@@ -605,10 +605,8 @@ def run_textcls(cfg, env, out):
     numeric = numeric_labels(tr, label_key, env.meta["labels"] if env.meta else None)
 
     def problem(r):  # every text field a non-empty string, the label of the training labels' kind
-        for n in names:
-            if text_problem(r, n):
-                return text_problem(r, n)
-        return label_problem(r, label_key, numeric)
+        found = [text_problem(r, n) for n in names] + [label_problem(r, label_key, numeric)]
+        return next((p for p in found if p), None)
 
     tr, te = usable(tr, problem, bad, "train"), usable(te, problem, bad, "test")
     labels = env.meta["labels"] if env.meta else label_vocab([label_value(r[label_key]) for r in tr], cfg.num_labels)

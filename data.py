@@ -305,7 +305,8 @@ def check_encoding(path, items):
     if len(flagged) * 2 > len(items):
         i, _, problem = flagged[0]
         sample = b"".join(raw[:200] for _, raw, _ in flagged[:PROBE_LINES])
-        raise encoding_error(path, sample, f"{len(flagged)} of its {len(items)} records fail to decode ([{i}]: {problem})")
+        why = f"{len(flagged)} of its {len(items)} records fail to decode ([{i}]: {problem})"
+        raise encoding_error(path, sample, why)
 
 
 def _jsonl_lines(path, bad):

@@ -23,6 +23,8 @@ A data folder holds any subset of these files (image paths are relative to the f
         {"image": "unlabeled/00000.png"}
         {"image": "unlabeled/00001.png"}
     pairs_test.jsonl  held-out pairs for retrieval evaluation, same format as pairs.jsonl.
+Files are UTF-8. A line or record that is not is bad input (named, skipped and counted, like a malformed one);
+a file in another encoding stops the run with one error that gives the iconv command converting it.
 
 Batches (all tensors; T = longest sequence in the batch, P = (image_size // patch_size) ** 2):
     text:   ids (B,T) masked ids, att (B,T), labels (B,T) with -100 where not masked       MLM p=0.15, <= 20 masks
@@ -41,9 +43,11 @@ smallest area (fraction of the image) of the box-preserving crop of the region s
 """
 
 import argparse
+import codecs
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 from collections import Counter
@@ -77,8 +81,8 @@ SOURCES = {  # kind -> file names looked for in a data folder, first found wins
 
 class BadInput:
     """One per run. report() prints (the first `max_print` per kind) and counts a problem; strict raises.
-    Kinds: malformed JSON, malformed record, missing image, empty caption, empty text, bad box, no regions
-    (found while parsing, so the record or region is skipped) and unreadable image (found while decoding:
+    Kinds: malformed JSON, not UTF-8, malformed record, missing image, empty caption, empty text, bad box, no
+    regions (found while parsing, so the record or region is skipped) and unreadable image (found while decoding:
     the dataset substitutes the next sample and the batch's n_bad carries the count to the main process)."""
 
     def __init__(self, strict=False, verbose=True, max_print=10):
@@ -133,47 +137,203 @@ def find_sources(data_dir):
     return found
 
 
+# Text that is not UTF-8 is bad input like any other: the line or record is named, skipped and counted. A whole
+# file in another encoding is different: when its first PROBE_LINES lines (or records) all fail, or more than half
+# of all of them, the run stops with one error that names the file and the command that converts it.
+PROBE_LINES = 10
+
+
+def type_of(value):
+    """The JSON type of a value, for messages: "an int", "a list", "null", ..."""
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an int", float: "a float", str: "a string", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _short(text, n=60):
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def _decode(raw):
+    """The bytes of one line -> (text, None), or (None, what is wrong) when they are not UTF-8 text."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"byte 0x{raw[e.start]:02x} at column {e.start + 1}: {_excerpt(raw, e.start)}"
+    if "\x00" in text:  # valid UTF-8, but text never holds NUL: UTF-16 read as bytes
+        return None, f"NUL bytes (UTF-16?): {_excerpt(raw, raw.index(0))}"
+    return text, None
+
+
+def _excerpt(raw, at):
+    """Bytes around position `at`, quoted; bytes that are not UTF-8 (and NUL) show as \\xNN."""
+    shown = raw[max(0, at - 20):at + 20].decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+    return f"'{shown.strip()}'"
+
+
+def encoding_error(path, sample, why):
+    """The SystemExit for a whole file in another encoding: what was seen, the likely encoding (guessed from
+    `sample`, some of the file's failing bytes) and the command that converts the file."""
+    if sample.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\x00" in sample:
+        name, code = "UTF-16", "utf-16"
+    elif any(0x80 <= c <= 0x9f for c in sample):  # Windows-1252 puts curly quotes and dashes here, Latin-1 nothing
+        name, code = "Windows-1252", "cp1252"
+    else:
+        name, code = "Latin-1", "latin1"
+    q = shlex.quote(path)
+    return SystemExit(f"error: {path} is not UTF-8: {why}.\nIt is likely {name}; convert it and run again:\n"
+                      f"    iconv -f {code} -t utf-8 {q} > {q}.utf8 && mv {q}.utf8 {q}")
+
+
+def read_lines(path, bad):
+    """Yield (where, line) for each non-blank line of a UTF-8 text file, where = "path:N". A line that is not
+    UTF-8 is reported ("not UTF-8") and skipped; a file in another encoding raises encoding_error."""
+    held, good, n, n_bad, sample, first = [], False, 0, 0, b"", None
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            if i == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]  # Windows editors start UTF-8 files with a byte order mark
+            if not raw.strip():
+                continue  # blank lines are allowed
+            n += 1
+            text, problem = _decode(raw)
+            if problem is None:
+                for where, msg in held:
+                    bad.report("not UTF-8", where, msg)
+                held, good = [], True
+                yield f"{path}:{i}", text
+                continue
+            n_bad += 1
+            sample += raw if n_bad <= PROBE_LINES else b""
+            first = first or f"line {i}: {problem}"
+            if good:
+                bad.report("not UTF-8", f"{path}:{i}", problem)
+            else:  # held back until a good line comes: if none does, the file is in another encoding
+                held.append((f"{path}:{i}", problem))
+                if len(held) == PROBE_LINES:
+                    raise encoding_error(path, sample, f"its first {PROBE_LINES} lines fail to decode ({first})")
+    if n_bad * 2 > n:
+        raise encoding_error(path, sample, f"{n_bad} of its {n} lines fail to decode ({first})")
+
+
+def load_json(path, bad):
+    """A whole .json file -> its value, or None when it is not JSON (reported; the file is skipped). Bytes that
+    are not UTF-8 become lone surrogates (surrogateescape), so that read_records can skip just the records that
+    hold them; a file that is not JSON because it is in another encoding raises encoding_error."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    text = raw.decode("utf-8-sig", "surrogateescape")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        start = text[:1 << 16]
+        if _bad_string(start) is not None or "\x00" in start:  # not even its start is UTF-8 text
+            raise encoding_error(path, raw[:1 << 16], f"it is no JSON when read as UTF-8 ({e})") from None
+        bad.report("malformed JSON", path, str(e), action="file skipped")
+        return None
+
+
+def _bad_string(value):
+    """The first string in a JSON value (keys included) that cannot be UTF-8 text, or None. It holds lone
+    surrogates: bytes that were not UTF-8 (load_json) or a broken \\u escape; no tokenizer takes it."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+            return None
+        except UnicodeEncodeError:
+            return value
+    if isinstance(value, dict):
+        value = [x for item in value.items() for x in item]
+    for x in value if isinstance(value, list) else ():
+        s = _bad_string(x)
+        if s is not None:
+            return s
+    return None
+
+
+def not_utf8(value):
+    """What makes a parsed JSON value (a record, a field, a name) not UTF-8 text, or None."""
+    s = _bad_string(value)
+    return None if s is None else _string_problem(s)[1]
+
+
+def _string_problem(s):
+    """-> (the bytes that were not UTF-8, b"" for a broken \\u escape; the message) for a _bad_string."""
+    k = next(i for i, c in enumerate(s) if "\ud800" <= c <= "\udfff")
+    part = s[max(0, k - 20):k + 20]
+    if "\udc80" <= s[k] <= "\udcff":  # surrogateescape keeps byte b as chr(0xdc00 + b)
+        try:
+            raw = part.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a broken \\u escape close by as well
+            raw = bytes([ord(s[k]) - 0xdc00])
+        return raw, f"byte 0x{ord(s[k]) - 0xdc00:02x}: '{raw.decode('utf-8', 'backslashreplace')}'"
+    return b"", f"a broken \\u escape: '{part.encode('utf-8', 'backslashreplace').decode()}'"
+
+
 def read_records(path, bad):
-    """Yield (where, record) for each JSON object in a .jsonl file (one per line) or a .json list."""
-    if path.endswith(".json"):
-        try:  # a .json file is parsed whole (ALBEF / X-VLM style), so one error loses the file
-            with open(path, encoding="utf-8") as f:
-                items = json.load(f)
-        except json.JSONDecodeError as e:
-            bad.report("malformed JSON", path, str(e), action="file skipped")
+    """Yield (where, record) for each JSON object in a .jsonl file (one per line) or a .json list. A record that
+    is not UTF-8 is reported and skipped; a .json list that is mostly not UTF-8 raises encoding_error."""
+    if path.endswith(".json"):  # a .json file is parsed whole (ALBEF / X-VLM style), so one error loses the file
+        items = load_json(path, bad)
+        if items is None:
             return
         if not isinstance(items, list):
-            bad.report("malformed JSON", path, "expected a JSON list of records", action="file skipped")
+            bad.report("malformed JSON", path, f"expected a JSON list of records, got {type_of(items)}",
+                       action="file skipped")
             return
+        check_encoding(path, items)
         numbered = ((f"{path}[{i}]", rec) for i, rec in enumerate(items))
     else:
         numbered = _jsonl_lines(path, bad)
     for where, rec in numbered:
-        if isinstance(rec, dict):
+        problem = not_utf8(rec)
+        if problem:
+            bad.report("not UTF-8", where, problem)
+        elif isinstance(rec, dict):
             yield where, rec
         else:
-            bad.report("malformed record", where, f"expected a JSON object, got {type(rec).__name__}")
+            bad.report("malformed record", where, f"expected a JSON object, got {type_of(rec)}")
+
+
+def check_encoding(path, items):
+    """Raise encoding_error when more than half of a .json list's records hold bytes that are not UTF-8."""
+    flagged = [(i, _string_problem(s)) for i, s in enumerate(map(_bad_string, items)) if s is not None]
+    flagged = [(i, raw, problem) for i, (raw, problem) in flagged if raw]  # bytes, not broken \u escapes
+    if len(flagged) * 2 > len(items):
+        i, _, problem = flagged[0]
+        sample = b"".join(raw[:200] for _, raw, _ in flagged[:PROBE_LINES])
+        why = f"{len(flagged)} of its {len(items)} records fail to decode ([{i}]: {problem})"
+        raise encoding_error(path, sample, why)
 
 
 def _jsonl_lines(path, bad):
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue  # blank lines are allowed
-            try:
-                yield f"{path}:{i}", json.loads(line)
-            except json.JSONDecodeError as e:
-                bad.report("malformed JSON", f"{path}:{i}", str(e))
+    for where, line in read_lines(path, bad):
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as e:
+            bad.report("malformed JSON", where, str(e))
 
 
-def _captions(value, where, bad):
-    """A caption field (str or list of str) -> list of non-empty captions; each empty one is reported."""
-    out = []
-    for c in value if isinstance(value, list) else [value]:
-        if isinstance(c, str) and c.strip():
-            out.append(c.strip())
+def captions_of(rec, where, bad, key="caption"):
+    """rec[key], a caption or a list of captions -> the non-empty ones, stripped. Each bad one is reported: a
+    missing field or a caption that is not a string ("malformed record"), an empty one ("empty caption")."""
+    if key not in rec:
+        bad.report("malformed record", where, f"no '{key}' field")
+        return []
+    value, out = rec[key], []
+    if value == []:
+        bad.report("empty caption", where, f"{key} is an empty list")
+    for j, c in enumerate(value if isinstance(value, list) else [value]):
+        name = f"{key}[{j}]" if isinstance(value, list) else key
+        if not isinstance(c, str):
+            bad.report("malformed record", where, f"{name} is {type_of(c)}, not a string")
+        elif not c.strip():
+            bad.report("empty caption", where, f"{name} is empty")
         else:
-            bad.report("empty caption", where, f"missing or empty caption {c!r}")
+            out.append(c.strip())
     return out
 
 
@@ -181,7 +341,9 @@ def _image_path(rec, base, where, bad):
     """Resolve rec["image"] relative to `base`; report and return None if the field or the file is missing."""
     rel = rec.get("image")
     if not isinstance(rel, str) or not rel:
-        bad.report("malformed record", where, "no 'image' field")
+        why = "no 'image' field" if "image" not in rec else \
+            "image is empty" if rel == "" else f"image is {type_of(rel)}, not a string"
+        bad.report("malformed record", where, why)
         return None
     path = os.path.normpath(os.path.join(base, rel))
     if not os.path.isfile(path):
@@ -190,11 +352,25 @@ def _image_path(rec, base, where, bad):
     return path
 
 
+def box_problem(box, W, H):
+    """Why a box [x, y, w, h] in pixels of a W x H image cannot be used, or None: not 4 finite numbers, w or
+    h <= 0, or outside the image by more than 1 px (rounding slack)."""
+    if not (isinstance(box, list) and len(box) == 4 and
+            all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+        return f"box {_short(repr(box))} is not [x, y, w, h] of 4 finite numbers"
+    x, y, w, h = box
+    if w <= 0 or h <= 0:
+        return f"box {box} has w or h <= 0"
+    if x < -1 or y < -1 or x + w > W + 1 or y + h > H + 1:
+        return f"box {box} is outside the {W}x{H} image"
+    return None
+
+
 def parse_pairs(path, bad):
     """-> list of {"image", "caption", "where"}: one item per caption."""
     base, out = os.path.dirname(path), []  # image paths are relative to the file's folder
     for where, rec in read_records(path, bad):
-        caps = _captions(rec.get("caption"), where, bad)
+        caps = captions_of(rec, where, bad)
         img = _image_path(rec, base, where, bad) if caps else None
         out += [{"image": img, "caption": c, "where": where} for c in caps if img]
     return out
@@ -204,6 +380,9 @@ def parse_regions(path, bad):
     """-> list of {"image", "size", "captions", "regions": [{"box", "captions"}], "where"}; bad boxes dropped."""
     base, out = os.path.dirname(path), []
     for where, rec in read_records(path, bad):
+        if not isinstance(rec.get("regions", []), list):  # a string or an object would be read item by item
+            bad.report("malformed record", where, f"regions is {type_of(rec['regions'])}, not a list")
+            continue
         img = _image_path(rec, base, where, bad)
         if img is None:
             continue
@@ -213,23 +392,20 @@ def parse_regions(path, bad):
         except Exception as e:
             bad.report("unreadable image", where, f"{img}: {e}")
             continue
-        caps = _captions(rec["caption"], where, bad) if "caption" in rec else []
+        caps = captions_of(rec, where, bad) if "caption" in rec else []
         regions = []
         for j, r in enumerate(rec.get("regions") or []):
             rw = f"{where} region {j}"
-            box = r.get("box") if isinstance(r, dict) else None
-            if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
-                bad.report("bad box", rw, f"box {box!r} is not [x, y, w, h]")
+            if not isinstance(r, dict):
+                bad.report("malformed record", rw, f"region is {type_of(r)}, not an object")
                 continue
-            x, y, w, h = map(float, box)
-            if w <= 0 or h <= 0:
-                bad.report("bad box", rw, f"box {box} has w or h <= 0")
+            problem = box_problem(r.get("box"), W, H)
+            if problem:
+                bad.report("bad box", rw, problem)
                 continue
-            if x < -1 or y < -1 or x + w > W + 1 or y + h > H + 1:  # 1 px of slack for rounding
-                bad.report("bad box", rw, f"box {box} is outside the {W}x{H} image")
-                continue
+            x, y, w, h = map(float, r["box"])
             x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)  # clip the slack away
-            rcaps = _captions(r.get("caption"), rw, bad)
+            rcaps = captions_of(r, rw, bad)
             if rcaps:
                 regions.append({"box": [x0, y0, x1 - x0, y1 - y0], "captions": rcaps})
         if not regions:  # the region stream exists for its boxes: a record without one is skipped
@@ -242,15 +418,17 @@ def parse_regions(path, bad):
 def parse_texts(path, bad):
     """-> list of documents from text.txt (one per line) or text.jsonl ({"text": ...})."""
     if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
+        return [line.strip() for _, line in read_lines(path, bad) if line.strip()]
     out = []
     for where, rec in read_records(path, bad):
         t = rec.get("text")
-        if isinstance(t, str) and t.strip():
-            out.append(t.strip())
+        if "text" not in rec or not isinstance(t, str):
+            bad.report("malformed record", where, "no 'text' field" if "text" not in rec else
+                       f"text is {type_of(t)}, not a string")
+        elif not t.strip():
+            bad.report("empty text", where, "text is empty")
         else:
-            bad.report("empty text", where, f"missing or empty text {t!r}")
+            out.append(t.strip())
     return out
 
 

@@ -199,40 +199,38 @@ def report(metric, value, summary=None, key=None, **metrics):
 
 
 def read_records(path, split, cfg, bad):
-    """-> list of record dicts, image paths ("image" or "images") made absolute against --image_root or the
-    file's folder. A record whose image is missing is reported to `bad` and skipped."""
+    """-> list of record dicts, each with "where" (file:line, file[index] or the image's path) and its image
+    paths ("image", or "images" a list) made absolute against --image_root or the file's folder. A record that is
+    not UTF-8, whose image field is not a path, or whose image is missing is reported to `bad` and skipped."""
     if not os.path.exists(path):
         hint = " (an old toy world? rebuild it: python data.py toy --out data/toy)" if "downstream" in path else ""
         raise SystemExit(f"error: no {split} file {path}{hint}")
     root = cfg.image_root or (path if os.path.isdir(path) else os.path.dirname(path))
     recs = None
-    if os.path.isdir(path):  # ImageFolder: one sub-folder per class
-        recs = [{"image": os.path.join(c, n), "label": c} for c in sorted(os.listdir(path))
-                if os.path.isdir(os.path.join(path, c))
-                for n in sorted(os.listdir(os.path.join(path, c))) if n.lower().endswith(data.IMAGE_EXTS)]
-    elif path.endswith(".tsv"):  # GLUE: a header row; no header when --text_fields are column numbers (CoLA)
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = [r for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if r]
-        numbered = cfg.text_fields.split(",")[0].strip().isdigit()
-        recs = [{str(j): v for j, v in enumerate(r)} for r in rows] if numbered else \
-            [dict(zip(rows[0], r)) for r in rows[1:]]
+    if os.path.isdir(path):
+        recs = _image_folder(path, bad)
+    elif path.endswith(".tsv"):
+        recs = _glue_tsv(path, cfg, bad)
     elif path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-        if isinstance(obj, dict) and "images" in obj:  # Karpathy: images[{filepath, filename, split, sentences}]
-            keep = ("train", "restval") if split == "train" else ("test",)
-            recs = [{"image": os.path.join(im.get("filepath", ""), im["filename"]),
-                     "caption": [s["raw"] for s in im["sentences"]]} for im in obj["images"] if im["split"] in keep]
+        obj = data.load_json(path, bad)
+        if obj is None:
+            recs = []  # not JSON: reported, the file skipped
+        elif isinstance(obj, dict) and "images" in obj:
+            recs = _karpathy(path, obj, split, bad)
     if recs is None:  # .jsonl, or a .json list of records (ALBEF / X-VLM style)
         recs = [dict(r, where=w) for w, r in data.read_records(path, bad)]
     out = []
-    for i, r in enumerate(recs):
+    for r in recs:
         key = "images" if "images" in r else "image" if "image" in r else None
         if key:
+            problem = _paths_problem(key, r[key])
+            if problem:
+                bad.report("malformed record", r["where"], problem)
+                continue
             paths = [os.path.abspath(os.path.join(root, p)) for p in (r[key] if key == "images" else [r[key]])]
             missing = [p for p in paths if not os.path.isfile(p)]
             if missing:
-                bad.report("missing image", r.get("where", f"{path}[{i}]"), f"no such file {missing[0]}")
+                bad.report("missing image", r["where"], f"no such file {missing[0]}")
                 continue
             r = dict(r, **{key: paths if key == "images" else paths[0]})
         out.append(r)
@@ -241,12 +239,156 @@ def read_records(path, split, cfg, bad):
     return out
 
 
+def _paths_problem(key, value):
+    """Why an "image" field is not a path or an "images" field not a list of paths, or None."""
+    if key == "image":
+        return None if isinstance(value, str) and value else f"image is {data.type_of(value)}, not a path"
+    if not isinstance(value, list) or not value:
+        return f"images is {data.type_of(value)}, not a list of paths"
+    bad = [j for j, p in enumerate(value) if not (isinstance(p, str) and p)]
+    return f"images[{bad[0]}] is {data.type_of(value[bad[0]])}, not a path" if bad else None
+
+
+def _image_folder(path, bad):
+    """ImageFolder: one sub-folder per class, named after it -> {"image", "label", "where"}. A class folder whose
+    name is not UTF-8 is reported and its images skipped (the name would become a label no one can print)."""
+    recs = []
+    for c in sorted(os.listdir(path)):
+        folder = os.path.join(path, c)
+        if not os.path.isdir(folder):
+            continue
+        problem = data.not_utf8(c)
+        if problem:
+            bad.report("not UTF-8", path, f"a class folder's name: {problem}", action="its images skipped")
+            continue
+        recs += [{"image": os.path.join(c, n), "label": c, "where": os.path.join(folder, n)}
+                 for n in sorted(os.listdir(folder)) if n.lower().endswith(data.IMAGE_EXTS)]
+    return recs
+
+
+def _glue_tsv(path, cfg, bad):
+    """GLUE .tsv -> records keyed by the header row, or by column number ("0", "1", ...) when --text_fields are
+    numbers (CoLA has no header). A row whose number of columns differs from the header's is skipped."""
+    numbered = cfg.text_fields.split(",")[0].strip().isdigit()
+    header, recs, skipped = None, [], bad.counts().get("not UTF-8", 0)
+    for where, line in data.read_lines(path, bad):
+        row = next(csv.reader([line.rstrip("\r\n")], delimiter="\t", quoting=csv.QUOTE_NONE))
+        if numbered:
+            recs.append(dict({str(j): v for j, v in enumerate(row)}, where=where))
+        elif header is None:
+            if bad.counts().get("not UTF-8", 0) != skipped:  # the header itself was skipped: no row can be read
+                raise SystemExit(f"error: {path}: the header row is not UTF-8 (see the warning above)")
+            header = row
+        elif len(row) != len(header):
+            bad.report("malformed record", where, f"{len(row)} columns, the header has {len(header)}")
+        else:
+            recs.append(dict(zip(header, row), where=where))
+    return recs
+
+
+def _karpathy(path, obj, split, bad):
+    """Karpathy's dataset_*.json: images[{filepath, filename, split, sentences: [{raw}]}] -> one record per image
+    of the split ("train" takes "restval" too), its sentences the caption list."""
+    keep, recs = ("train", "restval") if split == "train" else ("test",), []
+    images = obj["images"] if isinstance(obj["images"], list) else []
+    data.check_encoding(path, images)
+    for i, im in enumerate(images):
+        where = f"{path}[images][{i}]"
+        if not isinstance(im, dict) or im.get("split") not in keep:
+            continue  # another split's image (or no image at all: Karpathy files hold only objects)
+        problem = data.not_utf8(im)
+        sents = im.get("sentences")
+        if problem:
+            bad.report("not UTF-8", where, problem)
+        elif not (isinstance(im.get("filename"), str) and isinstance(im.get("filepath", ""), str) and
+                  isinstance(sents, list) and all(isinstance(s, dict) for s in sents)):
+            bad.report("malformed record", where, "expected filename, filepath and a list of sentences {raw}")
+        else:
+            recs.append({"image": os.path.join(im.get("filepath", ""), im["filename"]),
+                         "caption": [s.get("raw") for s in sents], "where": where})
+    return recs
+
+
 def splits(cfg, env, need_train=True):
     """(train records, test records, BadInput); files default to DATA_DIR/downstream/TASK_{train,test}.jsonl."""
     bad, down = data.BadInput(verbose=env.master), os.path.join(cfg.data_dir, "downstream")
     path = lambda split, given: given or os.path.join(down, f"{cfg.task}_{split}.jsonl")  # noqa: E731
     tr = read_records(path("train", cfg.train_file), "train", cfg, bad) if need_train else []
     return tr, read_records(path("test", cfg.test_file), "test", cfg, bad), bad
+
+
+def usable(records, problem, bad, split):
+    """The records for which problem(record) is None. Each other one is reported to `bad` with the
+    (kind, message) that problem returns, and skipped; a split left without records is an error."""
+    out = []
+    for r in records:
+        p = problem(r)
+        if p is None:
+            out.append(r)
+        else:
+            bad.report(p[0], r["where"], p[1])
+    if records and not out:
+        raise SystemExit(f"error: no usable {split} record: each was skipped as bad input (see the warnings)")
+    return out
+
+
+def image_problem(r):
+    """(kind, message) when a record names no image, else None (read_records checks the paths it names)."""
+    return None if "image" in r else ("malformed record", "no 'image' field")
+
+
+def text_problem(r, key):
+    """(kind, message) when r[key] is not a non-empty string, else None."""
+    if key not in r:
+        return "malformed record", f"no '{key}' field"
+    if not isinstance(r[key], str):
+        return "malformed record", f"{key} is {data.type_of(r[key])}, not a string"
+    return ("empty text", f"{key} is empty") if not r[key].strip() else None
+
+
+def label_problem(r, key, numeric):
+    """(kind, message) when r[key] is no label of the split's kind (numbers, or class names when `numeric` is
+    False), else None: one "abc" among integer labels is a typo, not a new class."""
+    if key not in r:
+        return "malformed record", f"no '{key}' field"
+    v = r[key]
+    if v is None or isinstance(v, (list, dict)):
+        return "malformed record", f"{key} is {data.type_of(v)}, not a label"
+    if not str(v).strip():
+        return "malformed record", f"{key} is empty"
+    if isinstance(label_value(v), str) == numeric:
+        return "malformed record", f"{key} {v!r} is {'not a number' if numeric else 'a number'}, " \
+                                   f"unlike most labels of the training split"
+    return None
+
+
+def numeric_labels(records, key, labels=None):
+    """Whether a task's labels are numbers (class indices, scores) or class names: the kind of the saved class
+    list (a fine-tuned checkpoint) or of most training labels."""
+    if labels is not None:
+        return all(isinstance(c, int) for c in labels)  # [] = regression: numbers
+    names = sum(isinstance(label_value(r[key]), str) for r in records if key in r)
+    return 2 * names <= len(records)
+
+
+def answer_votes(r):
+    """A VQA record's answers -> (list of answers, lower-cased, one per annotator; None) or (None, what is wrong).
+    "answers": a list of strings, or VQAv2's list of {"answer", ...}; "answer": a string, or ALBEF's list of
+    strings (the annotators' votes)."""
+    key = "answers" if "answers" in r else "answer" if "answer" in r else None
+    if key is None:
+        return None, "no 'answer' or 'answers' field"
+    v = r[key]
+    votes = []
+    for j, a in enumerate(v if isinstance(v, list) else [v]):
+        a = a["answer"] if isinstance(a, dict) and "answer" in a else a  # VQAv2: {"answer", "answer_confidence"}
+        name = f"{key}[{j}]" if isinstance(v, list) else key
+        if not isinstance(a, str):
+            return None, f"{name} is {data.type_of(a)}, not a string (or a list of strings)"
+        if not a.strip():
+            return None, f"{name} is empty"
+        votes.append(a.strip().lower())
+    return (votes, None) if votes else (None, f"{key} is an empty list")
 
 
 def label_value(v):
@@ -480,7 +622,7 @@ def fit(cfg, env, model, train_set, evaluate, out, meta):
 
 def run_textcls(cfg, env, out):
     """GLUE style, single sentences or pairs: the language encoder alone (no fusion), a head on <s>."""
-    tr, te, _ = splits(cfg, env)
+    tr, te, bad = splits(cfg, env)
     guesses = (("sentence1", "sentence2"), ("question", "sentence"), ("question1", "question2"),
                ("#1 String", "#2 String"), ("premise", "hypothesis"), ("sentence", None), ("text", None))
     names = [s.strip() for s in cfg.text_fields.split(",")] if cfg.text_fields else \
@@ -488,6 +630,13 @@ def run_textcls(cfg, env, out):
     label_key = cfg.label_field or next((k for k in ("label", "score", "gold_label", "Quality") if k in tr[0]), None)
     if not names or label_key is None:
         raise SystemExit(f"error: which of {sorted(tr[0])} hold the text and the label? (--text_fields, --label_field)")
+    numeric = numeric_labels(tr, label_key, env.meta["labels"] if env.meta else None)
+
+    def problem(r):  # every text field a non-empty string, the label of the training labels' kind
+        found = [text_problem(r, n) for n in names] + [label_problem(r, label_key, numeric)]
+        return next((p for p in found if p), None)
+
+    tr, te = usable(tr, problem, bad, "train"), usable(te, problem, bad, "test")
     labels = env.meta["labels"] if env.meta else label_vocab([label_value(r[label_key]) for r in tr], cfg.num_labels)
     C = len(labels) or 1                                                   # one output = regression
 
@@ -528,7 +677,10 @@ def run_imgcls(cfg, env, out):
     evaluation" is a 5-layer MLP on frozen features (XFM.md §7, §10)."""
     if cfg.probe not in ("full", "linear"):
         raise SystemExit(f"error: --probe must be full or linear, not {cfg.probe!r}")
-    tr, te, _ = splits(cfg, env)
+    tr, te, bad = splits(cfg, env)
+    numeric = numeric_labels(tr, "label", env.meta["labels"] if env.meta else None)
+    problem = lambda r: image_problem(r) or label_problem(r, "label", numeric)  # noqa: E731
+    tr, te = usable(tr, problem, bad, "train"), usable(te, problem, bad, "test")
     labels = env.meta["labels"] if env.meta else label_vocab([label_value(r["label"]) for r in tr])
     linear, D = cfg.probe == "linear", env.mcfg.width
 
@@ -559,8 +711,14 @@ def run_vqa(cfg, env, out):
     """VQA as classification over the training split's answers, on the fusion [CLS]; VQA-score soft targets
     with BCE when a question has several answers. (The paper generates the answer with a decoder and ranks a
     fixed answer list, XFM.md §7.)"""
-    tr, te, _ = splits(cfg, env)
-    given = lambda r: [str(a).strip().lower() for a in r.get("answers", [r.get("answer")])]  # noqa: E731
+    tr, te, bad = splits(cfg, env)
+
+    def problem(r):
+        why = answer_votes(r)[1]
+        return image_problem(r) or text_problem(r, "question") or (("malformed record", why) if why else None)
+
+    tr, te = usable(tr, problem, bad, "train"), usable(te, problem, bad, "test")
+    given = lambda r: answer_votes(r)[0]  # noqa: E731
     counts = Counter(a for r in tr for a in given(r))
     answers = env.meta["answers"] if env.meta else sorted(counts, key=lambda a: (-counts[a], a))  # most frequent first
     index, soft = {a: i for i, a in enumerate(answers)}, any(len(given(r)) > 1 for r in tr)
@@ -595,12 +753,23 @@ def run_vqa(cfg, env, out):
 
 def run_nlvr(cfg, env, out):
     """NLVR2: the statement fused with each image by the same fusion encoder; the two [CLS] concatenated."""
-    tr, te, _ = splits(cfg, env)
+    tr, te, bad = splits(cfg, env)
+
+    def problem(r):
+        if not isinstance(r.get("images"), list) or len(r["images"]) != 2:
+            return "malformed record", "needs 'images': [left, right]"
+        if "label" not in r:
+            return "malformed record", "no 'label' field"
+        if label_value(r["label"]) not in (0, 1):
+            return "malformed record", f"label {r['label']!r} is not true/false or 1/0"
+        return text_problem(r, "sentence")
+
+    tr, te = usable(tr, problem, bad, "train"), usable(te, problem, bad, "test")
 
     def make(r):
         return {"image": torch.stack([image_tensor(p, cfg.image_size) for p in r["images"]]),  # (2, 3, S, S)
                 "ids": tokens(env.tok, r["sentence"], None, cfg.text_len),
-                "label": torch.tensor(label_value(r["label"]))}
+                "label": torch.tensor(int(label_value(r["label"])))}
 
     def logits(m, b):
         v = m.xfm.encode_image(b["image"].flatten(0, 1))                   # (2B, 1+P, D): left, right, left, ...
@@ -627,13 +796,19 @@ def run_retrieval(cfg, env, out):
     zero-shot (epochs 0). Reads the project's JSONL, ALBEF / X-VLM JSON lists and Karpathy's dataset_*.json."""
     train_now = cfg.epochs > 0 and not cfg.eval_only
     tr_recs, te, bad = splits(cfg, env, need_train=train_now)
+    tr_recs, te = usable(tr_recs, image_problem, bad, "train"), usable(te, image_problem, bad, "test")
+    # each record's captions as a list (the field holds one or a list); a bad caption is reported and dropped
+    tr_recs = [dict(r, caption=c) for r in tr_recs if (c := data.captions_of(r, r["where"], bad))]
+    te = [dict(r, caption=c) for r in te if (c := data.captions_of(r, r["where"], bad))]
+    if not te:
+        raise SystemExit("error: no usable test record: each was skipped as bad input (see the warnings)")
     test_path = os.path.join(out, "retrieval_test.jsonl")  # absolute image paths, the format load_retrieval_set reads
     if env.master:
         with open(test_path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps({"image": r["image"], "caption": r["caption"]}) + "\n" for r in te)
     tr, img_ids = [], {}
     for r in tr_recs:  # one example per caption; the same image file -> the same id
-        for c in r["caption"] if isinstance(r["caption"], list) else [r["caption"]]:
+        for c in r["caption"]:
             tr.append({"image": r["image"], "caption": c, "img_id": img_ids.setdefault(r["image"], len(img_ids))})
 
     def make(r):
@@ -668,7 +843,23 @@ def run_retrieval(cfg, env, out):
 def run_grounding(cfg, env, out):
     """RefCOCO style: the pre-trained box head (+ sigmoid) on the fusion [CLS] of (phrase, full image), trained
     with L1 + GIoU (losses.bbox_loss); a prediction is right when its IoU with the box is >= 0.5."""
-    tr, te, _ = splits(cfg, env)
+    tr, te, bad = splits(cfg, env)
+
+    def problem(r):
+        phrase = "phrase" if "phrase" in r else "text"
+        box = "box" if "box" in r else "bbox"
+        p = image_problem(r) or text_problem(r, phrase)
+        if p or box not in r:
+            return p or ("malformed record", "no 'box' or 'bbox' field")
+        try:  # the box is checked against the image size; opening reads only the header
+            with Image.open(r["image"]) as im:
+                W, H = im.size
+        except Exception as e:
+            return "unreadable image", f"{r['image']}: {e}"
+        why = data.box_problem(r[box], W, H)
+        return ("bad box", why) if why else None
+
+    tr, te = usable(tr, problem, bad, "train"), usable(te, problem, bad, "test")
 
     def make(r):
         img = data.load_image(r["image"])

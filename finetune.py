@@ -75,6 +75,7 @@ class FinetuneConfig:
     train_file: str = ""            # .jsonl | .json list | Karpathy dataset_*.json | .tsv | ImageFolder directory
     test_file: str = ""             # the evaluation split, in the same formats
     image_root: str = ""            # image paths are relative to this folder (default: the file's folder)
+    strict: bool = False            # any bad record in a task file is an error instead of being skipped and counted
     out_dir: str = ""               # default: INIT_RUN/finetune; each task writes OUT_DIR/NAME/
     tokenizer: str = ""             # default: tokenizer.json next to --init
     image_size: int = 0             # 0 = the pre-training size; another size interpolates the rel-pos tables
@@ -310,8 +311,8 @@ def _karpathy(path, obj, split, bad):
 
 
 def splits(cfg, env, need_train=True):
-    """(train records, test records, BadInput); files default to DATA_DIR/downstream/TASK_{train,test}.jsonl."""
-    bad, down = data.BadInput(verbose=env.master), os.path.join(cfg.data_dir, "downstream")
+    """(train records, test records, the task's BadInput); files default to DATA_DIR/downstream/TASK_{train,test}.jsonl."""
+    bad, down = env.bad, os.path.join(cfg.data_dir, "downstream")
     path = lambda split, given: given or os.path.join(down, f"{cfg.task}_{split}.jsonl")  # noqa: E731
     tr = read_records(path("train", cfg.train_file), "train", cfg, bad) if need_train else []
     return tr, read_records(path("test", cfg.test_file), "test", cfg, bad), bad
@@ -1080,9 +1081,13 @@ def run_task(cfg, given, env):
         dist.barrier()
     torch.manual_seed(cfg.seed)  # the same head init on every rank
     t0 = time.time()
+    env.bad = data.BadInput(strict=cfg.strict, verbose=env.master)        # the task's skipped records, counted
     result = RUNNERS[cfg.task](cfg, env, out)
     if env.master:
-        result.update(task=cfg.task, name=name, init=cfg.init, wall_s=time.time() - t0, config=asdict(cfg))
+        result.update(task=cfg.task, name=name, init=cfg.init, wall_s=time.time() - t0, config=asdict(cfg),
+                      bad_input=env.bad.counts())
+        if env.bad.counts():
+            env.print0(f"{name}: bad input skipped: {env.bad.summary()}")
         with open(os.path.join(out, "eval.json" if cfg.eval_only else "metrics.json"), "w") as f:
             json.dump(result, f, indent=1)
         env.print0(f"{name}: {result['metric']} {result['summary']} ({result['wall_s']:.0f} s) -> {out}")

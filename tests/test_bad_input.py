@@ -3,7 +3,6 @@ retrieval set; finetune.py's task files and per-task records) names each bad lin
 skips it, counts it in data.BadInput and refuses it under strict, while every good record still arrives. Text
 that is not UTF-8 is one more kind of bad input; a whole file in another encoding is one error with the fix.
 Run: python -m pytest tests/test_bad_input.py -q   (CPU, about half a minute)"""
-import functools
 import json
 import os
 import shutil
@@ -323,15 +322,14 @@ def run_records(task, tmp_path, tok, monkeypatch, train_recs, test_recs, strict=
         write_lines(tmp_path / f"{task}_{split}.jsonl", recs)
     cfg = ft_cfg(task=task, epochs=1, image_size=32, text_len=16, train_file=str(tmp_path / f"{task}_train.jsonl"),
                  test_file=str(tmp_path / f"{task}_test.jsonl"), image_root=str(tmp_path))
-    env = SimpleNamespace(master=True, meta=None, tok=tok, mcfg=SimpleNamespace(width=8, recipe="xfm"))
+    env = SimpleNamespace(master=True, meta=None, tok=tok, mcfg=SimpleNamespace(width=8, recipe="xfm"),
+                          bad=data.BadInput(strict=strict, verbose=False))
     got = {}
     splits = finetune.splits
     monkeypatch.setattr(finetune, "splits", lambda *a, **k: (lambda s: got.update(bad=s[2]) or s)(splits(*a, **k)))
     monkeypatch.setattr(finetune, "build_model", lambda *a, **k: None)
     monkeypatch.setattr(finetune, "fit", lambda cfg, env, model, train_set, evaluate, out, meta:
                         got.update(train_set=train_set, meta=meta))
-    if strict:
-        monkeypatch.setattr(data, "BadInput", functools.partial(data.BadInput, strict=True))
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     finetune.RUNNERS[task](cfg, env, str(out))

@@ -484,11 +484,9 @@ class TaskModel(nn.Module):
         return self
 
 
-def build_model(cfg, env, head, loss_fn, trainable, frozen=False):
+def build_model(cfg, env, head, loss_fn, frozen=False):
     """TaskModel with env.ckpt's weights. A pre-trained checkpoint must load with exactly the new head's keys
-    missing and nothing unexpected (MAE style); a checkpoint fine-tuned for this task with nothing missing.
-    Only the XFM parts in `trainable` (and the head) keep requires_grad, set before any DDP wrap: DDP then
-    needs no find_unused_parameters."""
+    missing and nothing unexpected (MAE style); a checkpoint fine-tuned for this task with nothing missing."""
     mcfg = replace(flava.config_from_dict(env.ckpt["model_config"]), image_size=cfg.image_size)
     model = TaskModel(flava.build_model(mcfg), head, loss_fn, frozen)  # X-FM or FLAVA, as the checkpoint says
     state = env.ckpt["model"] if env.finetuned else {"xfm." + k: v for k, v in env.ckpt["model"].items()}
@@ -504,10 +502,7 @@ def build_model(cfg, env, head, loss_fn, trainable, frozen=False):
                f"unexpected {sorted(unexpected) or 'none'}")
     assert set(missing) == expected and not unexpected, \
         f"unexpected checkpoint keys: missing {sorted(set(missing) ^ expected)}, unexpected {sorted(unexpected)}"
-    for name, p in model.named_parameters():  # the MIM mask token takes no part in any task
-        part = name.split(".")[1]
-        p.requires_grad = name.startswith("head.") or (part in trainable and name != "xfm.vision.mask_token")
-    return model.to(env.device)
+    return model.to(env.device)  # what the task trains: every parameter its loss reaches (freeze_unused)
 
 
 def fused_cls(m, b):
@@ -653,7 +648,7 @@ def run_textcls(cfg, env, out):
         z = logits(m, b).float()
         return (F.mse_loss(z.squeeze(-1), b["label"]) if C == 1 else F.cross_entropy(z, b["label"])), {}
 
-    model = build_model(cfg, env, build_mlp(env.mcfg.width, C), loss_fn, trainable=("text",))
+    model = build_model(cfg, env, build_mlp(env.mcfg.width, C), loss_fn)
     test_set = Examples(te, make, env.tok.pad_id)
 
     def evaluate(m):
@@ -698,7 +693,7 @@ def run_imgcls(cfg, env, out):
         return F.cross_entropy(logits(m, b).float(), b["label"]), {}
 
     head = nn.Linear(D, len(labels)) if linear else build_mlp(D, len(labels))
-    model = build_model(cfg, env, head, loss_fn, trainable=() if linear else ("vision",), frozen=linear)
+    model = build_model(cfg, env, head, loss_fn, frozen=linear)
     test_set = Examples(te, make, env.tok.pad_id)
 
     def evaluate(m):
@@ -741,7 +736,7 @@ def run_vqa(cfg, env, out):
             return F.binary_cross_entropy_with_logits(z, b["target"], reduction="sum") / len(z), {}
         return F.cross_entropy(z, b["target"]), {}                         # a one-hot target: plain CE
 
-    model = build_model(cfg, env, build_mlp(env.mcfg.width, len(answers)), loss_fn, ("text", "vision", "fusion"))
+    model = build_model(cfg, env, build_mlp(env.mcfg.width, len(answers)), loss_fn)
     test_set = Examples(te, make, env.tok.pad_id)
 
     def evaluate(m):
@@ -781,7 +776,7 @@ def run_nlvr(cfg, env, out):
     def loss_fn(m, b):
         return F.cross_entropy(logits(m, b).float(), b["label"]), {}
 
-    model = build_model(cfg, env, build_mlp(2 * env.mcfg.width, 2), loss_fn, ("text", "vision", "fusion"))
+    model = build_model(cfg, env, build_mlp(2 * env.mcfg.width, 2), loss_fn)
     test_set = Examples(te, make, env.tok.pad_id)
 
     def evaluate(m):
@@ -827,9 +822,7 @@ def run_retrieval(cfg, env, out):
         itm = losses.itm_loss(x, t_f, b["att"], v, None, f_v, f_t, x.temp, b["img_id"])
         return itc + itm, {"itc": itc, "itm": itm}
 
-    # ITC + ITM use all of them (the temperature is `temp` in X-FM, `logit_scale` in FLAVA)
-    parts = ("text", "vision", "fusion", "text_proj", "vision_proj", "temp", "logit_scale", "itm_head")
-    model = build_model(cfg, env, None, loss_fn, parts)
+    model = build_model(cfg, env, None, loss_fn)                          # the pre-trained ITC and ITM heads
 
     def evaluate(m):
         rs = data.load_retrieval_set(test_path, env.tok, cfg.image_size, cfg.text_len, bad)
@@ -880,7 +873,7 @@ def run_grounding(cfg, env, out):
 
     # X-FM's box head was pre-trained (BBP); FLAVA has none, so it gets a fresh one as the task head
     head = build_mlp(env.mcfg.width, 4) if getattr(env.mcfg, "recipe", "xfm") == "flava" else None
-    model = build_model(cfg, env, head, loss_fn, ("text", "vision", "fusion", "bbox_head"))
+    model = build_model(cfg, env, head, loss_fn)
     test_set = Examples(te, make, env.tok.pad_id)
 
     def evaluate(m):
@@ -966,7 +959,7 @@ def run_attention(cfg, env, out):
         cfg = replace(cfg, image=first["image"], caption=cfg.caption or caps[0])
     if not cfg.caption:
         raise SystemExit("error: --task attention needs --caption as well as --image")
-    xfm = build_model(cfg, env, None, None, trainable=()).xfm
+    xfm = build_model(cfg, env, None, None).xfm
     ids = torch.tensor([env.tok.encode(cfg.caption, cfg.text_len)], device=env.device)  # (1, T)
     image = image_tensor(cfg.image, cfg.image_size)[None].to(env.device)  # (1, 3, S, S)
     maps = cross_attention_maps(xfm, ids, torch.ones_like(ids), image)
@@ -1058,7 +1051,8 @@ def load_init(cfg, ddp, rank, world, device):
     return SimpleNamespace(ckpt=ckpt, tok=tok, finetuned=finetuned, run_dir=run_dir,
                            meta=ckpt.get("meta") if finetuned else None, mcfg=flava.config_from_dict(ckpt["model_config"]),
                            ddp=ddp, rank=rank, world=world, device=device, master=master, autocast=autocast,
-                           scaler=scaler, print0=lambda *a: print(*a, flush=True) if master else None)
+                           scaler=scaler, print0=lambda *a: print(*a, flush=True) if master else None,
+                           bad=data.BadInput(strict=cfg.strict, verbose=master))  # run_task gives each task its own
 
 
 def run_task(cfg, given, env):

@@ -138,19 +138,67 @@ def test_toy_grounding_split(toy):
 
 def test_checkpoint_loads_with_exactly_the_expected_missing_keys(ckpt, capsys):
     cfg, env = make_env(ckpt)
-    model = finetune.build_model(cfg, env, build_mlp(env.mcfg.width, 3), None, trainable=("text",))
+    finetune.build_model(cfg, env, build_mlp(env.mcfg.width, 3), None)
     assert "missing keys ['head.0.bias', 'head.0.weight', 'head.1.bias', 'head.1.weight', 'head.3.bias', " \
            "'head.3.weight'], unexpected none" in capsys.readouterr().out
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
-        {n for n, _ in model.named_parameters() if n.startswith(("head.", "xfm.text."))}
-    finetune.build_model(cfg, env, None, None, trainable=())              # reused heads: nothing missing
+    finetune.build_model(cfg, env, None, None)              # reused heads: nothing missing
     assert "missing keys none, unexpected none" in capsys.readouterr().out
     env.ckpt["model"] = {**env.ckpt["model"], "surplus.weight": torch.zeros(1)}
     with pytest.raises(AssertionError, match="surplus"):
-        finetune.build_model(cfg, env, None, None, trainable=())
+        finetune.build_model(cfg, env, None, None)
     env.ckpt["model"] = {k: v for k, v in env.ckpt["model"].items() if k not in ("surplus.weight", "temp")}
     with pytest.raises(AssertionError, match="temp"):
-        finetune.build_model(cfg, env, None, None, trainable=())
+        finetune.build_model(cfg, env, None, None)
+
+
+class _Batches:
+    """A stand-in training set for freeze_unused: `collate` of any examples is one fixed batch."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return i
+
+    def collate(self, samples):
+        return self.batch
+
+
+@pytest.mark.parametrize("recipe", ["xfm", "flava"])
+def test_freeze_unused_keeps_exactly_what_each_loss_reaches(recipe):
+    """textcls reaches the language encoder and the head; the linear probe only its head (the encoder runs
+    under no_grad); a fused task reaches all three encoders, except FLAVA's final LayerNorms (the fusion reads the
+    states before them), which must be frozen or DDP fails waiting for their gradients."""
+    import flava
+    torch.manual_seed(0)
+    cfg = flava.make_flava_config("tiny", vocab_size=64) if recipe == "flava" else tiny_config()
+    ids = torch.randint(5, 64, (4, 8))
+    batch = {"ids": ids, "att": torch.ones_like(ids), "image": torch.randn(4, 3, cfg.image_size, cfg.image_size),
+             "y": torch.tensor([0, 1, 2, 0])}
+    ce = lambda z, b: (nn.functional.cross_entropy(z, b["y"]), {})  # noqa: E731
+
+    def trained(loss_fn, frozen=False):
+        model = finetune.TaskModel(flava.build_model(cfg), build_mlp(cfg.width, 3), loss_fn, frozen)
+        names = {n for n, _ in model.named_parameters()}
+        frozen_now = set(finetune.freeze_unused(model, _Batches(batch), 4, torch.device("cpu")))
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == names - frozen_now
+        return names - frozen_now
+
+    def probe(m, b):
+        with torch.no_grad():
+            v = m.xfm.encode_image(b["image"])[:, 0]
+        return ce(m.head(v), b)
+
+    text = trained(lambda m, b: ce(m.head(m.xfm.encode_text(b["ids"], b["att"])[:, 0]), b))
+    assert text == {n for n in text if n.startswith(("head.", "xfm.text."))} and "xfm.text.blocks.0.mlp.fc1.weight" in text
+    assert trained(probe, frozen=True) == {n for n, _ in build_mlp(cfg.width, 3).named_parameters("head")}
+    fused = trained(lambda m, b: ce(m.head(finetune.fused_cls(m, b)), b))
+    assert {n.split(".")[1] for n in fused if n.startswith("xfm.")} == {"text", "vision", "fusion"}
+    final_norms = {f"xfm.{e}.norm.{w}" for e in ("text", "vision") for w in ("weight", "bias")}
+    assert (final_norms & fused == set()) == (recipe == "flava") and "xfm.vision.mask_token" not in fused
 
 
 def test_rel_pos_interpolation():
@@ -165,7 +213,7 @@ def test_rel_pos_interpolation():
 
 def test_model_at_a_new_image_size_from_a_checkpoint_of_another(ckpt):
     cfg, env = make_env(ckpt, image_size=48)                               # pre-trained at 32 px (grid 4)
-    xfm = finetune.build_model(cfg, env, None, None, trainable=()).xfm.eval()
+    xfm = finetune.build_model(cfg, env, None, None).xfm.eval()
     assert xfm.vision.blocks[0].rel_pos.table.shape == ((2 * 6 - 1) ** 2 + 3, xfm.cfg.heads)
     assert xfm.encode_image(torch.randn(2, 3, 48, 48)).shape == (2, 1 + 36, xfm.cfg.width)
 

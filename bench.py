@@ -64,6 +64,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
+import toyworld
 import losses
 import train
 from model import XFM, TextEncoder, VisionEncoder, make_config
@@ -642,7 +643,7 @@ def bench_data(device, out_dir, n_batches, step_s, eats):
     tc = train.TrainConfig()
     if not os.path.isdir(tc.data_dir):
         print(f"building the toy world in {tc.data_dir} ...")
-        data.make_toy(tc.data_dir, seed=0)
+        toyworld.make_toy(tc.data_dir, seed=0)
     tok = data.get_tokenizer(tc.data_dir, out_dir, tc.vocab_size, tc.tokenizer or None)
     mcfg = make_config(tc.config)
     # train.py's per-rank batches for one process and no accumulation

@@ -12,7 +12,7 @@ with their graph (`losses.fusion_input(t, stop_grad=False)`), so each task train
     retrieval  ITC (same image = positive) + ITM (hard negatives); ITC ranking, ITM re-ranking R@1/5/10
     grounding  the pre-trained bbox_head on the fusion [CLS] of (phrase, full image) L1 + GIoU acc@IoU>=0.5
 
-Every task runs on the toy world (data/toy/downstream; `python data.py toy --out data/toy`) with no other
+Every task runs on the toy world (data/toy/downstream; `python toyworld.py --out data/toy`) with no other
 arguments. After `python train.py`:
     python finetune.py --task vqa --init runs/default/ckpt.pt            # -> runs/default/finetune/vqa/
     python finetune.py --task imgcls --probe linear --init runs/default/ckpt.pt
@@ -55,6 +55,7 @@ import data
 import flava
 import losses
 import pretrained
+import toyworld
 import train
 from model import XFM, build_mlp, make_config, resize_rel_pos
 
@@ -204,7 +205,7 @@ def read_records(path, split, cfg, bad):
     paths ("image", or "images" a list) made absolute against --image_root or the file's folder. A record that is
     not UTF-8, whose image field is not a path, or whose image is missing is reported to `bad` and skipped."""
     if not os.path.exists(path):
-        hint = " (an old toy world? rebuild it: python data.py toy --out data/toy)" if "downstream" in path else ""
+        hint = " (an old toy world? rebuild it: python toyworld.py --out data/toy)" if "downstream" in path else ""
         raise SystemExit(f"error: no {split} file {path}{hint}")
     root = cfg.image_root or (path if os.path.isdir(path) else os.path.dirname(path))
     recs = None
@@ -1132,7 +1133,7 @@ def main(argv=None):
         def prepare_data():  # rank 0 builds the toy world, as train.py does; every rank is told
             if cfg.data_dir == FinetuneConfig.data_dir and not os.path.isdir(cfg.data_dir):
                 print(f"building the toy world in {cfg.data_dir} ...", flush=True)
-                data.make_toy(cfg.data_dir, seed=0)
+                toyworld.make_toy(cfg.data_dir, seed=0)
         train.rank0_shares(prepare_data, ddp, rank)
         return run_all(cfg, given, env) if cfg.task == "all" else run_task(cfg, given, env)
     finally:

@@ -39,6 +39,7 @@ from tqdm import tqdm
 import data
 import flava
 import pretrained
+import toyworld
 from losses import xfm_losses
 from model import make_config
 
@@ -565,7 +566,7 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
     def prepare_data():  # rank 0 builds the toy world if the default folder is missing; every rank is told
         if not os.path.isdir(cfg.data_dir) and cfg.data_dir == TrainConfig.data_dir:
             print0(f"building the toy world in {cfg.data_dir} ...")
-            data.make_toy(cfg.data_dir, seed=0)
+            toyworld.make_toy(cfg.data_dir, seed=0)
         if not os.path.isdir(cfg.data_dir):
             raise SystemExit(f"error: data_dir {cfg.data_dir!r} does not exist")
     rank0_shares(prepare_data, ddp, rank)

@@ -15,6 +15,7 @@ from PIL import Image
 import data
 import finetune
 import train
+import toyworld
 
 LATIN1 = "café au lait".encode("latin-1")  # b"caf\xe9 au lait": not UTF-8
 
@@ -441,7 +442,7 @@ FAST = ["--max_steps=1", "--batch_size=8", "--log_every=1", "--warmup_steps=1", 
 @pytest.fixture(scope="module")
 def latin1_folder(tmp_path_factory):
     d = tmp_path_factory.mktemp("latin1")
-    data.make_toy(str(d), seed=0, size=32, n_pairs=32, n_regions=16, n_text=32, n_images=16, n_test=8, n_down=4,
+    toyworld.make_toy(str(d), seed=0, size=32, n_pairs=32, n_regions=16, n_text=32, n_images=16, n_test=8, n_down=4,
                   progress=False)
     with open(d / "text.txt", "ab") as f:
         f.write(LATIN1 + b"\n")

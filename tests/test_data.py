@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data as D  # noqa: E402
+import toyworld  # noqa: E402
 
 SMALL = dict(size=32, n_pairs=24, n_regions=12, n_text=30, n_images=12, n_test=10, n_down=8, progress=False)
 KW = dict(image_size=32, patch_size=8, text_len=32, caption_len=16, seed=0, rank=0, world_size=1)
@@ -20,7 +21,7 @@ KW = dict(image_size=32, patch_size=8, text_len=32, caption_len=16, seed=0, rank
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("toy"))
-    D.make_toy(d, seed=0, **SMALL)
+    toyworld.make_toy(d, seed=0, **SMALL)
     return d
 
 
@@ -50,19 +51,19 @@ def streams(toy, tok, bs=4, num_workers=0, **kw):
 
 def test_toy_is_deterministic(tmp_path):
     a, b, c = (str(tmp_path / n) for n in "abc")
-    D.make_toy(a, seed=0, **SMALL)
-    D.make_toy(b, seed=0, **SMALL)
-    D.make_toy(c, seed=1, **SMALL)
+    toyworld.make_toy(a, seed=0, **SMALL)
+    toyworld.make_toy(b, seed=0, **SMALL)
+    toyworld.make_toy(c, seed=1, **SMALL)
     ta, tb, tc = read_tree(a), read_tree(b), read_tree(c)
     assert ta == tb and len(ta) > 50
     assert set(ta) == set(tc) and ta != tc
     assert ta["img/pair_00000.png"] != tc["img/pair_00000.png"]
-    D.make_toy(a, seed=0, **SMALL)  # regenerating over an old toy world gives the same files
+    toyworld.make_toy(a, seed=0, **SMALL)  # regenerating over an old toy world gives the same files
     assert read_tree(a) == ta
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.txt").write_text("mine")
     with pytest.raises(ValueError):  # never writes into a folder that is not a toy world
-        D.make_toy(str(tmp_path / "other"), **SMALL)
+        toyworld.make_toy(str(tmp_path / "other"), **SMALL)
 
 
 def test_toy_contents(toy):
@@ -447,7 +448,7 @@ def test_load_retrieval_set(toy, tok):
 def test_cli(toy, capsys):
     with pytest.raises(SystemExit) as e:
         D.main(["--help"])
-    assert e.value.code == 0 and "toy" in capsys.readouterr().out
+    assert e.value.code == 0 and "check" in capsys.readouterr().out
     D.main(["check", "--data_dir", toy])
     out = capsys.readouterr().out
     assert "24 images" in out and "bad input: none" in out

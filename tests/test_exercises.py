@@ -21,6 +21,7 @@ import curves
 import data
 import finetune
 import train
+import toyworld
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXERCISES_MD = os.path.join(ROOT, "EXERCISES.md")
@@ -176,7 +177,7 @@ def workspace(tmp_path_factory):
     repo = str(tmp_path_factory.mktemp("exercises") / "repo")
     shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(
         "runs", "data", ".git", "__pycache__", ".pytest_cache", ".benchmarks", "*.pt", "*.pth", "out"))
-    data.make_toy(os.path.join(repo, "data", "toy"), seed=0, n_pairs=64, n_regions=32, n_text=64, n_images=32,
+    toyworld.make_toy(os.path.join(repo, "data", "toy"), seed=0, n_pairs=64, n_regions=32, n_text=64, n_images=32,
                   n_test=16, n_down=16, progress=False)
     return {"repo": repo, "done": set()}
 

@@ -16,6 +16,7 @@ import finetune
 import train
 from conftest import tiny_config
 from model import XFM, build_mlp, resize_rel_pos
+import toyworld
 
 EPOCH1 = ["--epochs=1", "--batch_size=8", "--eval_batch_size=16", "--k_test=4"]
 
@@ -23,7 +24,7 @@ EPOCH1 = ["--epochs=1", "--batch_size=8", "--eval_batch_size=16", "--k_test=4"]
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("toy"))
-    data.make_toy(d, n_pairs=64, n_regions=32, n_text=64, n_images=32, n_test=16, n_down=16, progress=False)
+    toyworld.make_toy(d, n_pairs=64, n_regions=32, n_text=64, n_images=32, n_test=16, n_down=16, progress=False)
     return d
 
 

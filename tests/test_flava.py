@@ -17,6 +17,7 @@ import flava
 import train
 from conftest import free_port, gloo_group, make_batch
 from losses import itc_loss
+import toyworld
 
 
 def tiny_flava(**kw):
@@ -158,7 +159,7 @@ def test_mmm_losses_read_the_right_slices(model):
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("toy"))
-    data.make_toy(d, seed=0, n_pairs=64, n_regions=8, n_text=64, n_images=32, n_test=16, n_down=16, progress=False)
+    toyworld.make_toy(d, seed=0, n_pairs=64, n_regions=8, n_text=64, n_images=32, n_test=16, n_down=16, progress=False)
     return d
 
 

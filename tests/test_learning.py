@@ -13,6 +13,7 @@ import pytest
 import curves
 import data
 import train
+import toyworld
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("toy"))
-    data.make_toy(d, seed=0, progress=False)                              # the default toy world, as train.py builds it
+    toyworld.make_toy(d, seed=0, progress=False)                              # the default toy world, as train.py builds it
     return d
 
 

@@ -14,6 +14,7 @@ load_file = pytest.importorskip("safetensors.torch").load_file  # installed with
 import pretrained  # noqa: E402
 from conftest import tiny_config  # noqa: E402
 from model import XFM, resize_rel_pos  # noqa: E402
+import toyworld
 
 TOL = 1e-5
 D, HEADS, LAYERS, VOCAB = 32, 4, 2, 100
@@ -282,7 +283,7 @@ def test_train_main_starts_from_pretrained_encoders(beit, tmp_path):
     import data
     import train
     toy = str(tmp_path / "toy")
-    data.make_toy(toy, seed=0, n_pairs=16, n_regions=8, n_text=16, n_images=8, n_test=8, n_down=4, progress=False)
+    toyworld.make_toy(toy, seed=0, n_pairs=16, n_regions=8, n_text=16, n_images=8, n_test=8, n_down=4, progress=False)
     roberta = make_roberta(vocab=300)  # a byte-level BPE has at least 256 + 5 tokens
     text = save_folder(roberta, str(tmp_path / "roberta"), "safetensors")
     vision = str(tmp_path / "beitv2.pth")

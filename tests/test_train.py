@@ -12,6 +12,7 @@ import data
 import train
 from conftest import free_port, gloo_group, make_batch, tiny_config
 from model import XFM
+import toyworld
 
 FAST = ["--max_steps=4", "--batch_size=8", "--log_every=1", "--warmup_steps=2", "--vocab_size=300",
         "--eval_k=4", "--caption_len=24", "--text_len=32"]
@@ -21,7 +22,7 @@ FAST = ["--max_steps=4", "--batch_size=8", "--log_every=1", "--warmup_steps=2", 
 def toy(tmp_path_factory):
     """A small toy world, built once for this file."""
     d = str(tmp_path_factory.mktemp("toy"))
-    data.make_toy(d, seed=0, n_pairs=64, n_regions=32, n_text=64, n_images=32, n_test=16, n_down=8, progress=False)
+    toyworld.make_toy(d, seed=0, n_pairs=64, n_regions=32, n_text=64, n_images=32, n_test=16, n_down=8, progress=False)
     return d
 
 

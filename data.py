@@ -996,31 +996,6 @@ def build_streams(data_dir, tok, *, image_size, patch_size, batch_size, text_len
     return {k: streams[k] for k in KINDS if k in streams}
 
 
-def load_retrieval_set(path, tok, image_size, caption_len, bad):
-    """Held-out pairs with images deduplicated, for retrieval: image (Ni,3,S,S), ids/att (Nt,T),
-    txt2img (Nt,) and img2txt (Ni lists of text indices). Unreadable images are reported and dropped."""
-    index, images, seqs, txt2img, img2txt = {}, [], [], [], []
-    for item in parse_pairs(path, bad):
-        p = item["image"]
-        if p not in index:
-            try:
-                images.append(eval_transform(load_image(p), image_size))
-                index[p] = len(images) - 1
-                img2txt.append([])
-            except Exception as e:
-                bad.report("unreadable image", item["where"], f"{p}: {e}", action="dropped with its captions")
-                index[p] = None
-        if index[p] is not None:
-            img2txt[index[p]].append(len(seqs))
-            txt2img.append(index[p])
-            seqs.append(tok.encode(item["caption"], caption_len))
-    if not images:
-        raise ValueError(f"{path}: no readable image-text pair for retrieval")
-    ids = pad_seqs(seqs, tok.pad_id)
-    return {"image": torch.stack(images), "ids": ids, "att": attention(seqs, ids.shape[1]),
-            "txt2img": torch.tensor(txt2img, dtype=torch.long), "img2txt": img2txt}
-
-
 # -----------------------------------------------------------------------------
 # Command line
 

@@ -55,6 +55,7 @@ import data
 import flava
 import losses
 import pretrained
+import retrieval
 import toyworld
 import train
 from model import XFM, build_mlp, make_config, resize_rel_pos
@@ -789,7 +790,7 @@ def run_nlvr(cfg, env, out):
 
 def run_retrieval(cfg, env, out):
     """Image-text retrieval: fine-tuning with ITC (pairs sharing an image are positives) + ITM (hard negatives),
-    no detach; evaluation by ITC ranking and ITM re-ranking of the top k (train.evaluate_retrieval), also
+    no detach; evaluation by ITC ranking and ITM re-ranking of the top k (retrieval.evaluate_retrieval), also
     zero-shot (epochs 0). Reads the project's JSONL, ALBEF / X-VLM JSON lists and Karpathy's dataset_*.json."""
     train_now = cfg.epochs > 0 and not cfg.eval_only
     tr_recs, te, bad = splits(cfg, env, need_train=train_now)
@@ -799,7 +800,7 @@ def run_retrieval(cfg, env, out):
     te = [dict(r, caption=c) for r in te if (c := data.captions_of(r, r["where"], bad))]
     if not te:
         raise SystemExit("error: no usable test record: each was skipped as bad input (see the warnings)")
-    test_path = os.path.join(out, "retrieval_test.jsonl")  # absolute image paths, the format load_retrieval_set reads
+    test_path = os.path.join(out, "retrieval_test.jsonl")  # absolute image paths, the format retrieval.load_retrieval_set reads
     if env.master:
         with open(test_path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps({"image": r["image"], "caption": r["caption"]}) + "\n" for r in te)
@@ -826,8 +827,8 @@ def run_retrieval(cfg, env, out):
     model = build_model(cfg, env, None, loss_fn)                          # the pre-trained ITC and ITM heads
 
     def evaluate(m):
-        rs = data.load_retrieval_set(test_path, env.tok, cfg.image_size, cfg.text_len, bad)
-        r = train.evaluate_retrieval(m.xfm, rs, env.device, cfg.k_test, cfg.eval_batch_size, env.autocast)
+        rs = retrieval.load_retrieval_set(test_path, env.tok, cfg.image_size, cfg.text_len, bad)
+        r = retrieval.evaluate_retrieval(m.xfm, rs, env.device, cfg.k_test, cfg.eval_batch_size, env.autocast)
         retrieval_sheet(m.xfm, rs, env, cfg.k_test, os.path.join(out, "retrieval_examples.png"))
         summary = ", ".join(f"{d} " + "/".join(f"{r[f'{d}_r{n}']:.1f}" for n in (1, 5, 10)) for d in ("t2i", "i2t"))
         return report("R@1/5/10", (r["t2i_r1"] + r["i2t_r1"]) / 2, summary, key="mean_r1", **r)
@@ -974,7 +975,7 @@ def run_attention(cfg, env, out):
 @torch.no_grad()
 def retrieval_sheet(xfm, rs, env, k_test, path, n_queries=6, k=5, size=72):
     """A PNG: a few text queries, each with its top-5 images after ITC ranking and ITM re-ranking of the ITC
-    top k_test (as train.evaluate_retrieval ranks them); the correct image is framed in green."""
+    top k_test (as retrieval.evaluate_retrieval ranks them); the correct image is framed in green."""
     xfm.eval()
     qs = torch.linspace(0, len(rs["ids"]) - 1, min(n_queries, len(rs["ids"]))).long()  # spread over the set
     rows = []

@@ -16,6 +16,7 @@ import data
 import finetune
 import train
 import toyworld
+import retrieval
 
 LATIN1 = "café au lait".encode("latin-1")  # b"caf\xe9 au lait": not UTF-8
 
@@ -208,11 +209,11 @@ def tok(tmp_path_factory):
 def test_retrieval_set(tmp_path, tok):
     p = bad_pairs(tmp_path)
     bad = quiet()
-    rs = data.load_retrieval_set(str(p), tok, 32, 16, bad)
+    rs = retrieval.load_retrieval_set(str(p), tok, 32, 16, bad)
     assert rs["image"].shape[0] == 3 and rs["ids"].shape[0] == 4 and rs["img2txt"] == [[0], [1, 2], [3]]
     assert bad.counts()["not UTF-8"] == 1 and f"{p}:2: not UTF-8" in said(bad)
     with pytest.raises(ValueError, match=r"pairs\.jsonl:2: not UTF-8"):
-        data.load_retrieval_set(str(p), tok, 32, 16, data.BadInput(strict=True))
+        retrieval.load_retrieval_set(str(p), tok, 32, 16, data.BadInput(strict=True))
 
 
 @pytest.mark.parametrize("encoding, line, named, command", [

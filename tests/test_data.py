@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data as D  # noqa: E402
 import toyworld  # noqa: E402
+import retrieval  # noqa: E402
 
 SMALL = dict(size=32, n_pairs=24, n_regions=12, n_text=30, n_images=12, n_test=10, n_down=8, progress=False)
 KW = dict(image_size=32, patch_size=8, text_len=32, caption_len=16, seed=0, rank=0, world_size=1)
@@ -166,7 +167,7 @@ def test_unreadable_image_is_replaced_and_counted(tmp_path, tok):
     st = D.Stream("pair", ds, 4, seed=0, rank=0, world_size=1, num_workers=0, bad=bad)
     batch = next(st)  # one batch = the whole epoch, so it holds the broken item once
     assert batch["n_bad"] == 1 and bad.counts()["unreadable image"] == 1
-    ret = D.load_retrieval_set(str(d / "pairs.jsonl"), tok, 32, 16, bad)  # eval drops it instead
+    ret = retrieval.load_retrieval_set(str(d / "pairs.jsonl"), tok, 32, 16, bad)  # eval drops it instead
     assert ret["image"].shape == (3, 3, 32, 32) and ret["ids"].shape[0] == 3
 
 
@@ -437,7 +438,7 @@ def test_batch_formats(toy, tok):
 
 
 def test_load_retrieval_set(toy, tok):
-    ret = D.load_retrieval_set(os.path.join(toy, "pairs_test.jsonl"), tok, 32, 16, D.BadInput(verbose=False))
+    ret = retrieval.load_retrieval_set(os.path.join(toy, "pairs_test.jsonl"), tok, 32, 16, D.BadInput(verbose=False))
     Ni, Nt = ret["image"].shape[0], ret["ids"].shape[0]
     assert ret["image"].shape == (10, 3, 32, 32) and Ni < Nt <= 2 * Ni and ret["att"].shape == ret["ids"].shape
     assert ret["txt2img"].shape == (Nt,) and len(ret["img2txt"]) == Ni

@@ -17,6 +17,7 @@ import train
 from conftest import tiny_config
 from model import XFM, build_mlp, resize_rel_pos
 import toyworld
+import retrieval
 
 EPOCH1 = ["--epochs=1", "--batch_size=8", "--eval_batch_size=16", "--k_test=4"]
 
@@ -302,12 +303,12 @@ class _Stub(nn.Module):
 
 
 def test_recall_at_k_by_hand():
-    """train.evaluate_retrieval (reused for retrieval) on scores where every rank is known."""
+    """retrieval.evaluate_retrieval (reused for retrieval) on scores where every rank is known."""
     images = torch.eye(3).view(3, 3, 1, 1)                                 # e0, e1, e2
     texts = torch.tensor([[1., 0, 0], [0, 1, 0], [0.9, 0, 0.1], [0, 1, 0], [0.3, 0, 0.2]])
     rs = {"image": images, "ids": torch.arange(5)[:, None], "att": torch.ones(5, 1, dtype=torch.long),
           "txt2img": torch.tensor([0, 1, 2, 1, 0]), "img2txt": [[0, 4], [1, 3], [2]]}
-    r = train.evaluate_retrieval(_Stub(texts), rs, torch.device("cpu"), 2, 2, train.nullcontext)
+    r = retrieval.evaluate_retrieval(_Stub(texts), rs, torch.device("cpu"), 2, 2, train.nullcontext)
     # text 2 ranks its image (score 0.1) below image 0 (0.9): t2i R@1 = 4/5. Image 2 ranks text 4 (0.2) above
     # its own text 2 (0.1): i2t R@1 = 2/3. Everything is within the top 5 (and the ITM re-ranking agrees).
     for pre in ("t2i_", "t2i_itc_"):

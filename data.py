@@ -1,7 +1,7 @@
 """
 Data for xfm: the four pre-training streams of X-FM (text, image, image-text pairs, region-text),
 the two masking generators (text MLM and BEiT block-wise MIM), a BPE tokenizer wrapper and a sharded
-resumable sampler (XFM.md sections 2, 3.1, 3.2, 3.5, 11). The synthetic toy world that feeds every stream
+resumable sampler (docs/METHOD.md §4.1, §5, §11). The synthetic toy world that feeds every stream
 is written by toyworld.py.
 
 Run:
@@ -543,7 +543,7 @@ def get_tokenizer(data_dir, run_dir, vocab_size, tokenizer_path=None):
 
 
 # -----------------------------------------------------------------------------
-# Masking: text MLM (XFM.md 3.1, 3.5) and BEiT block-wise MIM (3.2)
+# Masking: text MLM (docs/METHOD.md §4.1) and BEiT block-wise MIM (§5.3)
 
 
 def mask_text(ids, tok, prob, max_masks, rng, skipgram_prob=0.2, max_span=3):
@@ -776,7 +776,7 @@ class ImageDataset(_Base):
         rng = self.rng(epoch, index)
         j, img, n_bad = self.load(index)
         x = random_resized_crop(img, self.size, rng, scale=self.crop_scale, hflip=self.hflip)
-        # the masked and unmasked MIM views are this same tensor; only the mask differs (XFM.md 2)
+        # the masked and unmasked MIM views are this same tensor; only the mask differs (docs/METHOD.md §5.3)
         m = block_mask(self.grid, *mim_counts(self.grid), rng)
         return j, x, torch.from_numpy(m), n_bad, rng
 
@@ -797,7 +797,7 @@ def _image_ids(items):
 
 
 # How captions are masked: X-FM's IMLM masks half of each caption (at most 15 tokens, with "skipgram" spans);
-# FLAVA's MMM masks 15 % of the tokens, BERT style (FLAVA.md §2.6). (prob, max_masks, skipgram_prob)
+# FLAVA's MMM masks 15 % of the tokens, BERT style (docs/METHOD.md §8.3). (prob, max_masks, skipgram_prob)
 CAPTION_MASKING = {"xfm": (0.5, 15, 0.2), "flava": (0.15, 10 ** 6, 0.0)}
 
 

@@ -1,6 +1,6 @@
 """
 Fine-tuning and evaluation of a pre-trained X-FM on every kind of downstream task, the way the paper does
-(XFM.md §6, §7). Fine-tuning removes the stop-gradient: the fusion encoder reads the language encoder's states
+(docs/METHOD.md §7). Fine-tuning removes the stop-gradient: the fusion encoder reads the language encoder's states
 with their graph (`losses.fusion_input(t, stop_grad=False)`), so each task trains every encoder it uses.
 
     task       model                                                         loss            metric
@@ -508,7 +508,7 @@ def build_model(cfg, env, head, loss_fn, frozen=False):
 
 
 def fused_cls(m, b):
-    """The fusion [CLS] of (text, image), with NO stop-gradient (fine-tuning, XFM.md §3.7) -> (B, D)."""
+    """The fusion [CLS] of (text, image), with NO stop-gradient (fine-tuning, docs/METHOD.md §7.1) -> (B, D)."""
     t = m.xfm.encode_text(b["ids"], b["att"])                              # (B, T, D)
     v = m.xfm.encode_image(b["image"])                                     # (B, 1+P, D)
     return m.xfm.fuse(losses.fusion_input(t, stop_grad=False), b["att"], v)[:, 0]
@@ -672,7 +672,7 @@ def run_textcls(cfg, env, out):
 def run_imgcls(cfg, env, out):
     """Image classification on v[:, 0]: full fine-tuning with a build_mlp head, or (--probe linear) a TRUE linear
     probe: one nn.Linear on the frozen encoder's features, computed under no_grad. The official "linear
-    evaluation" is a 5-layer MLP on frozen features (XFM.md §7, §10)."""
+    evaluation" is a 5-layer MLP on frozen features (docs/METHOD.md §7.2, §10)."""
     if cfg.probe not in ("full", "linear"):
         raise SystemExit(f"error: --probe must be full or linear, not {cfg.probe!r}")
     tr, te, bad = splits(cfg, env)
@@ -708,7 +708,7 @@ def run_imgcls(cfg, env, out):
 def run_vqa(cfg, env, out):
     """VQA as classification over the training split's answers, on the fusion [CLS]; VQA-score soft targets
     with BCE when a question has several answers. (The paper generates the answer with a decoder and ranks a
-    fixed answer list, XFM.md §7.)"""
+    fixed answer list, docs/METHOD.md §7.2.)"""
     tr, te, bad = splits(cfg, env)
 
     def problem(r):

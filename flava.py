@@ -1,5 +1,5 @@
 """
-FLAVA, the second recipe (Singh et al. 2022, spec: shared/method/FLAVA.md), built from model.py's parts so that
+FLAVA, the second recipe (Singh et al. 2022, method: docs/METHOD.md §8), built from model.py's parts so that
 the differences from X-FM are visible in one place. Everything FLAVA-specific is in this file: the model, the
 frozen image tokenizer that makes its MIM targets, its objectives and its data-kind sampling.
 
@@ -85,7 +85,7 @@ def patchify(images, p):
 
 class PatchTokenizer(nn.Module):
     """Image -> one id per patch: the nearest centroid of a k-means codebook over raw (normalised) patch pixels.
-    Frozen: a buffer, not a parameter; no gradient ever reaches it (FLAVA.md §10.8)."""
+    Frozen: a buffer, not a parameter; no gradient ever reaches it (docs/METHOD.md §8.4)."""
 
     def __init__(self, codebook_size, patch_size):
         super().__init__()
@@ -216,7 +216,7 @@ class FusionEncoder(nn.Module):
         x = torch.cat([self.cls_token.expand(B, -1, -1).to(t.dtype), self.image_to_mm(v), self.text_to_mm(t)], 1)
         if image_mask is None:
             image_mask = torch.ones(v.shape[:2], dtype=torch.bool, device=v.device)
-        # the key mask covers CLS_M and the image, and hides the text padding (the pitfall of FLAVA.md §6)
+        # the key mask covers CLS_M and the image, and hides the text padding (docs/METHOD.md §8.1)
         key_mask = torch.cat([torch.ones_like(image_mask[:, :1]), image_mask.bool(), att.bool()], dim=1)
         for blk in self.blocks:
             x = blk(x, key_mask=key_mask)
@@ -239,7 +239,7 @@ class FLAVA(nn.Module):
         self.text = TextEncoder(cfg)
         self.vision = ImageEncoder(cfg)
         self.fusion = FusionEncoder(cfg)
-        # separate heads, none tied to the word embeddings (FLAVA.md §10.7)
+        # separate heads, none tied to the word embeddings (docs/METHOD.md §8.2)
         self.mlm_head = MLMHead(cfg)                                       # text batches
         self.mim_head = MLMHead(cfg, num_classes=cfg.codebook_size)        # image batches
         self.mmm_text_head = MLMHead(cfg)                                  # pairs: masked words from the fusion
@@ -249,7 +249,7 @@ class FLAVA(nn.Module):
         self.vision_proj = nn.Linear(cfg.width, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(cfg.logit_scale))
         self.image_tokenizer = PatchTokenizer(cfg.codebook_size, cfg.patch_size)
-        self.apply(self._init_weights)  # N(0, 0.02); CLS, mask token and positions stay zero (FLAVA.md §1.1)
+        self.apply(self._init_weights)  # N(0, 0.02); CLS, mask token and positions stay zero (docs/METHOD.md §8.1)
 
     @staticmethod
     def _init_weights(m):
@@ -308,11 +308,11 @@ def resize_pos_embed(pos, new_grid):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The objectives (FLAVA.md §2). The total loss is the unweighted sum of what the batch's data kind gives.
+# The objectives (docs/METHOD.md §8.3). The total loss is the unweighted sum of what the batch's data kind gives.
 
 
 def flava_losses(model, batch, stats=None):
-    """All FLAVA pre-training losses for a batch holding any subset of text / image / pair (FLAVA.md §2.1).
+    """All FLAVA pre-training losses for a batch holding any subset of text / image / pair (docs/METHOD.md §8.3).
 
         text    MLM:  CE of mlm_head at the masked tokens (15 %, 80/10/10) of the text encoder's final-LN output
         image   MIM:  CE of mim_head at the block-masked patches; targets = the frozen tokenizer's ids

@@ -1,6 +1,6 @@
 """
 Every X-FM pre-training objective, one function each, and `xfm_losses`, the single entry point that turns a
-batch of any subset of the four data kinds into a dict of named scalar losses. Spec: shared/method/XFM.md §3.
+batch of any subset of the four data kinds into a dict of named scalar losses. The method: docs/METHOD.md §4.
 
     data kind   keys of its batch dict (made by data.py)                          losses
     text        ids, att, labels                                                  mlm
@@ -53,7 +53,7 @@ class _GatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0 whose backward all-reduces (sums) the incoming gradient before taking this
     rank's rows: every rank's loss depends on every rank's features, so each slice must receive the sum of
     all those gradients. Returning only the local slice without the sum is the bug that scales the official
-    ITC gradient by 1/world_size (XFM.md §3.3)."""
+    ITC gradient by 1/world_size (docs/METHOD.md §6.2)."""
 
     @staticmethod
     def forward(ctx, x, sizes):
@@ -85,7 +85,7 @@ def gather_no_grad(x, sizes):
 def fusion_input(t, stop_grad=True):
     """The language encoder's states as the fusion encoder reads them.
 
-    X-FM idea 1 ("stop gradient", XFM.md §3.7): in pre-training the fusion encoder reads sg(t), so the
+    X-FM idea 1 ("stop gradient", docs/METHOD.md §2.1): in pre-training the fusion encoder reads sg(t), so the
     ITM, IMLM and box losses never reach the language encoder; it learns only from MLM and ITC and keeps
     being a good *language* model. stop_grad=False is the ablation (and fine-tuning, where it is off).
     """
@@ -111,7 +111,7 @@ def mlm_loss(hidden, labels, head):
 
 
 def itc_loss(f_v, f_t, temp, ids=None, queries=None):
-    """Image-text contrastive loss, global across ranks (XFM.md §3.3, FLAVA.md §5).
+    """Image-text contrastive loss, global across ranks (docs/METHOD.md §4.2, §6.2).
 
     f_v, f_t (B, E): this rank's L2-normalised image / text embeddings; temp: scalar temperature.
     Each rank scores its B local rows against the N = B * world keys gathered *with* autograd:
@@ -169,7 +169,7 @@ def sample_hard_negatives(f_v, f_t, temp, img_id):
 
 
 def itm_loss(model, t_sg, att, v, v_mask, f_v, f_t, temp, img_id):
-    """Image-text matching with hard negatives (XFM.md §3.4).
+    """Image-text matching with hard negatives (docs/METHOD.md §4.3).
 
     t_sg (B, T, D): language states as the fusion encoder reads them (detached in pre-training),
     v (B, S, D) image tokens with key mask v_mask (B, S) or None. The fusion encoder runs on the B positives,
@@ -193,7 +193,7 @@ def itm_loss(model, t_sg, att, v, v_mask, f_v, f_t, temp, img_id):
 
 
 def mim_loss(pred, target, mim_mask):
-    """Vision-language-guided MIM (XFM.md §3.2): plain MSE between the masked view's outputs and the
+    """Vision-language-guided MIM (docs/METHOD.md §4.5, §2.2): plain MSE between the masked view's outputs and the
     detached outputs of the same encoder on the unmasked image, over the masked patches plus slot 0.
 
     pred, target (B, 1+P, D); mim_mask (B, P) bool. target must carry no gradient.
@@ -240,7 +240,7 @@ def generalized_iou(a, b):
 
 
 def bbox_loss(pred, target, is_region):
-    """Box prediction (XFM.md §3.6), only over region captions.
+    """Box prediction (docs/METHOD.md §4.6), only over region captions.
 
     pred, target (N, 4) normalised (cx, cy, w, h) in [0, 1]; is_region (N,) bool.
         L_l1   = sum_j ||pred_j - target_j||_1 / N_reg
@@ -305,7 +305,7 @@ def xfm_losses(model, batch, stop_grad=True, stats=None):
     batch: {"text": {...}, "image": {...}, "pair": {...}, "region": {...}} (any subset; see module doc).
     stop_grad: X-FM's stop-gradient (True in pre-training; False for the ablation).
     stats: optional dict that receives diagnostics (not losses), e.g. the MIM target's feature std.
-    Returns {name: scalar loss}; the training objective is their unweighted sum (XFM.md §4).
+    Returns {name: scalar loss}; the training objective is their unweighted sum (docs/METHOD.md §5.2).
     """
     out = {}
     use_mim = model.cfg.mim_target != "off"
@@ -330,7 +330,7 @@ def xfm_losses(model, batch, stop_grad=True, stats=None):
         v_r, v_r_mask = model.region_view(v, b["img_index"], b["patch_mask"])  # (N, 1+P, D), (N, 1+P)
         vl, t = _vl_losses(model, b, v_r, v_r_mask, stop_grad, "_region")
         out.update(vl)
-        # BBP reads the caption (detached) and the FULL image, not the region view (XFM.md §3.6)
+        # BBP reads the caption (detached) and the FULL image, not the region view (docs/METHOD.md §4.6)
         h = model.fuse(fusion_input(t, stop_grad), b["att"], v[b["img_index"]])
         pred = model.bbox_head(h[:, 0]).sigmoid()                          # (N, 4) cx, cy, w, h in [0, 1]
         out["bbox_l1"], out["bbox_giou"] = bbox_loss(pred, b["box"], b["is_region"])

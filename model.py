@@ -10,7 +10,7 @@ The X-FM model: a language encoder, a vision encoder and a fusion encoder, writt
     heads                  ITC projections + temperature, ITM head, box head, the fusion encoder's MLM head
 
 This file holds only the modules and their forward passes. The objectives (and the stop-gradient that
-is X-FM's first idea) live in losses.py; the training loop in train.py. Spec: shared/method/XFM.md §1.
+is X-FM's first idea) live in losses.py; the training loop in train.py. The method: docs/METHOD.md §1.
 FLAVA (flava.py) builds its encoders from the same Attention, MLP, Block and MLMHead.
 
 Try it:  python model.py            (prints the parameter count of every preset)
@@ -57,7 +57,7 @@ class XFMConfig:
 
 
 PRESETS = {
-    # unit tests, CI: seconds on a CPU (XFM.md §11)
+    # unit tests, CI: seconds on a CPU (docs/METHOD.md §11)
     "tiny": dict(width=128, heads=4, text_layers=2, vision_layers=2, fusion_layers=2,
                  image_size=32, patch_size=8, embed_dim=64, max_text_len=64),
     # CPU smoke runs that learn something
@@ -116,7 +116,7 @@ class RelativePositionBias(nn.Module):
 
 
 def resize_rel_pos(table, old_grid, new_grid):
-    """A relative position bias table for a new patch grid (fine-tuning at another image size, XFM.md §6).
+    """A relative position bias table for a new patch grid (fine-tuning at another image size, docs/METHOD.md §7.4).
 
     table ((2g-1)^2 + 3, nh) -> ((2g'-1)^2 + 3, nh). The (2g-1) x (2g-1) map of offsets (dy, dx) is resized
     bicubically with align_corners=True, so the zero offset stays at the centre and the largest offsets at the
@@ -322,7 +322,7 @@ class VisionEncoder(nn.Module):
     """BEiT-v2 ViT. forward(images (B,3,H,W), mim_mask (B,P) bool or None) -> v (B, 1+P, D).
 
     v[:, 0] is the mean of the LayerNormed patch outputs (the image "[CLS]" of X-FM); the ViT's own CLS
-    output is dropped (XFM.md §1.2). With mim_mask, masked patch embeddings are replaced by mask_token.
+    output is dropped (docs/METHOD.md §1.2). With mim_mask, masked patch embeddings are replaced by mask_token.
     """
 
     def __init__(self, cfg):
@@ -372,7 +372,7 @@ class FusionEncoder(nn.Module):
 class XFM(nn.Module):
     """The three encoders and every pre-training head. Losses are computed in losses.py."""
 
-    # parameters that train at 2x the base learning rate (the official `lr_mult: 2` set, XFM.md §5)
+    # parameters that train at 2x the base learning rate (the official `lr_mult: 2` set, docs/METHOD.md §6.1)
     NEW_PARAMS = ("text_proj", "vision_proj", "temp", "itm_head", "bbox_head")
 
     def __init__(self, cfg):

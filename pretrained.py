@@ -1,5 +1,5 @@
 """
-Start X-FM from real pre-trained encoders (XFM.md §1.1-1.2): the language encoder and its MLM head from a
+Start X-FM from real pre-trained encoders (docs/METHOD.md §1.1-1.2): the language encoder and its MLM head from a
 Hugging Face RoBERTa folder, the vision encoder from a BEiT-v2 checkpoint (official/timm key layout, e.g.
 beitv2_base_patch16_224_pt1k.pth, or a Hugging Face BEiT folder).
 

@@ -1,5 +1,5 @@
 """
-Zero-shot and fine-tuned image-text retrieval, the way X-FM evaluates it (XFM.md §7): ITC ranks every pair, then
+Zero-shot and fine-tuned image-text retrieval, the way X-FM evaluates it (docs/METHOD.md §7.3): ITC ranks every pair, then
 the ITM head re-scores the top k candidates of each query, and every pair outside the top k scores -100.
 train.py runs it on the held-out pairs at the end of pre-training; finetune.py's retrieval task uses it too.
 """

@@ -12,7 +12,7 @@ With no arguments it builds the toy world in data/toy if it is missing, trains t
 zero-shot image-text retrieval on the held-out toy pairs (ITC ranking, then ITM re-ranking of the top k) and
 writes runs/default/{config.json, metrics.jsonl, ckpt.pt, loss_curves.png, tokenizer.json}.
 
-One step follows the official schedule (XFM.md §4), three optimizer updates in order:
+One step follows the official schedule (docs/METHOD.md §5.2), three optimizer updates in order:
     1. text: MLM            2. regions + images: ITC/ITM/IMLM/BBP + MIM            3. pairs: ITC/ITM/IMLM/MIM
 or, with --schedule=summed, one update over the sum of every loss.
 With --recipe=flava (flava.py) a step is three updates too, each on ONE data kind drawn with --flava_ratios.
@@ -248,7 +248,7 @@ def amp_setup(amp, device):
 def param_groups(model, weight_decay, lr_mult):
     """AdamW groups: no decay on biases, norms, layer-scale gammas, the temperature and the CLS/mask tokens
     (FLAVA: also its image positions); lr x lr_mult for the new heads and the temperature (model.NEW_PARAMS,
-    XFM.md §5). Asserts the groups partition the params."""
+    docs/METHOD.md §6.1). Asserts the groups partition the params."""
     groups = {}
     no_decay_names = getattr(model, "NO_DECAY", ("cls_token", "mask_token"))
     for name, p in model.named_parameters():
@@ -267,7 +267,7 @@ def param_groups(model, weight_decay, lr_mult):
 
 
 def get_lr(step, cfg):
-    """Linear warmup over warmup_steps, then linear decay to 0 at max_steps (XFM.md §5)."""
+    """Linear warmup over warmup_steps, then linear decay to 0 at max_steps (docs/METHOD.md §6.1)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     return cfg.lr * max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - cfg.warmup_steps))
@@ -451,7 +451,7 @@ def main(argv=None):
 
 
 def flava_defaults(cfg, given):
-    """FLAVA's optimizer settings where the command line says nothing (FLAVA.md §3.3: AdamW, weight decay 0.1,
+    """FLAVA's optimizer settings where the command line says nothing (docs/METHOD.md §8.5: AdamW, weight decay 0.1,
     beta2 0.999); the X-FM-only keys are refused rather than silently ignored."""
     xfm_only = [k for k in ("stop_grad", "mim_target", "schedule", "init_text", "init_vision", "lr_mult") if k in given]
     if xfm_only:

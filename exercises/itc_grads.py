@@ -12,11 +12,11 @@ with the reference, separately for the projections (the encoders) and for the te
 
     global       losses.itc_loss: local queries x keys gathered WITH autograd (losses.gather_with_grad)
     nograd       N x N logits from a plain all-gather, this rank's slice put back with its graph
-                 (open_clip's default; X-FM's official ITC has the same effect, XFM.md §3.3)
+                 (open_clip's default; X-FM's official ITC has the same effect, docs/METHOD.md §6.2)
     local_keys   local queries x gathered keys, only this rank's keys keep their graph (torchmultimodal LOCAL)
     local_only   no gather at all: each rank contrasts its own N / W pairs (fewer negatives, another loss)
 
-Theory: FLAVA.md §5. The script exits with status 1 if `global` does not match the reference.
+Theory: docs/METHOD.md §6.2. The script exits with status 1 if `global` does not match the reference.
 """
 import os
 import sys

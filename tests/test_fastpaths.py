@@ -52,7 +52,7 @@ def slow_itm_loss(model, b, t_sg, v, v_mask, f_v, f_t, reencode_images, stop_gra
 
 
 def reference_losses(model, batch, stop_grad=True, fast=()):
-    """The X-FM losses of XFM.md §3 without the fast paths, except those named in `fast` (ALL_FAST: the same
+    """The X-FM losses of docs/METHOD.md §4 without the fast paths, except those named in `fast` (ALL_FAST: the same
     computation as losses.xfm_losses). Hard negatives are drawn in the same order as xfm_losses draws them."""
     mlm = losses.mlm_loss if "masked_heads" in fast else slow_mlm_loss
     out = {}

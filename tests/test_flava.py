@@ -47,7 +47,7 @@ def reaches(grads, prefix):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Gradient flow: FLAVA has no stop-gradient; each loss reaches exactly the parts of FLAVA.md §2.7's table
+# Gradient flow: FLAVA has no stop-gradient; each loss reaches exactly the parts of docs/METHOD.md §8.3's table
 
 
 def test_each_loss_reaches_exactly_its_encoders(model):
@@ -116,7 +116,7 @@ def test_fused_layout_is_cls_m_image_text(model):
 
 
 def test_text_padding_never_changes_the_other_fusion_outputs(model):
-    """FLAVA.md §10.2: changing what sits at a pad position leaves every non-pad fusion output unchanged."""
+    """docs/METHOD.md §8.1: changing what sits at a pad position leaves every non-pad fusion output unchanged."""
     model.eval()
     B, T, P, D = 2, 7, model.cfg.num_patches, model.cfg.width
     att = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])

@@ -42,7 +42,7 @@ def test_every_loss_is_present_and_finite():
 
 
 def test_gradient_flow_with_stop_gradient():
-    """XFM.md §3.8: the language encoder learns only from MLM and ITC; the vision encoder from everything
+    """docs/METHOD.md §3: the language encoder learns only from MLM and ITC; the vision encoder from everything
     else that sees an image; MIM never reaches the language or fusion encoders."""
     _, losses, parts = losses_and_parts(stop_grad=True)
     g = {name: grad_norms(loss, parts) for name, loss in losses.items()}

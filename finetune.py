@@ -37,7 +37,6 @@ import json
 import math
 import os
 import sys
-import textwrap
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
@@ -47,7 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
@@ -56,6 +55,7 @@ import flava
 import losses
 import pretrained
 import retrieval
+from tools import pictures
 import toyworld
 import train
 from model import XFM, build_mlp, make_config, resize_rel_pos
@@ -829,7 +829,7 @@ def run_retrieval(cfg, env, out):
     def evaluate(m):
         rs = retrieval.load_retrieval_set(test_path, env.tok, cfg.image_size, cfg.text_len, bad)
         r = retrieval.evaluate_retrieval(m.xfm, rs, env.device, cfg.k_test, cfg.eval_batch_size, env.autocast)
-        retrieval_sheet(m.xfm, rs, env, cfg.k_test, os.path.join(out, "retrieval_examples.png"))
+        pictures.retrieval_sheet(m.xfm, rs, env.tok, env.autocast, env.device, cfg.k_test, os.path.join(out, "retrieval_examples.png"))
         summary = ", ".join(f"{d} " + "/".join(f"{r[f'{d}_r{n}']:.1f}" for n in (1, 5, 10)) for d in ("t2i", "i2t"))
         return report("R@1/5/10", (r["t2i_r1"] + r["i2t_r1"]) / 2, summary, key="mean_r1", **r)
 
@@ -888,68 +888,7 @@ def run_grounding(cfg, env, out):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Pictures, drawn with Pillow: cross-attention heatmaps, retrieval examples
-
-
-def to_pil(x, size):
-    """A CLIP-normalised (3, S, S) tensor back to an RGB image, resized to size x size."""
-    arr = (x.float().cpu().permute(1, 2, 0).numpy() * data.CLIP_STD + data.CLIP_MEAN).clip(0, 1)  # (S, S, 3)
-    return Image.fromarray((arr * 255).astype("uint8")).resize((size, size), Image.Resampling.BICUBIC)
-
-
-@torch.no_grad()
-def cross_attention_maps(xfm, ids, att, image):
-    """The fusion encoder's attention from each word to the image tokens, one (B, nh, T, 1+P) tensor per layer:
-    softmax(q k^T / sqrt(hs)). model.Attention hands the weights to SDPA without keeping them, so a forward hook
-    on each fusion attention module recomputes them from the module's own projections and the inputs it was called
-    with (no change to model.py). X-FM: the cross-attention over [mean-pooled slot, patches]. FLAVA has no
-    cross-attention: its maps are the text rows of the fusion self-attention over [CLS_I, patches] (their
-    softmax runs over the whole fused sequence, so a row need not sum to 1 over the image)."""
-    maps, flava_model = [], getattr(xfm.cfg, "recipe", "xfm") == "flava"
-    P = xfm.cfg.num_patches
-
-    def hook(m, args, kwargs, output):
-        x, key_mask = args[0], kwargs.get("key_mask")
-        if flava_model:  # self-attention over [CLS_M; CLS_I; patches; text]
-            q, k, _ = F.linear(x, m.qkv.weight, m.qkv.bias).chunk(3, dim=-1)
-        else:            # text queries, image keys
-            q, k = m.q(x), m.kv(kwargs["kv"]).chunk(2, dim=-1)[0]
-        q, k = m.split_heads(q), m.split_heads(k)                          # (B, nh, N, hs), (B, nh, S, hs)
-        a = (q @ k.transpose(-2, -1)) / math.sqrt(m.head_dim)              # (B, nh, N, S)
-        if key_mask is not None:
-            a = a.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
-        a = a.float().softmax(dim=-1)
-        maps.append(a[:, :, 2 + P:, 1:2 + P] if flava_model else a)       # (B, nh, T, 1+P)
-
-    modules = [blk.attn if flava_model else blk.cross_attn for blk in xfm.fusion.blocks]
-    hooks = [mod.register_forward_hook(hook, with_kwargs=True) for mod in modules]
-    try:
-        xfm.eval()
-        xfm.fuse(xfm.encode_text(ids, att), att, xfm.encode_image(image))
-    finally:
-        for h in hooks:
-            h.remove()
-    return maps
-
-
-def render_attention(maps, words, image, grid, path, tile=96):
-    """A PNG grid, one row per fusion layer and one tile per word: the image with that word's attention over the
-    patches (mean over heads) as a red heatmap. The number is the weight on slot 0, the mean-pooled image token."""
-    pad, top = 4, 16
-    sheet = Image.new("RGB", (60 + len(words) * (tile + pad), len(maps) * (tile + top + pad)), "white")
-    draw, base = ImageDraw.Draw(sheet), image.resize((tile, tile), Image.Resampling.BICUBIC)
-    red = Image.new("RGB", (tile, tile), (255, 0, 0))
-    for l, a in enumerate(maps):
-        a, y0 = a[0].mean(0), l * (tile + top + pad)                      # (T, 1+P), heads averaged
-        draw.text((4, y0 + top + tile // 2 - 6), f"layer {l}", fill="black")
-        for j, word in enumerate(words):
-            w = a[j, 1:].reshape(grid, grid)                               # (g, g) weights on the patches
-            w = (w / w.max().clamp(min=1e-12) * 255).byte().numpy()        # each tile scaled to its own maximum
-            alpha = Image.fromarray(w).resize((tile, tile), Image.Resampling.BILINEAR).point(lambda p: int(p * 0.7))
-            x0 = 60 + j * (tile + pad)
-            sheet.paste(Image.composite(red, base, alpha), (x0, y0 + top))
-            draw.text((x0, y0 + 2), f"{word[:10]} {float(a[j, 0]):.2f}", fill="black")
-    sheet.save(path)
+# The attention picture (drawn by tools/pictures.py)
 
 
 def run_attention(cfg, env, out):
@@ -964,46 +903,12 @@ def run_attention(cfg, env, out):
     xfm = build_model(cfg, env, None, None).xfm
     ids = torch.tensor([env.tok.encode(cfg.caption, cfg.text_len)], device=env.device)  # (1, T)
     image = image_tensor(cfg.image, cfg.image_size)[None].to(env.device)  # (1, 3, S, S)
-    maps = cross_attention_maps(xfm, ids, torch.ones_like(ids), image)
+    maps = pictures.cross_attention_maps(xfm, ids, torch.ones_like(ids), image)
     words = [env.tok.hf.id_to_token(i).replace("\u0120", "") for i in ids[0].tolist()]  # byte-level BPE: Ġ = space
     path = os.path.join(out, "attention.png")
-    render_attention([m.cpu() for m in maps], words, data.load_image(cfg.image), xfm.cfg.grid, path)
+    pictures.render_attention([m.cpu() for m in maps], words, data.load_image(cfg.image), xfm.cfg.grid, path)
     env.print0(f"wrote {path}: {len(maps)} layers x {len(words)} tokens for {cfg.image}, {cfg.caption!r}")
     return dict(report("picture", 0.0, path), train_loss=[], epochs=0, steps=0)
-
-
-@torch.no_grad()
-def retrieval_sheet(xfm, rs, env, k_test, path, n_queries=6, k=5, size=72):
-    """A PNG: a few text queries, each with its top-5 images after ITC ranking and ITM re-ranking of the ITC
-    top k_test (as retrieval.evaluate_retrieval ranks them); the correct image is framed in green."""
-    xfm.eval()
-    qs = torch.linspace(0, len(rs["ids"]) - 1, min(n_queries, len(rs["ids"]))).long()  # spread over the set
-    rows = []
-    with env.autocast():
-        v = torch.cat([xfm.encode_image(rs["image"][i:i + 64].to(env.device)) for i in range(0, len(rs["image"]), 64)])
-        ids, att = rs["ids"][qs].to(env.device), rs["att"][qs].to(env.device)
-        t = xfm.encode_text(ids, att)                                      # (n, T, D)
-        f_t, f_v = xfm.itc_features(t, v)
-        kk = min(k_test, len(v))
-        for i, q in enumerate(qs.tolist()):
-            cand = (f_t[i] @ f_v.t()).topk(kk).indices                     # the ITC top k
-            h = xfm.fuse(t[i:i + 1].expand(kk, -1, -1), att[i:i + 1].expand(kk, -1), v[cand])[:, 0]
-            order = xfm.itm_head(h)[:, 1].float().argsort(descending=True)  # by the ITM "match" logit
-            rows.append((env.tok.decode(rs["ids"][q].tolist()), cand[order][:k].tolist(), int(rs["txt2img"][q])))
-    left, pad = 260, 6
-    sheet = Image.new("RGB", (left + k * (size + pad), len(rows) * (size + 2 * pad)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for r, (caption, top, gold) in enumerate(rows):
-        y0 = r * (size + 2 * pad) + pad
-        note = [] if gold in top else ["(correct image: not in the top 5)"]
-        draw.multiline_text((4, y0), "\n".join(textwrap.wrap(caption, 40)[:4] + note), fill="black")
-        for j, idx in enumerate(top):
-            x0 = left + j * (size + pad)
-            sheet.paste(to_pil(rs["image"][idx], size), (x0, y0))
-            hit = idx == gold
-            draw.rectangle([x0 - 2, y0 - 2, x0 + size + 1, y0 + size + 1], outline="green" if hit else "lightgray",
-                           width=3 if hit else 1)
-    sheet.save(path)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ With --recipe=flava (flava.py) a step is three updates too, each on ONE data kin
 import difflib
 import inspect
 import json
-import math
 import os
 import random
 import re
@@ -40,6 +39,7 @@ import data
 import flava
 import pretrained
 import retrieval
+from tools import pictures
 import toyworld
 from losses import xfm_losses
 from model import make_config
@@ -311,7 +311,7 @@ def forward_backward(loss_model, micro_batches, accum, ddp, autocast, scaler):
 
 
 def optimizer_step(optimizer, scaler, params, clip):
-    """Clip and step (train.py, finetune.py and bench.py share it). With fp16's GradScaler the gradients are
+    """Clip and step (train.py, finetune.py and tools/bench.py share it). With fp16's GradScaler the gradients are
     unscaled first, so the clipping sees the true gradients. -> the gradient norm before clipping."""
     if scaler:
         scaler.unscale_(optimizer)
@@ -376,53 +376,6 @@ def load_checkpoint(path, device):
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
     ckpt["model"] = state
     return ckpt
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Loss curves as a PNG, drawn with Pillow (no plotting library needed)
-
-
-def plot_curves(records, path, chance=None, bands=None, cols=4, w=300, h=200):
-    """One small panel per loss (blue), with optional chance levels (dashed red) and reference bands
-    {name: (steps, lo, hi)} (grey). Pillow only, so no plotting library is needed."""
-    from PIL import Image, ImageDraw
-    chance, bands = chance or {}, bands or {}
-    names = sorted({k[5:] for r in records for k in r if k.startswith("loss/")} | set(bands))
-    if not names:
-        return
-    rows = math.ceil(len(names) / cols)
-    img = Image.new("RGB", (cols * w, rows * h), "white")
-    draw = ImageDraw.Draw(img)
-    for i, name in enumerate(names):
-        pts = [(r["step"], r[f"loss/{name}"]) for r in records if f"loss/{name}" in r]
-        band = bands.get(name)
-        x0, y0 = (i % cols) * w, (i // cols) * h
-        left, top, right, bottom = x0 + 45, y0 + 22, x0 + w - 10, y0 + h - 22
-        draw.rectangle([left, top, right, bottom], outline="gray")
-        draw.text((x0 + 45, y0 + 5), name, fill="black")
-        xs = [p[0] for p in pts] + (list(band[0]) if band else [])
-        ys = [p[1] for p in pts] + (list(band[2]) if band else []) + ([chance[name]] if name in chance else [])
-        if not xs:
-            continue
-        xmin, xmax, ymin, ymax = min(xs), max(xs), min(0.0, min(ys)), max(ys) or 1.0
-        sx = lambda x: left + (x - xmin) / max(xmax - xmin, 1) * (right - left)
-        sy = lambda y: bottom - (y - ymin) / max(ymax - ymin, 1e-9) * (bottom - top)
-        if band:  # the reference band as a grey polygon
-            steps, lo, hi = band
-            draw.polygon([(sx(x), sy(y)) for x, y in zip(steps, hi)] + [(sx(x), sy(y)) for x, y in zip(steps[::-1], lo[::-1])],
-                         fill=(225, 225, 225))
-        if name in chance:  # dashed line at the chance level
-            y = sy(chance[name])
-            for x in range(int(left), int(right), 8):
-                draw.line([(x, y), (min(x + 4, right), y)], fill="red", width=1)
-        if pts:
-            line = [(sx(x), sy(y)) for x, y in pts]
-            draw.line(line if len(line) > 1 else line * 2, fill="blue", width=2)
-        draw.text((x0 + 2, top - 4), f"{ymax:.2f}", fill="black")
-        draw.text((x0 + 2, bottom - 8), f"{ymin:.2f}", fill="black")
-        draw.text((left, bottom + 4), f"step {xmin}", fill="black")
-        draw.text((right - 30, bottom + 4), f"{xmax}", fill="black")
-    img.save(path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -597,7 +550,7 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
         # gathers have data-dependent shapes that would make the compiler break the graph and recompile.
         # PyTorch's default dynamic=None: the first shapes are specialised, and a dimension that changes (text
         # lengths vary from batch to batch) is recompiled once as dynamic. (dynamic=True from the start failed in
-        # Inductor on an H100 with torch 2.11, see bench.py.) `model` keeps its parameter names.
+        # Inductor on an H100 with torch 2.11, see tools/bench.py.) `model` keeps its parameter names.
         for name in ("text", "vision", "fusion"):
             getattr(model, name).compile()
     loss_model = LossModel(model, cfg.stop_grad, cfg.recipe)
@@ -719,7 +672,7 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
         with open(metrics_path, "a") as f:
             f.write(json.dumps(final) + "\n")
         all_records = [json.loads(l) for l in open(metrics_path) if '"final"' not in l]
-        plot_curves(all_records, os.path.join(cfg.out_dir, "loss_curves.png"))
+        pictures.plot_curves(all_records, os.path.join(cfg.out_dir, "loss_curves.png"))
         print_summary(history, final, cfg, bad)
     if ddp:
         dist.barrier()

@@ -1,4 +1,4 @@
-"""compare.py's table: mean and half-range per task, per domain and macro, from finished run folders."""
+"""tools/compare.py's table: mean and half-range per task, per domain and macro, from finished run folders."""
 import json
 import os
 

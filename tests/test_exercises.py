@@ -155,7 +155,7 @@ def run_command(line, repo):
                 train.main(argv[2:])
             elif argv[1] == "finetune.py":
                 finetune.main(argv[2:])
-            elif argv[1] == "curves.py":  # a 2-step run is not healthy: the verdict may be 1, but it must not crash
+            elif argv[1] == "tools/curves.py":  # a 2-step run is not healthy: the verdict may be 1, but it must not crash
                 assert curves.main(argv[2:]) in (0, 1)
             elif argv[1].startswith("exercises/"):
                 old_argv = sys.argv

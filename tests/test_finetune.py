@@ -18,6 +18,7 @@ from conftest import tiny_config
 from model import XFM, build_mlp, resize_rel_pos
 import toyworld
 import retrieval
+from tools import pictures
 
 EPOCH1 = ["--epochs=1", "--batch_size=8", "--eval_batch_size=16", "--k_test=4"]
 
@@ -240,7 +241,7 @@ def test_attention_maps_are_the_weights_the_model_uses():
     seen = []
     attn = xfm.fusion.blocks[1].cross_attn
     hook = attn.register_forward_hook(lambda m, a, kw, out: seen.append((a[0], kw["kv"], out)), with_kwargs=True)
-    maps = finetune.cross_attention_maps(xfm, ids, att, torch.randn(2, 3, 32, 32))
+    maps = pictures.cross_attention_maps(xfm, ids, att, torch.randn(2, 3, 32, 32))
     hook.remove()
     assert len(maps) == 2 and maps[1].shape == (2, 4, 6, 17)              # (B, nh, T, 1+P) per fusion layer
     assert torch.allclose(maps[1].sum(-1), torch.ones(2, 4, 6))

@@ -1,6 +1,6 @@
 """Learning itself, guarded. A short CPU run of the toy world (`python train.py --max_steps=150`, about a
 minute, and the same for `--recipe=flava`) must land inside the committed reference bands
-(reference/{xfm,flava}_toy_short.json, rewritten by `python curves.py make --which xfm_toy_short`), and X-FM's
+(reference/{xfm,flava}_toy_short.json, rewritten by `python tools/curves.py make --which xfm_toy_short`), and X-FM's
 zero-shot retrieval must beat chance by a wide margin. A change that breaks learning (a wrong mask, a swapped
 label) fails here even when every shape test still passes; a missing detach does not move the toy losses out of
 their bands, and test_losses.py's gradient-flow tests catch it instead."""

@@ -3,10 +3,10 @@ X-FM against its ablations and FLAVA on the same data and budget: pre-train each
 batch sizes, step count and optimizer updates, then run the whole `finetune.py --task all` suite on each, for
 several seeds; write a Markdown table with the mean and spread per task and per domain.
 
-    python compare.py                          # 5 recipes x 2 seeds on the toy world (CPU: ~75 min; see --jobs)
-    python compare.py --seeds 0,1,2 --jobs 4   # more seeds, 4 runs at a time (a GPU, or a many-core CPU)
-    python compare.py --table                  # only rebuild the table from the runs already in --out_dir
-    python compare.py --recipes xfm,flava,flava_2x   # add FLAVA with twice the steps (about X-FM's compute)
+    python tools/compare.py                          # 5 recipes x 2 seeds on the toy world (CPU: ~75 min; see --jobs)
+    python tools/compare.py --seeds 0,1,2 --jobs 4   # more seeds, 4 runs at a time (a GPU, or a many-core CPU)
+    python tools/compare.py --table                  # only rebuild the table from the runs already in --out_dir
+    python tools/compare.py --recipes xfm,flava,flava_2x   # add FLAVA with twice the steps (about X-FM's compute)
 
 The budget is the same `train.py` defaults for every recipe (tiny model, 600 steps of three optimizer updates
 each, 16 samples per data stream in a batch): every recipe makes the same number of updates on batches of the same
@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RECIPES = {  # id (also the run folder's prefix) -> (column title, train.py arguments)
     "xfm": ("X-FM", []),
@@ -62,11 +64,11 @@ def run_one(name, seed, args):
         env["OMP_NUM_THREADS"] = str(args.threads)
     log = open(os.path.join(args.out_dir, f"{name}_seed{seed}.log"), "w")
     extra = args.train_args.split() if args.train_args else []
-    cmds = [[sys.executable, "train.py", *RECIPES[name][1], f"--seed={seed}", f"--out_dir={run}", *extra]]
-    cmds.append([sys.executable, "finetune.py", "--task", "all", "--init", os.path.join(run, "ckpt.pt"),
+    cmds = [[sys.executable, os.path.join(ROOT, "train.py"), *RECIPES[name][1], f"--seed={seed}", f"--out_dir={run}", *extra]]
+    cmds.append([sys.executable, os.path.join(ROOT, "finetune.py"), "--task", "all", "--init", os.path.join(run, "ckpt.pt"),
                  f"--seed={seed}"])
     for cmd in cmds:
-        if cmd[1] == "train.py" and os.path.exists(os.path.join(run, "ckpt.pt")) and _finished(run):
+        if cmd[1].endswith("train.py") and os.path.exists(os.path.join(run, "ckpt.pt")) and _finished(run):
             continue
         print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}", flush=True)
         if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:

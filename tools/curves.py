@@ -1,9 +1,9 @@
 """
 Expected learning, written down: reference curves for the toy run, chance levels, and a health check.
 
-    python curves.py make                  # re-run the reference runs (2 seeds each) and rewrite reference/*.json, *.png
-    python curves.py make --which xfm_toy_short   # only one reference (the CI learning test compares against the short ones)
-    python curves.py check runs/default    # health check of a run folder: which objective looks wrong, and why
+    python tools/curves.py make                  # re-run the reference runs (2 seeds each) and rewrite reference/*.json, *.png
+    python tools/curves.py make --which xfm_toy_short   # only one reference (the CI learning test compares against the short ones)
+    python tools/curves.py check runs/default    # health check of a run folder: which objective looks wrong, and why
 
 A reference file (reference/NAME.json) holds, for one train.py command: each objective's loss at a handful of
 steps (the mean over the log window ending there) averaged over two seeds, a band around it, each objective's
@@ -30,8 +30,12 @@ import sys
 
 import numpy as np
 
-import data
-import train
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import data  # noqa: E402
+import train  # noqa: E402
+from tools import pictures  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 REFERENCES = {  # name -> train.py arguments (on top of the defaults) and the steps recorded
     "xfm_toy": {"args": [], "steps": [25, 50, 100, 200, 300, 400, 500, 600]},
@@ -152,7 +156,7 @@ def plot_reference(reference, records, path):
     steps = reference["steps"]
     bands = {k: (steps, lo, hi) for k, (lo, hi) in reference["band"].items()}
     records = [{k: v for k, v in r.items() if k != "loss/total"} for r in records]
-    train.plot_curves(records, path, chance=reference["chance"], bands=bands)
+    pictures.plot_curves(records, path, chance=reference["chance"], bands=bands)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -212,7 +216,7 @@ def check(run_dir, reference_path=None):
     """Print the health check of a run folder; returns True when every objective looks healthy."""
     records, final, config = read_run(run_dir)
     reference = None
-    ref_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference")  # wherever it is run from
+    ref_dir = os.path.join(ROOT, "reference")                             # wherever it is run from
     candidates = [reference_path] if reference_path else [os.path.join(ref_dir, f"{n}.json") for n in REFERENCES]
     for path in candidates:
         if path and os.path.exists(path):

@@ -3,10 +3,10 @@ Performance benchmark of a pre-training step (nanoGPT's bench.py in spirit): how
 runs on this machine, where the time goes, how the speed knobs compare, how our encoders compare with the same
 architecture in Hugging Face transformers, and whether data loading keeps up.
 
-    python bench.py                                  # CPU: tiny + small, a few minutes on 2 cores
-    python bench.py --configs tiny,small,base        # GPU (the default there): every preset, about 8 min on an H100
-    python bench.py --configs tiny --skip_hf --skip_data --iters 3   # a quick look
-    python bench.py --help
+    python tools/bench.py                                  # CPU: tiny + small, a few minutes on 2 cores
+    python tools/bench.py --configs tiny,small,base        # GPU (the default there): every preset, about 8 min on an H100
+    python tools/bench.py --configs tiny --skip_hf --skip_data --iters 3   # a quick look
+    python tools/bench.py --help
 
 Sections of the report (one Markdown table each; also in JSON), written to --out (runs/bench/bench.md):
   1. Training step, for each model preset (--configs) and recipe (--recipes: xfm, and flava once flava.py
@@ -63,11 +63,12 @@ from contextlib import nullcontext
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import data
-import toyworld
-import losses
-import train
-from model import XFM, TextEncoder, VisionEncoder, make_config
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import data  # noqa: E402
+import losses  # noqa: E402
+import toyworld  # noqa: E402
+import train  # noqa: E402
+from model import XFM, TextEncoder, VisionEncoder, make_config  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------
 # Settings per preset and device
@@ -883,7 +884,7 @@ def main(argv=None):
         notes.append("torch.compile not timed (--no-compile, or the CPU default: pass --compile).")
 
     header = ["# bench.py", "",
-              f"- command: `python bench.py{' ' + ' '.join(argv) if argv else ''}`",
+              f"- command: `python tools/bench.py{' ' + ' '.join(argv) if argv else ''}`",
               f"- device: {device} ({device_name}), torch {torch.__version__}, Python {platform.python_version()}, "
               f"{torch.get_num_threads()} CPU threads, load average {os.getloadavg()[0]:.1f} at the start, process "
               f"memory {peak_memory_mb(torch.device('cpu')):.0f} MB before the first run",
@@ -891,7 +892,7 @@ def main(argv=None):
               f"- baseline: sdpa attention, {base_dtype}, no compile; per-stream batch {', '.join(f'{c} {batch_size_for(c, device, args)}' for c in configs)}; "
               f"captions {CAPTION_LEN} tokens, texts {', '.join(f'{c} {TEXT_LEN[c]}' for c in configs)} tokens"]
     say("\n".join(header))
-    results = {"header": {"command": "python bench.py " + " ".join(argv), "device": str(device),
+    results = {"header": {"command": "python tools/bench.py " + " ".join(argv), "device": str(device),
                           "device_name": device_name, "torch": torch.__version__, "iters": iters, "warmup": warmup}}
 
     # ---- 1 + 2: training step and its knobs ----------------------------------------------------------------

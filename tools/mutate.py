@@ -14,6 +14,7 @@ test that already fails there would make every bug look caught. Exit status 0 on
     python tools/mutate.py --only stop_grad,itm_labels   # some bugs
     python tools/mutate.py --list                        # the catalogue: id, file, rule, tests
     python tools/mutate.py --jobs 2                      # bugs in parallel (each pytest still uses one thread)
+    python tools/mutate.py --only itm_neg_is_positive -v # also show how the tests failed
 
 Beware equivalent mutants (a change that does not change behaviour, e.g. a bias on attention keys: the softmax
 is invariant to it); every bug below breaks its rule.
@@ -95,6 +96,13 @@ CATALOGUE = [
     Bug("fusion_region_mask", M, "self.cross_attn(x, kv=image, key_mask=image_mask)", "self.cross_attn(x, kv=image)",
         "cross-attention sees only the image keys its mask allows (region view)",
         f"{TM}::test_fusion_cross_attends_text_to_image_and_returns_text_states"),
+    Bug("text_pad_mask", M, "            x = blk(x, key_mask=att.bool())\n        return x",
+        "            x = blk(x)\n        return x", "the language encoder never attends to padding",
+        f"{TM}::test_padding_does_not_change_real_positions"),
+    Bug("region_slot0", M,
+        "slot0 = (v_n[:, 1:] * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1)",
+        "slot0 = v_n[:, :1]", "a region caption's slot 0 is the mean of the patches in its box",
+        f"{TM}::test_region_view_mean_over_box_patches"),
     Bug("imlm_reads_unmasked", L, 't_m = model.encode_text(b["mlm_ids"], b["att"])',
         't_m = model.encode_text(b["ids"], b["att"])',
         "IMLM reads the masked caption, never the words it predicts", f"{TL}::test_imlm_reads_only_the_masked_caption"),
@@ -259,7 +267,8 @@ def copy_repo(dst):
 
 def pytest(cwd, args, timeout):
     """-> (status, seconds, last lines). rc 1 = a test failed (caught); 0 = all passed; anything else = error."""
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONDONTWRITEBYTECODE": "1",
+           "COLUMNS": "240"}                                          # pytest's summary lines are cut at the width
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *args]
     t0 = time.time()
     try:
@@ -313,6 +322,7 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=1, help="bugs run in parallel")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per bug")
     ap.add_argument("--no-baseline", action="store_true", help="skip the run on the unmodified copy")
+    ap.add_argument("-v", "--verbose", action="store_true", help="show pytest's last lines for caught bugs too")
     args = ap.parse_args(argv)
     ids = [b.id for b in CATALOGUE]
     assert len(ids) == len(set(ids)), "duplicate bug ids"
@@ -343,8 +353,8 @@ def main(argv=None):
             print(f"{verdict:<9} {bug_id:<24} {dt:5.1f} s", flush=True)
             if verdict != "caught":
                 bad.append(bug_id)
-                if tail:
-                    print("    " + tail.replace("\n", "\n    "))
+            if tail and (verdict != "caught" or args.verbose):
+                print("    " + tail.replace("\n", "\n    "))
     print(f"{len(bugs) - len(bad)}/{len(bugs)} planted bugs caught in {time.time() - t0:.0f} s"
           + (f"; not caught: {', '.join(bad)}" if bad else ""))
     return 1 if bad else 0

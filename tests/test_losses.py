@@ -1,5 +1,6 @@
 """The objectives: gradient flow per loss (the proof that the method is X-FM), formulas against hand
-computations, hard negatives, the temperature clamp, and global ITC across 2 processes."""
+computations, hard negatives, ITM's labels, IMLM's input, the box losses' degenerate guard, the temperature
+clamp, and global ITC across 2 processes."""
 import math
 import os
 

@@ -1,5 +1,5 @@
-"""The pre-training pipeline: the run through main(argv), exact resume, DDP + gradient accumulation, the
-config parser, bad input and non-finite losses."""
+"""The pre-training pipeline: the run through main(argv), the three updates of a step and their clipping, the
+parameter groups, exact resume, DDP + gradient accumulation, the config parser, bad input and non-finite losses."""
 import json
 import math
 import os

@@ -399,6 +399,8 @@ def test_batch_formats(toy, tok):
     assert all(t[k].dtype == torch.long and t[k].shape == t["ids"].shape for k in t)
     assert (t["labels"][t["att"] == 0] == -100).all() and (t["labels"][:, 0] == -100).all()
     assert (t["ids"][t["att"] == 0] == tok.pad_id).all() and ((t["labels"] != -100).sum(1) >= 1).all()
+    n_real = t["att"].sum(1) - 2  # MLM on text: 15 % of the tokens between <s> and </s>, at most 20
+    assert torch.equal((t["labels"] != -100).sum(1), torch.clamp(torch.round(n_real * 0.15), 1, 20).long())
 
     im = next(st["image"])
     assert set(im) == {"image", "mim_mask", "n_bad"} and im["n_bad"] == 0
@@ -429,6 +431,8 @@ def test_batch_formats(toy, tok):
         assert r[k].shape[0] == N and r[k].dtype == torch.long
     assert r["box"].shape == (N, 4) and r["box"].dtype == torch.float32 and ((r["box"] >= 0) & (r["box"] <= 1)).all()
     assert r["is_region"].dtype == torch.bool
+    n_real = r["att"].sum(1) - 2  # IMLM on region captions too: half the caption's tokens, at most 15
+    assert torch.equal((r["mlm_labels"] != -100).sum(1), torch.clamp(torch.round(n_real * 0.5), 1, 15).long())
     assert r["patch_mask"].shape == (N, P) and r["patch_mask"].dtype == torch.bool
     whole = ~r["is_region"]
     assert whole.sum() == 4  # every toy record has a whole-image caption

@@ -280,8 +280,8 @@ def test_vqa_score_and_iou_by_hand():
 
 
 class _Stub(nn.Module):
-    """Scores chosen by hand: image i is the vector images[i], text j the vector texts[j]; ITC and ITM both
-    score a pair by the dot product."""
+    """Scores chosen by hand: image i is the one-hot vector e_i, text j a row of 6 numbers whose first 3 are its
+    ITC scores with the 3 images and whose last 3 are its ITM "match" logits with them."""
 
     def __init__(self, texts):
         super().__init__()
@@ -291,31 +291,39 @@ class _Stub(nn.Module):
         return x.flatten(1)[:, None]                                       # (B, 1, 3)
 
     def encode_text(self, ids, att):
-        return self.texts[ids[:, 0]][:, None]                              # (B, 1, 3)
+        return self.texts[ids[:, 0]][:, None]                              # (B, 1, 6)
 
     def itc_features(self, t, v):
-        return t[:, 0], v[:, 0]
+        return t[:, 0, :3], v[:, 0]
 
     def fuse(self, t, att, v):
-        return t * v
+        return t[..., 3:] * v                                              # the ITM logit of (text, image), spread
 
     def itm_head(self, h):
         return torch.stack([-h.sum(-1), h.sum(-1)], dim=-1)
 
 
 def test_recall_at_k_by_hand():
-    """retrieval.evaluate_retrieval (reused for retrieval) on scores where every rank is known."""
-    images = torch.eye(3).view(3, 3, 1, 1)                                 # e0, e1, e2
-    texts = torch.tensor([[1., 0, 0], [0, 1, 0], [0.9, 0, 0.1], [0, 1, 0], [0.3, 0, 0.2]])
-    rs = {"image": images, "ids": torch.arange(5)[:, None], "att": torch.ones(5, 1, dtype=torch.long),
-          "txt2img": torch.tensor([0, 1, 2, 1, 0]), "img2txt": [[0, 4], [1, 3], [2]]}
+    """retrieval.evaluate_retrieval (reused for retrieval) on scores where every rank is known: ITC ranks, ITM alone
+    re-scores the top k (k = 2 here), every other pair scores -100, and ties count against the right candidate."""
+    itc = [[0.9, 0.2, 0.1], [0.1, 0.8, 0.25], [0.5, 0.4, 0.3], [0.0, 0.5, 0.5], [0.3, 0.6, 0.0]]
+    itm = [[-1.5, -1.0, -3.0], [-3.0, -1.0, -2.0], [-1.0, -2.0, -0.5], [-3.0, -1.0, -2.0], [-1.0, -1.5, -3.0]]
+    texts = torch.cat([torch.tensor(itc), torch.tensor(itm)], dim=1)      # (5 texts, 3 ITC + 3 ITM)
+    rs = {"image": torch.eye(3).view(3, 3, 1, 1), "ids": torch.arange(5)[:, None],
+          "att": torch.ones(5, 1, dtype=torch.long), "txt2img": torch.tensor([0, 1, 2, 1, 0]),
+          "img2txt": [[0, 4], [1, 3], [2]]}
     r = retrieval.evaluate_retrieval(_Stub(texts), rs, torch.device("cpu"), 2, 2, train.nullcontext)
-    # text 2 ranks its image (score 0.1) below image 0 (0.9): t2i R@1 = 4/5. Image 2 ranks text 4 (0.2) above
-    # its own text 2 (0.1): i2t R@1 = 2/3. Everything is within the top 5 (and the ITM re-ranking agrees).
-    for pre in ("t2i_", "t2i_itc_"):
-        assert (r[pre + "r1"], r[pre + "r5"], r[pre + "r10"]) == pytest.approx((80.0, 100.0, 100.0))
-    for pre in ("i2t_", "i2t_itc_"):
-        assert (r[pre + "r1"], r[pre + "r5"]) == pytest.approx((200 / 3, 100.0))
+    # text -> image, ITC alone: texts 0 and 1 rank their image first; text 2's (0.3) is third; text 3's ties with
+    # image 2 (0.5 = 0.5: a miss); text 4's (0.3) is behind image 1 (0.6).  R@1 = 2/5
+    assert (r["t2i_itc_r1"], r["t2i_itc_r5"], r["t2i_itc_r10"]) == pytest.approx((40.0, 100.0, 100.0))
+    # re-ranked: text 0's top 2 are images 0, 1 and ITM prefers image 1 (-1.0 > -1.5): a miss; text 2's image is
+    # outside its top 2, so it scores -100 and ranks third; texts 1, 3 and 4 rank their image first by ITM.
+    # (ITM + ITC summed would rescue text 0; ITC kept outside the top k would rank image 0 first for text 1.)
+    assert (r["t2i_r1"], r["t2i_r5"], r["t2i_r10"]) == pytest.approx((60.0, 100.0, 100.0))
+    # image -> text: image 0 ranks text 0 first by ITC but ITM prefers text 2 in its top 2 (t0, t2); image 1 ranks
+    # text 1 first both ways; image 2's text 2 (0.3) is behind text 3 by ITC, first by ITM.
+    assert (r["i2t_itc_r1"], r["i2t_itc_r5"]) == pytest.approx((200 / 3, 100.0))
+    assert (r["i2t_r1"], r["i2t_r5"]) == pytest.approx((200 / 3, 100.0))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -131,8 +131,9 @@ def test_text_padding_never_changes_the_other_fusion_outputs(model):
 
 
 def test_mmm_losses_read_the_right_slices(model):
-    """Recompute MMM from the fused sequence by hand: image ids at positions 2..1+P for the masked patches of
-    matched pairs, words at positions 2+P.. for the masked tokens of matched pairs."""
+    """Recompute MMM, ITM and GC by hand: image ids at positions 2..1+P for the masked patches of matched pairs,
+    words at positions 2+P.. for the masked tokens of matched pairs, ITM from CLS_M, GC with matched pairs as
+    the only queries."""
     b = make_batch(model.cfg, kinds=("pair",), B=8)["pair"]
     b["itm_label"] = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1])               # rows 1 and 4: swapped captions
     out = flava.flava_losses(model, {"pair": b})
@@ -146,6 +147,10 @@ def test_mmm_losses_read_the_right_slices(model):
     assert torch.allclose(out["mmm_image"], want_img, atol=1e-5)
     assert torch.allclose(out["mmm_text"], want_txt, atol=1e-5)
     assert torch.allclose(out["itm"], F.cross_entropy(model.itm_head(h[:, 0]), b["itm_label"]), atol=1e-5)
+    # GC on the unmasked pair: the swapped rows are keys but not queries
+    f_t, f_v = model.itc_features(model.encode_text(b["ids"], b["att"]), model.encode_image(b["image"]))
+    assert torch.allclose(out["gc"], itc_loss(f_v, f_t, model.temp, queries=pos), atol=1e-6)
+    assert not torch.allclose(out["gc"], itc_loss(f_v, f_t, model.temp), atol=1e-4)
     # the swapped rows take no part in MMM: changing their masked words changes nothing there
     b2 = dict(b, mlm_labels=b["mlm_labels"].clone())
     b2["mlm_labels"][~pos] = -100
@@ -180,6 +185,16 @@ def test_itm_negatives_swap_in_another_images_caption(toy, tmp_path):
     assert all(captions[tuple(s["ids"])] != pairs[i]["image"] for i, s in enumerate(swapped))  # another image's
     some = [dataset(0.1)[(i, 0)]["itm_label"] for i in range(len(pairs))]
     assert 0 < some.count(0) < 0.3 * len(some)
+    # four images with five captions each: a random pick shows the same image 1 time in 4 and must be redrawn
+    caps = list(dict.fromkeys(p["caption"] for p in pairs))[:20]
+    images = list(dict.fromkeys(p["image"] for p in pairs))[:4]
+    few = [{**pairs[0], "image": images[n // 5], "caption": c} for n, c in enumerate(caps)]
+    owner = {tuple(tok.encode(c, 24)): few[n]["image"] for n, c in enumerate(caps)}
+    assert len(owner) == 20
+    ds = data.PairDataset(few, tok, 32, 4, 24, 0, bad, False, (1, 1), caption_mask="flava", itm_neg_prob=1.0)
+    for i in range(20):
+        s = ds[(i, 0)]
+        assert s["itm_label"] == 0 and owner[tuple(s["ids"])] != few[i]["image"], i
     batch = dataset(0.5).collate([dataset(0.5)[(i, 0)] for i in range(8)])
     assert batch["itm_label"].dtype == torch.long and set(batch["itm_label"].tolist()) <= {0, 1}
 

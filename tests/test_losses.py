@@ -1,5 +1,6 @@
 """The objectives: gradient flow per loss (the proof that the method is X-FM), formulas against hand
-computations, hard negatives, the temperature clamp, and global ITC across 2 processes."""
+computations, hard negatives, ITM's labels, IMLM's input, the box losses' degenerate guard, the temperature
+clamp, and global ITC across 2 processes."""
 import math
 import os
 
@@ -253,3 +254,55 @@ def test_global_itc_two_processes_equals_one_process(tmp_path, split):
     assert torch.allclose(got["loss"], loss, atol=1e-6)
     for a, b in zip(got["grads"], grads):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_imlm_reads_only_the_masked_caption():
+    """IMLM predicts the masked words from the masked caption: the original words at the masked positions (in
+    `ids`, which ITC and ITM read) never reach it."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = XFM(cfg).eval()
+    b = make_batch(cfg, kinds=("pair",))["pair"]
+    torch.manual_seed(1)
+    ref = xfm_losses(model, {"pair": b})["imlm"]
+    other = dict(b, ids=b["ids"].clone())
+    masked = b["mlm_labels"] != -100
+    other["ids"][masked] = 5 + (other["ids"][masked] - 5 + 1) % (cfg.vocab_size - 5)   # other real words there
+    torch.manual_seed(1)
+    assert torch.allclose(xfm_losses(model, {"pair": other})["imlm"], ref)
+
+
+def test_hard_negatives_follow_the_itc_similarity():
+    """ALBEF's hard negatives: drawn with probability softmax(similarity / temp), so at a low temperature the
+    most similar non-positive is drawn almost always (uniform draws would pick it 1 time in 4)."""
+    torch.manual_seed(0)
+    f_v = F.normalize(torch.randn(5, 8), dim=-1)
+    f_t = f_v.clone()
+    f_t[3] = F.normalize(f_v[0] + 0.05 * torch.randn(8), dim=0)          # text 3 is nearly image 0
+    img_id = torch.arange(5)
+    picks = torch.stack([sample_hard_negatives(f_v, f_t, torch.tensor(0.02), img_id)[0] for _ in range(100)])
+    assert (picks[:, 0] == 3).float().mean() > 0.9
+
+
+def test_itm_labels_one_for_pairs_zero_for_negatives():
+    """ITM's targets: 1 for the B matched pairs, 0 for the hard negatives. A head that always answers [0, 10]
+    costs ~0 on a positive and ~10 on a negative, so the loss is 10 x (#negatives / #rows): 10 x 2/3 with a
+    negative image and a negative text for every pair."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = XFM(cfg)
+    with torch.no_grad():
+        model.itm_head[-1].weight.zero_()
+        model.itm_head[-1].bias.copy_(torch.tensor([0.0, 10.0]))
+    out = xfm_losses(model, make_batch(cfg, kinds=("pair", "region")))
+    assert math.isclose(out["itm"].item(), 10 * 2 / 3, rel_tol=1e-3)
+    assert math.isclose(out["itm_region"].item(), 10 * 2 / 3, rel_tol=1e-3)
+
+
+def test_giou_is_zero_on_degenerate_boxes():
+    """As officially: a degenerate target box (w or h = 0) turns the GIoU term off for the batch (L1 stays)."""
+    pred = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.2, 0.2]])
+    target = torch.tensor([[0.4, 0.5, 0.2, 0.2], [0.3, 0.3, 0.0, 0.2]])  # the second has no width
+    l1, giou = bbox_loss(pred, target, torch.tensor([True, True]))
+    assert torch.allclose(l1, torch.tensor(0.3 / 2)) and giou.item() == 0.0
+    assert bbox_loss(pred, target[[0, 0]], torch.tensor([True, True]))[1].item() > 0  # non-degenerate: counted

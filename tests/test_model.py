@@ -1,5 +1,7 @@
-"""The modules: attention paths, padding, the relative position bias, the vision output and mask token,
+"""The modules: attention paths, BEiT's q/v biases, padding, RoBERTa's position ids, the relative position bias, the vision output and mask token,
 the fusion encoder's wiring, and the presets."""
+import math
+
 import pytest
 import torch
 
@@ -55,6 +57,11 @@ def test_roberta_position_ids_start_after_padding():
     model = XFM(cfg)
     assert model.text.pos_embed.num_embeddings == 8 + cfg.pad_id + 1
     model.encode_text(torch.full((1, 8), 7), torch.ones(1, 8, dtype=torch.long))  # 8 tokens fit
+    seen = {}
+    model.text.pos_embed.register_forward_hook(lambda m, args, out: seen.update(pos=args[0]))
+    pad = cfg.pad_id
+    model.encode_text(torch.tensor([[0, 10, 11, 2, pad, pad]]), torch.tensor([[1, 1, 1, 1, 0, 0]]))
+    assert seen["pos"].tolist() == [[pad + 1, pad + 2, pad + 3, pad + 4, pad, pad]]  # token i: pad_id + 1 + i
     with pytest.raises(ValueError, match="max_text_len"):
         model.encode_text(torch.full((1, 9), 7), torch.ones(1, 9, dtype=torch.long))
 
@@ -164,3 +171,29 @@ def test_presets_and_heads():
     assert model.text_mlm.decoder.weight is model.text.word_embed.weight  # RoBERTa ties the MLM decoder
     assert model.fusion_mlm.decoder.weight is not model.text.word_embed.weight
     assert not hasattr(model, "pixel_head") and hasattr(XFM(tiny_config(mim_target="pixel")), "pixel_head")
+
+
+def test_beit_attention_has_q_and_v_biases_only():
+    """BEiT's qkv: q = x Wq + q_bias, k = x Wk (no bias), v = x Wv + v_bias, then softmax(q k^T / sqrt(hs)) v.
+    (A bias on k would change nothing: the softmax over keys is invariant to it.)"""
+    torch.manual_seed(0)
+    att = Attention(16, 2, beit_bias=True).eval()
+    with torch.no_grad():
+        att.q_bias.normal_()
+        att.v_bias.normal_()
+    x = torch.randn(2, 5, 16)
+    w_q, w_k, w_v = att.qkv.weight.chunk(3)
+    heads = lambda z: z.view(2, 5, 2, 8).transpose(1, 2)                  # noqa: E731  (B, nh, N, hs)
+    q, k, v = heads(x @ w_q.t() + att.q_bias), heads(x @ w_k.t()), heads(x @ w_v.t() + att.v_bias)
+    y = ((q @ k.transpose(-2, -1)) / math.sqrt(8)).softmax(-1) @ v
+    assert torch.allclose(att(x), att.proj(y.transpose(1, 2).reshape(2, 5, 16)), atol=1e-5)
+
+
+def test_fusion_encoder_reads_the_language_states_as_they_are():
+    """The fusion encoder has no embedding layer of its own (no position table, no LayerNorm on its input): with
+    no layers it returns the language states unchanged, and all its parameters are in its blocks."""
+    torch.manual_seed(0)
+    model = XFM(tiny_config(fusion_layers=0)).eval()
+    t, att = torch.randn(2, 6, 128), torch.ones(2, 6, dtype=torch.long)
+    assert torch.equal(model.fuse(t, att, model.encode_image(torch.randn(2, 3, 32, 32))), t)
+    assert all(n.startswith("blocks.") for n, _ in XFM(tiny_config()).fusion.named_parameters())

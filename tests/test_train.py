@@ -1,5 +1,5 @@
-"""The pre-training pipeline: the run through main(argv), exact resume, DDP + gradient accumulation, the
-config parser, bad input and non-finite losses."""
+"""The pre-training pipeline: the run through main(argv), the three updates of a step and their clipping, the
+parameter groups, exact resume, DDP + gradient accumulation, the config parser, bad input and non-finite losses."""
 import json
 import math
 import os
@@ -105,6 +105,40 @@ def test_param_groups_partition_and_lr_mult():
     assert by_id[id(model.fusion.blocks[0].mlp.fc1.weight)]["weight_decay"] == 0.01
     assert by_id[id(model.vision.cls_token)]["weight_decay"] == 0.0
     assert by_id[id(model.vision.blocks[0].norm1.bias)]["weight_decay"] == 0.0
+    new = {"text_proj", "vision_proj", "temp", "itm_head", "bbox_head"}  # the official lr_mult 2 set
+    for name, p in model.named_parameters():
+        assert by_id[id(p)]["lr_scale"] == (2.0 if name.split(".")[0] in new else 1.0), name
+
+
+def test_optimizer_step_clips_to_the_given_norm():
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = torch.optim.SGD([p], lr=1.0)
+    p.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])                             # norm 5
+    norm = train.optimizer_step(opt, None, [p], 1.0)
+    assert math.isclose(norm.item(), 5.0)                                   # the norm before clipping
+    assert torch.allclose(p.detach(), torch.tensor([-0.6, -0.8, 0.0, 0.0]))  # the step of a norm-1 gradient
+    assert p.grad is None
+
+
+def test_three_updates_in_order_each_clipped(toy, tmp_path, monkeypatch):
+    """One step is three optimizer updates in the official order (text | regions + images | pairs), each
+    clipped at --grad_clip."""
+    kinds, clips = [], []
+    real_losses, real_step = train.xfm_losses, train.optimizer_step
+
+    def losses(model, batch, **kw):
+        kinds.append(sorted(batch))
+        return real_losses(model, batch, **kw)
+
+    def step(optimizer, scaler, params, clip):
+        clips.append(clip)
+        return real_step(optimizer, scaler, params, clip)
+
+    monkeypatch.setattr(train, "xfm_losses", losses)
+    monkeypatch.setattr(train, "optimizer_step", step)
+    train.main([f"--data_dir={toy}", f"--out_dir={tmp_path / 'run'}", *FAST, "--max_steps=2", "--grad_clip=0.25"])
+    assert kinds == [["text"], ["image", "region"], ["pair"]] * 2
+    assert clips == [0.25] * 6
 
 
 def test_lr_schedule_warmup_then_linear_decay():

@@ -8,8 +8,9 @@ Expected learning, written down: reference curves for the toy run, chance levels
 A reference file (reference/NAME.json) holds, for one train.py command: each objective's loss at a handful of
 steps (the mean over the log window ending there) averaged over two seeds, a band around it, each objective's
 chance level, and the final zero-shot retrieval figures. tests/test_learning.py runs the short commands and fails
-when a loss leaves its band or retrieval falls towards chance: a wrong mask or a swapped label shows up there. (A
-missing detach does not move the toy losses out of their bands; the gradient-flow tests of test_losses.py catch it.)
+when a loss leaves its band or retrieval falls towards chance. The short bands of ITM, box L1/GIoU and FLAVA's GC
+contain their chance levels, so a broken ITM, box or GC loss stays inside them: tests/test_overfit.py checks
+each objective on one batch instead, and tools/mutate.py lists the planted bugs each test catches.
 
 Chance levels (what a model that learned nothing scores):
     MLM, IMLM    ln V                 uniform over the vocabulary

@@ -1,0 +1,364 @@
+"""
+The mutation check: a catalogue of planted bugs, each with the tests that must catch it. A test counts when a
+planted bug makes it fail; this script plants each bug in turn and runs its tests.
+
+For every bug it copies the repository's files (git's tracked and untracked-but-not-ignored files, without data/
+and runs/) to a scratch folder, replaces the bug's `old` snippet (which must occur exactly once in its file) by
+`new`, runs `python -m pytest -x -q -p no:cacheprovider <its tests>` there under a wall-clock limit and prints one
+line: caught (the tests failed), SURVIVED (they passed), stale (`old` no longer occurs exactly once), timeout, or
+error (pytest found no test or could not start). First it runs every selected test on the unmodified copy: a
+test that already fails there would make every bug look caught. Exit status 0 only when every bug is caught.
+
+    OMP_NUM_THREADS=1 python tools/mutate.py             # the whole catalogue
+    OMP_NUM_THREADS=1 python tools/mutate.py --fast      # the quick subset (no process groups, no train.py runs)
+    python tools/mutate.py --only stop_grad,itm_labels   # some bugs
+    python tools/mutate.py --list                        # the catalogue: id, file, rule, tests
+    python tools/mutate.py --jobs 2                      # bugs in parallel (each pytest still uses one thread)
+    python tools/mutate.py --only itm_neg_is_positive -v # also show how the tests failed
+
+Beware equivalent mutants (a change that does not change behaviour, e.g. a bias on attention keys: the softmax
+is invariant to it); every bug below breaks its rule.
+"""
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SKIP = ("data/", "runs/", ".git")
+
+
+@dataclass
+class Bug:
+    id: str
+    file: str
+    old: str
+    new: str
+    rule: str
+    tests: str          # pytest arguments: node ids, or a file and -k EXPR
+    fast: bool = True   # in the --fast subset (the tests take seconds: no process groups, no train.py run)
+
+
+L, M, T, D, F = "losses.py", "model.py", "train.py", "data.py", "flava.py"
+TL, TM, TT, TD, TF = (f"tests/test_{n}.py" for n in ("losses", "model", "train", "data", "flava"))
+TO, TFT, TP = "tests/test_overfit.py", "tests/test_finetune.py", "tests/test_pretrained.py"
+
+CATALOGUE = [
+    # --- X-FM idea 1: the stop-gradient
+    Bug("stop_grad", L, "return t.detach() if stop_grad else t", "return t",
+        "the fusion encoder reads sg(t): ITM/IMLM/BBP never reach the language encoder",
+        f"{TL}::test_gradient_flow_with_stop_gradient"),
+    Bug("bbox_stop_grad", L, 'h = model.fuse(fusion_input(t, stop_grad), b["att"], v[b["img_index"]])',
+        'h = model.fuse(t, b["att"], v[b["img_index"]])',
+        "BBP reads the detached caption states too", f"{TL}::test_gradient_flow_with_stop_gradient"),
+    # --- X-FM idea 2: the MIM target and its masks
+    Bug("mim_target_grad", L, "target = v.detach()", "target = v",
+        "the MIM target is the detached unmasked output (mim_loss refuses a target with a graph)",
+        f"{TL}::test_every_loss_is_present_and_finite"),
+    Bug("mim_assert_off", L, 'assert not target.requires_grad, "the MIM target must be detached"', "pass",
+        "mim_loss refuses a target with a graph", f"{TL}::test_mim_target_carries_no_gradient"),
+    Bug("mim_unmasked_view", L, "v_hat = model.encode_image(image, mim_mask)                            #",
+        "v_hat = model.encode_image(image)  #",
+        "the MIM prediction comes from the block-masked view", f"{TL}::test_mim_target_carries_no_gradient"),
+    Bug("mim_unmasked_patches", L, "patch_term = err[:, 1:][mim_mask].mean()",
+        "patch_term = err[:, 1:][~mim_mask].mean()",
+        "MIM counts the masked patches only", f"{TL}::test_mim_loss_formula_and_unmasked_patches_do_not_count"),
+    Bug("mim_no_slot0", L, "return patch_term + slot0_term", "return patch_term",
+        "MIM also regresses slot 0", f"{TL}::test_mim_loss_formula_and_unmasked_patches_do_not_count"),
+    Bug("mask_token_swapped", M,
+        "x = torch.where(mim_mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)\n"
+        "        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+P, D)",
+        "x = torch.where(mim_mask.unsqueeze(-1), x, self.mask_token.to(x.dtype))\n"
+        "        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+P, D)",
+        "the mask token replaces exactly the masked patches", f"{TM}::test_mask_token_replaces_exactly_the_masked_patches"),
+    # --- the vision output and the fusion input
+    Bug("vision_slot0_cls", M,
+        "return torch.cat([patches.mean(dim=1, keepdim=True), patches], dim=1)  # (B, 1+P, D)",
+        "return torch.cat([self.fc_norm(x[:, :1]), patches], dim=1)",
+        "vision slot 0 is the mean of the normed patches, not the ViT's CLS output",
+        f"{TM}::test_vision_output_is_mean_slot_plus_normed_patches"),
+    Bug("fusion_own_embedding", M,
+        "self.blocks = nn.ModuleList([Block(cfg, cross=True) for _ in range(cfg.fusion_layers)])\n\n"
+        "    def forward(self, t, att, image, image_mask=None):\n        x = t\n",
+        "self.blocks = nn.ModuleList([Block(cfg, cross=True) for _ in range(cfg.fusion_layers)])\n"
+        "        self.pos_embed = nn.Embedding(cfg.max_text_len, cfg.width)\n"
+        "        self.norm = nn.LayerNorm(cfg.width)\n\n"
+        "    def forward(self, t, att, image, image_mask=None):\n"
+        "        x = self.norm(t + self.pos_embed(torch.arange(t.shape[1], device=t.device)))\n",
+        "the fusion encoder's input is the language encoder's states as they are (no embedding layer of its own)",
+        f"{TM}::test_fusion_encoder_reads_the_language_states_as_they_are"),
+    Bug("fusion_region_mask", M, "self.cross_attn(x, kv=image, key_mask=image_mask)", "self.cross_attn(x, kv=image)",
+        "cross-attention sees only the image keys its mask allows (region view)",
+        f"{TM}::test_fusion_cross_attends_text_to_image_and_returns_text_states"),
+    Bug("text_pad_mask", M, "            x = blk(x, key_mask=att.bool())\n        return x",
+        "            x = blk(x)\n        return x", "the language encoder never attends to padding",
+        f"{TM}::test_padding_does_not_change_real_positions"),
+    Bug("region_slot0", M,
+        "slot0 = (v_n[:, 1:] * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1)",
+        "slot0 = v_n[:, :1]", "a region caption's slot 0 is the mean of the patches in its box",
+        f"{TM}::test_region_view_mean_over_box_patches"),
+    Bug("imlm_reads_unmasked", L, 't_m = model.encode_text(b["mlm_ids"], b["att"])',
+        't_m = model.encode_text(b["ids"], b["att"])',
+        "IMLM reads the masked caption, never the words it predicts", f"{TL}::test_imlm_reads_only_the_masked_caption"),
+    # --- ITC: gather, backward, labels, mean, temperature
+    Bug("itc_gather_no_grad", L,
+        "all_v, all_t = gather_with_grad(f_v, sizes), gather_with_grad(f_t, sizes)",
+        "all_v, all_t = gather_no_grad(f_v, sizes), gather_no_grad(f_t, sizes)",
+        "ITC's all-gather keeps autograd", f"{TL} -k global_itc", fast=False),
+    Bug("itc_backward_no_sum", L, "        dist.all_reduce(grad)                                              # sum over",
+        "        pass  #", "ITC's gather backward sums every rank's gradient", f"{TL} -k global_itc", fast=False),
+    Bug("itc_label_offset", L, "y = torch.arange(B, device=f_v.device) + sum(sizes[:_rank()])",
+        "y = torch.arange(B, device=f_v.device)", "ITC's positives sit at this rank's offset in the global batch",
+        f"{TL} -k global_itc", fast=False),
+    Bug("itc_local_mean", L, "return 0.5 * row_loss.sum() * len(sizes) / max(sum(n_queries), 1)",
+        "return 0.5 * row_loss.mean()", "ITC averages over all ranks' rows, even unequal counts",
+        f"{TL} -k global_itc", fast=False),
+    Bug("itc_temp_times", L, "s_i2t = f_v @ all_t.t() / temp", "s_i2t = f_v @ all_t.t() * temp",
+        "ITC divides the similarities by the temperature", f"{TL}::test_itc_formula_symmetry_and_minimum"),
+    Bug("temp_clamp", M, "self.temp.clamp_(0.001, 0.5)", "self.temp.clamp_(0.001, 5.0)",
+        "the temperature stays in [0.001, 0.5]", f"{TL}::test_temperature_is_clamped"),
+    Bug("itc_batch_mean_image", M, "f_v = F.normalize(self.vision_proj(v[:, 0]), dim=-1)",
+        "f_v = F.normalize(self.vision_proj(v[:, 0].mean(0, keepdim=True).expand_as(v[:, 0])), dim=-1)",
+        "each image's ITC feature comes from its own slot 0", f"{TO} -k xfm_pair"),
+    # --- ITM: hard negatives and labels
+    Bug("hard_neg_duplicates", L, "w = w.masked_fill(same, 0.0)",
+        "w = w.masked_fill(torch.eye(len(w), dtype=torch.bool, device=w.device), 0.0)",
+        "a hard negative never shares the image id (duplicates of the image included)",
+        f"{TL}::test_hard_negatives_never_pick_the_positive_or_a_duplicate"),
+    Bug("hard_neg_uniform", L, "w = logits.float().softmax(dim=1) + 1e-5", "w = torch.ones_like(logits.float())",
+        "hard negatives are drawn by ITC similarity", f"{TL}::test_hard_negatives_follow_the_itc_similarity"),
+    Bug("itm_labels_inverted", L, "labels[:B] = 1", "labels[B:] = 1",
+        "ITM label 1 = the matched pair, 0 = a hard negative", f"{TL}::test_itm_labels_one_for_pairs_zero_for_negatives"),
+    Bug("itm_neg_is_positive", L, "v_all = torch.cat([v, v[neg_img[ti]], v[ii]])",
+        "v_all = torch.cat([v, v[ti], v[ii]])", "a negative pair shows the text with ANOTHER image",
+        f"{TO} -k xfm_pair"),
+    # --- box prediction
+    Bug("bbox_l1_mean", L, "l1 = (p - t).abs().sum() / n_reg", "l1 = (p - t).abs().mean()",
+        "L1 sums the 4 coordinates and averages over region captions",
+        f"{TL}::test_giou_and_l1_against_hand_computed_boxes"),
+    Bug("giou_no_enclosing", L, "return iou - (area_c - union) / area_c", "return iou",
+        "GIoU subtracts the enclosing box's empty share", f"{TL}::test_giou_and_l1_against_hand_computed_boxes"),
+    Bug("giou_degenerate", L,
+        "giou = (1 - generalized_iou(pb, tb)).sum() / n_reg if not degenerate else l1 * 0.0",
+        "giou = (1 - generalized_iou(pb, tb)).sum() / n_reg",
+        "the GIoU term is 0 when a box is degenerate", f"{TL}::test_giou_is_zero_on_degenerate_boxes"),
+    Bug("bbox_whole_image", L, "p, t = pred[is_region].float(), target[is_region].float()",
+        "p, t = pred.float(), target.float()", "box losses count region captions only",
+        f"{TL}::test_giou_and_l1_against_hand_computed_boxes"),
+    Bug("bbox_region_view", L, 'h = model.fuse(fusion_input(t, stop_grad), b["att"], v[b["img_index"]])',
+        'h = model.fuse(fusion_input(t, stop_grad), b["att"], v_r, v_r_mask)',
+        "BBP reads the full image, not the region view",
+        f"{TL}::test_bbox_loss_sees_only_region_captions_and_the_full_image"),
+    Bug("bbox_batch_mean", L, 'pred = model.bbox_head(h[:, 0]).sigmoid()',
+        'pred = model.bbox_head(h[:, 0].mean(0)).sigmoid().expand(len(h), 4)',
+        "each caption's box comes from its own fusion [CLS]", f"{TO} -k xfm_region"),
+    # --- positions and BEiT's attention
+    Bug("roberta_pos_offset", M, "pos = torch.cumsum(not_pad, dim=1) * not_pad + self.pad_id",
+        "pos = torch.cumsum(not_pad, dim=1) * not_pad",
+        "RoBERTa: token i gets position pad_id + 1 + i, padding pad_id",
+        f"{TM}::test_roberta_position_ids_start_after_padding"),
+    Bug("beit_no_v_bias", M,
+        "qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])",
+        "qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), torch.zeros_like(self.v_bias)])",
+        "BEiT's qkv has biases on q and v", f"{TM}::test_beit_attention_has_q_and_v_biases_only"),
+    Bug("beit_qv_swapped", M,
+        "qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])",
+        "qkv_bias = torch.cat([self.v_bias, torch.zeros_like(self.v_bias), self.q_bias])",
+        "BEiT's q bias goes to q, its v bias to v", f"{TM}::test_beit_attention_has_q_and_v_biases_only"),
+    Bug("relpos_sign", M, "rel = coords[:, :, None] - coords[:, None, :]",
+        "rel = coords[:, None, :] - coords[:, :, None]",
+        "the relative position index is query minus key", f"{TM}::test_relative_position_bias_table_and_index"),
+    # --- optimisation: parameter groups, the update schedule, clipping, accumulation
+    Bug("new_params", M, 'NEW_PARAMS = ("text_proj", "vision_proj", "temp", "itm_head", "bbox_head")',
+        'NEW_PARAMS = ("temp", "itm_head")', "the projections, the temperature and the ITM and box heads train at 2x lr",
+        f"{TT}::test_param_groups_partition_and_lr_mult"),
+    Bug("no_decay_tokens", T, "no_decay = p.ndim < 2 or name.endswith(no_decay_names)", "no_decay = p.ndim < 2",
+        "no weight decay on the CLS and mask tokens", f"{TT}::test_param_groups_partition_and_lr_mult"),
+    Bug("updates_reversed", T, 'updates = [["text"], ["region", "image"], ["pair"]]',
+        'updates = [["pair"], ["region", "image"], ["text"]]',
+        "three updates in order: text | regions + images | pairs", f"{TT}::test_three_updates_in_order_each_clipped",
+        fast=False),
+    Bug("updates_regrouped", T, 'updates = [["text"], ["region", "image"], ["pair"]]',
+        'updates = [["text"], ["region"], ["image", "pair"]]',
+        "regions and images share the second update", f"{TT}::test_three_updates_in_order_each_clipped", fast=False),
+    Bug("clip_off", T, "grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)",
+        'grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))',
+        "optimizer_step clips the gradient norm to clip", f"{TT}::test_optimizer_step_clips_to_the_given_norm"),
+    Bug("clip_off_loop", T, "grad_norm = optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)",
+        'grad_norm = optimizer_step(optimizer, scaler, model.parameters(), float("inf"))',
+        "every update is clipped at --grad_clip", f"{TT}::test_three_updates_in_order_each_clipped", fast=False),
+    Bug("accum_sum", T, "loss = sum(losses.values()) / accum", "loss = sum(losses.values())",
+        "accumulated gradients are the mean over the global batch",
+        f"{TT}::test_ddp_with_accumulation_equals_one_process_full_batch", fast=False),
+    # --- zero-shot retrieval: top k, -100, ITM re-ranking, ties
+    Bug("retrieval_no_itm", T, "out[q, cand] = logit.float()", "out[q, cand] = sim[q, cand]",
+        "the top k are re-scored by ITM", f"{TFT}::test_recall_at_k_by_hand"),
+    Bug("retrieval_sum", T, "out[q, cand] = logit.float()", "out[q, cand] = logit.float() + sim[q, cand]",
+        "the re-ranked score is the ITM logit alone", f"{TFT}::test_recall_at_k_by_hand"),
+    Bug("retrieval_keep_itc", T, "out = torch.full_like(sim, -100.0)", "out = sim.clone()",
+        "every pair outside the top k scores -100", f"{TFT}::test_recall_at_k_by_hand"),
+    Bug("retrieval_bottom_k", T, "top = sim.topk(k, dim=1).indices", "top = sim.topk(k, dim=1, largest=False).indices",
+        "ITM re-ranks the k best by ITC", f"{TFT}::test_recall_at_k_by_hand"),
+    Bug("retrieval_ties", T, "return int((scores[wrong] >= scores[right].max()).sum())",
+        "return int((scores[wrong] > scores[right].max()).sum())",
+        "ties count against the right candidate", f"{TFT}::test_recall_at_k_by_hand"),
+    # --- masking rates (data.py)
+    Bug("text_mlm_rate", D, "masked, labels = mask_text(ids, self.tok, 0.15, 20, self.rng(epoch, index))",
+        "masked, labels = mask_text(ids, self.tok, 0.5, 15, self.rng(epoch, index))",
+        "MLM on text masks 15 %, at most 20", f"{TD}::test_batch_formats"),
+    Bug("region_imlm_rate", D, "mlm_ids, mlm_labels = mask_text(ids, self.tok, 0.5, 15, rng)",
+        "mlm_ids, mlm_labels = mask_text(ids, self.tok, 0.15, 20, rng)",
+        "IMLM on region captions masks half, at most 15", f"{TD}::test_batch_formats"),
+    Bug("pair_imlm_rate", D, 'CAPTION_MASKING = {"xfm": (0.5, 15, 0.2)', 'CAPTION_MASKING = {"xfm": (0.15, 20, 0.2)',
+        "IMLM on pair captions masks half, at most 15", f"{TD}::test_batch_formats"),
+    Bug("mask_80_10_10", D, "if r < 0.8:  # 80 %", "if r < 0.9:  # 80 %",
+        "BERT's 80/10/10 corruption", f"{TD}::test_mask_text_80_10_10_and_spans"),
+    # --- FLAVA
+    Bug("flava_layout", F, "self.image_to_mm(v), self.text_to_mm(t)], 1)", "self.text_to_mm(t), self.image_to_mm(v)], 1)",
+        "FLAVA's fused sequence is [CLS_M; image; text]", f"{TF}::test_fused_layout_is_cls_m_image_text"),
+    Bug("flava_pad_mask", F, "image_mask.bool(), att.bool()], dim=1)", "image_mask.bool(), att.bool() | True], dim=1)",
+        "FLAVA's fusion never attends to text padding",
+        f"{TF}::test_text_padding_never_changes_the_other_fusion_outputs"),
+    Bug("flava_mmm_image_slice", F, "mlm_loss(h[:, 2:2 + P], img_labels", "mlm_loss(h[:, 1:1 + P], img_labels",
+        "MMM-image reads the patch positions 2..1+P", f"{TF}::test_mmm_losses_read_the_right_slices"),
+    Bug("flava_itm_reads_cls_i", F, "model.itm_head(h[:, 0])", "model.itm_head(h[:, 1])",
+        "FLAVA's ITM reads CLS_M", f"{TF}::test_mmm_losses_read_the_right_slices"),
+    Bug("flava_itm_polarity", F, "model.itm_head(h[:, 0]).float(), itm_labels)", "model.itm_head(h[:, 0]).float(), 1 - itm_labels)",
+        "FLAVA's ITM label 1 = matched", f"{TF}::test_itm_loss_is_small_when_the_head_says_match_for_matches"),
+    Bug("flava_gc_queries", F, "itc_loss(f_v, f_t, model.temp, queries=pos)", "itc_loss(f_v, f_t, model.temp)",
+        "GC: swapped captions are keys, never queries", f"{TF}::test_mmm_losses_read_the_right_slices"),
+    Bug("itc_queries_ignored", L, "row_loss = row_loss[queries]", "row_loss = row_loss",
+        "itc_loss(queries=...) averages over the query rows only",
+        f"{TF}::test_gc_excludes_negatives_as_queries_but_keeps_them_as_keys"),
+    Bug("flava_gc_batch_mean", F, "F.normalize(self.vision_proj(self.image_cls(v)), dim=-1))",
+        "F.normalize(self.vision_proj(self.image_cls(v).mean(0, keepdim=True).expand(len(v), -1)), dim=-1))",
+        "each image's contrastive feature comes from its own CLS_I", f"{TO} -k flava_pair"),
+    Bug("flava_logit_scale_clamp", F, "self.logit_scale.clamp_(0.0, math.log(100.0))", "self.logit_scale.clamp_(0.0, 10.0)",
+        "the logit scale stays in [0, ln 100]", f"{TF}::test_logit_scale_is_clamped_to_0_ln100"),
+    Bug("flava_neg_label", D, 'caption, match = self.items[k]["caption"], 0', 'caption, match = self.items[k]["caption"], 1',
+        "a swapped caption is labelled 0", f"{TF}::test_itm_negatives_swap_in_another_images_caption"),
+    Bug("flava_neg_same_image", D, "if self.img_ids[k] != self.img_ids[j]:", "if True:",
+        "an ITM negative's caption comes from another image",
+        f"{TF}::test_itm_negatives_swap_in_another_images_caption"),
+]
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def repo_files():
+    """The files git would commit (tracked, and untracked but not ignored), minus data/, runs/ and .git."""
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    return [f for f in out.split("\0") if f and not f.startswith(SKIP) and os.path.isfile(os.path.join(ROOT, f))]
+
+
+def copy_repo(dst):
+    for f in repo_files():
+        os.makedirs(os.path.dirname(os.path.join(dst, f)), exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, f), os.path.join(dst, f))
+
+
+def pytest(cwd, args, timeout):
+    """-> (status, seconds, last lines). rc 1 = a test failed (caught); 0 = all passed; anything else = error."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONDONTWRITEBYTECODE": "1",
+           "COLUMNS": "240"}                                          # pytest's summary lines are cut at the width
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *args]
+    t0 = time.time()
+    try:
+        r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.time() - t0, ""
+    tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-3:])
+    return {0: "passed", 1: "failed"}.get(r.returncode, f"error rc={r.returncode}"), time.time() - t0, tail
+
+
+def run_bug(bug, timeout):
+    """Plant one bug in a scratch copy and run its tests -> (id, verdict, seconds, detail)."""
+    with tempfile.TemporaryDirectory(prefix=f"mutate_{bug.id}_") as tmp:
+        copy_repo(tmp)
+        path = os.path.join(tmp, bug.file)
+        src = open(path).read()
+        if src.count(bug.old) != 1:
+            return bug.id, "stale", 0.0, f"`old` occurs {src.count(bug.old)} times in {bug.file}"
+        with open(path, "w") as f:
+            f.write(src.replace(bug.old, bug.new))
+        status, dt, tail = pytest(tmp, shlex.split(bug.tests), timeout)
+    verdict = {"failed": "caught", "passed": "SURVIVED"}.get(status, status)
+    return bug.id, verdict, dt, tail
+
+
+def baseline(bugs, timeout):
+    """Every selected test on the unmodified copy must pass, or 'caught' would mean nothing."""
+    node_ids, by_k = set(), {}
+    for b in bugs:
+        args = shlex.split(b.tests)
+        if "-k" in args:
+            i = args.index("-k")
+            by_k.setdefault(args[0], []).append(args[i + 1])
+        else:
+            node_ids.update(args)
+    runs = ([sorted(node_ids)] if node_ids else []) + [[f, "-k", " or ".join(sorted(set(ks)))] for f, ks in by_k.items()]
+    with tempfile.TemporaryDirectory(prefix="mutate_baseline_") as tmp:
+        copy_repo(tmp)
+        for args in runs:
+            status, dt, tail = pytest(tmp, args, timeout * 4)
+            if status != "passed":
+                return False, f"{' '.join(args)}: {status}\n{tail}"
+    return True, ""
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    ap.add_argument("--only", default="", help="comma-separated bug ids")
+    ap.add_argument("--fast", action="store_true", help="only the bugs whose tests take seconds")
+    ap.add_argument("--list", action="store_true", help="print the catalogue and exit")
+    ap.add_argument("--jobs", type=int, default=1, help="bugs run in parallel")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per bug")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the run on the unmodified copy")
+    ap.add_argument("-v", "--verbose", action="store_true", help="show pytest's last lines for caught bugs too")
+    args = ap.parse_args(argv)
+    ids = [b.id for b in CATALOGUE]
+    assert len(ids) == len(set(ids)), "duplicate bug ids"
+    bugs = CATALOGUE
+    if args.only:
+        want = args.only.split(",")
+        unknown = set(want) - set(ids)
+        if unknown:
+            raise SystemExit(f"error: unknown bug ids {sorted(unknown)}")
+        bugs = [b for b in bugs if b.id in want]
+    if args.fast:
+        bugs = [b for b in bugs if b.fast]
+    if args.list:
+        for b in bugs:
+            print(f"{b.id:<24} {b.file:<10} {'fast' if b.fast else 'slow':<5} {b.rule}\n{'':<41}{b.tests}")
+        print(f"{len(bugs)} bugs")
+        return 0
+    t0 = time.time()
+    if not args.no_baseline:
+        ok, why = baseline(bugs, args.timeout)
+        if not ok:
+            print(f"baseline: the tests fail WITHOUT any planted bug:\n{why}")
+            return 2
+        print(f"baseline: every selected test passes unmodified ({time.time() - t0:.0f} s)", flush=True)
+    bad = []
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        for bug_id, verdict, dt, tail in pool.map(lambda b: run_bug(b, args.timeout), bugs):
+            print(f"{verdict:<9} {bug_id:<24} {dt:5.1f} s", flush=True)
+            if verdict != "caught":
+                bad.append(bug_id)
+            if tail and (verdict != "caught" or args.verbose):
+                print("    " + tail.replace("\n", "\n    "))
+    print(f"{len(bugs) - len(bad)}/{len(bugs)} planted bugs caught in {time.time() - t0:.0f} s"
+          + (f"; not caught: {', '.join(bad)}" if bad else ""))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

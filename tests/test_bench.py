@@ -1,4 +1,4 @@
-"""tools/bench.py's own arithmetic (issue 7): the analytic FLOP count against torch's FLOP counter, the host-overhead
+"""tools/bench.py's own arithmetic: the analytic FLOP count against torch's FLOP counter, the host-overhead
 counter (aten ops and host syncs) on planted code, and one tiny end-to-end run of the report."""
 import inspect
 import json

@@ -1,4 +1,4 @@
-"""The fast paths of the training step (issue 7) against the slow computations they replace, on a fixed batch of
+"""The fast paths of the training step against the slow computations they replace, on a fixed batch of
 the tiny config: the same loss values AND the same gradient for every parameter (a fast path that dropped a
 gradient, or took the wrong rows, would keep many values but not the gradients). Each test also checks that the
 fast path is really taken (how many encoder passes run, under which grad mode, how many rows reach a head), so

@@ -45,7 +45,7 @@ class Bug:
     fast: bool = True   # in the --fast subset (the tests take seconds: no process groups, no train.py run)
 
 
-L, M, T, D, F = "losses.py", "model.py", "train.py", "data.py", "flava.py"
+L, M, T, D, F, R = "losses.py", "model.py", "train.py", "data.py", "flava.py", "retrieval.py"
 TL, TM, TT, TD, TF = (f"tests/test_{n}.py" for n in ("losses", "model", "train", "data", "flava"))
 TO, TFT, TP = "tests/test_overfit.py", "tests/test_finetune.py", "tests/test_pretrained.py"
 
@@ -197,15 +197,15 @@ CATALOGUE = [
         "accumulated gradients are the mean over the global batch",
         f"{TT}::test_ddp_with_accumulation_equals_one_process_full_batch", fast=False),
     # --- zero-shot retrieval: top k, -100, ITM re-ranking, ties
-    Bug("retrieval_no_itm", T, "out[q, cand] = logit.float()", "out[q, cand] = sim[q, cand]",
+    Bug("retrieval_no_itm", R, "out[q, cand] = logit.float()", "out[q, cand] = sim[q, cand]",
         "the top k are re-scored by ITM", f"{TFT}::test_recall_at_k_by_hand"),
-    Bug("retrieval_sum", T, "out[q, cand] = logit.float()", "out[q, cand] = logit.float() + sim[q, cand]",
+    Bug("retrieval_sum", R, "out[q, cand] = logit.float()", "out[q, cand] = logit.float() + sim[q, cand]",
         "the re-ranked score is the ITM logit alone", f"{TFT}::test_recall_at_k_by_hand"),
-    Bug("retrieval_keep_itc", T, "out = torch.full_like(sim, -100.0)", "out = sim.clone()",
+    Bug("retrieval_keep_itc", R, "out = torch.full_like(sim, -100.0)", "out = sim.clone()",
         "every pair outside the top k scores -100", f"{TFT}::test_recall_at_k_by_hand"),
-    Bug("retrieval_bottom_k", T, "top = sim.topk(k, dim=1).indices", "top = sim.topk(k, dim=1, largest=False).indices",
+    Bug("retrieval_bottom_k", R, "top = sim.topk(k, dim=1).indices", "top = sim.topk(k, dim=1, largest=False).indices",
         "ITM re-ranks the k best by ITC", f"{TFT}::test_recall_at_k_by_hand"),
-    Bug("retrieval_ties", T, "return int((scores[wrong] >= scores[right].max()).sum())",
+    Bug("retrieval_ties", R, "return int((scores[wrong] >= scores[right].max()).sum())",
         "return int((scores[wrong] > scores[right].max()).sum())",
         "ties count against the right candidate", f"{TFT}::test_recall_at_k_by_hand"),
     # --- masking rates (data.py)

@@ -18,8 +18,8 @@ frozen image tokenizer that makes its MIM targets, its objectives and its data-k
     python train.py --recipe=flava             # the toy world, the tiny FLAVA; same run folder as X-FM
     python finetune.py --task all --init runs/flava/ckpt.pt
 
-What differs from the paper (said again in the README): FLAVA's targets come from the pre-trained DALL-E dVAE,
-which cannot be downloaded here. The stand-in is `PatchTokenizer`: a k-means codebook fitted on the training
+What differs from the paper (said again in docs/FLAVA_RECIPE.md): FLAVA's targets come from the pre-trained DALL-E dVAE,
+which nothing here downloads. The stand-in is `PatchTokenizer`: a k-means codebook fitted on the training
 images' patches when the run starts (saved as RUN/image_tokenizer.pt; `--image_tokenizer=FILE` reuses one).
 Each patch's id is its nearest centroid. Like the dVAE it is frozen and only makes integer targets, but its codes
 describe raw pixels (colour, coarse shape), not the dVAE's learned features. The text side has no token-type

@@ -1036,11 +1036,7 @@ def main(argv=None):
     try:
         env = load_init(cfg, ddp, rank, world, device)
 
-        def prepare_data():  # rank 0 builds the toy world, as train.py does; every rank is told
-            if cfg.data_dir == FinetuneConfig.data_dir and not os.path.isdir(cfg.data_dir):
-                print(f"building the toy world in {cfg.data_dir} ...", flush=True)
-                toyworld.make_toy(cfg.data_dir, seed=0)
-        train.rank0_shares(prepare_data, ddp, rank)
+        train.rank0_shares(lambda: toyworld.build_if_missing(cfg.data_dir), ddp, rank)  # as train.py does
         return run_all(cfg, given, env) if cfg.task == "all" else run_task(cfg, given, env)
     finally:
         train.teardown()

@@ -396,6 +396,19 @@ Train splits have {n_down} images or pairs (textcls: 2 x {n_down} texts), test s
 """
 
 
+DEFAULT_DIR = "data/toy"  # train.py's and finetune.py's default --data_dir
+
+
+def build_if_missing(data_dir):
+    """The one place that builds the toy world without being asked: when data_dir is the default folder and does
+    not exist yet. Any other missing folder is an error (a typo must not train on toy data)."""
+    if not os.path.isdir(data_dir) and os.path.normpath(data_dir) == os.path.normpath(DEFAULT_DIR):
+        print(f"building the toy world in {data_dir} ...", flush=True)
+        make_toy(data_dir, seed=0)
+    if not os.path.isdir(data_dir):
+        raise SystemExit(f"error: data_dir {data_dir!r} does not exist")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Write the toy world of coloured shapes: the four pre-training "
                                 "streams, the held-out retrieval pairs and the downstream task splits.")

@@ -266,6 +266,23 @@ def param_groups(model, weight_decay, lr_mult):
     return [{k: v for k, v in g.items() if k != "names"} for g in groups.values()]
 
 
+def batch_plan(cfg, world):
+    """Global batch per stream -> (per-rank micro batch, accumulation steps, {stream: per-rank batch}), exact:
+    batch_size = micro x accum x world, and the text and region batches split over the same accum x world."""
+    micro = cfg.micro_batch_size or cfg.batch_size // world
+    if micro < 1:
+        raise SystemExit(f"error: batch_size {cfg.batch_size} is smaller than the world size {world}")
+    accum = cfg.batch_size // (micro * world)
+    text_global = cfg.text_batch_size or cfg.batch_size
+    region_global = cfg.region_batch_size or max(cfg.batch_size // 2, accum * world)
+    if accum < 1 or accum * micro * world != cfg.batch_size or text_global % (accum * world) or region_global % (accum * world):
+        raise SystemExit(f"error: batch_size {cfg.batch_size} (text {text_global}, region {region_global}) must be "
+                         f"a multiple of micro_batch_size {micro} x world_size {world}")
+    per_rank = {"pair": micro, "region": region_global // (accum * world), "image": micro,
+                "text": text_global // (accum * world)}
+    return micro, accum, per_rank
+
+
 def get_lr(step, cfg):
     """Linear warmup over warmup_steps, then linear decay to 0 at max_steps (docs/METHOD.md §6.1)."""
     if step < cfg.warmup_steps:
@@ -434,29 +451,12 @@ def pretrained_config(cfg, model_cfg, tok):
 def train(cfg, ckpt, ddp, rank, world, device, master, print0):
     t_start = time.time()
     autocast, scaler, amp = amp_setup(cfg.amp, device)                   # (a bad --amp fails before any work)
-    # global batch per stream -> per-rank micro batch x accumulation steps (asserted exact)
-    micro = cfg.micro_batch_size or cfg.batch_size // world
-    if micro < 1:
-        raise SystemExit(f"error: batch_size {cfg.batch_size} is smaller than the world size {world}")
-    accum = cfg.batch_size // (micro * world)
-    text_global = cfg.text_batch_size or cfg.batch_size
-    region_global = cfg.region_batch_size or max(cfg.batch_size // 2, accum * world)
-    if accum < 1 or accum * micro * world != cfg.batch_size or text_global % (accum * world) or region_global % (accum * world):
-        raise SystemExit(f"error: batch_size {cfg.batch_size} (text {text_global}, region {region_global}) must be "
-                         f"a multiple of micro_batch_size {micro} x world_size {world}")
-    per_rank = {"pair": micro, "region": region_global // (accum * world), "image": micro,
-                "text": text_global // (accum * world)}
+    micro, accum, per_rank = batch_plan(cfg, world)                      # (bad sizes fail before any work)
     os.makedirs(cfg.out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)  # the same model init on every rank (DDP also broadcasts rank 0's weights)
 
     # ---- data -------------------------------------------------------------------------------------------
-    def prepare_data():  # rank 0 builds the toy world if the default folder is missing; every rank is told
-        if not os.path.isdir(cfg.data_dir) and cfg.data_dir == TrainConfig.data_dir:
-            print0(f"building the toy world in {cfg.data_dir} ...")
-            toyworld.make_toy(cfg.data_dir, seed=0)
-        if not os.path.isdir(cfg.data_dir):
-            raise SystemExit(f"error: data_dir {cfg.data_dir!r} does not exist")
-    rank0_shares(prepare_data, ddp, rank)
+    rank0_shares(lambda: toyworld.build_if_missing(cfg.data_dir), ddp, rank)  # rank 0 builds; every rank is told
     if not os.path.isdir(cfg.data_dir):  # another node, without rank 0's file system
         raise SystemExit(f"error: data_dir {cfg.data_dir!r} does not exist on rank {rank}'s node (copy it there)")
     bad = data.BadInput(strict=cfg.strict, verbose=master)

@@ -50,6 +50,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
+import cli
 import data
 import flava
 import losses
@@ -132,8 +133,8 @@ CHOICES = {"task": (*TASKS, "all", "attention"), "preset": train.CHOICES["config
 
 
 def parse_args(argv):
-    """`--key=value` or `--key value` overrides of FinetuneConfig (train.parse_overrides)."""
-    return train.parse_overrides(argv, FinetuneConfig, __doc__.strip().split("\n\n")[2], CHOICES)
+    """`--key=value` or `--key value` overrides of FinetuneConfig (cli.parse_overrides)."""
+    return cli.parse_overrides(argv, FinetuneConfig, __doc__.strip().split("\n\n")[2], CHOICES)
 
 
 def run_name(cfg, finetuned):

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import cli
 import finetune
 import train
 
@@ -66,7 +67,7 @@ def test_help_explains_every_key(module, cls, capsys):
     assert e.value.code == 0
     lines = {line.split()[0].split("=")[0]: line for line in capsys.readouterr().out.splitlines()
              if line.startswith("  --")}
-    helps = train.key_help(cls)
+    helps = cli.key_help(cls)
     for name in cls.__dataclass_fields__:
         assert len(helps[name]) > 10, f"--{name} has no help text"
         assert helps[name] in lines[f"--{name}"]

@@ -60,7 +60,7 @@ EXERCISES = read_exercises() if os.path.exists(EXERCISES_MD) else []
 
 
 def options(args):
-    """{key: value} of --key=value, --key value and bare --flag arguments (as train.parse_overrides reads them)."""
+    """{key: value} of --key=value, --key value and bare --flag arguments (as cli.parse_overrides reads them)."""
     out, i = {}, 0
     while i < len(args):
         a, i = args[i], i + 1

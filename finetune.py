@@ -924,7 +924,7 @@ def from_pretrained_encoders(cfg, tok, master):
     """A stand-in for a train.py checkpoint: the --preset model with the language encoder (+ MLM head) from
     --init_text and the vision encoder from --init_vision (pretrained.py); fusion encoder and heads are fresh."""
     base = make_config(cfg.preset, vocab_size=tok.vocab_size, pad_id=tok.pad_id, max_text_len=cfg.text_len or 1)
-    mcfg = train.pretrained_config(cfg, base, tok)
+    mcfg = pretrained.model_config(cfg, base, tok)
     torch.manual_seed(cfg.seed)  # the same init on every rank
     model = XFM(mcfg)
     for path, load in ((cfg.init_text, pretrained.load_text), (cfg.init_vision, pretrained.load_vision)):

@@ -26,6 +26,7 @@ describe raw pixels (colour, coarse shape), not the dVAE's learned features. The
 embedding and uses the project's BPE, not BERT's WordPiece.
 """
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -398,6 +399,49 @@ def fit_image_tokenizer(model, dataset, n_images=2000, seed=0, progress=None):
     patches = patchify(torch.stack(images), model.cfg.patch_size).flatten(0, 1)   # (n * P, 3*p*p)
     model.image_tokenizer.codebook.copy_(fit_codebook(patches, model.cfg.codebook_size, seed=seed))
     return len(patches)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FLAVA's part of a train.py run (train.RECIPES["flava"])
+
+XFM_ONLY_KEYS = ("stop_grad", "mim_target", "schedule", "init_text", "init_vision", "lr_mult")
+RUN_DEFAULTS = {"weight_decay": 0.1, "beta2": 0.999}  # AdamW as in the FLAVA paper (docs/METHOD.md §8.5)
+
+
+def run_config(cfg, tok):
+    """The model config of a train.py run (cfg: train.TrainConfig)."""
+    return make_flava_config(cfg.config, vocab_size=tok.vocab_size, pad_id=tok.pad_id, attn_impl=cfg.attn_impl,
+                             max_text_len=max(cfg.caption_len, cfg.text_len), codebook_size=cfg.codebook_size)
+
+
+def update_plan(cfg, streams):
+    """step -> the data kind of each of the step's three updates, one kind per update, drawn with
+    --flava_ratios (the same on every rank: sample_kind)."""
+    try:
+        ratios = parse_ratios(cfg.flava_ratios, streams)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    return lambda step: [[sample_kind(ratios, cfg.seed, step, u)] for u in range(3)]
+
+
+def prepare_run(cfg, model, streams, share, save, progress=None):
+    """Give the model its frozen image tokenizer (the codebook that makes the MIM / MMM targets): loaded from
+    --image_tokenizer, or fitted on the training pairs and saved as RUN/image_tokenizer.pt. `share(fn)` runs fn on
+    rank 0 and hands every rank its result (train.rank0_shares); `save(obj, path)` writes atomically."""
+    def codebook():
+        if cfg.image_tokenizer:
+            book = torch.load(cfg.image_tokenizer, map_location="cpu", weights_only=True)["codebook"]
+            if tuple(book.shape) != tuple(model.image_tokenizer.codebook.shape):
+                raise SystemExit(f"error: {cfg.image_tokenizer} holds a codebook of shape {tuple(book.shape)}; this "
+                                 f"model needs {tuple(model.image_tokenizer.codebook.shape)} (--codebook_size, patch size)")
+            return book
+        n = fit_image_tokenizer(model, streams["pair"].dataset, seed=cfg.seed, progress=progress)
+        path = os.path.join(cfg.out_dir, "image_tokenizer.pt")
+        save({"codebook": model.image_tokenizer.codebook, "patch_size": model.cfg.patch_size}, path)
+        print(f"image tokenizer: k-means codebook of {model.cfg.codebook_size} fitted on {n} patches -> {path}",
+              flush=True)
+        return model.image_tokenizer.codebook
+    model.image_tokenizer.codebook.copy_(share(codebook))
 
 
 if __name__ == "__main__":

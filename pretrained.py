@@ -31,7 +31,7 @@ Exactness (checked against transformers in tests/test_pretrained.py, every layer
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -373,3 +373,22 @@ def config_overrides(text_path="", vision_path=""):
     out.update(t)
     out.update(v)
     return out
+
+
+def model_config(cfg, model_cfg, tok):
+    """model_cfg with what --init_text / --init_vision say (width, depth, heads, vocabulary, image and patch size;
+    cfg: the train.py or finetune.py config); the fusion depth stays the preset's. Mismatches are one-line errors."""
+    try:
+        over = config_overrides(cfg.init_text, cfg.init_vision)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise SystemExit(f"error: {e}")
+    if "vocab_size" in over:
+        if tok.vocab_size > over["vocab_size"]:
+            raise SystemExit(f"error: the tokenizer has {tok.vocab_size} tokens but {cfg.init_text} only "
+                             f"{over['vocab_size']} embeddings (use its tokenizer.json: --tokenizer)")
+        if tok.pad_id != over["pad_id"]:
+            raise SystemExit(f"error: the tokenizer's <pad> is {tok.pad_id}, {cfg.init_text}'s is {over['pad_id']}")
+        if over["max_text_len"] < model_cfg.max_text_len:
+            raise SystemExit(f"error: {cfg.init_text} has positions for {over['max_text_len']} tokens, fewer than "
+                             f"--caption_len/--text_len {model_cfg.max_text_len}")
+    return replace(model_cfg, **over)

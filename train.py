@@ -25,6 +25,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -225,22 +226,6 @@ def get_lr(step, cfg):
     return cfg.lr * max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - cfg.warmup_steps))
 
 
-class LossModel(nn.Module):
-    """What DDP wraps: its forward runs the whole loss computation, so DDP's reducer sees every parameter the
-    step uses (calling model methods outside a DDP forward would silently skip the gradient sync)."""
-
-    def __init__(self, model, stop_grad, recipe="xfm"):
-        super().__init__()
-        self.model, self.stop_grad, self.recipe = model, stop_grad, recipe
-
-    def forward(self, batch):
-        stats = {}
-        if self.recipe == "flava":
-            return flava.flava_losses(self.model, batch, stats=stats), stats
-        losses = xfm_losses(self.model, batch, stop_grad=self.stop_grad, stats=stats)
-        return losses, stats
-
-
 def forward_backward(loss_model, micro_batches, accum, ddp, autocast, scaler):
     """Forward and backward over one update's `accum` micro-batches; gradients accumulate in .grad.
 
@@ -286,7 +271,10 @@ def to_device(batch, device):
 
 
 def rng_state():
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every random generator's state, in types the safe loader reads (numpy's key array as a tensor)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                       cached), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -294,7 +282,8 @@ def rng_state():
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -321,281 +310,208 @@ def load_checkpoint(path, device):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.exists(path):
         raise SystemExit(f"error: no checkpoint at {path}")
-    # numpy's RNG state holds a numpy array, which the safe loader must be told about
-    with torch.serialization.safe_globals([np.ndarray, np.dtype, np.dtypes.UInt32DType,
-                                           np._core.multiarray._reconstruct]):
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+    ckpt = torch.load(path, map_location=device, weights_only=True)  # tensors and plain types only
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
     ckpt["model"] = state
     return ckpt
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Main
+# The recipes, in one table: what X-FM and FLAVA do differently (FLAVA's own parts live in flava.py)
 
 
-def main(argv=None):
-    cfg, given = parse_args(sys.argv[1:] if argv is None else argv)
-    ckpt = None
-    ddp, rank, local_rank, world, device = setup_distributed(cfg.device)
-    master = rank == 0
-    print0 = lambda *a, **k: print(*a, **k, flush=True) if master else None
-    try:
-        if cfg.resume:  # continue a run: its config, overridden by what this command line says
-            ckpt = load_checkpoint(cfg.resume, "cpu")
-            resume_from = cfg.resume
-            cfg = TrainConfig(**{**ckpt["train_config"], **given})
-            cfg.resume = resume_from
-            if "out_dir" not in given:
-                cfg.out_dir = resume_from if os.path.isdir(resume_from) else os.path.dirname(resume_from) or "."
-        if cfg.recipe == "flava" and ckpt is None:
-            cfg = flava_defaults(cfg, given)
-        return train(cfg, ckpt, ddp, rank, world, device, master, print0)
-    finally:
-        teardown()
+@dataclass(frozen=True)
+class Recipe:
+    model_config: Callable  # (cfg, tok) -> the model's config; flava.build_model builds either model from it
+    losses: Callable        # (model, batch, stop_grad, stats) -> {name: scalar loss}; the update's loss is their sum
+    kinds: Callable         # cfg -> the data kinds (streams) the recipe trains on
+    update_plan: Callable   # (cfg, streams) -> plan; plan(step) -> the data kinds of each optimizer update
+    prepare: Callable       # (cfg, model, streams, share, save, progress) -> None: set-up before the first step
+    defaults: dict          # config values where the command line says nothing
+    refused: tuple          # keys of the other recipe, refused rather than silently ignored
+    describe: Callable      # cfg -> one line for the log
 
 
-def flava_defaults(cfg, given):
-    """FLAVA's optimizer settings where the command line says nothing (docs/METHOD.md §8.5: AdamW, weight decay 0.1,
-    beta2 0.999); the X-FM-only keys are refused rather than silently ignored."""
-    xfm_only = [k for k in ("stop_grad", "mim_target", "schedule", "init_text", "init_vision", "lr_mult") if k in given]
-    if xfm_only:
-        raise SystemExit(f"error: --{xfm_only[0]} belongs to the xfm recipe; FLAVA has no such option")
-    return replace(cfg, **{k: v for k, v in (("weight_decay", 0.1), ("beta2", 0.999)) if k not in given})
+def xfm_update_plan(cfg, streams):
+    """X-FM's step (docs/METHOD.md §5.2): three optimizer updates in order, text | regions + images | pairs, or
+    one summed update with --schedule=summed. A data kind the folder lacks is left out."""
+    updates = [["text"], ["region", "image"], ["pair"]] if cfg.schedule == "three" else [["text", "region", "image", "pair"]]
+    updates = [[k for k in u if k in streams] for u in updates]
+    updates = [u for u in updates if u]
+    return lambda step: updates
 
 
-def pretrained_config(cfg, model_cfg, tok):
-    """The model config with what --init_text / --init_vision say (width, depth, heads, vocabulary, image and
-    patch size); the fusion depth stays the preset's."""
-    try:
-        over = pretrained.config_overrides(cfg.init_text, cfg.init_vision)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        raise SystemExit(f"error: {e}")
-    if "vocab_size" in over:
-        if tok.vocab_size > over["vocab_size"]:
-            raise SystemExit(f"error: the tokenizer has {tok.vocab_size} tokens but {cfg.init_text} only "
-                             f"{over['vocab_size']} embeddings (use its tokenizer.json: --tokenizer)")
-        if tok.pad_id != over["pad_id"]:
-            raise SystemExit(f"error: the tokenizer's <pad> is {tok.pad_id}, {cfg.init_text}'s is {over['pad_id']}")
-        if over["max_text_len"] < model_cfg.max_text_len:
-            raise SystemExit(f"error: {cfg.init_text} has positions for {over['max_text_len']} tokens, fewer than "
-                             f"--caption_len/--text_len {model_cfg.max_text_len}")
-    return replace(model_cfg, **over)
+RECIPES = {
+    "xfm": Recipe(
+        model_config=lambda cfg, tok: make_config(cfg.config, vocab_size=tok.vocab_size, pad_id=tok.pad_id,
+                                                  mim_target=cfg.mim_target, attn_impl=cfg.attn_impl,
+                                                  max_text_len=max(cfg.caption_len, cfg.text_len)),
+        losses=lambda model, batch, stop_grad, stats: xfm_losses(model, batch, stop_grad=stop_grad, stats=stats),
+        kinds=lambda cfg: ("text", "pair", "region") + (("image",) if cfg.mim_target != "off" else ()),  # images feed MIM only
+        update_plan=xfm_update_plan, prepare=lambda *args: None, defaults={}, refused=(),
+        describe=lambda cfg: f"X-FM {cfg.config} | stop_grad {cfg.stop_grad} | mim_target {cfg.mim_target} | "
+                             f"schedule {cfg.schedule}"),
+    "flava": Recipe(
+        model_config=flava.run_config,
+        losses=lambda model, batch, stop_grad, stats: flava.flava_losses(model, batch, stats=stats),
+        kinds=lambda cfg: ("text", "pair", "image"),  # no region objective; pairs masked 15 %, BERT style
+        update_plan=flava.update_plan, prepare=flava.prepare_run, defaults=flava.RUN_DEFAULTS,
+        refused=flava.XFM_ONLY_KEYS, describe=lambda cfg: f"FLAVA {cfg.config} | data kinds per update {cfg.flava_ratios}"),
+}
 
 
-def train(cfg, ckpt, ddp, rank, world, device, master, print0):
-    t_start = time.time()
-    autocast, scaler, amp = amp_setup(cfg.amp, device)                   # (a bad --amp fails before any work)
-    micro, accum, per_rank = batch_plan(cfg, world)                      # (bad sizes fail before any work)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    torch.manual_seed(cfg.seed)  # the same model init on every rank (DDP also broadcasts rank 0's weights)
+class LossModel(nn.Module):
+    """What DDP wraps: its forward runs the whole loss computation, so DDP's reducer sees every parameter the
+    step uses (calling model methods outside a DDP forward would silently skip the gradient sync)."""
 
-    # ---- data -------------------------------------------------------------------------------------------
-    rank0_shares(lambda: toyworld.build_if_missing(cfg.data_dir), ddp, rank)  # rank 0 builds; every rank is told
+    def __init__(self, model, stop_grad, recipe="xfm"):
+        super().__init__()
+        self.model, self.stop_grad, self.losses = model, stop_grad, RECIPES[recipe].losses
+
+    def forward(self, batch):
+        stats = {}
+        return self.losses(self.model, batch, self.stop_grad, stats), stats
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Setting up a run: data, tokenizer, model, optimizer, resume. Rank 0 prepares what every rank needs.
+
+
+def setup_data(cfg, ckpt, recipe, per_rank, rank, world, ddp, device, bad):
+    """-> (tokenizer, model config, {kind: data.Stream}). Rank 0 builds the toy world if the default folder is
+    missing and trains (or loads) the tokenizer; every rank gets the tokenizer's JSON, so no rank re-decides from
+    its own disk and the nodes need no shared folder for it."""
+    rank0_shares(lambda: toyworld.build_if_missing(cfg.data_dir), ddp, rank)
     if not os.path.isdir(cfg.data_dir):  # another node, without rank 0's file system
         raise SystemExit(f"error: data_dir {cfg.data_dir!r} does not exist on rank {rank}'s node (copy it there)")
-    bad = data.BadInput(strict=cfg.strict, verbose=master)
     if cfg.init_text and not cfg.tokenizer and ckpt is None:  # the pre-trained encoder's own vocabulary
         hf_tok = os.path.join(cfg.init_text if os.path.isdir(cfg.init_text) else os.path.dirname(cfg.init_text),
                               "tokenizer.json")
         if os.path.isfile(hf_tok):
             cfg.tokenizer = hf_tok
 
-    def prepare_tokenizer():  # rank 0 trains (or loads) it and saves it in the run folder; every rank gets its JSON
+    def prepare_tokenizer():  # saved in the run folder too, so the folder is a complete --init for finetune.py
         tok = data.get_tokenizer(cfg.data_dir, cfg.out_dir, cfg.vocab_size, cfg.tokenizer or None)
-        tok.save(os.path.join(cfg.out_dir, "tokenizer.json"))             # the run folder is a complete --init
+        tok.save(os.path.join(cfg.out_dir, "tokenizer.json"))
         return tok.to_json()
     tok = data.Tokenizer.from_json(rank0_shares(prepare_tokenizer, ddp, rank))
-
-    is_flava = cfg.recipe == "flava"
-    if is_flava:
-        model_cfg = flava.make_flava_config(cfg.config, vocab_size=tok.vocab_size, pad_id=tok.pad_id,
-                                            attn_impl=cfg.attn_impl, max_text_len=max(cfg.caption_len, cfg.text_len),
-                                            codebook_size=cfg.codebook_size)
-    else:
-        model_cfg = make_config(cfg.config, vocab_size=tok.vocab_size, pad_id=tok.pad_id, mim_target=cfg.mim_target,
-                                attn_impl=cfg.attn_impl, max_text_len=max(cfg.caption_len, cfg.text_len))
-    if (cfg.init_text or cfg.init_vision) and ckpt is None:
-        model_cfg = pretrained_config(cfg, model_cfg, tok)
-    if ckpt is not None:
-        model_cfg = flava.config_from_dict(ckpt["model_config"])
-
-    if is_flava:
-        per_rank.pop("region")  # FLAVA has no region objective; its pairs are masked 15 %, BERT style
+    model_cfg = model_config(cfg, ckpt, recipe, tok)
     streams = data.build_streams(cfg.data_dir, tok, image_size=model_cfg.image_size, patch_size=model_cfg.patch_size,
-                                 batch_size=per_rank, text_len=cfg.text_len, caption_len=cfg.caption_len,
-                                 seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.num_workers, bad=bad,
-                                 hflip=cfg.hflip, crop_scale=(cfg.crop_min_scale, 1.0),
-                                 caption_mask="flava" if is_flava else "xfm",
-                                 itm_neg_prob=model_cfg.itm_neg_prob if is_flava else 0.0,
-                                 pin_memory=device.type == "cuda")
-    if cfg.mim_target == "off" and not is_flava:
-        streams.pop("image", None)  # image-only data feeds nothing but MIM
+                                 batch_size=per_rank, text_len=cfg.text_len,
+                                 caption_len=cfg.caption_len, seed=cfg.seed, rank=rank, world_size=world,
+                                 num_workers=cfg.num_workers, bad=bad, hflip=cfg.hflip,
+                                 crop_scale=(cfg.crop_min_scale, 1.0), caption_mask=cfg.recipe,
+                                 itm_neg_prob=getattr(model_cfg, "itm_neg_prob", 0.0), pin_memory=device.type == "cuda")
     if not streams:
         raise SystemExit(f"error: no training data found in {cfg.data_dir} (see data.py for the formats)")
-    sources = data.find_sources(cfg.data_dir)
-    if is_flava:
-        try:
-            ratios = flava.parse_ratios(cfg.flava_ratios, streams)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}")
+    return tok, model_cfg, streams
 
-    # ---- model, optimizer ---------------------------------------------------------------------------------
+
+def model_config(cfg, ckpt, recipe, tok):
+    """The model's config: a resumed run's own; else the recipe's preset, with what --init_text / --init_vision say."""
+    if ckpt is not None:
+        return flava.config_from_dict(ckpt["model_config"])
+    model_cfg = recipe.model_config(cfg, tok)
+    return pretrained.model_config(cfg, model_cfg, tok) if cfg.init_text or cfg.init_vision else model_cfg
+
+
+def setup_model(cfg, ckpt, recipe, model_cfg, streams, rank, ddp, device, bad):
+    """-> (model, optimizer, the step to start from). The model (X-FM or FLAVA, as model_cfg says), the recipe's
+    set-up (FLAVA: its image tokenizer) and the pre-trained encoders; a resume restores model, optimizer and
+    streams instead."""
     model = flava.build_model(model_cfg)
-    if is_flava and ckpt is None:  # the frozen image tokenizer that makes the MIM / MMM targets
-        def prepare_image_tokenizer():  # rank 0 fits (or loads) the codebook; every rank gets the tensor
-            if cfg.image_tokenizer:
-                codebook = torch.load(cfg.image_tokenizer, map_location="cpu", weights_only=True)["codebook"]
-                if tuple(codebook.shape) != tuple(model.image_tokenizer.codebook.shape):
-                    raise SystemExit(f"error: {cfg.image_tokenizer} holds a codebook of shape {tuple(codebook.shape)};"
-                                     f" this model needs {tuple(model.image_tokenizer.codebook.shape)} "
-                                     f"(--codebook_size, patch size)")
-                return codebook
-            n = flava.fit_image_tokenizer(model, streams["pair"].dataset, seed=cfg.seed,
-                                          progress=lambda x: tqdm(x, desc="image tokenizer", leave=False))
-            tok_path = os.path.join(cfg.out_dir, "image_tokenizer.pt")
-            atomic_save({"codebook": model.image_tokenizer.codebook, "patch_size": model_cfg.patch_size}, tok_path)
-            print0(f"image tokenizer: k-means codebook of {model_cfg.codebook_size} fitted on {n} patches -> {tok_path}")
-            return model.image_tokenizer.codebook
-        model.image_tokenizer.codebook.copy_(rank0_shares(prepare_image_tokenizer, ddp, rank))
-    if ckpt is None:  # pre-trained encoders (a resume has them in its checkpoint already)
-        if cfg.init_text:
-            print0(pretrained.load_text(model, cfg.init_text))
-        if cfg.init_vision:
-            print0(pretrained.load_vision(model, cfg.init_vision))
+    if ckpt is None:
+        recipe.prepare(cfg, model, streams, lambda fn: rank0_shares(fn, ddp, rank), atomic_save,
+                       lambda x: tqdm(x, desc="image tokenizer", leave=False, disable=rank != 0))
+        for path, load in ((cfg.init_text, pretrained.load_text), (cfg.init_vision, pretrained.load_vision)):
+            if path:
+                report = load(model, path)
+                if rank == 0:
+                    print(report, flush=True)
     model = model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr_mult), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=device.type == "cuda")
-    start_step, history = 0, []
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt["scaler"] is not None:
-            scaler.load_state_dict(ckpt["scaler"])
-        for k, s in streams.items():
-            if k in ckpt["data"]:
-                s.load_state_dict(ckpt["data"][k])
-        start_step = ckpt["step"]
-        for kind, n in ckpt.get("bad_input", {}).items():  # keep counting where the run left off
-            bad.add(kind, n)
-        print0(f"resumed from {cfg.resume} at step {start_step}")
+    if ckpt is None:
+        return model, optimizer, 0
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for k, s in streams.items():
+        if k in ckpt["data"]:
+            s.load_state_dict(ckpt["data"][k])
+    for kind, n in ckpt.get("bad_input", {}).items():  # keep counting where the run left off
+        bad.add(kind, n)
+    return model, optimizer, ckpt["step"]
 
+
+def wrap(model, cfg, streams, ddp, device):
+    """The module the loop calls: LossModel, in DDP under torchrun. With --compile the three encoders (pure
+    tensor code) are compiled, not the loss code: hard-negative sampling and masked gathers have data-dependent
+    shapes that would make the compiler break the graph and recompile. PyTorch's default dynamic=None specialises
+    the first shapes and recompiles a dimension that changes (text lengths vary) once as dynamic."""
     if cfg.compile:
-        # compile the three encoders (pure tensor code), not the loss code: hard-negative sampling and masked
-        # gathers have data-dependent shapes that would make the compiler break the graph and recompile.
-        # PyTorch's default dynamic=None: the first shapes are specialised, and a dimension that changes (text
-        # lengths vary from batch to batch) is recompiled once as dynamic. (dynamic=True from the start failed in
-        # Inductor on an H100 with torch 2.11, see tools/bench.py.) `model` keeps its parameter names.
         for name in ("text", "vision", "fusion"):
             getattr(model, name).compile()
     loss_model = LossModel(model, cfg.stop_grad, cfg.recipe)
+    if not ddp:
+        return loss_model
+    # each of the three updates touches a different subset of the parameters (the text update never runs the
+    # vision encoder), so DDP looks for unused parameters, except under the summed schedule over every data kind
+    all_used = cfg.recipe == "xfm" and cfg.schedule == "summed" and set(streams) == set(data.KINDS)
+    return nn.parallel.DistributedDataParallel(loss_model, device_ids=[device.index] if device.type == "cuda" else None,
+                                               find_unused_parameters=not all_used)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pieces of the loop: a non-finite update, the log record, the end of the run
+
+
+class Meter:
+    """Loss and metric sums since the last log: each name is averaged over the updates it ran in."""
+
+    def __init__(self):
+        self.sums, self.counts, self.steps, self.samples, self.t0 = {}, {}, 0, 0, time.time()
+
+    def add(self, logs):
+        for name, val in logs.items():
+            self.sums[name] = self.sums.get(name, 0.0) + val
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def record(self, step, lr, model, world, ddp):
+        """The metrics.jsonl record of the steps since the last one, averaged over the ranks."""
+        names = sorted(self.sums)
+        vals = torch.stack([self.sums[n] / self.counts[n] for n in names])
+        if ddp:
+            dist.all_reduce(vals, op=dist.ReduceOp.AVG)
+        dt = time.time() - self.t0
+        rec = {"step": step, "lr": lr, "s_per_step": dt / max(self.steps, 1), "samples_per_s": self.samples * world / dt,
+               "temp": model.temp.item()}
+        for n, v in zip(names, vals.tolist()):
+            rec[("loss/" if n not in ("grad_norm", "mim_target_std") else "") + n] = v
+        rec["loss/total"] = sum(v for k, v in rec.items() if k.startswith("loss/"))
+        return rec
+
+
+def next_batches(streams, kinds, accum, device, meter):
+    """An update's `accum` micro-batches {kind: batch}, each fetched when forward_backward reaches it (so only one
+    is on the device at a time); the samples are counted for the log."""
+    for _ in range(accum):
+        batch = {k: to_device(next(streams[k]), device) for k in kinds}  # (a stream counts unreadable images in `bad`)
+        meter.samples += sum(len(b["image"] if k == "image" else b["ids"]) for k, b in batch.items())
+        yield batch
+
+
+def nonfinite_everywhere(loss, ddp):
+    """Every rank must agree whether to step: a non-finite loss on any rank skips the update on all of them."""
+    flag = (~torch.isfinite(loss)).float()
     if ddp:
-        # Each of the three updates touches a different subset of the parameters (the text update never runs
-        # the vision encoder), so DDP must look for unused parameters; with the summed schedule over every
-        # data kind it need not.
-        all_used = cfg.schedule == "summed" and set(streams) == {"text", "pair", "region", "image"}
-        loss_model = nn.parallel.DistributedDataParallel(
-            loss_model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=not all_used)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
 
-    # the per-rank RNG (hard negatives, dropout) is seeded after the shared init; a resume restores it exactly
-    torch.manual_seed(cfg.seed * 1000 + rank)
-    if ckpt is not None:
-        set_rng_state(ckpt["rng"])
-    if master:
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-            json.dump({"train": asdict(cfg), "model": asdict(model_cfg), "world_size": world, "amp": amp, "device": device_name,
-                       "accum_steps": accum, "per_rank_batch": per_rank, "data": sources}, f, indent=2)
-    recipe = (f"FLAVA {cfg.config} | data kinds per update {ratios}" if is_flava else
-              f"X-FM {cfg.config} | stop_grad {cfg.stop_grad} | mim_target {cfg.mim_target} | schedule {cfg.schedule}")
-    print0(f"{recipe}: {model.num_params() / 1e6:.2f}M parameters | device {device} x{world} | amp {amp}"
-           f" | streams {sorted(streams)} | per-rank batch {per_rank} x{accum} accum")
 
-    # ---- the loop -----------------------------------------------------------------------------------------
-    updates = [["text"], ["region", "image"], ["pair"]] if cfg.schedule == "three" else [["text", "region", "image", "pair"]]
-    updates = [[k for k in u if k in streams] for u in updates]
-    updates = [u for u in updates if u]
+def finish(cfg, model, tok, model_cfg, sources, history, final, bad, device, autocast, master):
+    """Rank 0, on the raw model (no collective may run here): zero-shot retrieval on the held-out pairs, the
+    final metrics record, the loss-curve picture and the summary."""
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if master and start_step == 0 and os.path.exists(metrics_path):
-        os.remove(metrics_path)
-    end_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
-    bad_streak, skipped = 0, 0
-    acc, n_seen = {}, {}                                                   # loss sums and counts since the last log
-    n_acc, samples, t_log = 0, 0, time.time()
-    pbar = tqdm(total=end_step, initial=start_step, disable=not master, desc="train", dynamic_ncols=True)
-    step = start_step
-    for step in range(start_step, end_step):
-        lr = get_lr(step, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g["lr_scale"]
-        if is_flava:  # three updates, each on one data kind, the same on every rank
-            updates = [[flava.sample_kind(ratios, cfg.seed, step, u)] for u in range(3)]
-        for kinds in updates:
-            def micro_batches():
-                nonlocal samples
-                for _ in range(accum):
-                    batch = {}
-                    for k in kinds:
-                        b = next(streams[k])  # (the stream counts any unreadable images in `bad`)
-                        samples += len(b["ids"]) if k != "image" else len(b["image"])
-                        batch[k] = to_device(b, device)
-                    yield batch
-            update_loss, logs = forward_backward(loss_model, micro_batches(), accum, ddp, autocast, scaler)
-            for name, val in logs.items():
-                acc[name], n_seen[name] = acc.get(name, 0.0) + val, n_seen.get(name, 0) + 1
-            # every rank must agree whether to step: a non-finite loss anywhere skips the update everywhere
-            nonfinite = (~torch.isfinite(update_loss)).float()
-            if ddp:
-                dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
-            if nonfinite.item() > 0:
-                optimizer.zero_grad(set_to_none=True)
-                bad_streak, skipped = bad_streak + 1, skipped + 1
-                print0(f"warning: non-finite loss at step {step} ({'+'.join(kinds)}): update skipped")
-                if bad_streak >= cfg.max_bad_steps:
-                    if master:
-                        save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), model, optimizer, scaler, step, cfg,
-                                        model_cfg, streams, {"bad_input": bad.counts()})
-                    raise SystemExit(f"error: {bad_streak} non-finite updates in a row at step {step}; stopped. "
-                                     f"The last good state is in {cfg.out_dir}/ckpt.pt (lower --lr, or try --amp=fp32).")
-                continue
-            bad_streak = 0
-            grad_norm = optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
-            acc["grad_norm"] = acc.get("grad_norm", 0.0) + grad_norm.detach().float()
-            n_seen["grad_norm"] = n_seen.get("grad_norm", 0) + 1
-            model.clamp_temp()
-        n_acc += 1
-        pbar.update(1)
-
-        done = step + 1
-        if done % cfg.log_every == 0 or done == end_step:
-            names = sorted(acc)
-            vals = torch.stack([acc[n] / n_seen[n] for n in names])      # each name: mean over the updates it ran in
-            if ddp:  # loss and metrics averaged over the ranks before logging
-                dist.all_reduce(vals, op=dist.ReduceOp.AVG)
-            dt = time.time() - t_log
-            rec = {"step": done, "lr": lr, "s_per_step": dt / n_acc, "samples_per_s": samples * world / dt,
-                   "temp": model.temp.item()}
-            for n, v in zip(names, vals.tolist()):
-                rec[("loss/" if n not in ("grad_norm", "mim_target_std") else "") + n] = v
-            rec["loss/total"] = sum(v for k, v in rec.items() if k.startswith("loss/"))
-            history.append(rec)
-            if master:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                pbar.set_postfix_str(" ".join(f"{n}={rec['loss/' + n]:.2f}" for n in ("itc", "gc", "itm", "mlm", "mim")
-                                              if "loss/" + n in rec))
-            acc, n_seen, n_acc, samples, t_log = {}, {}, 0, 0, time.time()
-        if master and (done % cfg.ckpt_every == 0 or done == end_step):
-            save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), model, optimizer, scaler, done, cfg, model_cfg,
-                            streams, {"bad_input": bad.counts()})
-        if ddp and done % cfg.ckpt_every == 0:
-            dist.barrier()
-    pbar.close()
-
-    # ---- evaluation and summary (rank 0, raw model: no collective may run here) ----------------------------
-    final = {"final": True, "step": end_step, "wall_s": time.time() - t_start, "skipped_updates": skipped,
-             "bad_input": bad.counts()}
     if master and "pair_test" in sources:
         rs = retrieval.load_retrieval_set(sources["pair_test"], tok, model_cfg.image_size, cfg.caption_len, bad)
         final["retrieval"] = retrieval.evaluate_retrieval(model, rs, device, cfg.eval_k, cfg.eval_batch_size, autocast)
@@ -606,12 +522,9 @@ def train(cfg, ckpt, ddp, rank, world, device, master, print0):
     if master:
         with open(metrics_path, "a") as f:
             f.write(json.dumps(final) + "\n")
-        all_records = [json.loads(l) for l in open(metrics_path) if '"final"' not in l]
-        pictures.plot_curves(all_records, os.path.join(cfg.out_dir, "loss_curves.png"))
+        records = [json.loads(line) for line in open(metrics_path) if '"final"' not in line]
+        pictures.plot_curves(records, os.path.join(cfg.out_dir, "loss_curves.png"))
         print_summary(history, final, cfg, bad)
-    if ddp:
-        dist.barrier()
-    return {"history": history, "final": final}
 
 
 def print_summary(history, final, cfg, bad):
@@ -633,6 +546,120 @@ def print_summary(history, final, cfg, bad):
               f"(ITC alone R@1 {r['i2t_itc_r1']:.1f}; chance R@1 {r['i2t_chance_r1']:.1f})")
     if bad.counts():
         print("bad input skipped: " + bad.summary())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Main and the training loop
+
+
+def main(argv=None):
+    cfg, given = parse_args(sys.argv[1:] if argv is None else argv)
+    ckpt = None
+    ddp, rank, _, world, device = setup_distributed(cfg.device)
+    try:
+        if cfg.resume:  # continue a run: its config, overridden by what this command line says
+            ckpt = load_checkpoint(cfg.resume, "cpu")
+            resume_from = cfg.resume
+            cfg = TrainConfig(**{**ckpt["train_config"], **given})
+            cfg.resume = resume_from
+            if "out_dir" not in given:
+                cfg.out_dir = resume_from if os.path.isdir(resume_from) else os.path.dirname(resume_from) or "."
+        recipe = RECIPES[cfg.recipe]
+        refused = [k for k in recipe.refused if k in given]
+        if refused:
+            other = next(name for name in RECIPES if name != cfg.recipe)
+            raise SystemExit(f"error: --{refused[0]} belongs to the {other} recipe; {cfg.recipe} has no such option")
+        if ckpt is None:  # the recipe's defaults where the command line says nothing
+            cfg = replace(cfg, **{k: v for k, v in recipe.defaults.items() if k not in given})
+        return train(cfg, ckpt, ddp, rank, world, device)
+    finally:
+        teardown()
+
+
+def train(cfg, ckpt, ddp, rank, world, device):
+    t_start, master, recipe = time.time(), rank == 0, RECIPES[cfg.recipe]
+    print0 = lambda *a: print(*a, flush=True) if master else None      # noqa: E731
+    autocast, scaler, amp = amp_setup(cfg.amp, device)                   # (a bad --amp fails before any work)
+    micro, accum, per_rank = batch_plan(cfg, world)                      # (bad sizes fail before any work)
+    per_rank = {k: n for k, n in per_rank.items() if k in recipe.kinds(cfg)}  # the recipe's data kinds
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)  # the same model init on every rank (DDP also broadcasts rank 0's weights)
+    bad = data.BadInput(strict=cfg.strict, verbose=master)
+    tok, model_cfg, streams = setup_data(cfg, ckpt, recipe, per_rank, rank, world, ddp, device, bad)
+    sources, plan = data.find_sources(cfg.data_dir), recipe.update_plan(cfg, streams)
+    model, optimizer, start_step = setup_model(cfg, ckpt, recipe, model_cfg, streams, rank, ddp, device, bad)
+    if ckpt is not None:
+        if scaler is not None and ckpt["scaler"] is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        print0(f"resumed from {cfg.resume} at step {start_step}")
+    loss_model = wrap(model, cfg, streams, ddp, device)
+    # the per-rank RNG (hard negatives, dropout) is seeded after the shared init; a resume restores it exactly
+    torch.manual_seed(cfg.seed * 1000 + rank)
+    if ckpt is not None:
+        set_rng_state(ckpt["rng"])
+    if master:
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+            json.dump({"train": asdict(cfg), "model": asdict(model_cfg), "world_size": world, "amp": amp,
+                       "device": device_name, "accum_steps": accum, "per_rank_batch": per_rank, "data": sources},
+                      f, indent=2)
+    print0(f"{recipe.describe(cfg)}: {model.num_params() / 1e6:.2f}M parameters | device {device} x{world} | amp {amp}"
+           f" | streams {sorted(streams)} | per-rank batch {per_rank} x{accum} accum")
+
+    # ---- the loop: each step is the recipe's optimizer updates, each over `accum` micro-batches ------------
+    metrics_path, ckpt_path = os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "ckpt.pt")
+    if master and start_step == 0 and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    end_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
+    meter, history, bad_streak, skipped = Meter(), [], 0, 0
+    save = lambda step: save_checkpoint(ckpt_path, model, optimizer, scaler, step, cfg, model_cfg,  # noqa: E731
+                                        streams, {"bad_input": bad.counts()})
+    pbar = tqdm(total=end_step, initial=start_step, disable=not master, desc="train", dynamic_ncols=True)
+    for step in range(start_step, end_step):
+        lr = get_lr(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g["lr_scale"]
+        for kinds in plan(step):
+            micro_batches = next_batches(streams, kinds, accum, device, meter)
+            update_loss, logs = forward_backward(loss_model, micro_batches, accum, ddp, autocast, scaler)
+            meter.add(logs)
+            if nonfinite_everywhere(update_loss, ddp):
+                optimizer.zero_grad(set_to_none=True)
+                bad_streak, skipped = bad_streak + 1, skipped + 1
+                print0(f"warning: non-finite loss at step {step} ({'+'.join(kinds)}): update skipped")
+                if bad_streak >= cfg.max_bad_steps:
+                    if master:
+                        save(step)
+                    raise SystemExit(f"error: {bad_streak} non-finite updates in a row at step {step}; stopped. "
+                                     f"The last good state is in {ckpt_path} (lower --lr, or try --amp=fp32).")
+                continue
+            bad_streak = 0
+            grad_norm = optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
+            meter.add({"grad_norm": grad_norm.detach().float()})
+            model.clamp_temp()
+        meter.steps += 1
+        pbar.update(1)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == end_step:
+            history.append(meter.record(done, lr, model, world, ddp))
+            meter = Meter()
+            if master:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(history[-1]) + "\n")
+                pbar.set_postfix_str(" ".join(f"{n}={history[-1]['loss/' + n]:.2f}"
+                                              for n in ("itc", "gc", "itm", "mlm", "mim") if "loss/" + n in history[-1]))
+        if master and (done % cfg.ckpt_every == 0 or done == end_step):
+            save(done)
+        if ddp and done % cfg.ckpt_every == 0:
+            dist.barrier()
+    pbar.close()
+
+    final = {"final": True, "step": end_step, "wall_s": time.time() - t_start, "skipped_updates": skipped,
+             "bad_input": bad.counts()}
+    finish(cfg, model, tok, model_cfg, sources, history, final, bad, device, autocast, master)
+    if ddp:
+        dist.barrier()
+    return {"history": history, "final": final}
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ import train
 from model import XFM, build_mlp, make_config, resize_rel_pos
 
 # ---------------------------------------------------------------------------------------------------------
-# Config
+# Config, and Env: what every task reads besides it
 
 
 @dataclass
@@ -179,7 +179,6 @@ class Env:
     def print0(self, *args):
         if self.master:
             print(*args, flush=True)
-
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
-from types import SimpleNamespace
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -62,7 +62,7 @@ import train
 from model import XFM, build_mlp, make_config, resize_rel_pos
 
 # ---------------------------------------------------------------------------------------------------------
-# Config
+# Config, and Env: what every task reads besides it
 
 
 @dataclass
@@ -146,6 +146,42 @@ def run_name(cfg, finetuned):
     return cfg.task
 
 
+@dataclass
+class Env:
+    """What every task reads besides its FinetuneConfig (load_init makes it once per run)."""
+    ckpt: dict                  # --init's checkpoint (train.py's, or this script's with "task" and "meta"), or
+                                # the one from_pretrained_encoders makes
+    tok: data.Tokenizer         # its tokenizer, the same on every rank
+    run_dir: str                # --init's folder (public encoders: --out_dir or runs/from_pretrained); a
+                                # pre-trained checkpoint's tasks write to RUN_DIR/finetune/NAME by default
+    mcfg: Any                   # the checkpoint's model config (model.XFMConfig or flava.FLAVAConfig)
+    ddp: bool                   # under torchrun: DistributedDataParallel and collectives
+    rank: int                   # this process's rank; rank 0 evaluates, saves and prints
+    world: int                  # the number of ranks (each takes batch_size / world examples a step)
+    device: torch.device
+    autocast: Callable          # train.amp_setup's autocast context factory (a null context in fp32)
+    scaler: Any                 # the GradScaler under fp16, else None
+    bad: data.BadInput          # the current task's skipped records (run_task gives each task its own)
+
+    @property
+    def finetuned(self):
+        """Whether ckpt was fine-tuned by this script (it names its task) rather than pre-trained."""
+        return "task" in self.ckpt
+
+    @property
+    def meta(self):
+        """A fine-tuned checkpoint's task data (class list, answer list), else None."""
+        return self.ckpt.get("meta") if self.finetuned else None
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def print0(self, *args):
+        if self.master:
+            print(*args, flush=True)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Metrics, in % (checked against hand-computed values in tests/test_finetune.py)
 
@@ -183,14 +219,6 @@ def vqa_score(pred, answers):
     return min(1.0, answers.count(pred) / 3) if len(answers) > 1 else float(pred == answers[0])
 
 
-def box_iou(a, b):
-    """Element-wise IoU of two (N, 4) xyxy box sets (a fraction)."""
-    lt, rb = torch.max(a[:, :2], b[:, :2]), torch.min(a[:, 2:], b[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)                                # (N,) intersection areas
-    area = lambda x: (x[:, 2:] - x[:, :2]).clamp(min=0).prod(-1)          # noqa: E731
-    return inter / (area(a) + area(b) - inter).clamp(min=1e-12)
-
-
 def report(metric, value, summary=None, key=None, **metrics):
     """What each task's evaluation returns: the headline metric, its value (stored under `key`, default the
     metric's name), the text for the table, and every other metric."""
@@ -202,7 +230,7 @@ def report(metric, value, summary=None, key=None, **metrics):
 # Task files: JSONL / JSON lists (data.read_records), Karpathy JSON, GLUE TSV, ImageFolder
 
 
-def read_records(path, split, cfg, bad):
+def read_task_file(path, split, cfg, bad):
     """-> list of record dicts, each with "where" (file:line, file[index] or the image's path) and its image
     paths ("image", or "images" a list) made absolute against --image_root or the file's folder. A record that is
     not UTF-8, whose image field is not a path, or whose image is missing is reported to `bad` and skipped."""
@@ -317,8 +345,8 @@ def splits(cfg, env, need_train=True):
     """(train records, test records, the task's BadInput); files default to DATA_DIR/downstream/TASK_{train,test}.jsonl."""
     bad, down = env.bad, os.path.join(cfg.data_dir, "downstream")
     path = lambda split, given: given or os.path.join(down, f"{cfg.task}_{split}.jsonl")  # noqa: E731
-    tr = read_records(path("train", cfg.train_file), "train", cfg, bad) if need_train else []
-    return tr, read_records(path("test", cfg.test_file), "test", cfg, bad), bad
+    tr = read_task_file(path("train", cfg.train_file), "train", cfg, bad) if need_train else []
+    return tr, read_task_file(path("test", cfg.test_file), "test", cfg, bad), bad
 
 
 def usable(records, problem, bad, split):
@@ -337,7 +365,7 @@ def usable(records, problem, bad, split):
 
 
 def image_problem(r):
-    """(kind, message) when a record names no image, else None (read_records checks the paths it names)."""
+    """(kind, message) when a record names no image, else None (read_task_file checks the paths it names)."""
     return None if "image" in r else ("malformed record", "no 'image' field")
 
 
@@ -576,7 +604,7 @@ def fit(cfg, env, model, train_set, evaluate, out, meta):
         if model.head is not None:
             groups += [dict(g, lr_scale=cfg.lr_mult) for g in train.param_groups(model.head, cfg.weight_decay, 1.0)]
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=env.device.type == "cuda")
-        schedule = SimpleNamespace(lr=cfg.lr, warmup_steps=int(cfg.warmup * steps), max_steps=steps)  # for get_lr
+        warmup_steps = int(cfg.warmup * steps)
         wrapped = nn.parallel.DistributedDataParallel(
             model, device_ids=[env.device.index] if env.device.type == "cuda" else None) if env.ddp else model
         params, step = [p for p in model.parameters() if p.requires_grad], 0
@@ -586,7 +614,7 @@ def fit(cfg, env, model, train_set, evaluate, out, meta):
             model.train()
             total = torch.zeros((), device=env.device)
             for batch in tqdm(loader, desc=f"{cfg.task} {epoch + 1}/{cfg.epochs}", disable=not env.master, leave=False):
-                lr = train.get_lr(step, schedule)
+                lr = train.get_lr(step, cfg.lr, warmup_steps, steps)
                 for g in optimizer.param_groups:
                     g["lr"] = lr * g["lr_scale"]
                 with env.autocast():
@@ -881,7 +909,7 @@ def run_grounding(cfg, env, out):
 
     def evaluate(m):
         pred, gold = predict(cfg, env, m, test_set, boxes, target="box")  # (N, 4) each
-        iou = box_iou(losses.box_xyxy(pred), losses.box_xyxy(gold))
+        iou, _ = losses.box_iou(losses.box_xyxy(pred), losses.box_xyxy(gold))  # (N,) each box of positive area
         acc, miou = float((iou >= 0.5).float().mean()) * 100, float(iou.mean()) * 100
         return report("acc@IoU0.5", acc, f"{acc:.1f} (mean IoU {miou:.1f})", mean_iou=miou)
 
@@ -895,9 +923,9 @@ def run_grounding(cfg, env, out):
 def run_attention(cfg, env, out):
     """Cross-attention heatmaps for one (image, caption): --image and --caption, or the first toy test pair."""
     if not cfg.image:
-        first = read_records(os.path.join(cfg.data_dir, "downstream", "retrieval_test.jsonl"), "test", cfg,
-                             data.BadInput(verbose=False))[0]
-        caps = first["caption"] if isinstance(first["caption"], list) else [first["caption"]]
+        quiet = data.BadInput(verbose=False)
+        first = read_task_file(os.path.join(cfg.data_dir, "downstream", "retrieval_test.jsonl"), "test", cfg, quiet)[0]
+        caps = data.captions_of(first, first["where"], quiet) or [""]
         cfg = replace(cfg, image=first["image"], caption=cfg.caption or caps[0])
     if not cfg.caption:
         raise SystemExit("error: --task attention needs --caption as well as --image")
@@ -936,16 +964,15 @@ def from_pretrained_encoders(cfg, tok, master):
 
 
 def load_init(cfg, ddp, rank, world, device):
-    """What every task needs: the --init checkpoint and its kind (pre-trained by train.py or fine-tuned here),
-    its tokenizer, the (distributed) device, autocast and the GradScaler."""
+    """What every task needs (an Env): the --init checkpoint and its kind (pre-trained by train.py or fine-tuned
+    here), its tokenizer, the (distributed) device, autocast and the GradScaler."""
     if cfg.init:
         ckpt = train.load_checkpoint(cfg.init, "cpu")
         run_dir = cfg.init if os.path.isdir(cfg.init) else os.path.dirname(cfg.init) or "."
         tok_path = cfg.tokenizer or os.path.join(run_dir, "tokenizer.json")
     else:  # public encoders: the text folder's tokenizer, a checkpoint made on the spot
         run_dir = cfg.out_dir or "runs/from_pretrained"
-        text_dir = cfg.init_text if os.path.isdir(cfg.init_text) else os.path.dirname(cfg.init_text)
-        tok_path = cfg.tokenizer or (os.path.join(text_dir, "tokenizer.json") if cfg.init_text else "")
+        tok_path = cfg.tokenizer or (pretrained.tokenizer_path(cfg.init_text) if cfg.init_text else "")
 
     def read_tokenizer():  # rank 0 reads it; every rank gets its JSON (no shared folder needed for it)
         if not os.path.isfile(tok_path):
@@ -954,13 +981,10 @@ def load_init(cfg, ddp, rank, world, device):
     tok = data.Tokenizer.from_json(train.rank0_shares(read_tokenizer, ddp, rank))
     if not cfg.init:
         ckpt = from_pretrained_encoders(cfg, tok, rank == 0)
-    finetuned, master = "task" in ckpt, rank == 0
     autocast, scaler, _ = train.amp_setup(cfg.amp, device)
-    return SimpleNamespace(ckpt=ckpt, tok=tok, finetuned=finetuned, run_dir=run_dir,
-                           meta=ckpt.get("meta") if finetuned else None, mcfg=flava.config_from_dict(ckpt["model_config"]),
-                           ddp=ddp, rank=rank, world=world, device=device, master=master, autocast=autocast,
-                           scaler=scaler, print0=lambda *a: print(*a, flush=True) if master else None,
-                           bad=data.BadInput(strict=cfg.strict, verbose=master))  # run_task gives each task its own
+    return Env(ckpt=ckpt, tok=tok, run_dir=run_dir, mcfg=flava.config_from_dict(ckpt["model_config"]), ddp=ddp,
+               rank=rank, world=world, device=device, autocast=autocast, scaler=scaler,
+               bad=data.BadInput(strict=cfg.strict, verbose=rank == 0))
 
 
 def run_task(cfg, given, env):

@@ -226,14 +226,19 @@ def box_xyxy(b):
     return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
 
 
-def generalized_iou(a, b):
-    """Element-wise GIoU of two (N, 4) xyxy box sets: IoU - (|C| - |A u B|) / |C|, C the enclosing box."""
+def box_iou(a, b):
+    """Element-wise IoU of two (N, 4) xyxy box sets of positive area -> (IoU, |A u B|), (N,) each."""
     area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     lt, rb = torch.max(a[:, :2], b[:, :2]), torch.min(a[:, 2:], b[:, 2:])
     inter = (rb - lt).clamp(min=0).prod(-1)
     union = area_a + area_b - inter
-    iou = inter / union
+    return inter / union, union
+
+
+def generalized_iou(a, b):
+    """Element-wise GIoU of two (N, 4) xyxy box sets: IoU - (|C| - |A u B|) / |C|, C the enclosing box."""
+    iou, union = box_iou(a, b)
     c_lt, c_rb = torch.min(a[:, :2], b[:, :2]), torch.max(a[:, 2:], b[:, 2:])
     area_c = (c_rb - c_lt).clamp(min=0).prod(-1)
     return iou - (area_c - union) / area_c

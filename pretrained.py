@@ -86,11 +86,21 @@ def read_state_dict(path):
     return {k: v for k, v in state.items() if torch.is_tensor(v)}
 
 
+def _hf_file(path, name):
+    """The file `name` of a Hugging Face folder, or next to a file (it need not exist)."""
+    return os.path.join(path if os.path.isdir(path) else os.path.dirname(path), name)
+
+
 def read_hf_config(path):
     """config.json of a Hugging Face folder (or next to a file), or None."""
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    cfg = os.path.join(folder, "config.json")
+    cfg = _hf_file(path, "config.json")
     return json.load(open(cfg)) if os.path.isfile(cfg) else None
+
+
+def tokenizer_path(path):
+    """The tokenizer.json of a Hugging Face folder such as --init_text's RoBERTa (or next to a file); it need
+    not exist."""
+    return _hf_file(path, "tokenizer.json")
 
 
 # ---------------------------------------------------------------------------------------------------------

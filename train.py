@@ -219,11 +219,11 @@ def batch_plan(cfg, world):
     return micro, accum, per_rank
 
 
-def get_lr(step, cfg):
+def get_lr(step, lr, warmup_steps, max_steps):
     """Linear warmup over warmup_steps, then linear decay to 0 at max_steps (docs/METHOD.md §6.1)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr * max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - cfg.warmup_steps))
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    return lr * max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
 
 
 def forward_backward(loss_model, micro_batches, accum, ddp, autocast, scaler):
@@ -385,8 +385,7 @@ def setup_data(cfg, ckpt, recipe, per_rank, rank, world, ddp, device, bad):
     if not os.path.isdir(cfg.data_dir):  # another node, without rank 0's file system
         raise SystemExit(f"error: data_dir {cfg.data_dir!r} does not exist on rank {rank}'s node (copy it there)")
     if cfg.init_text and not cfg.tokenizer and ckpt is None:  # the pre-trained encoder's own vocabulary
-        hf_tok = os.path.join(cfg.init_text if os.path.isdir(cfg.init_text) else os.path.dirname(cfg.init_text),
-                              "tokenizer.json")
+        hf_tok = pretrained.tokenizer_path(cfg.init_text)
         if os.path.isfile(hf_tok):
             cfg.tokenizer = hf_tok
 
@@ -616,7 +615,7 @@ def train(cfg, ckpt, ddp, rank, world, device):
                                         streams, {"bad_input": bad.counts()})
     pbar = tqdm(total=end_step, initial=start_step, disable=not master, desc="train", dynamic_ncols=True)
     for step in range(start_step, end_step):
-        lr = get_lr(step, cfg)
+        lr = get_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_scale"]
         for kinds in plan(step):

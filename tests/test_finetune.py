@@ -13,6 +13,7 @@ from PIL import Image
 
 import data
 import finetune
+import losses
 import train
 from conftest import tiny_config
 from model import XFM, build_mlp, resize_rel_pos
@@ -120,7 +121,7 @@ def test_karpathy_json_and_image_root(toy, tmp_path):
     path.write_text(json.dumps({"images": items, "dataset": "coco"}))
     cfg, _ = finetune.parse_args([f"--image_root={toy}"])
     bad = data.BadInput(verbose=False)
-    test, tr = finetune.read_records(str(path), "test", cfg, bad), finetune.read_records(str(path), "train", cfg, bad)
+    test, tr = finetune.read_task_file(str(path), "test", cfg, bad), finetune.read_task_file(str(path), "train", cfg, bad)
     assert len(test) == 3 and len(tr) == 2 and test[1]["caption"] == ["caption 1", "another 1"]
     assert test[0]["image"] == os.path.abspath(os.path.join(toy, "img", "test_00000.png")) and bad.counts() == {}
 
@@ -276,7 +277,7 @@ def test_vqa_score_and_iou_by_hand():
     assert finetune.vqa_score("yes", ["yes"]) == 1.0 and finetune.vqa_score("no", ["yes"]) == 0.0
     a = torch.tensor([[0., 0, 2, 2], [0, 0, 1, 1], [0, 0, 1, 1]])
     b = torch.tensor([[1., 1, 3, 3], [0, 0, 1, 1], [2, 2, 3, 3]])
-    assert torch.allclose(finetune.box_iou(a, b), torch.tensor([1 / 7, 1.0, 0.0]))  # 1 / (4 + 4 - 1)
+    assert torch.allclose(losses.box_iou(a, b)[0], torch.tensor([1 / 7, 1.0, 0.0]))  # 1 / (4 + 4 - 1)
 
 
 class _Stub(nn.Module):

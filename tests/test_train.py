@@ -142,8 +142,7 @@ def test_three_updates_in_order_each_clipped(toy, tmp_path, monkeypatch):
 
 
 def test_lr_schedule_warmup_then_linear_decay():
-    cfg = train.TrainConfig(lr=1.0, warmup_steps=4, max_steps=12)
-    lrs = [train.get_lr(s, cfg) for s in range(12)]
+    lrs = [train.get_lr(s, lr=1.0, warmup_steps=4, max_steps=12) for s in range(12)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
     assert lrs[4] == 1.0 and lrs[8] == 0.5 and lrs[11] == 0.125
 

@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 import cli
 import data
+import formats
 import flava
 import losses
 import pretrained
@@ -161,7 +162,7 @@ class Env:
     device: torch.device
     autocast: Callable          # train.amp_setup's autocast context factory (a null context in fp32)
     scaler: Any                 # the GradScaler under fp16, else None
-    bad: data.BadInput          # the current task's skipped records (run_task gives each task its own)
+    bad: formats.BadInput          # the current task's skipped records (run_task gives each task its own)
 
     @property
     def finetuned(self):
@@ -227,7 +228,7 @@ def report(metric, value, summary=None, key=None, **metrics):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Task files: JSONL / JSON lists (data.read_records), Karpathy JSON, GLUE TSV, ImageFolder
+# Task files: JSONL / JSON lists (formats.read_records), Karpathy JSON, GLUE TSV, ImageFolder
 
 
 def read_task_file(path, split, cfg, bad):
@@ -244,13 +245,13 @@ def read_task_file(path, split, cfg, bad):
     elif path.endswith(".tsv"):
         recs = _glue_tsv(path, cfg, bad)
     elif path.endswith(".json"):
-        obj = data.load_json(path, bad)
+        obj = formats.load_json(path, bad)
         if obj is None:
             recs = []  # not JSON: reported, the file skipped
         elif isinstance(obj, dict) and "images" in obj:
             recs = _karpathy(path, obj, split, bad)
     if recs is None:  # .jsonl, or a .json list of records (ALBEF / X-VLM style)
-        recs = [dict(r, where=w) for w, r in data.read_records(path, bad)]
+        recs = [dict(r, where=w) for w, r in formats.read_records(path, bad)]
     out = []
     for r in recs:
         key = "images" if "images" in r else "image" if "image" in r else None
@@ -274,11 +275,11 @@ def read_task_file(path, split, cfg, bad):
 def _paths_problem(key, value):
     """Why an "image" field is not a path or an "images" field not a list of paths, or None."""
     if key == "image":
-        return None if isinstance(value, str) and value else f"image is {data.type_of(value)}, not a path"
+        return None if isinstance(value, str) and value else f"image is {formats.type_of(value)}, not a path"
     if not isinstance(value, list) or not value:
-        return f"images is {data.type_of(value)}, not a list of paths"
+        return f"images is {formats.type_of(value)}, not a list of paths"
     bad = [j for j, p in enumerate(value) if not (isinstance(p, str) and p)]
-    return f"images[{bad[0]}] is {data.type_of(value[bad[0]])}, not a path" if bad else None
+    return f"images[{bad[0]}] is {formats.type_of(value[bad[0]])}, not a path" if bad else None
 
 
 def _image_folder(path, bad):
@@ -289,12 +290,12 @@ def _image_folder(path, bad):
         folder = os.path.join(path, c)
         if not os.path.isdir(folder):
             continue
-        problem = data.not_utf8(c)
+        problem = formats.not_utf8(c)
         if problem:
             bad.report("not UTF-8", path, f"a class folder's name: {problem}", action="its images skipped")
             continue
         recs += [{"image": os.path.join(c, n), "label": c, "where": os.path.join(folder, n)}
-                 for n in sorted(os.listdir(folder)) if n.lower().endswith(data.IMAGE_EXTS)]
+                 for n in sorted(os.listdir(folder)) if n.lower().endswith(formats.IMAGE_EXTS)]
     return recs
 
 
@@ -303,7 +304,7 @@ def _glue_tsv(path, cfg, bad):
     numbers (CoLA has no header). A row whose number of columns differs from the header's is skipped."""
     numbered = cfg.text_fields.split(",")[0].strip().isdigit()
     header, recs, skipped = None, [], bad.counts().get("not UTF-8", 0)
-    for where, line in data.read_lines(path, bad):
+    for where, line in formats.read_lines(path, bad):
         row = next(csv.reader([line.rstrip("\r\n")], delimiter="\t", quoting=csv.QUOTE_NONE))
         if numbered:
             recs.append(dict({str(j): v for j, v in enumerate(row)}, where=where))
@@ -323,12 +324,12 @@ def _karpathy(path, obj, split, bad):
     of the split ("train" takes "restval" too), its sentences the caption list."""
     keep, recs = ("train", "restval") if split == "train" else ("test",), []
     images = obj["images"] if isinstance(obj["images"], list) else []
-    data.check_encoding(path, images)
+    formats.check_encoding(path, images)
     for i, im in enumerate(images):
         where = f"{path}[images][{i}]"
         if not isinstance(im, dict) or im.get("split") not in keep:
             continue  # another split's image (or no image at all: Karpathy files hold only objects)
-        problem = data.not_utf8(im)
+        problem = formats.not_utf8(im)
         sents = im.get("sentences")
         if problem:
             bad.report("not UTF-8", where, problem)
@@ -374,7 +375,7 @@ def text_problem(r, key):
     if key not in r:
         return "malformed record", f"no '{key}' field"
     if not isinstance(r[key], str):
-        return "malformed record", f"{key} is {data.type_of(r[key])}, not a string"
+        return "malformed record", f"{key} is {formats.type_of(r[key])}, not a string"
     return ("empty text", f"{key} is empty") if not r[key].strip() else None
 
 
@@ -385,7 +386,7 @@ def label_problem(r, key, numeric):
         return "malformed record", f"no '{key}' field"
     v = r[key]
     if v is None or isinstance(v, (list, dict)):
-        return "malformed record", f"{key} is {data.type_of(v)}, not a label"
+        return "malformed record", f"{key} is {formats.type_of(v)}, not a label"
     if not str(v).strip():
         return "malformed record", f"{key} is empty"
     if isinstance(label_value(v), str) == numeric:
@@ -416,7 +417,7 @@ def answer_votes(r):
         a = a["answer"] if isinstance(a, dict) and "answer" in a else a  # VQAv2: {"answer", "answer_confidence"}
         name = f"{key}[{j}]" if isinstance(v, list) else key
         if not isinstance(a, str):
-            return None, f"{name} is {data.type_of(a)}, not a string (or a list of strings)"
+            return None, f"{name} is {formats.type_of(a)}, not a string (or a list of strings)"
         if not a.strip():
             return None, f"{name} is empty"
         votes.append(a.strip().lower())
@@ -481,7 +482,7 @@ class Examples(Dataset):
 def image_tensor(path, size):
     """Every task's image transform: bicubic resize + CLIP normalisation -> (3, S, S). No crop or flip: the toy
     world's questions name positions (for real image classification, add data.random_resized_crop)."""
-    return data.eval_transform(data.load_image(path), size)
+    return data.eval_transform(formats.load_image(path), size)
 
 
 def tokens(tok, a, b, max_len):
@@ -825,8 +826,8 @@ def run_retrieval(cfg, env, out):
     tr_recs, te, bad = splits(cfg, env, need_train=train_now)
     tr_recs, te = usable(tr_recs, image_problem, bad, "train"), usable(te, image_problem, bad, "test")
     # each record's captions as a list (the field holds one or a list); a bad caption is reported and dropped
-    tr_recs = [dict(r, caption=c) for r in tr_recs if (c := data.captions_of(r, r["where"], bad))]
-    te = [dict(r, caption=c) for r in te if (c := data.captions_of(r, r["where"], bad))]
+    tr_recs = [dict(r, caption=c) for r in tr_recs if (c := formats.captions_of(r, r["where"], bad))]
+    te = [dict(r, caption=c) for r in te if (c := formats.captions_of(r, r["where"], bad))]
     if not te:
         raise SystemExit("error: no usable test record: each was skipped as bad input (see the warnings)")
     test_path = os.path.join(out, "retrieval_test.jsonl")  # absolute image paths, the format retrieval.load_retrieval_set reads
@@ -881,13 +882,13 @@ def run_grounding(cfg, env, out):
                 W, H = im.size
         except Exception as e:
             return "unreadable image", f"{r['image']}: {e}"
-        why = data.box_problem(r[box], W, H)
+        why = formats.box_problem(r[box], W, H)
         return ("bad box", why) if why else None
 
     tr, te = usable(tr, problem, bad, "train"), usable(te, problem, bad, "test")
 
     def make(r):
-        img = data.load_image(r["image"])
+        img = formats.load_image(r["image"])
         (W, H), (x, y, w, h) = img.size, r.get("box", r.get("bbox"))      # pixels -> normalised cx, cy, w, h
         return {"image": data.eval_transform(img, cfg.image_size),
                 "ids": tokens(env.tok, r.get("phrase", r.get("text")), None, cfg.text_len),
@@ -923,9 +924,9 @@ def run_grounding(cfg, env, out):
 def run_attention(cfg, env, out):
     """Cross-attention heatmaps for one (image, caption): --image and --caption, or the first toy test pair."""
     if not cfg.image:
-        quiet = data.BadInput(verbose=False)
+        quiet = formats.BadInput(verbose=False)
         first = read_task_file(os.path.join(cfg.data_dir, "downstream", "retrieval_test.jsonl"), "test", cfg, quiet)[0]
-        caps = data.captions_of(first, first["where"], quiet) or [""]
+        caps = formats.captions_of(first, first["where"], quiet) or [""]
         cfg = replace(cfg, image=first["image"], caption=cfg.caption or caps[0])
     if not cfg.caption:
         raise SystemExit("error: --task attention needs --caption as well as --image")
@@ -935,7 +936,7 @@ def run_attention(cfg, env, out):
     maps = pictures.cross_attention_maps(xfm, ids, torch.ones_like(ids), image)
     words = [env.tok.hf.id_to_token(i).replace("\u0120", "") for i in ids[0].tolist()]  # byte-level BPE: Ġ = space
     path = os.path.join(out, "attention.png")
-    pictures.render_attention([m.cpu() for m in maps], words, data.load_image(cfg.image), xfm.cfg.grid, path)
+    pictures.render_attention([m.cpu() for m in maps], words, formats.load_image(cfg.image), xfm.cfg.grid, path)
     env.print0(f"wrote {path}: {len(maps)} layers x {len(words)} tokens for {cfg.image}, {cfg.caption!r}")
     return dict(report("picture", 0.0, path), train_loss=[], epochs=0, steps=0)
 
@@ -984,7 +985,7 @@ def load_init(cfg, ddp, rank, world, device):
     autocast, scaler, _ = train.amp_setup(cfg.amp, device)
     return Env(ckpt=ckpt, tok=tok, run_dir=run_dir, mcfg=flava.config_from_dict(ckpt["model_config"]), ddp=ddp,
                rank=rank, world=world, device=device, autocast=autocast, scaler=scaler,
-               bad=data.BadInput(strict=cfg.strict, verbose=rank == 0))
+               bad=formats.BadInput(strict=cfg.strict, verbose=rank == 0))
 
 
 def run_task(cfg, given, env):
@@ -1007,7 +1008,7 @@ def run_task(cfg, given, env):
         dist.barrier()
     torch.manual_seed(cfg.seed)  # the same head init on every rank
     t0 = time.time()
-    env.bad = data.BadInput(strict=cfg.strict, verbose=env.master)        # the task's skipped records, counted
+    env.bad = formats.BadInput(strict=cfg.strict, verbose=env.master)        # the task's skipped records, counted
     result = RUNNERS[cfg.task](cfg, env, out)
     if env.master:
         result.update(task=cfg.task, name=name, init=cfg.init, wall_s=time.time() - t0, config=asdict(cfg),

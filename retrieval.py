@@ -7,17 +7,18 @@ import numpy as np
 import torch
 
 import data
+import formats
 
 
 def load_retrieval_set(path, tok, image_size, caption_len, bad):
     """Held-out pairs with images deduplicated, for retrieval: image (Ni,3,S,S), ids/att (Nt,T),
     txt2img (Nt,) and img2txt (Ni lists of text indices). Unreadable images are reported and dropped."""
     index, images, seqs, txt2img, img2txt = {}, [], [], [], []
-    for item in data.parse_pairs(path, bad):
+    for item in formats.parse_pairs(path, bad):
         p = item["image"]
         if p not in index:
             try:
-                images.append(data.eval_transform(data.load_image(p), image_size))
+                images.append(data.eval_transform(formats.load_image(p), image_size))
                 index[p] = len(images) - 1
                 img2txt.append([])
             except Exception as e:

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 import cli
 import data
+import formats
 import flava
 import pretrained
 import retrieval
@@ -583,9 +584,9 @@ def train(cfg, ckpt, ddp, rank, world, device):
     per_rank = {k: n for k, n in per_rank.items() if k in recipe.kinds(cfg)}  # the recipe's data kinds
     os.makedirs(cfg.out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)  # the same model init on every rank (DDP also broadcasts rank 0's weights)
-    bad = data.BadInput(strict=cfg.strict, verbose=master)
+    bad = formats.BadInput(strict=cfg.strict, verbose=master)
     tok, model_cfg, streams = setup_data(cfg, ckpt, recipe, per_rank, rank, world, ddp, device, bad)
-    sources, plan = data.find_sources(cfg.data_dir), recipe.update_plan(cfg, streams)
+    sources, plan = formats.find_sources(cfg.data_dir), recipe.update_plan(cfg, streams)
     model, optimizer, start_step = setup_model(cfg, ckpt, recipe, model_cfg, streams, rank, ddp, device, bad)
     if ckpt is not None:
         if scaler is not None and ckpt["scaler"] is not None:

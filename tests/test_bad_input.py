@@ -1,6 +1,6 @@
 """Bad input, reader by reader: every text-bearing reader (data.py's text, pairs, regions, image lists and the
 retrieval set; finetune.py's task files and per-task records) names each bad line or record with file:line,
-skips it, counts it in data.BadInput and refuses it under strict, while every good record still arrives. Text
+skips it, counts it in formats.BadInput and refuses it under strict, while every good record still arrives. Text
 that is not UTF-8 is one more kind of bad input; a whole file in another encoding is one error with the fix.
 Run: python -m pytest tests/test_bad_input.py -q   (CPU, about half a minute)"""
 import json
@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import data
+import formats
 import finetune
 import train
 import toyworld
@@ -41,7 +42,7 @@ def jsonl_bytes(record, field, raw):
 
 
 def quiet():
-    return data.BadInput(verbose=False)
+    return formats.BadInput(verbose=False)
 
 
 def said(bad):
@@ -61,12 +62,12 @@ def test_text_txt(tmp_path):
                     "a blue square",                     # 5 ok
                     "a caf\u00e9 in UTF-8"])             # 6 ok
     bad = quiet()
-    assert data.parse_texts(str(p), bad) == ["a red circle", "a blue square", "a caf\u00e9 in UTF-8"]
+    assert formats.parse_texts(str(p), bad) == ["a red circle", "a blue square", "a caf\u00e9 in UTF-8"]
     assert bad.counts() == {"not UTF-8": 2}
     assert f"{p}:2: not UTF-8 (byte 0xe9 at column 4: 'caf\\xe9 au lait') - skipped" in said(bad)
     assert f"{p}:4: not UTF-8 (byte 0x93 at column 3" in said(bad)
     with pytest.raises(ValueError, match=r"text\.txt:2: not UTF-8"):
-        data.parse_texts(str(p), data.BadInput(strict=True))
+        formats.parse_texts(str(p), formats.BadInput(strict=True))
 
 
 def test_text_jsonl(tmp_path):
@@ -81,7 +82,7 @@ def test_text_jsonl(tmp_path):
                     '{"text": "a broken \\ud800 escape"}',          # 8 a lone surrogate: no tokenizer takes it
                     {"text": "a blue square"}])                     # 9 ok
     bad = quiet()
-    assert data.parse_texts(str(p), bad) == ["a red circle", "a blue square"]
+    assert formats.parse_texts(str(p), bad) == ["a red circle", "a blue square"]
     assert bad.counts() == {"not UTF-8": 2, "malformed record": 3, "empty text": 1, "malformed JSON": 1}
     for line in (f"{p}:2: not UTF-8 (byte 0xe9", f"{p}:3: malformed record (text is an int, not a string)",
                  f"{p}:4: empty text (text is empty)", f"{p}:5: malformed record (no 'text' field)",
@@ -89,7 +90,7 @@ def test_text_jsonl(tmp_path):
                  f"{p}:8: not UTF-8 (a broken \\u escape"):
         assert line in said(bad), line
     with pytest.raises(ValueError, match=r"text\.jsonl:2: not UTF-8"):
-        data.parse_texts(str(p), data.BadInput(strict=True))
+        formats.parse_texts(str(p), formats.BadInput(strict=True))
 
 
 def bad_pairs(d):
@@ -114,7 +115,7 @@ def bad_pairs(d):
 def test_pairs_jsonl(tmp_path):
     p = bad_pairs(tmp_path)
     bad = quiet()
-    pairs = data.parse_pairs(str(p), bad)
+    pairs = formats.parse_pairs(str(p), bad)
     assert [(x["caption"], x["where"]) for x in pairs] == [
         ("a red square", f"{p}:1"), ("a green square", f"{p}:10"), ("another green square", f"{p}:10"),
         ("a blue square", f"{p}:12")]
@@ -128,7 +129,7 @@ def test_pairs_jsonl(tmp_path):
                  f"{p}:11: empty caption (caption is an empty list)"):
         assert line in said(bad), line
     with pytest.raises(ValueError, match=r"pairs\.jsonl:2: not UTF-8"):
-        data.parse_pairs(str(p), data.BadInput(strict=True))
+        formats.parse_pairs(str(p), formats.BadInput(strict=True))
 
 
 def test_pairs_json_list_skips_the_records_that_are_not_utf8(tmp_path):
@@ -138,19 +139,19 @@ def test_pairs_json_list_skips_the_records_that_are_not_utf8(tmp_path):
     p.write_bytes(json.dumps([good[0], {"image": "img/1.png", "caption": "@@"}, good[1]]).encode()
                   .replace(b"@@", LATIN1))
     bad = quiet()
-    assert [x["caption"] for x in data.parse_pairs(str(p), bad)] == ["a red square", "a green one"]
+    assert [x["caption"] for x in formats.parse_pairs(str(p), bad)] == ["a red square", "a green one"]
     assert bad.counts() == {"not UTF-8": 1} and f"{p}[1]: not UTF-8 (byte 0xe9: 'caf\\xe9 au lait')" in said(bad)
     with pytest.raises(ValueError, match=r"pairs\.json\[1\]: not UTF-8"):
-        data.parse_pairs(str(p), data.BadInput(strict=True))
+        formats.parse_pairs(str(p), formats.BadInput(strict=True))
     # a .json list that is mostly not UTF-8 is a file in another encoding: one error, with the fix
     p.write_bytes(json.dumps([{"image": "img/0.png", "caption": "café"}] * 3, ensure_ascii=False).encode("latin-1"))
     with pytest.raises(SystemExit, match=r"pairs\.json is not UTF-8: 3 of its 3 records fail to decode.*\n"
                                          r".*Latin-1.*\n *iconv -f latin1 -t utf-8"):
-        data.parse_pairs(str(p), quiet())
+        formats.parse_pairs(str(p), quiet())
     # not JSON at all once read as UTF-8 (UTF-16): the same one error, not "malformed JSON"
     p.write_bytes(json.dumps(good).encode("utf-16"))
     with pytest.raises(SystemExit, match=r"pairs\.json is not UTF-8: it is no JSON.*\n.*UTF-16"):
-        data.parse_pairs(str(p), quiet())
+        formats.parse_pairs(str(p), quiet())
 
 
 def test_regions_jsonl(tmp_path):
@@ -169,7 +170,7 @@ def test_regions_jsonl(tmp_path):
         {"image": "img/2.png", "caption": 5, "regions": [box]},                         # 7 caption an int: record kept
         [1, 2, 3]])                                                                     # 8 not an object
     bad = quiet()
-    recs = data.parse_regions(str(p), bad)
+    recs = formats.parse_regions(str(p), bad)
     assert [(r["where"], len(r["regions"]), r["captions"]) for r in recs] == [
         (f"{p}:1", 1, ["an image"]), (f"{p}:3", 1, []), (f"{p}:7", 1, [])]
     assert bad.counts() == {"not UTF-8": 1, "bad box": 3, "no regions": 2, "malformed record": 5}
@@ -182,7 +183,7 @@ def test_regions_jsonl(tmp_path):
                  f"{p}:8: malformed record (expected a JSON object, got a list)"):
         assert line in said(bad), line
     with pytest.raises(ValueError, match=r"regions\.jsonl:2: not UTF-8"):
-        data.parse_regions(str(p), data.BadInput(strict=True))
+        formats.parse_regions(str(p), formats.BadInput(strict=True))
 
 
 def test_images_jsonl(tmp_path):
@@ -191,13 +192,13 @@ def test_images_jsonl(tmp_path):
     write_lines(p, [{"image": "img/0.png"}, b'{"image": "img/' + LATIN1 + b'.png"}', {"image": "img/none.png"},
                     {"image": ["img/1.png"]}, {}, {"image": "img/2.png"}])
     bad = quiet()
-    assert [x["where"] for x in data.parse_images(str(p), bad)] == [f"{p}:1", f"{p}:6"]
+    assert [x["where"] for x in formats.parse_images(str(p), bad)] == [f"{p}:1", f"{p}:6"]
     assert bad.counts() == {"not UTF-8": 1, "missing image": 1, "malformed record": 2}
     for line in (f"{p}:2: not UTF-8", f"{p}:3: missing image", f"{p}:4: malformed record (image is a list, not",
                  f"{p}:5: malformed record (no 'image' field)"):
         assert line in said(bad), line
     with pytest.raises(ValueError, match=r"images\.jsonl:2: not UTF-8"):
-        data.parse_images(str(p), data.BadInput(strict=True))
+        formats.parse_images(str(p), formats.BadInput(strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +214,7 @@ def test_retrieval_set(tmp_path, tok):
     assert rs["image"].shape[0] == 3 and rs["ids"].shape[0] == 4 and rs["img2txt"] == [[0], [1, 2], [3]]
     assert bad.counts()["not UTF-8"] == 1 and f"{p}:2: not UTF-8" in said(bad)
     with pytest.raises(ValueError, match=r"pairs\.jsonl:2: not UTF-8"):
-        retrieval.load_retrieval_set(str(p), tok, 32, 16, data.BadInput(strict=True))
+        retrieval.load_retrieval_set(str(p), tok, 32, 16, formats.BadInput(strict=True))
 
 
 @pytest.mark.parametrize("encoding, line, named, command", [
@@ -225,7 +226,7 @@ def test_a_file_in_another_encoding_is_one_error_with_the_fix(tmp_path, encoding
     p.write_bytes("".join(f"{line} {i}\n" for i in range(1000)).encode(encoding))
     bad = quiet()
     with pytest.raises(SystemExit) as e:
-        data.parse_texts(str(p), bad)
+        formats.parse_texts(str(p), bad)
     msg = str(e.value)
     assert msg.startswith(f"error: {p} is not UTF-8: its first 10 lines fail to decode (line 1: ")
     assert f"It is likely {named}" in msg and f"{command} {p} > {p}.utf8 && mv {p}.utf8 {p}" in msg
@@ -233,14 +234,14 @@ def test_a_file_in_another_encoding_is_one_error_with_the_fix(tmp_path, encoding
     # a file that only later turns out mostly undecodable: the warnings so far, then the same error
     p.write_bytes(b"a red square\n" + b"".join(LATIN1 + b" %d\n" % i for i in range(30)))
     with pytest.raises(SystemExit, match=r"30 of its 31 lines fail to decode \(line 2: byte 0xe9"):
-        data.parse_texts(str(p), bad)
+        formats.parse_texts(str(p), bad)
     assert len(bad.messages) == 11 and "counted, not printed" in bad.messages[-1]
 
 
 def test_check_command_reports_each_kind(tmp_path, capsys):
     bad_pairs(tmp_path)
     write_lines(tmp_path / "text.txt", ["a red square", LATIN1])
-    bad = data.check(str(tmp_path))
+    bad = formats.check(str(tmp_path))
     out = capsys.readouterr().out
     assert "bad input: 1 empty caption" not in out and bad.counts()["not UTF-8"] == 2
     assert "2 empty caption, 1 malformed JSON, 5 malformed record, 1 missing image, 2 not UTF-8" in out
@@ -271,7 +272,7 @@ def test_finetune_jsonl_tsv_karpathy_and_imagefolder(tmp_path):
                  f"{p}:5: malformed record (images[1] is null, not a path)"):
         assert line in said(bad), line
     with pytest.raises(ValueError, match=r"vqa\.jsonl:2: not UTF-8"):
-        finetune.read_task_file(str(p), "train", ft_cfg(), data.BadInput(strict=True))
+        finetune.read_task_file(str(p), "train", ft_cfg(), formats.BadInput(strict=True))
 
     # GLUE TSV: a row in Latin-1, a row with a column missing
     t = tmp_path / "train.tsv"
@@ -286,7 +287,7 @@ def test_finetune_jsonl_tsv_karpathy_and_imagefolder(tmp_path):
         finetune.read_task_file(str(t), "train", ft_cfg(), quiet())
     with pytest.raises(ValueError, match=r"train\.tsv:3: not UTF-8"):
         write_lines(t, ["sentence\tlabel", "a fine sentence\t1", LATIN1 + b"\t0"])
-        finetune.read_task_file(str(t), "train", ft_cfg(), data.BadInput(strict=True))
+        finetune.read_task_file(str(t), "train", ft_cfg(), formats.BadInput(strict=True))
 
     # Karpathy JSON: an image whose sentence is in Latin-1, one malformed, one of another split
     k = tmp_path / "dataset_coco.json"
@@ -302,7 +303,7 @@ def test_finetune_jsonl_tsv_karpathy_and_imagefolder(tmp_path):
     assert bad.counts() == {"not UTF-8": 1, "malformed record": 1}
     assert f"{k}[images][1]: not UTF-8 (byte 0xe9" in said(bad) and f"{k}[images][3]: malformed record" in said(bad)
     with pytest.raises(ValueError, match=r"dataset_coco\.json\[images\]\[1\]: not UTF-8"):
-        finetune.read_task_file(str(k), "test", ft_cfg(), data.BadInput(strict=True))
+        finetune.read_task_file(str(k), "test", ft_cfg(), formats.BadInput(strict=True))
 
     # ImageFolder: a class folder whose name is not UTF-8
     f = tmp_path / "folder"
@@ -313,7 +314,7 @@ def test_finetune_jsonl_tsv_karpathy_and_imagefolder(tmp_path):
     assert [r["label"] for r in finetune.read_task_file(str(f), "train", ft_cfg(), bad)] == ["circle", "square"]
     assert bad.counts() == {"not UTF-8": 1} and f"{f}: not UTF-8 (a class folder's name: byte 0xe9" in said(bad)
     with pytest.raises(ValueError, match=r"folder: not UTF-8"):
-        finetune.read_task_file(str(f), "train", ft_cfg(), data.BadInput(strict=True))
+        finetune.read_task_file(str(f), "train", ft_cfg(), formats.BadInput(strict=True))
 
 
 def run_records(task, tmp_path, tok, monkeypatch, train_recs, test_recs, strict=False):
@@ -325,7 +326,7 @@ def run_records(task, tmp_path, tok, monkeypatch, train_recs, test_recs, strict=
     cfg = ft_cfg(task=task, epochs=1, image_size=32, text_len=16, train_file=str(tmp_path / f"{task}_train.jsonl"),
                  test_file=str(tmp_path / f"{task}_test.jsonl"), image_root=str(tmp_path))
     env = SimpleNamespace(master=True, meta=None, tok=tok, mcfg=SimpleNamespace(width=8, recipe="xfm"),
-                          bad=data.BadInput(strict=strict, verbose=False))
+                          bad=formats.BadInput(strict=strict, verbose=False))
     got = {}
     splits = finetune.splits
     monkeypatch.setattr(finetune, "splits", lambda *a, **k: (lambda s: got.update(bad=s[2]) or s)(splits(*a, **k)))

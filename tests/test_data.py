@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data as D  # noqa: E402
+import formats  # noqa: E402
 import toyworld  # noqa: E402
 import retrieval  # noqa: E402
 
@@ -43,7 +44,7 @@ def read_tree(root):
 
 def streams(toy, tok, bs=4, num_workers=0, **kw):
     args = dict(KW, batch_size={k: bs for k in D.KINDS}, num_workers=num_workers,
-                bad=D.BadInput(verbose=False), hflip=True, crop_scale=(0.5, 1.0))
+                bad=formats.BadInput(verbose=False), hflip=True, crop_scale=(0.5, 1.0))
     args.update(kw)
     return D.build_streams(toy, tok, **args)
 
@@ -68,15 +69,15 @@ def test_toy_is_deterministic(tmp_path):
 
 
 def test_toy_contents(toy):
-    src = D.find_sources(toy)
+    src = formats.find_sources(toy)
     assert set(src) == {"text", "image", "pair", "region", "pair_test"}
     assert src["image"].endswith("images.jsonl")  # image-only data is separate from the pair images
-    bad = D.BadInput(verbose=False)
-    pairs, regions = D.parse_pairs(src["pair"], bad), D.parse_regions(src["region"], bad)
+    bad = formats.BadInput(verbose=False)
+    pairs, regions = formats.parse_pairs(src["pair"], bad), formats.parse_regions(src["region"], bad)
     assert len({p["image"] for p in pairs}) == 24 and len(pairs) >= 40
-    assert len(regions) == 12 and len(D.parse_texts(src["text"], bad)) == 30
-    assert len(D.parse_images(src["image"], bad)) == 12
-    assert len({p["image"] for p in D.parse_pairs(src["pair_test"], bad)}) == 10
+    assert len(regions) == 12 and len(formats.parse_texts(src["text"], bad)) == 30
+    assert len(formats.parse_images(src["image"], bad)) == 12
+    assert len({p["image"] for p in formats.parse_pairs(src["pair_test"], bad)}) == 10
     assert bad.counts() == {}
     for r in regions:  # one box per shape, inside the image
         for g in r["regions"]:
@@ -94,7 +95,7 @@ def test_toy_contents(toy):
                 assert r["answer"] in meta["vqa_answers"]
             if task == "nlvr":
                 assert isinstance(r["label"], bool)
-    retr = D.parse_pairs(os.path.join(down, "retrieval_test.jsonl"), bad)
+    retr = formats.parse_pairs(os.path.join(down, "retrieval_test.jsonl"), bad)
     assert len(retr) > 0 and bad.counts() == {}
     assert os.path.isfile(os.path.join(toy, "README.txt"))
 
@@ -124,15 +125,15 @@ def bad_folder(tmp_path):
 
 def test_bad_input_parse_time(tmp_path):
     d = bad_folder(tmp_path)
-    bad = D.BadInput(verbose=False)
-    pairs = D.parse_pairs(str(d / "pairs.jsonl"), bad)
+    bad = formats.BadInput(verbose=False)
+    pairs = formats.parse_pairs(str(d / "pairs.jsonl"), bad)
     assert [p["caption"] for p in pairs] == ["a red square", "a broken image", "a red square", "a dark red square"]
     assert bad.counts() == {"malformed JSON": 1, "empty caption": 2, "missing image": 1}
     msgs = "\n".join(bad.messages)
     assert "pairs.jsonl:2: malformed JSON (" in msgs and "- skipped" in msgs
     assert "pairs.jsonl:3: empty caption" in msgs and "pairs.jsonl:6: empty caption" in msgs
     assert "pairs.jsonl:4: missing image (no such file img/missing.png)" in msgs
-    regions = D.parse_regions(str(d / "regions.jsonl"), bad)
+    regions = formats.parse_regions(str(d / "regions.jsonl"), bad)
     assert len(regions) == 1 and len(regions[0]["regions"]) == 1  # the bad box dropped, record kept
     assert bad.counts()["bad box"] == 2 and bad.counts()["no regions"] == 1
     msgs = "\n".join(bad.messages)
@@ -144,20 +145,20 @@ def test_bad_input_parse_time(tmp_path):
 def test_bad_input_strict(tmp_path):
     d = bad_folder(tmp_path)
     with pytest.raises(ValueError, match=r"pairs\.jsonl:2: malformed JSON"):
-        D.parse_pairs(str(d / "pairs.jsonl"), D.BadInput(strict=True))
+        formats.parse_pairs(str(d / "pairs.jsonl"), formats.BadInput(strict=True))
     with pytest.raises(ValueError, match=r"regions\.jsonl:1 region 1: bad box"):
-        D.parse_regions(str(d / "regions.jsonl"), D.BadInput(strict=True))
+        formats.parse_regions(str(d / "regions.jsonl"), formats.BadInput(strict=True))
     (d / "ok.jsonl").write_text(json.dumps({"image": "img/broken.png", "caption": "x"}) + "\n")
-    strict = D.BadInput(strict=True)
-    ds = D.PairDataset(D.parse_pairs(str(d / "ok.jsonl"), strict), None, 32, 4, 16, 0, strict, False, (1, 1))
+    strict = formats.BadInput(strict=True)
+    ds = D.PairDataset(formats.parse_pairs(str(d / "ok.jsonl"), strict), None, 32, 4, 16, 0, strict, False, (1, 1))
     with pytest.raises(ValueError, match=r"ok\.jsonl:1: unreadable image"):
         ds[(0, 0)]
 
 
 def test_unreadable_image_is_replaced_and_counted(tmp_path, tok):
     d = bad_folder(tmp_path)
-    bad = D.BadInput(verbose=False)
-    pairs = D.parse_pairs(str(d / "pairs.jsonl"), bad)
+    bad = formats.BadInput(verbose=False)
+    pairs = formats.parse_pairs(str(d / "pairs.jsonl"), bad)
     ds = D.PairDataset(pairs, tok, 32, 4, 16, 0, bad, False, (1, 1))
     s = ds[(1, 0)]  # item 1 is broken.png: the next item (img/2.png) stands in, flagged bad
     assert s["bad"] == 1 and s["img_id"] == ds.img_ids[2]
@@ -173,8 +174,8 @@ def test_unreadable_image_is_replaced_and_counted(tmp_path, tok):
 
 def test_bad_input_print_limit(tmp_path):
     (tmp_path / "pairs.jsonl").write_text("{oops\n" * 15)
-    bad = D.BadInput(verbose=False)
-    assert D.parse_pairs(str(tmp_path / "pairs.jsonl"), bad) == []
+    bad = formats.BadInput(verbose=False)
+    assert formats.parse_pairs(str(tmp_path / "pairs.jsonl"), bad) == []
     assert bad.counts() == {"malformed JSON": 15}
     assert len(bad.messages) == 11 and "counted, not printed" in bad.messages[-1]
     assert "pairs.jsonl:10:" in bad.messages[9]
@@ -442,7 +443,7 @@ def test_batch_formats(toy, tok):
 
 
 def test_load_retrieval_set(toy, tok):
-    ret = retrieval.load_retrieval_set(os.path.join(toy, "pairs_test.jsonl"), tok, 32, 16, D.BadInput(verbose=False))
+    ret = retrieval.load_retrieval_set(os.path.join(toy, "pairs_test.jsonl"), tok, 32, 16, formats.BadInput(verbose=False))
     Ni, Nt = ret["image"].shape[0], ret["ids"].shape[0]
     assert ret["image"].shape == (10, 3, 32, 32) and Ni < Nt <= 2 * Ni and ret["att"].shape == ret["ids"].shape
     assert ret["txt2img"].shape == (Nt,) and len(ret["img2txt"]) == Ni
@@ -452,8 +453,8 @@ def test_load_retrieval_set(toy, tok):
 
 def test_cli(toy, capsys):
     with pytest.raises(SystemExit) as e:
-        D.main(["--help"])
+        formats.main(["--help"])
     assert e.value.code == 0 and "check" in capsys.readouterr().out
-    D.main(["check", "--data_dir", toy])
+    formats.main(["check", "--data_dir", toy])
     out = capsys.readouterr().out
     assert "24 images" in out and "bad input: none" in out

@@ -18,7 +18,6 @@ from contextlib import contextmanager
 import pytest
 
 import curves
-import data
 import finetune
 import train
 import toyworld

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import data
+import formats
 import finetune
 import flava
 import train
@@ -169,9 +170,9 @@ def toy(tmp_path_factory):
 
 
 def test_itm_negatives_swap_in_another_images_caption(toy, tmp_path):
-    bad = data.BadInput(verbose=False)
+    bad = formats.BadInput(verbose=False)
     tok = data.get_tokenizer(toy, str(tmp_path), 300)
-    pairs = data.parse_pairs(os.path.join(toy, "pairs.jsonl"), bad)
+    pairs = formats.parse_pairs(os.path.join(toy, "pairs.jsonl"), bad)
     own = lambda j: tok.encode(pairs[j]["caption"], 24)  # noqa: E731
 
     def dataset(prob):

@@ -14,7 +14,6 @@ import os
 import pytest
 
 import curves
-import data
 import train
 import toyworld
 

@@ -9,7 +9,6 @@ X-FM's MIM is not checked here: its target is the same encoder's output, so a co
 (test_losses.py checks its formula, masks and detached target instead)."""
 import math
 
-import pytest
 import torch
 
 import flava

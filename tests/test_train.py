@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import data
 import train
 from conftest import free_port, gloo_group, make_batch, tiny_config
 from model import XFM

@@ -65,6 +65,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import data  # noqa: E402
+import formats
 import losses  # noqa: E402
 import toyworld  # noqa: E402
 import train  # noqa: E402
@@ -657,7 +658,7 @@ def bench_data(device, out_dir, n_batches, step_s, eats):
             streams = data.build_streams(tc.data_dir, tok, image_size=mcfg.image_size, patch_size=mcfg.patch_size,
                                          batch_size={kind: per_rank[kind]}, text_len=tc.text_len,
                                          caption_len=tc.caption_len, seed=tc.seed, rank=0, world_size=1,
-                                         num_workers=workers, bad=data.BadInput(verbose=False), hflip=tc.hflip,
+                                         num_workers=workers, bad=formats.BadInput(verbose=False), hflip=tc.hflip,
                                          crop_scale=(tc.crop_min_scale, 1.0))
             if kind not in streams:
                 continue

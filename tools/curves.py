@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import data  # noqa: E402
+import formats
 import train  # noqa: E402
 from tools import pictures  # noqa: E402
 
@@ -75,9 +76,9 @@ def chance_levels(run_dir, n_batches=20):
     itm = -(1 / 3 * math.log(1 / 3) + 2 / 3 * math.log(2 / 3))
     chance = {"mlm": ln_v, "imlm": ln_v, "imlm_region": ln_v, "itm": itm, "itm_region": itm,
               "itc": math.log(config["per_rank_batch"]["pair"] * world)}
-    sources = data.find_sources(t["data_dir"])
+    sources = formats.find_sources(t["data_dir"])
     if "region" in sources:  # the region stream's caption count varies, and so does the best constant box
-        bad = data.BadInput(verbose=False)
+        bad = formats.BadInput(verbose=False)
         m = config["model"]
         stream = data.build_streams(t["data_dir"], tok, image_size=m["image_size"], patch_size=m["patch_size"],
                                     batch_size={"region": config["per_rank_batch"]["region"]},

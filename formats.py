@@ -1,0 +1,458 @@
+"""
+The files of a data folder: where each kind of data is found, how each file is read, and what happens to bad
+input. data.py turns the records into batches; train.py and finetune.py report through BadInput.
+
+    python formats.py check --data_dir data/toy [--strict]     # parse a folder, print record and bad-input counts
+
+A data folder holds any subset of these files (image paths are relative to the file that names them):
+    pairs.jsonl    image-text pairs; "caption" may be a list (one pair per caption). Or pairs.json, a JSON list.
+        {"image": "img/pair_00000.png", "caption": "a large red circle to the left of a blue square"}
+        {"image": "img/pair_00001.png", "caption": ["a green cross", "there is one shape: a green cross"]}
+    regions.jsonl  boxed phrases, box = [x, y, w, h] in pixels, optional whole-image "caption"; or regions.json
+        {"image": "img/region_00000.png", "caption": "a red circle above a blue square", "regions":
+         [{"box": [20, 4, 12, 12], "caption": "a red circle"}, {"box": [18, 30, 21, 21], "caption": "a blue square"}]}
+    text.txt       a text corpus, one document per line (or text.jsonl with {"text": "..."} per line)
+        a small purple diamond at the bottom left
+        there are two shapes: a red circle and a blue square. the red circle is left of the blue square.
+    images.jsonl   image-only data (MIM). Or a folder images/ searched recursively; images.jsonl wins if both exist.
+        {"image": "unlabeled/00000.png"}
+        {"image": "unlabeled/00001.png"}
+    pairs_test.jsonl  held-out pairs for retrieval evaluation, same format as pairs.jsonl.
+Files are UTF-8. A line or record that is not is bad input (named, skipped and counted, like a malformed one);
+a file in another encoding stops the run with one error that gives the iconv command converting it.
+"""
+import argparse
+import codecs
+import json
+import math
+import os
+import shlex
+import sys
+from collections import Counter
+
+from PIL import Image
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+SOURCES = {  # kind -> file names looked for in a data folder, first found wins
+    "pair": ("pairs.jsonl", "pairs.json"),
+    "region": ("regions.jsonl", "regions.json"),
+    "text": ("text.txt", "text.jsonl"),
+    "image": ("images.jsonl", "images"),
+    "pair_test": ("pairs_test.jsonl", "pairs_test.json"),
+}
+
+# -----------------------------------------------------------------------------
+# Bad input: never kills a long run, never lost silently
+
+
+class BadInput:
+    """One per run. report() prints (the first `max_print` per kind) and counts a problem; strict raises.
+    Kinds: malformed JSON, not UTF-8, malformed record, missing image, empty caption, empty text, bad box, no
+    regions (found while parsing, so the record or region is skipped) and unreadable image (found while decoding:
+    the dataset substitutes the next sample and the batch's n_bad carries the count to the main process)."""
+
+    def __init__(self, strict=False, verbose=True, max_print=10):
+        self.strict, self.verbose, self.max_print = strict, verbose, max_print
+        self._counts, self._seen = Counter(), Counter()
+        self.messages = []  # the printed lines, kept for tests and logs
+
+    def report(self, kind, where, msg, action="skipped", count=True):
+        line = f"{where}: {kind} ({msg})"
+        if self.strict:
+            raise ValueError(line)
+        if count:
+            self._counts[kind] += 1
+        self._seen[kind] += 1
+        if self._seen[kind] <= self.max_print:
+            self._say(f"{line} - {action}")
+        elif self._seen[kind] == self.max_print + 1:
+            self._say(f"more '{kind}' problems: counted, not printed")
+
+    def _say(self, line):
+        self.messages.append(line)
+        if self.verbose:
+            print(f"warning: {line}", file=sys.stderr, flush=True)
+
+    def add(self, kind, n=1):
+        # problems found inside DataLoader workers: printed there, counted here (worker copies are lost)
+        if n:
+            self._counts[kind] += int(n)
+
+    def counts(self):
+        return dict(self._counts)
+
+    def summary(self):
+        if not self._counts:
+            return "bad input: none"
+        return "bad input: " + ", ".join(f"{n} {k}" for k, n in sorted(self._counts.items()))
+
+
+# -----------------------------------------------------------------------------
+# Reading a data folder
+
+
+def find_sources(data_dir):
+    """{kind: path} for the kinds present in data_dir (text, image, pair, region, and pair_test)."""
+    found = {}
+    for kind, names in SOURCES.items():
+        for name in names:
+            path = os.path.join(data_dir, name)
+            if (os.path.isdir(path) if name == "images" else os.path.isfile(path)):
+                found[kind] = path
+                break
+    return found
+
+
+# Text that is not UTF-8 is bad input like any other: the line or record is named, skipped and counted. A whole
+# file in another encoding is different: when its first PROBE_LINES lines (or records) all fail, or more than half
+# of all of them, the run stops with one error that names the file and the command that converts it.
+PROBE_LINES = 10
+
+
+def type_of(value):
+    """The JSON type of a value, for messages: "an int", "a list", "null", ..."""
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an int", float: "a float", str: "a string", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _short(text, n=60):
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def _decode(raw):
+    """The bytes of one line -> (text, None), or (None, what is wrong) when they are not UTF-8 text."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"byte 0x{raw[e.start]:02x} at column {e.start + 1}: {_excerpt(raw, e.start)}"
+    if "\x00" in text:  # valid UTF-8, but text never holds NUL: UTF-16 read as bytes
+        return None, f"NUL bytes (UTF-16?): {_excerpt(raw, raw.index(0))}"
+    return text, None
+
+
+def _excerpt(raw, at):
+    """Bytes around position `at`, quoted; bytes that are not UTF-8 (and NUL) show as \\xNN."""
+    shown = raw[max(0, at - 20):at + 20].decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+    return f"'{shown.strip()}'"
+
+
+def encoding_error(path, sample, why):
+    """The SystemExit for a whole file in another encoding: what was seen, the likely encoding (guessed from
+    `sample`, some of the file's failing bytes) and the command that converts the file."""
+    if sample.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\x00" in sample:
+        name, code = "UTF-16", "utf-16"
+    elif any(0x80 <= c <= 0x9f for c in sample):  # Windows-1252 puts curly quotes and dashes here, Latin-1 nothing
+        name, code = "Windows-1252", "cp1252"
+    else:
+        name, code = "Latin-1", "latin1"
+    q = shlex.quote(path)
+    return SystemExit(f"error: {path} is not UTF-8: {why}.\nIt is likely {name}; convert it and run again:\n"
+                      f"    iconv -f {code} -t utf-8 {q} > {q}.utf8 && mv {q}.utf8 {q}")
+
+
+def read_lines(path, bad):
+    """Yield (where, line) for each non-blank line of a UTF-8 text file, where = "path:N". A line that is not
+    UTF-8 is reported ("not UTF-8") and skipped; a file in another encoding raises encoding_error."""
+    held, good, n, n_bad, sample, first = [], False, 0, 0, b"", None
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            if i == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]  # Windows editors start UTF-8 files with a byte order mark
+            if not raw.strip():
+                continue  # blank lines are allowed
+            n += 1
+            text, problem = _decode(raw)
+            if problem is None:
+                for where, msg in held:
+                    bad.report("not UTF-8", where, msg)
+                held, good = [], True
+                yield f"{path}:{i}", text
+                continue
+            n_bad += 1
+            sample += raw if n_bad <= PROBE_LINES else b""
+            first = first or f"line {i}: {problem}"
+            if good:
+                bad.report("not UTF-8", f"{path}:{i}", problem)
+            else:  # held back until a good line comes: if none does, the file is in another encoding
+                held.append((f"{path}:{i}", problem))
+                if len(held) == PROBE_LINES:
+                    raise encoding_error(path, sample, f"its first {PROBE_LINES} lines fail to decode ({first})")
+    if n_bad * 2 > n:
+        raise encoding_error(path, sample, f"{n_bad} of its {n} lines fail to decode ({first})")
+
+
+def load_json(path, bad):
+    """A whole .json file -> its value, or None when it is not JSON (reported; the file is skipped). Bytes that
+    are not UTF-8 become lone surrogates (surrogateescape), so that read_records can skip just the records that
+    hold them; a file that is not JSON because it is in another encoding raises encoding_error."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    text = raw.decode("utf-8-sig", "surrogateescape")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        start = text[:1 << 16]
+        if _bad_string(start) is not None or "\x00" in start:  # not even its start is UTF-8 text
+            raise encoding_error(path, raw[:1 << 16], f"it is no JSON when read as UTF-8 ({e})") from None
+        bad.report("malformed JSON", path, str(e), action="file skipped")
+        return None
+
+
+def _bad_string(value):
+    """The first string in a JSON value (keys included) that cannot be UTF-8 text, or None. It holds lone
+    surrogates: bytes that were not UTF-8 (load_json) or a broken \\u escape; no tokenizer takes it."""
+    if isinstance(value, str):
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+            return None
+        except UnicodeEncodeError:
+            return value
+    if isinstance(value, dict):
+        value = [x for item in value.items() for x in item]
+    for x in value if isinstance(value, list) else ():
+        s = _bad_string(x)
+        if s is not None:
+            return s
+    return None
+
+
+def not_utf8(value):
+    """What makes a parsed JSON value (a record, a field, a name) not UTF-8 text, or None."""
+    s = _bad_string(value)
+    return None if s is None else _string_problem(s)[1]
+
+
+def _string_problem(s):
+    """-> (the bytes that were not UTF-8, b"" for a broken \\u escape; the message) for a _bad_string."""
+    k = next(i for i, c in enumerate(s) if "\ud800" <= c <= "\udfff")
+    part = s[max(0, k - 20):k + 20]
+    if "\udc80" <= s[k] <= "\udcff":  # surrogateescape keeps byte b as chr(0xdc00 + b)
+        try:
+            raw = part.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a broken \\u escape close by as well
+            raw = bytes([ord(s[k]) - 0xdc00])
+        return raw, f"byte 0x{ord(s[k]) - 0xdc00:02x}: '{raw.decode('utf-8', 'backslashreplace')}'"
+    return b"", f"a broken \\u escape: '{part.encode('utf-8', 'backslashreplace').decode()}'"
+
+
+def read_records(path, bad):
+    """Yield (where, record) for each JSON object in a .jsonl file (one per line) or a .json list. A record that
+    is not UTF-8 is reported and skipped; a .json list that is mostly not UTF-8 raises encoding_error."""
+    if path.endswith(".json"):  # a .json file is parsed whole (ALBEF / X-VLM style), so one error loses the file
+        items = load_json(path, bad)
+        if items is None:
+            return
+        if not isinstance(items, list):
+            bad.report("malformed JSON", path, f"expected a JSON list of records, got {type_of(items)}",
+                       action="file skipped")
+            return
+        check_encoding(path, items)
+        numbered = ((f"{path}[{i}]", rec) for i, rec in enumerate(items))
+    else:
+        numbered = _jsonl_lines(path, bad)
+    for where, rec in numbered:
+        problem = not_utf8(rec)
+        if problem:
+            bad.report("not UTF-8", where, problem)
+        elif isinstance(rec, dict):
+            yield where, rec
+        else:
+            bad.report("malformed record", where, f"expected a JSON object, got {type_of(rec)}")
+
+
+def check_encoding(path, items):
+    """Raise encoding_error when more than half of a .json list's records hold bytes that are not UTF-8."""
+    flagged = [(i, _string_problem(s)) for i, s in enumerate(map(_bad_string, items)) if s is not None]
+    flagged = [(i, raw, problem) for i, (raw, problem) in flagged if raw]  # bytes, not broken \u escapes
+    if len(flagged) * 2 > len(items):
+        i, _, problem = flagged[0]
+        sample = b"".join(raw[:200] for _, raw, _ in flagged[:PROBE_LINES])
+        why = f"{len(flagged)} of its {len(items)} records fail to decode ([{i}]: {problem})"
+        raise encoding_error(path, sample, why)
+
+
+def _jsonl_lines(path, bad):
+    for where, line in read_lines(path, bad):
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as e:
+            bad.report("malformed JSON", where, str(e))
+
+
+def captions_of(rec, where, bad, key="caption"):
+    """rec[key], a caption or a list of captions -> the non-empty ones, stripped. Each bad one is reported: a
+    missing field or a caption that is not a string ("malformed record"), an empty one ("empty caption")."""
+    if key not in rec:
+        bad.report("malformed record", where, f"no '{key}' field")
+        return []
+    value, out = rec[key], []
+    if value == []:
+        bad.report("empty caption", where, f"{key} is an empty list")
+    for j, c in enumerate(value if isinstance(value, list) else [value]):
+        name = f"{key}[{j}]" if isinstance(value, list) else key
+        if not isinstance(c, str):
+            bad.report("malformed record", where, f"{name} is {type_of(c)}, not a string")
+        elif not c.strip():
+            bad.report("empty caption", where, f"{name} is empty")
+        else:
+            out.append(c.strip())
+    return out
+
+
+def _image_path(rec, base, where, bad):
+    """Resolve rec["image"] relative to `base`; report and return None if the field or the file is missing."""
+    rel = rec.get("image")
+    if not isinstance(rel, str) or not rel:
+        why = "no 'image' field" if "image" not in rec else \
+            "image is empty" if rel == "" else f"image is {type_of(rel)}, not a string"
+        bad.report("malformed record", where, why)
+        return None
+    path = os.path.normpath(os.path.join(base, rel))
+    if not os.path.isfile(path):
+        bad.report("missing image", where, f"no such file {rel}")
+        return None
+    return path
+
+
+def box_problem(box, W, H):
+    """Why a box [x, y, w, h] in pixels of a W x H image cannot be used, or None: not 4 finite numbers, w or
+    h <= 0, or outside the image by more than 1 px (rounding slack)."""
+    if not (isinstance(box, list) and len(box) == 4 and
+            all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+        return f"box {_short(repr(box))} is not [x, y, w, h] of 4 finite numbers"
+    x, y, w, h = box
+    if w <= 0 or h <= 0:
+        return f"box {box} has w or h <= 0"
+    if x < -1 or y < -1 or x + w > W + 1 or y + h > H + 1:
+        return f"box {box} is outside the {W}x{H} image"
+    return None
+
+
+def parse_pairs(path, bad):
+    """-> list of {"image", "caption", "where"}: one item per caption."""
+    base, out = os.path.dirname(path), []  # image paths are relative to the file's folder
+    for where, rec in read_records(path, bad):
+        caps = captions_of(rec, where, bad)
+        img = _image_path(rec, base, where, bad) if caps else None
+        out += [{"image": img, "caption": c, "where": where} for c in caps if img]
+    return out
+
+
+def parse_regions(path, bad):
+    """-> list of {"image", "size", "captions", "regions": [{"box", "captions"}], "where"}; bad boxes dropped."""
+    base, out = os.path.dirname(path), []
+    for where, rec in read_records(path, bad):
+        if not isinstance(rec.get("regions", []), list):  # a string or an object would be read item by item
+            bad.report("malformed record", where, f"regions is {type_of(rec['regions'])}, not a list")
+            continue
+        img = _image_path(rec, base, where, bad)
+        if img is None:
+            continue
+        try:  # boxes are checked against the image size; opening reads only the header
+            with Image.open(img) as im:
+                W, H = im.size
+        except Exception as e:
+            bad.report("unreadable image", where, f"{img}: {e}")
+            continue
+        caps = captions_of(rec, where, bad) if "caption" in rec else []
+        regions = []
+        for j, r in enumerate(rec.get("regions") or []):
+            rw = f"{where} region {j}"
+            if not isinstance(r, dict):
+                bad.report("malformed record", rw, f"region is {type_of(r)}, not an object")
+                continue
+            problem = box_problem(r.get("box"), W, H)
+            if problem:
+                bad.report("bad box", rw, problem)
+                continue
+            x, y, w, h = map(float, r["box"])
+            x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)  # clip the slack away
+            rcaps = captions_of(r, rw, bad)
+            if rcaps:
+                regions.append({"box": [x0, y0, x1 - x0, y1 - y0], "captions": rcaps})
+        if not regions:  # the region stream exists for its boxes: a record without one is skipped
+            bad.report("no regions", where, "no valid region left in the record")
+            continue
+        out.append({"image": img, "size": (W, H), "captions": caps, "regions": regions, "where": where})
+    return out
+
+
+def parse_texts(path, bad):
+    """-> list of documents from text.txt (one per line) or text.jsonl ({"text": ...})."""
+    if path.endswith(".txt"):
+        return [line.strip() for _, line in read_lines(path, bad) if line.strip()]
+    out = []
+    for where, rec in read_records(path, bad):
+        t = rec.get("text")
+        if "text" not in rec or not isinstance(t, str):
+            bad.report("malformed record", where, "no 'text' field" if "text" not in rec else
+                       f"text is {type_of(t)}, not a string")
+        elif not t.strip():
+            bad.report("empty text", where, "text is empty")
+        else:
+            out.append(t.strip())
+    return out
+
+
+def parse_images(path, bad):
+    """-> list of {"image", "where"} from images.jsonl or every image file under an images/ folder."""
+    if os.path.isdir(path):
+        files = []
+        for root, dirs, names in os.walk(path):
+            dirs.sort()  # a fixed walk order keeps the dataset order (and so the run) reproducible
+            files += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTS)]
+        return [{"image": p, "where": p} for p in files]
+    base, out = os.path.dirname(path), []
+    for where, rec in read_records(path, bad):
+        img = _image_path(rec, base, where, bad)
+        if img:
+            out.append({"image": img, "where": where})
+    return out
+
+
+PARSERS = {"pair": parse_pairs, "pair_test": parse_pairs, "region": parse_regions,
+           "text": parse_texts, "image": parse_images}
+
+
+def load_image(path):
+    """PIL RGB image, fully decoded (so a truncated file fails here, not later)."""
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def check(data_dir, strict=False):
+    """Parse every source of a folder; print the records per kind and the bad-input counts."""
+    bad = BadInput(strict=strict)
+    for kind, path in find_sources(data_dir).items():
+        items = PARSERS[kind](path, bad)
+        extra = ""
+        if kind in ("pair", "pair_test"):
+            extra = f" captions, {len({it['image'] for it in items})} images"
+        elif kind == "region":
+            extra = f" images, {sum(len(r['regions']) for r in items)} regions"
+        print(f"{kind:10s} {path}: {len(items)}{extra or ' records'}")
+    print(bad.summary())
+    return bad
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Parse a data folder and print its record and bad-input counts "
+                                "(the toy world is written by toyworld.py).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check", help="parse a data folder; print counts of records and of bad input")
+    c.add_argument("--data_dir", required=True)
+    c.add_argument("--strict", action="store_true", help="stop at the first problem")
+    a = p.parse_args(argv)
+    check(a.data_dir, a.strict)
+
+
+if __name__ == "__main__":
+    main()

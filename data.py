@@ -123,7 +123,7 @@ def corpus_texts(data_dir):
 
 def get_tokenizer(data_dir, run_dir, vocab_size, tokenizer_path=None):
     """Load tokenizer_path, else run_dir/tokenizer.json, else train one on the folder and save it there.
-    Under DDP rank 0 calls it and sends the others its JSON (train.rank0_shares), so they need no shared folder."""
+    Under DDP rank 0 calls it and sends the others its JSON (runtime.rank0_shares), so they need no shared folder."""
     if tokenizer_path:
         return Tokenizer.load(tokenizer_path)
     path = os.path.join(run_dir, "tokenizer.json")
@@ -524,7 +524,7 @@ class Stream:
         # resumed run (which creates it at another point) would diverge from the uninterrupted one
         self.loader = DataLoader(dataset, batch_sampler=self.sampler, collate_fn=dataset.collate,
                                  num_workers=num_workers, persistent_workers=num_workers > 0,
-                                 # page-locked batches make train.to_device's non_blocking copy truly asynchronous
+                                 # page-locked batches make runtime.to_device's non_blocking copy truly asynchronous
                                  pin_memory=pin_memory,
                                  generator=torch.Generator().manual_seed(seed * 1000 + rank))
         self.len_per_epoch = self.sampler.batches_per_epoch

@@ -60,6 +60,7 @@ import retrieval
 from tools import pictures
 import toyworld
 import train
+import runtime
 from model import XFM, build_mlp, make_config, resize_rel_pos
 
 # ---------------------------------------------------------------------------------------------------------
@@ -103,7 +104,7 @@ class FinetuneConfig:
     caption: str = ""               # attention: the caption (default: that image's first caption)
     # runtime
     device: str = "auto"            # auto (cuda > mps > cpu) | cpu | cuda | mps
-    amp: str = "auto"               # auto | bf16 | fp16 | fp32 (train.amp_setup)
+    amp: str = "auto"               # auto | bf16 | fp16 | fp32 (runtime.amp_setup)
     seed: int = 0                   # head init and data order
     num_workers: int = 0            # DataLoader workers per rank
     eval_batch_size: int = 64       # examples per forward in evaluation
@@ -160,7 +161,7 @@ class Env:
     rank: int                   # this process's rank; rank 0 evaluates, saves and prints
     world: int                  # the number of ranks (each takes batch_size / world examples a step)
     device: torch.device
-    autocast: Callable          # train.amp_setup's autocast context factory (a null context in fp32)
+    autocast: Callable          # runtime.amp_setup's autocast context factory (a null context in fp32)
     scaler: Any                 # the GradScaler under fp16, else None
     bad: formats.BadInput          # the current task's skipped records (run_task gives each task its own)
 
@@ -557,7 +558,7 @@ def predict(cfg, env, model, dataset, fn, target=None):
     outs, gold = [], []
     for batch in loader:
         with env.autocast():
-            outs.append(fn(model, train.to_device(batch, env.device)).float().cpu())
+            outs.append(fn(model, runtime.to_device(batch, env.device)).float().cpu())
         gold += [batch[target]] if target else []
     return (torch.cat(outs), torch.cat(gold)) if target else torch.cat(outs)
 
@@ -571,7 +572,7 @@ def freeze_unused(model, train_set, n, device):
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     batch = train_set.collate([train_set[i] for i in range(min(n, len(train_set)))])
     model.eval()
-    loss, _ = model(train.to_device(batch, device))
+    loss, _ = model(runtime.to_device(batch, device))
     grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
     model.train()
     unused = [name for name, g in zip(params, grads) if g is None]
@@ -619,7 +620,7 @@ def fit(cfg, env, model, train_set, evaluate, out, meta):
                 for g in optimizer.param_groups:
                     g["lr"] = lr * g["lr_scale"]
                 with env.autocast():
-                    loss, _ = wrapped(train.to_device(batch, env.device))
+                    loss, _ = wrapped(runtime.to_device(batch, env.device))
                 (env.scaler.scale(loss) if env.scaler else loss).backward()
                 train.optimizer_step(optimizer, env.scaler, params, cfg.grad_clip)
                 model.xfm.clamp_temp()                                     # ITC temperature in [0.001, 0.5]
@@ -979,10 +980,10 @@ def load_init(cfg, ddp, rank, world, device):
         if not os.path.isfile(tok_path):
             raise SystemExit(f"error: no tokenizer at {tok_path!r} (use --tokenizer)")
         return data.Tokenizer.load(tok_path).to_json()
-    tok = data.Tokenizer.from_json(train.rank0_shares(read_tokenizer, ddp, rank))
+    tok = data.Tokenizer.from_json(runtime.rank0_shares(read_tokenizer, ddp, rank))
     if not cfg.init:
         ckpt = from_pretrained_encoders(cfg, tok, rank == 0)
-    autocast, scaler, _ = train.amp_setup(cfg.amp, device)
+    autocast, scaler, _ = runtime.amp_setup(cfg.amp, device)
     return Env(ckpt=ckpt, tok=tok, run_dir=run_dir, mcfg=flava.config_from_dict(ckpt["model_config"]), ddp=ddp,
                rank=rank, world=world, device=device, autocast=autocast, scaler=scaler,
                bad=formats.BadInput(strict=cfg.strict, verbose=rank == 0))
@@ -1058,14 +1059,14 @@ def main(argv=None):
         raise SystemExit("error: --init already holds both encoders; --init_text / --init_vision go without it")
     if cfg.task == "all" and cfg.eval_only:
         raise SystemExit("error: --task all fine-tunes every task; --eval_only takes a single task")
-    ddp, rank, _, world, device = train.setup_distributed(cfg.device)
+    ddp, rank, _, world, device = runtime.setup_distributed(cfg.device)
     try:
         env = load_init(cfg, ddp, rank, world, device)
 
-        train.rank0_shares(lambda: toyworld.build_if_missing(cfg.data_dir), ddp, rank)  # as train.py does
+        runtime.rank0_shares(lambda: toyworld.build_if_missing(cfg.data_dir), ddp, rank)  # as train.py does
         return run_all(cfg, given, env) if cfg.task == "all" else run_task(cfg, given, env)
     finally:
-        train.teardown()
+        runtime.teardown()
 
 
 if __name__ == "__main__":

@@ -427,7 +427,7 @@ def update_plan(cfg, streams):
 def prepare_run(cfg, model, streams, share, save, progress=None):
     """Give the model its frozen image tokenizer (the codebook that makes the MIM / MMM targets): loaded from
     --image_tokenizer, or fitted on the training pairs and saved as RUN/image_tokenizer.pt. `share(fn)` runs fn on
-    rank 0 and hands every rank its result (train.rank0_shares); `save(obj, path)` writes atomically."""
+    rank 0 and hands every rank its result (runtime.rank0_shares); `save(obj, path)` writes atomically."""
     def codebook():
         if cfg.image_tokenizer:
             book = torch.load(cfg.image_tokenizer, map_location="cpu", weights_only=True)["codebook"]

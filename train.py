@@ -39,6 +39,7 @@ import formats
 import flava
 import pretrained
 import retrieval
+import runtime
 from tools import pictures
 import toyworld
 from losses import xfm_losses
@@ -62,7 +63,7 @@ class TrainConfig:
     init_text: str = ""             # Hugging Face RoBERTa folder: language encoder + MLM head (pretrained.py)
     init_vision: str = ""           # BEiT-v2 checkpoint (official .pth or Hugging Face folder): vision encoder
     # data
-    data_dir: str = "data/toy"      # folder with pairs/regions/text/images (data.py); the toy world is built here if missing
+    data_dir: str = "data/toy"      # folder with pairs/regions/text/images (formats.py); the toy world is built here if missing
     out_dir: str = "runs/default"   # run folder: config, metrics, checkpoint, curves, tokenizer
     tokenizer: str = ""             # path to a tokenizer.json (e.g. RoBERTa's); empty: train a BPE on the data
                                     # (with --init_text: that folder's tokenizer.json if it has one)
@@ -113,73 +114,6 @@ def parse_args(argv):
 
 # ---------------------------------------------------------------------------------------------------------
 # Distributed setup, logging, optimizer, schedule
-
-
-def setup_distributed(device_name):
-    """(ddp, rank, local_rank, world_size, device). Under torchrun (RANK in the env) the device comes from
-    LOCAL_RANK and is set *before* init_process_group; NCCL on CUDA, gloo on CPU."""
-    if device_name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device=cuda, but torch sees no CUDA device (use --device=auto or cpu)")
-    if device_name == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit("error: --device=mps, but torch sees no MPS device (use --device=auto or cpu)")
-    if "RANK" in os.environ:
-        if device_name == "mps":
-            raise SystemExit("error: --device=mps has no distributed backend here; run it without torchrun")
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
-        if use_cuda:
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        else:
-            device = torch.device("cpu")
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        return True, rank, local_rank, world, device
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    return False, 0, 0, 1, torch.device(device_name)
-
-
-def rank0_shares(fn, ddp, rank):
-    """fn() on rank 0 alone, its result given to every rank: a "rank 0 prepares, the others use it" step decides
-    once and shares the decision (or the object itself), so no rank re-decides it from its own file system
-    (rank 0 may be creating the very folder the others would look for) and several nodes need no shared file
-    system. When fn fails on rank 0, every rank stops (rank 0 with the error), so none waits for a broadcast
-    that never comes."""
-    result, error = None, None
-    if rank == 0:
-        try:
-            result = fn()
-        except BaseException as e:  # SystemExit included: every rank must stop with it
-            error = e
-    if ddp:
-        box = [result, error is not None]
-        dist.broadcast_object_list(box, src=0)
-        result, failed = box
-        if failed and rank != 0:
-            raise SystemExit(1)  # rank 0 prints the error once
-    if error is not None:
-        raise error
-    return result
-
-
-def teardown():
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def amp_setup(amp, device):
-    """(autocast context factory, GradScaler or None, dtype name). CPU autocast is bf16 only."""
-    if amp == "auto":  # check CUDA before probing bf16 support: probing without a driver crashes
-        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if amp == "fp32":
-        return nullcontext, None, amp
-    if amp == "fp16" and device.type != "cuda":
-        raise SystemExit("error: --amp=fp16 needs CUDA (use bf16 or fp32 on the CPU)")
-    if amp not in ("bf16", "fp16"):
-        raise SystemExit(f"error: --amp must be auto, bf16, fp16 or fp32, not {amp!r}")
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None  # bf16 needs no loss scaling
-    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler, amp
 
 
 def param_groups(model, weight_decay, lr_mult):
@@ -261,10 +195,6 @@ def optimizer_step(optimizer, scaler, params, clip):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
-
-
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -382,7 +312,7 @@ def setup_data(cfg, ckpt, recipe, per_rank, rank, world, ddp, device, bad):
     """-> (tokenizer, model config, {kind: data.Stream}). Rank 0 builds the toy world if the default folder is
     missing and trains (or loads) the tokenizer; every rank gets the tokenizer's JSON, so no rank re-decides from
     its own disk and the nodes need no shared folder for it."""
-    rank0_shares(lambda: toyworld.build_if_missing(cfg.data_dir), ddp, rank)
+    runtime.rank0_shares(lambda: toyworld.build_if_missing(cfg.data_dir), ddp, rank)
     if not os.path.isdir(cfg.data_dir):  # another node, without rank 0's file system
         raise SystemExit(f"error: data_dir {cfg.data_dir!r} does not exist on rank {rank}'s node (copy it there)")
     if cfg.init_text and not cfg.tokenizer and ckpt is None:  # the pre-trained encoder's own vocabulary
@@ -394,8 +324,13 @@ def setup_data(cfg, ckpt, recipe, per_rank, rank, world, ddp, device, bad):
         tok = data.get_tokenizer(cfg.data_dir, cfg.out_dir, cfg.vocab_size, cfg.tokenizer or None)
         tok.save(os.path.join(cfg.out_dir, "tokenizer.json"))
         return tok.to_json()
-    tok = data.Tokenizer.from_json(rank0_shares(prepare_tokenizer, ddp, rank))
-    model_cfg = model_config(cfg, ckpt, recipe, tok)
+    tok = data.Tokenizer.from_json(runtime.rank0_shares(prepare_tokenizer, ddp, rank))
+    if ckpt is not None:  # a resumed run's own config; else the recipe's preset, with what --init_text/vision say
+        model_cfg = flava.config_from_dict(ckpt["model_config"])
+    else:
+        model_cfg = recipe.model_config(cfg, tok)
+        if cfg.init_text or cfg.init_vision:
+            model_cfg = pretrained.model_config(cfg, model_cfg, tok)
     streams = data.build_streams(cfg.data_dir, tok, image_size=model_cfg.image_size, patch_size=model_cfg.patch_size,
                                  batch_size=per_rank, text_len=cfg.text_len,
                                  caption_len=cfg.caption_len, seed=cfg.seed, rank=rank, world_size=world,
@@ -403,16 +338,8 @@ def setup_data(cfg, ckpt, recipe, per_rank, rank, world, ddp, device, bad):
                                  crop_scale=(cfg.crop_min_scale, 1.0), caption_mask=cfg.recipe,
                                  itm_neg_prob=getattr(model_cfg, "itm_neg_prob", 0.0), pin_memory=device.type == "cuda")
     if not streams:
-        raise SystemExit(f"error: no training data found in {cfg.data_dir} (see data.py for the formats)")
+        raise SystemExit(f"error: no training data found in {cfg.data_dir} (see formats.py for the formats)")
     return tok, model_cfg, streams
-
-
-def model_config(cfg, ckpt, recipe, tok):
-    """The model's config: a resumed run's own; else the recipe's preset, with what --init_text / --init_vision say."""
-    if ckpt is not None:
-        return flava.config_from_dict(ckpt["model_config"])
-    model_cfg = recipe.model_config(cfg, tok)
-    return pretrained.model_config(cfg, model_cfg, tok) if cfg.init_text or cfg.init_vision else model_cfg
 
 
 def setup_model(cfg, ckpt, recipe, model_cfg, streams, rank, ddp, device, bad):
@@ -421,7 +348,7 @@ def setup_model(cfg, ckpt, recipe, model_cfg, streams, rank, ddp, device, bad):
     streams instead."""
     model = flava.build_model(model_cfg)
     if ckpt is None:
-        recipe.prepare(cfg, model, streams, lambda fn: rank0_shares(fn, ddp, rank), atomic_save,
+        recipe.prepare(cfg, model, streams, lambda fn: runtime.rank0_shares(fn, ddp, rank), atomic_save,
                        lambda x: tqdm(x, desc="image tokenizer", leave=False, disable=rank != 0))
         for path, load in ((cfg.init_text, pretrained.load_text), (cfg.init_vision, pretrained.load_vision)):
             if path:
@@ -495,7 +422,7 @@ def next_batches(streams, kinds, accum, device, meter):
     """An update's `accum` micro-batches {kind: batch}, each fetched when forward_backward reaches it (so only one
     is on the device at a time); the samples are counted for the log."""
     for _ in range(accum):
-        batch = {k: to_device(next(streams[k]), device) for k in kinds}  # (a stream counts unreadable images in `bad`)
+        batch = {k: runtime.to_device(next(streams[k]), device) for k in kinds}  # (a stream counts unreadable images in `bad`)
         meter.samples += sum(len(b["image"] if k == "image" else b["ids"]) for k, b in batch.items())
         yield batch
 
@@ -555,7 +482,7 @@ def print_summary(history, final, cfg, bad):
 def main(argv=None):
     cfg, given = parse_args(sys.argv[1:] if argv is None else argv)
     ckpt = None
-    ddp, rank, _, world, device = setup_distributed(cfg.device)
+    ddp, rank, _, world, device = runtime.setup_distributed(cfg.device)
     try:
         if cfg.resume:  # continue a run: its config, overridden by what this command line says
             ckpt = load_checkpoint(cfg.resume, "cpu")
@@ -573,13 +500,13 @@ def main(argv=None):
             cfg = replace(cfg, **{k: v for k, v in recipe.defaults.items() if k not in given})
         return train(cfg, ckpt, ddp, rank, world, device)
     finally:
-        teardown()
+        runtime.teardown()
 
 
 def train(cfg, ckpt, ddp, rank, world, device):
     t_start, master, recipe = time.time(), rank == 0, RECIPES[cfg.recipe]
     print0 = lambda *a: print(*a, flush=True) if master else None      # noqa: E731
-    autocast, scaler, amp = amp_setup(cfg.amp, device)                   # (a bad --amp fails before any work)
+    autocast, scaler, amp = runtime.amp_setup(cfg.amp, device)                   # (a bad --amp fails before any work)
     micro, accum, per_rank = batch_plan(cfg, world)                      # (bad sizes fail before any work)
     per_rank = {k: n for k, n in per_rank.items() if k in recipe.kinds(cfg)}  # the recipe's data kinds
     os.makedirs(cfg.out_dir, exist_ok=True)

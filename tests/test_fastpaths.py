@@ -12,7 +12,7 @@ removing an optimisation fails a test as surely as breaking one.
     SDPA instead of the written-out softmax            model.Attention                test_sdpa_*
     all of them at once                                losses.xfm_losses              test_all_fast_paths_*
     fused AdamW (train.py and finetune.py on CUDA)     torch.optim.AdamW(fused=True)  test_fused_adamw_*
-    pinned memory + non_blocking copies                train.to_device                test_pinned_* (CUDA only)
+    pinned memory + non_blocking copies                runtime.to_device                test_pinned_* (CUDA only)
 """
 import pytest
 import torch
@@ -275,14 +275,14 @@ def test_fused_adamw_matches_foreach(batch, device):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_pinned_non_blocking_copy_is_exact(batch):
-    """train.to_device with non_blocking=True from pinned memory (what a DataLoader with pin_memory=True hands
+    """runtime.to_device with non_blocking=True from pinned memory (what a DataLoader with pin_memory=True hands
     out) gives the same tensors as a plain copy, once the stream is synchronized."""
-    train = pytest.importorskip("train")
+    runtime = pytest.importorskip("runtime")
     device = torch.device("cuda")
     for kind, b in batch.items():
         pinned = {k: v.pin_memory() for k, v in b.items()}
         assert all(v.is_pinned() for v in pinned.values())
-        got = train.to_device(pinned, device)
+        got = runtime.to_device(pinned, device)
         torch.cuda.synchronize()
         for k, v in b.items():
             assert torch.equal(got[k].cpu(), v), (kind, k)

@@ -3,7 +3,7 @@ from an empty data folder and an empty run folder for both recipes, then finetun
 task kind) on each recipe's checkpoint, the X-FM one from an empty data folder too. Each command has a wall-clock
 limit, so a hang (ranks pairing up the wrong collectives) fails here in minutes, never at CI's time limit.
 
-Also: train.rank0_shares, the "rank 0 prepares, the others use it" step, in 2 gloo processes."""
+Also: runtime.rank0_shares, the "rank 0 prepares, the others use it" step, in 2 gloo processes."""
 import json
 import os
 import signal
@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch.multiprocessing as mp
 
-import train
+import runtime
 from conftest import free_port, gloo_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +73,7 @@ def test_finetune_every_task_under_torchrun(pretrained_run, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# train.rank0_shares in 2 gloo processes
+# runtime.rank0_shares in 2 gloo processes
 
 
 def _shares_worker(rank, port, folder, results):
@@ -84,9 +84,9 @@ def _shares_worker(rank, port, folder, results):
             calls.append(rank)
             os.makedirs(os.path.join(folder, "made"))
             return {"made_by": rank, "existed_before": False}
-        got = train.rank0_shares(prepare, True, rank)
+        got = runtime.rank0_shares(prepare, True, rank)
         try:
-            train.rank0_shares(lambda: (_ for _ in ()).throw(SystemExit("error: rank 0 cannot")), True, rank)
+            runtime.rank0_shares(lambda: (_ for _ in ()).throw(SystemExit("error: rank 0 cannot")), True, rank)
             err = None
         except SystemExit as e:
             err = str(e.code)

@@ -65,6 +65,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import data  # noqa: E402
 import flava  # noqa: E402
 import losses  # noqa: E402
+import runtime  # noqa: E402
 import train  # noqa: E402
 from bench_data import bench_data  # noqa: E402  (section 4)
 from bench_hf import bench_hf  # noqa: E402  (section 3)
@@ -180,10 +181,10 @@ def bench_step(recipe, preset, device, B, dtype="fp32", attn="sdpa", compile="of
     reset_peak_memory(device)
     cfg, model, loss_fn = build(recipe, preset, attn_impl=attn)
     model = model.to(device).train()
-    batch = {k: train.to_device(b, device) for k, b in synthetic_batch(cfg, B, TEXT_LEN[preset], recipe).items()}
+    batch = {k: runtime.to_device(b, device) for k, b in synthetic_batch(cfg, B, TEXT_LEN[preset], recipe).items()}
     # one AdamW over every parameter (train.py's groups differ only in decay and lr, not in cost); fused on CUDA
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=device.type == "cuda")
-    autocast, scaler, _ = train.amp_setup(dtype, device)                # fp16 with a GradScaler, as train.py
+    autocast, scaler, _ = runtime.amp_setup(dtype, device)                # fp16 with a GradScaler, as train.py
     if compile != "off":  # what train.py does: the encoders, not the loss code (data-dependent shapes there)
         for name in ("text", "vision", "fusion"):
             if hasattr(model, name):
@@ -392,7 +393,7 @@ def main(argv=None):
         print(text, flush=True)
         report.append(text)
 
-    base_dtype = train.amp_setup("auto", device)[2]                    # train.py's --amp=auto: bf16 on a bf16 GPU
+    base_dtype = runtime.amp_setup("auto", device)[2]                    # train.py's --amp=auto: bf16 on a bf16 GPU
     skipped = {"fp16": None if on_cuda else "CPU autocast is bf16 only (train.py refuses --amp=fp16 on the CPU)",
                "bf16": None if base_dtype == "bf16" or not on_cuda else "this GPU does not support it", "fp32": None}
     for d in dtypes:

@@ -10,6 +10,7 @@ import torch
 import data
 import formats
 import toyworld
+import runtime
 import train
 from bench_meters import sync
 from model import make_config
@@ -71,7 +72,7 @@ def bench_copy(batches, device, reps=20):
                 sync(device)
                 t0 = time.perf_counter()
             for b in src.values():
-                train.to_device(b, device)
+                runtime.to_device(b, device)
         sync(device)
         dt = (time.perf_counter() - t0) / reps
         rows.append(dict(memory=name, mb=nbytes / 2 ** 20, ms=dt * 1e3, gb_per_s=nbytes / dt / 1e9))

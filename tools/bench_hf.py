@@ -5,7 +5,7 @@ import time
 
 import torch
 
-import train
+import runtime
 from bench_meters import sync
 from model import TextEncoder, VisionEncoder
 
@@ -44,7 +44,7 @@ def bench_hf(cfg, preset, device, B, T, dtype, iters, warmup):
         ids[b, n:], att[b, n:] = cfg.pad_id, 0
     images = torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=g)
     ids, att, images = ids.to(device), att.to(device), images.to(device)
-    autocast = train.amp_setup(dtype, device)[0]
+    autocast = runtime.amp_setup(dtype, device)[0]
     # each output reduced to one scalar to backpropagate: ours returns [mean of LN(patches), LN(patches)], HF's
     # BEiT the blocks' output and its pooler (LN of the mean): the same blocks and one LayerNorm each
     runs = [("language", f"{B} x {T} tokens", ours_t, lambda: ours_t(ids, att).float().mean(),

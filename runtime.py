@@ -1,0 +1,80 @@
+"""
+Where a process runs: its rank and device (under torchrun or alone), the "rank 0 prepares, every rank uses it"
+step, the autocast precision, and moving a batch to the device. train.py, finetune.py and the tools share it.
+"""
+import os
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+
+def setup_distributed(device_name):
+    """(ddp, rank, local_rank, world_size, device). Under torchrun (RANK in the env) the device comes from
+    LOCAL_RANK and is set *before* init_process_group; NCCL on CUDA, gloo on CPU."""
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device=cuda, but torch sees no CUDA device (use --device=auto or cpu)")
+    if device_name == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("error: --device=mps, but torch sees no MPS device (use --device=auto or cpu)")
+    if "RANK" in os.environ:
+        if device_name == "mps":
+            raise SystemExit("error: --device=mps has no distributed backend here; run it without torchrun")
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
+        if use_cuda:
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        return True, rank, local_rank, world, device
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return False, 0, 0, 1, torch.device(device_name)
+
+
+def rank0_shares(fn, ddp, rank):
+    """fn() on rank 0 alone, its result given to every rank: a "rank 0 prepares, the others use it" step decides
+    once and shares the decision (or the object itself), so no rank re-decides it from its own file system
+    (rank 0 may be creating the very folder the others would look for) and several nodes need no shared file
+    system. When fn fails on rank 0, every rank stops (rank 0 with the error), so none waits for a broadcast
+    that never comes."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except BaseException as e:  # SystemExit included: every rank must stop with it
+            error = e
+    if ddp:
+        box = [result, error is not None]
+        dist.broadcast_object_list(box, src=0)
+        result, failed = box
+        if failed and rank != 0:
+            raise SystemExit(1)  # rank 0 prints the error once
+    if error is not None:
+        raise error
+    return result
+
+
+def teardown():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def amp_setup(amp, device):
+    """(autocast context factory, GradScaler or None, dtype name). CPU autocast is bf16 only."""
+    if amp == "auto":  # check CUDA before probing bf16 support: probing without a driver crashes
+        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if amp == "fp32":
+        return nullcontext, None, amp
+    if amp == "fp16" and device.type != "cuda":
+        raise SystemExit("error: --amp=fp16 needs CUDA (use bf16 or fp32 on the CPU)")
+    if amp not in ("bf16", "fp16"):
+        raise SystemExit(f"error: --amp must be auto, bf16, fp16 or fp32, not {amp!r}")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None  # bf16 needs no loss scaling
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler, amp
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

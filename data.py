@@ -304,11 +304,9 @@ def pad_seqs(seqs, value):
     return out
 
 
-def attention(seqs, T):
-    att = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        att[i, : len(s)] = 1
-    return att
+def padding_mask(seqs, T):
+    """(B, T) long: 1 at the real tokens, 0 at the padding (the `att` every encoder takes)."""
+    return (torch.arange(T)[None, :] < torch.tensor([len(s) for s in seqs])[:, None]).long()
 
 
 class _Base(Dataset):
@@ -352,7 +350,7 @@ class TextDataset(_Base):
 
     def collate(self, samples):
         ids = pad_seqs([s["ids"] for s in samples], self.tok.pad_id)  # (B, T)
-        return {"ids": ids, "att": attention([s["ids"] for s in samples], ids.shape[1]),
+        return {"ids": ids, "att": padding_mask([s["ids"] for s in samples], ids.shape[1]),
                 "labels": pad_seqs([s["labels"] for s in samples], -100)}
 
 
@@ -419,7 +417,7 @@ class PairDataset(ImageDataset):
     def collate(self, samples):
         batch = super().collate(samples)
         ids = pad_seqs([s["ids"] for s in samples], self.tok.pad_id)  # (B, T)
-        batch.update(ids=ids, att=attention([s["ids"] for s in samples], ids.shape[1]),
+        batch.update(ids=ids, att=padding_mask([s["ids"] for s in samples], ids.shape[1]),
                      mlm_ids=pad_seqs([s["mlm_ids"] for s in samples], self.tok.pad_id),
                      mlm_labels=pad_seqs([s["mlm_labels"] for s in samples], -100),
                      img_id=torch.tensor([s["img_id"] for s in samples], dtype=torch.long),
@@ -469,7 +467,7 @@ class RegionDataset(_Base):
         ids = pad_seqs([t["ids"] for t in texts], self.tok.pad_id)  # (N, T)
         return {"image": torch.stack([s["image"] for s in samples]),  # (B_img, 3, S, S)
                 "img_index": torch.tensor(img_index, dtype=torch.long),  # (N,)
-                "ids": ids, "att": attention([t["ids"] for t in texts], ids.shape[1]),
+                "ids": ids, "att": padding_mask([t["ids"] for t in texts], ids.shape[1]),
                 "mlm_ids": pad_seqs([t["mlm_ids"] for t in texts], self.tok.pad_id),
                 "mlm_labels": pad_seqs([t["mlm_labels"] for t in texts], -100),
                 "box": torch.tensor([t["box"] for t in texts], dtype=torch.float32),  # (N, 4) cx, cy, w, h

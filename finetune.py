@@ -474,7 +474,7 @@ class Examples(Dataset):
             vals = [s[key] for s in samples]
             if key == "ids":
                 out["ids"] = data.pad_seqs(vals, self.pad_id)              # (B, T)
-                out["att"] = data.attention(vals, out["ids"].shape[1])     # (B, T)
+                out["att"] = data.padding_mask(vals, out["ids"].shape[1])     # (B, T)
             else:
                 out[key] = torch.stack(vals) if torch.is_tensor(vals[0]) else vals
         return out

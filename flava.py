@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from losses import itc_loss, mlm_loss
+from losses import itc_loss, mlm_loss, patchify
 from model import PRESETS, XFM, Block, MLMHead, XFMConfig
 
 # ---------------------------------------------------------------------------------------------------------
@@ -75,13 +75,6 @@ def build_model(cfg):
 
 # ---------------------------------------------------------------------------------------------------------
 # The frozen image tokenizer: a stand-in for the DALL-E dVAE
-
-
-def patchify(images, p):
-    """(B, 3, H, W) -> (B, P, 3*p*p): each patch's pixels, row-major over the grid (the ViT's patch order)."""
-    B, C, H, W = images.shape
-    x = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, gh, gw, p, p, C)
-    return x.reshape(B, (H // p) * (W // p), p * p * C)
 
 
 class PatchTokenizer(nn.Module):

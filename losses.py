@@ -207,13 +207,17 @@ def mim_loss(pred, target, mim_mask):
     return patch_term + slot0_term
 
 
+def patchify(images, p):
+    """(B, 3, H, W) -> (B, P, 3*p*p): each patch's pixels, row-major over the grid (the ViT's patch order)."""
+    B, C, H, W = images.shape
+    x = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, gh, gw, p, p, C)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
 def pixel_mim_loss(pred_pixels, images, mim_mask, patch_size):
     """MAE-style baseline target (mim_target=pixel): each masked patch regresses its own pixels,
     normalised per patch to zero mean and unit variance. pred_pixels (B, P, 3*p*p)."""
-    B, C, H, W = images.shape
-    p = patch_size
-    patches = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, gh, gw, p, p, C)
-    patches = patches.reshape(B, (H // p) * (W // p), p * p * C)           # (B, P, 3*p*p)
+    patches = patchify(images, patch_size)                                 # (B, P, 3*p*p)
     mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
     target = (patches - mean) / (var + 1e-6).sqrt()
     err = (pred_pixels.float() - target).pow(2).mean(-1)                   # (B, P)

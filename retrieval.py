@@ -31,8 +31,27 @@ def load_retrieval_set(path, tok, image_size, caption_len, bad):
     if not images:
         raise ValueError(f"{path}: no readable image-text pair for retrieval")
     ids = data.pad_seqs(seqs, tok.pad_id)
-    return {"image": torch.stack(images), "ids": ids, "att": data.attention(seqs, ids.shape[1]),
+    return {"image": torch.stack(images), "ids": ids, "att": data.padding_mask(seqs, ids.shape[1]),
             "txt2img": torch.tensor(txt2img, dtype=torch.long), "img2txt": img2txt}
+
+
+@torch.no_grad()
+def rerank(model, sim, t, att, v, k, autocast, query_is_text=True):
+    """ITM re-scoring of each query's ITC top k. sim (Nq, Nc): ITC scores of queries x candidates; t, att the
+    texts' states and mask, v the images' outputs (the queries' side indexed by query, the other by candidate).
+    -> (Nq, Nc): the ITM "match" logit for each query's k best candidates by ITC, -100 for every other pair."""
+    out = torch.full_like(sim, -100.0)
+    top = sim.topk(k, dim=1).indices                                       # (Nq, k)
+    for q in range(sim.shape[0]):
+        cand = top[q]
+        if query_is_text:
+            tt, aa, vv = t[q].expand(k, -1, -1), att[q].expand(k, -1), v[cand]
+        else:
+            tt, aa, vv = t[cand], att[cand], v[q].expand(k, -1, -1)
+        with autocast():
+            logit = model.itm_head(model.fuse(tt, aa, vv)[:, 0])[:, 1]      # ITM "match" logit
+        out[q, cand] = logit.float()
+    return out
 
 
 @torch.no_grad()
@@ -49,20 +68,6 @@ def evaluate_retrieval(model, rs, device, k, batch_size, autocast):
     att = rs["att"].to(device)
     itc = (f_t @ f_v.t()).float()                                          # (Nt, Ni) text x image
     k = min(k, itc.shape[1], itc.shape[0])
-
-    def rerank(sim, query_is_text):
-        out = torch.full_like(sim, -100.0)
-        top = sim.topk(k, dim=1).indices                                   # (Nq, k)
-        for q in range(sim.shape[0]):
-            cand = top[q]
-            if query_is_text:
-                tt, aa, vv = t[q].expand(k, -1, -1), att[q].expand(k, -1), v[cand]
-            else:
-                tt, aa, vv = t[cand], att[cand], v[q].expand(k, -1, -1)
-            with autocast():
-                logit = model.itm_head(model.fuse(tt, aa, vv)[:, 0])[:, 1]  # ITM "match" logit
-            out[q, cand] = logit.float()
-        return out
 
     txt2img, img2txt = rs["txt2img"].to(device), rs["img2txt"]
 
@@ -88,9 +93,9 @@ def evaluate_retrieval(model, rs, device, k, batch_size, autocast):
         res[f"t2i_itc_{name}"] = r
     for name, r in recall_i2t(itc.t()).items():
         res[f"i2t_itc_{name}"] = r
-    for name, r in recall_t2i(rerank(itc, True)).items():
+    for name, r in recall_t2i(rerank(model, itc, t, att, v, k, autocast)).items():
         res[f"t2i_{name}"] = r
-    for name, r in recall_i2t(rerank(itc.t().contiguous(), False)).items():
+    for name, r in recall_i2t(rerank(model, itc.t().contiguous(), t, att, v, k, autocast, query_is_text=False)).items():
         res[f"i2t_{name}"] = r
     res["t2i_chance_r1"] = 100.0 / itc.shape[1]
     res["i2t_chance_r1"] = float(np.mean([len(x) for x in img2txt])) * 100.0 / itc.shape[0]

@@ -86,14 +86,15 @@ def _signature(objs, S):
     return tuple(sorted((o["size"], o["colour"], o["shape"], _pos(o, S)) for o in objs))
 
 
-def _a(phrase):
-    return ("an " if phrase[0] in "aeiou" else "a ") + phrase  # "an orange circle"
+def with_article(phrase):
+    """The phrase with its article: a red circle, an orange circle."""
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def _np(o, rng, p_size=0.7):
+def noun_phrase(o, rng, p_size=0.7):
     """Noun phrase: "a large red circle" (the size word is dropped with probability 1 - p_size)."""
     size = f"{o['size']} " if rng.random() < p_size else ""
-    return _a(f"{size}{o['colour']} {o['shape']}")
+    return with_article(f"{size}{o['colour']} {o['shape']}")
 
 
 def _caption(objs, S, rng, full=False):
@@ -103,13 +104,13 @@ def _caption(objs, S, rng, full=False):
     t = 0 if full else int(rng.integers(4))
     rel = lambda a, b: REL_WORDS[_rel(a, b)][rng.integers(2)]  # noqa: E731
     if len(o) == 1:
-        A = _np(o[0], rng, p_size=p)
+        A = noun_phrase(o[0], rng, p_size=p)
         return [f"{A} {_where(o[0], S)}", A, f"there is one shape: {A}", f"{A} on a plain background"][t]
     if len(o) == 2:
-        A, B = _np(o[0], rng, p_size=p), _np(o[1], rng, p_size=p)
+        A, B = noun_phrase(o[0], rng, p_size=p), noun_phrase(o[1], rng, p_size=p)
         return [f"{A} {rel(o[0], o[1])} {B}", f"{A} is {rel(o[0], o[1])} {B}",
                 f"there are two shapes: {A} and {B}", f"{A} and {B}"][t]
-    A, B, C = (_np(x, rng, p_size=p) for x in o)
+    A, B, C = (noun_phrase(x, rng, p_size=p) for x in o)
     if t == 0:  # the complete form: all three shapes and two relations
         return f"{A} {rel(o[0], o[1])} {B}, and {C} {rel(o[2], o[0])} the {o[0]['colour']} {o[0]['shape']}"
     if t == 1:
@@ -117,7 +118,7 @@ def _caption(objs, S, rng, full=False):
     return f"there are three shapes: {A}, {B} and {C}" if t == 2 else f"three shapes: {A}, {B} and {C}"
 
 
-def _captions2(objs, S, rng, full=False):
+def two_captions(objs, S, rng, full=False):
     """Two different captions of one scene (when the grammar allows)."""
     a = _caption(objs, S, rng, full)
     for _ in range(5):
@@ -179,10 +180,10 @@ def _vqa(objs, rng):
             return f"is {A} {REL_WORDS[r if yes else OPPOSITE[r]][0]} {B}?", "yes" if yes else "no"
         if kind == 5:
             if rng.random() < 0.5:
-                return f"is there {_a(o['colour'] + ' ' + o['shape'])}?", "yes"
+                return f"is there {with_article(o['colour'] + ' ' + o['shape'])}?", "yes"
             c, s = list(COLOURS)[rng.integers(len(COLOURS))], SHAPES[rng.integers(len(SHAPES))]
             if all((x["colour"], x["shape"]) != (c, s) for x in objs):
-                return f"is there {_a(c + ' ' + s)}?", "no"
+                return f"is there {with_article(c + ' ' + s)}?", "no"
 
 
 def _nlvr(left, right, rng):
@@ -196,14 +197,14 @@ def _nlvr(left, right, rng):
         has = lambda objs, key, v: any(x[key] == v for x in objs)  # noqa: E731
         c, s = o["colour"], o["shape"]
         if t == 0:
-            sent, label = f"both images contain {_a(c)} shape", has(left, "colour", c) and has(right, "colour", c)
+            sent, label = f"both images contain {with_article(c)} shape", has(left, "colour", c) and has(right, "colour", c)
         elif t == 1:
             sent, label = f"both images contain a {s}", has(left, "shape", s) and has(right, "shape", s)
         elif t == 2:
             sent, label = f"there is a {s} in exactly one image", has(left, "shape", s) != has(right, "shape", s)
         elif t == 3:
             side, objs = ("left", left) if rng.random() < 0.5 else ("right", right)
-            sent = f"the {side} image contains {_a(c + ' ' + s)}"
+            sent = f"the {side} image contains {with_article(c + ' ' + s)}"
             label = any((x["colour"], x["shape"]) == (c, s) for x in objs)
         elif t == 4:
             sent, label = "the left image has more shapes than the right image", len(left) > len(right)
@@ -217,7 +218,7 @@ def _nlvr(left, right, rng):
 def _textcls(rng, S):
     """Premise listing a scene + a claim; label 1 if the claimed object is in the list (learnable from text)."""
     objs = _layout(rng, S, n=int(rng.integers(2, 4)))
-    phrases = [_np(o, rng) for o in objs]
+    phrases = [noun_phrase(o, rng) for o in objs]
     premise = f"there are {NUMBERS[len(objs)]} shapes: " + ", ".join(phrases[:-1]) + f" and {phrases[-1]}"
     o = objs[rng.integers(len(objs))]
     c, s = o["colour"], o["shape"]
@@ -229,7 +230,7 @@ def _textcls(rng, S):
         else:
             s = SHAPES[rng.integers(len(SHAPES))]
     claim = ["so there is", "so the scene has", "therefore we see"][rng.integers(3)]
-    return {"text": f"{premise}. {claim} {_a(c + ' ' + s)}.", "label": label,
+    return {"text": f"{premise}. {claim} {with_article(c + ' ' + s)}.", "label": label,
             "label_name": ["inconsistent", "consistent"][label]}
 
 
@@ -282,7 +283,7 @@ def make_toy(out_dir, seed=0, size=64, n_pairs=4000, n_regions=1500, n_text=3000
         objs = _layout(rng, S)
         if _signature(objs, S) not in held:
             held.add(_signature(objs, S))
-            caps = _captions2(objs, S, rng, full=True)[: 1 + int(rng.random() < 0.5)]
+            caps = two_captions(objs, S, rng, full=True)[: 1 + int(rng.random() < 0.5)]
             test.append({"image": save(objs, rng, f"img/test_{len(test):05d}.png"), "caption": caps})
     _write_jsonl(os.path.join(out_dir, "pairs_test.jsonl"), test)
 
@@ -296,14 +297,14 @@ def make_toy(out_dir, seed=0, size=64, n_pairs=4000, n_regions=1500, n_text=3000
     pairs = []
     for i in range(n_pairs):
         objs = fresh(rng)
-        pairs.append({"image": save(objs, rng, f"img/pair_{i:05d}.png"), "caption": _captions2(objs, S, rng)})
+        pairs.append({"image": save(objs, rng, f"img/pair_{i:05d}.png"), "caption": two_captions(objs, S, rng)})
     _write_jsonl(os.path.join(out_dir, "pairs.jsonl"), pairs)
 
     rng, regions = part["region"], []
     for i in range(n_regions):
         objs = fresh(rng)
         # one phrase per shape, sometimes with its place: "a small blue square at the bottom"
-        regs = [{"box": o["box"], "caption": _np(o, rng, 0.8) + (f" {_where(o, S)}" if rng.random() < 0.3 else "")}
+        regs = [{"box": o["box"], "caption": noun_phrase(o, rng, 0.8) + (f" {_where(o, S)}" if rng.random() < 0.3 else "")}
                 for o in objs]
         regions.append({"image": save(objs, rng, f"img/region_{i:05d}.png"), "caption": _caption(objs, S, rng),
                         "regions": regs})

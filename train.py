@@ -486,11 +486,9 @@ def main(argv=None):
     try:
         if cfg.resume:  # continue a run: its config, overridden by what this command line says
             ckpt = load_checkpoint(cfg.resume, "cpu")
-            resume_from = cfg.resume
-            cfg = TrainConfig(**{**ckpt["train_config"], **given})
-            cfg.resume = resume_from
+            cfg = TrainConfig(**{**ckpt["train_config"], **given})               # (given holds --resume itself)
             if "out_dir" not in given:
-                cfg.out_dir = resume_from if os.path.isdir(resume_from) else os.path.dirname(resume_from) or "."
+                cfg.out_dir = cfg.resume if os.path.isdir(cfg.resume) else os.path.dirname(cfg.resume) or "."
         recipe = RECIPES[cfg.recipe]
         refused = [k for k in recipe.refused if k in given]
         if refused:

@@ -56,7 +56,7 @@ def heldout_mlm(run_dir, batch_size=128):
     ce, correct, n = 0.0, 0, 0
     for i in range(0, len(seqs), batch_size):
         ids = data.pad_seqs(seqs[i:i + batch_size], tok.pad_id)           # (B, T)
-        att = data.attention(seqs[i:i + batch_size], ids.shape[1])         # (B, T)
+        att = data.padding_mask(seqs[i:i + batch_size], ids.shape[1])         # (B, T)
         y = data.pad_seqs(labels[i:i + batch_size], -100)                  # (B, T), -100 where not masked
         sel = y != -100
         logits = head(text_states(ids, att)[sel]).float()                 # (M, V) at the masked positions only

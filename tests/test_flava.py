@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import data
 import formats
+import losses
 import finetune
 import flava
 import train
@@ -287,9 +288,9 @@ def test_kmeans_codebook_recovers_clusters_and_tokenizes_patches():
     tok.codebook.copy_(c)
     # an image whose first row of patches shows the centres in order: those patches get the centres' codes
     img = torch.zeros(1, 3, k * p, k * p)
-    for i in range(k):  # a patch vector is laid out (row, col, channel), as flava.patchify reads it
+    for i in range(k):  # a patch vector is laid out (row, col, channel), as losses.patchify reads it
         img[0, :, :p, i * p:(i + 1) * p] = centres[i].view(p, p, 3).permute(2, 0, 1)
-    assert torch.equal(flava.patchify(img, p)[0, :k], centres)
+    assert torch.equal(losses.patchify(img, p)[0, :k], centres)
     ids = tok(img)                                                         # (1, k*k)
     assert ids[0, :k].tolist() == torch.cdist(centres, c).argmin(1).tolist()
 

@@ -28,6 +28,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import toyworld  # noqa: E402
 
 RECIPES = {  # id (also the run folder's prefix) -> (column title, train.py arguments)
     "xfm": ("X-FM", []),
@@ -157,8 +159,7 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     t0 = time.time()
     if not args.table:
-        if not os.path.isdir("data/toy"):  # build it once, before several runs race to build it
-            subprocess.run([sys.executable, "data.py", "toy", "--out", "data/toy"], check=True)
+        toyworld.build_if_missing("data/toy")  # once, before several runs race to build it
         jobs = [(name, seed) for seed in seeds for name in RECIPES]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             list(pool.map(lambda job: run_one(*job, args), jobs))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import data
+import retrieval
 
 
 def plot_curves(records, path, chance=None, bands=None, cols=4, w=300, h=200):
@@ -130,12 +131,11 @@ def retrieval_sheet(xfm, rs, tok, autocast, device, k_test, path, n_queries=6, k
         ids, att = rs["ids"][qs].to(device), rs["att"][qs].to(device)
         t = xfm.encode_text(ids, att)                                      # (n, T, D)
         f_t, f_v = xfm.itc_features(t, v)
-        kk = min(k_test, len(v))
-        for i, q in enumerate(qs.tolist()):
-            cand = (f_t[i] @ f_v.t()).topk(kk).indices                     # the ITC top k
-            h = xfm.fuse(t[i:i + 1].expand(kk, -1, -1), att[i:i + 1].expand(kk, -1), v[cand])[:, 0]
-            order = xfm.itm_head(h)[:, 1].float().argsort(descending=True)  # by the ITM "match" logit
-            rows.append((tok.decode(rs["ids"][q].tolist()), cand[order][:k].tolist(), int(rs["txt2img"][q])))
+    kk = min(k_test, len(v))
+    scores = retrieval.rerank(xfm, (f_t @ f_v.t()).float(), t, att, v, kk, autocast)  # (n, Ni), -100 off the top k
+    for i, q in enumerate(qs.tolist()):
+        top = scores[i].topk(min(k, kk)).indices                           # by the ITM "match" logit
+        rows.append((tok.decode(rs["ids"][q].tolist()), top.tolist(), int(rs["txt2img"][q])))
     left, pad = 260, 6
     sheet = Image.new("RGB", (left + k * (size + pad), len(rows) * (size + 2 * pad)), "white")
     draw = ImageDraw.Draw(sheet)

@@ -28,6 +28,7 @@ smallest area (fraction of the image) of the box-preserving crop of the region s
 import math
 import os
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -309,18 +310,37 @@ def padding_mask(seqs, T):
     return (torch.arange(T)[None, :] < torch.tensor([len(s) for s in seqs])[:, None]).long()
 
 
+@dataclass
+class DataConfig:
+    """What every dataset of a run shares (train.py fills it from its config and the model's)."""
+    image_size: int
+    patch_size: int
+    text_len: int = 64              # max tokens of a text-only document
+    caption_len: int = 30           # max tokens of a caption (pairs, regions)
+    seed: int = 0                   # with (stream, epoch, index): each sample's own random generator
+    hflip: bool = False             # horizontal flip of the pair and image views
+    crop_scale: tuple = (0.8, 1.0)  # random resized crop; [0] also bounds the region crop's area (1, 1: no crop)
+    caption_mask: str = "xfm"       # a CAPTION_MASKING key: how pair captions are masked
+    itm_neg_prob: float = 0.0       # FLAVA: the fraction of pairs whose caption is swapped (ITM negatives)
+    max_regions: int = 5            # region captions sampled per image
+
+    @property
+    def grid(self):
+        return self.image_size // self.patch_size
+
+
 class _Base(Dataset):
     """Shared plumbing: per-sample rng and image loading with a deterministic fallback."""
 
-    def __init__(self, items, kind, seed, bad):
-        self.items, self.salt, self.seed, self.bad = items, KINDS.index(kind), seed, bad
+    def __init__(self, items, kind, dc, bad):
+        self.items, self.salt, self.dc, self.bad = items, KINDS.index(kind), dc, bad
 
     def __len__(self):
         return len(self.items)
 
     def rng(self, epoch, index):
         # the sample's own generator: independent of worker count and of what ran before (exact resume)
-        return np.random.default_rng([self.seed, self.salt, epoch, index])
+        return np.random.default_rng([self.dc.seed, self.salt, epoch, index])
 
     def load(self, index):
         """-> (j, PIL image, n_bad): item j is index or, if its image cannot be decoded, the next readable one."""
@@ -338,13 +358,13 @@ class _Base(Dataset):
 
 
 class TextDataset(_Base):
-    def __init__(self, texts, tok, text_len, seed, bad):
-        super().__init__(texts, "text", seed, bad)
-        self.tok, self.text_len = tok, text_len
+    def __init__(self, texts, tok, dc, bad):
+        super().__init__(texts, "text", dc, bad)
+        self.tok = tok
 
     def __getitem__(self, key):
         index, epoch = key
-        ids = self.tok.encode(self.items[index], self.text_len)
+        ids = self.tok.encode(self.items[index], self.dc.text_len)
         masked, labels = mask_text(ids, self.tok, 0.15, 20, self.rng(epoch, index))
         return {"ids": masked, "labels": labels}
 
@@ -355,17 +375,16 @@ class TextDataset(_Base):
 
 
 class ImageDataset(_Base):
-    def __init__(self, items, image_size, grid, seed, bad, hflip, crop_scale, kind="image"):
-        super().__init__(items, kind, seed, bad)
-        self.size, self.grid, self.hflip, self.crop_scale = image_size, grid, hflip, crop_scale
+    def __init__(self, items, dc, bad, kind="image"):
+        super().__init__(items, kind, dc, bad)
 
     def image_and_mask(self, key):
         index, epoch = key
         rng = self.rng(epoch, index)
         j, img, n_bad = self.load(index)
-        x = random_resized_crop(img, self.size, rng, scale=self.crop_scale, hflip=self.hflip)
+        x = random_resized_crop(img, self.dc.image_size, rng, scale=self.dc.crop_scale, hflip=self.dc.hflip)
         # the masked and unmasked MIM views are this same tensor; only the mask differs (docs/METHOD.md §5.3)
-        m = block_mask(self.grid, *mim_counts(self.grid), rng)
+        m = block_mask(self.dc.grid, *mim_counts(self.dc.grid), rng)
         return j, x, torch.from_numpy(m), n_bad, rng
 
     def __getitem__(self, key):
@@ -393,23 +412,21 @@ class PairDataset(ImageDataset):
     """Image-text pairs. itm_neg_prob > 0 (FLAVA): with that probability the caption is replaced by the caption
     of a random pair with another image, and itm_label says 0 (1 = the caption matches the image)."""
 
-    def __init__(self, pairs, tok, image_size, grid, caption_len, seed, bad, hflip, crop_scale, caption_mask="xfm",
-                 itm_neg_prob=0.0):
-        super().__init__(pairs, image_size, grid, seed, bad, hflip, crop_scale, kind="pair")
-        self.tok, self.caption_len, self.img_ids = tok, caption_len, _image_ids(pairs)
-        self.prob, self.max_masks, self.skipgram = CAPTION_MASKING[caption_mask]
-        self.itm_neg_prob = itm_neg_prob
+    def __init__(self, pairs, tok, dc, bad):
+        super().__init__(pairs, dc, bad, kind="pair")
+        self.tok, self.img_ids = tok, _image_ids(pairs)
+        self.prob, self.max_masks, self.skipgram = CAPTION_MASKING[dc.caption_mask]
 
     def __getitem__(self, key):
         j, x, m, n_bad, rng = self.image_and_mask(key)
         caption, match = self.items[j]["caption"], 1                      # j: the caption goes with the image
-        if self.itm_neg_prob and rng.random() < self.itm_neg_prob:
+        if self.dc.itm_neg_prob and rng.random() < self.dc.itm_neg_prob:
             for _ in range(10):  # a random pair showing another image (10 tries: duplicates are rare)
                 k = int(rng.integers(len(self.items)))
                 if self.img_ids[k] != self.img_ids[j]:
                     caption, match = self.items[k]["caption"], 0
                     break
-        ids = self.tok.encode(caption, self.caption_len)
+        ids = self.tok.encode(caption, self.dc.caption_len)
         mlm_ids, mlm_labels = mask_text(ids, self.tok, self.prob, self.max_masks, rng, skipgram_prob=self.skipgram)
         return {"image": x, "mim_mask": m, "ids": ids, "mlm_ids": mlm_ids, "mlm_labels": mlm_labels,
                 "img_id": self.img_ids[j], "itm_label": match, "bad": n_bad}
@@ -426,12 +443,11 @@ class PairDataset(ImageDataset):
 
 
 class RegionDataset(_Base):
-    """One item = one image with up to max_regions sampled region captions, plus its whole-image caption."""
+    """One item = one image with up to dc.max_regions sampled region captions, plus its whole-image caption."""
 
-    def __init__(self, records, tok, image_size, grid, caption_len, seed, bad, max_regions=5, min_scale=0.0):
-        super().__init__(records, "region", seed, bad)
-        self.tok, self.size, self.grid, self.caption_len = tok, image_size, grid, caption_len
-        self.max_regions, self.min_scale, self.img_ids = max_regions, min_scale, _image_ids(records)
+    def __init__(self, records, tok, dc, bad):
+        super().__init__(records, "region", dc, bad)
+        self.tok, self.img_ids = tok, _image_ids(records)
 
     def __getitem__(self, key):
         index, epoch = key
@@ -439,22 +455,23 @@ class RegionDataset(_Base):
         j, img, n_bad = self.load(index)
         rec = self.items[j]
         regs = rec["regions"]
-        pick = rng.choice(len(regs), min(self.max_regions, len(regs)), replace=False)
+        pick = rng.choice(len(regs), min(self.dc.max_regions, len(regs)), replace=False)
         # the crop keeps every sampled box whole, so no region is lost (no hflip: it would swap left/right words)
-        x, boxes = region_crop(img, [regs[i]["box"] for i in pick], self.size, rng, min_scale=self.min_scale)
+        x, boxes = region_crop(img, [regs[i]["box"] for i in pick], self.dc.image_size, rng,
+                               min_scale=self.dc.crop_scale[0])
         texts = []
         for i, box in zip(pick, boxes):
             if box is None:  # cannot happen while the crop keeps every sampled box; kept as a guard
                 continue
             caps = regs[i]["captions"]
-            texts.append((caps[rng.integers(len(caps))], box, True, box_patch_mask(box, self.grid)))
+            texts.append((caps[rng.integers(len(caps))], box, True, box_patch_mask(box, self.dc.grid)))
         if rec["captions"]:  # the whole-image caption: box = the whole image, every patch visible
             caps = rec["captions"]
             texts.append((caps[rng.integers(len(caps))], (0.5, 0.5, 1.0, 1.0), False,
-                          np.ones(self.grid * self.grid, dtype=bool)))
+                          np.ones(self.dc.grid ** 2, dtype=bool)))
         out = []
         for cap, box, is_region, pmask in texts:
-            ids = self.tok.encode(cap, self.caption_len)
+            ids = self.tok.encode(cap, self.dc.caption_len)
             mlm_ids, mlm_labels = mask_text(ids, self.tok, 0.5, 15, rng)
             out.append({"ids": ids, "mlm_ids": mlm_ids, "mlm_labels": mlm_labels, "box": box,
                         "is_region": is_region, "patch_mask": pmask})
@@ -551,16 +568,12 @@ class Stream:
         self.batches, self._it = int(state["batches"]), None
 
 
-def build_streams(data_dir, tok, *, image_size, patch_size, batch_size, text_len, caption_len, seed, rank,
-                  world_size, num_workers, bad, hflip, crop_scale, max_regions=5, caption_mask="xfm", itm_neg_prob=0.0,
-                  pin_memory=False):
+def build_streams(data_dir, tok, dc, batch_size, bad, rank=0, world_size=1, num_workers=0, pin_memory=False):
     """{kind: Stream} for every kind present in data_dir and named in batch_size (a dict kind -> per-rank batch;
-    for "region" it counts images). crop_scale[0] also bounds the region crop's area from below;
-    crop_scale=(1, 1) turns every crop off, the region crop included."""
-    assert image_size % patch_size == 0, "image_size must be a multiple of patch_size"
-    grid = image_size // patch_size
+    for "region" it counts images), each dataset built with the run's DataConfig dc."""
+    assert dc.image_size % dc.patch_size == 0, "image_size must be a multiple of patch_size"
+    datasets = {"text": TextDataset, "pair": PairDataset, "region": RegionDataset}
     streams = {}
-    # caption_mask: a CAPTION_MASKING key (xfm | flava); itm_neg_prob: FLAVA's swapped captions (PairDataset)
     for kind, path in formats.find_sources(data_dir).items():
         if kind not in KINDS:
             continue
@@ -569,17 +582,8 @@ def build_streams(data_dir, tok, *, image_size, patch_size, batch_size, text_len
                 print(f"note: {path} found, but no batch size for '{kind}': stream not used", file=sys.stderr)
             continue
         items = formats.PARSERS[kind](path, bad)
-        if kind == "text":
-            ds = TextDataset(items, tok, text_len, seed, bad)
-        elif kind == "image":
-            ds = ImageDataset(items, image_size, grid, seed, bad, hflip, crop_scale)
-        elif kind == "pair":
-            ds = PairDataset(items, tok, image_size, grid, caption_len, seed, bad, hflip, crop_scale, caption_mask,
-                             itm_neg_prob)
-        else:
-            ds = RegionDataset(items, tok, image_size, grid, caption_len, seed, bad, max_regions,
-                               min_scale=crop_scale[0])
-        streams[kind] = Stream(kind, ds, batch_size[kind], seed=seed, rank=rank, world_size=world_size,
+        ds = ImageDataset(items, dc, bad) if kind == "image" else datasets[kind](items, tok, dc, bad)
+        streams[kind] = Stream(kind, ds, batch_size[kind], seed=dc.seed, rank=rank, world_size=world_size,
                                num_workers=num_workers, bad=bad, pin_memory=pin_memory)
     return {k: streams[k] for k in KINDS if k in streams}
 

@@ -331,12 +331,11 @@ def setup_data(cfg, ckpt, recipe, per_rank, rank, world, ddp, device, bad):
         model_cfg = recipe.model_config(cfg, tok)
         if cfg.init_text or cfg.init_vision:
             model_cfg = pretrained.model_config(cfg, model_cfg, tok)
-    streams = data.build_streams(cfg.data_dir, tok, image_size=model_cfg.image_size, patch_size=model_cfg.patch_size,
-                                 batch_size=per_rank, text_len=cfg.text_len,
-                                 caption_len=cfg.caption_len, seed=cfg.seed, rank=rank, world_size=world,
-                                 num_workers=cfg.num_workers, bad=bad, hflip=cfg.hflip,
-                                 crop_scale=(cfg.crop_min_scale, 1.0), caption_mask=cfg.recipe,
-                                 itm_neg_prob=getattr(model_cfg, "itm_neg_prob", 0.0), pin_memory=device.type == "cuda")
+    dc = data.DataConfig(model_cfg.image_size, model_cfg.patch_size, cfg.text_len, cfg.caption_len, cfg.seed, cfg.hflip,
+                         (cfg.crop_min_scale, 1.0), caption_mask=cfg.recipe,
+                         itm_neg_prob=getattr(model_cfg, "itm_neg_prob", 0.0))
+    streams = data.build_streams(cfg.data_dir, tok, dc, per_rank, bad, rank, world, cfg.num_workers,
+                                 pin_memory=device.type == "cuda")
     if not streams:
         raise SystemExit(f"error: no training data found in {cfg.data_dir} (see formats.py for the formats)")
     return tok, model_cfg, streams
@@ -467,10 +466,9 @@ def print_summary(history, final, cfg, bad):
         r = final["retrieval"]
         print(f"zero-shot retrieval on {r['n_images']} held-out images / {r['n_texts']} captions "
               f"(ITC top-{cfg.eval_k} re-ranked by ITM):")
-        print(f"  text->image R@1 {r['t2i_r1']:.1f}  R@5 {r['t2i_r5']:.1f}  R@10 {r['t2i_r10']:.1f}   "
-              f"(ITC alone R@1 {r['t2i_itc_r1']:.1f}; chance R@1 {r['t2i_chance_r1']:.1f})")
-        print(f"  image->text R@1 {r['i2t_r1']:.1f}  R@5 {r['i2t_r5']:.1f}  R@10 {r['i2t_r10']:.1f}   "
-              f"(ITC alone R@1 {r['i2t_itc_r1']:.1f}; chance R@1 {r['i2t_chance_r1']:.1f})")
+        for d, name in (("t2i", "text->image"), ("i2t", "image->text")):
+            print(f"  {name} R@1 {r[d + '_r1']:.1f}  R@5 {r[d + '_r5']:.1f}  R@10 {r[d + '_r10']:.1f}   "
+                  f"(ITC alone R@1 {r[d + '_itc_r1']:.1f}; chance R@1 {r[d + '_chance_r1']:.1f})")
     if bad.counts():
         print("bad input skipped: " + bad.summary())
 
@@ -481,11 +479,10 @@ def print_summary(history, final, cfg, bad):
 
 def main(argv=None):
     cfg, given = parse_args(sys.argv[1:] if argv is None else argv)
-    ckpt = None
     ddp, rank, _, world, device = runtime.setup_distributed(cfg.device)
     try:
-        if cfg.resume:  # continue a run: its config, overridden by what this command line says
-            ckpt = load_checkpoint(cfg.resume, "cpu")
+        ckpt = load_checkpoint(cfg.resume, "cpu") if cfg.resume else None
+        if ckpt is not None:  # continue a run: its config, overridden by what this command line says
             cfg = TrainConfig(**{**ckpt["train_config"], **given})               # (given holds --resume itself)
             if "out_dir" not in given:
                 cfg.out_dir = cfg.resume if os.path.isdir(cfg.resume) else os.path.dirname(cfg.resume) or "."

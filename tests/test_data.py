@@ -17,7 +17,7 @@ import toyworld  # noqa: E402
 import retrieval  # noqa: E402
 
 SMALL = dict(size=32, n_pairs=24, n_regions=12, n_text=30, n_images=12, n_test=10, n_down=8, progress=False)
-KW = dict(image_size=32, patch_size=8, text_len=32, caption_len=16, seed=0, rank=0, world_size=1)
+DC = dict(image_size=32, patch_size=8, text_len=32, caption_len=16, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +42,10 @@ def read_tree(root):
     return out
 
 
-def streams(toy, tok, bs=4, num_workers=0, **kw):
-    args = dict(KW, batch_size={k: bs for k in D.KINDS}, num_workers=num_workers,
-                bad=formats.BadInput(verbose=False), hflip=True, crop_scale=(0.5, 1.0))
-    args.update(kw)
-    return D.build_streams(toy, tok, **args)
+def streams(toy, tok, bs=4, num_workers=0, rank=0, world_size=1, **kw):
+    dc = D.DataConfig(**{**DC, "hflip": True, "crop_scale": (0.5, 1.0), **kw})
+    return D.build_streams(toy, tok, dc, {k: bs for k in D.KINDS}, formats.BadInput(verbose=False), rank, world_size,
+                           num_workers)
 
 
 # ----------------------------------------------------------------------------- toy world
@@ -150,7 +149,7 @@ def test_bad_input_strict(tmp_path):
         formats.parse_regions(str(d / "regions.jsonl"), formats.BadInput(strict=True))
     (d / "ok.jsonl").write_text(json.dumps({"image": "img/broken.png", "caption": "x"}) + "\n")
     strict = formats.BadInput(strict=True)
-    ds = D.PairDataset(formats.parse_pairs(str(d / "ok.jsonl"), strict), None, 32, 4, 16, 0, strict, False, (1, 1))
+    ds = D.PairDataset(formats.parse_pairs(str(d / "ok.jsonl"), strict), None, D.DataConfig(32, 8, 16, 16, 0, False, (1, 1)), strict)
     with pytest.raises(ValueError, match=r"ok\.jsonl:1: unreadable image"):
         ds[(0, 0)]
 
@@ -159,7 +158,7 @@ def test_unreadable_image_is_replaced_and_counted(tmp_path, tok):
     d = bad_folder(tmp_path)
     bad = formats.BadInput(verbose=False)
     pairs = formats.parse_pairs(str(d / "pairs.jsonl"), bad)
-    ds = D.PairDataset(pairs, tok, 32, 4, 16, 0, bad, False, (1, 1))
+    ds = D.PairDataset(pairs, tok, D.DataConfig(32, 8, 16, 16, 0, False, (1, 1)), bad)
     s = ds[(1, 0)]  # item 1 is broken.png: the next item (img/2.png) stands in, flagged bad
     assert s["bad"] == 1 and s["img_id"] == ds.img_ids[2]
     assert tok.decode(s["ids"]) == "a red square"

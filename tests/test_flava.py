@@ -177,7 +177,7 @@ def test_itm_negatives_swap_in_another_images_caption(toy, tmp_path):
     own = lambda j: tok.encode(pairs[j]["caption"], 24)  # noqa: E731
 
     def dataset(prob):
-        return data.PairDataset(pairs, tok, 32, 4, 24, 0, bad, False, (1, 1), caption_mask="flava", itm_neg_prob=prob)
+        return data.PairDataset(pairs, tok, data.DataConfig(32, 8, 24, 24, 0, False, (1, 1), "flava", prob), bad)
 
     matched = [dataset(0.0)[(i, 0)] for i in range(20)]
     assert all(s["itm_label"] == 1 and s["ids"] == own(i) for i, s in enumerate(matched))
@@ -193,7 +193,7 @@ def test_itm_negatives_swap_in_another_images_caption(toy, tmp_path):
     few = [{**pairs[0], "image": images[n // 5], "caption": c} for n, c in enumerate(caps)]
     owner = {tuple(tok.encode(c, 24)): few[n]["image"] for n, c in enumerate(caps)}
     assert len(owner) == 20
-    ds = data.PairDataset(few, tok, 32, 4, 24, 0, bad, False, (1, 1), caption_mask="flava", itm_neg_prob=1.0)
+    ds = data.PairDataset(few, tok, data.DataConfig(32, 8, 24, 24, 0, False, (1, 1), "flava", 1.0), bad)
     for i in range(20):
         s = ds[(i, 0)]
         assert s["itm_label"] == 0 and owner[tuple(s["ids"])] != few[i]["image"], i

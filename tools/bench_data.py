@@ -28,11 +28,10 @@ def bench_data(device, out_dir, n_batches, step_s, eats):
     for workers in (0, 2):
         for kind in data.KINDS:
             # one stream at a time (batch_size names only this kind), so idle workers of others do not compete
-            streams = data.build_streams(tc.data_dir, tok, image_size=mcfg.image_size, patch_size=mcfg.patch_size,
-                                         batch_size={kind: per_rank[kind]}, text_len=tc.text_len,
-                                         caption_len=tc.caption_len, seed=tc.seed, rank=0, world_size=1,
-                                         num_workers=workers, bad=formats.BadInput(verbose=False), hflip=tc.hflip,
-                                         crop_scale=(tc.crop_min_scale, 1.0))
+            dc = data.DataConfig(mcfg.image_size, mcfg.patch_size, tc.text_len, tc.caption_len, tc.seed, tc.hflip,
+                                 (tc.crop_min_scale, 1.0))
+            streams = data.build_streams(tc.data_dir, tok, dc, {kind: per_rank[kind]}, formats.BadInput(verbose=False),
+                                         num_workers=workers)
             if kind not in streams:
                 continue
             stream = streams.pop(kind)

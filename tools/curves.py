@@ -80,11 +80,9 @@ def chance_levels(run_dir, n_batches=20):
     if "region" in sources:  # the region stream's caption count varies, and so does the best constant box
         bad = formats.BadInput(verbose=False)
         m = config["model"]
-        stream = data.build_streams(t["data_dir"], tok, image_size=m["image_size"], patch_size=m["patch_size"],
-                                    batch_size={"region": config["per_rank_batch"]["region"]},
-                                    text_len=t["text_len"], caption_len=t["caption_len"], seed=t["seed"], rank=0,
-                                    world_size=1, num_workers=0, bad=bad, hflip=t["hflip"],
-                                    crop_scale=(t["crop_min_scale"], 1.0))["region"]
+        dc = data.DataConfig(m["image_size"], m["patch_size"], t["text_len"], t["caption_len"], t["seed"], t["hflip"],
+                             (t["crop_min_scale"], 1.0))
+        stream = data.build_streams(t["data_dir"], tok, dc, {"region": config["per_rank_batch"]["region"]}, bad)["region"]
         batches = [next(stream) for _ in range(n_batches)]
         chance["itc_region"] = float(np.mean([math.log(len(b["ids"]) * world) for b in batches]))
         boxes = np.concatenate([b["box"][b["is_region"]].numpy() for b in batches])

@@ -2,11 +2,13 @@
 Where a process runs: its rank and device (under torchrun or alone), the "rank 0 prepares, every rank uses it"
 step, the autocast precision, and moving a batch to the device. train.py, finetune.py and the tools share it.
 """
+import functools
 import os
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 
 
 def setup_distributed(device_name):
@@ -78,3 +80,17 @@ def amp_setup(amp, device):
 
 def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def checkpoint_blocks(model):
+    """Activation checkpointing (train.py --grad_ckpt): each Transformer block (model.Block) of the model keeps only
+    its input in the forward pass and recomputes its activations in the backward pass, so activation memory grows
+    with the number of blocks' inputs instead of with every intermediate tensor, for about one more forward of
+    compute. Non-reentrant checkpointing restores the random state for the recomputation, so dropout and drop path
+    replay exactly and losses and gradients equal the plain run (tests/test_train.py). Outside autograd (no_grad,
+    evaluation) a block simply runs."""
+    from model import Block
+    for block in [m for m in model.modules() if isinstance(m, Block)]:
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+    return model
+

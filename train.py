@@ -94,6 +94,7 @@ class TrainConfig:
     device: str = "auto"            # auto (cuda > mps > cpu) | cpu | cuda | mps
     amp: str = "auto"               # auto (bf16 on a bf16 GPU, else fp32) | bf16 | fp16 (CUDA, with GradScaler) | fp32
     compile: bool = False           # torch.compile the three encoders
+    grad_ckpt: bool = False         # activation checkpointing per block: less memory for about one more forward
     seed: int = 0                   # model init, data order, masks, hard negatives (per rank: seed * 1000 + rank)
     log_every: int = 25             # steps between metrics.jsonl records (losses averaged over the ranks)
     ckpt_every: int = 500           # steps between checkpoints (RUN/ckpt.pt, written atomically; also at the end)
@@ -350,10 +351,9 @@ def setup_model(cfg, ckpt, recipe, model_cfg, streams, rank, ddp, device, bad):
         recipe.prepare(cfg, model, streams, lambda fn: runtime.rank0_shares(fn, ddp, rank), atomic_save,
                        lambda x: tqdm(x, desc="image tokenizer", leave=False, disable=rank != 0))
         for path, load in ((cfg.init_text, pretrained.load_text), (cfg.init_vision, pretrained.load_vision)):
-            if path:
-                report = load(model, path)
-                if rank == 0:
-                    print(report, flush=True)
+            report = load(model, path) if path else None
+            if report and rank == 0:
+                print(report, flush=True)
     model = model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr_mult), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=device.type == "cuda")
@@ -374,6 +374,7 @@ def wrap(model, cfg, streams, ddp, device):
     tensor code) are compiled, not the loss code: hard-negative sampling and masked gathers have data-dependent
     shapes that would make the compiler break the graph and recompile. PyTorch's default dynamic=None specialises
     the first shapes and recompiles a dimension that changes (text lengths vary) once as dynamic."""
+    model = runtime.checkpoint_blocks(model) if cfg.grad_ckpt else model   # --grad_ckpt: recompute in backward
     if cfg.compile:
         for name in ("text", "vision", "fusion"):
             getattr(model, name).compile()
@@ -459,9 +460,8 @@ def print_summary(history, final, cfg, bad):
     if history:
         first, last = history[0], history[-1]
         print("loss        first log -> last log")
-        for k in sorted(k for k in last if k.startswith("loss/")):
-            if k in first:
-                print(f"  {k[5:]:<11} {first[k]:7.3f} -> {last[k]:7.3f}")
+        for k in sorted(k for k in last if k.startswith("loss/") and k in first):
+            print(f"  {k[5:]:<11} {first[k]:7.3f} -> {last[k]:7.3f}")
     if "retrieval" in final:
         r = final["retrieval"]
         print(f"zero-shot retrieval on {r['n_images']} held-out images / {r['n_texts']} captions "

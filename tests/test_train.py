@@ -271,3 +271,41 @@ def test_ddp_pairs_with_global_itc_equal_one_process(tmp_path):
     ref = _grads(model)
     for n in ref:
         assert torch.allclose(got[n], ref[n], atol=2e-5, rtol=1e-4), n
+
+
+@pytest.mark.parametrize("recipe", ["xfm", "flava"])
+def test_activation_checkpointing_gives_the_same_losses_and_gradients(recipe):
+    """runtime.checkpoint_blocks (--grad_ckpt): the blocks recompute their forward in the backward pass (a hook
+    inside a block fires more often), with dropout and drop path on, and losses and gradients equal the plain
+    run: the recomputation replays the same random draws."""
+    import flava
+    import runtime
+    from model import Block
+    if recipe == "flava":
+        cfg = flava.make_flava_config("tiny", vocab_size=64, dropout=0.1)
+        batch = make_batch(cfg, kinds=("text", "image", "pair"), seed=1)
+        batch["pair"]["itm_label"] = torch.tensor([1, 0, 1, 1, 0, 1])
+    else:
+        cfg = tiny_config(dropout=0.1, drop_path=0.2)
+        batch = make_batch(cfg, seed=1)
+
+    def run(checkpointed):
+        torch.manual_seed(0)
+        model = flava.build_model(cfg).train()
+        if checkpointed:
+            runtime.checkpoint_blocks(model)
+        calls = []
+        for block in (m for m in model.modules() if isinstance(m, Block)):
+            block.mlp.fc1.register_forward_hook(lambda *args: calls.append(1))
+        torch.manual_seed(1)                                               # the same dropout / drop-path draws
+        losses, _ = train.LossModel(model, True, recipe)(batch)
+        sum(losses.values()).backward()
+        return losses, _grads(model), len(calls)
+
+    (plain_losses, plain_grads, plain_calls), (losses, grads, calls) = run(False), run(True)
+    assert calls > plain_calls, "the checkpointed blocks must run their forward again in the backward pass"
+    for name in plain_losses:
+        assert torch.allclose(plain_losses[name], losses[name], rtol=1e-6, atol=1e-7), name
+    assert plain_grads.keys() == grads.keys()
+    for name in plain_grads:
+        assert torch.allclose(plain_grads[name], grads[name], rtol=1e-5, atol=1e-7), name

@@ -1,7 +1,7 @@
 """Shared test helpers: a tiny config and synthetic batches of every data kind (no files needed)."""
 import os
-import socket
 import sys
+import tempfile
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -93,18 +93,22 @@ def tiny():
     return cfg, XFM(cfg)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous():
+    """Where the processes of a 2-process test meet: a fresh file path (file:// initialisation needs no TCP port,
+    so no other test or program on a busy machine can take it between choosing it and binding it)."""
+    fd, path = tempfile.mkstemp(prefix="xfm_gloo_")
+    os.close(fd)
+    os.remove(path)  # the store creates it
+    return path
 
 
 @contextmanager
-def gloo_group(rank, world, port, timeout_s=60):
-    """A CPU process group for the 2-process tests (torch.multiprocessing.spawn workers). Its short timeout turns
-    a deadlock (ranks waiting in different collectives) into an error within a minute instead of a hung CI."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+def gloo_group(rank, world, path, timeout_s=60):
+    """A CPU process group for the 2-process tests (torch.multiprocessing.spawn workers), met at rendezvous()'s
+    path. Its short timeout turns a deadlock (ranks waiting in different collectives) into an error within a
+    minute instead of a hung CI."""
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
     try:
         yield
     finally:

@@ -17,7 +17,7 @@ import losses
 import finetune
 import flava
 import train
-from conftest import free_port, gloo_group, make_batch
+from conftest import gloo_group, rendezvous, make_batch
 from losses import itc_loss
 import toyworld
 
@@ -243,8 +243,8 @@ def test_gc_excludes_negatives_as_queries_but_keeps_them_as_keys():
     assert not torch.allclose(want, dropped)                              # the negatives' keys matter
 
 
-def _gc_worker(rank, world, port, out_dir):
-    with gloo_group(rank, world, port):
+def _gc_worker(rank, world, meet, out_dir):
+    with gloo_group(rank, world, meet):
         proj_v, proj_t, scale, x_v, x_t, q = _gc_setup()
         rows = slice(4 * rank, 4 * rank + 4)                               # rank 0 has 1 negative, rank 1 has 1
         loss, grads = _gc(proj_v, proj_t, scale, x_v[rows], x_t[rows], q[rows])
@@ -256,7 +256,7 @@ def _gc_worker(rank, world, port, out_dir):
 
 
 def test_gc_two_processes_equals_one_process(tmp_path):
-    mp.spawn(_gc_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_gc_worker, args=(2, rendezvous(), str(tmp_path)), nprocs=2, join=True)
     got = torch.load(tmp_path / "gc.pt")
     loss, grads = _gc(*_gc_setup())
     assert torch.allclose(got["loss"], loss, atol=1e-6)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import free_port, gloo_group, make_batch, tiny_config
+from conftest import gloo_group, rendezvous, make_batch, tiny_config
 from losses import (bbox_loss, box_xyxy, generalized_iou, itc_loss, mim_loss, sample_hard_negatives,
                     xfm_losses)
 from model import XFM
@@ -233,8 +233,8 @@ def _itc_grads(proj_v, proj_t, temp, x_v, x_t):
     return loss.detach(), torch.autograd.grad(loss, params)
 
 
-def _itc_worker(rank, world, port, out_dir, split):
-    with gloo_group(rank, world, port):
+def _itc_worker(rank, world, meet, out_dir, split):
+    with gloo_group(rank, world, meet):
         proj_v, proj_t, temp, x_v, x_t = _itc_setup()
         rows = slice(sum(split[:rank]), sum(split[:rank + 1]))
         loss, grads = _itc_grads(proj_v, proj_t, temp, x_v[rows], x_t[rows])
@@ -248,7 +248,7 @@ def _itc_worker(rank, world, port, out_dir, split):
 
 @pytest.mark.parametrize("split", [(4, 4), (3, 5)])  # unequal: region batches vary in caption count
 def test_global_itc_two_processes_equals_one_process(tmp_path, split):
-    mp.spawn(_itc_worker, args=(2, free_port(), str(tmp_path), split), nprocs=2, join=True)
+    mp.spawn(_itc_worker, args=(2, rendezvous(), str(tmp_path), split), nprocs=2, join=True)
     got = torch.load(tmp_path / "itc.pt")
     loss, grads = _itc_grads(*_itc_setup())
     assert torch.allclose(got["loss"], loss, atol=1e-6)

@@ -14,7 +14,7 @@ import pytest
 import torch.multiprocessing as mp
 
 import runtime
-from conftest import free_port, gloo_group
+from conftest import gloo_group, rendezvous
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_TINY = ["--max_steps=4", "--log_every=2", "--warmup_steps=1", "--batch_size=8", "--vocab_size=300", "--eval_k=4"]
@@ -76,8 +76,8 @@ def test_finetune_every_task_under_torchrun(pretrained_run, tmp_path):
 # runtime.rank0_shares in 2 gloo processes
 
 
-def _shares_worker(rank, port, folder, results):
-    with gloo_group(rank, 2, port, timeout_s=30):
+def _shares_worker(rank, meet, folder, results):
+    with gloo_group(rank, 2, meet, timeout_s=30):
         calls = []
 
         def prepare():  # rank 0 alone decides, from its own view of the file system
@@ -97,7 +97,7 @@ def test_rank0_shares_runs_once_and_every_rank_stops_with_rank0(tmp_path):
     """fn runs on rank 0 only and every rank gets its result (rank 1 never looks at the folder, so it cannot
     re-decide); when fn fails on rank 0, rank 1 stops too instead of waiting (the group timeout is 30 s)."""
     results = mp.Manager().dict()
-    mp.spawn(_shares_worker, args=(free_port(), str(tmp_path), results), nprocs=2, join=True)
+    mp.spawn(_shares_worker, args=(rendezvous(), str(tmp_path), results), nprocs=2, join=True)
     for rank in (0, 1):
         assert results[rank]["got"] == {"made_by": 0, "existed_before": False}
         assert results[rank]["calls"] == ([0] if rank == 0 else [])

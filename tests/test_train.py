@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 import train
-from conftest import free_port, gloo_group, make_batch, tiny_config
+from conftest import gloo_group, rendezvous, make_batch, tiny_config
 from model import XFM
 import toyworld
 
@@ -207,8 +207,8 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _ddp_worker(rank, world, port, out_dir):
-    with gloo_group(rank, world, port):
+def _ddp_worker(rank, world, meet, out_dir):
+    with gloo_group(rank, world, meet):
         torch.manual_seed(0)
         cfg, full = _full_batch()
         model = XFM(cfg)
@@ -224,7 +224,7 @@ def _ddp_worker(rank, world, port, out_dir):
 
 
 def test_ddp_with_accumulation_equals_one_process_full_batch(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, rendezvous(), str(tmp_path)), nprocs=2, join=True)
     got = torch.load(tmp_path / "ddp_grads.pt")
     torch.manual_seed(0)
     cfg, full = _full_batch()
@@ -237,9 +237,9 @@ def test_ddp_with_accumulation_equals_one_process_full_batch(tmp_path):
         assert torch.allclose(got[n], ref[n], atol=2e-5, rtol=1e-4), n
 
 
-def _ddp_pair_worker(rank, world, port, out_dir):
+def _ddp_pair_worker(rank, world, meet, out_dir):
     """Pairs without accumulation: ITC is global, so 2 ranks x 4 equal 1 x 8 (ITM switched off: sampled)."""
-    with gloo_group(rank, world, port):
+    with gloo_group(rank, world, meet):
         torch.manual_seed(0)
         cfg, full = _full_batch()
         model = XFM(cfg)
@@ -262,7 +262,7 @@ class _NoITM(train.LossModel):
 
 
 def test_ddp_pairs_with_global_itc_equal_one_process(tmp_path):
-    mp.spawn(_ddp_pair_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_pair_worker, args=(2, rendezvous(), str(tmp_path)), nprocs=2, join=True)
     got = torch.load(tmp_path / "pair_grads.pt")
     torch.manual_seed(0)
     cfg, full = _full_batch()

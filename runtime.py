@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
 
+from model import Block
+
 
 def setup_distributed(device_name):
     """(ddp, rank, local_rank, world_size, device). Under torchrun (RANK in the env) the device comes from
@@ -89,7 +91,6 @@ def checkpoint_blocks(model):
     compute. Non-reentrant checkpointing restores the random state for the recomputation, so dropout and drop path
     replay exactly and losses and gradients equal the plain run (tests/test_train.py). Outside autograd (no_grad,
     evaluation) a block simply runs."""
-    from model import Block
     for block in [m for m in model.modules() if isinstance(m, Block)]:
         block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
     return model

@@ -162,6 +162,12 @@ def mask_text(ids, tok, prob, max_masks, rng, skipgram_prob=0.2, max_span=3):
     return ids, labels
 
 
+def max_masked(T, prob, max_masks):
+    """The most positions mask_text masks in a text of at most T tokens (<s> and </s> are never masked): the
+    fixed number of slots mlm_loss gives each row, so the loss has fixed shapes (losses.mlm_loss)."""
+    return min(max_masks, max(1, round((T - 2) * prob)))
+
+
 def mim_counts(grid):
     """(num_masking, min_patches) scaled from BEiT's 75 and 16 of 196: (75, 16) @14, (24, 5) @8, (6, 2) @4."""
     return round(grid * grid * 75 / 196), max(2, round(grid * grid * 16 / 196))
@@ -297,9 +303,9 @@ def box_patch_mask(box_cxcywh, grid):
 # Datasets: items are keyed by (index, epoch) from the sampler; collate builds the batch dicts
 
 
-def pad_seqs(seqs, value):
-    """list of lists -> (B, T) long tensor padded with value, T = the longest."""
-    out = torch.full((len(seqs), max(len(s) for s in seqs)), value, dtype=torch.long)
+def pad_seqs(seqs, value, T=None):
+    """list of lists -> (B, T) long tensor padded with value; T = the longest when None."""
+    out = torch.full((len(seqs), T or max(len(s) for s in seqs)), value, dtype=torch.long)
     for i, s in enumerate(seqs):
         out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
     return out
@@ -323,6 +329,7 @@ class DataConfig:
     caption_mask: str = "xfm"       # a CAPTION_MASKING key: how pair captions are masked
     itm_neg_prob: float = 0.0       # FLAVA: the fraction of pairs whose caption is swapped (ITM negatives)
     max_regions: int = 5            # region captions sampled per image
+    static: bool = False            # pad every text to text_len and caption to caption_len: one batch shape
 
     @property
     def grid(self):
@@ -365,13 +372,15 @@ class TextDataset(_Base):
     def __getitem__(self, key):
         index, epoch = key
         ids = self.tok.encode(self.items[index], self.dc.text_len)
-        masked, labels = mask_text(ids, self.tok, 0.15, 20, self.rng(epoch, index))
+        masked, labels = mask_text(ids, self.tok, *TEXT_MASKING, self.rng(epoch, index))
         return {"ids": masked, "labels": labels}
 
     def collate(self, samples):
-        ids = pad_seqs([s["ids"] for s in samples], self.tok.pad_id)  # (B, T)
+        T = self.dc.text_len if self.dc.static else None
+        ids = pad_seqs([s["ids"] for s in samples], self.tok.pad_id, T)  # (B, T)
         return {"ids": ids, "att": padding_mask([s["ids"] for s in samples], ids.shape[1]),
-                "labels": pad_seqs([s["labels"] for s in samples], -100)}
+                "labels": pad_seqs([s["labels"] for s in samples], -100, T),
+                "max_masks": max_masked(ids.shape[1], *TEXT_MASKING)}
 
 
 class ImageDataset(_Base):
@@ -394,6 +403,7 @@ class ImageDataset(_Base):
     def collate(self, samples):
         return {"image": torch.stack([s["image"] for s in samples]),  # (B, 3, S, S)
                 "mim_mask": torch.stack([s["mim_mask"] for s in samples]),  # (B, P)
+                "mim_count": mim_counts(self.dc.grid)[0],  # masked patches per image (block_mask: exactly)
                 "n_bad": sum(s["bad"] for s in samples)}
 
 
@@ -403,8 +413,10 @@ def _image_ids(items):
     return [ids.setdefault(it["image"], len(ids)) for it in items]
 
 
-# How captions are masked: X-FM's IMLM masks half of each caption (at most 15 tokens, with "skipgram" spans);
-# FLAVA's MMM masks 15 % of the tokens, BERT style (docs/METHOD.md §8.3). (prob, max_masks, skipgram_prob)
+# How texts are masked for MLM: 15 %, at most 20 tokens (prob, max_masks). How captions are masked: X-FM's IMLM
+# masks half of each caption (at most 15 tokens, with "skipgram" spans); FLAVA's MMM masks 15 % of the tokens,
+# BERT style (docs/METHOD.md §8.3). (prob, max_masks, skipgram_prob)
+TEXT_MASKING = (0.15, 20)
 CAPTION_MASKING = {"xfm": (0.5, 15, 0.2), "flava": (0.15, 10 ** 6, 0.0)}
 
 
@@ -415,7 +427,7 @@ class PairDataset(ImageDataset):
     def __init__(self, pairs, tok, dc, bad):
         super().__init__(pairs, dc, bad, kind="pair")
         self.tok, self.img_ids = tok, _image_ids(pairs)
-        self.prob, self.max_masks, self.skipgram = CAPTION_MASKING[dc.caption_mask]
+        self.masking = CAPTION_MASKING[dc.caption_mask]
 
     def __getitem__(self, key):
         j, x, m, n_bad, rng = self.image_and_mask(key)
@@ -427,27 +439,34 @@ class PairDataset(ImageDataset):
                     caption, match = self.items[k]["caption"], 0
                     break
         ids = self.tok.encode(caption, self.dc.caption_len)
-        mlm_ids, mlm_labels = mask_text(ids, self.tok, self.prob, self.max_masks, rng, skipgram_prob=self.skipgram)
+        mlm_ids, mlm_labels = mask_text(ids, self.tok, *self.masking[:2], rng, skipgram_prob=self.masking[2])
         return {"image": x, "mim_mask": m, "ids": ids, "mlm_ids": mlm_ids, "mlm_labels": mlm_labels,
                 "img_id": self.img_ids[j], "itm_label": match, "bad": n_bad}
 
     def collate(self, samples):
         batch = super().collate(samples)
-        ids = pad_seqs([s["ids"] for s in samples], self.tok.pad_id)  # (B, T)
+        T = self.dc.caption_len if self.dc.static else None
+        ids = pad_seqs([s["ids"] for s in samples], self.tok.pad_id, T)  # (B, T)
         batch.update(ids=ids, att=padding_mask([s["ids"] for s in samples], ids.shape[1]),
-                     mlm_ids=pad_seqs([s["mlm_ids"] for s in samples], self.tok.pad_id),
-                     mlm_labels=pad_seqs([s["mlm_labels"] for s in samples], -100),
+                     mlm_ids=pad_seqs([s["mlm_ids"] for s in samples], self.tok.pad_id, T),
+                     mlm_labels=pad_seqs([s["mlm_labels"] for s in samples], -100, T),
+                     max_masks=max_masked(ids.shape[1], *self.masking[:2]),
                      img_id=torch.tensor([s["img_id"] for s in samples], dtype=torch.long),
                      itm_label=torch.tensor([s["itm_label"] for s in samples], dtype=torch.long))
         return batch
 
 
 class RegionDataset(_Base):
-    """One item = one image with up to dc.max_regions sampled region captions, plus its whole-image caption."""
+    """One item = one image with up to dc.max_regions sampled region captions, plus its whole-image caption.
+
+    Every image gets the same number of caption slots, `slots` (the most regions of any record, at most
+    max_regions, plus the whole-image caption): batch shapes are fixed and equal on every rank. Slots an image
+    leaves empty hold an empty caption with valid = False, and weigh 0 in every loss."""
 
     def __init__(self, records, tok, dc, bad):
         super().__init__(records, "region", dc, bad)
         self.tok, self.img_ids = tok, _image_ids(records)
+        self.slots = min(dc.max_regions, max((len(r["regions"]) for r in records), default=0)) + 1
 
     def __getitem__(self, key):
         index, epoch = key
@@ -472,21 +491,28 @@ class RegionDataset(_Base):
         out = []
         for cap, box, is_region, pmask in texts:
             ids = self.tok.encode(cap, self.dc.caption_len)
-            mlm_ids, mlm_labels = mask_text(ids, self.tok, 0.5, 15, rng)
+            mlm_ids, mlm_labels = mask_text(ids, self.tok, *CAPTION_MASKING["xfm"][:2], rng)
             out.append({"ids": ids, "mlm_ids": mlm_ids, "mlm_labels": mlm_labels, "box": box,
-                        "is_region": is_region, "patch_mask": pmask})
+                        "is_region": is_region, "patch_mask": pmask, "valid": True})
+        ids = self.tok.encode("", self.dc.caption_len)                     # <s> </s>: an empty slot
+        out += [{"ids": ids, "mlm_ids": ids, "mlm_labels": [-100] * len(ids), "box": (0.5, 0.5, 1.0, 1.0),
+                 "is_region": False, "patch_mask": np.ones(self.dc.grid ** 2, dtype=bool), "valid": False}
+                ] * (self.slots - len(out))
         return {"image": x, "texts": out, "img_id": self.img_ids[j], "bad": n_bad}
 
     def collate(self, samples):
-        # flatten B_img images into N captions; img_index says which image each caption belongs to
+        # flatten B_img images into N = B_img * slots captions; img_index says which image each belongs to
         texts = [t for s in samples for t in s["texts"]]
         img_index = [b for b, s in enumerate(samples) for _ in s["texts"]]
-        ids = pad_seqs([t["ids"] for t in texts], self.tok.pad_id)  # (N, T)
+        T = self.dc.caption_len if self.dc.static else None
+        ids = pad_seqs([t["ids"] for t in texts], self.tok.pad_id, T)  # (N, T)
         return {"image": torch.stack([s["image"] for s in samples]),  # (B_img, 3, S, S)
                 "img_index": torch.tensor(img_index, dtype=torch.long),  # (N,)
                 "ids": ids, "att": padding_mask([t["ids"] for t in texts], ids.shape[1]),
-                "mlm_ids": pad_seqs([t["mlm_ids"] for t in texts], self.tok.pad_id),
-                "mlm_labels": pad_seqs([t["mlm_labels"] for t in texts], -100),
+                "mlm_ids": pad_seqs([t["mlm_ids"] for t in texts], self.tok.pad_id, T),
+                "mlm_labels": pad_seqs([t["mlm_labels"] for t in texts], -100, T),
+                "max_masks": max_masked(ids.shape[1], *CAPTION_MASKING["xfm"][:2]),
+                "valid": torch.tensor([t["valid"] for t in texts], dtype=torch.bool),  # (N,) filled slots
                 "box": torch.tensor([t["box"] for t in texts], dtype=torch.float32),  # (N, 4) cx, cy, w, h
                 "is_region": torch.tensor([t["is_region"] for t in texts], dtype=torch.bool),
                 "patch_mask": torch.from_numpy(np.stack([t["patch_mask"] for t in texts])),  # (N, P)

@@ -322,21 +322,20 @@ def flava_losses(model, batch, stats=None):
     if "text" in batch:
         b = batch["text"]
         h = model.text.norm(model.encode_text(b["ids"], b["att"]))         # (B, T, D) final-LN
-        out["mlm"] = mlm_loss(h, b["labels"], model.mlm_head)
+        out["mlm"] = mlm_loss(h, b["labels"], model.mlm_head, b.get("max_masks"))
 
     if "image" in batch:
         b = batch["image"]
         codes = model.image_tokenizer(b["image"])                          # (B, P), no graph
         h = model.vision.norm(model.encode_image(b["image"], b["mim_mask"])[:, 1:])  # (B, P, D), CLS_I excluded
-        out["mim"] = mlm_loss(h, codes.masked_fill(~b["mim_mask"], -100), model.mim_head)
+        out["mim"] = mlm_loss(h, codes.masked_fill(~b["mim_mask"], -100), model.mim_head, b.get("mim_count"))
 
     if "pair" in batch:
         model.clamp_temp()
         b = batch["pair"]
         itm_labels = b.get("itm_label", torch.ones_like(b["img_id"]))     # (B,) 1 = match, 0 = swapped caption
         pos = itm_labels.bool()
-        if not pos.any():  # no matched pair in the batch: every row serves (both public implementations)
-            pos = torch.ones_like(pos)
+        pos = pos | ~pos.any()  # no matched pair in the batch: every row serves (both public implementations)
         # GC: unmasked passes; swapped captions are not queries but stay among the keys
         t, v = model.encode_text(b["ids"], b["att"]), model.encode_image(b["image"])
         f_t, f_v = model.itc_features(t, v)
@@ -349,8 +348,8 @@ def flava_losses(model, batch, stats=None):
         codes = model.image_tokenizer(b["image"])                          # (B, P)
         img_labels = codes.masked_fill(~b["mim_mask"] | ~pos[:, None], -100)   # masked patches of matched pairs
         txt_labels = b["mlm_labels"].masked_fill(~pos[:, None], -100)
-        out["mmm_image"] = mlm_loss(h[:, 2:2 + P], img_labels, model.mmm_image_head)
-        out["mmm_text"] = mlm_loss(h[:, 2 + P:], txt_labels, model.mmm_text_head)
+        out["mmm_image"] = mlm_loss(h[:, 2:2 + P], img_labels, model.mmm_image_head, b.get("mim_count"))
+        out["mmm_text"] = mlm_loss(h[:, 2 + P:], txt_labels, model.mmm_text_head, b.get("max_masks"))
     return out
 
 

@@ -93,7 +93,8 @@ class TrainConfig:
     # runtime
     device: str = "auto"            # auto (cuda > mps > cpu) | cpu | cuda | mps
     amp: str = "auto"               # auto (bf16 on a bf16 GPU, else fp32) | bf16 | fp16 (CUDA, with GradScaler) | fp32
-    compile: bool = False           # torch.compile the three encoders
+    compile: bool = False           # torch.compile the whole step's losses as one graph; texts padded to fixed lengths
+    compile_mode: str = "default"   # with --compile: default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
     grad_ckpt: bool = False         # activation checkpointing per block: less memory for about one more forward
     seed: int = 0                   # model init, data order, masks, hard negatives (per rank: seed * 1000 + rank)
     log_every: int = 25             # steps between metrics.jsonl records (losses averaged over the ranks)
@@ -106,7 +107,7 @@ class TrainConfig:
 # the keys with a fixed set of values (checked when the command line is read, before any work)
 CHOICES = {"config": ("tiny", "small", "base"), "recipe": ("xfm", "flava"), "mim_target": ("vl", "pixel", "off"),
            "attn_impl": ("sdpa", "explicit"), "schedule": ("three", "summed"), "device": ("auto", "cpu", "cuda", "mps"),
-           "amp": ("auto", "bf16", "fp16", "fp32")}
+           "amp": ("auto", "bf16", "fp16", "fp32"), "compile_mode": runtime.COMPILE_MODES}
 
 
 def parse_args(argv):
@@ -334,7 +335,7 @@ def setup_data(cfg, ckpt, recipe, per_rank, rank, world, ddp, device, bad):
             model_cfg = pretrained.model_config(cfg, model_cfg, tok)
     dc = data.DataConfig(model_cfg.image_size, model_cfg.patch_size, cfg.text_len, cfg.caption_len, cfg.seed, cfg.hflip,
                          (cfg.crop_min_scale, 1.0), caption_mask=cfg.recipe,
-                         itm_neg_prob=getattr(model_cfg, "itm_neg_prob", 0.0))
+                         itm_neg_prob=getattr(model_cfg, "itm_neg_prob", 0.0), static=cfg.compile)
     streams = data.build_streams(cfg.data_dir, tok, dc, per_rank, bad, rank, world, cfg.num_workers,
                                  pin_memory=device.type == "cuda")
     if not streams:
@@ -370,22 +371,18 @@ def setup_model(cfg, ckpt, recipe, model_cfg, streams, rank, ddp, device, bad):
 
 
 def wrap(model, cfg, streams, ddp, device):
-    """The module the loop calls: LossModel, in DDP under torchrun. With --compile the three encoders (pure
-    tensor code) are compiled, not the loss code: hard-negative sampling and masked gathers have data-dependent
-    shapes that would make the compiler break the graph and recompile. PyTorch's default dynamic=None specialises
-    the first shapes and recompiles a dimension that changes (text lengths vary) once as dynamic."""
+    """The module the loop calls: LossModel, in DDP under torchrun. With --compile the whole of it is compiled, every
+    loss of a micro-batch as one graph (runtime.compile_step): the loss code has fixed shapes and no host syncs, and
+    --compile pads texts to fixed lengths, so the graph compiles once and never breaks."""
     model = runtime.checkpoint_blocks(model) if cfg.grad_ckpt else model   # --grad_ckpt: recompute in backward
-    if cfg.compile:
-        for name in ("text", "vision", "fusion"):
-            getattr(model, name).compile()
     loss_model = LossModel(model, cfg.stop_grad, cfg.recipe)
-    if not ddp:
-        return loss_model
-    # each of the three updates touches a different subset of the parameters (the text update never runs the
-    # vision encoder), so DDP looks for unused parameters, except under the summed schedule over every data kind
-    all_used = cfg.recipe == "xfm" and cfg.schedule == "summed" and set(streams) == set(data.KINDS)
-    return nn.parallel.DistributedDataParallel(loss_model, device_ids=[device.index] if device.type == "cuda" else None,
-                                               find_unused_parameters=not all_used)
+    if ddp:
+        # each of the three updates touches a different subset of the parameters (the text update never runs the
+        # vision encoder), so DDP looks for unused parameters, except under the summed schedule over every kind
+        all_used = cfg.recipe == "xfm" and cfg.schedule == "summed" and set(streams) == set(data.KINDS)
+        loss_model = nn.parallel.DistributedDataParallel(loss_model, find_unused_parameters=not all_used,
+                                                         device_ids=[device.index] if device.type == "cuda" else None)
+    return runtime.compile_step(loss_model, cfg.compile_mode) if cfg.compile else loss_model
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -422,9 +419,11 @@ def next_batches(streams, kinds, accum, device, meter):
     """An update's `accum` micro-batches {kind: batch}, each fetched when forward_backward reaches it (so only one
     is on the device at a time); the samples are counted for the log."""
     for _ in range(accum):
-        batch = {k: runtime.to_device(next(streams[k]), device) for k in kinds}  # (a stream counts unreadable images in `bad`)
-        meter.samples += sum(len(b["image"] if k == "image" else b["ids"]) for k, b in batch.items())
-        yield batch
+        batch = {k: next(streams[k]) for k in kinds}  # (a stream counts unreadable images in `bad`)
+        # counted on the host copy: images, texts, or a region batch's filled caption slots
+        meter.samples += sum(len(b["image"]) if k == "image" else int(b["valid"].sum()) if "valid" in b
+                             else len(b["ids"]) for k, b in batch.items())
+        yield {k: runtime.to_device(b, device) for k, b in batch.items()}
 
 
 def nonfinite_everywhere(loss, ddp):

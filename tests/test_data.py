@@ -395,21 +395,23 @@ def test_batch_formats(toy, tok):
     st = streams(toy, tok, bs=4)
     P = 16
     t = next(st["text"])
-    assert set(t) == {"ids", "att", "labels"}
-    assert all(t[k].dtype == torch.long and t[k].shape == t["ids"].shape for k in t)
+    assert set(t) == {"ids", "att", "labels", "max_masks"}
+    assert all(t[k].dtype == torch.long and t[k].shape == t["ids"].shape for k in ("ids", "att", "labels"))
+    assert t["max_masks"] == D.max_masked(t["ids"].shape[1], 0.15, 20)
     assert (t["labels"][t["att"] == 0] == -100).all() and (t["labels"][:, 0] == -100).all()
     assert (t["ids"][t["att"] == 0] == tok.pad_id).all() and ((t["labels"] != -100).sum(1) >= 1).all()
     n_real = t["att"].sum(1) - 2  # MLM on text: 15 % of the tokens between <s> and </s>, at most 20
     assert torch.equal((t["labels"] != -100).sum(1), torch.clamp(torch.round(n_real * 0.15), 1, 20).long())
 
     im = next(st["image"])
-    assert set(im) == {"image", "mim_mask", "n_bad"} and im["n_bad"] == 0
+    assert set(im) == {"image", "mim_mask", "mim_count", "n_bad"} and im["n_bad"] == 0 and im["mim_count"] == 6
     assert im["image"].shape == (4, 3, 32, 32) and im["image"].dtype == torch.float32
     assert im["mim_mask"].shape == (4, P) and im["mim_mask"].dtype == torch.bool
     assert (im["mim_mask"].sum(1) == 6).all()
 
     p = next(st["pair"])
-    assert set(p) == {"image", "mim_mask", "ids", "att", "mlm_ids", "mlm_labels", "img_id", "itm_label", "n_bad"}
+    assert set(p) == {"image", "mim_mask", "mim_count", "ids", "att", "mlm_ids", "mlm_labels", "img_id", "itm_label",
+                      "max_masks", "n_bad"}
     assert (p["itm_label"] == 1).all()                                      # X-FM swaps no captions
     assert p["image"].shape == (4, 3, 32, 32) and p["mim_mask"].shape == (4, P)
     assert p["img_id"].shape == (4,) and p["img_id"].dtype == torch.long
@@ -420,13 +422,22 @@ def test_batch_formats(toy, tok):
     assert torch.equal(p["mlm_ids"][~masked], p["ids"][~masked])
     n_real = (p["att"].sum(1) - 2)  # IMLM: half the caption's tokens, at most 15
     assert torch.equal(masked.sum(1), torch.clamp(torch.round(n_real * 0.5), 1, 15).long())
+    assert (masked.sum(1) <= p["max_masks"]).all() and p["max_masks"] == D.max_masked(p["ids"].shape[1], 0.5, 15)
 
     r = next(st["region"])
     keys = {"image", "img_index", "ids", "att", "mlm_ids", "mlm_labels", "box", "is_region", "patch_mask", "img_id",
-            "n_bad"}
+            "valid", "max_masks", "n_bad"}
     assert set(r) == keys and r["image"].shape == (4, 3, 32, 32)
+    N, slots = r["img_index"].shape[0], st["region"].dataset.slots
+    assert slots == 4  # the toy records hold 1-3 regions, + the whole-image caption
+    assert N == 4 * slots and torch.equal(r["img_index"], torch.arange(4).repeat_interleave(slots))
+    # the empty slots: an empty caption, nothing masked, no region, every patch, and the image's id
+    valid = r["valid"]
+    assert valid.dtype == torch.bool and 4 < valid.sum() < N
+    assert (r["att"][~valid].sum(1) == 2).all() and (r["mlm_labels"][~valid] == -100).all()
+    assert not r["is_region"][~valid].any() and r["patch_mask"][~valid].all()
+    r = {k: v[valid] if torch.is_tensor(v) and v.shape[:1] == (N,) else v for k, v in r.items()}  # the filled slots
     N = r["img_index"].shape[0]
-    assert N > 4 and r["img_index"].dtype == torch.long and set(r["img_index"].tolist()) == {0, 1, 2, 3}
     for k in ("ids", "att", "mlm_ids", "mlm_labels"):
         assert r[k].shape[0] == N and r[k].dtype == torch.long
     assert r["box"].shape == (N, 4) and r["box"].dtype == torch.float32 and ((r["box"] >= 0) & (r["box"] <= 1)).all()

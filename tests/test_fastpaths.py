@@ -37,8 +37,7 @@ def slow_mlm_loss(hidden, labels, head):
 def slow_itm_loss(model, b, t_sg, v, v_mask, f_v, f_t, reencode_images, stop_grad):
     """ITM whose hard negatives are encoded again from their raw inputs (pixels, token ids), in three fusion
     passes, instead of indexing the outputs the step already has."""
-    neg_txt, neg_img = losses.sample_hard_negatives(f_v, f_t, model.temp, b["img_id"])
-    ti, ii = neg_img >= 0, neg_txt >= 0
+    neg_txt, neg_img, ii, ti = losses.sample_hard_negatives(f_v, f_t, model.temp, b["img_id"], b.get("valid"))
     if v_mask is None:
         v_mask = torch.ones(v.shape[:2], dtype=torch.bool)
     v_neg, m_neg = reencode_images(neg_img[ti])                            # the negative images, from pixels
@@ -147,23 +146,26 @@ def batch():
 
 
 def test_mlm_head_on_masked_positions_only(batch):
+    """The head runs on K slots per row, K = the data's bound on masked positions per row (data.max_masked), with
+    the masked positions gathered into them: the same loss and gradients as the head on every position."""
     model = tiny_model()
     b = batch["text"]
     hidden = torch.randn(*b["ids"].shape, model.cfg.width, requires_grad=True)  # (B, T, D)
+    K = int((b["labels"] != -100).sum(1).max())                            # the most masked positions of a row
     rows = []
     model.text_mlm.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1]))
     results = []
-    for fn in (losses.mlm_loss, slow_mlm_loss):
+    for fn in (lambda *a: losses.mlm_loss(*a, max_masked=K), slow_mlm_loss, losses.mlm_loss):
         model.zero_grad(set_to_none=True)
         hidden.grad = None
         loss = fn(hidden, b["labels"], model.text_mlm)
         loss.backward()
         results.append(({"mlm": loss.detach()}, {"hidden": hidden.grad.clone(),
                                                  **{n: p.grad.clone() for n, p in model.text_mlm.named_parameters()}}))
-    assert_same(*results, atol=1e-6)
-    n_masked = int((b["labels"] != -100).sum())
-    assert rows[0] == (n_masked,) and rows[1] == b["ids"].shape           # the fast head saw only the masked rows
-    assert n_masked < b["ids"].numel() / 2
+    assert_same(*results[:2], atol=1e-6)
+    assert_same(*results[1:], atol=1e-6)                                  # no bound given: every position
+    B, T = b["ids"].shape
+    assert rows == [(B, K), (B, T), (B, T)] and K < T / 2                 # the fast head saw K slots per row
 
 
 def test_mlm_head_with_no_masked_position_adds_nothing():

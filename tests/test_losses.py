@@ -142,14 +142,32 @@ def test_hard_negatives_never_pick_the_positive_or_a_duplicate():
     img_id = torch.tensor([0, 1, 1, 2, 3, 3])  # rows 1,2 and 4,5 share an image
     temp = torch.tensor(0.001)  # the positive dominates the softmax: a buggy sampler would pick it
     for _ in range(200):
-        neg_txt, neg_img = sample_hard_negatives(f, f, temp, img_id)
-        assert (neg_txt >= 0).all() and (neg_img >= 0).all()
+        neg_txt, neg_img, has_txt, has_img = sample_hard_negatives(f, f, temp, img_id)
+        assert has_txt.all() and has_img.all()
         assert (img_id[neg_txt] != img_id).all() and (img_id[neg_img] != img_id).all()
-    # batch size 1, or a batch that is all one image: no valid negative, marked -1 (no crash)
-    n1, n2 = sample_hard_negatives(f[:1], f[:1], temp, img_id[:1])
-    assert n1.tolist() == [-1] and n2.tolist() == [-1]
-    n1, n2 = sample_hard_negatives(f[1:3], f[1:3], temp, img_id[1:3])
-    assert n1.tolist() == [-1, -1] and n2.tolist() == [-1, -1]
+    # batch size 1, or a batch that is all one image: no valid negative, has_* False (no crash)
+    assert not any(x.any() for x in sample_hard_negatives(f[:1], f[:1], temp, img_id[:1])[2:])
+    assert not any(x.any() for x in sample_hard_negatives(f[1:3], f[1:3], temp, img_id[1:3])[2:])
+    # an empty slot (valid False) is never a negative and gets none
+    valid = torch.tensor([True, True, True, True, True, False])
+    for _ in range(50):
+        neg_txt, neg_img, has_txt, has_img = sample_hard_negatives(f, f, torch.tensor(1.0), img_id, valid)
+        assert (neg_txt[valid] != 5).all() and (neg_img[valid] != 5).all()
+        assert has_txt.tolist() == has_img.tolist() == valid.tolist()
+
+
+def test_hard_negatives_are_drawn_with_the_softmax_probabilities():
+    """The exponential-race draw picks j with probability w_j / sum(w), as torch.multinomial would: the
+    frequencies of 10000 draws match w within a few standard errors, for both directions."""
+    torch.manual_seed(0)
+    f_v, f_t = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
+    temp, img_id, n = torch.tensor(0.3), torch.arange(4), 10000
+    for direction, sim in ((0, f_v @ f_t.t() / temp), (1, f_t @ f_v.t() / temp)):
+        w = (sim.softmax(1) + 1e-5).masked_fill(torch.eye(4, dtype=torch.bool), 0)
+        w = w / w.sum(1, keepdim=True)                                     # (4, 4) the draw's probabilities
+        picks = torch.stack([sample_hard_negatives(f_v, f_t, temp, img_id)[direction] for _ in range(n)])  # (n, 4)
+        freq = torch.stack([(picks == j).float().mean(0) for j in range(4)], dim=1)  # (4 rows, 4 picks)
+        assert (freq - w).abs().max() < 5 * (0.25 / n) ** 0.5
 
 
 def test_losses_work_at_batch_size_one():
@@ -226,18 +244,19 @@ def _itc_setup(seed=0):
     return proj_v, proj_t, temp, x_v, x_t
 
 
-def _itc_grads(proj_v, proj_t, temp, x_v, x_t):
+def _itc_grads(proj_v, proj_t, temp, x_v, x_t, valid=None):
     f_v, f_t = F.normalize(proj_v(x_v), dim=-1), F.normalize(proj_t(x_t), dim=-1)
-    loss = itc_loss(f_v, f_t, temp)
+    loss = itc_loss(f_v, f_t, temp, queries=valid, keys=valid)
     params = [*proj_v.parameters(), *proj_t.parameters(), temp]
     return loss.detach(), torch.autograd.grad(loss, params)
 
 
-def _itc_worker(rank, world, meet, out_dir, split):
+def _itc_worker(rank, world, meet, out_dir, empty):
     with gloo_group(rank, world, meet):
         proj_v, proj_t, temp, x_v, x_t = _itc_setup()
-        rows = slice(sum(split[:rank]), sum(split[:rank + 1]))
-        loss, grads = _itc_grads(proj_v, proj_t, temp, x_v[rows], x_t[rows])
+        valid = torch.tensor([i not in empty for i in range(8)])
+        rows = slice(4 * rank, 4 * rank + 4)
+        loss, grads = _itc_grads(proj_v, proj_t, temp, x_v[rows], x_t[rows], valid[rows])
         # what DDP does: average loss and gradients over the ranks
         dist.all_reduce(loss)
         for g in grads:
@@ -246,11 +265,16 @@ def _itc_worker(rank, world, meet, out_dir, split):
             torch.save({"loss": loss / world, "grads": [g / world for g in grads]}, os.path.join(out_dir, "itc.pt"))
 
 
-@pytest.mark.parametrize("split", [(4, 4), (3, 5)])  # unequal: region batches vary in caption count
-def test_global_itc_two_processes_equals_one_process(tmp_path, split):
-    mp.spawn(_itc_worker, args=(2, rendezvous(), str(tmp_path), split), nprocs=2, join=True)
+@pytest.mark.parametrize("empty", [(), (2, 5, 6)])  # rows that are empty caption slots (region batches)
+def test_global_itc_two_processes_equals_one_process(tmp_path, empty):
+    """4 + 4 rows on 2 processes (DDP's averaging) == one process on the 8 rows; with empty slots, == one
+    process on the filled rows alone: an empty slot is neither a query nor a key, and ranks holding different
+    numbers of filled rows still average to the mean over all of them."""
+    mp.spawn(_itc_worker, args=(2, rendezvous(), str(tmp_path), empty), nprocs=2, join=True)
     got = torch.load(tmp_path / "itc.pt")
-    loss, grads = _itc_grads(*_itc_setup())
+    keep = [i for i in range(8) if i not in empty]
+    proj_v, proj_t, temp, x_v, x_t = _itc_setup()
+    loss, grads = _itc_grads(proj_v, proj_t, temp, x_v[keep], x_t[keep])
     assert torch.allclose(got["loss"], loss, atol=1e-6)
     for a, b in zip(got["grads"], grads):
         assert torch.allclose(a, b, atol=1e-6)

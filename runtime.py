@@ -1,11 +1,14 @@
 """
 Where a process runs: its rank and device (under torchrun or alone), the "rank 0 prepares, every rank uses it"
-step, the autocast precision, and moving a batch to the device. train.py, finetune.py and the tools share it.
+step, the autocast precision, moving a batch to the device and the random generators' state. train.py, finetune.py
+and the tools share it.
 """
 import functools
 import os
+import random
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
@@ -82,6 +85,25 @@ def amp_setup(amp, device):
 
 def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def rng_state():
+    """Every random generator's state, in types the safe loader reads (numpy's key array as a tensor)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                       cached), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def checkpoint_blocks(model):

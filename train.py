@@ -19,7 +19,6 @@ With --recipe=flava (flava.py) a step is three updates too, each on ONE data kin
 """
 import json
 import os
-import random
 import resource
 import sys
 import time
@@ -27,7 +26,6 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -202,31 +200,12 @@ def optimizer_step(optimizer, scaler, params, clip):
 # Checkpoints
 
 
-def rng_state():
-    """Every random generator's state, in types the safe loader reads (numpy's key array as a tensor)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                       cached), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_checkpoint(path, model, optimizer, scaler, step, cfg, model_cfg, streams, extra):
     """Atomic: write path.tmp, then rename, so a crash never leaves a half-written checkpoint. The model is the
     raw one (no DDP `module.` or compile `_orig_mod.` prefix)."""
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
-            "rng": rng_state(), "data": {k: s.state_dict() for k, s in streams.items()},
+            "rng": runtime.rng_state(), "data": {k: s.state_dict() for k, s in streams.items()},
             "train_config": asdict(cfg), "model_config": asdict(model_cfg), **extra}
     atomic_save(ckpt, path)
 
@@ -518,7 +497,7 @@ def train(cfg, ckpt, ddp, rank, world, device):
     # the per-rank RNG (hard negatives, dropout) is seeded after the shared init; a resume restores it exactly
     torch.manual_seed(cfg.seed * 1000 + rank)
     if ckpt is not None:
-        set_rng_state(ckpt["rng"])
+        runtime.set_rng_state(ckpt["rng"])
     if master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type

@@ -1,14 +1,21 @@
 """
 Where a process runs: its rank and device (under torchrun or alone), the "rank 0 prepares, every rank uses it"
-step, the autocast precision, and moving a batch to the device. train.py, finetune.py and the tools share it.
+step, the autocast precision, moving a batch to the device and the random generators' state. train.py, finetune.py
+and the tools share it.
 """
 import functools
 import os
-from contextlib import nullcontext
+import random
+from contextlib import contextmanager, nullcontext
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from model import Block
 
@@ -65,14 +72,18 @@ def teardown():
         dist.destroy_process_group()
 
 
-def amp_setup(amp, device):
-    """(autocast context factory, GradScaler or None, dtype name). CPU autocast is bf16 only."""
+def amp_setup(amp, device, sharded=False):
+    """(autocast context factory, GradScaler or None, dtype name). CPU autocast is bf16 only. fp16 is refused with
+    FSDP (sharded): GradScaler's inf/nan check would see only this rank's slices of the gradients, so the ranks
+    could disagree about skipping a step."""
     if amp == "auto":  # check CUDA before probing bf16 support: probing without a driver crashes
         amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if amp == "fp32":
         return nullcontext, None, amp
     if amp == "fp16" and device.type != "cuda":
         raise SystemExit("error: --amp=fp16 needs CUDA (use bf16 or fp32 on the CPU)")
+    if amp == "fp16" and sharded:
+        raise SystemExit("error: --amp=fp16 is not supported with --fsdp (use --amp=bf16)")
     if amp not in ("bf16", "fp16"):
         raise SystemExit(f"error: --amp must be auto, bf16, fp16 or fp32, not {amp!r}")
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
@@ -82,6 +93,34 @@ def amp_setup(amp, device):
 
 def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def rng_state():
+    """Every random generator's state, in types the safe loader reads (numpy's key array as a tensor)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                       cached), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rng_states():
+    """Every rank's rng_state(), in rank order (all of them on every rank): a checkpoint keeps each rank's own."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [rng_state()]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, rng_state())
+    return states
 
 
 def checkpoint_blocks(model):
@@ -113,3 +152,123 @@ def compile_step(module, mode="default"):
     if COMPILE_BACKEND != "inductor":  # the tests' "aot_eager": the same graphs, no code generation; no modes
         return torch.compile(module, backend=COMPILE_BACKEND, dynamic=False)
     return torch.compile(module, mode=mode, dynamic=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FSDP2 (train.py --fsdp): each rank keeps 1/world of every parameter, gradient and optimizer state
+
+
+def shard(loss_model, model):
+    """Fully shard the model with PyTorch's FSDP2 (torch.distributed.fsdp.fully_shard), in place of DDP.
+
+    Each rank keeps a 1/world slice (dim 0) of every parameter as a DTensor, and the optimizer built afterwards
+    keeps only the state of that slice. fully_shard(module) makes one group of the module's parameters that no
+    inner call took: before the module's forward the group's slices are all-gathered into full parameters,
+    after it they are freed again, and after its backward its gradients are reduce-scattered (summed over the
+    ranks, each keeping its slice), then averaged. One group per transformer block (model.Block, the unit every
+    encoder of both recipes is built from) means only about one block is ever whole in memory; the root group,
+    on the LossModel, holds the rest (embeddings, heads, the temperature). The root must be the LossModel, not
+    the model: the losses call model.encode_text() & co., which never run the model's own forward hooks.
+
+    fully_shard refuses 0-dim parameters (it shards dim 0), such as X-FM's temperature and FLAVA's logit scale:
+    each becomes a 1-element vector first (x / temp and exp(-logit_scale) broadcast the same), and
+    full_state_dicts / load_full_state turn it back, so checkpoints keep the shapes of a DDP run's."""
+    scalars = [name for name, p in model.named_parameters() if p.ndim == 0]
+    for name in scalars:
+        owner, _, attr = name.rpartition(".")
+        p = model.get_parameter(name)
+        setattr(model.get_submodule(owner), attr, torch.nn.Parameter(p.detach().reshape(1), p.requires_grad))
+    for block in [m for m in model.modules() if isinstance(m, Block)]:
+        fully_shard(block)                   # inner groups first: each call takes the parameters no inner call took
+    fully_shard(loss_model)                  # the root: what is left; FSDP keeps its parameters whole until backward
+    model.fsdp_scalars = scalars             # (for the checkpoint helpers below)
+    return loss_model
+
+
+def is_sharded(model):
+    return hasattr(model, "fsdp_scalars")
+
+
+def full_tensor(x):
+    """A DTensor (a sharded parameter, or the gradient norm clip_grad_norm_ computes over sharded gradients, already
+    the global norm of every rank's slices) as one plain tensor, the same on every rank; any other tensor as it is."""
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+
+@contextmanager
+def no_sync(loss_model):
+    """Gradient accumulation without communication on the micro-steps before the last (train.forward_backward).
+    DDP has no_sync(); FSDP2 keeps the micro-steps' full (unsharded) gradients on each rank while the flag is off
+    and reduce-scatters their sum in the backward of the last micro-step, which must run with the flag on."""
+    if not hasattr(loss_model, "set_requires_gradient_sync"):
+        with loss_model.no_sync():
+            yield
+        return
+    loss_model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        loss_model.set_requires_gradient_sync(True)
+
+
+def _state_options():
+    # full_state_dict: whole tensors, not each rank's slices; cpu_offload: gathered one tensor at a time to rank 0's
+    # CPU memory (the other ranks get an empty dict), so no GPU ever holds the whole model at once
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _param_names(model, optimizer):
+    """The name of each parameter of the optimizer, in the order of a plain optimizer state dict's integer keys."""
+    names = {p: n for n, p in model.named_parameters()}
+    return [names[p] for g in optimizer.param_groups for p in g["params"]]
+
+
+def full_state_dicts(model, optimizer=None):
+    """(model state dict, optimizer state dict or None) as a plain model's and optimizer's: whole tensors, integer
+    optimizer keys, 0-dim parameters 0-dim. Sharded (FSDP): a collective that every rank must call; only rank 0
+    gets the dicts (the others get empty ones). torch.distributed.checkpoint keys the optimizer's state by
+    parameter name; a plain optimizer numbers the parameters in the order of its param groups."""
+    if not is_sharded(model):
+        return model.state_dict(), optimizer.state_dict() if optimizer else None
+    model_state = get_model_state_dict(model, options=_state_options())
+    optim_state = get_optimizer_state_dict(model, optimizer, options=_state_options()) if optimizer else None
+    if not model_state:  # not rank 0
+        return {}, {}
+    for name in model.fsdp_scalars:                                        # (1,) -> () as in the unsharded model
+        model_state[name] = model_state[name].reshape(())
+    if optimizer is None:
+        return model_state, None
+    index = {name: i for i, name in enumerate(_param_names(model, optimizer))}
+    state = {index[n]: {k: v.reshape(()) if n in model.fsdp_scalars and k != "step" else v for k, v in s.items()}
+             for n, s in optim_state["state"].items()}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in optim_state["param_groups"]]
+    return model_state, {"state": state, "param_groups": groups}
+
+
+def load_full_state(model, optimizer, model_state, optim_state):
+    """Load full_state_dicts' plain dicts (a checkpoint of a sharded or an unsharded run): each rank keeps its own
+    slice of every tensor. Every rank calls it with the whole dicts."""
+    if not is_sharded(model):
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        return
+    vector = lambda n, k, v: v.reshape(1) if n in model.fsdp_scalars and k != "step" else v  # () -> (1,)  # noqa: E731
+    set_model_state_dict(model, {k: vector(k, "", v) for k, v in model_state.items()}, options=_state_options())
+    names = _param_names(model, optimizer)
+    state = {names[int(i)]: {k: vector(names[int(i)], k, v) for k, v in s.items()} for i, s in optim_state["state"].items()}
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in optim_state["param_groups"]]
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups}, options=_state_options())
+
+
+def unsharded(model, build):
+    """The model as one plain module for rank 0's own work (the end-of-run evaluation must run no collective, and a
+    sharded model's forward all-gathers): a fresh build() loaded with the full state. Every rank calls it; the
+    others get None. An unsharded model is returned as it is."""
+    if not is_sharded(model):
+        return model
+    state, _ = full_state_dicts(model)
+    if not state:
+        return None
+    plain = build()
+    plain.load_state_dict(state)
+    return plain

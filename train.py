@@ -1,6 +1,6 @@
 """
 X-FM pre-training: the main job. Reads top to bottom: config -> distributed setup -> data -> model ->
-optimizer -> (resume) -> compile -> DDP -> loop -> evaluation -> teardown.
+DDP or FSDP -> (compile) -> optimizer -> (resume) -> loop -> evaluation -> teardown.
 
     python train.py                                   # toy world, tiny model, CPU, a few minutes
     python train.py --help                            # every config key with its default
@@ -19,7 +19,6 @@ With --recipe=flava (flava.py) a step is three updates too, each on ONE data kin
 """
 import json
 import os
-import random
 import resource
 import sys
 import time
@@ -27,7 +26,6 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -96,6 +94,8 @@ class TrainConfig:
     compile: bool = False           # torch.compile the whole step's losses as one graph; texts padded to fixed lengths
     compile_mode: str = "default"   # with --compile: default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
     grad_ckpt: bool = False         # activation checkpointing per block: less memory for about one more forward
+    fsdp: bool = False              # under torchrun: shard parameters, gradients and AdamW state over the ranks
+                                    # (PyTorch's FSDP2, runtime.shard) instead of DDP; without torchrun: no effect
     seed: int = 0                   # model init, data order, masks, hard negatives (per rank: seed * 1000 + rank)
     log_every: int = 25             # steps between metrics.jsonl records (losses averaged over the ranks)
     ckpt_every: int = 500           # steps between checkpoints (RUN/ckpt.pt, written atomically; also at the end)
@@ -167,13 +167,13 @@ def forward_backward(loss_model, micro_batches, accum, ddp, autocast, scaler):
     """Forward and backward over one update's `accum` micro-batches; gradients accumulate in .grad.
 
     Each micro-batch's loss is divided by accum, so the summed gradients are the MEAN over the global batch.
-    Under DDP the gradients are all-reduced only on the last micro-step: no_sync() must cover the forward
-    as well as the backward. Returns (the update's total loss, detached; {name: loss / accum} to log).
+    Under DDP the gradients are all-reduced (FSDP: reduce-scattered) only on the last micro-step: no_sync() must
+    cover the forward as well as the backward. Returns (the update's total loss, detached; {name: loss / accum}).
     """
     total, logs = 0.0, {}
     for i, batch in enumerate(micro_batches):
         sync = not ddp or i == accum - 1
-        with (nullcontext() if sync else loss_model.no_sync()):
+        with (nullcontext() if sync else runtime.no_sync(loss_model)):
             with autocast():
                 losses, stats = loss_model(batch)
             loss = sum(losses.values()) / accum
@@ -196,38 +196,24 @@ def optimizer_step(optimizer, scaler, params, clip):
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return runtime.full_tensor(grad_norm)  # FSDP: clip_grad_norm_ gives a DTensor, the global norm of all slices
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints
 
 
-def rng_state():
-    """Every random generator's state, in types the safe loader reads (numpy's key array as a tensor)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                       cached), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path, model, optimizer, scaler, step, cfg, model_cfg, streams, extra):
-    """Atomic: write path.tmp, then rename, so a crash never leaves a half-written checkpoint. The model is the
-    raw one (no DDP `module.` or compile `_orig_mod.` prefix)."""
-    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+def save_checkpoint(path, model, optimizer, scaler, step, cfg, model_cfg, streams, extra, master):
+    """Every rank calls it (FSDP gathers the whole tensors from every rank's slices; each rank gives its random
+    state); rank 0 writes. Atomic: write path.tmp, then rename, so a crash never leaves a half-written checkpoint.
+    The model is the raw one (no DDP `module.` or compile `_orig_mod.` prefix), in the same format under FSDP."""
+    model_state, optimizer_state = runtime.full_state_dicts(model, optimizer)
+    rngs = runtime.rng_states()                     # hard negatives, dropout and drop path draw from each rank's own
+    if not master:
+        return
+    ckpt = {"model": model_state, "optimizer": optimizer_state,
             "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
-            "rng": rng_state(), "data": {k: s.state_dict() for k, s in streams.items()},
+            "rng": rngs, "data": {k: s.state_dict() for k, s in streams.items()},
             "train_config": asdict(cfg), "model_config": asdict(model_cfg), **extra}
     atomic_save(ckpt, path)
 
@@ -344,9 +330,9 @@ def setup_data(cfg, ckpt, recipe, per_rank, rank, world, ddp, device, bad):
 
 
 def setup_model(cfg, ckpt, recipe, model_cfg, streams, rank, ddp, device, bad):
-    """-> (model, optimizer, the step to start from). The model (X-FM or FLAVA, as model_cfg says), the recipe's
-    set-up (FLAVA: its image tokenizer) and the pre-trained encoders; a resume restores model, optimizer and
-    streams instead."""
+    """-> (model, the module the loop calls, optimizer, the step to start from). The model (X-FM or FLAVA, as
+    model_cfg says), the recipe's set-up (FLAVA: its image tokenizer) and the pre-trained encoders; a resume
+    restores model, optimizer and streams instead."""
     model = flava.build_model(model_cfg)
     if ckpt is None:
         recipe.prepare(cfg, model, streams, lambda fn: runtime.rank0_shares(fn, ddp, rank), atomic_save,
@@ -356,27 +342,30 @@ def setup_model(cfg, ckpt, recipe, model_cfg, streams, rank, ddp, device, bad):
             if report and rank == 0:
                 print(report, flush=True)
     model = model.to(device)
+    loss_model = wrap(model, cfg, streams, ddp, device)
+    # built after the wrap: FSDP replaces every parameter by its shard, and AdamW must hold (and keep state for) those
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr_mult), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=device.type == "cuda")
     if ckpt is None:
-        return model, optimizer, 0
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+        return model, loss_model, optimizer, 0
+    runtime.load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"])  # FSDP: each rank keeps its slices
     for k, s in streams.items():
         if k in ckpt["data"]:
             s.load_state_dict(ckpt["data"][k])
     for kind, n in ckpt.get("bad_input", {}).items():  # keep counting where the run left off
         bad.add(kind, n)
-    return model, optimizer, ckpt["step"]
+    return model, loss_model, optimizer, ckpt["step"]
 
 
 def wrap(model, cfg, streams, ddp, device):
-    """The module the loop calls: LossModel, in DDP under torchrun. With --compile the whole of it is compiled, every
-    loss of a micro-batch as one graph (runtime.compile_step): the loss code has fixed shapes and no host syncs, and
-    --compile pads texts to fixed lengths, so the graph compiles once and never breaks."""
+    """The module the loop calls: LossModel, in DDP under torchrun, sharded by FSDP2 with --fsdp. With --compile the
+    whole of it is compiled, every loss of a micro-batch as one graph (runtime.compile_step): the loss code has fixed
+    shapes and no host syncs, and --compile pads texts to fixed lengths, so the graph compiles once, never breaks."""
     model = runtime.checkpoint_blocks(model) if cfg.grad_ckpt else model   # --grad_ckpt: recompute in backward
     loss_model = LossModel(model, cfg.stop_grad, cfg.recipe)
-    if ddp:
+    if ddp and cfg.fsdp:  # FSDP2 on every block, then on the LossModel: the root that runs every loss (runtime.shard)
+        loss_model = runtime.shard(loss_model, model)
+    elif ddp:
         # each of the three updates touches a different subset of the parameters (the text update never runs the
         # vision encoder), so DDP looks for unused parameters, except under the summed schedule over every kind
         all_used = cfg.recipe == "xfm" and cfg.schedule == "summed" and set(streams) == set(data.KINDS)
@@ -408,7 +397,7 @@ class Meter:
             dist.all_reduce(vals, op=dist.ReduceOp.AVG)
         dt = time.time() - self.t0
         rec = {"step": step, "lr": lr, "s_per_step": dt / max(self.steps, 1), "samples_per_s": self.samples * world / dt,
-               "temp": model.temp.item()}
+               "temp": runtime.full_tensor(model.temp).item()}  # (FSDP: the temperature's slices, gathered)
         for n, v in zip(names, vals.tolist()):
             rec[("loss/" if n not in ("grad_norm", "mim_target_std") else "") + n] = v
         rec["loss/total"] = sum(v for k, v in rec.items() if k.startswith("loss/"))
@@ -500,7 +489,7 @@ def main(argv=None):
 def train(cfg, ckpt, ddp, rank, world, device):
     t_start, master, recipe = time.time(), rank == 0, RECIPES[cfg.recipe]
     print0 = lambda *a: print(*a, flush=True) if master else None      # noqa: E731
-    autocast, scaler, amp = runtime.amp_setup(cfg.amp, device)                   # (a bad --amp fails before any work)
+    autocast, scaler, amp = runtime.amp_setup(cfg.amp, device, cfg.fsdp and ddp)  # (a bad --amp fails before any work)
     micro, accum, per_rank = batch_plan(cfg, world)                      # (bad sizes fail before any work)
     per_rank = {k: n for k, n in per_rank.items() if k in recipe.kinds(cfg)}  # the recipe's data kinds
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -508,16 +497,16 @@ def train(cfg, ckpt, ddp, rank, world, device):
     bad = formats.BadInput(strict=cfg.strict, verbose=master)
     tok, model_cfg, streams = setup_data(cfg, ckpt, recipe, per_rank, rank, world, ddp, device, bad)
     sources, plan = formats.find_sources(cfg.data_dir), recipe.update_plan(cfg, streams)
-    model, optimizer, start_step = setup_model(cfg, ckpt, recipe, model_cfg, streams, rank, ddp, device, bad)
+    model, loss_model, optimizer, start_step = setup_model(cfg, ckpt, recipe, model_cfg, streams, rank, ddp, device,
+                                                           bad)
     if ckpt is not None:
         if scaler is not None and ckpt["scaler"] is not None:
             scaler.load_state_dict(ckpt["scaler"])
         print0(f"resumed from {cfg.resume} at step {start_step}")
-    loss_model = wrap(model, cfg, streams, ddp, device)
     # the per-rank RNG (hard negatives, dropout) is seeded after the shared init; a resume restores it exactly
     torch.manual_seed(cfg.seed * 1000 + rank)
     if ckpt is not None:
-        set_rng_state(ckpt["rng"])
+        runtime.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])       # this rank's own random state
     if master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
@@ -534,7 +523,7 @@ def train(cfg, ckpt, ddp, rank, world, device):
     end_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
     meter, history, bad_streak, skipped = Meter(), [], 0, 0
     save = lambda step: save_checkpoint(ckpt_path, model, optimizer, scaler, step, cfg, model_cfg,  # noqa: E731
-                                        streams, {"bad_input": bad.counts()})
+                                        streams, {"bad_input": bad.counts()}, master)     # (every rank calls it)
     pbar = tqdm(total=end_step, initial=start_step, disable=not master, desc="train", dynamic_ncols=True)
     for step in range(start_step, end_step):
         lr = get_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps)
@@ -549,8 +538,7 @@ def train(cfg, ckpt, ddp, rank, world, device):
                 bad_streak, skipped = bad_streak + 1, skipped + 1
                 print0(f"warning: non-finite loss at step {step} ({'+'.join(kinds)}): update skipped")
                 if bad_streak >= cfg.max_bad_steps:
-                    if master:
-                        save(step)
+                    save(step)
                     raise SystemExit(f"error: {bad_streak} non-finite updates in a row at step {step}; stopped. "
                                      f"The last good state is in {ckpt_path} (lower --lr, or try --amp=fp32).")
                 continue
@@ -569,7 +557,7 @@ def train(cfg, ckpt, ddp, rank, world, device):
                     f.write(json.dumps(history[-1]) + "\n")
                 pbar.set_postfix_str(" ".join(f"{n}={history[-1]['loss/' + n]:.2f}"
                                               for n in ("itc", "gc", "itm", "mlm", "mim") if "loss/" + n in history[-1]))
-        if master and (done % cfg.ckpt_every == 0 or done == end_step):
+        if done % cfg.ckpt_every == 0 or done == end_step:
             save(done)
         if ddp and done % cfg.ckpt_every == 0:
             dist.barrier()
@@ -577,6 +565,7 @@ def train(cfg, ckpt, ddp, rank, world, device):
 
     final = {"final": True, "step": end_step, "wall_s": time.time() - t_start, "skipped_updates": skipped,
              "bad_input": bad.counts()}
+    model = runtime.unsharded(model, lambda: flava.build_model(model_cfg).to(device))  # FSDP: a plain copy on rank 0
     finish(cfg, model, tok, model_cfg, sources, history, final, bad, device, autocast, master)
     if ddp:
         dist.barrier()

@@ -47,7 +47,7 @@ class Bug:
 
 L, M, T, D, F, R = "losses.py", "model.py", "train.py", "data.py", "flava.py", "retrieval.py"
 TL, TM, TT, TD, TF = (f"tests/test_{n}.py" for n in ("losses", "model", "train", "data", "flava"))
-TO, TFT = "tests/test_overfit.py", "tests/test_finetune.py"
+TO, TFT, TFS = "tests/test_overfit.py", "tests/test_finetune.py", "tests/test_fsdp.py"
 
 CATALOGUE = [
     # --- X-FM idea 1: the stop-gradient
@@ -251,6 +251,31 @@ CATALOGUE = [
     Bug("flava_neg_same_image", D, "if self.img_ids[k] != self.img_ids[j]:", "if True:",
         "an ITM negative's caption comes from another image",
         f"{TF}::test_itm_negatives_swap_in_another_images_caption"),
+    # --- --fsdp (runtime.shard, PyTorch's FSDP2) and the checkpoints of a run over several ranks
+    Bug("fsdp_no_sync_last", "runtime.py", "    finally:\n        loss_model.set_requires_gradient_sync(True)",
+        "    finally:\n        pass", "under FSDP the last micro-step reduce-scatters the accumulated gradients",
+        f"{TFS}::test_fsdp_accumulation_equals_one_big_micro_batch", fast=False),
+    Bug("fsdp_clip_rank_norm", T, "    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)\n",
+        "    params = list(params)\n    grad_norm = torch.nn.utils.get_total_norm([getattr(p.grad, '_local_tensor', p.grad)"
+        " for p in params if p.grad is not None])\n    torch.nn.utils.clip_grads_with_norm_(params, clip, grad_norm)\n",
+        "under FSDP the clipping and the logged norm use the global norm, not this rank's slices",
+        f"{TFS}::test_fsdp_run_equals_the_ddp_run", fast=False),
+    Bug("fsdp_no_root", "runtime.py", "    fully_shard(loss_model)  ", "    pass  ",
+        "FSDP shards the root too: the parameters outside the blocks are reduced like the rest",
+        f"{TFS}::test_fsdp_run_equals_the_ddp_run", fast=False),
+    Bug("fsdp_save_sharded", T, 'ckpt = {"model": model_state,', 'ckpt = {"model": model.state_dict(),',
+        "an FSDP checkpoint holds the full model, not this rank's slices",
+        f"{TFS}::test_fsdp_resume_is_exact_and_the_checkpoint_is_a_plain_one", fast=False),
+    Bug("fsdp_scalar_shape", "runtime.py", "model_state[name] = model_state[name].reshape(())",
+        "model_state[name] = model_state[name]", "an FSDP checkpoint keeps 0-dim parameters 0-dim (a DDP run's format)",
+        f"{TFS}::test_fsdp_resume_is_exact_and_the_checkpoint_is_a_plain_one", fast=False),
+    Bug("fsdp_optimizer_not_loaded", "runtime.py",
+        '    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups}, options=_state_options())',
+        "    pass", "an FSDP resume restores the AdamW state",
+        f"{TFS}::test_fsdp_resume_is_exact_and_the_checkpoint_is_a_plain_one", fast=False),
+    Bug("resume_rank0_rng", T, 'runtime.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])',
+        'runtime.set_rng_state(ckpt["rng"][0])', "a resume restores each rank's own random state",
+        f"{TFS}::test_fsdp_resume_is_exact_and_the_checkpoint_is_a_plain_one", fast=False),
 ]
 
 

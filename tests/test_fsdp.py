@@ -1,0 +1,154 @@
+"""train.py --fsdp (runtime.shard: PyTorch's FSDP2) in 2 gloo processes on the CPU. The same runs with DDP and with
+FSDP must give the same losses and final parameters (X-FM with both schedules, --grad_ckpt, and FLAVA); a run
+stopped halfway and resumed must equal the straight run (parameters and AdamW state); its checkpoint must be a
+DDP run's (a plain model loads it); and gradient accumulation under FSDP must equal one big micro-batch.
+
+All runs share one pair of spawned processes (starting them costs seconds); train.main runs inside a gloo group
+whose 60 s timeout turns a hang (ranks waiting in different collectives) into a failure."""
+import json
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import flava
+import runtime
+import toyworld
+import train
+from conftest import gloo_group, make_batch, rendezvous, tiny_config
+from model import XFM
+
+STEPS = ["--max_steps=4", "--log_every=1", "--warmup_steps=1", "--batch_size=8", "--vocab_size=300", "--eval_k=4",
+         "--caption_len=24", "--text_len=32", "--grad_clip=0.5"]      # (0.5: the clipping is active at every update)
+RUNS = {  # name: the arguments after --data_dir and --out_dir, run in this order
+    "xfm_ddp": [],
+    "xfm_fsdp": ["--fsdp"],
+    "xfm_fsdp_half": ["--fsdp", "--stop_at=2"],                        # then resumed: see _worker
+    "summed_ddp": ["--schedule=summed"],
+    "summed_fsdp": ["--schedule=summed", "--fsdp", "--grad_ckpt=true"],
+    "flava_ddp": ["--recipe=flava"],
+    "flava_fsdp": ["--recipe=flava", "--fsdp", "--image_tokenizer={root}/flava_ddp/image_tokenizer.pt"],
+}
+
+
+def _worker(rank, meet, toy, root):
+    with gloo_group(rank, 2, meet, timeout_s=60):
+        # train.main as under `torchrun --nproc_per_node=2`, in the group the test made
+        runtime.setup_distributed = lambda name: (True, rank, rank, 2, torch.device("cpu"))
+        runtime.teardown = lambda: None
+        tok = ["--tokenizer=" + os.path.join(toy, "tokenizer.json")]
+        for name, args in RUNS.items():
+            train.main([f"--data_dir={toy}", f"--out_dir={root}/{name}", *STEPS, *tok,
+                        *[a.format(root=root) for a in args]])
+        train.main([f"--resume={root}/xfm_fsdp_half", "--stop_at=0"])   # steps 3-4 of the stopped run
+        _accumulation(rank, root)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every run of RUNS in one spawn of 2 processes -> the folder holding a folder per run."""
+    toy, root = str(tmp_path_factory.mktemp("toy")), str(tmp_path_factory.mktemp("runs"))
+    toyworld.make_toy(toy, seed=0, n_pairs=48, n_regions=24, n_text=48, n_images=24, n_test=8, n_down=4,
+                      progress=False)
+    __import__("data").get_tokenizer(toy, toy, 300, None).save(os.path.join(toy, "tokenizer.json"))
+    mp.spawn(_worker, args=(rendezvous(), toy, root), nprocs=2, join=True)
+    return root
+
+
+def logs(run):
+    lines = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    return [r for r in lines if not r.get("final")], [r for r in lines if r.get("final")]
+
+
+def assert_same_run(a, b, param_atol):
+    """Two run folders: the same logged losses, gradient norms and temperatures at every step (1e-5 relative), the
+    end-of-run evaluation, and final parameters within param_atol."""
+    (la, fa), (lb, fb) = logs(a), logs(b)
+    assert [r["step"] for r in la] == [r["step"] for r in lb] == [1, 2, 3, 4]
+    for ra, rb in zip(la, lb):
+        keys = {k for k in ra if k.startswith("loss/") or k in ("grad_norm", "temp")}
+        assert keys == {k for k in rb if k.startswith("loss/") or k in ("grad_norm", "temp")} and len(keys) > 4
+        for k in keys:
+            assert abs(ra[k] - rb[k]) <= 1e-5 * max(1.0, abs(ra[k])), (ra["step"], k, ra[k], rb[k])
+    assert "retrieval" in fa[-1] and "retrieval" in fb[-1]                 # (a resumed run has two final lines)
+    ma, mb = (train.load_checkpoint(run, "cpu")["model"] for run in (a, b))
+    assert ma.keys() == mb.keys()
+    for k in ma:
+        assert ma[k].shape == mb[k].shape and torch.allclose(ma[k], mb[k], rtol=0, atol=param_atol), k
+
+
+@pytest.mark.parametrize("recipe", ["xfm", "summed", "flava"])
+def test_fsdp_run_equals_the_ddp_run(runs, recipe):
+    """Same init, same data, 2 processes: --fsdp trains exactly as DDP (losses at every step, clipped gradient
+    norms, temperature, final parameters), for X-FM's three updates, its summed schedule (with --grad_ckpt on the
+    FSDP side) and FLAVA. The gradients are bit for bit DDP's; clip_grad_norm_ sums the squares of each rank's
+    slices in another order, so the clipping factor differs in the last bit (1e-7 relative), and AdamW's
+    normalised steps carry that to at most about 1.5e-5 in a parameter after the 12 updates here (one update
+    moves a parameter by up to lr = 1e-3). Without clipping, one update is bit for bit DDP's."""
+    assert_same_run(os.path.join(runs, f"{recipe}_ddp"), os.path.join(runs, f"{recipe}_fsdp"), param_atol=5e-5)
+
+
+def test_fsdp_resume_is_exact_and_the_checkpoint_is_a_plain_one(runs):
+    """4 steps straight == 2 steps, stop, resume, 2 steps (losses, parameters, AdamW state), and the FSDP
+    checkpoint has the DDP run's format: a plain single-process model and optimizer load it."""
+    straight, resumed, ddp = (os.path.join(runs, n) for n in ("xfm_fsdp", "xfm_fsdp_half", "xfm_ddp"))
+    assert_same_run(straight, resumed, param_atol=1e-7)
+    a, b, d = (train.load_checkpoint(run, "cpu") for run in (straight, resumed, ddp))
+    assert a["step"] == b["step"] == 4 and len(a["rng"]) == 2                 # each rank's random state
+    for k, s in a["optimizer"]["state"].items():
+        for name, v in s.items():
+            assert torch.allclose(v, b["optimizer"]["state"][k][name], rtol=1e-5, atol=1e-7), (k, name)
+    # the format of the DDP run's checkpoint: the same keys, shapes, optimizer keys and groups
+    assert a["model"].keys() == d["model"].keys()
+    assert all(a["model"][k].shape == d["model"][k].shape for k in d["model"])
+    assert a["optimizer"]["param_groups"] == d["optimizer"]["param_groups"]
+    assert {k: {n: v.shape for n, v in s.items()} for k, s in a["optimizer"]["state"].items()} == \
+           {k: {n: v.shape for n, v in s.items()} for k, s in d["optimizer"]["state"].items()}
+    model = flava.build_model(flava.config_from_dict(a["model_config"]))
+    model.load_state_dict(a["model"])                                          # strict
+    cfg = train.TrainConfig(**a["train_config"])
+    optimizer = torch.optim.AdamW(train.param_groups(model, cfg.weight_decay, cfg.lr_mult))
+    optimizer.load_state_dict(a["optimizer"])
+    assert all(optimizer.state[p]["exp_avg"].shape == p.shape for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gradient accumulation under FSDP: 2 ranks x 2 micro-steps of 2 == 2 ranks x 1 micro-step of 4
+
+
+def _batch(rows):
+    """Rows of one fixed text + image batch (equal masked-token counts per sample, so the mean over a micro-batch
+    weighs every token alike, as in test_train.py's DDP accumulation test)."""
+    b = make_batch(tiny_config(), kinds=("text", "image"), B=8, seed=3)
+    labels = torch.full_like(b["text"]["labels"], -100)
+    labels[:, 1:3] = 7
+    b["text"]["labels"] = labels
+    return {k: {n: t[rows] for n, t in v.items()} for k, v in b.items()}
+
+
+def _accumulation(rank, root):
+    grads = {}
+    for accum in (1, 2):
+        torch.manual_seed(0)
+        model = XFM(tiny_config())
+        loss_model = runtime.shard(train.LossModel(model, True), model)
+        mine = [_batch(slice(4 * rank + i * 4 // accum, 4 * rank + (i + 1) * 4 // accum)) for i in range(accum)]
+        train.forward_backward(loss_model, iter(mine), accum, True, train.nullcontext, None)
+        grads[accum] = {n: runtime.full_tensor(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+    if rank == 0:
+        torch.save(grads, os.path.join(root, "accumulation.pt"))
+
+
+def test_fsdp_accumulation_equals_one_big_micro_batch(runs):
+    """The gradients (gathered from the shards) of 2 micro-steps of 2 samples per rank, synchronised on the last
+    one only, equal those of 1 micro-step of 4; and both equal one process on the whole batch of 8."""
+    grads = torch.load(os.path.join(runs, "accumulation.pt"))
+    torch.manual_seed(0)
+    model = XFM(tiny_config())
+    train.forward_backward(train.LossModel(model, True), iter([_batch(slice(0, 8))]), 1, False, train.nullcontext, None)
+    ref = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[1].keys() == grads[2].keys() == ref.keys() and len(ref) > 20
+    for n in ref:
+        assert torch.allclose(grads[2][n], grads[1][n], rtol=1e-4, atol=2e-6), n
+        assert torch.allclose(grads[2][n].reshape(ref[n].shape), ref[n], rtol=1e-4, atol=2e-5), n

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from losses import itc_loss, mlm_loss, patchify
-from model import PRESETS, XFM, Block, MLMHead, XFMConfig
+from model import PRESETS, XFM, Block, MLMHead, XFMConfig, additive_mask
 
 # ---------------------------------------------------------------------------------------------------------
 # Config: X-FM's fields plus FLAVA's own
@@ -160,8 +160,9 @@ class TextEncoder(nn.Module):
             raise ValueError(f"text of {T} tokens is longer than max_text_len {self.pos_embed.num_embeddings}")
         pos = torch.arange(T, device=ids.device)
         x = self.embed_norm(self.word_embed(ids) + self.pos_embed(pos))    # (B, T, D)
+        mask = additive_mask(att)                                          # padding is never attended to
         for blk in self.blocks:
-            x = blk(x, key_mask=att.bool())                               # padding is never attended to
+            x = blk(x, mask)
         return x
 
 
@@ -212,8 +213,9 @@ class FusionEncoder(nn.Module):
             image_mask = torch.ones(v.shape[:2], dtype=torch.bool, device=v.device)
         # the key mask covers CLS_M and the image, and hides the text padding (docs/METHOD.md §8.1)
         key_mask = torch.cat([torch.ones_like(image_mask[:, :1]), image_mask.bool(), att.bool()], dim=1)
+        mask = additive_mask(key_mask)                                     # (B, 1, 1, 1 + 1+P + T)
         for blk in self.blocks:
-            x = blk(x, key_mask=key_mask)
+            x = blk(x, mask)
         return self.norm(x)
 
 

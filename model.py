@@ -45,7 +45,7 @@ class XFMConfig:
     layer_scale: float = 0.1     # BEiT-v2 layer-scale init (gamma_1, gamma_2)
     temp: float = 0.07           # ITC temperature init, clamped to [0.001, 0.5]
     mim_target: str = "vl"       # vl (X-FM) | pixel (MAE-style, adds a pixel head) | off
-    attn_impl: str = "sdpa"      # sdpa (fast) | explicit (softmax written out, for teaching)
+    attn_impl: str = "auto"      # auto (the faster per call, see Attention) | sdpa | explicit (softmax written out)
 
     @property
     def grid(self):
@@ -73,8 +73,7 @@ def make_config(preset="tiny", **overrides):
     """A preset from PRESETS with field overrides, e.g. make_config("small", vocab_size=2000)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
-    known = {f.name for f in fields(XFMConfig)}
-    bad = set(overrides) - known
+    bad = set(overrides) - {f.name for f in fields(XFMConfig)}
     if bad:
         raise ValueError(f"unknown XFMConfig fields {sorted(bad)}")
     return XFMConfig(**{**PRESETS[preset], **overrides})
@@ -94,7 +93,6 @@ class RelativePositionBias(nn.Module):
 
     def __init__(self, grid, heads):
         super().__init__()
-        self.grid = grid
         self.num_distances = (2 * grid - 1) ** 2 + 3
         self.table = nn.Parameter(torch.zeros(self.num_distances, heads))  # ((2g-1)^2 + 3, nh)
         ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
@@ -109,10 +107,12 @@ class RelativePositionBias(nn.Module):
         index[0, 0] = self.num_distances - 1                               # cls -> cls
         self.register_buffer("index", index, persistent=False)
 
-    def forward(self):
-        n = self.index.shape[0]
-        bias = self.table[self.index.view(-1)].view(n, n, -1)              # (N, N, nh)
-        return bias.permute(2, 0, 1).contiguous()                          # (nh, N, N)
+    @staticmethod
+    def stacked(modules):
+        """The biases of L blocks (one module each) in one gather from a stack of their tables: a few ops per encoder
+        pass, not a gather, copy and backward per block (each table's gradient comes back through the stack)."""
+        tables = torch.stack([m.table for m in modules])                   # (L, (2g-1)^2 + 3, nh)
+        return tables[:, modules[0].index].permute(0, 3, 1, 2).contiguous()  # (L, nh, N, N)
 
 
 def resize_rel_pos(table, old_grid, new_grid):
@@ -133,15 +133,22 @@ def resize_rel_pos(table, old_grid, new_grid):
     return torch.cat([grid, table[-3:]], dim=0)                           # + cls->token, token->cls, cls->cls
 
 
+def additive_mask(key_mask):
+    """key_mask (B, S), nonzero for keys that may be attended to (0 = padding / outside a region) -> the additive
+    mask (B, 1, 1, S): 0 there, -inf elsewhere. An encoder builds it once per pass and hands it to every layer."""
+    return torch.zeros(key_mask.shape, device=key_mask.device).masked_fill_(key_mask == 0, float("-inf"))[:, None, None]
+
+
 class Attention(nn.Module):
     """Multi-head attention, as self-attention (kv=None) or cross-attention (kv = other tokens).
 
-    key_mask: (B, S) bool, True for keys that may be attended to (False = padding / outside a region).
-    bias:     (nh, N, S) additive bias (the relative position bias), or None.
+    mask: additive, broadcastable to (B, nh, N, S), or None: additive_mask() of a key mask, or the relative
+          position bias (nh, N, S) of a BEiT block.
     beit_bias: BEiT's qkv has biases on q and v only (k has none); RoBERTa has all three.
+    impl: sdpa, explicit, or auto: SDPA where it runs a fused kernel, else explicit (see forward).
     """
 
-    def __init__(self, dim, heads, cross=False, beit_bias=False, attn_drop=0.0, proj_drop=0.0, impl="sdpa"):
+    def __init__(self, dim, heads, cross=False, beit_bias=False, attn_drop=0.0, proj_drop=0.0, impl="auto"):
         super().__init__()
         assert dim % heads == 0, "width must be divisible by heads"
         self.heads, self.head_dim, self.cross, self.impl = heads, dim // heads, cross, impl
@@ -153,6 +160,7 @@ class Attention(nn.Module):
             self.qkv = nn.Linear(dim, 3 * dim, bias=False)
             self.q_bias = nn.Parameter(torch.zeros(dim))
             self.v_bias = nn.Parameter(torch.zeros(dim))
+            self.register_buffer("k_bias", torch.zeros(dim), persistent=False)  # fixed zeros, made once
         else:
             self.qkv = nn.Linear(dim, 3 * dim)
         self.beit_bias = beit_bias and not cross
@@ -163,35 +171,25 @@ class Attention(nn.Module):
         B, N, _ = x.shape
         return x.view(B, N, self.heads, self.head_dim).transpose(1, 2)     # (B, nh, N, hs)
 
-    def forward(self, x, kv=None, key_mask=None, bias=None):
+    def forward(self, x, kv=None, mask=None):
         B, N, C = x.shape
         if self.cross:
             q = self.q(x)
             k, v = self.kv(kv).chunk(2, dim=-1)
-        else:
-            qkv_bias = None
-            if self.beit_bias:  # k gets a fixed zero bias
-                qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
-            qkv = F.linear(x, self.qkv.weight, qkv_bias if self.beit_bias else self.qkv.bias)
-            q, k, v = qkv.chunk(3, dim=-1)
+        else:  # BEiT: k gets a fixed zero bias
+            bias = torch.cat([self.q_bias, self.k_bias, self.v_bias]) if self.beit_bias else self.qkv.bias
+            q, k, v = F.linear(x, self.qkv.weight, bias).chunk(3, dim=-1)
         q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)  # (B, nh, N|S, hs)
-
-        # One additive mask (B or 1, nh or 1, N, S): the position bias plus -inf on masked keys.
-        mask = None
-        if bias is not None:
-            mask = bias.unsqueeze(0).to(q.dtype)                            # (1, nh, N, S)
-        if key_mask is not None:
-            neg = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device)
-            neg = neg.masked_fill(~key_mask.bool(), float("-inf"))[:, None, None, :]  # (B, 1, 1, S)
-            mask = neg if mask is None else mask + neg
+        mask = None if mask is None else mask.to(q.dtype)                   # a copy only under autocast
         drop = self.attn_drop if self.training else 0.0
-
-        if self.impl == "sdpa":
+        # auto: on a CPU, SDPA with dropout or with a mask that needs a gradient (BEiT's bias) falls back to its
+        # math path, the computation below in more ops; there auto runs ours. Elsewhere SDPA runs a fused kernel.
+        fallback = q.device.type == "cpu" and (drop > 0 or (mask is not None and mask.requires_grad))
+        if self.impl == "sdpa" or (self.impl == "auto" and not fallback):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         else:  # the same computation written out: softmax(q k^T / sqrt(hs) + mask) v
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)      # (B, nh, N, S)
-            if mask is not None:
-                att = att + mask
+            att, scale = q @ k.transpose(-2, -1), 1 / math.sqrt(self.head_dim)  # (B, nh, N, S)
+            att = att.mul_(scale) if mask is None else torch.add(mask, att, alpha=scale)  # mask + scale * att: one op
             att = F.dropout(att.softmax(dim=-1), p=drop, training=self.training)
             y = att @ v                                                     # (B, nh, N, hs)
         y = y.transpose(1, 2).reshape(B, N, C)                              # (B, N, C)
@@ -213,8 +211,8 @@ def drop_path(x, p, training):
     """Stochastic depth: drop the whole residual branch for a random subset of samples."""
     if p == 0.0 or not training:
         return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
-    return x * keep / (1 - p)
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p).div_(1 - p)  # 0 or 1/(1-p)
+    return x * keep
 
 
 class Block(nn.Module):
@@ -223,8 +221,10 @@ class Block(nn.Module):
     post-LN (RoBERTa; language and fusion encoders):
         x = LN(x + SelfAttn(x));  [cross=True: x = LN(x + CrossAttn(x, image))];  x = LN(x + MLP(x))
     pre-LN (BEiT-v2; vision encoder), with layer scale g1, g2 and drop path:
-        x = x + DropPath(g1 * SelfAttn(LN(x), bias=rel_pos));  x = x + DropPath(g2 * MLP(LN(x)))
+        x = x + DropPath(g1 * SelfAttn(LN(x), mask=rel_pos bias));  x = x + DropPath(g2 * MLP(LN(x)))
     pre-LN with beit=False (FLAVA's three encoders, flava.py): the same without g1, g2, with a full qkv bias
+    forward's mask / image_mask: the additive masks of the self- / cross-attention, which the encoder builds once
+    per pass (additive_mask() of the padding or the region; the vision encoder: every block's rel_pos bias at once).
     """
 
     def __init__(self, cfg, pre_norm=False, cross=False, drop_path=0.0, rel_pos_grid=None, beit=None, eps=None):
@@ -246,10 +246,9 @@ class Block(nn.Module):
             self.gamma_2 = nn.Parameter(cfg.layer_scale * torch.ones(D))
         self.rel_pos = RelativePositionBias(rel_pos_grid, cfg.heads) if rel_pos_grid else None
 
-    def forward(self, x, key_mask=None, image=None, image_mask=None):
-        bias = self.rel_pos() if self.rel_pos is not None else None
+    def forward(self, x, mask=None, image=None, image_mask=None):
         if self.pre_norm:
-            a = self.attn(self.norm1(x), key_mask=key_mask, bias=bias)
+            a = self.attn(self.norm1(x), mask=mask)
             if self.gamma_1 is not None:
                 a = self.gamma_1 * a
             x = x + drop_path(a, self.drop_path, self.training)
@@ -257,9 +256,9 @@ class Block(nn.Module):
             if self.gamma_2 is not None:
                 m = self.gamma_2 * m
             return x + drop_path(m, self.drop_path, self.training)
-        x = self.norm1(x + self.attn(x, key_mask=key_mask, bias=bias))
+        x = self.norm1(x + self.attn(x, mask=mask))
         if image is not None:  # text queries attend to image keys/values; the image is not updated
-            x = self.norm_cross(x + self.cross_attn(x, kv=image, key_mask=image_mask))
+            x = self.norm_cross(x + self.cross_attn(x, kv=image, mask=image_mask))
         return self.norm2(x + self.mlp(x))
 
 
@@ -313,8 +312,9 @@ class TextEncoder(nn.Module):
         not_pad = (ids != self.pad_id).long()
         pos = torch.cumsum(not_pad, dim=1) * not_pad + self.pad_id         # (B, T) RoBERTa position ids
         x = self.drop(self.norm(self.word_embed(ids) + self.pos_embed(pos)))  # (B, T, D)
+        mask = additive_mask(att)                                           # (B, 1, 1, T)
         for blk in self.blocks:
-            x = blk(x, key_mask=att.bool())
+            x = blk(x, mask)
         return x
 
 
@@ -341,8 +341,9 @@ class VisionEncoder(nn.Module):
         if mim_mask is not None:  # swap in the learnable mask token, before CLS and any position handling
             x = torch.where(mim_mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+P, D)
-        for blk in self.blocks:
-            x = blk(x)
+        # every block's relative position bias in one gather (a fast path: tests/test_fastpaths.py)
+        for blk, bias in zip(self.blocks, RelativePositionBias.stacked([blk.rel_pos for blk in self.blocks])):
+            x = blk(x, bias)                                                # bias (nh, 1+P, 1+P)
         patches = self.fc_norm(x[:, 1:])                                    # (B, P, D), the CLS output is dropped
         return torch.cat([patches.mean(dim=1, keepdim=True), patches], dim=1)  # (B, 1+P, D)
 
@@ -359,9 +360,10 @@ class FusionEncoder(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, cross=True) for _ in range(cfg.fusion_layers)])
 
     def forward(self, t, att, image, image_mask=None):
-        x = t
+        x, mask = t, additive_mask(att)                                     # (B, 1, 1, T)
+        image_mask = None if image_mask is None else additive_mask(image_mask)  # (B, 1, 1, S)
         for blk in self.blocks:
-            x = blk(x, key_mask=att.bool(), image=image, image_mask=image_mask)
+            x = blk(x, mask, image=image, image_mask=image_mask)
         return x
 
 
@@ -407,9 +409,6 @@ class XFM(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
             if m.padding_idx is not None:
                 nn.init.zeros_(m.weight[m.padding_idx])
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
     def _init_vision(self):
         v = self.vision

@@ -10,15 +10,21 @@ removing an optimisation fails a test as surely as breaking one.
     image-only MIM target without a graph              losses._mim                    test_mim_target_*
     ITM negatives reuse the encoders' outputs          losses.itm_loss                test_itm_negatives_*
     SDPA instead of the written-out softmax            model.Attention                test_sdpa_*
+    auto: SDPA where fused, else the written-out path  model.Attention (impl=auto)    test_auto_attention_*
+    attention masks built once per encoder pass        model.additive_mask, encoders  test_masks_*
+    every block's position bias in one gather          RelativePositionBias.stacked   test_masks_*
     all of them at once                                losses.xfm_losses              test_all_fast_paths_*
     fused AdamW (train.py and finetune.py on CUDA)     torch.optim.AdamW(fused=True)  test_fused_adamw_*
     pinned memory + non_blocking copies                runtime.to_device                test_pinned_* (CUDA only)
 """
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import losses
+import model as model_py
 from conftest import make_batch, tiny_config
 from model import XFM
 
@@ -222,13 +228,101 @@ def test_itm_negatives_reuse_encoder_outputs(batch, stop_grad):
     assert_same(fast, slow)
 
 
-def test_sdpa_equals_explicit_attention(batch):
-    """F.scaled_dot_product_attention and the written-out softmax(q k^T / sqrt(d) + mask) v give the same losses
-    and gradients on every data kind: text padding, the relative position bias, region key masks."""
-    sdpa = tiny_model(attn_impl="sdpa")
+@pytest.mark.parametrize("impl", ["sdpa", "auto"])
+def test_sdpa_equals_explicit_attention(batch, impl):
+    """F.scaled_dot_product_attention (and auto, which mixes both) and the written-out softmax(q k^T / sqrt(d) +
+    mask) v give the same losses and gradients on every data kind: text padding, the position bias, region masks."""
+    fast = tiny_model(attn_impl=impl)
     explicit = tiny_model(attn_impl="explicit")
-    explicit.load_state_dict(sdpa.state_dict())
-    assert_same(step(sdpa, losses.xfm_losses, batch), step(explicit, losses.xfm_losses, batch))
+    explicit.load_state_dict(fast.state_dict())
+    assert_same(step(fast, losses.xfm_losses, batch), step(explicit, losses.xfm_losses, batch))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_auto_attention_takes_sdpa_only_where_it_is_fused(batch, dropout, monkeypatch):
+    """impl=auto on a CPU: SDPA's fused kernel takes no dropout and gives no gradient to a mask, so auto calls
+    SDPA for an attention without either and runs the written-out path for the rest (SDPA would fall back to
+    the same math in more ops): in training, a vision block calls SDPA only without a graph (else its position
+    bias needs a gradient), text and fusion blocks only when their dropout is 0; in eval mode without a graph all do."""
+    sdpa_calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(model_py.F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: sdpa_calls.append(kw["attn_mask"]) or sdpa(q, k, v, **kw))
+    model = tiny_model(attn_impl="auto", dropout=dropout)
+    calls = []                                                             # (encoder, grad mode) per attention call
+    for name in ("text", "vision", "fusion"):
+        for blk in getattr(model, name).blocks:
+            for attn in [blk.attn] + ([blk.cross_attn] if hasattr(blk, "cross_attn") else []):
+                attn.register_forward_hook(lambda *_, n=name: calls.append((n, torch.is_grad_enabled())))
+    step(model, losses.xfm_losses, batch)
+    fused = [c for c in calls if (c[0] == "vision" and not c[1]) or (c[0] != "vision" and not dropout)]
+    assert len(sdpa_calls) == len(fused) and not any(m is not None and m.requires_grad for m in sdpa_calls)
+    assert 0 < len(fused) < len(calls)
+    sdpa_calls.clear()
+    with torch.no_grad():
+        model.eval().encode_image(batch["image"]["image"])
+    assert len(sdpa_calls) == model.cfg.vision_layers                      # no graph, no dropout: fused
+
+
+def plain_mask(key_mask):
+    """The (B, 1, 1, S) additive mask of a key mask, built the plain way: -inf filled in where the key is masked."""
+    return torch.zeros(key_mask.shape).masked_fill(~key_mask.bool(), float("-inf"))[:, None, None, :]
+
+
+def plain_rel_pos(rpb):
+    """One block's relative position bias gathered from its own table: (nh, N, N)."""
+    n = rpb.index.shape[0]
+    return rpb.table[rpb.index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
+
+
+@contextmanager
+def masks_per_layer(model):
+    """Every attention layer gets its mask made in that layer, the plain way, from the key masks its encoder was
+    called with (each vision block: its own bias), in place of what the encoder built once and handed down."""
+    seen = {}
+    hooks = [model.text.register_forward_pre_hook(lambda m, a: seen.update(text=a[1])),
+             model.fusion.register_forward_pre_hook(lambda m, a: seen.update(fusion=a[1], image=a[3]))]
+
+    def swap(module, make):  # the attention's `mask` keyword replaced by make()
+        hooks.append(module.register_forward_pre_hook(lambda m, a, kw: (a, {**kw, "mask": make()}), with_kwargs=True))
+    for blk in model.text.blocks:
+        swap(blk.attn, lambda: plain_mask(seen["text"]))
+    for blk in model.fusion.blocks:
+        swap(blk.attn, lambda: plain_mask(seen["fusion"]))
+        swap(blk.cross_attn, lambda: None if seen["image"] is None else plain_mask(seen["image"]))
+    for blk in model.vision.blocks:
+        swap(blk.attn, lambda rpb=blk.rel_pos: plain_rel_pos(rpb))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_masks_built_once_per_encoder_pass(batch, monkeypatch):
+    """Each encoder pass builds its additive masks once (additive_mask: the text padding, a region's patches)
+    and gathers every block's position bias in one op (RelativePositionBias.stacked), then hands them to its
+    layers: the same losses and gradients (every relative position table included) as masks made in each layer
+    the plain way; and only once per pass (a mask per layer would be the slow path)."""
+    built = {"masks": 0, "gathers": 0}
+    real_mask, real_stacked = model_py.additive_mask, model_py.RelativePositionBias.stacked
+
+    def count(key, fn):
+        return lambda *a: built.__setitem__(key, built[key] + 1) or fn(*a)
+    monkeypatch.setattr(model_py, "additive_mask", count("masks", real_mask))
+    monkeypatch.setattr(model_py.RelativePositionBias, "stacked", staticmethod(count("gathers", real_stacked)))
+    model = tiny_model()
+    passes = {"text": [], "vision": [], "fusion": []}
+    for name, calls in passes.items():
+        getattr(model, name).register_forward_pre_hook(lambda m, a, c=calls: c.append(a))
+    fast = step(model, losses.xfm_losses, batch)
+    region_fusions = sum(a[3] is not None for a in passes["fusion"])
+    assert built == {"masks": len(passes["text"]) + len(passes["fusion"]) + region_fusions,
+                     "gathers": len(passes["vision"])} and region_fusions > 0
+    with masks_per_layer(model):
+        slow = step(model, losses.xfm_losses, batch)
+    assert_same(fast, slow)
+    assert all(fast[1][f"vision.blocks.{i}.rel_pos.table"].abs().sum() > 0 for i in range(model.cfg.vision_layers))
 
 
 def test_all_fast_paths_together(batch):

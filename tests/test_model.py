@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from model import XFM, Attention, RelativePositionBias, make_config
+from model import XFM, Attention, RelativePositionBias, additive_mask, drop_path, make_config
 
 
 @pytest.mark.parametrize("cross", [False, True])
@@ -18,9 +18,9 @@ def test_explicit_attention_equals_sdpa(cross):
     x, kv = torch.randn(3, 5, 32), torch.randn(3, 7, 32)
     key_mask = torch.ones(3, 7 if cross else 5, dtype=torch.bool)
     key_mask[0, -2:] = False
-    bias = None if cross else torch.randn(4, 5, 5)
-    a = fast(x, kv=kv if cross else None, key_mask=key_mask, bias=bias)
-    b = slow(x, kv=kv if cross else None, key_mask=key_mask, bias=bias)
+    mask = additive_mask(key_mask) + (0 if cross else torch.randn(4, 5, 5))  # (B, 1, 1, S) + a position bias
+    a = fast(x, kv=kv if cross else None, mask=mask)
+    b = slow(x, kv=kv if cross else None, mask=mask)
     assert torch.allclose(a, b, atol=1e-5)
 
 
@@ -83,7 +83,7 @@ def test_relative_position_bias_table_and_index():
     # the same relative offset uses the same entry anywhere on the grid
     assert idx[1 + 5, 1 + 6] == idx[1 + 0, 1 + 1]
     rpb.table.data = torch.randn_like(rpb.table)
-    bias = rpb()
+    bias = RelativePositionBias.stacked([rpb])[0]
     assert bias.shape == (2, g * g + 1, g * g + 1)
     assert torch.equal(bias[:, 3, 7], rpb.table[idx[3, 7]])
 
@@ -197,3 +197,18 @@ def test_fusion_encoder_reads_the_language_states_as_they_are():
     t, att = torch.randn(2, 6, 128), torch.ones(2, 6, dtype=torch.long)
     assert torch.equal(model.fuse(t, att, model.encode_image(torch.randn(2, 3, 32, 32))), t)
     assert all(n.startswith("blocks.") for n, _ in XFM(tiny_config()).fusion.named_parameters())
+
+
+def test_drop_path_zeroes_whole_samples_and_rescales_the_rest():
+    """drop_path multiplies by one (B, 1, 1) factor, 0 or 1/(1-p), drawn as the plain x * keep / (1-p) draws it:
+    the same values and input gradient under the same seed; off in eval mode."""
+    x = torch.randn(64, 3, 5, requires_grad=True)
+    torch.manual_seed(0)
+    y = drop_path(x, 0.25, training=True)
+    torch.manual_seed(0)
+    keep = torch.empty(64, 1, 1).bernoulli_(0.75)
+    torch.testing.assert_close(y, x * keep / 0.75)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(g, (keep / 0.75).expand_as(x))
+    assert 0 < int(keep.sum()) < 64                                       # some samples dropped, some kept
+    assert drop_path(x, 0.25, training=False) is x

@@ -69,7 +69,7 @@ def test_xfm_region_itc_itm_imlm_bbox():
     b = batch["region"]
     l1, giou = constant_box_chance(b)
     names = ["itc_region", "itm_region", "imlm_region", "bbox_l1", "bbox_giou"]
-    got = overfit(XFM(cfg), batch, xfm_losses, names, 60)
+    got = overfit(XFM(cfg), batch, xfm_losses, names, 80)  # 60 left GIoU within 10 % of its bar on some seeds
     chance = {"itc_region": math.log(len(b["ids"])), "itm_region": ITM_CHANCE,
               "imlm_region": math.log(cfg.vocab_size), "bbox_l1": l1, "bbox_giou": giou}
     assert_far_below(got, chance, 0.3)

@@ -1,13 +1,20 @@
 """Section 3 of tools/bench.py: our language and vision encoders against the same architecture built from
 Hugging Face transformers (RobertaModel, BeitModel), forward + backward on the same input. bench.py imports it
-(with the repository root on sys.path) and writes the table."""
+(with the repository root on sys.path) and writes the table. Run alone, it prints that table only:
+
+    python tools/bench_hf.py --configs tiny,small --iters 20      # bench.py's batch and text length per preset
+"""
+import argparse
+import os
+import sys
 import time
 
 import torch
 
-import runtime
-from bench_meters import sync
-from model import TextEncoder, VisionEncoder
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+import runtime  # noqa: E402
+from bench_meters import sync  # noqa: E402
+from model import TextEncoder, VisionEncoder  # noqa: E402
 
 
 def hf_twins(cfg):
@@ -72,3 +79,20 @@ def bench_hf(cfg, preset, device, B, T, dtype, iters, warmup):
         ours_m.cpu()
         hf_m.cpu()
     return rows
+
+
+if __name__ == "__main__":
+    import bench  # noqa: E402  (its presets, batch sizes and table; bench imports this file, not the reverse)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="tiny,small", help="model presets, comma-separated")
+    p.add_argument("--attn_impl", default=None, help="our attention path (default: XFMConfig's)")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = runtime.amp_setup("auto", device)[2]
+    over = {"attn_impl": args.attn_impl} if args.attn_impl else {}
+    rows = [r for c in args.configs.split(",") for r in bench_hf(
+        bench.build("xfm", c, **over)[0], c, device, bench.DEFAULT_BATCH[device.type][c], bench.TEXT_LEN[c], dtype,
+        args.iters, args.warmup)]
+    print(bench.hf_table(rows))

@@ -76,15 +76,15 @@ def cross_attention_maps(xfm, ids, att, image):
     P = xfm.cfg.num_patches
 
     def hook(m, args, kwargs, output):
-        x, key_mask = args[0], kwargs.get("key_mask")
+        x, mask = args[0], kwargs.get("mask")                              # additive: 0 or -inf per key
         if flava_model:  # self-attention over [CLS_M; CLS_I; patches; text]
             q, k, _ = F.linear(x, m.qkv.weight, m.qkv.bias).chunk(3, dim=-1)
         else:            # text queries, image keys
             q, k = m.q(x), m.kv(kwargs["kv"]).chunk(2, dim=-1)[0]
         q, k = m.split_heads(q), m.split_heads(k)                          # (B, nh, N, hs), (B, nh, S, hs)
         a = (q @ k.transpose(-2, -1)) / math.sqrt(m.head_dim)              # (B, nh, N, S)
-        if key_mask is not None:
-            a = a.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
+        if mask is not None:
+            a = a + mask
         a = a.float().softmax(dim=-1)
         maps.append(a[:, :, 2 + P:, 1:2 + P] if flava_model else a)       # (B, nh, T, 1+P)
 

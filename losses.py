@@ -112,7 +112,7 @@ def mlm_loss(hidden, labels, head, max_masked=None):
     B, T, D = hidden.shape
     K = T if max_masked is None else min(T, max_masked)
     sel, pos = (labels != -100).float().topk(K, dim=1)                      # (B, K): the masked positions first
-    target = labels.gather(1, pos).masked_fill(sel == 0, -100)             # (B, K)
+    target = labels.gather(1, pos)                                         # (B, K), -100 in the unused slots
     logits = head(hidden.gather(1, pos.unsqueeze(-1).expand(B, K, D)))     # (B, K, V)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction="sum")
     return loss / sel.sum().clamp(min=1)                                   # no masked position: 0, graph kept

@@ -57,7 +57,7 @@ class TrainConfig:
     flava_ratios: str = "0.70,0.15,0.15"  # FLAVA: probability of pair, image, text data for each update
     codebook_size: int = 256        # FLAVA: image-token vocabulary of the k-means tokenizer (the dVAE's: 8192)
     image_tokenizer: str = ""       # FLAVA: a saved RUN/image_tokenizer.pt to reuse; empty = fit one on the data
-    attn_impl: str = "sdpa"         # sdpa | explicit (attention written out, for teaching)
+    attn_impl: str = "auto"         # auto (SDPA where fused, else written out) | sdpa | explicit (written out, for teaching)
     init_text: str = ""             # Hugging Face RoBERTa folder: language encoder + MLM head (pretrained.py)
     init_vision: str = ""           # BEiT-v2 checkpoint (official .pth or Hugging Face folder): vision encoder
     # data
@@ -106,7 +106,7 @@ class TrainConfig:
 
 # the keys with a fixed set of values (checked when the command line is read, before any work)
 CHOICES = {"config": ("tiny", "small", "base"), "recipe": ("xfm", "flava"), "mim_target": ("vl", "pixel", "off"),
-           "attn_impl": ("sdpa", "explicit"), "schedule": ("three", "summed"), "device": ("auto", "cpu", "cuda", "mps"),
+           "attn_impl": ("auto", "sdpa", "explicit"), "schedule": ("three", "summed"), "device": ("auto", "cpu", "cuda", "mps"),
            "amp": ("auto", "bf16", "fp16", "fp32"), "compile_mode": runtime.COMPILE_MODES}
 
 

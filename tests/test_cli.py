@@ -13,7 +13,7 @@ import train
 BAD_TRAIN = [("--config=huge", "--config must be one of tiny, small, base, not 'huge'"),
              ("--recipe=clip", "--recipe must be one of xfm, flava"),
              ("--mim_target=foo", "--mim_target must be one of vl, pixel, off"),
-             ("--attn_impl=flash", "--attn_impl must be one of sdpa, explicit"),
+             ("--attn_impl=flash", "--attn_impl must be one of auto, sdpa, explicit"),
              ("--schedule=twice", "--schedule must be one of three, summed"),
              ("--amp=fp8", "--amp must be one of auto, bf16, fp16, fp32"),
              ("--device=tpu", "--device must be one of auto, cpu, cuda, mps")]

@@ -323,7 +323,7 @@ def test_compiled_step_never_breaks_the_graph_nor_recompiles(toy, tmp_path, monk
     monkeypatch.setattr(runtime, "COMPILE_BACKEND", "eager")
     torch._dynamo.reset()
     counters.clear()
-    train.main([f"--data_dir={toy}", f"--out_dir={tmp_path / 'run'}", *FAST, "--max_steps=50", "--batch_size=4",
+    train.main([f"--data_dir={toy}", f"--out_dir={tmp_path / 'run'}", *FAST, "--max_steps=50", "--batch_size=4", "--caption_len=40",
                 "--log_every=25", "--compile", f"--recipe={recipe}"])
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["frames"]["total"] == counters["stats"]["unique_graphs"] == 3

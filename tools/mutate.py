@@ -47,7 +47,7 @@ class Bug:
 
 L, M, T, D, F, R = "losses.py", "model.py", "train.py", "data.py", "flava.py", "retrieval.py"
 TL, TM, TT, TD, TF = (f"tests/test_{n}.py" for n in ("losses", "model", "train", "data", "flava"))
-TO, TFT, TFS = "tests/test_overfit.py", "tests/test_finetune.py", "tests/test_fsdp.py"
+TO, TFT, TFS, TS = "tests/test_overfit.py", "tests/test_finetune.py", "tests/test_fsdp.py", "tests/test_static.py"
 
 CATALOGUE = [
     # --- X-FM idea 1: the stop-gradient
@@ -297,6 +297,33 @@ CATALOGUE = [
     Bug("drop_path_unscaled", M, ".bernoulli_(1 - p).div_(1 - p)", ".bernoulli_(1 - p)",
         "drop path rescales the kept samples by 1/(1-p)",
         f"{TM}::test_drop_path_zeroes_whole_samples_and_rescales_the_rest"),
+    # --- fixed shapes, no host syncs (docs/METHOD.md §6.3): the same method as the plain version
+    Bug("empty_slot_is_key", L, "queries=valid, keys=valid)", "queries=valid)",
+        "an empty caption slot is no ITC key", f"{TS}::test_xfm_losses_and_gradients_equal_the_plain_version"),
+    Bug("empty_slot_itm_positive", L, "torch.ones_like(has_img) if valid is None else valid", "torch.ones_like(has_img)",
+        "an empty caption slot is no ITM positive", f"{TS}::test_xfm_losses_and_gradients_equal_the_plain_version"),
+    Bug("mlm_slots_bound", L, "K = T if max_masked is None else min(T, max_masked)", "K = T if max_masked is None else 1",
+        "mlm_loss gives each row max_masked slots (every masked position finds one)",
+        f"{TS}::test_xfm_losses_and_gradients_equal_the_plain_version"),
+    Bug("race_uniform", L, "return (w / race).argmax(dim=1), w.sum(1) > 0",
+        "return ((w > 0).float() / race).argmax(dim=1), w.sum(1) > 0",
+        "a hard negative is drawn with probability w_j / sum(w) (the exponential race), not uniformly",
+        f"{TL}::test_hard_negatives_are_drawn_with_the_softmax_probabilities"),
+    Bug("giou_nan_guard", L, "torch.where(off, unit, pb), torch.where(off, unit, tb)", "pb, tb",
+        "GIoU of a degenerate box is computed on unit boxes, so no NaN reaches the sum",
+        f"{TL}::test_giou_is_zero_on_degenerate_boxes"),
+    Bug("flava_pos_sync", F, "pos = pos | ~pos.any()", "pos = pos if pos.any() else torch.ones_like(pos)",
+        "the loss code makes the host wait for nothing (no `if tensor`)",
+        f"{TS}::test_a_step_makes_the_host_wait_for_nothing"),
+    Bug("mask_bound_too_small", D, "return min(max_masks, max(1, round((T - 2) * prob)))",
+        "return min(max_masks, max(1, round((T - 2) * prob))) - 1",
+        "max_masks bounds the masked positions of every row (none is dropped from MLM)",
+        f"{TD}::test_batch_formats"),
+    Bug("static_caption_len", D,
+        "T = self.dc.caption_len if self.dc.static else None\n        ids = pad_seqs([s[\"ids\"] for s in samples], self.tok.pad_id, T)  # (B, T)",
+        "T = None\n        ids = pad_seqs([s[\"ids\"] for s in samples], self.tok.pad_id, T)  # (B, T)",
+        "--compile pads captions to a fixed length: one compilation per kind of update",
+        f"{TT} -k compiled_step", fast=False),
 ]
 
 

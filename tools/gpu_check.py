@@ -145,8 +145,8 @@ class Report:
         if d["toy"]:
             t = d["toy"]
             lines += ["", "## Toy run (train.py defaults: tiny X-FM, toy world)", "", f"`{t['command']}`", "",
-                      md_table(["status", "wall s", "steps", "s/step (last log)", "text->image R@1", "image->text R@1",
-                                "chance R@1"],
+                      md_table(["status", "wall s", "steps", "s/step (last log)", "text->image R@1 %",
+                                "image->text R@1 %", "chance R@1 %"],
                                [[t["status"], fmt(t.get("wall_s")), t.get("steps", "n/a"), fmt(t.get("s_per_step"), 3),
                                  fmt(t.get("t2i_r1")), fmt(t.get("i2t_r1")), fmt(t.get("chance_r1"))]])]
             if t["status"] != "ok" and t.get("tail"):
@@ -611,6 +611,8 @@ def check(args, report, device, configs, recipes, modes):
                                                 known_fits=base_ok, tried=search["tried"],
                                                 time_left=lambda: report.left() - NEEDS_S["search"])
                     search["largest"] = largest
+                    if search["tried"] and all(ok for _, ok in search["tried"]):
+                        search["note"] = "every batch tried fits: the largest is larger still"
                 except Exception as e:  # noqa: BLE001
                     search["note"] = f"failed: {short(e)}"
                 report.log(f"largest batch: {config} {recipe}: {search}")

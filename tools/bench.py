@@ -46,16 +46,21 @@ Sections of the report (one Markdown table each; also in JSON), written to --out
      the host-to-device copy of one step's batches from pageable vs pinned memory.
 
 Timing: warm-up iterations (--warmup; compile happens there) are excluded; CUDA phases are timed with CUDA
-events, and the wall clock is read after torch.cuda.synchronize().
+events, and the wall clock is read after torch.cuda.synchronize(). "step ms" is the mean over the timed steps
+(the JSON rows also hold the median, step_ms_median).
 
-This file makes the synthetic batch, times the step and writes the report; the instruments (clocks, memory,
-FLOPs, aten ops) are in tools/bench_meters.py, section 3 in tools/bench_hf.py and section 4 in tools/bench_data.py.
+This file makes the synthetic batch, times the step and writes the report. Its step timer, bench_step, is shared
+with tools/gpu_check.py, which also has it time the whole step compiled (compile="step": train.LossModel through
+runtime.compile_step) and replayed as CUDA graphs (compile="graphs"). The instruments (clocks, memory, FLOPs,
+aten ops, TorchDynamo's counters) are in tools/bench_meters.py, section 3 in tools/bench_hf.py and section 4 in
+tools/bench_data.py.
 """
 import argparse
 import importlib.util
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -69,8 +74,9 @@ import runtime  # noqa: E402
 import train  # noqa: E402
 from bench_data import bench_data  # noqa: E402  (section 4)
 from bench_hf import bench_hf  # noqa: E402  (section 3)
-from bench_meters import (add_mfu, batch_shape, count_dispatch, counted_flops, flops_per_step,  # noqa: E402
-                          free, ms_between, peak_memory_mb, reset_peak_memory, stamp, sync)
+from bench_meters import (add_mfu, batch_shape, clear_dynamo_counters, count_dispatch, counted_flops,  # noqa: E402
+                          dynamo_summary, flops_per_step, free, ms_between, peak_memory_mb, reset_peak_memory,
+                          stamp, sync)
 from bench_meters import DispatchCounter  # noqa: E402,F401  (bench.DispatchCounter, as tests/test_bench.py uses it)
 from model import make_config  # noqa: E402
 
@@ -171,12 +177,22 @@ def build(recipe, preset, **over):
 # ---------------------------------------------------------------------------------------------------------
 # 1 + 2: the training step
 
+COMPILE_CHOICES = ("off", "on", "step", "graphs")   # bench_step's compile: none, encoders, whole step, + CUDA graphs
+
 
 def bench_step(recipe, preset, device, B, dtype="fp32", attn="sdpa", compile="off", iters=5, warmup=2,
-               count=False):
+               count=False, backend="inductor"):
     """Time `iters` full training steps (after `warmup`) on one fixed synthetic batch; returns a row dict.
-    compile: "off" or "on" (the encoders compiled as train.py does). count: also count the step's FLOPs with
-    torch's counter (the same batch gives the same count, so once per preset and recipe is enough)."""
+    compile: "off"; "on" (the three encoders compiled as train.py --compile does); "step" (the whole step's loss
+    module, train.LossModel, compiled with runtime.compile_step) or "graphs" (the same in mode "reduce-overhead":
+    CUDA graphs). backend: torch.compile's backend for "step" and "graphs" ("inductor" through
+    runtime.compile_step; "eager" or "aot_eager" test the tracing alone, e.g. on a CPU). A compiled run adds the
+    TorchDynamo counters (graph breaks, graphs, frames compiled after the first step) under "dynamo". count:
+    also count the step's FLOPs with torch's counter (the same batch gives the same count, so once per preset and
+    recipe is enough). Timed to the median step too: step_ms is the mean (wall clock), step_ms_median the
+    median of the per-step intervals."""
+    if compile not in COMPILE_CHOICES:
+        raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, not {compile!r}")
     torch.manual_seed(0)
     reset_peak_memory(device)
     cfg, model, loss_fn = build(recipe, preset, attn_impl=attn)
@@ -185,19 +201,33 @@ def bench_step(recipe, preset, device, B, dtype="fp32", attn="sdpa", compile="of
     # one AdamW over every parameter (train.py's groups differ only in decay and lr, not in cost); fused on CUDA
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=device.type == "cuda")
     autocast, scaler, _ = runtime.amp_setup(dtype, device)                # fp16 with a GradScaler, as train.py
-    if compile != "off":  # what train.py does: the encoders, not the loss code (data-dependent shapes there)
+    step_losses = lambda: loss_fn(model, batch)                         # noqa: E731  {name: loss} of the step
+    loss_model = compiled = None
+    if compile == "on":  # what train.py --compile does: the encoders, not the loss code
         for name in ("text", "vision", "fusion"):
             if hasattr(model, name):
                 getattr(model, name).compile()
+    elif compile in ("step", "graphs"):  # the whole forward of every loss as one module (its backward follows)
+        loss_model = train.LossModel(model, stop_grad=True, recipe=recipe)
+        mode = "default" if compile == "step" else "reduce-overhead"
+        compiled = runtime.compile_step(loss_model, mode) if backend == "inductor" else \
+            torch.compile(loss_model, backend=backend, dynamic=False)   # (mode is an Inductor option)
+        step_losses = lambda: compiled(batch)[0]                        # noqa: E731  (losses, stats) -> losses
+        clear_dynamo_counters()
+    frames_first_step = None
 
     marks, t_warm = [], time.perf_counter()
     for i in range(warmup + iters):
         if i == warmup:
             sync(device)
             warmup_s, t0, marks = time.perf_counter() - t_warm, time.perf_counter(), []
+        if i == 1 and compile in ("step", "graphs"):  # compiling after the first step: a recompile
+            frames_first_step = torch._dynamo.utils.counters["frames"]["total"]
+        if compile == "graphs":  # a new step: the previous replay's outputs may be overwritten from here on
+            torch.compiler.cudagraph_mark_step_begin()
         marks.append(stamp(device))
         with autocast():
-            out = loss_fn(model, batch)
+            out = step_losses()
         loss = sum(out.values())
         marks.append(stamp(device))
         (scaler.scale(loss) if scaler else loss).backward()
@@ -209,23 +239,28 @@ def bench_step(recipe, preset, device, B, dtype="fp32", attn="sdpa", compile="of
     # 4 marks per timed iteration -> mean ms of the forward, the backward and the optimizer
     fwd, bwd, opt = (sum(ms_between(marks[4 * i + j], marks[4 * i + j + 1]) for i in range(iters)) / iters
                      for j in range(3))
+    step_ms_median = statistics.median(ms_between(marks[4 * i], marks[4 * i + 3]) for i in range(iters))
     counts = batch_counts(batch, cfg)
     images, texts, tokens = (sum(c[j] for c in counts.values()) for j in range(3))
     samples = sum(t or i for i, t, _ in counts.values())                # texts of a kind with text, else images
     row = dict(config=preset, recipe=recipe, dtype=dtype, attn=attn, compile=compile, batch=B,
                params_m=sum(p.numel() for p in model.parameters()) / 1e6, step_ms=wall / iters * 1e3,
+               step_ms_median=step_ms_median,
                fwd_ms=fwd, bwd_ms=bwd, opt_ms=opt, samples_per_s=samples * iters / wall,
                tokens_per_s=tokens * iters / wall, images_per_step=images, texts_per_step=texts,
                samples_per_step=samples, peak_mem_mb=peak_memory_mb(device), warmup_s=warmup_s,
                loss=float(loss.detach()), eats={k: c[:2] for k, c in counts.items()})
     if recipe == "xfm":
         row["flops_analytic"] = flops_per_step(cfg, batch_shape(batch))
+    if compile in ("step", "graphs"):
+        row["dynamo"] = dynamo_summary(frames_first_step)
     if compile == "off":  # a compiled step runs fused kernels, not the aten ops counted here
         counter = count_dispatch(model, loss_fn, batch, autocast)
         row.update(ops=counter.ops, syncs=counter.syncs, sync_sites=counter.sync_sites,
                    us_per_op=row["step_ms"] * 1e3 / counter.ops, forward_ops=counter.forward_ops,
                    encoder_forward_ops=counter.encoder_ops)
-    del model, optimizer, out, loss
+    del model, optimizer, out, loss, step_losses
+    loss_model = compiled = None                                        # (they hold the model too)
     if compile != "off":
         torch._dynamo.reset()                                           # drop the compiled graphs before the next run
     free(device)

@@ -71,7 +71,8 @@ PEAK_FLOPS = [
     ("H100 NVL", 835e12, 60e12),
     ("H100 PCIe", 756e12, 51e12),
     ("H100", 989e12, 67e12),        # SXM (HBM3)
-    ("H200", 989e12, 67e12),
+    ("H200 NVL", 835e12, 60e12),
+    ("H200", 989e12, 67e12),        # SXM ("NVIDIA H200"), and GH200
     ("A100", 312e12, 19.5e12),
     ("A10G", 125e12, 31.2e12),      # the A10's datasheet figures; none are published for the A10G itself
     ("L40S", 362e12, 91.6e12),
@@ -273,3 +274,44 @@ def count_dispatch(model, loss_fn, batch, autocast):
         h.remove()
     model.zero_grad(set_to_none=True)
     return counter
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compiled steps: what TorchDynamo did
+
+
+def _break_reason(text):
+    """A graph break's reason, short: its first line, plus the user source line Dynamo names, if any."""
+    lines = [line.strip() for line in text.strip().splitlines()]
+    where = next((line for line in lines if line.startswith("# File ")), "")
+    if where:  # '# File "/x/losses.py", line 259, in bbox_loss, code: ...' -> 'losses.py:259 in bbox_loss'
+        path, _, rest = where[len("# File "):].partition(", line ")
+        where = f" at {os.path.basename(path.strip(chr(34)))}:{rest.split(', code')[0].replace(', in', ' in')}"
+    return (lines[0] if lines else "?") + where
+
+
+def dynamo_summary(frames_first_step=None):
+    """What TorchDynamo did since its counters were last cleared (torch._dynamo.utils.counters and
+    graph_break_reasons): graph breaks (the total, and the reasons with the user source line where each graph
+    ended, most frequent first), the graphs compiled, the frames compiled, and of those the ones compiled after
+    the first step, given `frames_first_step` (the frame count after it): on a fixed batch each is a recompile."""
+    utils = torch._dynamo.utils
+    reasons = {}
+    for r in getattr(utils, "graph_break_reasons", []):
+        frame = r.user_stack[-1] if r.user_stack else None
+        where = f" at {os.path.basename(frame.filename)}:{frame.lineno}" if frame else ""
+        short = (r.reason.strip().splitlines() or ["?"])[0][:80] + where
+        reasons[short] = reasons.get(short, 0) + 1
+    if not reasons:  # (older or newer torch without graph_break_reasons) the counter's messages
+        for text, n in utils.counters["graph_break"].items():
+            reasons[_break_reason(text)] = reasons.get(_break_reason(text), 0) + n
+    frames = utils.counters["frames"]["total"]
+    return dict(graph_breaks=sum(utils.counters["graph_break"].values()),
+                break_reasons=dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+                graphs=utils.counters["stats"]["unique_graphs"], frames=frames,
+                recompiles=None if frames_first_step is None else frames - frames_first_step)
+
+
+def clear_dynamo_counters():
+    torch._dynamo.utils.counters.clear()
+    getattr(torch._dynamo.utils, "graph_break_reasons", []).clear()

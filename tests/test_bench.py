@@ -71,21 +71,19 @@ def test_itc_is_sync_free():
 
 def test_bench_report_tiny(tmp_path):
     """The whole report on the CPU at the tiny preset: every baseline row carries its op count, sync count,
-    µs/op and the forward's ops inside the encoders; the X-FM step's syncs are all in the loss code (the encoders
-    never wait); both files are written."""
+    µs/op and the forward's ops inside the encoders; neither recipe's step makes the host wait (0 syncs: the loss
+    code has fixed shapes, docs/METHOD.md §6.3); both files are written."""
     out = tmp_path / "bench.md"
     res = bench.main(["--configs", "tiny", "--recipes", "xfm,flava", "--skip_hf", "--skip_data", "--iters", "1",
                       "--warmup", "1", "--dtypes", "fp32", "--batch_size", "4", "--out", str(out)])
     rows = {(r["recipe"], r["attn"]): r for r in res["step"]}
     for recipe in ("xfm", "flava"):
         r = rows[(recipe, "sdpa")]
-        assert r["ops"] > 100 and 0 < r["syncs"] < r["ops"]
+        assert r["ops"] > 100 and r["syncs"] == 0 and not r["sync_sites"]
         assert r["us_per_op"] == pytest.approx(r["step_ms"] * 1e3 / r["ops"])
-        assert sum(r["sync_sites"].values()) == r["syncs"]
         assert 0 < r["encoder_forward_ops"] < r["forward_ops"] < r["ops"]
-    assert {site.split(":")[0] for site in rows[("xfm", "sdpa")]["sync_sites"]} <= {"losses.py", "backward"}
     text = out.read_text()
-    assert "host syncs" in text and "Host syncs by source line" in text
+    assert "host syncs" in text and "Host syncs by source line" not in text  # no syncs: no sites listed
     assert json.load(open(os.path.splitext(out)[0] + ".json"))["step"][0]["ops"] == res["step"][0]["ops"]
 
 

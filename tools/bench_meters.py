@@ -104,21 +104,23 @@ def add_mfu(row, device_name):
 
 
 def batch_shape(batch):
-    """What flops_per_step needs to know about a batch: rows, lengths and masked-token counts per kind."""
+    """What flops_per_step needs to know about a batch: rows, lengths and the rows an MLM head runs on per kind
+    (M = rows x max_masks: losses.mlm_loss gives every row max_masks slots, or every position without the key)."""
     shape = {}
+    slots = lambda b: b["ids"].shape[0] * b.get("max_masks", b["ids"].shape[1])  # noqa: E731
     if "text" in batch:
         b = batch["text"]
-        shape["text"] = dict(B=b["ids"].shape[0], T=b["ids"].shape[1], M=int((b["labels"] != -100).sum()))
+        shape["text"] = dict(B=b["ids"].shape[0], T=b["ids"].shape[1], M=slots(b))
     if "image" in batch:
         shape["image"] = dict(B=batch["image"]["image"].shape[0])
     for kind in ("pair", "region"):
         if kind in batch:
             b = batch[kind]
             shape[kind] = dict(B=b["image"].shape[0], N=b["ids"].shape[0], T=b["ids"].shape[1],
-                               M=int((b["mlm_labels"] != -100).sum()),
-                               # ITM rows: positives + one negative image per text + one negative text per
-                               # image, for every row whose image id is not the only one in the batch
-                               itm=b["ids"].shape[0] * (3 if len(set(b["img_id"].tolist())) > 1 else 1))
+                               M=slots(b),
+                               # ITM rows: positives + one negative image per text + one negative text per image,
+                               # every row computed (fixed shapes; a row without a negative weighs 0)
+                               itm=b["ids"].shape[0] * 3)
     return shape
 
 
@@ -168,7 +170,7 @@ def flops_per_step(cfg, shape, stop_grad=True):
     def fusion(B, T):                                                   # the text input is detached under stop_grad
         return sum(block(B, T, True, dgrad_in=(i > 0 or not stop_grad), kv_len=S) for i in range(cfg.fusion_layers))
 
-    def mlm_head(M):                                                    # dense + decoder on the M masked rows
+    def mlm_head(M):                                                    # dense + decoder on the M slots
         return mm(M, D, D) + mm(M, D, V)
 
     def mlp_head(n, out):                                               # build_mlp: Linear(D, 2D), Linear(2D, out)

@@ -1,8 +1,8 @@
 """
 Data for xfm: the four pre-training streams of X-FM (text, image, image-text pairs, region-text),
-the two masking generators (text MLM and BEiT block-wise MIM), a BPE tokenizer wrapper and a sharded
-resumable sampler (docs/METHOD.md §4.1, §5, §11). The synthetic toy world that feeds every stream
-is written by toyworld.py.
+the two masking generators (text MLM and BEiT block-wise MIM) and a sharded resumable sampler
+(docs/METHOD.md §4.1, §5, §11). The tokenizer is tokenizer.py; the synthetic toy world that feeds every
+stream is written by toyworld.py.
 
 Run:
     python -m pytest tests/test_data.py -q
@@ -26,7 +26,6 @@ smallest area (fraction of the image) of the box-preserving crop of the region s
 """
 
 import math
-import os
 import sys
 from dataclasses import dataclass
 
@@ -37,101 +36,9 @@ from torch.utils.data import DataLoader, Dataset
 
 import formats
 
-# DataLoader workers fork after the tokenizer may have used its Rust thread pool; keep it single-threaded
-# so the fork is safe and the library does not print a warning per worker.
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-
 CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), dtype=np.float32)
 CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), dtype=np.float32)
 KINDS = ("text", "image", "pair", "region")  # the four streams; the index also salts each stream's rng
-
-# -----------------------------------------------------------------------------
-# Tokenizer: byte-level BPE, RoBERTa's special tokens
-
-
-class Tokenizer:
-    """A thin wrapper over a `tokenizers` tokenizer.json. Special ids are looked up by string, never assumed."""
-
-    SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # RoBERTa order: a trained vocab gets ids 0..4
-
-    def __init__(self, hf):
-        # we add <s> ... </s> ourselves, so a trained tokenizer and RoBERTa's behave the same
-        hf.no_truncation()
-        hf.no_padding()
-        self.hf = hf
-        ids = {t: hf.token_to_id(t) for t in self.SPECIALS}
-        missing = [t for t, i in ids.items() if i is None]
-        if missing:
-            raise ValueError(f"tokenizer lacks special tokens {missing}")
-        self.cls_id, self.pad_id, self.sep_id, self.unk_id, self.mask_id = (ids[t] for t in self.SPECIALS)
-        self.special_ids = set(ids.values())
-        self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
-
-    @classmethod
-    def train(cls, texts, vocab_size, path):
-        """Byte-level BPE (as RoBERTa's) trained on texts, saved to path. A small corpus such as the toy world
-        runs out of merges early, so the resulting `vocab_size` can be below the one asked for."""
-        hf = HFTokenizer(models.BPE())
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-        hf.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(cls.SPECIALS), show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        hf.train_from_iterator(texts, trainer)
-        tok = cls(hf)
-        tok.save(path)
-        return tok
-
-    def save(self, path):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.hf.save(path + ".tmp")
-        os.replace(path + ".tmp", path)  # atomic: a crash never leaves half a tokenizer.json
-
-    @classmethod
-    def load(cls, path):
-        return cls(HFTokenizer.from_file(path))
-
-    def to_json(self):  # the whole tokenizer as one string: what rank 0 sends the other ranks
-        return self.hf.to_str()
-
-    @classmethod
-    def from_json(cls, text):
-        return cls(HFTokenizer.from_str(text))
-
-    def encode(self, text, max_len):
-        """<s> tokens </s>, truncated to max_len with </s> kept last."""
-        body = self.hf.encode(text, add_special_tokens=False).ids[: max_len - 2]
-        return [self.cls_id] + body + [self.sep_id]
-
-    def decode(self, ids):
-        return self.hf.decode(list(ids), skip_special_tokens=True).strip()
-
-    def random_token(self, rng):
-        while True:  # specials are few, so this rarely loops
-            t = int(rng.integers(self.vocab_size))
-            if t not in self.special_ids:
-                return t
-
-
-def corpus_texts(data_dir):
-    """Every caption, region phrase and text document of a folder (not the test pairs): the tokenizer corpus."""
-    src, quiet = formats.find_sources(data_dir), formats.BadInput(verbose=False)
-    texts = [r["caption"] for r in formats.parse_pairs(src["pair"], quiet)] if "pair" in src else []
-    for rec in formats.parse_regions(src["region"], quiet) if "region" in src else []:
-        texts += rec["captions"] + [c for r in rec["regions"] for c in r["captions"]]
-    return texts + (formats.parse_texts(src["text"], quiet) if "text" in src else [])
-
-
-def get_tokenizer(data_dir, run_dir, vocab_size, tokenizer_path=None):
-    """Load tokenizer_path, else run_dir/tokenizer.json, else train one on the folder and save it there.
-    Under DDP rank 0 calls it and sends the others its JSON (runtime.rank0_shares), so they need no shared folder."""
-    if tokenizer_path:
-        return Tokenizer.load(tokenizer_path)
-    path = os.path.join(run_dir, "tokenizer.json")
-    if os.path.isfile(path):
-        return Tokenizer.load(path)
-    return Tokenizer.train(corpus_texts(data_dir), vocab_size, path)
-
 
 # -----------------------------------------------------------------------------
 # Masking: text MLM (docs/METHOD.md §4.1) and BEiT block-wise MIM (§5.3)

@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 import cli
 import data
+import tokenizer
 import formats
 import flava
 import losses
@@ -153,7 +154,7 @@ class Env:
     """What every task reads besides its FinetuneConfig (load_init makes it once per run)."""
     ckpt: dict                  # --init's checkpoint (train.py's, or this script's with "task" and "meta"), or
                                 # the one from_pretrained_encoders makes
-    tok: data.Tokenizer         # its tokenizer, the same on every rank
+    tok: tokenizer.Tokenizer         # its tokenizer, the same on every rank
     run_dir: str                # --init's folder (public encoders: --out_dir or runs/from_pretrained); a
                                 # pre-trained checkpoint's tasks write to RUN_DIR/finetune/NAME by default
     mcfg: Any                   # the checkpoint's model config (model.XFMConfig or flava.FLAVAConfig)
@@ -979,8 +980,8 @@ def load_init(cfg, ddp, rank, world, device):
     def read_tokenizer():  # rank 0 reads it; every rank gets its JSON (no shared folder needed for it)
         if not os.path.isfile(tok_path):
             raise SystemExit(f"error: no tokenizer at {tok_path!r} (use --tokenizer)")
-        return data.Tokenizer.load(tok_path).to_json()
-    tok = data.Tokenizer.from_json(runtime.rank0_shares(read_tokenizer, ddp, rank))
+        return tokenizer.Tokenizer.load(tok_path).to_json()
+    tok = tokenizer.Tokenizer.from_json(runtime.rank0_shares(read_tokenizer, ddp, rank))
     if not cfg.init:
         ckpt = from_pretrained_encoders(cfg, tok, rank == 0)
     autocast, scaler, _ = runtime.amp_setup(cfg.amp, device)

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import cli
 import data
+import tokenizer
 import formats
 import flava
 import pretrained
@@ -309,10 +310,10 @@ def setup_data(cfg, ckpt, recipe, per_rank, rank, world, ddp, device, bad):
             cfg.tokenizer = hf_tok
 
     def prepare_tokenizer():  # saved in the run folder too, so the folder is a complete --init for finetune.py
-        tok = data.get_tokenizer(cfg.data_dir, cfg.out_dir, cfg.vocab_size, cfg.tokenizer or None)
+        tok = tokenizer.get_tokenizer(cfg.data_dir, cfg.out_dir, cfg.vocab_size, cfg.tokenizer or None)
         tok.save(os.path.join(cfg.out_dir, "tokenizer.json"))
         return tok.to_json()
-    tok = data.Tokenizer.from_json(runtime.rank0_shares(prepare_tokenizer, ddp, rank))
+    tok = tokenizer.Tokenizer.from_json(runtime.rank0_shares(prepare_tokenizer, ddp, rank))
     if ckpt is not None:  # a resumed run's own config; else the recipe's preset, with what --init_text/vision say
         model_cfg = flava.config_from_dict(ckpt["model_config"])
     else:

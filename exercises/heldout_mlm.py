@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import tokenizer  # noqa: E402
 import formats
 import train  # noqa: E402
 import flava  # noqa: E402
@@ -33,7 +34,7 @@ SEEDS = 5
 def heldout_mlm(run_dir, batch_size=128):
     """-> (mean CE over the masked tokens, masked-token accuracy in %, number of masked tokens, ln V)."""
     config = json.load(open(os.path.join(run_dir, "config.json")))
-    tok = data.Tokenizer.load(os.path.join(run_dir, "tokenizer.json"))
+    tok = tokenizer.Tokenizer.load(os.path.join(run_dir, "tokenizer.json"))
     sources = formats.find_sources(config["train"]["data_dir"])
     if "pair_test" not in sources:
         raise SystemExit(f"error: {config['train']['data_dir']} has no pairs_test.jsonl (the held-out captions)")

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-import data
+import tokenizer
 import formats
 import finetune
 import train
@@ -204,7 +204,7 @@ def test_images_jsonl(tmp_path):
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     texts = ["a red square", "a green square", "a blue square", "what colour is the shape", "net mesh"] * 4
-    return data.Tokenizer.train(texts, 300, str(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
+    return tokenizer.Tokenizer.train(texts, 300, str(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
 
 
 def test_retrieval_set(tmp_path, tok):

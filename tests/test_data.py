@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data as D  # noqa: E402
+import tokenizer  # noqa: E402
 import formats  # noqa: E402
 import toyworld  # noqa: E402
 import retrieval  # noqa: E402
@@ -29,7 +30,7 @@ def toy(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(toy, tmp_path_factory):
-    return D.get_tokenizer(toy, str(tmp_path_factory.mktemp("run")), vocab_size=400)
+    return tokenizer.get_tokenizer(toy, str(tmp_path_factory.mktemp("run")), vocab_size=400)
 
 
 def read_tree(root):
@@ -190,7 +191,7 @@ SENTS = ["a red circle left of a blue square", "there are two shapes: a green cr
 
 def test_tokenizer_train_roundtrip(tmp_path):
     path = str(tmp_path / "tokenizer.json")
-    tok = D.Tokenizer.train(SENTS * 3, 300, path)
+    tok = tokenizer.Tokenizer.train(SENTS * 3, 300, path)
     assert (tok.cls_id, tok.pad_id, tok.sep_id, tok.unk_id, tok.mask_id) == (0, 1, 2, 3, 4)
     assert tok.special_ids == {0, 1, 2, 3, 4} and tok.vocab_size > 256
     for s in SENTS:
@@ -198,7 +199,7 @@ def test_tokenizer_train_roundtrip(tmp_path):
         assert ids[0] == 0 and ids[-1] == 2 and tok.decode(ids) == s
     short = tok.encode(SENTS[1], 5)
     assert len(short) == 5 and short[-1] == tok.sep_id and short[:4] == tok.encode(SENTS[1], 64)[:4]
-    again = D.Tokenizer.load(path)
+    again = tokenizer.Tokenizer.load(path)
     assert again.encode(SENTS[0], 64) == tok.encode(SENTS[0], 64)
 
 
@@ -210,24 +211,24 @@ def test_tokenizer_looks_up_specials_and_ignores_post_processor(tmp_path):
     hf.train_from_iterator(SENTS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     hf.add_special_tokens(["<mask>"])
-    plain = D.Tokenizer(HF.from_str(hf.to_str())).encode(SENTS[0], 64)
+    plain = tokenizer.Tokenizer(HF.from_str(hf.to_str())).encode(SENTS[0], 64)
     hf.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
     hf.enable_truncation(4)
     path = str(tmp_path / "rob.json")
     hf.save(path)
-    tok = D.Tokenizer.load(path)
+    tok = tokenizer.Tokenizer.load(path)
     assert tok.mask_id == hf.token_to_id("<mask>") == tok.vocab_size - 1 and tok.mask_id != 4
     assert tok.encode(SENTS[0], 64) == plain and len(plain) > 4  # no double <s>, no truncation to 4
 
 
 def test_get_tokenizer_trains_then_loads(toy, tmp_path):
     run = str(tmp_path / "run")
-    t1 = D.get_tokenizer(toy, run, 300)
+    t1 = tokenizer.get_tokenizer(toy, run, 300)
     assert os.path.isfile(os.path.join(run, "tokenizer.json"))
     mtime = os.path.getmtime(os.path.join(run, "tokenizer.json"))
-    t2 = D.get_tokenizer(toy, run, 999)  # exists: loaded, not retrained
+    t2 = tokenizer.get_tokenizer(toy, run, 999)  # exists: loaded, not retrained
     assert t2.vocab_size == t1.vocab_size and os.path.getmtime(os.path.join(run, "tokenizer.json")) == mtime
-    t3 = D.get_tokenizer(toy, str(tmp_path / "elsewhere"), 300, tokenizer_path=os.path.join(run, "tokenizer.json"))
+    t3 = tokenizer.get_tokenizer(toy, str(tmp_path / "elsewhere"), 300, tokenizer_path=os.path.join(run, "tokenizer.json"))
     assert t3.encode("a red circle", 16) == t1.encode("a red circle", 16)
 
 

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import data
+import tokenizer
 import formats
 import losses
 import finetune
@@ -172,7 +173,7 @@ def toy(tmp_path_factory):
 
 def test_itm_negatives_swap_in_another_images_caption(toy, tmp_path):
     bad = formats.BadInput(verbose=False)
-    tok = data.get_tokenizer(toy, str(tmp_path), 300)
+    tok = tokenizer.get_tokenizer(toy, str(tmp_path), 300)
     pairs = formats.parse_pairs(os.path.join(toy, "pairs.jsonl"), bad)
     own = lambda j: tok.encode(pairs[j]["caption"], 24)  # noqa: E731
 

@@ -280,7 +280,7 @@ def test_safetensors_reader_matches_the_reference(tmp_path):
 
 
 def test_train_main_starts_from_pretrained_encoders(beit, tmp_path):
-    import data
+    import tokenizer
     import train
     toy = str(tmp_path / "toy")
     toyworld.make_toy(toy, seed=0, n_pairs=16, n_regions=8, n_text=16, n_images=8, n_test=8, n_down=4, progress=False)
@@ -289,7 +289,7 @@ def test_train_main_starts_from_pretrained_encoders(beit, tmp_path):
     vision = str(tmp_path / "beitv2.pth")
     torch.save({"model": hf_to_official(disk_state(beit, str(tmp_path / "hf")))}, vision)
     # a tokenizer whose vocabulary fits the RoBERTa's 300 embeddings, saved as the folder's tokenizer.json
-    tok = data.Tokenizer.train(data.corpus_texts(toy), 300, os.path.join(text, "tokenizer.json"))
+    tok = tokenizer.Tokenizer.train(tokenizer.corpus_texts(toy), 300, os.path.join(text, "tokenizer.json"))
     assert tok.vocab_size <= 300
     out = str(tmp_path / "run")
     train.main([f"--data_dir={toy}", f"--out_dir={out}", f"--init_text={text}", f"--init_vision={vision}",

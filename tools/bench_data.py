@@ -8,6 +8,7 @@ import time
 import torch
 
 import data
+import tokenizer
 import formats
 import toyworld
 import runtime
@@ -21,7 +22,7 @@ def bench_data(device, out_dir, n_batches, step_s, eats):
     training step of step_s seconds that eats {kind: (images, texts)} per step (None: no comparison)."""
     tc = train.TrainConfig()
     toyworld.build_if_missing(tc.data_dir)
-    tok = data.get_tokenizer(tc.data_dir, out_dir, tc.vocab_size, tc.tokenizer or None)
+    tok = tokenizer.get_tokenizer(tc.data_dir, out_dir, tc.vocab_size, tc.tokenizer or None)
     mcfg = make_config(tc.config)
     per_rank = train.batch_plan(tc, 1)[2]                               # train.py's per-rank batches, one process
     rows, one_batch = [], {}

@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import data  # noqa: E402
+import tokenizer  # noqa: E402
 import formats
 import train  # noqa: E402
 from tools import pictures  # noqa: E402
@@ -66,7 +67,7 @@ def chance_levels(run_dir, n_batches=20):
     """Chance level of every objective for the run in run_dir, from its config, tokenizer and data."""
     _, _, config = read_run(run_dir)
     t, world = config["train"], config["world_size"]
-    tok = data.Tokenizer.load(os.path.join(run_dir, "tokenizer.json"))
+    tok = tokenizer.Tokenizer.load(os.path.join(run_dir, "tokenizer.json"))
     ln_v = math.log(tok.vocab_size)
     if t.get("recipe") == "flava":
         p, ln_k = config["model"]["itm_neg_prob"], math.log(config["model"]["codebook_size"])

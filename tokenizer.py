@@ -1,0 +1,100 @@
+"""
+The tokenizer of xfm: byte-level BPE with RoBERTa's special tokens (<s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4), a thin
+wrapper around the `tokenizers` library. get_tokenizer trains one on a data folder's texts (or loads a given one);
+train.py saves it in the run folder, so a run folder is a complete --init for finetune.py. data.py masks what it
+encodes (docs/METHOD.md §4.1, §5).
+"""
+import os
+
+import formats
+
+# DataLoader workers fork after the tokenizer may have used its Rust thread pool; keep it single-threaded
+# so the fork is safe and the library does not print a warning per worker.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# Tokenizer: byte-level BPE, RoBERTa's special tokens
+
+
+class Tokenizer:
+    """A thin wrapper over a `tokenizers` tokenizer.json. Special ids are looked up by string, never assumed."""
+
+    SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # RoBERTa order: a trained vocab gets ids 0..4
+
+    def __init__(self, hf):
+        # we add <s> ... </s> ourselves, so a trained tokenizer and RoBERTa's behave the same
+        hf.no_truncation()
+        hf.no_padding()
+        self.hf = hf
+        ids = {t: hf.token_to_id(t) for t in self.SPECIALS}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks special tokens {missing}")
+        self.cls_id, self.pad_id, self.sep_id, self.unk_id, self.mask_id = (ids[t] for t in self.SPECIALS)
+        self.special_ids = set(ids.values())
+        self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def train(cls, texts, vocab_size, path):
+        """Byte-level BPE (as RoBERTa's) trained on texts, saved to path. A small corpus such as the toy world
+        runs out of merges early, so the resulting `vocab_size` can be below the one asked for."""
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(cls.SPECIALS), show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        hf.train_from_iterator(texts, trainer)
+        tok = cls(hf)
+        tok.save(path)
+        return tok
+
+    def save(self, path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.hf.save(path + ".tmp")
+        os.replace(path + ".tmp", path)  # atomic: a crash never leaves half a tokenizer.json
+
+    @classmethod
+    def load(cls, path):
+        return cls(HFTokenizer.from_file(path))
+
+    def to_json(self):  # the whole tokenizer as one string: what rank 0 sends the other ranks
+        return self.hf.to_str()
+
+    @classmethod
+    def from_json(cls, text):
+        return cls(HFTokenizer.from_str(text))
+
+    def encode(self, text, max_len):
+        """<s> tokens </s>, truncated to max_len with </s> kept last."""
+        body = self.hf.encode(text, add_special_tokens=False).ids[: max_len - 2]
+        return [self.cls_id] + body + [self.sep_id]
+
+    def decode(self, ids):
+        return self.hf.decode(list(ids), skip_special_tokens=True).strip()
+
+    def random_token(self, rng):
+        while True:  # specials are few, so this rarely loops
+            t = int(rng.integers(self.vocab_size))
+            if t not in self.special_ids:
+                return t
+
+
+def corpus_texts(data_dir):
+    """Every caption, region phrase and text document of a folder (not the test pairs): the tokenizer corpus."""
+    src, quiet = formats.find_sources(data_dir), formats.BadInput(verbose=False)
+    texts = [r["caption"] for r in formats.parse_pairs(src["pair"], quiet)] if "pair" in src else []
+    for rec in formats.parse_regions(src["region"], quiet) if "region" in src else []:
+        texts += rec["captions"] + [c for r in rec["regions"] for c in r["captions"]]
+    return texts + (formats.parse_texts(src["text"], quiet) if "text" in src else [])
+
+
+def get_tokenizer(data_dir, run_dir, vocab_size, tokenizer_path=None):
+    """Load tokenizer_path, else run_dir/tokenizer.json, else train one on the folder and save it there.
+    Under DDP rank 0 calls it and sends the others its JSON (runtime.rank0_shares), so they need no shared folder."""
+    if tokenizer_path:
+        return Tokenizer.load(tokenizer_path)
+    path = os.path.join(run_dir, "tokenizer.json")
+    if os.path.isfile(path):
+        return Tokenizer.load(path)
+    return Tokenizer.train(corpus_texts(data_dir), vocab_size, path)

@@ -9,12 +9,17 @@ Run:
 
 The files of a data folder, their formats and the bad-input rules: formats.py.
 
-Batches (all tensors; T = longest sequence in the batch, P = (image_size // patch_size) ** 2):
+Batches (tensors, and the ints max_masks, mim_count, n_bad; T = the longest sequence in the batch, or
+text_len / caption_len with DataConfig.static (train.py --compile); P = (image_size // patch_size) ** 2):
     text:   ids (B,T) masked ids, att (B,T), labels (B,T) with -100 where not masked       MLM p=0.15, <= 20 masks
-    image:  image (B,3,S,S), mim_mask (B,P) bool, n_bad
-    pair:   image, mim_mask, ids/att (unmasked caption), mlm_ids/mlm_labels (p=0.5, <= 15), img_id (B,), n_bad
-    region: image (B_img,3,S,S) and, per caption (N in all): img_index, ids, att, mlm_ids, mlm_labels,
-            box (N,4) normalised cx,cy,w,h, is_region, patch_mask (N,P), img_id; n_bad. No MIM on regions.
+    image:  image (B,3,S,S), mim_mask (B,P) bool, mim_count (masked patches per image), n_bad
+    pair:   image, mim_mask, mim_count, ids/att (unmasked caption), mlm_ids/mlm_labels (p=0.5, <= 15), img_id (B,),
+            itm_label (B,), n_bad
+    region: image (B_img,3,S,S) and, per caption slot (N = B_img * slots): img_index, ids, att, mlm_ids,
+            mlm_labels, box (N,4) normalised cx,cy,w,h, is_region, patch_mask (N,P), img_id, valid (N,) (False:
+            an empty slot); n_bad. No MIM on regions.
+    max_masks (text, pair, region): the most masked positions any row can hold (max_masked), the slots that
+            losses.mlm_loss gives each row, so the loss has fixed shapes (docs/METHOD.md §6.3).
 Every sample draws its randomness from np.random.default_rng([seed, stream, epoch, index]), so batches do not
 depend on the number of DataLoader workers and a resumed run continues the exact same sequence.
 

@@ -64,9 +64,8 @@ def itc_variant(name, f_v, f_t, temp):
         y = torch.arange(B)
         s = f_v @ f_t.t() / temp
         return 0.5 * (F.cross_entropy(s, y) + F.cross_entropy(s.t(), y))
-    sizes = [B] * world
-    all_v = with_own_slice(f_v, losses.gather_no_grad(f_v.detach(), sizes), start)  # (N, E)
-    all_t = with_own_slice(f_t, losses.gather_no_grad(f_t.detach(), sizes), start)
+    all_v = with_own_slice(f_v, losses.gather_no_grad(f_v.detach()), start)  # (N, E)
+    all_t = with_own_slice(f_t, losses.gather_no_grad(f_t.detach()), start)
     if name == "nograd":  # every rank computes the whole N x N loss
         y = torch.arange(len(all_v))
         s = all_v @ all_t.t() / temp

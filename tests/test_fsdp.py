@@ -51,7 +51,7 @@ def runs(tmp_path_factory):
     toy, root = str(tmp_path_factory.mktemp("toy")), str(tmp_path_factory.mktemp("runs"))
     toyworld.make_toy(toy, seed=0, n_pairs=48, n_regions=24, n_text=48, n_images=24, n_test=8, n_down=4,
                       progress=False)
-    __import__("data").get_tokenizer(toy, toy, 300, None).save(os.path.join(toy, "tokenizer.json"))
+    __import__("tokenizer").get_tokenizer(toy, toy, 300, None).save(os.path.join(toy, "tokenizer.json"))
     mp.spawn(_worker, args=(rendezvous(), toy, root), nprocs=2, join=True)
     return root
 

@@ -33,7 +33,7 @@ Sections of the report (one Markdown table each; also in JSON), written to --out
   2. Speed knobs, one at a time from the baseline (sdpa attention, bf16 autocast on a bf16 GPU else fp32,
      no compile): attention explicit vs sdpa (XFMConfig.attn_impl), every dtype of --dtypes (fp16 with a
      GradScaler, as train.py; fp16 is skipped on the CPU, whose autocast is bf16 only), and torch.compile of the
-     three encoders the way train.py does it (`.compile()`, PyTorch's default dynamic=None); a compile that
+     whole step the way train.py --compile does it (train.LossModel through runtime.compile_step); a compile that
      fails is noted in the report, not fatal. Compiling takes minutes, so by default it is timed on CUDA
      for the largest config's first recipe only (--compile: every run, also on the CPU; --no-compile: none).
   3. Ours vs Hugging Face: our language and vision encoders against RobertaModel and BeitModel configured
@@ -50,8 +50,7 @@ events, and the wall clock is read after torch.cuda.synchronize(). "step ms" is 
 (the JSON rows also hold the median, step_ms_median).
 
 This file makes the synthetic batch, times the step and writes the report. Its step timer, bench_step, is shared
-with tools/gpu_check.py, which also has it time the whole step compiled (compile="step": train.LossModel through
-runtime.compile_step) and replayed as CUDA graphs (compile="graphs"). The instruments (clocks, memory, FLOPs,
+with tools/gpu_check.py, which also has it replay the compiled step as CUDA graphs (compile="graphs"). The instruments (clocks, memory, FLOPs,
 aten ops, TorchDynamo's counters) are in tools/bench_meters.py, section 3 in tools/bench_hf.py and section 4 in
 tools/bench_data.py.
 """
@@ -178,13 +177,13 @@ def build(recipe, preset, **over):
 # ---------------------------------------------------------------------------------------------------------
 # 1 + 2: the training step
 
-COMPILE_CHOICES = ("off", "on", "step", "graphs")   # bench_step's compile: none, encoders, whole step, + CUDA graphs
+COMPILE_CHOICES = ("off", "step", "graphs")   # bench_step's compile: none, the whole step, + CUDA graphs
 
 
 def bench_step(recipe, preset, device, B, dtype="fp32", attn="sdpa", compile="off", iters=5, warmup=2,
                count=False, backend="inductor"):
     """Time `iters` full training steps (after `warmup`) on one fixed synthetic batch; returns a row dict.
-    compile: "off"; "on" (the three encoders compiled as train.py --compile does); "step" (the whole step's loss
+    compile: "off"; "step" (what train.py --compile does: the whole step's loss
     module, train.LossModel, compiled with runtime.compile_step) or "graphs" (the same in mode "reduce-overhead":
     CUDA graphs). backend: torch.compile's backend for "step" and "graphs" ("inductor" through
     runtime.compile_step; "eager" or "aot_eager" test the tracing alone, e.g. on a CPU). A compiled run adds the
@@ -204,11 +203,7 @@ def bench_step(recipe, preset, device, B, dtype="fp32", attn="sdpa", compile="of
     autocast, scaler, _ = runtime.amp_setup(dtype, device)                # fp16 with a GradScaler, as train.py
     step_losses = lambda: loss_fn(model, batch)                         # noqa: E731  {name: loss} of the step
     loss_model = compiled = None
-    if compile == "on":  # what train.py --compile does: the encoders, not the loss code
-        for name in ("text", "vision", "fusion"):
-            if hasattr(model, name):
-                getattr(model, name).compile()
-    elif compile in ("step", "graphs"):  # the whole forward of every loss as one module (its backward follows)
+    if compile in ("step", "graphs"):  # the whole forward of every loss as one module (its backward follows)
         loss_model = train.LossModel(model, stop_grad=True, recipe=recipe)
         mode = "default" if compile == "step" else "reduce-overhead"
         compiled = runtime.compile_step(loss_model, mode) if backend == "inductor" else \
@@ -393,7 +388,7 @@ def parse_args(argv):
     p.add_argument("--dtypes", default=None, help="dtypes to compare (default: fp32,bf16,fp16 on CUDA; fp32 "
                                                   "on a CPU, and bf16 too where it has bf16 units)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time torch.compile of the encoders for every config and recipe (default: on CUDA "
+                   help="also time the compiled step (train.py --compile) for every config and recipe (default: on CUDA "
                         "for the largest config's first recipe only, since compiling takes 1-3 minutes per model; "
                         "off on the CPU)")
     p.add_argument("--skip_hf", action="store_true", help="skip the Hugging Face comparison")
@@ -475,7 +470,7 @@ def main(argv=None):
     for preset in configs:
         B = batch_size[preset]
         for recipe in recipes:
-            compile_variant = [("sdpa", base_dtype, "on")] if (preset, recipe) in compiled else []
+            compile_variant = [("sdpa", base_dtype, "step")] if (preset, recipe) in compiled else []
             for attn, dtype, comp in variants + compile_variant:
                 is_base = (attn, dtype, comp) == variants[0]
                 print(f"  step: {preset} {recipe} attn={attn} {dtype} compile={comp} batch={B} ...", flush=True)

@@ -247,6 +247,8 @@ class Block(nn.Module):
         self.rel_pos = RelativePositionBias(rel_pos_grid, cfg.heads) if rel_pos_grid else None
 
     def forward(self, x, mask=None, image=None, image_mask=None):
+        if mask is None and self.rel_pos is not None:  # this block's bias, gathered here (VisionEncoder.forward)
+            mask = RelativePositionBias.stacked([self.rel_pos])[0]         # (nh, N, N)
         if self.pre_norm:
             a = self.attn(self.norm1(x), mask=mask)
             if self.gamma_1 is not None:
@@ -335,14 +337,18 @@ class VisionEncoder(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, pre_norm=True, drop_path=dpr[i], rel_pos_grid=g)
                                      for i in range(cfg.vision_layers)])
         self.fc_norm = nn.LayerNorm(D, eps=1e-6)
+        self.stack_bias = True
 
     def forward(self, images, mim_mask=None):
         x = self.patch_embed(images).flatten(2).transpose(1, 2)             # (B, P, D)
         if mim_mask is not None:  # swap in the learnable mask token, before CLS and any position handling
             x = torch.where(mim_mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+P, D)
-        # every block's relative position bias in one gather (a fast path: tests/test_fastpaths.py)
-        for blk, bias in zip(self.blocks, RelativePositionBias.stacked([blk.rel_pos for blk in self.blocks])):
+        # every block's relative position bias in one gather (a fast path: tests/test_fastpaths.py); sharded by
+        # FSDP (runtime.shard) a block's table is whole only inside its own forward, so there each block gathers its own
+        blocks = self.blocks
+        biases = RelativePositionBias.stacked([b.rel_pos for b in blocks]) if self.stack_bias else [None] * len(blocks)
+        for blk, bias in zip(blocks, biases):
             x = blk(x, bias)                                                # bias (nh, 1+P, 1+P)
         patches = self.fc_norm(x[:, 1:])                                    # (B, P, D), the CLS output is dropped
         return torch.cat([patches.mean(dim=1, keepdim=True), patches], dim=1)  # (B, 1+P, D)

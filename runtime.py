@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from model import Block
+from model import Block, VisionEncoder
 
 
 def setup_distributed(device_name):
@@ -178,6 +178,8 @@ def shard(loss_model, model):
         owner, _, attr = name.rpartition(".")
         p = model.get_parameter(name)
         setattr(model.get_submodule(owner), attr, torch.nn.Parameter(p.detach().reshape(1), p.requires_grad))
+    for encoder in [m for m in model.modules() if isinstance(m, VisionEncoder)]:
+        encoder.stack_bias = False           # each block's bias table is whole only inside that block's forward
     for block in [m for m in model.modules() if isinstance(m, Block)]:
         fully_shard(block)                   # inner groups first: each call takes the parameters no inner call took
     fully_shard(loss_model)                  # the root: what is left; FSDP keeps its parameters whole until backward

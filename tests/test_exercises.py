@@ -157,12 +157,12 @@ def run_command(line, repo):
             elif argv[1] == "tools/curves.py":  # a 2-step run is not healthy: the verdict may be 1, but it must not crash
                 assert curves.main(argv[2:]) in (0, 1)
             elif argv[1].startswith("exercises/"):
-                old_argv = sys.argv
+                old_argv, old_path = sys.argv, list(sys.path)
                 sys.argv = argv[1:]
-                try:
+                try:  # (a script puts its repository on sys.path: later tests' processes must not import the copy)
                     runpy.run_path(argv[1], run_name="__main__")
                 finally:
-                    sys.argv = old_argv
+                    sys.argv, sys.path[:] = old_argv, old_path
             else:
                 pytest.fail(f"`{line}`: no tiny version of {argv[1]} is known to this test")
         except SystemExit as e:

@@ -180,29 +180,52 @@ def sample_hard_negatives(f_v, f_t, temp, img_id, valid=None):
     return neg_txt, neg_img, has_txt, has_img
 
 
-def itm_loss(model, t_sg, att, v, v_mask, f_v, f_t, temp, img_id, valid=None):
-    """Image-text matching with hard negatives (docs/METHOD.md §4.3).
+def itm_inputs(t_sg, att, v, v_mask, f_v, f_t, temp, img_id, valid=None):
+    """The fusion encoder's input rows for ITM with hard negatives (docs/METHOD.md §4.3), and their weights.
 
     t_sg (B, T, D): language states as the fusion encoder reads them (detached in pre-training),
     v (B, S, D) image tokens with key mask v_mask (B, S) or None; valid (B,) bool or None: the filled slots.
-    The fusion encoder runs once on 3B rows: the B positives, (text b, hard-negative image) and (hard-negative
-    text, image b); the negative texts reuse t_sg. L = CE(itm_head(F[CLS]), [1]*B + [0]*2B) averaged over the
-    rows that exist (weight 0 for an empty slot and for a row that found no negative: fixed shapes).
+    3B rows: the B positives, (text b, hard-negative image) and (hard-negative text, image b); the negatives reuse
+    the outputs the step already has. -> ((t, att, v, v_mask) of the 3B rows, weight (3B,)): weight 0 for an
+    empty slot and for a row that found no negative (fixed shapes).
     """
-    B = t_sg.shape[0]
     neg_txt, neg_img, has_txt, has_img = sample_hard_negatives(f_v, f_t, temp, img_id, valid)
-    if v_mask is None:
-        v_mask = torch.ones(v.shape[:2], dtype=torch.bool, device=v.device)
     # positives | text b with a negative image | image b with a negative text
     t_all = torch.cat([t_sg, t_sg, t_sg[neg_txt]])                         # (3B, T, D)
     a_all = torch.cat([att, att, att[neg_txt]])
     v_all = torch.cat([v, v[neg_img], v])                                  # (3B, S, D)
-    m_all = torch.cat([v_mask, v_mask[neg_img], v_mask])
-    cls = model.fuse(t_all, a_all, v_all, m_all)[:, 0]                     # fusion [CLS]
-    labels = (torch.arange(3 * B, device=cls.device) < B).long()           # 1 for the positives
+    m_all = None if v_mask is None else torch.cat([v_mask, v_mask[neg_img], v_mask])
     weight = torch.cat([torch.ones_like(has_img) if valid is None else valid, has_img, has_txt]).float()
+    return (t_all, a_all, v_all, m_all), weight
+
+
+def itm_ce(model, cls, weight):
+    """ITM's loss on the fusion [CLS] of itm_inputs' 3B rows: L = CE(itm_head(F[CLS]), [1]*B + [0]*2B), averaged
+    over the rows of weight 1."""
+    B = len(cls) // 3
+    labels = (torch.arange(3 * B, device=cls.device) < B).long()           # 1 for the positives
     ce = F.cross_entropy(model.itm_head(cls).float(), labels, reduction="none")
     return (ce * weight).sum() / weight.sum().clamp(min=1)
+
+
+def itm_loss(model, t_sg, att, v, v_mask, f_v, f_t, temp, img_id, valid=None):
+    """Image-text matching with hard negatives: the fusion encoder once on itm_inputs' 3B rows, then itm_ce."""
+    rows, weight = itm_inputs(t_sg, att, v, v_mask, f_v, f_t, temp, img_id, valid)
+    return itm_ce(model, model.fuse(*rows)[:, 0], weight)
+
+
+def fuse_groups(model, *groups):
+    """One fusion call for several groups of rows, each (t (n, T, D), att (n, T), v (n, S, D), v_mask (n, S) or
+    None) -> the fused states (n, T, D) of each group, in order. The fusion encoder treats every row on its own
+    (no op mixes rows), so this equals one model.fuse per group, with fewer, bigger launches."""
+    masks = [m for *_, m in groups]
+    if all(m is None for m in masks):
+        v_mask = None                                                      # every key of every row
+    else:
+        v_mask = torch.cat([torch.ones(g[2].shape[:2], dtype=torch.bool, device=g[2].device) if m is None else m
+                            for g, m in zip(groups, masks)])
+    h = model.fuse(*(torch.cat([g[i] for g in groups]) for i in range(3)), v_mask)
+    return h.split([len(g[0]) for g in groups])
 
 
 def mim_loss(pred, target, mim_mask):
@@ -290,26 +313,33 @@ def bbox_loss(pred, target, is_region):
 # The entry point
 
 
-def _vl_losses(model, b, v, v_mask, stop_grad, suffix):
-    """ITC, ITM and IMLM for image-text data (pairs, or regions through their region view)."""
+def _vl_losses(model, b, v, v_mask, stop_grad, suffix, box_image=None):
+    """ITC, ITM and IMLM for image-text data (pairs, or regions through their region view); with box_image (N, S, D)
+    also the fusion states of each caption with its full image, for box prediction. -> (losses, those states)."""
     out, valid = {}, b.get("valid")  # valid (B,) bool: a region batch's filled caption slots (None: every row)
     t = model.encode_text(b["ids"], b["att"])                              # (B, T, D), with grad (for ITC)
     f_t, f_v = model.itc_features(t, v)
     out["itc" + suffix] = itc_loss(f_v, f_t, model.temp, queries=valid, keys=valid)
-    out["itm" + suffix] = itm_loss(model, fusion_input(t, stop_grad), b["att"], v, v_mask,
-                                   f_v, f_t, model.temp, b["img_id"], valid)
+    itm_rows, itm_weight = itm_inputs(fusion_input(t, stop_grad), b["att"], v, v_mask,
+                                      f_v, f_t, model.temp, b["img_id"], valid)
     # IMLM: the masked caption through the language encoder, then (detached) through the fusion encoder.
     # Under the stop-gradient that pass can run without a graph: nothing will flow back into it anyway.
     with torch.set_grad_enabled(torch.is_grad_enabled() and not stop_grad):
         t_m = model.encode_text(b["mlm_ids"], b["att"])
-    h = model.fuse(fusion_input(t_m, stop_grad), b["att"], v, v_mask)      # (B, T, D)
+    groups = [itm_rows, (fusion_input(t_m, stop_grad), b["att"], v, v_mask)]
+    if box_image is not None:  # BBP reads the caption (detached) and the FULL image, not the region view
+        groups.append((fusion_input(t, stop_grad), b["att"], box_image, None))
+    # ITM's 3B rows, IMLM's B rows (and BBP's B rows) in one fusion call: fewer, bigger launches
+    h_itm, h, *h_box = fuse_groups(model, *groups)                         # (3B, T, D), (B, T, D), [(B, T, D)]
+    out["itm" + suffix] = itm_ce(model, h_itm[:, 0], itm_weight)
     out["imlm" + suffix] = mlm_loss(h, b["mlm_labels"], model.fusion_mlm, b.get("max_masks"))
-    return out, t
+    return out, (h_box[0] if h_box else None)
 
 
-def _mim(model, image, mim_mask, v, stats):
+def _mim(model, image, mim_mask, v, stats, v_hat=None):
     """MIM on one image batch. v = the unmasked output (already computed with grad for a pair batch, or
-    None for an image-only batch, where no other loss needs it and a no-grad pass is equivalent)."""
+    None for an image-only batch, where no other loss needs it and a no-grad pass is equivalent); v_hat = the
+    block-masked view's output when the caller already has it (None: computed here)."""
     target_kind = model.cfg.mim_target
     if target_kind == "pixel":
         v_hat = model.encode_image(image, mim_mask)
@@ -322,7 +352,8 @@ def _mim(model, image, mim_mask, v, stats):
     target = v.detach()
     if stats is not None:  # a collapsing target shows up as a per-dimension std going to 0
         stats.setdefault("mim_target_std", target[:, 1:].float().std(dim=(0, 1)).mean().detach())
-    v_hat = model.encode_image(image, mim_mask)                            # the block-masked view
+    if v_hat is None:
+        v_hat = model.encode_image(image, mim_mask)                        # the block-masked view
     return mim_loss(v_hat, target, mim_mask)
 
 
@@ -347,20 +378,28 @@ def xfm_losses(model, batch, stop_grad=True, stats=None):
 
     if "pair" in batch:
         b = batch["pair"]
-        v = model.encode_image(b["image"])                                 # (B, 1+P, D), WITH grad: ITC/ITM/IMLM need it
+        v_hat = None
+        if use_mim and model.cfg.mim_target == "vl":
+            # the unmasked image and its block-masked view in one call of 2B rows (no op of the encoder mixes
+            # rows; an all-False mim_mask leaves an image as it is): fewer, bigger launches
+            no_mask = torch.zeros_like(b["mim_mask"])
+            v, v_hat = model.encode_image(torch.cat([b["image"], b["image"]]),
+                                          torch.cat([no_mask, b["mim_mask"]])).chunk(2)  # 2 x (B, 1+P, D)
+        else:
+            v = model.encode_image(b["image"])                             # (B, 1+P, D)
+        # v WITH grad: ITC/ITM/IMLM need it
         vl, _ = _vl_losses(model, b, v, None, stop_grad, "")
         out.update(vl)
         if use_mim:
-            out["mim"] = _mim(model, b["image"], b["mim_mask"], v, stats)
+            out["mim"] = _mim(model, b["image"], b["mim_mask"], v, stats, v_hat)
 
     if "region" in batch:
         b = batch["region"]
         v = model.encode_image(b["image"])                                 # (B_img, 1+P, D) full images
         v_r, v_r_mask = model.region_view(v, b["img_index"], b["patch_mask"])  # (N, 1+P, D), (N, 1+P)
-        vl, t = _vl_losses(model, b, v_r, v_r_mask, stop_grad, "_region")
-        out.update(vl)
         # BBP reads the caption (detached) and the FULL image, not the region view (docs/METHOD.md §4.6)
-        h = model.fuse(fusion_input(t, stop_grad), b["att"], v[b["img_index"]])
+        vl, h = _vl_losses(model, b, v_r, v_r_mask, stop_grad, "_region", box_image=v[b["img_index"]])
+        out.update(vl)
         pred = model.bbox_head(h[:, 0]).sigmoid()                          # (N, 4) cx, cy, w, h in [0, 1]
         out["bbox_l1"], out["bbox_giou"] = bbox_loss(pred, b["box"], b["is_region"])
 

@@ -8,7 +8,9 @@ removing an optimisation fails a test as surely as breaking one.
     MLM / IMLM heads on the masked positions only      losses.mlm_loss                test_mlm_head_*
     IMLM language pass without a graph (stop-grad)     losses._vl_losses              test_imlm_language_pass_*
     image-only MIM target without a graph              losses._mim                    test_mim_target_*
-    ITM negatives reuse the encoders' outputs          losses.itm_loss                test_itm_negatives_*
+    ITM negatives reuse the encoders' outputs          losses.itm_inputs              test_itm_negatives_*
+    a pair's two views in one vision call              losses.xfm_losses              test_one_call_*
+    ITM, IMLM and BBP rows in one fusion call          losses.fuse_groups             test_one_call_*
     SDPA instead of the written-out softmax            model.Attention                test_sdpa_*
     auto: SDPA where fused, else the written-out path  model.Attention (impl=auto)    test_auto_attention_*
     attention masks built once per encoder pass        model.additive_mask, encoders  test_masks_*
@@ -28,7 +30,7 @@ import model as model_py
 from conftest import make_batch, tiny_config
 from model import XFM
 
-ALL_FAST = ("masked_heads", "no_grad_imlm", "no_grad_target", "reuse_itm")
+ALL_FAST = ("masked_heads", "no_grad_imlm", "no_grad_target", "reuse_itm", "one_vision_call", "one_fusion_call")
 
 # ---------------------------------------------------------------------------------------------------------
 # The slow reference: xfm_losses written out plainly, each fast path switchable
@@ -69,7 +71,13 @@ def reference_losses(model, batch, stop_grad=True, fast=()):
         if kind not in batch:
             continue
         b = batch[kind]
-        v_full = model.encode_image(b["image"])                            # (B_img, 1+P, D)
+        if kind == "pair" and "one_vision_call" in fast:                   # both views in one call of 2B rows
+            no_mask = torch.zeros_like(b["mim_mask"])
+            v_full, v_hat = model.encode_image(torch.cat([b["image"], b["image"]]),
+                                               torch.cat([no_mask, b["mim_mask"]])).chunk(2)
+        else:
+            v_full = model.encode_image(b["image"])                        # (B_img, 1+P, D)
+            v_hat = model.encode_image(b["image"], b["mim_mask"]) if kind == "pair" else None
         if kind == "pair":
             v, v_mask = v_full, None
             ones = lambda x: torch.ones(x.shape[:2], dtype=torch.bool)
@@ -83,19 +91,28 @@ def reference_losses(model, batch, stop_grad=True, fast=()):
         out["itc" + sfx] = losses.itc_loss(f_v, f_t, model.temp)
         t_sg = losses.fusion_input(t, stop_grad)
         if "reuse_itm" in fast:
-            out["itm" + sfx] = losses.itm_loss(model, t_sg, b["att"], v, v_mask, f_v, f_t, model.temp, b["img_id"])
+            itm_rows, itm_weight = losses.itm_inputs(t_sg, b["att"], v, v_mask, f_v, f_t, model.temp, b["img_id"])
         else:
             out["itm" + sfx] = slow_itm_loss(model, b, t_sg, v, v_mask, f_v, f_t, reencode, stop_grad)
         # IMLM: slow = the masked caption's language pass always builds a graph (detached afterwards)
         with torch.set_grad_enabled(not (stop_grad and "no_grad_imlm" in fast)):
             t_m = model.encode_text(b["mlm_ids"], b["att"])
-        h = model.fuse(losses.fusion_input(t_m, stop_grad), b["att"], v, v_mask)
-        out["imlm" + sfx] = mlm(h, b["mlm_labels"], model.fusion_mlm)
+        groups = [(losses.fusion_input(t_m, stop_grad), b["att"], v, v_mask)]                   # IMLM
+        if kind == "region":
+            groups.append((t_sg, b["att"], v_full[b["img_index"]], None))                       # BBP: the full image
+        if "reuse_itm" in fast:
+            groups.insert(0, itm_rows)
+        if "one_fusion_call" in fast:
+            hs = list(losses.fuse_groups(model, *groups))
+        else:                                                              # slow: one fusion call per objective
+            hs = [model.fuse(*g) for g in groups]
+        if "reuse_itm" in fast:
+            out["itm" + sfx] = losses.itm_ce(model, hs.pop(0)[:, 0], itm_weight)
+        out["imlm" + sfx] = mlm(hs[0], b["mlm_labels"], model.fusion_mlm)
         if kind == "pair":
-            out["mim"] = losses.mim_loss(model.encode_image(b["image"], b["mim_mask"]), v_full.detach(), b["mim_mask"])
+            out["mim"] = losses.mim_loss(v_hat, v_full.detach(), b["mim_mask"])
         else:
-            h = model.fuse(losses.fusion_input(t, stop_grad), b["att"], v_full[b["img_index"]])
-            out["bbox_l1"], out["bbox_giou"] = losses.bbox_loss(model.bbox_head(h[:, 0]).sigmoid(), b["box"],
+            out["bbox_l1"], out["bbox_giou"] = losses.bbox_loss(model.bbox_head(hs[1][:, 0]).sigmoid(), b["box"],
                                                                 b["is_region"])
     if "image" in batch:
         b = batch["image"]
@@ -221,10 +238,29 @@ def test_itm_negatives_reuse_encoder_outputs(batch, stop_grad):
     model = tiny_model()
     vision_calls, text_calls = record_calls(model.vision), record_calls(model.text)
     fast = step(model, lambda m, bt: losses.xfm_losses(m, bt, stop_grad=stop_grad), vl)
-    # pair: unmasked + masked view; region: one pass; language: caption + masked caption per kind
-    assert (len(vision_calls), len(text_calls)) == (3, 4)
+    # pair: both views in one pass; region: one pass; language: caption + masked caption per kind
+    assert (len(vision_calls), len(text_calls)) == (2, 4)
     slow = step(model, lambda m, bt: reference_losses(m, bt, stop_grad, [f for f in ALL_FAST if f != "reuse_itm"]), vl)
-    assert (len(vision_calls), len(text_calls)) == (3 + 5, 4 + 6)  # the reference re-encodes the negatives
+    assert (len(vision_calls), len(text_calls)) == (2 + 4, 4 + 6)  # the reference re-encodes the negatives
+    assert_same(fast, slow)
+
+
+@pytest.mark.parametrize("stop_grad", [True, False])
+def test_one_call_for_both_views_and_for_every_fusion_objective(batch, stop_grad):
+    """A pair batch's unmasked image and block-masked view go through the vision encoder as one call of 2B rows, and
+    each image-text kind's fusion rows (ITM's 3B, IMLM's B, for regions BBP's B) go through the fusion encoder as
+    one call: the same losses and gradients as one call per view and per objective (no op of an encoder mixes rows)."""
+    vl = {k: batch[k] for k in ("pair", "region")}
+    model = tiny_model()
+    vision_calls, fusion_calls = record_calls(model.vision), record_calls(model.fusion)
+    fast = step(model, lambda m, bt: losses.xfm_losses(m, bt, stop_grad=stop_grad), vl)
+    B, N = len(vl["pair"]["ids"]), len(vl["region"]["ids"])
+    assert [len(x) for x, _ in vision_calls] == [2 * B, len(vl["region"]["image"])]
+    assert [len(x) for x, _ in fusion_calls] == [4 * B, 5 * N]
+    slow_paths = [f for f in ALL_FAST if f not in ("one_vision_call", "one_fusion_call")]
+    slow = step(model, lambda m, bt: reference_losses(m, bt, stop_grad, slow_paths), vl)
+    assert [len(x) for x, _ in vision_calls[2:]] == [B, B, len(vl["region"]["image"])]
+    assert [len(x) for x, _ in fusion_calls[2:]] == [3 * B, B, 3 * N, N, N]
     assert_same(fast, slow)
 
 

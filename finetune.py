@@ -230,7 +230,7 @@ def report(metric, value, summary=None, key=None, **metrics):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Task files: JSONL / JSON lists (formats.read_records), Karpathy JSON, GLUE TSV, ImageFolder
+# Task files: JSONL / JSON lists (formats.read_records), Karpathy JSON (formats.karpathy_records), GLUE TSV, ImageFolder
 
 
 def read_task_file(path, split, cfg, bad):
@@ -251,7 +251,7 @@ def read_task_file(path, split, cfg, bad):
         if obj is None:
             recs = []  # not JSON: reported, the file skipped
         elif isinstance(obj, dict) and "images" in obj:
-            recs = _karpathy(path, obj, split, bad)
+            recs = formats.karpathy_records(path, obj, split, bad)
     if recs is None:  # .jsonl, or a .json list of records (ALBEF / X-VLM style)
         recs = [dict(r, where=w) for w, r in formats.read_records(path, bad)]
     out = []
@@ -318,29 +318,6 @@ def _glue_tsv(path, cfg, bad):
             bad.report("malformed record", where, f"{len(row)} columns, the header has {len(header)}")
         else:
             recs.append(dict(zip(header, row), where=where))
-    return recs
-
-
-def _karpathy(path, obj, split, bad):
-    """Karpathy's dataset_*.json: images[{filepath, filename, split, sentences: [{raw}]}] -> one record per image
-    of the split ("train" takes "restval" too), its sentences the caption list."""
-    keep, recs = ("train", "restval") if split == "train" else ("test",), []
-    images = obj["images"] if isinstance(obj["images"], list) else []
-    formats.check_encoding(path, images)
-    for i, im in enumerate(images):
-        where = f"{path}[images][{i}]"
-        if not isinstance(im, dict) or im.get("split") not in keep:
-            continue  # another split's image (or no image at all: Karpathy files hold only objects)
-        problem = formats.not_utf8(im)
-        sents = im.get("sentences")
-        if problem:
-            bad.report("not UTF-8", where, problem)
-        elif not (isinstance(im.get("filename"), str) and isinstance(im.get("filepath", ""), str) and
-                  isinstance(sents, list) and all(isinstance(s, dict) for s in sents)):
-            bad.report("malformed record", where, "expected filename, filepath and a list of sentences {raw}")
-        else:
-            recs.append({"image": os.path.join(im.get("filepath", ""), im["filename"]),
-                         "caption": [s.get("raw") for s in sents], "where": where})
     return recs
 
 

@@ -283,6 +283,29 @@ def _jsonl_lines(path, bad):
             bad.report("malformed JSON", where, str(e))
 
 
+def karpathy_records(path, obj, split, bad):
+    """Karpathy's dataset_*.json: images[{filepath, filename, split, sentences: [{raw}]}] -> one record per image
+    of the split ("train" takes "restval" too), its sentences the caption list."""
+    keep, recs = ("train", "restval") if split == "train" else ("test",), []
+    images = obj["images"] if isinstance(obj["images"], list) else []
+    check_encoding(path, images)
+    for i, im in enumerate(images):
+        where = f"{path}[images][{i}]"
+        if not isinstance(im, dict) or im.get("split") not in keep:
+            continue  # another split's image (or no image at all: Karpathy files hold only objects)
+        problem = not_utf8(im)
+        sents = im.get("sentences")
+        if problem:
+            bad.report("not UTF-8", where, problem)
+        elif not (isinstance(im.get("filename"), str) and isinstance(im.get("filepath", ""), str) and
+                  isinstance(sents, list) and all(isinstance(s, dict) for s in sents)):
+            bad.report("malformed record", where, "expected filename, filepath and a list of sentences {raw}")
+        else:
+            recs.append({"image": os.path.join(im.get("filepath", ""), im["filename"]),
+                         "caption": [s.get("raw") for s in sents], "where": where})
+    return recs
+
+
 def captions_of(rec, where, bad, key="caption"):
     """rec[key], a caption or a list of captions -> the non-empty ones, stripped. Each bad one is reported: a
     missing field or a caption that is not a string ("malformed record"), an empty one ("empty caption")."""

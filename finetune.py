@@ -240,20 +240,13 @@ def read_task_file(path, split, cfg, bad):
     if not os.path.exists(path):
         hint = " (an old toy world? rebuild it: python toyworld.py --out data/toy)" if "downstream" in path else ""
         raise SystemExit(f"error: no {split} file {path}{hint}")
-    root = cfg.image_root or (path if os.path.isdir(path) else os.path.dirname(path))
-    recs = None
+    root = formats.image_base(path, cfg.image_root)
     if os.path.isdir(path):
         recs = _image_folder(path, bad)
     elif path.endswith(".tsv"):
         recs = _glue_tsv(path, cfg, bad)
-    elif path.endswith(".json"):
-        obj = formats.load_json(path, bad)
-        if obj is None:
-            recs = []  # not JSON: reported, the file skipped
-        elif isinstance(obj, dict) and "images" in obj:
-            recs = formats.karpathy_records(path, obj, split, bad)
-    if recs is None:  # .jsonl, or a .json list of records (ALBEF / X-VLM style)
-        recs = [dict(r, where=w) for w, r in formats.read_records(path, bad)]
+    else:  # .jsonl, a .json list of records (ALBEF / X-VLM style) or Karpathy's dataset_*.json (the split's images)
+        recs = [dict(r, where=w) for w, r in formats.read_records(path, bad, split)]
     out = []
     for r in recs:
         key = "images" if "images" in r else "image" if "image" in r else None

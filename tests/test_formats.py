@@ -1,12 +1,14 @@
 """The data formats ALBEF and X-VLM ship, each read from a small fixture written here (a few records, tiny PNGs):
 X-VLM's region records (elems, bb, attributes, image_w/h), --image_root for image paths relative to a dataset's
 root, Karpathy's dataset_coco.json and ALBEF's test JSON as the held-out pairs of train.py's retrieval
-evaluation. Bad variants are counted, never fatal.
+evaluation, and the results file of the official VQA evaluation server. Bad variants are counted, never fatal.
 Run: python -m pytest tests/test_formats.py -q   (CPU, a few seconds)"""
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
+import torch
 from PIL import Image
 
 import finetune
@@ -176,3 +178,45 @@ def test_train_reads_albef_and_xvlm_files_under_an_image_root(tmp_path):
     final = res["final"]
     assert final["bad_input"] == {} and (final["retrieval"]["n_images"], final["retrieval"]["n_texts"]) == (2, 4)
     assert {"loss/mlm", "loss/itc_region", "loss/bbox_l1", "loss/itc"} <= set(res["history"][-1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# VQA: the results file of the official evaluation server
+
+
+def test_vqa_results_file_pairs_each_question_id_with_its_answer(tmp_path, tok, monkeypatch):
+    png(str(tmp_path / "img" / "0.png"))
+    q = {"image": "img/0.png"}
+    train_recs = [dict(q, question="what is it?", answer=a) for a in ("net", "net", "net", "mesh", "mesh", "cube")]
+    test_recs = [dict(q, question_id=30, question="is it a cube?", answer=["cube", "cube", "net"]),
+                 dict(q, question_id=10, question="is it a net?", answer="net"),
+                 dict(q, question_id=20, question="is it a mesh?"),            # VQAv2 test-dev: no answer field
+                 dict(q, question="is it a mesh?", answer="net"),             # no question_id: its file:line
+                 dict(q, question_id=40, question="is it a cube?", answer=3)]  # a bad answer: skipped, counted
+    for split, recs in (("train", train_recs), ("test", test_recs)):
+        (tmp_path / f"vqa_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    cfg, _ = finetune.parse_args(["--task=vqa", f"--train_file={tmp_path / 'vqa_train.jsonl'}",
+                                  f"--test_file={tmp_path / 'vqa_test.jsonl'}"])
+    env = SimpleNamespace(master=True, meta=None, tok=tok, mcfg=SimpleNamespace(width=8), bad=quiet())
+    answers = ["net", "mesh", "cube"]                                       # the training answers, most frequent first
+    said_by_question = {"cube": 2, "net": 0, "mesh": 1}                     # the "model" answers what it is asked
+    picks = lambda recs: torch.eye(3)[[said_by_question[r["question"].split()[-1][:-1]] for r in recs]]  # noqa: E731
+    monkeypatch.setattr(finetune, "build_model", lambda *a, **k: None)
+    monkeypatch.setattr(finetune, "predict", lambda cfg, env, m, ds, fn: picks(ds.records))
+    monkeypatch.setattr(finetune, "fit", lambda cfg, env, model, train_set, evaluate, out, meta:
+                        dict(evaluate(model), meta=meta))
+    res = finetune.run_vqa(cfg, env, str(tmp_path))
+    assert res["meta"]["answers"] == answers
+    rows = json.load(open(tmp_path / "vqa_results.json"))
+    assert rows == [{"question_id": 30, "answer": "cube"}, {"question_id": 10, "answer": "net"},
+                    {"question_id": 20, "answer": "mesh"},
+                    {"question_id": f"{tmp_path / 'vqa_test.jsonl'}:4", "answer": "mesh"}]
+    # scored over the questions with answers only: 2/3 (two of three votes), 1, 0 (said mesh, the answer is net)
+    assert res["metric"] == "vqa_score" and res["value"] == pytest.approx(100 * (2 / 3 + 1 + 0) / 3)
+    assert res["metrics"]["n_scored"] == 3 and env.bad.counts() == {"malformed record": 1}
+    # a test split without any answer (test-dev): the results file, and no score
+    (tmp_path / "vqa_test.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "answer"}) + "\n"
+                                                     for r in test_recs))
+    res = finetune.run_vqa(cfg, env, str(tmp_path))
+    assert res["metric"] == "predictions" and res["value"] == 5 and "none scored" in res["summary"]
+    assert [r["question_id"] for r in json.load(open(tmp_path / "vqa_results.json"))][:3] == [30, 10, 20]

@@ -325,7 +325,7 @@ CATALOGUE = [
         "T = None\n        ids = pad_seqs([s[\"ids\"] for s in samples], self.tok.pad_id, T)  # (B, T)",
         "--compile pads captions to a fixed length: one compilation per kind of update",
         f"{TT} -k compiled_step", fast=False),
-    # --- the data formats of ALBEF and X-VLM (formats.py), the image root
+    # --- the data formats of ALBEF and X-VLM (formats.py), the image root, the VQA results file
     Bug("xvlm_elems_skipped", FM, 'key = "regions" if "regions" in rec or "elems" not in rec else "elems"',
         'key = "regions"', "X-VLM's records hold their regions in elems", f"{TFM} -k xvlm_region"),
     Bug("xvlm_bb_xyxy", FM, "x, y, w, h = box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy",
@@ -351,6 +351,9 @@ CATALOGUE = [
     Bug("karpathy_test_as_train", FM, 'return parse_pairs(path, bad, image_root, split="test")',
         "return parse_pairs(path, bad, image_root)", "the held-out pairs are a Karpathy file's test split",
         f"{TFM} -k karpathy_test_split"),
+    Bug("vqa_results_misaligned", "finetune.py", "for r, a in zip(records, predicted)]",
+        "for r, a in zip(records[1:] + records[:1], predicted)]",
+        "the VQA results file pairs each question_id with the answer to that question", f"{TFM} -k vqa_results"),
 ]
 
 

@@ -242,6 +242,7 @@ class DataConfig:
     itm_neg_prob: float = 0.0       # FLAVA: the fraction of pairs whose caption is swapped (ITM negatives)
     max_regions: int = 5            # region captions sampled per image
     static: bool = False            # pad every text to text_len and caption to caption_len: one batch shape
+    image_root: str = ""            # image paths are relative to this folder ("": the file's own; formats.image_base)
 
     @property
     def grid(self):
@@ -519,7 +520,7 @@ def build_streams(data_dir, tok, dc, batch_size, bad, rank=0, world_size=1, num_
             if bad.verbose:
                 print(f"note: {path} found, but no batch size for '{kind}': stream not used", file=sys.stderr)
             continue
-        items = formats.PARSERS[kind](path, bad)
+        items = formats.PARSERS[kind](path, bad, dc.image_root)
         ds = ImageDataset(items, dc, bad) if kind == "image" else datasets[kind](items, tok, dc, bad)
         streams[kind] = Stream(kind, ds, batch_size[kind], seed=dc.seed, rank=rank, world_size=world_size,
                                num_workers=num_workers, bad=bad, pin_memory=pin_memory)

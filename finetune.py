@@ -25,7 +25,8 @@ arguments. After `python train.py`:
     python finetune.py --help                                            # every key with its default
 
 A task folder gets metrics.json (eval.json with --eval_only), ckpt.pt (written atomically) and tokenizer.json, so
-it is itself a valid --init; retrieval adds retrieval_examples.png, attention writes attention.png. An
+it is itself a valid --init; retrieval adds retrieval_examples.png, vqa adds vqa_results.json (the official
+evaluation server's [{"question_id", "answer"}]), attention writes attention.png. An
 --image_size other than the pre-training one interpolates the relative position bias tables.
 
 A FLAVA checkpoint (train.py --recipe=flava) works for every task: the model comes from the checkpoint's config
@@ -230,7 +231,7 @@ def report(metric, value, summary=None, key=None, **metrics):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Task files: JSONL / JSON lists (formats.read_records), Karpathy JSON, GLUE TSV, ImageFolder
+# Task files: JSONL / JSON lists (formats.read_records), Karpathy JSON (formats.karpathy_records), GLUE TSV, ImageFolder
 
 
 def read_task_file(path, split, cfg, bad):
@@ -240,20 +241,13 @@ def read_task_file(path, split, cfg, bad):
     if not os.path.exists(path):
         hint = " (an old toy world? rebuild it: python toyworld.py --out data/toy)" if "downstream" in path else ""
         raise SystemExit(f"error: no {split} file {path}{hint}")
-    root = cfg.image_root or (path if os.path.isdir(path) else os.path.dirname(path))
-    recs = None
+    root = formats.image_base(path, cfg.image_root)
     if os.path.isdir(path):
         recs = _image_folder(path, bad)
     elif path.endswith(".tsv"):
         recs = _glue_tsv(path, cfg, bad)
-    elif path.endswith(".json"):
-        obj = formats.load_json(path, bad)
-        if obj is None:
-            recs = []  # not JSON: reported, the file skipped
-        elif isinstance(obj, dict) and "images" in obj:
-            recs = _karpathy(path, obj, split, bad)
-    if recs is None:  # .jsonl, or a .json list of records (ALBEF / X-VLM style)
-        recs = [dict(r, where=w) for w, r in formats.read_records(path, bad)]
+    else:  # .jsonl, a .json list of records (ALBEF / X-VLM style) or Karpathy's dataset_*.json (the split's images)
+        recs = [dict(r, where=w) for w, r in formats.read_records(path, bad, split)]
     out = []
     for r in recs:
         key = "images" if "images" in r else "image" if "image" in r else None
@@ -318,29 +312,6 @@ def _glue_tsv(path, cfg, bad):
             bad.report("malformed record", where, f"{len(row)} columns, the header has {len(header)}")
         else:
             recs.append(dict(zip(header, row), where=where))
-    return recs
-
-
-def _karpathy(path, obj, split, bad):
-    """Karpathy's dataset_*.json: images[{filepath, filename, split, sentences: [{raw}]}] -> one record per image
-    of the split ("train" takes "restval" too), its sentences the caption list."""
-    keep, recs = ("train", "restval") if split == "train" else ("test",), []
-    images = obj["images"] if isinstance(obj["images"], list) else []
-    formats.check_encoding(path, images)
-    for i, im in enumerate(images):
-        where = f"{path}[images][{i}]"
-        if not isinstance(im, dict) or im.get("split") not in keep:
-            continue  # another split's image (or no image at all: Karpathy files hold only objects)
-        problem = formats.not_utf8(im)
-        sents = im.get("sentences")
-        if problem:
-            bad.report("not UTF-8", where, problem)
-        elif not (isinstance(im.get("filename"), str) and isinstance(im.get("filepath", ""), str) and
-                  isinstance(sents, list) and all(isinstance(s, dict) for s in sents)):
-            bad.report("malformed record", where, "expected filename, filepath and a list of sentences {raw}")
-        else:
-            recs.append({"image": os.path.join(im.get("filepath", ""), im["filename"]),
-                         "caption": [s.get("raw") for s in sents], "where": where})
     return recs
 
 
@@ -424,6 +395,15 @@ def answer_votes(r):
             return None, f"{name} is empty"
         votes.append(a.strip().lower())
     return (votes, None) if votes else (None, f"{key} is an empty list")
+
+
+def write_vqa_results(path, records, predicted):
+    """The results file of the official VQA evaluation server: a JSON list [{"question_id", "answer"}], one item
+    per test question in order, predicted[i] answering records[i]. question_id is the record's own (VQAv2's and
+    ALBEF's "question_id"); a record without one gets its file:line ("where")."""
+    rows = [{"question_id": r.get("question_id", r["where"]), "answer": a} for r, a in zip(records, predicted)]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(rows, f)
 
 
 def label_value(v):
@@ -740,15 +720,16 @@ def run_imgcls(cfg, env, out):
 def run_vqa(cfg, env, out):
     """VQA as classification over the training split's answers, on the fusion [CLS]; VQA-score soft targets
     with BCE when a question has several answers. (The paper generates the answer with a decoder and ranks a
-    fixed answer list, docs/METHOD.md §7.2.)"""
+    fixed answer list, docs/METHOD.md §7.2.) The evaluation writes OUT/vqa_results.json (write_vqa_results); a
+    test question without an answer field (VQAv2 test-dev) is predicted for that file and not scored."""
     tr, te, bad = splits(cfg, env)
 
-    def problem(r):
-        why = answer_votes(r)[1]
+    def problem(r, need_answer=True):
+        why = answer_votes(r)[1] if need_answer or "answer" in r or "answers" in r else None
         return image_problem(r) or text_problem(r, "question") or (("malformed record", why) if why else None)
 
-    tr, te = usable(tr, problem, bad, "train"), usable(te, problem, bad, "test")
-    given = lambda r: answer_votes(r)[0]  # noqa: E731
+    tr, te = usable(tr, problem, bad, "train"), usable(te, lambda r: problem(r, need_answer=False), bad, "test")
+    given = lambda r: answer_votes(r)[0] or []  # noqa: E731  (a test question without answers: [])
     counts = Counter(a for r in tr for a in given(r))
     answers = env.meta["answers"] if env.meta else sorted(counts, key=lambda a: (-counts[a], a))  # most frequent first
     index, soft = {a: i for i, a in enumerate(answers)}, any(len(given(r)) > 1 for r in tr)
@@ -774,9 +755,15 @@ def run_vqa(cfg, env, out):
     test_set = Examples(te, make, env.tok.pad_id)
 
     def evaluate(m):
-        pred = predict(cfg, env, m, test_set, logits).argmax(-1).tolist()
-        score = 100 * sum(vqa_score(answers[p], given(r)) for p, r in zip(pred, te)) / len(te)
-        return report("vqa_score" if any(len(given(r)) > 1 for r in te) else "accuracy", score, n_answers=len(answers))
+        pred = [answers[p] for p in predict(cfg, env, m, test_set, logits).argmax(-1).tolist()]  # in te's order
+        write_vqa_results(os.path.join(out, "vqa_results.json"), te, pred)
+        scored = [(a, given(r)) for a, r in zip(pred, te) if given(r)]  # the questions with answers
+        if not scored:
+            return report("predictions", len(te), f"{len(te)} answers in vqa_results.json, none scored "
+                          "(the test split has no answers)")
+        score = 100 * sum(vqa_score(a, votes) for a, votes in scored) / len(scored)
+        return report("vqa_score" if any(len(votes) > 1 for _, votes in scored) else "accuracy", score,
+                      n_answers=len(answers), n_scored=len(scored))
 
     return fit(cfg, env, model, Examples(tr, make, env.tok.pad_id), evaluate, out, {"answers": answers})
 

@@ -3,23 +3,37 @@ The files of a data folder: where each kind of data is found, how each file is r
 input. data.py turns the records into batches; train.py and finetune.py report through BadInput.
 
     python formats.py check --data_dir data/toy [--strict]     # parse a folder, print record and bad-input counts
+    python formats.py check --data_dir ann/ --image_root /data/coco/images     # paths relative to a dataset root
 
-A data folder holds any subset of these files (image paths are relative to the file that names them):
-    pairs.jsonl    image-text pairs; "caption" may be a list (one pair per caption). Or pairs.json, a JSON list.
+A data folder holds any subset of these files. Image paths are relative to the file that names them, or to
+--image_root when one is given (train.py and finetune.py have it too: ALBEF's JSONs name images relative to the
+dataset's root); absolute paths stay as they are.
+    pairs.jsonl    image-text pairs; "caption" may be a list (one pair per caption). Or pairs.json, a JSON list
+                   (ALBEF's pre-training JSONs), or Karpathy's {"images": [...]} (its train and restval images).
         {"image": "img/pair_00000.png", "caption": "a large red circle to the left of a blue square"}
         {"image": "img/pair_00001.png", "caption": ["a green cross", "there is one shape: a green cross"]}
     regions.jsonl  boxed phrases, box = [x, y, w, h] in pixels, optional whole-image "caption"; or regions.json
         {"image": "img/region_00000.png", "caption": "a red circle above a blue square", "regions":
          [{"box": [20, 4, 12, 12], "caption": "a red circle"}, {"box": [18, 30, 21, 21], "caption": "a blue square"}]}
+                   X-VLM's region records (COCO and Visual Genome) are read as they are: "elems" for "regions",
+                   "bb" (also [x, y, w, h] in pixels) for "box", and a region's "attributes" (a string or a list)
+                   prefix its phrase, one attribute per caption as X-VLM draws them ("white" + "fence"). Boxes
+                   are measured in image_w x image_h when the record says so, and scaled to the image file's size.
+        {"image": "vg/1.jpg", "image_w": 800, "image_h": 600, "caption": "a white fence by a road", "elems":
+         [{"bb": [10, 300, 200, 90], "caption": "fence", "attributes": ["white", "wooden"]}]}
     text.txt       a text corpus, one document per line (or text.jsonl with {"text": "..."} per line)
         a small purple diamond at the bottom left
         there are two shapes: a red circle and a blue square. the red circle is left of the blue square.
     images.jsonl   image-only data (MIM). Or a folder images/ searched recursively; images.jsonl wins if both exist.
         {"image": "unlabeled/00000.png"}
         {"image": "unlabeled/00001.png"}
-    pairs_test.jsonl  held-out pairs for retrieval evaluation, same format as pairs.jsonl.
+    pairs_test.jsonl  held-out pairs for retrieval evaluation, same format as pairs.jsonl. Or pairs_test.json:
+                   a JSON list (ALBEF's coco_test.json: {"image", "caption": [...]}) or a Karpathy file. Or
+                   Karpathy's dataset_coco.json / dataset_flickr30k.json itself: its "test" images, each with
+                   its sentences ({"images": [{"filepath", "filename", "split", "sentences": [{"raw"}]}]}).
 Files are UTF-8. A line or record that is not is bad input (named, skipped and counted, like a malformed one);
-a file in another encoding stops the run with one error that gives the iconv command converting it.
+a file in another encoding stops the run with one error that gives the iconv command converting it. An
+--image_root that is not a folder stops the run with one error.
 """
 import argparse
 import codecs
@@ -38,7 +52,7 @@ SOURCES = {  # kind -> file names looked for in a data folder, first found wins
     "region": ("regions.jsonl", "regions.json"),
     "text": ("text.txt", "text.jsonl"),
     "image": ("images.jsonl", "images"),
-    "pair_test": ("pairs_test.jsonl", "pairs_test.json"),
+    "pair_test": ("pairs_test.jsonl", "pairs_test.json", "dataset_coco.json", "dataset_flickr30k.json"),
 }
 
 # -----------------------------------------------------------------------------
@@ -239,12 +253,18 @@ def _string_problem(s):
     return b"", f"a broken \\u escape: '{part.encode('utf-8', 'backslashreplace').decode()}'"
 
 
-def read_records(path, bad):
-    """Yield (where, record) for each JSON object in a .jsonl file (one per line) or a .json list. A record that
-    is not UTF-8 is reported and skipped; a .json list that is mostly not UTF-8 raises encoding_error."""
+def read_records(path, bad, split=None):
+    """Yield (where, record) for each JSON object in a .jsonl file (one per line) or a .json list. With `split`
+    ("train" or "test"), a Karpathy dataset_*.json gives that split's images as {"image", "caption"} records
+    (karpathy_records). A record that is not UTF-8 is reported and skipped; a .json list that is mostly not UTF-8
+    raises encoding_error."""
     if path.endswith(".json"):  # a .json file is parsed whole (ALBEF / X-VLM style), so one error loses the file
         items = load_json(path, bad)
         if items is None:
+            return
+        if split and isinstance(items, dict) and "images" in items:  # Karpathy's {"images": [...], "dataset"}
+            for rec in karpathy_records(path, items, split, bad):
+                yield rec.pop("where"), rec
             return
         if not isinstance(items, list):
             bad.report("malformed JSON", path, f"expected a JSON list of records, got {type_of(items)}",
@@ -283,6 +303,29 @@ def _jsonl_lines(path, bad):
             bad.report("malformed JSON", where, str(e))
 
 
+def karpathy_records(path, obj, split, bad):
+    """Karpathy's dataset_*.json: images[{filepath, filename, split, sentences: [{raw}]}] -> one record per image
+    of the split ("train" takes "restval" too), its sentences the caption list."""
+    keep, recs = ("train", "restval") if split == "train" else ("test",), []
+    images = obj["images"] if isinstance(obj["images"], list) else []
+    check_encoding(path, images)
+    for i, im in enumerate(images):
+        where = f"{path}[images][{i}]"
+        if not isinstance(im, dict) or im.get("split") not in keep:
+            continue  # another split's image (or no image at all: Karpathy files hold only objects)
+        problem = not_utf8(im)
+        sents = im.get("sentences")
+        if problem:
+            bad.report("not UTF-8", where, problem)
+        elif not (isinstance(im.get("filename"), str) and isinstance(im.get("filepath", ""), str) and
+                  isinstance(sents, list) and all(isinstance(s, dict) for s in sents)):
+            bad.report("malformed record", where, "expected filename, filepath and a list of sentences {raw}")
+        else:
+            recs.append({"image": os.path.join(im.get("filepath", ""), im["filename"]),
+                         "caption": [s.get("raw") for s in sents], "where": where})
+    return recs
+
+
 def captions_of(rec, where, bad, key="caption"):
     """rec[key], a caption or a list of captions -> the non-empty ones, stripped. Each bad one is reported: a
     missing field or a caption that is not a string ("malformed record"), an empty one ("empty caption")."""
@@ -303,6 +346,16 @@ def captions_of(rec, where, bad, key="caption"):
     return out
 
 
+def image_base(path, image_root=""):
+    """The folder that the image paths of the file (or ImageFolder) `path` are relative to: image_root when one
+    is given (ALBEF's JSONs hold paths relative to the dataset's root, e.g. COCO's images/), else the file's own
+    folder. An image_root that is not a folder stops the run with one error."""
+    if image_root and not os.path.isdir(image_root):
+        raise SystemExit(f"error: image_root {image_root!r} is not a folder (the image paths of {path} are "
+                         f"relative to it)")
+    return image_root or (path if os.path.isdir(path) else os.path.dirname(path))
+
+
 def _image_path(rec, base, where, bad):
     """Resolve rec["image"] relative to `base`; report and return None if the field or the file is missing."""
     rel = rec.get("image")
@@ -318,11 +371,15 @@ def _image_path(rec, base, where, bad):
     return path
 
 
+def _number(v):
+    """A finite JSON number (true and false are no numbers)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def box_problem(box, W, H):
     """Why a box [x, y, w, h] in pixels of a W x H image cannot be used, or None: not 4 finite numbers, w or
     h <= 0, or outside the image by more than 1 px (rounding slack)."""
-    if not (isinstance(box, list) and len(box) == 4 and
-            all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+    if not (isinstance(box, list) and len(box) == 4 and all(_number(v) for v in box)):
         return f"box {_short(repr(box))} is not [x, y, w, h] of 4 finite numbers"
     x, y, w, h = box
     if w <= 0 or h <= 0:
@@ -332,22 +389,30 @@ def box_problem(box, W, H):
     return None
 
 
-def parse_pairs(path, bad):
-    """-> list of {"image", "caption", "where"}: one item per caption."""
-    base, out = os.path.dirname(path), []  # image paths are relative to the file's folder
-    for where, rec in read_records(path, bad):
+def parse_pairs(path, bad, image_root="", split="train"):
+    """-> list of {"image", "caption", "where"}: one item per caption. A Karpathy dataset_*.json gives the images
+    of `split` ("train": its train and restval images; "test": its test images)."""
+    base, out = image_base(path, image_root), []
+    for where, rec in read_records(path, bad, split):
         caps = captions_of(rec, where, bad)
         img = _image_path(rec, base, where, bad) if caps else None
         out += [{"image": img, "caption": c, "where": where} for c in caps if img]
     return out
 
 
-def parse_regions(path, bad):
-    """-> list of {"image", "size", "captions", "regions": [{"box", "captions"}], "where"}; bad boxes dropped."""
-    base, out = os.path.dirname(path), []
+def parse_test_pairs(path, bad, image_root=""):
+    """The held-out pairs: parse_pairs of the test split (a Karpathy file's "test" images)."""
+    return parse_pairs(path, bad, image_root, split="test")
+
+
+def parse_regions(path, bad, image_root=""):
+    """-> list of {"image", "size", "captions", "regions": [{"box", "captions"}], "where"}; bad boxes dropped.
+    Reads X-VLM's records too: "elems" for "regions", "bb" for "box", "attributes" and the declared image_w/h."""
+    base, out = image_base(path, image_root), []
     for where, rec in read_records(path, bad):
-        if not isinstance(rec.get("regions", []), list):  # a string or an object would be read item by item
-            bad.report("malformed record", where, f"regions is {type_of(rec['regions'])}, not a list")
+        key = "regions" if "regions" in rec or "elems" not in rec else "elems"  # X-VLM calls its regions elems
+        if not isinstance(rec.get(key, []), list):  # a string or an object would be read item by item
+            bad.report("malformed record", where, f"{key} is {type_of(rec[key])}, not a list")
             continue
         img = _image_path(rec, base, where, bad)
         if img is None:
@@ -358,20 +423,30 @@ def parse_regions(path, bad):
         except Exception as e:
             bad.report("unreadable image", where, f"{img}: {e}")
             continue
+        # X-VLM's image_w, image_h: the size its boxes are measured in. A resized copy of the image gets its
+        # boxes scaled to the copy's size (the file's own size, W x H, is what the crops and boxes use)
+        iw, ih = rec.get("image_w", W), rec.get("image_h", H)
+        if not (_number(iw) and _number(ih) and iw > 0 and ih > 0):
+            bad.report("malformed record", where, f"image_w, image_h {_short(repr([iw, ih]))} are not a size")
+            continue
+        sx, sy = W / iw, H / ih
         caps = captions_of(rec, where, bad) if "caption" in rec else []
         regions = []
-        for j, r in enumerate(rec.get("regions") or []):
+        for j, r in enumerate(rec.get(key) or []):
             rw = f"{where} region {j}"
             if not isinstance(r, dict):
                 bad.report("malformed record", rw, f"region is {type_of(r)}, not an object")
                 continue
-            problem = box_problem(r.get("box"), W, H)
+            box = r.get("box", r.get("bb"))  # X-VLM's "bb" is [x, y, w, h] in pixels too
+            problem = box_problem(box, iw, ih)
             if problem:
                 bad.report("bad box", rw, problem)
                 continue
-            x, y, w, h = map(float, r["box"])
+            x, y, w, h = box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
             x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)  # clip the slack away
             rcaps = captions_of(r, rw, bad)
+            attrs = attributes_of(r, rw, bad) if "attributes" in r else []
+            rcaps = [f"{a} {c}" for a in attrs for c in rcaps] if attrs else rcaps
             if rcaps:
                 regions.append({"box": [x0, y0, x1 - x0, y1 - y0], "captions": rcaps})
         if not regions:  # the region stream exists for its boxes: a record without one is skipped
@@ -381,8 +456,25 @@ def parse_regions(path, bad):
     return out
 
 
-def parse_texts(path, bad):
-    """-> list of documents from text.txt (one per line) or text.jsonl ({"text": ...})."""
+def attributes_of(r, where, bad):
+    """X-VLM's region "attributes" (Visual Genome's "white", "wooden"; a string or a list) -> the non-empty ones,
+    stripped; one that is not a string is reported ("malformed record") and dropped. X-VLM prefixes one attribute,
+    drawn at random, to the region's phrase ("white" + "fence" -> "white fence"); parse_regions lists every
+    attribute x caption pair as one caption of the region, so the dataset's uniform draw among a region's
+    captions draws the attribute and the caption independently, as X-VLM does."""
+    value, out = r["attributes"], []
+    for j, a in enumerate(value if isinstance(value, list) else [value]):
+        if not isinstance(a, str):
+            name = f"attributes[{j}]" if isinstance(value, list) else "attributes"
+            bad.report("malformed record", where, f"{name} is {type_of(a)}, not a string")
+        elif a.strip():
+            out.append(a.strip())
+    return out
+
+
+def parse_texts(path, bad, image_root=""):
+    """-> list of documents from text.txt (one per line) or text.jsonl ({"text": ...}). (No images: image_root
+    is not used.)"""
     if path.endswith(".txt"):
         return [line.strip() for _, line in read_lines(path, bad) if line.strip()]
     out = []
@@ -398,7 +490,7 @@ def parse_texts(path, bad):
     return out
 
 
-def parse_images(path, bad):
+def parse_images(path, bad, image_root=""):
     """-> list of {"image", "where"} from images.jsonl or every image file under an images/ folder."""
     if os.path.isdir(path):
         files = []
@@ -406,7 +498,7 @@ def parse_images(path, bad):
             dirs.sort()  # a fixed walk order keeps the dataset order (and so the run) reproducible
             files += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTS)]
         return [{"image": p, "where": p} for p in files]
-    base, out = os.path.dirname(path), []
+    base, out = image_base(path, image_root), []
     for where, rec in read_records(path, bad):
         img = _image_path(rec, base, where, bad)
         if img:
@@ -414,7 +506,8 @@ def parse_images(path, bad):
     return out
 
 
-PARSERS = {"pair": parse_pairs, "pair_test": parse_pairs, "region": parse_regions,
+# kind -> parser(path, bad, image_root=""); image_root: the folder the image paths are relative to (image_base)
+PARSERS = {"pair": parse_pairs, "pair_test": parse_test_pairs, "region": parse_regions,
            "text": parse_texts, "image": parse_images}
 
 
@@ -428,11 +521,11 @@ def load_image(path):
 # Command line
 
 
-def check(data_dir, strict=False):
+def check(data_dir, strict=False, image_root=""):
     """Parse every source of a folder; print the records per kind and the bad-input counts."""
     bad = BadInput(strict=strict)
     for kind, path in find_sources(data_dir).items():
-        items = PARSERS[kind](path, bad)
+        items = PARSERS[kind](path, bad, image_root)
         extra = ""
         if kind in ("pair", "pair_test"):
             extra = f" captions, {len({it['image'] for it in items})} images"
@@ -450,8 +543,10 @@ def main(argv=None):
     c = sub.add_parser("check", help="parse a data folder; print counts of records and of bad input")
     c.add_argument("--data_dir", required=True)
     c.add_argument("--strict", action="store_true", help="stop at the first problem")
+    c.add_argument("--image_root", default="", help="the folder the image paths are relative to (default: "
+                   "each file's own folder)")
     a = p.parse_args(argv)
-    check(a.data_dir, a.strict)
+    check(a.data_dir, a.strict, a.image_root)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,12 @@ import data
 import formats
 
 
-def load_retrieval_set(path, tok, image_size, caption_len, bad):
+def load_retrieval_set(path, tok, image_size, caption_len, bad, image_root=""):
     """Held-out pairs with images deduplicated, for retrieval: image (Ni,3,S,S), ids/att (Nt,T),
-    txt2img (Nt,) and img2txt (Ni lists of text indices). Unreadable images are reported and dropped."""
+    txt2img (Nt,) and img2txt (Ni lists of text indices). Reads formats.parse_test_pairs: pairs files, ALBEF's
+    test JSON and the test split of Karpathy's dataset_*.json. Unreadable images are reported and dropped."""
     index, images, seqs, txt2img, img2txt = {}, [], [], [], []
-    for item in formats.parse_pairs(path, bad):
+    for item in formats.parse_test_pairs(path, bad, image_root):
         p = item["image"]
         if p not in index:
             try:

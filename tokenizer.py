@@ -80,16 +80,16 @@ class Tokenizer:
                 return t
 
 
-def corpus_texts(data_dir):
+def corpus_texts(data_dir, image_root=""):
     """Every caption, region phrase and text document of a folder (not the test pairs): the tokenizer corpus."""
     src, quiet = formats.find_sources(data_dir), formats.BadInput(verbose=False)
-    texts = [r["caption"] for r in formats.parse_pairs(src["pair"], quiet)] if "pair" in src else []
-    for rec in formats.parse_regions(src["region"], quiet) if "region" in src else []:
+    texts = [r["caption"] for r in formats.parse_pairs(src["pair"], quiet, image_root)] if "pair" in src else []
+    for rec in formats.parse_regions(src["region"], quiet, image_root) if "region" in src else []:
         texts += rec["captions"] + [c for r in rec["regions"] for c in r["captions"]]
     return texts + (formats.parse_texts(src["text"], quiet) if "text" in src else [])
 
 
-def get_tokenizer(data_dir, run_dir, vocab_size, tokenizer_path=None):
+def get_tokenizer(data_dir, run_dir, vocab_size, tokenizer_path=None, image_root=""):
     """Load tokenizer_path, else run_dir/tokenizer.json, else train one on the folder and save it there.
     Under DDP rank 0 calls it and sends the others its JSON (runtime.rank0_shares), so they need no shared folder."""
     if tokenizer_path:
@@ -97,4 +97,4 @@ def get_tokenizer(data_dir, run_dir, vocab_size, tokenizer_path=None):
     path = os.path.join(run_dir, "tokenizer.json")
     if os.path.isfile(path):
         return Tokenizer.load(path)
-    return Tokenizer.train(corpus_texts(data_dir), vocab_size, path)
+    return Tokenizer.train(corpus_texts(data_dir, image_root), vocab_size, path)

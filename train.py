@@ -63,6 +63,7 @@ class TrainConfig:
     init_vision: str = ""           # BEiT-v2 checkpoint (official .pth or Hugging Face folder): vision encoder
     # data
     data_dir: str = "data/toy"      # folder with pairs/regions/text/images (formats.py); the toy world is built here if missing
+    image_root: str = ""            # image paths are relative to this folder (ALBEF's JSONs); empty: each file's folder
     out_dir: str = "runs/default"   # run folder: config, metrics, checkpoint, curves, tokenizer
     tokenizer: str = ""             # path to a tokenizer.json (e.g. RoBERTa's); empty: train a BPE on the data
                                     # (with --init_text: that folder's tokenizer.json if it has one)
@@ -310,7 +311,7 @@ def setup_data(cfg, ckpt, recipe, per_rank, rank, world, ddp, device, bad):
             cfg.tokenizer = hf_tok
 
     def prepare_tokenizer():  # saved in the run folder too, so the folder is a complete --init for finetune.py
-        tok = tokenizer.get_tokenizer(cfg.data_dir, cfg.out_dir, cfg.vocab_size, cfg.tokenizer or None)
+        tok = tokenizer.get_tokenizer(cfg.data_dir, cfg.out_dir, cfg.vocab_size, cfg.tokenizer or None, cfg.image_root)
         tok.save(os.path.join(cfg.out_dir, "tokenizer.json"))
         return tok.to_json()
     tok = tokenizer.Tokenizer.from_json(runtime.rank0_shares(prepare_tokenizer, ddp, rank))
@@ -321,7 +322,7 @@ def setup_data(cfg, ckpt, recipe, per_rank, rank, world, ddp, device, bad):
         if cfg.init_text or cfg.init_vision:
             model_cfg = pretrained.model_config(cfg, model_cfg, tok)
     dc = data.DataConfig(model_cfg.image_size, model_cfg.patch_size, cfg.text_len, cfg.caption_len, cfg.seed, cfg.hflip,
-                         (cfg.crop_min_scale, 1.0), caption_mask=cfg.recipe,
+                         (cfg.crop_min_scale, 1.0), caption_mask=cfg.recipe, image_root=cfg.image_root,
                          itm_neg_prob=getattr(model_cfg, "itm_neg_prob", 0.0), static=cfg.compile)
     streams = data.build_streams(cfg.data_dir, tok, dc, per_rank, bad, rank, world, cfg.num_workers,
                                  pin_memory=device.type == "cuda")
@@ -429,7 +430,8 @@ def finish(cfg, model, tok, model_cfg, sources, history, final, bad, device, aut
     final metrics record, the loss-curve picture and the summary."""
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if master and "pair_test" in sources:
-        rs = retrieval.load_retrieval_set(sources["pair_test"], tok, model_cfg.image_size, cfg.caption_len, bad)
+        rs = retrieval.load_retrieval_set(sources["pair_test"], tok, model_cfg.image_size, cfg.caption_len, bad,
+                                          cfg.image_root)
         final["retrieval"] = retrieval.evaluate_retrieval(model, rs, device, cfg.eval_k, cfg.eval_batch_size, autocast)
         final["retrieval"]["n_images"], final["retrieval"]["n_texts"] = len(rs["image"]), len(rs["ids"])
     final["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

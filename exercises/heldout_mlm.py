@@ -38,7 +38,9 @@ def heldout_mlm(run_dir, batch_size=128):
     sources = formats.find_sources(config["train"]["data_dir"])
     if "pair_test" not in sources:
         raise SystemExit(f"error: {config['train']['data_dir']} has no pairs_test.jsonl (the held-out captions)")
-    captions = [it["caption"] for it in formats.parse_pairs(sources["pair_test"], formats.BadInput(verbose=False))]
+    held_out = formats.parse_test_pairs(sources["pair_test"], formats.BadInput(verbose=False),
+                                        config["train"].get("image_root", ""))
+    captions = [it["caption"] for it in held_out]
     ckpt = train.load_checkpoint(run_dir, "cpu")
     model = flava.build_model(flava.config_from_dict(ckpt["model_config"]))  # X-FM or FLAVA, as the checkpoint says
     model.load_state_dict(ckpt["model"])

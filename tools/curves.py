@@ -82,7 +82,7 @@ def chance_levels(run_dir, n_batches=20):
         bad = formats.BadInput(verbose=False)
         m = config["model"]
         dc = data.DataConfig(m["image_size"], m["patch_size"], t["text_len"], t["caption_len"], t["seed"], t["hflip"],
-                             (t["crop_min_scale"], 1.0))
+                             (t["crop_min_scale"], 1.0), image_root=t.get("image_root", ""))
         stream = data.build_streams(t["data_dir"], tok, dc, {"region": config["per_rank_batch"]["region"]}, bad)["region"]
         batches = [next(stream) for _ in range(n_batches)]
         chance["itc_region"] = float(np.mean([math.log(len(b["ids"]) * world) for b in batches]))

@@ -48,6 +48,7 @@ class Bug:
 L, M, T, D, F, R = "losses.py", "model.py", "train.py", "data.py", "flava.py", "retrieval.py"
 TL, TM, TT, TD, TF = (f"tests/test_{n}.py" for n in ("losses", "model", "train", "data", "flava"))
 TO, TFT, TFS, TS = "tests/test_overfit.py", "tests/test_finetune.py", "tests/test_fsdp.py", "tests/test_static.py"
+FM, TFM = "formats.py", "tests/test_formats.py"
 
 CATALOGUE = [
     # --- X-FM idea 1: the stop-gradient
@@ -346,6 +347,35 @@ CATALOGUE = [
         "T = None\n        ids = pad_seqs([s[\"ids\"] for s in samples], self.tok.pad_id, T)  # (B, T)",
         "--compile pads captions to a fixed length: one compilation per kind of update",
         f"{TT} -k compiled_step", fast=False),
+    # --- the data formats of ALBEF and X-VLM (formats.py), the image root, the VQA results file
+    Bug("xvlm_elems_skipped", FM, 'key = "regions" if "regions" in rec or "elems" not in rec else "elems"',
+        'key = "regions"', "X-VLM's records hold their regions in elems", f"{TFM} -k xvlm_region"),
+    Bug("xvlm_bb_xyxy", FM, "x, y, w, h = box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy",
+        "x, y, w, h = box[0] * sx, box[1] * sy, (box[2] - box[0]) * sx, (box[3] - box[1]) * sy",
+        "X-VLM's bb (like box) is [x, y, w, h] in pixels, not [x0, y0, x1, y1]", f"{TFM} -k xvlm_region"),
+    Bug("xvlm_attributes_dropped", FM, 'rcaps = [f"{a} {c}" for a in attrs for c in rcaps] if attrs else rcaps',
+        "rcaps = rcaps", "X-VLM's attributes prefix the region's phrase", f"{TFM} -k xvlm_region"),
+    Bug("xvlm_size_ignored", FM, "sx, sy = W / iw, H / ih", "sx, sy = 1.0, 1.0",
+        "boxes measured in the declared image_w x image_h are scaled to the image file's size",
+        f"{TFM} -k xvlm_region"),
+    Bug("image_root_ignored", FM, "return image_root or (path if os.path.isdir(path) else os.path.dirname(path))",
+        "return path if os.path.isdir(path) else os.path.dirname(path)",
+        "image paths are relative to --image_root when one is given", f"{TFM} -k image_root_resolves"),
+    Bug("train_image_root_dropped", T, "caption_mask=cfg.recipe, image_root=cfg.image_root,",
+        "caption_mask=cfg.recipe,", "train.py's streams read their images under --image_root",
+        f"{TFM} -k test_train_reads", fast=False),
+    Bug("eval_image_root_dropped", T, "cfg.caption_len, bad,\n                                          cfg.image_root)",
+        "cfg.caption_len, bad)", "train.py's retrieval evaluation reads its images under --image_root",
+        f"{TFM} -k test_train_reads", fast=False),
+    Bug("karpathy_unfiltered", FM, 'if not isinstance(im, dict) or im.get("split") not in keep:',
+        "if not isinstance(im, dict):", "a Karpathy file gives only the images of the split asked for",
+        f"{TFM} -k karpathy_test_split"),
+    Bug("karpathy_test_as_train", FM, 'return parse_pairs(path, bad, image_root, split="test")',
+        "return parse_pairs(path, bad, image_root)", "the held-out pairs are a Karpathy file's test split",
+        f"{TFM} -k karpathy_test_split"),
+    Bug("vqa_results_misaligned", "finetune.py", "for r, a in zip(records, predicted)]",
+        "for r, a in zip(records[1:] + records[:1], predicted)]",
+        "the VQA results file pairs each question_id with the answer to that question", f"{TFM} -k vqa_results"),
 ]
 
 

@@ -48,7 +48,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 from tqdm import tqdm
 
 import cli
@@ -160,7 +160,7 @@ class Env:
                                 # pre-trained checkpoint's tasks write to RUN_DIR/finetune/NAME by default
     mcfg: Any                   # the checkpoint's model config (model.XFMConfig or flava.FLAVAConfig)
     ddp: bool                   # under torchrun: DistributedDataParallel and collectives
-    rank: int                   # this process's rank; rank 0 evaluates, saves and prints
+    rank: int                   # this process's rank; each evaluates its share, rank 0 saves and prints
     world: int                  # the number of ranks (each takes batch_size / world examples a step)
     device: torch.device
     autocast: Callable          # runtime.amp_setup's autocast context factory (a null context in fp32)
@@ -527,21 +527,28 @@ def fused_cls(m, b):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The loop: AdamW, warmup + linear decay, clipping, AMP, DDP; evaluation and an atomic checkpoint on rank 0
+# The loop: AdamW, warmup + linear decay, clipping, AMP, DDP; evaluation split over the ranks, an atomic
+# checkpoint on rank 0
 
 
 @torch.no_grad()
 def predict(cfg, env, model, dataset, fn, target=None):
-    """fn(model, batch) over a dataset in order, in eval mode -> outputs on the CPU (and the batches' `target`)."""
+    """fn(model, batch) over a dataset in order, in eval mode -> outputs on the CPU (and the batches' `target`), the
+    same on every rank. Under torchrun each rank runs its share of the batches (runtime.share: whole batches,
+    each the one a single process would run) and the shares are gathered in order, so every rank must call it."""
     model.eval()
-    loader = DataLoader(dataset, cfg.eval_batch_size, collate_fn=dataset.collate, num_workers=cfg.num_workers,
-                        pin_memory=env.device.type == "cuda")
+    bs, n = cfg.eval_batch_size, len(dataset)
+    loader = DataLoader(Subset(dataset, runtime.share(n, env.rank, env.world, bs)), bs, collate_fn=dataset.collate,
+                        num_workers=cfg.num_workers, pin_memory=env.device.type == "cuda")
     outs, gold = [], []
-    for batch in loader:
+    for batch in tqdm(loader, desc=f"{cfg.task} eval", disable=not env.master, leave=False):
         with env.autocast():
-            outs.append(fn(model, runtime.to_device(batch, env.device)).float().cpu())
-        gold += [batch[target]] if target else []
-    return (torch.cat(outs), torch.cat(gold)) if target else torch.cat(outs)
+            outs.append(fn(model, runtime.to_device(batch, env.device)).float())
+        gold += [batch[target].to(env.device)] if target else []
+
+    def gather(xs):  # (an empty share gives None; the gather takes the shape from rank 0's)
+        return runtime.gather_shares(torch.cat(xs) if xs else None, n, env.rank, env.world, bs).cpu()
+    return (gather(outs), gather(gold)) if target else gather(outs)
 
 
 def freeze_unused(model, train_set, n, device):
@@ -563,8 +570,8 @@ def freeze_unused(model, train_set, n, device):
 
 
 def fit(cfg, env, model, train_set, evaluate, out, meta):
-    """Fine-tune for cfg.epochs (none with --eval_only or epochs 0), then evaluate on rank 0 with the raw model
-    and save the fine-tuned checkpoint. -> the evaluation's report plus the loss history (None on other ranks)."""
+    """Fine-tune for cfg.epochs (none with --eval_only or epochs 0), then evaluate with the raw model, split over
+    the ranks, and save the fine-tuned checkpoint (rank 0). -> the evaluation's report plus the loss history."""
     history, steps = [], 0
     if cfg.epochs > 0 and not cfg.eval_only:
         if cfg.batch_size % env.world:
@@ -614,9 +621,9 @@ def fit(cfg, env, model, train_set, evaluate, out, meta):
                 raise SystemExit(f"error: non-finite {cfg.task} loss in epoch {epoch + 1} (lower --lr, or --amp=fp32)")
             history.append(mean.item())
             env.print0(f"{cfg.task} epoch {epoch + 1}/{cfg.epochs}: loss {mean.item():.4f}")
-    result = None
-    if env.master:  # rank 0 alone, on the raw model: no collective may run in here
-        result = dict(evaluate(model), train_loss=history, epochs=len(history), steps=steps)
+    # every rank, on the raw model: each evaluates its share (predict, retrieval.scores) and gets every figure
+    result = dict(evaluate(model), train_loss=history, epochs=len(history), steps=steps)
+    if env.master:
         if history:  # written atomically: a crash never leaves half a checkpoint
             ckpt = {"model": model.state_dict(), "model_config": asdict(model.xfm.cfg), "task": cfg.task, "meta": meta,
                     "finetune_config": asdict(cfg), "pretrain_config": env.ckpt.get("train_config"), "result": result}
@@ -845,10 +852,14 @@ def run_retrieval(cfg, env, out):
 
     model = build_model(cfg, env, None, loss_fn)                          # the pre-trained ITC and ITM heads
 
-    def evaluate(m):
-        rs = retrieval.load_retrieval_set(test_path, env.tok, cfg.image_size, cfg.text_len, bad)
-        r = retrieval.evaluate_retrieval(m.xfm, rs, env.device, cfg.k_test, cfg.eval_batch_size, env.autocast)
-        pictures.retrieval_sheet(m.xfm, rs, env.tok, env.autocast, env.device, cfg.k_test, os.path.join(out, "retrieval_examples.png"))
+    def evaluate(m):  # every rank: rank 0 reads the set, each rank scores its share (retrieval.py)
+        rs = runtime.rank0_shares(lambda: retrieval.load_retrieval_set(test_path, env.tok, cfg.image_size,
+                                                                       cfg.text_len, bad), env.ddp, env.rank)
+        sc = retrieval.scores(m.xfm, rs, env.device, cfg.k_test, cfg.eval_batch_size, env.autocast, env.rank,
+                              env.world, cfg.num_workers)
+        r = retrieval.recalls(sc, rs)
+        if env.master:
+            pictures.retrieval_sheet(rs, sc["t2i"], env.tok, cfg.k_test, os.path.join(out, "retrieval_examples.png"))
         summary = ", ".join(f"{d} " + "/".join(f"{r[f'{d}_r{n}']:.1f}" for n in (1, 5, 10)) for d in ("t2i", "i2t"))
         return report("R@1/5/10", (r["t2i_r1"] + r["i2t_r1"]) / 2, summary, key="mean_r1", **r)
 

@@ -1,7 +1,7 @@
 """
 Where a process runs: its rank and device (under torchrun or alone), the "rank 0 prepares, every rank uses it"
-step, the autocast precision, moving a batch to the device and the random generators' state. train.py, finetune.py
-and the tools share it.
+step, each rank's share of an evaluation and the gather of the shares, the autocast precision, moving a batch to
+the device and the random generators' state. train.py, finetune.py, retrieval.py and the tools share it.
 """
 import functools
 import os
@@ -65,6 +65,37 @@ def rank0_shares(fn, ddp, rank):
     if error is not None:
         raise error
     return result
+
+
+def share(n, rank, world, unit=1):
+    """This rank's contiguous share of n items for an evaluation split over the ranks -> range(start, stop).
+    The items go in whole units of `unit` (an evaluation's batch), ceil(#units / world) units to a rank, in rank
+    order: each batch holds the same items as in one process, so the results are the same, and only the last
+    ranks' shares are shorter (or empty, for fewer units than ranks)."""
+    units = -(-n // unit)                                                  # ceil(n / unit)
+    per = -(-units // world) * unit                                        # items per share: ceil(units / world) units
+    return range(min(n, rank * per), min(n, (rank + 1) * per))
+
+
+def gather_shares(x, n, rank, world, unit=1):
+    """Every rank's rows of share(n, ., world, unit), gathered in rank order on every rank: x (len(share), ...)
+    -> (n, ...), on x's device (None for an empty share). all_gather needs one shape on every rank, so each share
+    is padded to the longest with zeros and the padding dropped again. The identity for one process."""
+    if world == 1:
+        return x
+    sizes = [len(share(n, r, world, unit)) for r in range(world)]
+    # NCCL gathers GPU tensors (this rank's device), gloo CPU ones
+    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if 0 in sizes:  # an empty share has no rows to take the shape from: rank 0's share is never empty (n > 0)
+        box = [(tuple(x.shape[1:]), x.dtype) if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        x = x if x is not None else torch.empty(0, *box[0][0], dtype=box[0][1], device=comm)
+    assert len(x) == sizes[rank], f"rank {rank} gives {len(x)} rows for its share of {sizes[rank]}"
+    padded = torch.zeros(max(sizes), *x.shape[1:], dtype=x.dtype, device=comm)
+    padded[:len(x)] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(x.device)  # (n, ...) in rank order, padding dropped
 
 
 def teardown():
@@ -263,14 +294,15 @@ def load_full_state(model, optimizer, model_state, optim_state):
 
 
 def unsharded(model, build):
-    """The model as one plain module for rank 0's own work (the end-of-run evaluation must run no collective, and a
-    sharded model's forward all-gathers): a fresh build() loaded with the full state. Every rank calls it; the
-    others get None. An unsharded model is returned as it is."""
+    """The model as one plain module on every rank, for the end-of-run evaluation: retrieval.py splits the work
+    over the ranks with collectives of its own, and a sharded model's forward would all-gather each block's
+    parameters in whatever order each rank's share calls them. A fresh build() loaded with the full state (each
+    DTensor all-gathered, the same on every rank, which must all call it). An unsharded model is returned as it is."""
     if not is_sharded(model):
         return model
-    state, _ = full_state_dicts(model)
-    if not state:
-        return None
+    state = {k: full_tensor(v) for k, v in model.state_dict().items()}
+    for name in model.fsdp_scalars:                                        # (1,) -> () as in the unsharded model
+        state[name] = state[name].reshape(())
     plain = build()
     plain.load_state_dict(state)
     return plain

@@ -103,7 +103,7 @@ class TrainConfig:
     ckpt_every: int = 500           # steps between checkpoints (RUN/ckpt.pt, written atomically; also at the end)
     resume: str = ""                # a run folder or ckpt.pt to continue from
     eval_k: int = 16                # retrieval: ITM re-ranks the top k ITC candidates (official k_test 256)
-    eval_batch_size: int = 64       # retrieval evaluation: images / captions encoded per forward
+    eval_batch_size: int = 64       # retrieval evaluation: images, captions or ITM (query, candidate) pairs per forward
 
 
 # the keys with a fixed set of values (checked when the command line is read, before any work)
@@ -425,14 +425,17 @@ def nonfinite_everywhere(loss, ddp):
     return flag.item() > 0
 
 
-def finish(cfg, model, tok, model_cfg, sources, history, final, bad, device, autocast, master):
-    """Rank 0, on the raw model (no collective may run here): zero-shot retrieval on the held-out pairs, the
-    final metrics record, the loss-curve picture and the summary."""
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if master and "pair_test" in sources:
-        rs = retrieval.load_retrieval_set(sources["pair_test"], tok, model_cfg.image_size, cfg.caption_len, bad,
-                                          cfg.image_root)
-        final["retrieval"] = retrieval.evaluate_retrieval(model, rs, device, cfg.eval_k, cfg.eval_batch_size, autocast)
+def finish(cfg, model, tok, model_cfg, sources, history, final, bad, device, autocast, rank, world):
+    """Every rank, on the raw model: zero-shot retrieval on the held-out pairs, split over the ranks (rank 0 reads
+    the set, each rank encodes and re-ranks its share, retrieval.py); then, on rank 0, the final metrics record,
+    the loss-curve picture and the summary."""
+    metrics_path, master = os.path.join(cfg.out_dir, "metrics.jsonl"), rank == 0
+    if "pair_test" in sources:
+        rs = runtime.rank0_shares(lambda: retrieval.load_retrieval_set(sources["pair_test"], tok, model_cfg.image_size,
+                                                                       cfg.caption_len, bad, cfg.image_root),
+                                 world > 1, rank)
+        final["retrieval"] = retrieval.evaluate_retrieval(model, rs, device, cfg.eval_k, cfg.eval_batch_size, autocast,
+                                                          rank, world, cfg.num_workers)
         final["retrieval"]["n_images"], final["retrieval"]["n_texts"] = len(rs["image"]), len(rs["ids"])
     final["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
@@ -568,8 +571,8 @@ def train(cfg, ckpt, ddp, rank, world, device):
 
     final = {"final": True, "step": end_step, "wall_s": time.time() - t_start, "skipped_updates": skipped,
              "bad_input": bad.counts()}
-    model = runtime.unsharded(model, lambda: flava.build_model(model_cfg).to(device))  # FSDP: a plain copy on rank 0
-    finish(cfg, model, tok, model_cfg, sources, history, final, bad, device, autocast, master)
+    model = runtime.unsharded(model, lambda: flava.build_model(model_cfg).to(device))  # FSDP: a plain copy per rank
+    finish(cfg, model, tok, model_cfg, sources, history, final, bad, device, autocast, rank, world)
     if ddp:
         dist.barrier()
     return {"history": history, "final": final}

@@ -211,7 +211,7 @@ def test_retrieval_set(tmp_path, tok):
     p = bad_pairs(tmp_path)
     bad = quiet()
     rs = retrieval.load_retrieval_set(str(p), tok, 32, 16, bad)
-    assert rs["image"].shape[0] == 3 and rs["ids"].shape[0] == 4 and rs["img2txt"] == [[0], [1, 2], [3]]
+    assert len(rs["image"]) == 3 and rs["ids"].shape[0] == 4 and rs["img2txt"] == [[0], [1, 2], [3]]
     assert bad.counts()["not UTF-8"] == 1 and f"{p}:2: not UTF-8" in said(bad)
     with pytest.raises(ValueError, match=r"pairs\.jsonl:2: not UTF-8"):
         retrieval.load_retrieval_set(str(p), tok, 32, 16, formats.BadInput(strict=True))

@@ -169,7 +169,7 @@ def test_unreadable_image_is_replaced_and_counted(tmp_path, tok):
     batch = next(st)  # one batch = the whole epoch, so it holds the broken item once
     assert batch["n_bad"] == 1 and bad.counts()["unreadable image"] == 1
     ret = retrieval.load_retrieval_set(str(d / "pairs.jsonl"), tok, 32, 16, bad)  # eval drops it instead
-    assert ret["image"].shape == (3, 3, 32, 32) and ret["ids"].shape[0] == 3
+    assert len(ret["image"]) == 3 and ret["image"][0].shape == (3, 32, 32) and ret["ids"].shape[0] == 3
 
 
 def test_bad_input_print_limit(tmp_path):
@@ -455,8 +455,9 @@ def test_batch_formats(toy, tok):
 
 def test_load_retrieval_set(toy, tok):
     ret = retrieval.load_retrieval_set(os.path.join(toy, "pairs_test.jsonl"), tok, 32, 16, formats.BadInput(verbose=False))
-    Ni, Nt = ret["image"].shape[0], ret["ids"].shape[0]
-    assert ret["image"].shape == (10, 3, 32, 32) and Ni < Nt <= 2 * Ni and ret["att"].shape == ret["ids"].shape
+    Ni, Nt = len(ret["image"]), ret["ids"].shape[0]                    # the images are decoded when asked for
+    assert Ni == 10 and ret["image"][Ni - 1].shape == (3, 32, 32)
+    assert Ni < Nt <= 2 * Ni and ret["att"].shape == ret["ids"].shape
     assert ret["txt2img"].shape == (Nt,) and len(ret["img2txt"]) == Ni
     for i, txts in enumerate(ret["img2txt"]):
         assert txts and all(ret["txt2img"][t] == i for t in txts)

@@ -49,6 +49,7 @@ L, M, T, D, F, R = "losses.py", "model.py", "train.py", "data.py", "flava.py", "
 TL, TM, TT, TD, TF = (f"tests/test_{n}.py" for n in ("losses", "model", "train", "data", "flava"))
 TO, TFT, TFS, TS = "tests/test_overfit.py", "tests/test_finetune.py", "tests/test_fsdp.py", "tests/test_static.py"
 FM, TFM = "formats.py", "tests/test_formats.py"
+TE = "tests/test_evaluation.py"
 
 CATALOGUE = [
     # --- X-FM idea 1: the stop-gradient
@@ -217,9 +218,9 @@ CATALOGUE = [
         "accumulated gradients are the mean over the global batch",
         f"{TT}::test_ddp_with_accumulation_equals_one_process_full_batch", fast=False),
     # --- zero-shot retrieval: top k, -100, ITM re-ranking, ties
-    Bug("retrieval_no_itm", R, "out[q, cand] = logit.float()", "out[q, cand] = sim[q, cand]",
+    Bug("retrieval_no_itm", R, "out.scatter_(1, top, itm)", "out.scatter_(1, top, sim.gather(1, top))",
         "the top k are re-scored by ITM", f"{TFT}::test_recall_at_k_by_hand"),
-    Bug("retrieval_sum", R, "out[q, cand] = logit.float()", "out[q, cand] = logit.float() + sim[q, cand]",
+    Bug("retrieval_sum", R, "out.scatter_(1, top, itm)", "out.scatter_(1, top, itm + sim.gather(1, top))",
         "the re-ranked score is the ITM logit alone", f"{TFT}::test_recall_at_k_by_hand"),
     Bug("retrieval_keep_itc", R, "out = torch.full_like(sim, -100.0)", "out = sim.clone()",
         "every pair outside the top k scores -100", f"{TFT}::test_recall_at_k_by_hand"),
@@ -228,6 +229,30 @@ CATALOGUE = [
     Bug("retrieval_ties", R, "return int((scores[wrong] >= scores[right].max()).sum())",
         "return int((scores[wrong] > scores[right].max()).sum())",
         "ties count against the right candidate", f"{TFT}::test_recall_at_k_by_hand"),
+    # --- evaluation split over the ranks (runtime.share / gather_shares) and the batched ITM re-ranking
+    Bug("rerank_misaligned", R, "qq, cand = q.repeat_interleave(k), top[q].flatten()",
+        "qq, cand = q.repeat(k), top[q].flatten()",
+        "a batched ITM call pairs each query with its own k candidates",
+        f"{TE}::test_batched_rerank_equals_one_query_at_a_time"),
+    Bug("eval_share_dropped", "runtime.py", "for p, s in zip(parts, sizes)]).to(x.device)",
+        "for p, s in zip(parts[:-1], sizes)]).to(x.device)",
+        "the gather keeps every rank's share (the last one too)", f"{TE} -k two_processes", fast=False),
+    Bug("eval_share_duplicated", "runtime.py", "return range(min(n, rank * per), min(n, (rank + 1) * per))",
+        "return range(0, min(n, per))", "each rank evaluates its own share, not rank 0's",
+        f"{TE} -k two_processes", fast=False),
+    Bug("eval_padding_kept", "runtime.py", "torch.cat([p[:s] for p, s in zip(parts, sizes)])",
+        "torch.cat([p for p, s in zip(parts, sizes)])", "the gather drops the padding of the shorter shares",
+        f"{TE} -k two_processes", fast=False),
+    Bug("eval_gather_order", "runtime.py", "for p, s in zip(parts, sizes)]).to(x.device)",
+        "for p, s in zip(parts[::-1], sizes[::-1])]).to(x.device)", "the shares are gathered in rank order",
+        f"{TE} -k two_processes", fast=False),
+    Bug("predict_whole_set", "finetune.py", "DataLoader(Subset(dataset, runtime.share(n, env.rank, env.world, bs)), bs,",
+        "DataLoader(Subset(dataset, range(n)), bs,", "finetune.predict runs this rank's share only",
+        f"{TE}::test_predict_two_processes_equals_one", fast=False),
+    Bug("unsharded_rank0_only", "runtime.py", "    state = {k: full_tensor(v) for k, v in model.state_dict().items()}\n",
+        "    state = {k: full_tensor(v) for k, v in model.state_dict().items()}\n    if dist.get_rank() != 0:\n"
+        "        return None\n", "under --fsdp every rank gets a plain copy of the model for the evaluation",
+        f"{TE} -k unsharded", fast=False),
     # --- masking rates (data.py)
     Bug("text_mlm_rate", D, 'TEXT_MASKING = (0.15, 20)',
         'TEXT_MASKING = (0.5, 15)',

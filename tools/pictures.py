@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import data
-import retrieval
 
 
 def plot_curves(records, path, chance=None, bands=None, cols=4, w=300, h=200):
@@ -120,21 +119,13 @@ def render_attention(maps, words, image, grid, path, tile=96):
 
 
 @torch.no_grad()
-def retrieval_sheet(xfm, rs, tok, autocast, device, k_test, path, n_queries=6, k=5, size=72):
-    """A PNG: a few text queries, each with its top-5 images after ITC ranking and ITM re-ranking of the ITC
-    top k_test (as retrieval.evaluate_retrieval ranks them); the correct image is framed in green."""
-    xfm.eval()
+def retrieval_sheet(rs, t2i, tok, k_test, path, n_queries=6, k=5, size=72):
+    """A PNG: a few text queries, each with its top-5 images by t2i (retrieval.scores' re-ranked text->image
+    scores: the ITM logit in the ITC top k_test, -100 elsewhere); the correct image is framed in green."""
     qs = torch.linspace(0, len(rs["ids"]) - 1, min(n_queries, len(rs["ids"]))).long()  # spread over the set
     rows = []
-    with autocast():
-        v = torch.cat([xfm.encode_image(rs["image"][i:i + 64].to(device)) for i in range(0, len(rs["image"]), 64)])
-        ids, att = rs["ids"][qs].to(device), rs["att"][qs].to(device)
-        t = xfm.encode_text(ids, att)                                      # (n, T, D)
-        f_t, f_v = xfm.itc_features(t, v)
-    kk = min(k_test, len(v))
-    scores = retrieval.rerank(xfm, (f_t @ f_v.t()).float(), t, att, v, kk, autocast)  # (n, Ni), -100 off the top k
-    for i, q in enumerate(qs.tolist()):
-        top = scores[i].topk(min(k, kk)).indices                           # by the ITM "match" logit
+    for q in qs.tolist():
+        top = t2i[q].topk(min(k, k_test, t2i.shape[1])).indices           # by the ITM "match" logit
         rows.append((tok.decode(rs["ids"][q].tolist()), top.tolist(), int(rs["txt2img"][q])))
     left, pad = 260, 6
     sheet = Image.new("RGB", (left + k * (size + pad), len(rows) * (size + 2 * pad)), "white")

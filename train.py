@@ -38,6 +38,7 @@ import formats
 import flava
 import pretrained
 import retrieval
+import runlog
 import runtime
 from tools import pictures
 import toyworld
@@ -377,33 +378,7 @@ def wrap(model, cfg, streams, ddp, device):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Pieces of the loop: a non-finite update, the log record, the end of the run
-
-
-class Meter:
-    """Loss and metric sums since the last log: each name is averaged over the updates it ran in."""
-
-    def __init__(self):
-        self.sums, self.counts, self.steps, self.samples, self.t0 = {}, {}, 0, 0, time.time()
-
-    def add(self, logs):
-        for name, val in logs.items():
-            self.sums[name] = self.sums.get(name, 0.0) + val
-            self.counts[name] = self.counts.get(name, 0) + 1
-
-    def record(self, step, lr, model, world, ddp):
-        """The metrics.jsonl record of the steps since the last one, averaged over the ranks."""
-        names = sorted(self.sums)
-        vals = torch.stack([self.sums[n] / self.counts[n] for n in names])
-        if ddp:
-            dist.all_reduce(vals, op=dist.ReduceOp.AVG)
-        dt = time.time() - self.t0
-        rec = {"step": step, "lr": lr, "s_per_step": dt / max(self.steps, 1), "samples_per_s": self.samples * world / dt,
-               "temp": runtime.full_tensor(model.temp).item()}  # (FSDP: the temperature's slices, gathered)
-        for n, v in zip(names, vals.tolist()):
-            rec[("loss/" if n not in ("grad_norm", "mim_target_std") else "") + n] = v
-        rec["loss/total"] = sum(v for k, v in rec.items() if k.startswith("loss/"))
-        return rec
+# Pieces of the loop: the batches of an update, a non-finite update, the end of the run (the log: runlog.py)
 
 
 def next_batches(streams, kinds, accum, device, meter):
@@ -445,26 +420,7 @@ def finish(cfg, model, tok, model_cfg, sources, history, final, bad, device, aut
             f.write(json.dumps(final) + "\n")
         records = [json.loads(line) for line in open(metrics_path) if '"final"' not in line]
         pictures.plot_curves(records, os.path.join(cfg.out_dir, "loss_curves.png"))
-        print_summary(history, final, cfg, bad)
-
-
-def print_summary(history, final, cfg, bad):
-    print(f"\ndone: {final['step']} steps in {final['wall_s']:.0f} s, peak memory {final['peak_mem_mb']:.0f} MB, "
-          f"run folder {cfg.out_dir}")
-    if history:
-        first, last = history[0], history[-1]
-        print("loss        first log -> last log")
-        for k in sorted(k for k in last if k.startswith("loss/") and k in first):
-            print(f"  {k[5:]:<11} {first[k]:7.3f} -> {last[k]:7.3f}")
-    if "retrieval" in final:
-        r = final["retrieval"]
-        print(f"zero-shot retrieval on {r['n_images']} held-out images / {r['n_texts']} captions "
-              f"(ITC top-{cfg.eval_k} re-ranked by ITM):")
-        for d, name in (("t2i", "text->image"), ("i2t", "image->text")):
-            print(f"  {name} R@1 {r[d + '_r1']:.1f}  R@5 {r[d + '_r5']:.1f}  R@10 {r[d + '_r10']:.1f}   "
-                  f"(ITC alone R@1 {r[d + '_itc_r1']:.1f}; chance R@1 {r[d + '_chance_r1']:.1f})")
-    if bad.counts():
-        print("bad input skipped: " + bad.summary())
+        runlog.print_summary(history, final, cfg, bad)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -527,7 +483,7 @@ def train(cfg, ckpt, ddp, rank, world, device):
     if master and start_step == 0 and os.path.exists(metrics_path):
         os.remove(metrics_path)
     end_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
-    meter, history, bad_streak, skipped = Meter(), [], 0, 0
+    meter, history, bad_streak, skipped = runlog.Meter(), [], 0, 0
     save = lambda step: save_checkpoint(ckpt_path, model, optimizer, scaler, step, cfg, model_cfg,  # noqa: E731
                                         streams, {"bad_input": bad.counts()}, master)     # (every rank calls it)
     pbar = tqdm(total=end_step, initial=start_step, disable=not master, desc="train", dynamic_ncols=True)
@@ -557,7 +513,7 @@ def train(cfg, ckpt, ddp, rank, world, device):
         done = step + 1
         if done % cfg.log_every == 0 or done == end_step:
             history.append(meter.record(done, lr, model, world, ddp))
-            meter = Meter()
+            meter = runlog.Meter()
             if master:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(history[-1]) + "\n")

@@ -23,7 +23,7 @@ How a ShardStream reads (one per kind and rank):
     Slot rank x workers + w reads one range; a range may begin and end inside a file (skipping tar members reads
     their headers only). Each slot yields exactly k = m // batch_size batches an epoch, so every rank yields
     workers x k: no rank reaches an epoch's end before another, and no rank waits in a collective for a rank
-    that has run out. Each epoch leaves out at most S x (batch_size + 1) samples, a different tail each epoch.
+    that has run out. Each epoch leaves out fewer than S x (batch_size + 1) samples, a different tail each epoch.
   - Within its range a slot shuffles through a buffer of `buffer` samples (BufferShuffle), keyed (seed, stream, e,
     slot). Each sample's randomness (crop, masks, ITM draws) is data.py's np.random.default_rng([seed, stream, e,
     ordinal]), ordinal = the sample's place in the index's file order: a JSONL folder and its packed shards give
@@ -31,9 +31,10 @@ How a ShardStream reads (one per kind and rank):
   - A bad member (an image that does not decode, a missing or empty caption, text that is not UTF-8) is named
     as shard.tar:member, skipped and counted through formats.BadInput; its place in the batch goes to the next
     good sample of the slot (as data.py replaces an unreadable image), so batches stay full and equal in number.
-  - The position is the number of batches the stream has handed out, the same on every rank, so a checkpoint
-    holds data.Stream's {"batches": n}. A resume replays the buffer's order on integers, reads back only the
-    samples the buffer held at that point, and continues exactly; it needs the same world size and num_workers.
+  - The position is the number of batches the stream has handed out, the same on every rank, so rank 0's
+    {"batches": n, "slots": S} in the checkpoint serves every rank. A resume replays the buffer's order on
+    integers, reads back only the samples the buffer held at that point, and continues exactly; it needs the
+    same S (world size and num_workers), else it warns that the samples differ.
   - A rank holds the index (three numbers per file) and each worker one buffer of samples: its memory does not
     grow with the data (docs/TRAINING.md, "Streaming tar shards", has the measured figures).
 """
@@ -373,10 +374,14 @@ class ShardStream:
         return batch
 
     def state_dict(self):
-        return {"batches": self.batches}
+        return {"batches": self.batches, "slots": self.reader.slots}
 
     def load_state_dict(self, state):
         self.batches, self._it = int(state["batches"]), None
+        if state.get("slots", self.reader.slots) != self.reader.slots and self.bad.verbose:
+            print(f"warning: the {self.kind} stream was read in {state['slots']} ranges (world size x workers), now "
+                  f"in {self.reader.slots}: it goes on after {self.batches} batches, but not with the samples the "
+                  f"first run would have read next", file=sys.stderr)
 
 
 class SlotReader:

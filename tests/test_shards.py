@@ -117,18 +117,20 @@ def test_every_rank_yields_the_same_batches_each_epoch(toy):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_resumed_stream_continues_exactly_mid_epoch(toy, workers):
+def test_a_resumed_stream_continues_exactly_mid_epoch(toy, workers, capsys):
     """Batches 5.. of a stream restarted at 5 (a shuffle buffer of 5 out of 24 samples a slot: the buffer is
     rebuilt) equal the uninterrupted stream's, through the end of the epoch and into the next; with 2 workers,
-    batch 5 comes from the second worker's slot."""
+    batch 5 comes from the second worker's slot. A resume over another number of ranges warns."""
     _, packed, tok = toy
     a = stream(packed, "pair", tok, workers=workers, world=1 if workers else 2, rank=0 if workers else 1)
     first = [next(a) for _ in range(a.len_per_epoch + 2)]
-    assert a.state_dict() == {"batches": len(first)} and a.epoch == 1
+    assert a.state_dict() == {"batches": len(first), "slots": 2} and a.epoch == 1
     b = stream(packed, "pair", tok, workers=workers, world=1 if workers else 2, rank=0 if workers else 1)
-    b.load_state_dict({"batches": 5})
+    b.load_state_dict({"batches": 5, "slots": 2})
     for x in first[5:]:
         same_batch(x, next(b))
+    stream(packed, "pair", tok, bad=formats.BadInput()).load_state_dict({"batches": 5, "slots": 2})
+    assert "read in 2 ranges (world size x workers), now in 1" in capsys.readouterr().err
 
 
 def test_buffer_shuffle_depends_on_its_key_only():
@@ -279,7 +281,8 @@ def test_train_from_shards_in_two_processes_resumes_exactly_mid_epoch(tmp_path):
         for k in keys:
             assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (a["step"], k, a[k], b[k])
     ma, mb = (train.load_checkpoint(os.path.join(root, run), "cpu") for run in ("straight", "stopped"))
-    assert ma["data"] == mb["data"] == {k: {"batches": 4} for k in ("text", "region", "image", "pair")}
+    assert ma["data"] == mb["data"] == {"region": {"batches": 4}, **{k: {"batches": 4, "slots": 2} for k in
+                                                                     ("text", "image", "pair")}}
     for k in ma["model"]:
         assert torch.allclose(ma["model"][k], mb["model"][k], rtol=0, atol=1e-6), k
     config = json.load(open(os.path.join(root, "straight", "config.json")))

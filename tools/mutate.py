@@ -367,8 +367,8 @@ CATALOGUE = [
     Bug("shard_index_size_unchecked", SH, "if os.path.getsize(os.path.join(folder, name)) != size:", "if False:",
         "a shard changed since it was indexed stops the run before any work",
         f"{TSH}::test_bad_folders_and_flags_stop_with_one_clear_error"),
-    Bug("shard_state_restarts", SH, 'self.batches, self._it = int(state["batches"]), None\n\n\nclass SlotReader',
-        'self.batches, self._it = 0, None\n\n\nclass SlotReader',
+    Bug("shard_state_restarts", SH, 'self.batches, self._it = int(state["batches"]), None',
+        'self.batches, self._it = 0, None',
         "a resumed run continues each stream's data where it stopped, mid-epoch",
         f"{TSH}::test_train_from_shards_in_two_processes_resumes_exactly_mid_epoch", fast=False),
 ]

@@ -507,14 +507,16 @@ class Stream:
         self.batches, self._it = int(state["batches"]), None
 
 
-def build_streams(data_dir, tok, dc, batch_size, bad, rank=0, world_size=1, num_workers=0, pin_memory=False):
+def build_streams(data_dir, tok, dc, batch_size, bad, rank=0, world_size=1, num_workers=0, pin_memory=False,
+                  skip=()):
     """{kind: Stream} for every kind present in data_dir and named in batch_size (a dict kind -> per-rank batch;
-    for "region" it counts images), each dataset built with the run's DataConfig dc."""
+    for "region" it counts images), each dataset built with the run's DataConfig dc. The kinds in `skip` are
+    left out (shards.build_streams streams them from tar shards)."""
     assert dc.image_size % dc.patch_size == 0, "image_size must be a multiple of patch_size"
     datasets = {"text": TextDataset, "pair": PairDataset, "region": RegionDataset}
     streams = {}
     for kind, path in formats.find_sources(data_dir).items():
-        if kind not in KINDS:
+        if kind not in KINDS or kind in skip:
             continue
         if kind not in batch_size:
             if bad.verbose:

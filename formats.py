@@ -31,6 +31,7 @@ dataset's root); absolute paths stay as they are.
                    a JSON list (ALBEF's coco_test.json: {"image", "caption": [...]}) or a Karpathy file. Or
                    Karpathy's dataset_coco.json / dataset_flickr30k.json itself: its "test" images, each with
                    its sentences ({"images": [{"filepath", "filename", "split", "sentences": [{"raw"}]}]}).
+    pairs/, images/, text/  tar shards (and text files) streamed by shards.py, which describes them.
 Files are UTF-8. A line or record that is not is bad input (named, skipped and counted, like a malformed one);
 a file in another encoding stops the run with one error that gives the iconv command converting it. An
 --image_root that is not a folder stops the run with one error.
@@ -63,7 +64,8 @@ class BadInput:
     """One per run. report() prints (the first `max_print` per kind) and counts a problem; strict raises.
     Kinds: malformed JSON, not UTF-8, malformed record, missing image, empty caption, empty text, bad box, no
     regions (found while parsing, so the record or region is skipped) and unreadable image (found while decoding:
-    the dataset substitutes the next sample and the batch's n_bad carries the count to the main process)."""
+    the dataset substitutes the next sample and the batch's n_bad carries the count to the main process). Tar
+    shards (shards.py) add missing caption, and unreadable shard (a shard file cut short: each sample lost)."""
 
     def __init__(self, strict=False, verbose=True, max_print=10):
         self.strict, self.verbose, self.max_print = strict, verbose, max_print
@@ -111,7 +113,9 @@ def find_sources(data_dir):
     for kind, names in SOURCES.items():
         for name in names:
             path = os.path.join(data_dir, name)
-            if (os.path.isdir(path) if name == "images" else os.path.isfile(path)):
+            # (an images/ folder holding .tar files is a shard folder: shards.py streams it)
+            if (os.path.isdir(path) and not any(n.endswith(".tar") for n in os.listdir(path)) if name == "images"
+                    else os.path.isfile(path)):
                 found[kind] = path
                 break
     return found

@@ -81,12 +81,15 @@ class Tokenizer:
 
 
 def corpus_texts(data_dir, image_root=""):
-    """Every caption, region phrase and text document of a folder (not the test pairs): the tokenizer corpus."""
+    """Every caption, region phrase and text document of a folder (not the test pairs), tar shards included
+    (shards.py): the tokenizer corpus."""
+    import shards  # (imported here: shards.py imports data.py and torch, which a tokenizer needs nowhere else)
     src, quiet = formats.find_sources(data_dir), formats.BadInput(verbose=False)
     texts = [r["caption"] for r in formats.parse_pairs(src["pair"], quiet, image_root)] if "pair" in src else []
     for rec in formats.parse_regions(src["region"], quiet, image_root) if "region" in src else []:
         texts += rec["captions"] + [c for r in rec["regions"] for c in r["captions"]]
-    return texts + (formats.parse_texts(src["text"], quiet) if "text" in src else [])
+    texts += formats.parse_texts(src["text"], quiet) if "text" in src else []
+    return texts + list(shards.corpus_texts(data_dir))
 
 
 def get_tokenizer(data_dir, run_dir, vocab_size, tokenizer_path=None, image_root=""):

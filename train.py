@@ -40,6 +40,7 @@ import pretrained
 import retrieval
 import runlog
 import runtime
+import shards
 from tools import pictures
 import toyworld
 from losses import xfm_losses
@@ -74,6 +75,7 @@ class TrainConfig:
     crop_min_scale: float = 0.8     # random resized crop scale lower bound (official: 0.2; the toy captions name positions)
     hflip: bool = False             # horizontal flip (off: captions say "left of"/"right of")
     num_workers: int = 0            # DataLoader workers per rank
+    shuffle_buffer: int = 1000      # tar shards (shards.py): the samples each worker shuffles among
     strict: bool = False            # any bad input record is an error instead of being skipped and counted
     # optimisation
     max_steps: int = 600            # steps (each = three optimizer updates, or one with schedule=summed)
@@ -300,9 +302,9 @@ class LossModel(nn.Module):
 
 
 def setup_data(cfg, ckpt, recipe, per_rank, rank, world, ddp, device, bad):
-    """-> (tokenizer, model config, {kind: data.Stream}). Rank 0 builds the toy world if the default folder is
-    missing and trains (or loads) the tokenizer; every rank gets the tokenizer's JSON, so no rank re-decides from
-    its own disk and the nodes need no shared folder for it."""
+    """-> (tokenizer, model config, {kind: data.Stream, or shards.ShardStream for tar shards}). Rank 0 builds the
+    toy world if the default folder is missing and trains (or loads) the tokenizer; every rank gets the tokenizer's
+    JSON, so no rank re-decides from its own disk and the nodes need no shared folder for it."""
     runtime.rank0_shares(lambda: toyworld.build_if_missing(cfg.data_dir), ddp, rank)
     if not os.path.isdir(cfg.data_dir):  # another node, without rank 0's file system
         raise SystemExit(f"error: data_dir {cfg.data_dir!r} does not exist on rank {rank}'s node (copy it there)")
@@ -325,10 +327,10 @@ def setup_data(cfg, ckpt, recipe, per_rank, rank, world, ddp, device, bad):
     dc = data.DataConfig(model_cfg.image_size, model_cfg.patch_size, cfg.text_len, cfg.caption_len, cfg.seed, cfg.hflip,
                          (cfg.crop_min_scale, 1.0), caption_mask=cfg.recipe, image_root=cfg.image_root,
                          itm_neg_prob=getattr(model_cfg, "itm_neg_prob", 0.0), static=cfg.compile)
-    streams = data.build_streams(cfg.data_dir, tok, dc, per_rank, bad, rank, world, cfg.num_workers,
-                                 pin_memory=device.type == "cuda")
+    streams = shards.build_streams(cfg.data_dir, tok, dc, per_rank, bad, rank, world, cfg.num_workers,
+                                   pin_memory=device.type == "cuda", buffer=cfg.shuffle_buffer)
     if not streams:
-        raise SystemExit(f"error: no training data found in {cfg.data_dir} (see formats.py for the formats)")
+        raise SystemExit(f"error: no training data found in {cfg.data_dir} (formats: formats.py, shards.py)")
     return tok, model_cfg, streams
 
 
@@ -458,7 +460,8 @@ def train(cfg, ckpt, ddp, rank, world, device):
     torch.manual_seed(cfg.seed)  # the same model init on every rank (DDP also broadcasts rank 0's weights)
     bad = formats.BadInput(strict=cfg.strict, verbose=master)
     tok, model_cfg, streams = setup_data(cfg, ckpt, recipe, per_rank, rank, world, ddp, device, bad)
-    sources, plan = formats.find_sources(cfg.data_dir), recipe.update_plan(cfg, streams)
+    sources = {**formats.find_sources(cfg.data_dir), **shards.find_shards(cfg.data_dir)}  # files, shard folders
+    plan = recipe.update_plan(cfg, streams)
     model, loss_model, optimizer, start_step = setup_model(cfg, ckpt, recipe, model_cfg, streams, rank, ddp, device,
                                                            bad)
     if ckpt is not None:

@@ -50,6 +50,7 @@ TL, TM, TT, TD, TF = (f"tests/test_{n}.py" for n in ("losses", "model", "train",
 TO, TFT, TFS, TS = "tests/test_overfit.py", "tests/test_finetune.py", "tests/test_fsdp.py", "tests/test_static.py"
 FM, TFM = "formats.py", "tests/test_formats.py"
 TE = "tests/test_evaluation.py"
+SH, TSH = "shards.py", "tests/test_shards.py"
 
 CATALOGUE = [
     # --- X-FM idea 1: the stop-gradient
@@ -401,6 +402,52 @@ CATALOGUE = [
     Bug("vqa_results_misaligned", "finetune.py", "for r, a in zip(records, predicted)]",
         "for r, a in zip(records[1:] + records[:1], predicted)]",
         "the VQA results file pairs each question_id with the answer to that question", f"{TFM} -k vqa_results"),
+    # --- tar shards (shards.py): equal batches per rank, exact resume, keyed samples, bad members
+    Bug("shard_unequal_ranks", SH, "self.m = self.index.total // self.slots ",
+        "self.m = len(range(rank * self.workers, self.index.total, self.slots)) ",
+        "every rank yields the same number of batches an epoch (no rank takes the remainder)",
+        f"{TSH}::test_every_rank_yields_the_same_batches_each_epoch"),
+    Bug("shard_resume_off_by_one", SH, "        for _ in range(start):  # replay", "        for _ in range(start - 1):  # replay",
+        "a resume continues at the exact sample it stopped at (the buffer's order replayed to that place)",
+        f"{TSH}::test_a_resumed_stream_continues_exactly_mid_epoch"),
+    Bug("shard_resume_buffer_fresh", SH, "        for _ in range(start):  # replay", "        for _ in range(0):  # replay",
+        "a resume rebuilds the shuffle buffer as it was (replaying its order), not a fresh one",
+        f"{TSH}::test_a_resumed_stream_continues_exactly_mid_epoch"),
+    Bug("shard_worker_turns", SH, "j = ((info.id if info else 0) + self.start) % W", "j = (info.id if info else 0) % W",
+        "after a resume each worker plays the slot whose turn it is",
+        f"{TSH}::test_a_resumed_stream_continues_exactly_mid_epoch"),
+    Bug("shard_buffer_unseeded", SH, "np.random.default_rng([self.dc.seed, self.salt, epoch, slot, 2])",
+        "np.random.default_rng()", "the shuffle buffer's order is keyed (seed, stream, epoch, slot)",
+        f"{TSH}::test_a_resumed_stream_continues_exactly_mid_epoch"),
+    Bug("shard_rng_by_place", SH, "np.random.default_rng([self.dc.seed, self.salt, epoch, self.ordinals[index]])",
+        "np.random.default_rng([self.dc.seed, self.salt, epoch, index])",
+        "a sample's randomness is keyed by its ordinal (as data.py's by its index), not by its place in the batch",
+        f"{TSH}::test_packed_shards_give_the_jsonl_samples"),
+    Bug("shard_rng_no_epoch", SH, "np.random.default_rng([self.dc.seed, self.salt, epoch, self.ordinals[index]])",
+        "np.random.default_rng([self.dc.seed, self.salt, 0, self.ordinals[index]])",
+        "a sample's randomness is keyed by the epoch too: new crops and masks every epoch",
+        f"{TSH}::test_packed_shards_give_the_jsonl_samples"),
+    Bug("shard_pack_reorders", SH, 'items = [(p["image"], p["caption"]) for p in formats.parse_pairs(src["pair"], bad)]',
+        'items = sorted((p["image"], p["caption"]) for p in formats.parse_pairs(src["pair"], bad))',
+        "packing keeps data.py's order: ordinal i is data.py's index i",
+        f"{TSH}::test_packed_shards_give_the_jsonl_samples"),
+    Bug("shard_images_dir_is_images", "formats.py",
+        'os.path.isdir(path) and not any(n.endswith(".tar") for n in os.listdir(path)) if name == "images"',
+        'os.path.isdir(path) if name == "images"', "an images/ folder of tar shards is no folder of image files",
+        f"{TSH}::test_packed_shards_give_the_jsonl_samples"),
+    Bug("shard_bad_not_counted", SH, "tally.report(*p, replaced=sample is None)", "pass",
+        "a bad member is named and counted",
+        f"{TSH} -k bad_members"),
+    Bug("shard_bad_counted_in_worker", SH, "self.counts[kind] = self.counts.get(kind, 0) + 1",
+        "self.bad.add(kind)", "bad members found in a DataLoader worker are counted in the main process (a worker's "
+        "counts are lost)", f"{TSH} -k bad_members"),
+    Bug("shard_index_size_unchecked", SH, "if os.path.getsize(os.path.join(folder, name)) != size:", "if False:",
+        "a shard changed since it was indexed stops the run before any work",
+        f"{TSH}::test_bad_folders_and_flags_stop_with_one_clear_error"),
+    Bug("shard_state_restarts", SH, 'self.batches, self._it = int(state["batches"]), None',
+        'self.batches, self._it = 0, None',
+        "a resumed run continues each stream's data where it stopped, mid-epoch",
+        f"{TSH}::test_train_from_shards_in_two_processes_resumes_exactly_mid_epoch", fast=False),
 ]
 
 

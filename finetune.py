@@ -19,6 +19,7 @@ arguments. After `python train.py`:
     python finetune.py --task retrieval --epochs 0 --init runs/default/ckpt.pt     # zero-shot retrieval
     python finetune.py --task all --init runs/default/ckpt.pt            # the toy suite -> finetune/benchmark.md
     python finetune.py --task vqa --eval_only --init runs/default/finetune/vqa/ckpt.pt
+    python finetune.py --task vqa --init runs/default_export            # train.py --export / tools/export.py
     python finetune.py --task textcls --init_text roberta-base/ --out_dir runs/roberta    # from public encoders
     python finetune.py --task attention --init runs/default/ckpt.pt --image IMG --caption "a red circle"
     torchrun --standalone --nproc_per_node=2 finetune.py --task nlvr --init runs/default/ckpt.pt
@@ -72,7 +73,7 @@ from model import XFM, build_mlp, make_config, resize_rel_pos
 @dataclass
 class FinetuneConfig:
     task: str = ""                  # textcls | imgcls | vqa | nlvr | retrieval | grounding | all | attention
-    init: str = ""                  # pre-trained run folder or ckpt.pt (train.py), or a fine-tuned ckpt.pt
+    init: str = ""                  # pre-trained run folder, ckpt.pt or export folder (train.py), or a fine-tuned ckpt.pt
     eval_only: bool = False         # evaluate --init as it is (fine-tuned; or zero-shot retrieval / grounding)
     init_text: str = ""             # instead of --init: a Hugging Face RoBERTa folder (pretrained.py) ...
     init_vision: str = ""           # ... and/or a BEiT-v2 checkpoint; the rest of the model is freshly initialised
@@ -967,8 +968,8 @@ def from_pretrained_encoders(cfg, tok, master):
 def load_init(cfg, ddp, rank, world, device):
     """What every task needs (an Env): the --init checkpoint and its kind (pre-trained by train.py or fine-tuned
     here), its tokenizer, the (distributed) device, autocast and the GradScaler."""
-    if cfg.init:
-        ckpt = train.load_checkpoint(cfg.init, "cpu")
+    if cfg.init:  # an export folder (train.py --export, tools/export.py) or a checkpoint, read the same way
+        ckpt = pretrained.read_export(cfg.init) if pretrained.is_export(cfg.init) else train.load_checkpoint(cfg.init, "cpu")
         run_dir = cfg.init if os.path.isdir(cfg.init) else os.path.dirname(cfg.init) or "."
         tok_path = cfg.tokenizer or os.path.join(run_dir, "tokenizer.json")
     else:  # public encoders: the text folder's tokenizer, a checkpoint made on the spot

@@ -16,6 +16,9 @@ Every key mapping is written out in ROBERTA_MAP / BEIT_MAP / BEIT_HF_MAP below: 
 a tuple of keys that are concatenated along dim 0 (our fused qkv). Loading never runs code from a file:
 torch files go through torch.load(weights_only=True), and safetensors files are parsed here as plain data
 (an 8-byte header length, a JSON header, raw bytes), so the safetensors package is not needed.
+The same few lines write them (write_safetensors): a run's weights go out as an export folder (export, below;
+train.py --export=DIR, tools/export.py), config.json + model.safetensors + tokenizer.json, which finetune.py
+--init DIR reads back (read_export).
 A checkpoint tensor whose shape does not fit is refused with the key and the reason; keys we have no use for
 are reported (known ones, such as BEiT's MIM head, with the reason they are skipped).
 
@@ -31,6 +34,8 @@ Exactness (checked against transformers in tests/test_pretrained.py, every layer
 import json
 import os
 import re
+import shutil
+import sys
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -64,6 +69,43 @@ def read_safetensors(path):
             if end > begin else torch.empty(0, dtype=dtype)
         out[name] = t.reshape(info["shape"]).clone()
     return out
+
+
+_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}   # torch dtype -> the header's name
+
+
+def _le_bytes(t):
+    """A tensor's raw bytes in little-endian order (safetensors' order, whatever the machine's)."""
+    raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)   # (numel * itemsize,), the machine's order
+    if sys.byteorder == "big" and t.element_size() > 1:                 # reverse the bytes of every element
+        raw = raw.view(-1, t.element_size()).flip(1).reshape(-1)
+    return raw.numpy().tobytes()
+
+
+def write_safetensors(tensors, path, metadata=None):
+    """{name: tensor} -> a .safetensors file, the layout read_safetensors (and the safetensors package) reads:
+    [8-byte little-endian header size][JSON header][raw bytes]. The header gives each tensor's dtype, shape and
+    data_offsets [begin, end) into the bytes after the header; the tensors follow one another with no gap, the
+    widest dtype first (as the safetensors package orders them), and the header is padded with spaces to a
+    multiple of 8 bytes, so every tensor starts at a multiple of its own element size. Written to path.tmp,
+    then renamed: a crash never leaves a half-written file."""
+    names = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header, offset = ({"__metadata__": metadata} if metadata else {}), 0
+    for name in names:
+        t = tensors[name]
+        if t.dtype not in _ST_NAMES:
+            raise ValueError(f"tensor {name} has dtype {t.dtype}, which this writer does not support")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)                                     # the data starts 8-byte aligned
+    with open(path + ".tmp", "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for name in names:                                               # one tensor in memory at a time
+            f.write(_le_bytes(tensors[name]))
+    os.replace(path + ".tmp", path)
 
 
 def read_state_dict(path):
@@ -101,6 +143,59 @@ def tokenizer_path(path):
     """The tokenizer.json of a Hugging Face folder such as --init_text's RoBERTa (or next to a file); it need
     not exist."""
     return _hf_file(path, "tokenizer.json")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export folders: a run's final weights without the optimizer, for finetune.py --init DIR and other programs
+
+
+EXPORT_FORMAT = "xfm-export"
+
+
+def check_export_dir(out_dir, run_dir):
+    """An export needs a folder of its own: not the run folder, nor any folder with a config.json that is not an
+    export's (a run's, a Hugging Face model's), which it would replace. An earlier export is overwritten."""
+    config = os.path.join(out_dir, "config.json")
+    if os.path.realpath(out_dir) == os.path.realpath(run_dir) or \
+            (os.path.isfile(config) and json.load(open(config)).get("format") != EXPORT_FORMAT):
+        raise SystemExit(f"error: {out_dir} is a run folder or holds another config.json; export to a folder of "
+                         f"its own")
+
+
+def export(out_dir, run_dir, state, model_config, train_config, step):
+    """Write the export folder out_dir of the run in run_dir (train.py --export=DIR at the end of a run,
+    tools/export.py from a checkpoint):
+        model.safetensors   the model's state dict, tensor for tensor (write_safetensors; no optimizer state)
+        tokenizer.json      a copy of the run's RUN_DIR/tokenizer.json
+        config.json         {"format": "xfm-export", "recipe", "model_config" (flava.config_from_dict and
+                            flava.build_model rebuild the model from it), "train_config", "step", "weights",
+                            "tokenizer"}
+    config.json is written last, so a folder that has it is complete. read_export reads the folder back."""
+    check_export_dir(out_dir, run_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    write_safetensors(state, os.path.join(out_dir, "model.safetensors"), {"format": "pt"})
+    shutil.copyfile(os.path.join(run_dir, "tokenizer.json"), os.path.join(out_dir, "tokenizer.json"))
+    config = {"format": EXPORT_FORMAT, "recipe": model_config.get("recipe", "xfm"), "model_config": model_config,
+              "train_config": train_config, "step": step, "weights": "model.safetensors", "tokenizer": "tokenizer.json"}
+    with open(os.path.join(out_dir, "config.json.tmp"), "w") as f:
+        json.dump(config, f, indent=2)
+    os.replace(os.path.join(out_dir, "config.json.tmp"), os.path.join(out_dir, "config.json"))
+
+
+def is_export(path):
+    """Whether path is a folder with the files of an export (a Hugging Face folder has them too: read_export
+    tells the two apart by config.json's "format")."""
+    return all(os.path.isfile(os.path.join(path, name)) for name in ("config.json", "model.safetensors"))
+
+
+def read_export(path):
+    """An export folder -> a dict shaped like train.py's checkpoint without its optimizer: {"model": state dict,
+    "model_config", "train_config", "step", ...}, so finetune.py reads either the same way."""
+    config = json.load(open(os.path.join(path, "config.json")))
+    if config.get("format") != EXPORT_FORMAT:
+        raise SystemExit(f"error: {path} is not an export of train.py (its config.json has no \"format\": "
+                         f"\"{EXPORT_FORMAT}\"); Hugging Face encoders go to --init_text / --init_vision")
+    return {**config, "model": read_safetensors(os.path.join(path, config["weights"]))}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """
 Where a process runs: its rank and device (under torchrun or alone), the "rank 0 prepares, every rank uses it"
 step, each rank's share of an evaluation and the gather of the shares, the autocast precision, moving a batch to
-the device and the random generators' state. train.py, finetune.py, retrieval.py and the tools share it.
+the device, the random generators' state, FSDP2 sharding and its full checkpoints, and the checkpoint files
+--keep_last keeps. train.py, finetune.py, retrieval.py and the tools share it.
 """
 import functools
 import os
 import random
+import re
+import shutil
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
@@ -306,3 +309,30 @@ def unsharded(model, build):
     plain = build()
     plain.load_state_dict(state)
     return plain
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The checkpoint files of a run (train.py --keep_last)
+
+
+def keep_checkpoints(path, step, keep_last):
+    """Rank 0, once the checkpoint of `step` is complete at path (RUN/ckpt.pt): with keep_last = N > 0 it also gets
+    the name RUN/ckpt_STEP.pt (a hard link: a second name for the same file, no copy), and every numbered
+    checkpoint but the N of the highest steps is deleted. ckpt.pt is always the newest (what --resume=RUN and
+    finetune.py --init RUN read); a kept one resumes by its name (--resume=RUN/ckpt_000500.pt). A name appears or
+    goes in one step (os.replace, os.remove) and the oldest goes only after the newest is complete, so a crash at
+    any point leaves every kept checkpoint whole. keep_last = 0: ckpt.pt alone."""
+    if keep_last == 0:
+        return
+    run_dir = os.path.dirname(path) or "."
+    named = os.path.join(run_dir, f"ckpt_{step:06d}.pt")
+    if os.path.lexists(named + ".tmp"):  # left by a crash; it may be a name of a kept checkpoint: never write into it
+        os.remove(named + ".tmp")
+    try:
+        os.link(path, named + ".tmp")
+    except OSError:  # a file system without hard links: a copy
+        shutil.copyfile(path, named + ".tmp")
+    os.replace(named + ".tmp", named)  # (the same step saved again, e.g. after a resume, replaces it)
+    steps = sorted(int(m[1]) for name in os.listdir(run_dir) if (m := re.fullmatch(r"ckpt_(\d+)\.pt", name)))
+    for old in steps[:-keep_last]:
+        os.remove(os.path.join(run_dir, f"ckpt_{old:06d}.pt"))

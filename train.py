@@ -104,6 +104,8 @@ class TrainConfig:
     seed: int = 0                   # model init, data order, masks, hard negatives (per rank: seed * 1000 + rank)
     log_every: int = 25             # steps between metrics.jsonl records (losses averaged over the ranks)
     ckpt_every: int = 500           # steps between checkpoints (RUN/ckpt.pt, written atomically; also at the end)
+    keep_last: int = 0              # N > 0: also keep the N newest checkpoints as RUN/ckpt_STEP.pt; 0 = ckpt.pt alone
+    export: str = ""                # a folder for the final weights: config.json, model.safetensors, tokenizer.json
     resume: str = ""                # a run folder or ckpt.pt to continue from
     eval_k: int = 16                # retrieval: ITM re-ranks the top k ITC candidates (official k_test 256)
     eval_batch_size: int = 64       # retrieval evaluation: images, captions or ITM (query, candidate) pairs per forward
@@ -221,6 +223,7 @@ def save_checkpoint(path, model, optimizer, scaler, step, cfg, model_cfg, stream
             "rng": rngs, "data": {k: s.state_dict() for k, s in streams.items()},
             "train_config": asdict(cfg), "model_config": asdict(model_cfg), **extra}
     atomic_save(ckpt, path)
+    runtime.keep_checkpoints(path, step, cfg.keep_last)  # --keep_last: RUN/ckpt_STEP.pt, the oldest deleted
 
 
 def atomic_save(obj, path):
@@ -455,6 +458,10 @@ def train(cfg, ckpt, ddp, rank, world, device):
     print0 = lambda *a: print(*a, flush=True) if master else None      # noqa: E731
     autocast, scaler, amp = runtime.amp_setup(cfg.amp, device, cfg.fsdp and ddp)  # (a bad --amp fails before any work)
     micro, accum, per_rank = batch_plan(cfg, world)                      # (bad sizes fail before any work)
+    if cfg.keep_last < 0:
+        raise SystemExit(f"error: --keep_last is a number of checkpoints to keep (0: ckpt.pt alone), not {cfg.keep_last}")
+    if cfg.export:                                                       # (a run folder would lose its config.json)
+        pretrained.check_export_dir(cfg.export, cfg.out_dir)
     per_rank = {k: n for k, n in per_rank.items() if k in recipe.kinds(cfg)}  # the recipe's data kinds
     os.makedirs(cfg.out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)  # the same model init on every rank (DDP also broadcasts rank 0's weights)
@@ -531,6 +538,8 @@ def train(cfg, ckpt, ddp, rank, world, device):
     final = {"final": True, "step": end_step, "wall_s": time.time() - t_start, "skipped_updates": skipped,
              "bad_input": bad.counts()}
     model = runtime.unsharded(model, lambda: flava.build_model(model_cfg).to(device))  # FSDP: a plain copy per rank
+    if master and cfg.export:  # the final weights alone, a folder finetune.py --init reads (pretrained.export)
+        pretrained.export(cfg.export, cfg.out_dir, model.state_dict(), asdict(model_cfg), asdict(cfg), end_step)
     finish(cfg, model, tok, model_cfg, sources, history, final, bad, device, autocast, rank, world)
     if ddp:
         dist.barrier()

@@ -16,7 +16,9 @@ BAD_TRAIN = [("--config=huge", "--config must be one of tiny, small, base, not '
              ("--attn_impl=flash", "--attn_impl must be one of auto, sdpa, explicit"),
              ("--schedule=twice", "--schedule must be one of three, summed"),
              ("--amp=fp8", "--amp must be one of auto, bf16, fp16, fp32"),
-             ("--device=tpu", "--device must be one of auto, cpu, cuda, mps")]
+             ("--device=tpu", "--device must be one of auto, cpu, cuda, mps"),
+             ("--keep_last=-1", "--keep_last is a number of checkpoints to keep (0: ckpt.pt alone), not -1"),
+             ("--export=runs/default", "runs/default is a run folder or holds another config.json")]
 BAD_FINETUNE = [("--task=glue", "--task must be one of textcls, imgcls, vqa, nlvr, retrieval, grounding, all"),
                 ("--probe=lin", "--probe must be one of full, linear"),
                 ("--metric=auc", "--metric must be one of , accuracy, f1, mcc, pearson"),

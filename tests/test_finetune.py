@@ -99,6 +99,22 @@ def test_linear_probe_freezes_the_encoder_and_full_fine_tuning_only_its_tower(su
     assert torch.equal(full["xfm.text.blocks.0.attn.qkv.weight"], pre["text.blocks.0.attn.qkv.weight"])
 
 
+def test_init_from_an_export_equals_init_from_the_checkpoint(toy, ckpt, tmp_path):
+    """tools/export.py writes a checkpoint's weights as an export folder; finetune.py --init DIR builds from it the
+    model --init ckpt.pt builds (every tensor bit for bit, the same tokenizer), and a tiny fine-tuning run from
+    either gives the same losses and result."""
+    from tools import export
+    exported = export.main([ckpt, str(tmp_path / "export")])
+    (cfg_a, env_a), (cfg_b, env_b) = make_env(ckpt), make_env(exported)
+    assert not env_b.finetuned and env_b.tok.to_json() == env_a.tok.to_json() and env_b.mcfg == env_a.mcfg
+    a = finetune.build_model(cfg_a, env_a, None, None).state_dict()
+    b = finetune.build_model(cfg_b, env_b, None, None).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    res = [finetune.main(["--task", "textcls", "--init", init, "--data_dir", toy, "--out_dir", str(tmp_path / name),
+                          *EPOCH1]) for name, init in (("from_ckpt", ckpt), ("from_export", exported))]
+    assert res[0]["train_loss"] == pytest.approx(res[1]["train_loss"], rel=1e-5) and res[0]["value"] == res[1]["value"]
+
+
 def test_textcls_reads_a_glue_tsv_of_pairs_and_regresses(toy, ckpt, tmp_path):
     """STS-B style: a TSV with a header, sentence pairs and float scores -> one output, MSE, Pearson."""
     texts = [json.loads(l)["text"] for l in open(os.path.join(toy, "downstream", "textcls_train.jsonl"))]

@@ -1,7 +1,8 @@
 """train.py --fsdp (runtime.shard: PyTorch's FSDP2) in 2 gloo processes on the CPU. The same runs with DDP and with
 FSDP must give the same losses and final parameters (X-FM with both schedules, --grad_ckpt, and FLAVA); a run
 stopped halfway and resumed must equal the straight run (parameters and AdamW state); its checkpoint must be a
-DDP run's (a plain model loads it); and gradient accumulation under FSDP must equal one big micro-batch.
+DDP run's (a plain model loads it), as must its export (--export); and gradient accumulation under FSDP must
+equal one big micro-batch.
 
 All runs share one pair of spawned processes (starting them costs seconds); train.main runs inside a gloo group
 whose 60 s timeout turns a hang (ranks waiting in different collectives) into a failure."""
@@ -13,6 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 import flava
+import pretrained
 import runtime
 import toyworld
 import train
@@ -28,7 +30,8 @@ RUNS = {  # name: the arguments after --data_dir and --out_dir, run in this orde
     "summed_ddp": ["--schedule=summed"],
     "summed_fsdp": ["--schedule=summed", "--fsdp", "--grad_ckpt=true"],
     "flava_ddp": ["--recipe=flava"],
-    "flava_fsdp": ["--recipe=flava", "--fsdp", "--image_tokenizer={root}/flava_ddp/image_tokenizer.pt"],
+    "flava_fsdp": ["--recipe=flava", "--fsdp", "--image_tokenizer={root}/flava_ddp/image_tokenizer.pt",
+                   "--export={root}/flava_fsdp_export"],
 }
 
 
@@ -111,6 +114,17 @@ def test_fsdp_resume_is_exact_and_the_checkpoint_is_a_plain_one(runs):
     optimizer = torch.optim.AdamW(train.param_groups(model, cfg.weight_decay, cfg.lr_mult))
     optimizer.load_state_dict(a["optimizer"])
     assert all(optimizer.state[p]["exp_avg"].shape == p.shape for p in model.parameters())
+
+
+def test_fsdp_export_is_the_whole_model(runs):
+    """--export under --fsdp: rank 0 writes the whole model gathered from the ranks' slices, the final
+    checkpoint's state dict byte for byte (FLAVA's logit scale 0-dim again, its codebook buffer too)."""
+    state = train.load_checkpoint(os.path.join(runs, "flava_fsdp"), "cpu")["model"]
+    got = pretrained.read_export(os.path.join(runs, "flava_fsdp_export"))["model"]
+    assert sorted(got) == sorted(state) and got["logit_scale"].shape == () and "image_tokenizer.codebook" in got
+    for k, v in state.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+        assert torch.equal(got[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)), k
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import flava
+import pretrained
 import runtime
 import train
 from conftest import gloo_group, rendezvous, make_batch, tiny_config
@@ -71,6 +73,52 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(toy, tmp_path):
         for k in la:
             if k.startswith("loss/") or k in ("grad_norm", "lr", "temp"):
                 assert math.isclose(la[k], lb[k], rel_tol=1e-5, abs_tol=1e-7), (la["step"], k, la[k], lb[k])
+
+
+@pytest.fixture(scope="module")
+def kept(toy, tmp_path_factory):
+    """A 4-step run that writes a checkpoint every step, keeps the last 2 and exports its final weights -> (run
+    folder, export folder, the final checkpoint's model state, read before any test resumes the run)."""
+    run, exported = str(tmp_path_factory.mktemp("kept")), str(tmp_path_factory.mktemp("kept_export"))
+    train.main([f"--data_dir={toy}", f"--out_dir={run}", *FAST, "--ckpt_every=1", "--keep_last=2", f"--export={exported}"])
+    return run, exported, train.load_checkpoint(run, "cpu")["model"]
+
+
+def test_keep_last_keeps_the_newest_n_and_a_kept_one_resumes(kept):
+    """--keep_last=2 over 4 checkpoints: ckpt_000003.pt and ckpt_000004.pt, each holding its own step, and ckpt.pt
+    the newest. Resumed from the older kept one, the run's step 4 repeats the straight run's (to float32 rounding,
+    see test_resume_reproduces_the_uninterrupted_run_exactly), and the same two stay."""
+    run, _, _ = kept
+    names = ["ckpt.pt", "ckpt_000003.pt", "ckpt_000004.pt"]
+    assert sorted(n for n in os.listdir(run) if n.startswith("ckpt")) == names
+    assert [train.load_checkpoint(os.path.join(run, n), "cpu")["step"] for n in names] == [4, 3, 4]
+    train.main([f"--resume={os.path.join(run, 'ckpt_000003.pt')}", "--export="])  # continues in the run folder
+    logs, _ = read_metrics(run)
+    assert [l["step"] for l in logs] == [1, 2, 3, 4, 4]                  # the straight run's, then the resumed step
+    for k in logs[3]:
+        if k.startswith("loss/") or k in ("grad_norm", "lr", "temp"):
+            assert math.isclose(logs[3][k], logs[4][k], rel_tol=1e-5, abs_tol=1e-7), (k, logs[3][k], logs[4][k])
+    assert sorted(n for n in os.listdir(run) if n.startswith("ckpt")) == names
+
+
+def test_export_holds_the_final_weights_exactly_and_rebuilds_the_model(kept):
+    """--export=DIR: model.safetensors, read by pretrained's reader, is the final checkpoint's state dict byte for
+    byte (every key, dtype and shape); config.json rebuilds the model that loads it strictly; tokenizer.json is
+    the run's."""
+    run, exported, state = kept
+    assert sorted(os.listdir(exported)) == ["config.json", "model.safetensors", "tokenizer.json"]
+    got = pretrained.read_safetensors(os.path.join(exported, "model.safetensors"))
+    assert sorted(got) == sorted(state)
+    for k, v in state.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+        assert torch.equal(got[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)), k
+    config = json.load(open(os.path.join(exported, "config.json")))
+    assert (config["format"], config["recipe"], config["step"]) == ("xfm-export", "xfm", 4)
+    assert config["train_config"]["export"] == exported
+    model = flava.build_model(flava.config_from_dict(config["model_config"]))
+    model.load_state_dict(pretrained.read_export(exported)["model"])      # strict: every key, every shape
+    assert open(os.path.join(exported, "tokenizer.json"), "rb").read() == \
+        open(os.path.join(run, "tokenizer.json"), "rb").read()
 
 
 def test_unknown_and_malformed_keys_are_rejected(capsys):

@@ -51,6 +51,7 @@ TO, TFT, TFS, TS = "tests/test_overfit.py", "tests/test_finetune.py", "tests/tes
 FM, TFM = "formats.py", "tests/test_formats.py"
 TE = "tests/test_evaluation.py"
 SH, TSH = "shards.py", "tests/test_shards.py"
+P, TX = "pretrained.py", "tests/test_export.py"
 
 CATALOGUE = [
     # --- X-FM idea 1: the stop-gradient
@@ -448,6 +449,33 @@ CATALOGUE = [
         'self.batches, self._it = 0, None',
         "a resumed run continues each stream's data where it stopped, mid-epoch",
         f"{TSH}::test_train_from_shards_in_two_processes_resumes_exactly_mid_epoch", fast=False),
+    # --- export folders (pretrained.write_safetensors, train.py --export, finetune.py --init DIR) and --keep_last
+    Bug("st_offsets_not_cumulative", P, "offset += nbytes", "offset = nbytes",
+        "each tensor's data_offsets start where the previous tensor's end", f"{TX}::test_writer_layout_byte_by_byte"),
+    Bug("st_bf16_labelled_f16", P, "_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}",
+        '_ST_NAMES = {**{dtype: name for name, dtype in _ST_DTYPES.items()}, torch.bfloat16: "F16"}',
+        "the header names each tensor's own dtype", f"{TX}::test_writer_layout_byte_by_byte"),
+    Bug("st_big_endian", P, 'if sys.byteorder == "big" and t.element_size() > 1:',
+        'if sys.byteorder == "little" and t.element_size() > 1:',
+        "the data is little-endian on every machine", f"{TX}::test_writer_layout_byte_by_byte"),
+    Bug("st_data_in_name_order", P, "        for name in names:                                               #",
+        "        for name in sorted(tensors):  #",
+        "the data follows the header's order (widest dtype first), not the names'",
+        f"{TX}::test_every_dtype_round_trips_through_the_reader"),
+    Bug("export_params_only", T, "cfg.out_dir, model.state_dict(),", "cfg.out_dir, dict(model.named_parameters()),",
+        "the export holds the whole state dict (the tied MLM decoder, FLAVA's codebook buffer)",
+        f"{TT}::test_export_holds_the_final_weights_exactly_and_rebuilds_the_model", fast=False),
+    Bug("init_export_ignored", "finetune.py",
+        'pretrained.read_export(cfg.init) if pretrained.is_export(cfg.init) else train.load_checkpoint(cfg.init, "cpu")',
+        'train.load_checkpoint(cfg.init, "cpu")',
+        "finetune.py --init DIR reads an export folder",
+        f"{TFT}::test_init_from_an_export_equals_init_from_the_checkpoint", fast=False),
+    Bug("keep_last_off_by_one", "runtime.py", "for old in steps[:-keep_last]:", "for old in steps[:-keep_last - 1]:",
+        "--keep_last=N keeps exactly N numbered checkpoints",
+        f"{TT}::test_keep_last_keeps_the_newest_n_and_a_kept_one_resumes", fast=False),
+    Bug("keep_last_drops_newest", "runtime.py", "for old in steps[:-keep_last]:", "for old in steps[keep_last:]:",
+        "--keep_last deletes the oldest checkpoints, never the newest",
+        f"{TT}::test_keep_last_keeps_the_newest_n_and_a_kept_one_resumes", fast=False),
 ]
 
 

@@ -4,7 +4,8 @@ planted bug makes it fail; this script plants each bug in turn and runs its test
 
 For every bug it copies the repository's files (git's tracked and untracked-but-not-ignored files, without data/
 and runs/) to a scratch folder, replaces the bug's `old` snippet (which must occur exactly once in its file) by
-`new`, runs `python -m pytest -x -q -p no:cacheprovider <its tests>` there under a wall-clock limit and prints one
+`new`, runs `pytest -x -q -p no:cacheprovider <its tests>` there (in a process forked from a server that has
+imported torch and the other packages once) under a wall-clock limit and prints one
 line: caught (the tests failed), SURVIVED (they passed), stale (`old` no longer occurs exactly once), timeout, or
 error (pytest found no test or could not start). First it runs every selected test on the unmodified copy: a
 test that already fails there would make every bug look caught. Exit status 0 only when every bug is caught.
@@ -20,6 +21,7 @@ Beware equivalent mutants (a change that does not change behaviour, e.g. a bias 
 is invariant to it); every bug below breaks its rule.
 """
 import argparse
+import multiprocessing
 import os
 import shlex
 import shutil
@@ -495,18 +497,49 @@ def copy_repo(dst):
         shutil.copy2(os.path.join(ROOT, f), os.path.join(dst, f))
 
 
+# Each bug's pytest runs in a process forked from a server that has imported the heavy packages once (torch, numpy,
+# ...): a bug then costs its tests, not a fresh interpreter and a torch import (about 1.5 s of CPU each). The server
+# is single-threaded, so forking it is safe; the project's own modules are imported fresh in each child, from the
+# bug's scratch copy.
+PRELOAD = ["torch", "numpy", "PIL.Image", "tokenizers", "tqdm", "pytest"]
+_forkserver = None
+
+
+def _pytest_child(cwd, args, out_path):
+    """In a child of the fork server: pytest.main(args) in cwd, stdout and stderr to out_path; exits with its code."""
+    fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.chdir(cwd)
+    sys.path[:] = [cwd] + [p for p in sys.path if p and not os.path.abspath(p).startswith(ROOT)]  # not the repository
+    sys.dont_write_bytecode = True
+    import pytest as _pytest
+    rc = _pytest.main(["-x", "-q", "-p", "no:cacheprovider", *args])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(int(rc))                                                   # (the Process's exit code)
+
+
 def pytest(cwd, args, timeout):
     """-> (status, seconds, last lines). rc 1 = a test failed (caught); 0 = all passed; anything else = error."""
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONDONTWRITEBYTECODE": "1",
-           "COLUMNS": "240"}                                          # pytest's summary lines are cut at the width
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *args]
+    global _forkserver
+    if _forkserver is None:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")                 # read by torch when the server imports it
+        os.environ.update(PYTHONDONTWRITEBYTECODE="1", COLUMNS="240")  # pytest's summary lines are cut at the width
+        _forkserver = multiprocessing.get_context("forkserver")
+        _forkserver.set_forkserver_preload(PRELOAD)
+    out_path = os.path.join(cwd, ".mutate_pytest.log")
     t0 = time.time()
-    try:
-        r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
+    child = _forkserver.Process(target=_pytest_child, args=(cwd, args, out_path))
+    child.start()
+    child.join(timeout)
+    if child.is_alive():
+        child.kill()
+        child.join()
         return "timeout", time.time() - t0, ""
-    tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-3:])
-    return {0: "passed", 1: "failed"}.get(r.returncode, f"error rc={r.returncode}"), time.time() - t0, tail
+    out = open(out_path, errors="replace").read() if os.path.exists(out_path) else "(pytest did not start)"
+    tail = "\n".join(out.strip().splitlines()[-3:])
+    return {0: "passed", 1: "failed"}.get(child.exitcode, f"error rc={child.exitcode}"), time.time() - t0, tail
 
 
 def run_bug(bug, timeout):

@@ -17,6 +17,7 @@ import argparse
 import ast
 import os
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
 
@@ -49,7 +50,8 @@ BLANKS = [
               "mim_target 'vl' (X-FM): v, when None, is model.encode_image(image) under torch.no_grad(); the target",
               "  is v detached (no EMA copy: the very encoder ITC/ITM/IMLM/BBP train in this step). When stats is",
               "  a dict, stats['mim_target_std'] = the per-dimension std of the target's patch slots, mean over",
-              "  dimensions (detached). v_hat, when None, is the block-masked view model.encode_image(image, mim_mask).",
+              "  dimensions (detached). v_hat, when None, is the block-masked view",
+              "  model.encode_image(image, mim_mask).",
               "Return mim_loss(v_hat, target, mim_mask)."]}),
     Blank("itc", ("losses.py:itc_loss",),
           "global image-text contrastive loss: local rows against the keys of every rank",
@@ -154,11 +156,25 @@ def blanked_functions():
     return out + [(*split(s), HIDDEN_WHAT, (), f"{split(s)[1]}, hidden") for s in HIDDEN]
 
 
+def source_files():
+    """The files of the repository as tools/mutate.py's repo_files lists them (git's); in a folder that is no git
+    work tree (a scratch copy made by tools/mutate.py), every file but data/, runs/, out/ and caches."""
+    try:
+        return repo_files()
+    except (subprocess.CalledProcessError, OSError):
+        out = []
+        for folder, dirs, files in os.walk(ROOT):
+            dirs[:] = [d for d in dirs if d not in ("data", "runs", "out", ".git", "__pycache__", ".pytest_cache")]
+            out += [os.path.relpath(os.path.join(folder, f), ROOT) for f in files
+                    if not f.endswith((".pyc", ".pt", ".pth", ".safetensors"))]
+        return sorted(out)
+
+
 def write_copy(out):
     """Copy the repository to `out` (an empty or absent folder), then blank every function in it."""
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise SystemExit(f"error: {out} exists and is not an empty folder")
-    for f in repo_files():
+    for f in source_files():
         os.makedirs(os.path.dirname(os.path.join(out, f)), exist_ok=True)
         shutil.copy2(os.path.join(ROOT, f), os.path.join(out, f))
     by_file = {}

@@ -1,10 +1,10 @@
 """
 Fill-in-the-blank exercises: a student copy of the repository in which the central functions of the method are
 blanks. A blank keeps its signature, decorators and docstring (the docstring holds the formula); the rest of its
-body becomes a TODO comment, where the docstring does not say what to compute, and
-`raise NotImplementedError("TODO(student): ...")`. Each blank names the tests that grade it; those tests fail in
-the student copy and pass once the blank is filled in, whatever the other blanks hold (tests/test_student.py
-checks both). `diff -r` between the copy and this repository is the answer key.
+body becomes a `# TODO(student)` comment saying what to write (and how, where the docstring does not) and
+`raise NotImplementedError("TODO(student): module.function")`. Each blank names the tests that grade it; those
+tests fail in the student copy and pass once the blank is filled in, whatever the other blanks hold
+(tests/test_student.py checks both). `git diff --no-index` between the copy and this repository is the answer key.
 
     python tools/student.py --out ../xfm-student     # write the copy (the folder must be empty or absent)
     python tools/student.py --list                   # the blanks, their functions and the command that grades each
@@ -183,9 +183,7 @@ def write_copy(out):
     for path, items in by_file.items():
         target = os.path.join(out, path)
         src = open(target, encoding="utf-8").read()
-        # bottom to top: a replacement never moves the lines of a function still to be blanked
-        order = sorted(items, key=lambda it: -find_function(ast.parse(src), it[0]).lineno)
-        for qualname, what, todo, label in order:
+        for qualname, what, todo, label in items:                          # each call parses the source again
             src = blank_source(src, qualname, what, todo, label)
         compile(src, target, "exec")                                       # the copy still imports
         with open(target, "w", encoding="utf-8") as f:

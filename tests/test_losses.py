@@ -3,6 +3,7 @@ computations, hard negatives, ITM's labels, IMLM's input, the box losses' degene
 clamp, and global ITC across 2 processes."""
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,9 +11,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import losses as L
 from conftest import gloo_group, rendezvous, make_batch, tiny_config
-from losses import (bbox_loss, box_xyxy, generalized_iou, itc_loss, mim_loss, sample_hard_negatives,
-                    xfm_losses)
+from losses import (bbox_loss, box_xyxy, fusion_input, generalized_iou, itc_loss, itm_ce, itm_inputs, mim_loss,
+                    sample_hard_negatives, xfm_losses)
 from model import XFM
 
 
@@ -67,6 +69,17 @@ def test_gradient_flow_without_stop_gradient():
     _, losses, parts = losses_and_parts(stop_grad=False)
     for name in ("itm", "imlm", "itm_region", "imlm_region", "bbox_l1", "bbox_giou"):
         assert grad_norms(losses[name], parts)["language"] > 0, name
+
+
+def test_fusion_input_is_the_stop_gradient():
+    """X-FM idea 1 in one function: the fusion encoder reads the language states' values; under the stop-gradient
+    no gradient flows back through them, without it (the ablation, fine-tuning) every gradient does."""
+    t = torch.randn(2, 3, 4, requires_grad=True)
+    sg = fusion_input(t)
+    assert torch.equal(sg, t) and not sg.requires_grad
+    kept = fusion_input(t, stop_grad=False)
+    (g,) = torch.autograd.grad((kept * 3).sum(), t)
+    assert torch.equal(kept, t) and torch.equal(g, torch.full_like(t, 3.0))
 
 
 def test_mim_target_carries_no_gradient():
@@ -306,6 +319,33 @@ def test_hard_negatives_follow_the_itc_similarity():
     img_id = torch.arange(5)
     picks = torch.stack([sample_hard_negatives(f_v, f_t, torch.tensor(0.02), img_id)[0] for _ in range(100)])
     assert (picks[:, 0] == 3).float().mean() > 0.9
+
+
+def test_itm_rows_labels_and_weights_with_fixed_negatives(monkeypatch):
+    """itm_inputs' 3B rows: the B pairs, then (text b, its negative image), then (its negative text, image b);
+    weight 0 for an empty slot and for a row without a negative. itm_ce: label 1 for the first B rows, 0 for the
+    others, CE averaged over the rows of weight 1. The negatives are fixed here (sample_hard_negatives has its
+    own tests)."""
+    torch.manual_seed(0)
+    B, T, S, D = 3, 4, 5, 2
+    neg_txt, neg_img = torch.tensor([1, 0, 0]), torch.tensor([1, 0, 0])
+    has_txt, has_img = torch.tensor([True, False, False]), torch.tensor([False, True, False])  # slot 2 is empty
+    monkeypatch.setattr(L, "sample_hard_negatives", lambda *args: (neg_txt, neg_img, has_txt, has_img))
+    t, att = torch.randn(B, T, D), torch.randint(0, 2, (B, T))
+    v, v_mask = torch.randn(B, S, D), torch.rand(B, S) < 0.5
+    f, temp, img_id = torch.randn(B, 8), torch.tensor(0.07), torch.arange(B)
+    valid = torch.tensor([True, True, False])
+    (t_all, a_all, v_all, m_all), weight = itm_inputs(t, att, v, v_mask, f, f, temp, img_id, valid)
+    assert torch.equal(t_all, torch.cat([t, t, t[neg_txt]])) and torch.equal(a_all, torch.cat([att, att, att[neg_txt]]))
+    assert torch.equal(v_all, torch.cat([v, v[neg_img], v]))
+    assert torch.equal(m_all, torch.cat([v_mask, v_mask[neg_img], v_mask]))
+    assert weight.tolist() == [1, 1, 0, 0, 1, 0, 1, 0, 0]
+    (_, _, _, m_all), weight = itm_inputs(t, att, v, None, f, f, temp, img_id)  # every slot filled, every key
+    assert m_all is None and weight.tolist() == [1, 1, 1, 0, 1, 0, 1, 0, 0]
+    cls = torch.randn(3 * B, 2)                                              # the head is the identity: logits
+    labels = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 0])
+    by_hand = (F.cross_entropy(cls, labels, reduction="none") * weight).sum() / weight.sum()
+    assert torch.allclose(itm_ce(SimpleNamespace(itm_head=torch.nn.Identity()), cls, weight), by_hand)
 
 
 def test_itm_labels_one_for_pairs_zero_for_negatives():

@@ -54,6 +54,9 @@ FM, TFM = "formats.py", "tests/test_formats.py"
 TE = "tests/test_evaluation.py"
 SH, TSH = "shards.py", "tests/test_shards.py"
 P, TX = "pretrained.py", "tests/test_export.py"
+ST, TST = "tools/student.py", "tests/test_student.py"
+TST_STATIC = "test_the_copy_keeps_signatures_and_docstrings_and_holds_no_reference_body"
+TST_GRADING = "test_each_blank_fails_its_tests_and_passes_them_with_only_its_reference_back"
 
 CATALOGUE = [
     # --- X-FM idea 1: the stop-gradient
@@ -478,6 +481,27 @@ CATALOGUE = [
     Bug("keep_last_drops_newest", "runtime.py", "for old in steps[:-keep_last]:", "for old in steps[keep_last:]:",
         "--keep_last deletes the oldest checkpoints, never the newest",
         f"{TT}::test_keep_last_keeps_the_newest_n_and_a_kept_one_resumes", fast=False),
+    # --- the student copy (tools/student.py): blanks keep signature and docstring, hold no answer, each graded alone
+    Bug("student_blank_keeps_body", ST, 'lines[keep:fn.end_lineno] = [s + "\\n" for s in stub]',
+        'lines[keep:keep] = [s + "\\n" for s in stub]',
+        "a blank's body is the raise alone: the reference body is not in the copy", f"{TST}::{TST_STATIC}"),
+    Bug("student_docstring_dropped", ST, "keep = doc.end_lineno if doc else fn.body[0].lineno - 1",
+        "keep = fn.body[0].lineno - 1", "a blank keeps its docstring (the formula)", f"{TST}::{TST_STATIC}"),
+    Bug("student_nonempty_out", ST, "if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):",
+        "if os.path.exists(out) and not os.path.isdir(out):", "--out refuses a folder that is not empty",
+        f"{TST}::{TST_STATIC}"),
+    Bug("student_plain_losses_kept", ST,
+        'return out + [(*split(s), HIDDEN_WHAT, (), f"{split(s)[1]}, hidden") for s in HIDDEN]', "return out",
+        "the plain losses of tests/plain_losses.py are blanked too: the copy holds no answer", f"{TST}::{TST_STATIC}"),
+    Bug("student_test_of_another_blank", ST, '(f"{TM}::test_region_view_mean_over_box_patches",),',
+        '(f"{TD}::test_block_mask_exact_and_fresh",),', "a grading test grades one blank", f"{TST}::{TST_STATIC}"),
+    Bug("student_test_not_pinning_blank", ST, '(f"{TM}::test_region_view_mean_over_box_patches",),',
+        '(f"{TM}::test_presets_and_heads",),', "a blank's grading tests fail on the blank",
+        f"{TST}::{TST_GRADING}", fast=False),
+    Bug("student_test_needs_other_blanks", ST, '(f"{TL}::test_itm_rows_labels_and_weights_with_fixed_negatives",)',
+        '(f"{TL}::test_itm_labels_one_for_pairs_zero_for_negatives",)',
+        "a blank's grading tests pass with its own reference body back and every other blank still blank",
+        f"{TST}::{TST_GRADING}", fast=False),
 ]
 
 

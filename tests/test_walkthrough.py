@@ -43,16 +43,6 @@ def same_line(got, want):
     return True
 
 
-def test_printout_equals_the_stored_one(run):
-    got, want = run[0].splitlines(), open(EXPECTED).read().splitlines()
-    for i, (g, w) in enumerate(zip(got, want), 1):
-        assert same_line(g, w), (f"walkthrough.py's line {i} differs from tests/walkthrough_expected.txt\n"
-                                 f"  got:      {g}\n  expected: {w}\n"
-                                 f"If the method changed on purpose, regenerate it: {REGENERATE}")
-    assert len(got) == len(want), (f"walkthrough.py printed {len(got)} lines, tests/walkthrough_expected.txt has "
-                                   f"{len(want)}; if that is on purpose, regenerate it: {REGENERATE}")
-
-
 def test_stop_gradient_cuts_itm_imlm_bbp_off_the_language_encoder(run):
     on, off = run[1]["on"], run[1]["off"]
     for name in walkthrough.VL_LOSSES:
@@ -70,3 +60,13 @@ def test_mim_target_is_the_detached_unmasked_output_of_the_same_encoder(run):
     assert len(checks) == 7
     failed = [name for name, ok in checks.items() if not ok]
     assert not failed, f"MIM target checks failed: {failed}"
+
+
+def test_printout_equals_the_stored_one(run):
+    got, want = run[0].splitlines(), open(EXPECTED).read().splitlines()
+    for i, (g, w) in enumerate(zip(got, want), 1):
+        assert same_line(g, w), (f"walkthrough.py's line {i} differs from tests/walkthrough_expected.txt\n"
+                                 f"  got:      {g}\n  expected: {w}\n"
+                                 f"If the method changed on purpose, regenerate it: {REGENERATE}")
+    assert len(got) == len(want), (f"walkthrough.py printed {len(got)} lines, tests/walkthrough_expected.txt has "
+                                   f"{len(want)}; if that is on purpose, regenerate it: {REGENERATE}")

@@ -242,14 +242,15 @@ def main():
     for name in LOSS_ORDER:
         print(f"  {name:<12} {values_on[name]:>12.4f} {values_off[name]:>10.4f}")
     print("10. gradient norm each loss alone sends to each part (L2 over the part's parameters; 0 = none)")
-    print(f"  {'':<12} {'stop-gradient ON (pre-training)':^44} | {'stop-gradient OFF (--stop_grad=false)':^44}")
+    head = f"  {'':<12} {'stop-gradient ON (pre-training)':^44} | {'stop-gradient OFF (--stop_grad=false)':^44}"
+    print(head.rstrip())
     print(f"  {'loss':<12}" + "".join(f"{g:>11}" for g in GROUPS) + " |" + "".join(f"{g:>11}" for g in GROUPS))
     for name in LOSS_ORDER:
         print(f"  {name:<12}" + "".join(f"{num(on[name][g]):>11}" for g in GROUPS) + " |"
               + "".join(f"{num(off[name][g]):>11}" for g in GROUPS))
     cut = [k for k in VL_LOSSES if on[k]["language"] == 0 and off[k]["language"] > 0]
-    print(f"  language encoder: 0 from {', '.join(cut)} with the stop-gradient, non-zero without it;")
-    print("  MLM and ITC reach it either way; MIM never reaches the language or fusion encoder")
+    print(f"  language encoder: 0 from {', '.join(cut)} with the stop-gradient,")
+    print("  non-zero without it; MLM and ITC reach it either way; MIM never reaches the language or fusion encoder")
     print("11. the MIM target (losses._mim): the same vision encoder on the unmasked image, detached")
     checks = mim_check(model, batch)
     for name, ok in checks.items():

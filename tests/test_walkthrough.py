@@ -70,3 +70,12 @@ def test_printout_equals_the_stored_one(run):
                                  f"If the method changed on purpose, regenerate it: {REGENERATE}")
     assert len(got) == len(want), (f"walkthrough.py printed {len(got)} lines, tests/walkthrough_expected.txt has "
                                    f"{len(want)}; if that is on purpose, regenerate it: {REGENERATE}")
+
+
+def test_method_doc_quotes_the_stored_printout():
+    """docs/METHOD.md §3 quotes the printout's gradient table and MIM check: the quote is the stored printout's."""
+    want = open(EXPECTED).read()
+    quote = want[want.index("10. gradient norm"):]
+    doc = open(os.path.join(os.path.dirname(EXPECTED), os.pardir, "docs", "METHOD.md")).read()
+    assert quote in doc, ("docs/METHOD.md §3 no longer quotes sections 10 and 11 of tests/walkthrough_expected.txt: "
+                          "paste them there again")

@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repository root
 
 # (name, floor, why): below the floor this code does not run, or its tests do not pass
-PYTHON_FLOOR = ((3, 10), "torch==2.13.0 (requirements.txt) needs Python 3.10; the code itself needs 3.9 (str.removeprefix)")
+PYTHON_FLOOR = ((3, 10), "torch==2.13.0 (requirements.txt) needs Python 3.10; the code itself needs 3.9 "
+                         "(str.removeprefix)")
 FLOORS = {
     "torch": ((2, 6), "runtime.py imports torch.distributed.fsdp.fully_shard (public from torch 2.6)"),
     "numpy": ((1, 26), "tested with NumPy 1.26 and 2.x; resume stores NumPy's random state as a tensor, so "

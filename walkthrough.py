@@ -9,7 +9,7 @@ on disk, no downloads; the same printout on every run (seed 0, fp32, modest prec
 
 The batch is synthetic (`toy_batch`: random token ids and images with the exact keys data.py produces), so the
 numbers mean nothing about learning; the shapes, the zeros in the gradient table and the MIM check are the point.
-docs/METHOD.md §2 and §3 quote this printout. tools/check_setup.py reuses `toy_batch` and `tiny_model`.
+docs/METHOD.md §3 quotes this printout. tools/check_setup.py reuses `toy_batch` and `tiny_model`.
 """
 import torch
 
@@ -178,9 +178,12 @@ def gradient_table(model, batch, stop_grad):
     params = [q for ps in groups.values() for q in ps]
     table = {}
     for name in LOSS_ORDER:  # one backward pass per loss, its gradients split by group
-        grads = iter(torch.autograd.grad(out[name], params, retain_graph=True, allow_unused=True))
-        table[name] = {group: float(sum(float(g.pow(2).sum()) for g in (next(grads) for _ in ps) if g is not None)
-                                    ** 0.5) for group, ps in groups.items()}
+        grads = torch.autograd.grad(out[name], params, retain_graph=True, allow_unused=True)  # None: not reached
+        table[name], start = {}, 0
+        for group, ps in groups.items():
+            reached = [g for g in grads[start:start + len(ps)] if g is not None]
+            table[name][group] = sum(float(g.pow(2).sum()) for g in reached) ** 0.5
+            start += len(ps)
     return {k: float(v.detach()) for k, v in out.items()}, table
 
 
@@ -223,7 +226,6 @@ def mim_check(model, batch):
 
 
 def main():
-    torch.set_printoptions(precision=3)
     model = tiny_model()
     cfg = model.cfg
     batch = toy_batch(cfg)

@@ -52,7 +52,8 @@ def test_stop_gradient_cuts_itm_imlm_bbp_off_the_language_encoder(run):
     for table in (on, off):
         assert table["mlm"]["language"] > 0 and table["itc"]["language"] > 0
         for name in ("mim", "mim_image"):
-            assert table[name]["language"] == table[name]["fusion"] == 0.0 < table[name]["vision"], name
+            assert table[name]["language"] == table[name]["fusion"] == 0.0 < table[name]["vision"], (
+                f"{name} must reach the vision encoder and nothing else")
 
 
 def test_mim_target_is_the_detached_unmasked_output_of_the_same_encoder(run):

@@ -73,6 +73,9 @@ CATALOGUE = [
     Bug("walk_mim_pair_target_masked", L, 'out["mim"] = _mim(model, b["image"], b["mim_mask"], v, stats, v_hat)',
         'out["mim"] = _mim(model, b["image"], b["mim_mask"], v_hat, stats, v_hat)',
         "a pair's MIM target is the unmasked output that ITC/ITM/IMLM use, not the masked view", TW),
+    Bug("setup_no_mps_warning", "tools/check_setup.py", 'if device_type == "mps":', 'if device_type == "mps-off":',
+        "the setup check warns that --device=auto picks MPS while the reference bands are CPU fp32",
+        "tests/test_check_setup.py::test_versions_and_device_warnings"),
     # --- X-FM idea 2: the MIM target and its masks
     Bug("mim_target_grad", L, "target = v.detach()", "target = v",
         "the MIM target is the detached unmasked output (mim_loss refuses a target with a graph)",

@@ -343,7 +343,7 @@ def test_random_resized_crop_and_eval_transform():
     assert x[2, 8, 0] > x[2, 8, 15]  # blue stays on the left
     flips = [D.random_resized_crop(img, 16, np.random.default_rng(s), scale=(1, 1))[2, 8, 0] < 0 for s in range(40)]
     assert 5 < sum(flips) < 35  # with hflip the blue edge moves right about half the time
-    red = torch.tensor((1 - D.CLIP_MEAN[0]) / D.CLIP_STD[0])
+    red = torch.tensor(float((1 - D.CLIP_MEAN[0]) / D.CLIP_STD[0]))  # float32 under NumPy 1.26 and 2.x
     assert torch.allclose(D.eval_transform(Image.new("RGB", (8, 8), (255, 0, 0)), 4)[0], red)
 
 

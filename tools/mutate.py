@@ -57,6 +57,7 @@ P, TX = "pretrained.py", "tests/test_export.py"
 ST, TST = "tools/student.py", "tests/test_student.py"
 TST_STATIC = "test_the_copy_keeps_signatures_and_docstrings_and_holds_no_reference_body"
 TST_GRADING = "test_each_blank_fails_its_tests_and_passes_them_with_only_its_reference_back"
+TW = "tests/test_walkthrough.py"
 
 CATALOGUE = [
     # --- X-FM idea 1: the stop-gradient
@@ -66,6 +67,20 @@ CATALOGUE = [
     Bug("bbox_stop_grad", L, 'groups.append((fusion_input(t, stop_grad), b["att"], box_image, None))',
         'groups.append((t, b["att"], box_image, None))',
         "BBP reads the detached caption states too", f"{TL}::test_gradient_flow_with_stop_gradient"),
+    # --- the walkthrough's printout: the gradient table and the MIM target check (walkthrough.py)
+    Bug("walk_stop_grad_inverted", L, "return t.detach() if stop_grad else t", "return t if stop_grad else t.detach()",
+        "the detach is on in pre-training and off in the ablation, not the other way round", TW),
+    Bug("walk_itm_stop_grad", L, 'itm_inputs(fusion_input(t, stop_grad), b["att"]', 'itm_inputs(t, b["att"]',
+        "ITM's rows (positives and both negatives) read sg(t): ITM never reaches the language encoder", TW),
+    Bug("walk_mim_image_target_masked", L, "with torch.no_grad():\n            v = model.encode_image(image)\n",
+        "with torch.no_grad():\n            v = model.encode_image(image, mim_mask)\n",
+        "an image batch's MIM target is the encoder's output on the UNMASKED image", TW),
+    Bug("walk_mim_pair_target_masked", L, 'out["mim"] = _mim(model, b["image"], b["mim_mask"], v, stats, v_hat)',
+        'out["mim"] = _mim(model, b["image"], b["mim_mask"], v_hat, stats, v_hat)',
+        "a pair's MIM target is the unmasked output that ITC/ITM/IMLM use, not the masked view", TW),
+    Bug("setup_no_mps_warning", "tools/check_setup.py", 'if device_type == "mps":', 'if device_type == "mps-off":',
+        "the setup check warns that --device=auto picks MPS while the reference bands are CPU fp32",
+        "tests/test_check_setup.py::test_versions_and_device_warnings"),
     # --- X-FM idea 2: the MIM target and its masks
     Bug("mim_target_grad", L, "target = v.detach()", "target = v",
         "the MIM target is the detached unmasked output (mim_loss refuses a target with a graph)",

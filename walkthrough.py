@@ -1,0 +1,283 @@
+"""
+A walk through X-FM in one printout: a toy batch of every data kind (text, image, pair, region) goes through
+every module of a tiny X-FM, and the script prints the tensor shapes at each stage, every loss, which encoder
+each loss trains (with the stop-gradient on and off) and a check of the MIM target. Seconds on a CPU, no data
+on disk, no downloads; the same printout on every run (seed 0, fp32, modest precision).
+
+    python walkthrough.py                                  # read it beside README's "X-FM in one screen"
+    python walkthrough.py > tests/walkthrough_expected.txt # the golden printout tests/test_walkthrough.py compares
+
+The batch is synthetic (`toy_batch`: random token ids and images with the exact keys data.py produces), so the
+numbers mean nothing about learning; the shapes, the zeros in the gradient table and the MIM check are the point.
+docs/METHOD.md §3 quotes this printout. tools/check_setup.py reuses `toy_batch`, `tiny_model` and `one_thread`.
+"""
+from contextlib import contextmanager
+
+import torch
+
+from losses import fuse_groups, fusion_input, itm_inputs, xfm_losses
+import losses
+from model import XFM, make_config
+
+GROUPS = ("language", "vision", "fusion", "heads")
+LOSS_ORDER = ("mlm", "itc", "itm", "imlm", "mim", "itc_region", "itm_region", "imlm_region", "bbox_l1", "bbox_giou",
+              "mim_image")
+VL_LOSSES = ("itm", "imlm", "itm_region", "imlm_region", "bbox_l1", "bbox_giou")  # the losses the detach cuts
+PAD, CLS, SEP, MASK = 1, 0, 2, 4  # RoBERTa's special ids: <s>=0 <pad>=1 </s>=2 <mask>=4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A tiny model and a synthetic batch of every data kind
+
+
+def tiny_model(seed=0, **overrides):
+    """The tiny preset (tests, CI), a 64-word vocabulary, no dropout or drop path: the same numbers every run."""
+    torch.manual_seed(seed)
+    cfg = make_config("tiny", **{"vocab_size": 64, "dropout": 0.0, "drop_path": 0.0, **overrides})
+    return XFM(cfg)
+
+
+def _captions(g, n, T, vocab, p):
+    """n random captions of 4..T tokens: (ids, att, masked ids, labels), each (n, T); labels -100 where not
+    masked, at least one masked word per caption, never <s>, </s> or padding."""
+    ids = torch.full((n, T), PAD)
+    att = torch.zeros(n, T, dtype=torch.long)
+    labels = torch.full((n, T), -100)
+    for b, length in enumerate(torch.randint(4, T + 1, (n,), generator=g).tolist()):
+        ids[b, :length] = torch.randint(5, vocab, (length,), generator=g)
+        ids[b, 0], ids[b, length - 1] = CLS, SEP
+        att[b, :length] = 1
+        words = torch.arange(1, length - 1)
+        chosen = words[torch.rand(len(words), generator=g) < p]
+        chosen = chosen if len(chosen) else words[:1]
+        labels[b, chosen] = ids[b, chosen]
+    return ids, att, ids.masked_fill(labels != -100, MASK), labels
+
+
+def _mim_mask(g, n, P, k):
+    """(n, P) bool: k random patches masked per image (data.block_mask draws blocks; any k patches do here)."""
+    m = torch.zeros(n, P, dtype=torch.bool)
+    for b in range(n):
+        m[b, torch.randperm(P, generator=g)[:k]] = True
+    return m
+
+
+def toy_batch(cfg, B=4, T=8, seed=0):
+    """{"text", "image", "pair", "region"}: B rows of each kind with the keys data.py produces (losses.py's module
+    docstring lists them); the region kind has B // 2 images with two captions each, a box and the whole image."""
+    g = torch.Generator().manual_seed(seed)
+    S, P, V = cfg.image_size, cfg.num_patches, cfg.vocab_size
+    _, att, mlm_ids, labels = _captions(g, B, T, V, p=0.15)
+    batch = {"text": {"ids": mlm_ids, "att": att, "labels": labels},  # the text stream: MLM on its own masked copy
+             "image": {"image": torch.randn(B, 3, S, S, generator=g), "mim_mask": _mim_mask(g, B, P, 6)}}
+    ids, att, mlm_ids, labels = _captions(g, B, T, V, p=0.5)
+    batch["pair"] = {"image": torch.randn(B, 3, S, S, generator=g), "mim_mask": _mim_mask(g, B, P, 6),
+                     "ids": ids, "att": att, "mlm_ids": mlm_ids, "mlm_labels": labels, "img_id": torch.arange(B)}
+    n_img = B // 2
+    ids, att, mlm_ids, labels = _captions(g, B, T, V, p=0.5)
+    is_region = torch.tensor([True, False] * n_img)                       # caption 2k: a box; 2k+1: the whole image
+    box = torch.cat([0.3 + 0.4 * torch.rand(B, 2, generator=g), 0.2 + 0.3 * torch.rand(B, 2, generator=g)], 1)
+    box[~is_region] = torch.tensor([0.5, 0.5, 1.0, 1.0])                  # (cx, cy, w, h) in [0, 1]
+    patch_mask = torch.rand(B, P, generator=g) < 0.4                      # the patches inside each box
+    patch_mask[:, 0] = True
+    patch_mask[~is_region] = True
+    img_index = torch.arange(n_img).repeat_interleave(2)
+    batch["region"] = {"image": torch.randn(n_img, 3, S, S, generator=g), "img_index": img_index, "ids": ids,
+                       "att": att, "mlm_ids": mlm_ids, "mlm_labels": labels, "box": box, "is_region": is_region,
+                       "patch_mask": patch_mask, "img_id": img_index.clone()}
+    return batch
+
+
+@contextmanager
+def one_thread():
+    """torch on one thread inside, the caller's count restored after. The tensors here are tiny: threads only add
+    overhead, and on a busy machine (OMP threads waiting on each other) one thread runs ten times faster or more."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Printing
+
+
+def shape(x):
+    return str(tuple(x.shape))
+
+
+def row(name, x, note=""):
+    print(f"  {name:<34} {shape(x):<16} {note}".rstrip())
+
+
+def num(x):
+    """Three significant digits; an exact zero prints as 0, so 'no gradient' stands out."""
+    return "0" if x == 0 else f"{x:.2e}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stages
+
+
+def show_shapes(model, batch):
+    """Every stage of one forward pass, with the functions losses.xfm_losses calls, shapes only."""
+    cfg = model.cfg
+    print("1. inputs (losses.py's module docstring lists every key)")
+    for kind, b in batch.items():
+        for key, x in b.items():
+            row(f"{kind}[{key!r}]", x, str(x.dtype).replace("torch.", ""))
+    with torch.no_grad():
+        p, r = batch["pair"], batch["region"]
+        print("2. language encoder E_t (model.TextEncoder)")
+        t = model.encode_text(p["ids"], p["att"])
+        row("t = E_t(pair ids)", t, "(B, T, D) one state per token")
+        row("t[:, 0]", t[:, 0], "(B, D) <s>: the text [CLS]")
+        row("text_mlm(E_t(text ids))", model.text_mlm(model.encode_text(batch["text"]["ids"], batch["text"]["att"])),
+            "(B, T, V) MLM logits; the loss reads the masked slots only")
+        print("3. vision encoder E_v (model.VisionEncoder)")
+        v = model.encode_image(p["image"])
+        row("v = E_v(image)", v, f"(B, 1+P, D), P = {cfg.num_patches} patches of {cfg.patch_size} px")
+        row("v[:, 0]", v[:, 0], "(B, D) slot 0 = mean of the patch outputs: the image [CLS]")
+        row("v_hat = E_v(image, mim_mask)", model.encode_image(p["image"], p["mim_mask"]),
+            "(B, 1+P, D) the block-masked view, MIM's prediction")
+        print("4. region view (model.XFM.region_view)")
+        v_img = model.encode_image(r["image"])
+        row("E_v(region images)", v_img, "(B_img, 1+P, D) two captions per image")
+        v_r, v_r_mask = model.region_view(v_img, r["img_index"], r["patch_mask"])
+        row("v_r", v_r, "(N, 1+P, D) slot 0 = mean of the patches in the box")
+        row("v_r_mask", v_r_mask, "(N, 1+P) cross-attention sees slot 0 + the box")
+        print("5. ITC features (model.XFM.itc_features)")
+        f_t, f_v = model.itc_features(t, v)
+        row("f_t = norm(text_proj(t[:, 0]))", f_t, f"(B, E) unit length: {f_t.norm(dim=-1).mean():.3f}")
+        row("f_v = norm(vision_proj(v[:, 0]))", f_v, "(B, E)")
+        row("f_v @ f_t.T / temp", f_v @ f_t.t() / model.temp, "(B, B) image x text similarities")
+        print("6. ITM rows (losses.itm_inputs: positives, then hard negatives)")
+        torch.manual_seed(0)  # the hard negatives are drawn
+        (t_rows, a_rows, v_rows, _), weight = itm_inputs(fusion_input(t), p["att"], v, None, f_v, f_t, model.temp,
+                                                         p["img_id"])
+        row("text rows", t_rows, "(3B, T, D) sg(t): b, b, hard-negative text")
+        row("image rows", v_rows, "(3B, 1+P, D) image b, hard-negative image, b")
+        row("row weights", weight, "(3B,) 0 where a row found no negative")
+        print("7. fusion encoder F (model.FusionEncoder; losses.fuse_groups, one call for every group)")
+        t_m = model.encode_text(p["mlm_ids"], p["att"])
+        h_itm, h_imlm = fuse_groups(model, (t_rows, a_rows, v_rows, None), (fusion_input(t_m), p["att"], v, None))
+        row("h = F(sg(t), v), ITM rows", h_itm, "(3B, T, D) text-side states; h[:, 0] = fusion [CLS]")
+        row("h = F(sg(E_t(masked caption)), v)", h_imlm, "(B, T, D) IMLM")
+        t_r = model.encode_text(r["ids"], r["att"])
+        h_box = model.fuse(fusion_input(t_r), r["att"], v_img[r["img_index"]])
+        row("h = F(sg(t_region), v_full)", h_box, "(N, T, D) box prediction reads the FULL image")
+        print("8. heads")
+        row("itm_head(h[:, 0])", model.itm_head(h_itm[:, 0]), "(3B, 2) [no match, match]")
+        row("fusion_mlm(h)", model.fusion_mlm(h_imlm), "(B, T, V) IMLM logits")
+        row("bbox_head(h[:, 0]).sigmoid()", model.bbox_head(h_box[:, 0]).sigmoid(), "(N, 4) cx, cy, w, h")
+
+
+def group_params(model):
+    """{group: parameters}: each encoder, and 'heads' = every other parameter (projections, temperature, ITM,
+    box and MLM heads; the MLM decoder is tied to the word embeddings, so it counts as language)."""
+    parts = {"language": model.text, "vision": model.vision, "fusion": model.fusion}
+    out = {name: list(m.parameters()) for name, m in parts.items()}
+    taken = {id(q) for ps in out.values() for q in ps}
+    out["heads"] = [q for q in model.parameters() if id(q) not in taken]
+    return out
+
+
+def gradient_table(model, batch, stop_grad):
+    """{loss: {group: L2 norm of the gradient that loss alone sends to the group's parameters}} (0.0: none)."""
+    torch.manual_seed(0)  # the same hard negatives with the stop-gradient on and off
+    out = xfm_losses(model, batch, stop_grad=stop_grad)
+    groups = group_params(model)
+    params = [q for ps in groups.values() for q in ps]
+    table = {}
+    for name in LOSS_ORDER:  # one backward pass per loss, its gradients split by group
+        grads = torch.autograd.grad(out[name], params, retain_graph=True, allow_unused=True)  # None: not reached
+        table[name], start = {}, 0
+        for group, ps in groups.items():
+            reached = [g for g in grads[start:start + len(ps)] if g is not None]
+            table[name][group] = sum(float(g.pow(2).sum()) for g in reached) ** 0.5
+            start += len(ps)
+    return {k: float(v.detach()) for k, v in out.items()}, table
+
+
+def mim_check(model, batch):
+    """The MIM target, caught on its way into losses.mim_loss: the detached output of the same vision encoder on
+    the unmasked image. -> {check: bool}."""
+    seen = []
+    real = losses.mim_loss
+
+    def spy(pred, target, mim_mask):  # records what _mim hands to the loss, then computes it as usual
+        seen.append((pred, target))
+        return real(pred, target, mim_mask)
+
+    losses.mim_loss = spy
+    try:
+        torch.manual_seed(0)
+        out = xfm_losses(model, {k: batch[k] for k in ("pair", "image")})
+    finally:
+        losses.mim_loss = real
+    checks = {}
+    for (pred, target), kind in zip(seen, ("pair", "image")):
+        b = batch[kind]
+        with torch.no_grad():
+            fresh, masked = model.encode_image(b["image"]), model.encode_image(b["image"], b["mim_mask"])
+        checks[f"{kind}: target equals a fresh no-grad E_v(unmasked image)"] = torch.allclose(target, fresh, atol=1e-5)
+        checks[f"{kind}: target.requires_grad is False"] = not target.requires_grad
+        checks[f"{kind}: prediction equals E_v(masked view)"] = torch.allclose(pred, masked, atol=1e-5)
+    # the gradient of MIM through the target is none: the same as with a target made under no_grad
+    params = list(model.vision.parameters())
+    g_loss = torch.autograd.grad(out["mim_image"], params, allow_unused=True)
+    b = batch["image"]
+    with torch.no_grad():
+        target = model.encode_image(b["image"])
+    g_ref = torch.autograd.grad(real(model.encode_image(b["image"], b["mim_mask"]), target, b["mim_mask"]), params,
+                                allow_unused=True)
+    checks["image: MIM gradient equals the one with a no-grad target"] = all(
+        (a is None and c is None) or (a is not None and c is not None and torch.allclose(a, c, atol=1e-6))
+        for a, c in zip(g_loss, g_ref))
+    return checks
+
+
+def main():
+    with one_thread():
+        return walk()
+
+
+def walk():
+    model = tiny_model()
+    cfg = model.cfg
+    batch = toy_batch(cfg)
+    n = {k: sum(q.numel() for q in ps) for k, ps in group_params(model).items()}
+    print(f"X-FM walkthrough: a tiny X-FM (D={cfg.width}, {cfg.heads} heads, layers {cfg.text_layers}/"
+          f"{cfg.vision_layers}/{cfg.fusion_layers}, image {cfg.image_size} px, patch {cfg.patch_size}, "
+          f"V={cfg.vocab_size}, E={cfg.embed_dim}), seed 0, fp32")
+    print("parameters: " + ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in n.items()))
+    print("B=4 rows of each kind, captions of T=8 tokens; region: 2 images x 2 captions (N=4)")
+    show_shapes(model, batch)
+
+    values_on, on = gradient_table(model, batch, stop_grad=True)
+    values_off, off = gradient_table(model, batch, stop_grad=False)
+    print("9. losses (losses.xfm_losses); the stop-gradient changes the backward pass only, so the values agree")
+    print(f"  {'loss':<12} {'stop_grad on':>12} {'off':>10}")
+    for name in LOSS_ORDER:
+        print(f"  {name:<12} {values_on[name]:>12.4f} {values_off[name]:>10.4f}")
+    print("10. gradient norm each loss alone sends to each part (L2 over the part's parameters; 0 = none)")
+    head = f"  {'':<12} {'stop-gradient ON (pre-training)':^44} | {'stop-gradient OFF (--stop_grad=false)':^44}"
+    print(head.rstrip())
+    print(f"  {'loss':<12}" + "".join(f"{g:>11}" for g in GROUPS) + " |" + "".join(f"{g:>11}" for g in GROUPS))
+    for name in LOSS_ORDER:
+        print(f"  {name:<12}" + "".join(f"{num(on[name][g]):>11}" for g in GROUPS) + " |"
+              + "".join(f"{num(off[name][g]):>11}" for g in GROUPS))
+    cut = [k for k in VL_LOSSES if on[k]["language"] == 0 and off[k]["language"] > 0]
+    print(f"  language encoder: 0 from {', '.join(cut)} with the stop-gradient,")
+    print("  non-zero without it; MLM and ITC reach it either way; MIM never reaches the language or fusion encoder")
+    print("11. the MIM target (losses._mim): the same vision encoder on the unmasked image, detached")
+    checks = mim_check(model, batch)
+    for name, ok in checks.items():
+        print(f"  {name:<62} {ok}")
+    return {"losses": values_on, "on": on, "off": off, "mim": checks}
+
+
+if __name__ == "__main__":
+    main()

@@ -52,6 +52,7 @@ FM, TFM = "formats.py", "tests/test_formats.py"
 TE = "tests/test_evaluation.py"
 SH, TSH = "shards.py", "tests/test_shards.py"
 P, TX = "pretrained.py", "tests/test_export.py"
+CR, TCR = "tools/class_results.py", "tests/test_class_results.py"
 
 CATALOGUE = [
     # --- X-FM idea 1: the stop-gradient
@@ -476,6 +477,17 @@ CATALOGUE = [
     Bug("keep_last_drops_newest", "runtime.py", "for old in steps[:-keep_last]:", "for old in steps[keep_last:]:",
         "--keep_last deletes the oldest checkpoints, never the newest",
         f"{TT}::test_keep_last_keeps_the_newest_n_and_a_kept_one_resumes", fast=False),
+    # --- tools/class_results.py: a class's runs pooled
+    Bug("class_std_population", CR, "/ (n - 1)) if n > 1 else None", "/ n) if n > 1 else None",
+        "the spread is the sample standard deviation (n - 1 in the denominator)", TCR),
+    Bug("class_group_ignores_pattern", CR, "next((g for g in globs if fnmatch.fnmatch(name, g)), None)",
+        "next((g for g in globs), None)", "a run joins the first --group pattern its folder name matches", TCR),
+    Bug("class_first_record", CR, '"last": values[-1]', '"last": values[0]',
+        "a run's quantity is its last log record, not its first", TCR),
+    Bug("class_by_regex_ignored", CR, 'return re.sub(by, "", name)', "return name",
+        "--by REGEX pools the folders whose names differ only by REGEX (the seeds of one command)", TCR),
+    Bug("class_finetune_prefix_kept", CR, 'task = task[len("finetune/"):] if task.startswith("finetune/") else task',
+        "pass", "a finetune report's quantities are TASK/KEY, as for a finetune.py --out_dir folder", TCR),
 ]
 
 

@@ -50,6 +50,9 @@ def test_reads_last_record_final_record_and_finetune_report(klass):
     q = cr.read_run(os.path.join(klass, "alice", "ex01_default"), series=("first", "last", "max"))
     assert q["loss/itc"] == pytest.approx(1.0) and q["loss/itc@first"] == pytest.approx(2.77)
     assert q["temp"] == 0.08 and q["temp@max"] == 0.12 and "temp@min" not in q
+    at = cr.read_run(os.path.join(klass, "alice", "ex01_default"), series=("step50", "step999"))
+    assert at["loss/itc@step50"] == pytest.approx(1.885) and at["temp@step50"] == 0.12 and "temp" not in at
+    assert not any(k.endswith("@step999") for k in at)  # a step the run never logged gives nothing
     assert q["retrieval/t2i_r1"] == 20.0 and q["retrieval/t2i_itc_r1"] == 15.0 and q["wall_s"] == 60.0
     assert q["textcls/accuracy"] == 60.0 and "textcls/config/lr" not in q
     assert "stop_grad" not in q and "final" not in q    # booleans are not quantities

@@ -6,11 +6,13 @@ number of runs n, the mean, the sample standard deviation (n - 1 in the denomina
     python tools/class_results.py class/ --group 'ex01_*' --group 'ex02_*' --only 'loss/mlm|t2i_r1|textcls'
     python tools/class_results.py /tmp/keyruns --by '_s[0-9]+$'        # seeds of one command pooled: ex01_s0..s4 -> ex01
     python tools/class_results.py runs/ex07_b8 runs/ex07_b16 --series first,last,max --only 'itc|temp'
+    python tools/class_results.py class/*/ex01_default --series last,step50,step150 --only 'temp|itm$|mim$'
     python tools/class_results.py class/ --group 'ex02_*' --json       # the same numbers as JSON
 
 What one run contributes (a quantity a run lacks is left out of n):
     RUN/metrics.jsonl, last log record    every number in it, under its own name: loss/itc, temp, grad_norm, ...
                        --series first,min,max   the same series' first value (loss/itc@first), smallest, largest
+                       --series step50          the value logged at step 50 (temp@step50), where the run logged it
     RUN/metrics.jsonl, final record       retrieval/t2i_r1, retrieval/t2i_itc_r1, ... and wall_s
     RUN/**/metrics.json (finetune.py)     TASK/KEY for every number of the report: textcls/accuracy,
                                           retrieval_zeroshot/t2i_r1 (the folder path, without a leading finetune/)
@@ -84,8 +86,10 @@ def read_run(run_dir, series=("last",)):
             for name in rows[-1]:
                 values = [r[name] for r in rows if name in r]
                 picked = {"first": values[0], "last": values[-1], "min": min(values), "max": max(values)}
+                picked.update({f"step{int(r['step'])}": r[name] for r in rows if name in r and "step" in r})
                 for s in series:
-                    out[name if s == "last" else f"{name}@{s}"] = picked[s]
+                    if s in picked:
+                        out[name if s == "last" else f"{name}@{s}"] = picked[s]
         if final:
             out.update(_numbers({"retrieval": final.get("retrieval", {})}))
             if "wall_s" in final:
@@ -157,14 +161,15 @@ def main(argv=None):
                     help="a group per pattern on the run folder's name, e.g. 'ex02_*' (repeatable)")
     ap.add_argument("--by", metavar="REGEX", help="group = the folder name with REGEX removed, e.g. '_s[0-9]+$'")
     ap.add_argument("--only", metavar="REGEX", help="only the quantities whose name REGEX finds")
-    ap.add_argument("--series", default="last", help=f"values of each logged series, from {','.join(SERIES)}")
+    ap.add_argument("--series", default="last",
+                    help=f"values of each logged series, from {','.join(SERIES)} and stepN (the value logged at step N)")
     ap.add_argument("--json", action="store_true", help="print {group: {quantity: {n, mean, std, min, max}}}")
     args = ap.parse_args(argv)
     if args.group and args.by:
         ap.error("--group and --by are two ways to group: give one")
     series = tuple(s.strip() for s in args.series.split(",") if s.strip())
-    if not series or any(s not in SERIES for s in series):
-        ap.error(f"--series takes a comma-separated list from {SERIES}")
+    if not series or any(s not in SERIES and not re.fullmatch(r"step[0-9]+", s) for s in series):
+        ap.error(f"--series takes a comma-separated list from {SERIES} and stepN")
     runs = find_runs(args.paths)
     if not runs:
         print(f"error: no run folder under {' '.join(args.paths)}", file=sys.stderr)

@@ -54,8 +54,15 @@ def test_reads_last_record_final_record_and_finetune_report(klass):
     assert at["loss/itc@step50"] == pytest.approx(1.885) and at["temp@step50"] == 0.12 and "temp" not in at
     assert not any(k.endswith("@step999") for k in at)  # a step the run never logged gives nothing
     assert q["retrieval/t2i_r1"] == 20.0 and q["retrieval/t2i_itc_r1"] == 15.0 and q["wall_s"] == 60.0
-    assert q["textcls/accuracy"] == 60.0 and "textcls/config/lr" not in q
+    assert q["ft/textcls/accuracy"] == 60.0 and "ft/textcls/config/lr" not in q
     assert "stop_grad" not in q and "final" not in q    # booleans are not quantities
+    # a fine-tuned retrieval report (finetune/retrieval/) never overwrites the zero-shot figures of the final record
+    ft = os.path.join(klass, "alice", "ex01_default", "finetune", "retrieval")
+    os.makedirs(ft)
+    with open(os.path.join(ft, "metrics.json"), "w") as f:
+        json.dump({"t2i_r1": 99.0}, f)
+    q = cr.read_run(os.path.join(klass, "alice", "ex01_default"))
+    assert q["retrieval/t2i_r1"] == 20.0 and q["ft/retrieval/t2i_r1"] == 99.0
 
 
 def test_finds_runs_below_class_folders_and_globs(klass):
@@ -68,7 +75,7 @@ def test_finds_runs_below_class_folders_and_globs(klass):
     with open(os.path.join(fake_dir, "metrics.json"), "w") as f:
         json.dump({"t2i_r1": 20.3}, f)
     assert os.path.join(klass, "dave", "ex09_k64") in cr.find_runs([klass])
-    assert cr.read_run(os.path.join(klass, "dave", "ex09_k64")) == {"retrieval_zeroshot/t2i_r1": 20.3}
+    assert cr.read_run(os.path.join(klass, "dave", "ex09_k64")) == {"ft/retrieval_zeroshot/t2i_r1": 20.3}
 
 
 def test_grouping_by_glob_and_by_regex(klass, tmp_path):
@@ -78,8 +85,8 @@ def test_grouping_by_glob_and_by_regex(klass, tmp_path):
     r1 = table["ex01_*"]["retrieval/t2i_r1"]
     assert r1["n"] == 3 and r1["mean"] == pytest.approx(23.0) and r1["std"] == pytest.approx(math.sqrt(13.0))
     assert (r1["min"], r1["max"]) == (20.0, 27.0)
-    assert table["ex01_*"]["textcls/accuracy"]["n"] == 2                # carol did not fine-tune
-    assert table["ex02_*"]["textcls/accuracy"]["mean"] == pytest.approx(52.0)
+    assert table["ex01_*"]["ft/textcls/accuracy"]["n"] == 2                # carol did not fine-tune
+    assert table["ex02_*"]["ft/textcls/accuracy"]["mean"] == pytest.approx(52.0)
     only1, _ = cr.pool(runs, globs=["ex02_*"])
     assert list(only1) == ["ex02_*"] and only1["ex02_*"]["loss/itc"]["n"] == 2
     seeds = str(tmp_path / "seeds")
@@ -95,7 +102,7 @@ def test_grouping_by_glob_and_by_regex(klass, tmp_path):
 def test_command_line_table_and_json(klass, capsys):
     assert cr.main([klass, "--group", "ex02_*", "--only", "t2i_r1$|accuracy", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert list(out) == ["ex02_*"] and sorted(out["ex02_*"]) == ["retrieval/t2i_r1", "textcls/accuracy"]
+    assert list(out) == ["ex02_*"] and sorted(out["ex02_*"]) == ["ft/textcls/accuracy", "retrieval/t2i_r1"]
     assert out["ex02_*"]["retrieval/t2i_r1"]["std"] == pytest.approx(math.sqrt(8.0))
     assert cr.main([os.path.join(klass, "*", "ex01_default"), "--only", "t2i_r1$"]) == 0
     text = capsys.readouterr().out

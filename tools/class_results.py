@@ -3,7 +3,7 @@ A class's results, pooled: read many run folders (one per student, or one per se
 number of runs n, the mean, the sample standard deviation (n - 1 in the denominator), the minimum and the maximum.
 
     python tools/class_results.py class/*/ex01_default                 # every student's exercise-1 run
-    python tools/class_results.py class/ --group 'ex01_*' --group 'ex02_*' --only 'loss/mlm|t2i_r1|textcls'
+    python tools/class_results.py class/ --group 'ex01_*' --group 'ex02_*' --only 'loss/mlm$|t2i_r1|ft/textcls'
     python tools/class_results.py /tmp/keyruns --by '_s[0-9]+$'        # seeds of one command pooled: ex01_s0..s4 -> ex01
     python tools/class_results.py runs/ex07_b8 runs/ex07_b16 --series first,last,max --only 'itc|temp'
     python tools/class_results.py class/*/ex01_default --series last,step50,step150 --only 'temp|itm$|mim$'
@@ -14,8 +14,8 @@ What one run contributes (a quantity a run lacks is left out of n):
                        --series first,min,max   the same series' first value (loss/itc@first), smallest, largest
                        --series step50          the value logged at step 50 (temp@step50), where the run logged it
     RUN/metrics.jsonl, final record       retrieval/t2i_r1, retrieval/t2i_itc_r1, ... and wall_s
-    RUN/**/metrics.json (finetune.py)     TASK/KEY for every number of the report: textcls/accuracy,
-                                          retrieval_zeroshot/t2i_r1 (the folder path, without a leading finetune/)
+    RUN/**/metrics.json (finetune.py)     ft/TASK/KEY for every number of the report: ft/textcls/accuracy,
+                                          ft/retrieval/t2i_r1 (TASK: the folder path, without a leading finetune/)
 
 A path is a run folder when it holds metrics.jsonl or config.json, or a folder with a metrics.json
 (finetune.py --out_dir DIR writes DIR/TASK/metrics.json); any other folder is searched for run folders below it.
@@ -99,7 +99,7 @@ def read_run(run_dir, series=("last",)):
             task = os.path.relpath(root, run_dir).replace(os.sep, "/")
             task = task[len("finetune/"):] if task.startswith("finetune/") else task
             report = json.load(open(os.path.join(root, "metrics.json"), encoding="utf-8"))
-            out.update({f"{task}/{k}": v for k, v in _numbers(report).items()})
+            out.update({f"ft/{task}/{k}": v for k, v in _numbers(report).items()})
     return out
 
 

@@ -487,7 +487,9 @@ CATALOGUE = [
     Bug("class_by_regex_ignored", CR, 'return re.sub(by, "", name)', "return name",
         "--by REGEX pools the folders whose names differ only by REGEX (the seeds of one command)", TCR),
     Bug("class_finetune_prefix_kept", CR, 'task = task[len("finetune/"):] if task.startswith("finetune/") else task',
-        "pass", "a finetune report's quantities are TASK/KEY, as for a finetune.py --out_dir folder", TCR),
+        "pass", "a finetune report's quantities are ft/TASK/KEY, as for a finetune.py --out_dir folder", TCR),
+    Bug("class_finetune_overwrites_final", CR, 'out.update({f"ft/{task}/{k}": v', 'out.update({f"{task}/{k}": v',
+        "a fine-tuned retrieval report never overwrites the run's zero-shot retrieval/...", TCR),
 ]
 
 

@@ -23,7 +23,8 @@ def fake_run(root, name, losses, r1, textcls=None, temp=(0.07, 0.12, 0.08), ft_d
     if textcls is not None:
         os.makedirs(os.path.join(run, ft_dir))
         with open(os.path.join(run, ft_dir, "metrics.json"), "w") as f:
-            json.dump({"task": "textcls", "accuracy": textcls, "wall_s": 30.0, "config": {"lr": 1e-4}}, f)
+            json.dump({"task": "textcls", "metric": "accuracy", "value": textcls, "metrics": {"accuracy": textcls},
+                       "wall_s": 30.0, "config": {"lr": 1e-4}}, f)
     return run
 
 
@@ -60,9 +61,10 @@ def test_reads_last_record_final_record_and_finetune_report(klass):
     ft = os.path.join(klass, "alice", "ex01_default", "finetune", "retrieval")
     os.makedirs(ft)
     with open(os.path.join(ft, "metrics.json"), "w") as f:
-        json.dump({"t2i_r1": 99.0}, f)
+        json.dump({"metric": "R@1/5/10", "value": 90.0, "metrics": {"t2i_r1": 99.0, "i2t_r1": 81.0}}, f)
     q = cr.read_run(os.path.join(klass, "alice", "ex01_default"))
-    assert q["retrieval/t2i_r1"] == 20.0 and q["ft/retrieval/t2i_r1"] == 99.0
+    assert q["retrieval/t2i_r1"] == 20.0 and q["ft/retrieval/t2i_r1"] == 99.0 and q["ft/retrieval/value"] == 90.0
+    assert not any("metrics" in k for k in q)                # the report's "metrics" are flattened into ft/TASK/
 
 
 def test_finds_runs_below_class_folders_and_globs(klass):

@@ -14,8 +14,9 @@ What one run contributes (a quantity a run lacks is left out of n):
                        --series first,min,max   the same series' first value (loss/itc@first), smallest, largest
                        --series step50          the value logged at step 50 (temp@step50), where the run logged it
     RUN/metrics.jsonl, final record       retrieval/t2i_r1, retrieval/t2i_itc_r1, ... and wall_s
-    RUN/**/metrics.json (finetune.py)     ft/TASK/KEY for every number of the report: ft/textcls/accuracy,
-                                          ft/retrieval/t2i_r1 (TASK: the folder path, without a leading finetune/)
+    RUN/**/metrics.json (finetune.py)     ft/TASK/KEY for every number of the report and of its "metrics":
+                                          ft/textcls/accuracy, ft/retrieval/t2i_r1, ft/retrieval/wall_s
+                                          (TASK: the folder path, without a leading finetune/)
 
 A path is a run folder when it holds metrics.jsonl or config.json, or a folder with a metrics.json
 (finetune.py --out_dir DIR writes DIR/TASK/metrics.json); any other folder is searched for run folders below it.
@@ -99,6 +100,8 @@ def read_run(run_dir, series=("last",)):
             task = os.path.relpath(root, run_dir).replace(os.sep, "/")
             task = task[len("finetune/"):] if task.startswith("finetune/") else task
             report = json.load(open(os.path.join(root, "metrics.json"), encoding="utf-8"))
+            if isinstance(report.get("metrics"), dict):  # finetune.report: {"value", "metrics": {name: value}, ...}
+                report = {**{k: v for k, v in report.items() if k != "metrics"}, **report["metrics"]}
             out.update({f"ft/{task}/{k}": v for k, v in _numbers(report).items()})
     return out
 

@@ -488,6 +488,8 @@ CATALOGUE = [
         "--by REGEX pools the folders whose names differ only by REGEX (the seeds of one command)", TCR),
     Bug("class_finetune_prefix_kept", CR, 'task = task[len("finetune/"):] if task.startswith("finetune/") else task',
         "pass", "a finetune report's quantities are ft/TASK/KEY, as for a finetune.py --out_dir folder", TCR),
+    Bug("class_report_metrics_nested", CR, 'if isinstance(report.get("metrics"), dict):', "if False:",
+        "a finetune report's metrics are ft/TASK/NAME (ft/textcls/accuracy), not ft/TASK/metrics/NAME", TCR),
     Bug("class_finetune_overwrites_final", CR, 'out.update({f"ft/{task}/{k}": v', 'out.update({f"{task}/{k}": v',
         "a fine-tuned retrieval report never overwrites the run's zero-shot retrieval/...", TCR),
 ]

@@ -58,6 +58,7 @@ ST, TST = "tools/student.py", "tests/test_student.py"
 TST_STATIC = "test_the_copy_keeps_signatures_and_docstrings_and_holds_no_reference_body"
 TST_GRADING = "test_each_blank_fails_its_tests_and_passes_them_with_only_its_reference_back"
 TW = "tests/test_walkthrough.py"
+CR, TCR = "tools/class_results.py", "tests/test_class_results.py"
 
 CATALOGUE = [
     # --- X-FM idea 1: the stop-gradient
@@ -517,6 +518,21 @@ CATALOGUE = [
         '(f"{TL}::test_itm_labels_one_for_pairs_zero_for_negatives",)',
         "a blank's grading tests pass with its own reference body back and every other blank still blank",
         f"{TST}::{TST_GRADING}", fast=False),
+    # --- tools/class_results.py: a class's runs pooled
+    Bug("class_std_population", CR, "/ (n - 1)) if n > 1 else None", "/ n) if n > 1 else None",
+        "the spread is the sample standard deviation (n - 1 in the denominator)", TCR),
+    Bug("class_group_ignores_pattern", CR, "next((g for g in globs if fnmatch.fnmatch(name, g)), None)",
+        "next((g for g in globs), None)", "a run joins the first --group pattern its folder name matches", TCR),
+    Bug("class_first_record", CR, '"last": values[-1]', '"last": values[0]',
+        "a run's quantity is its last log record, not its first", TCR),
+    Bug("class_by_regex_ignored", CR, 'return re.sub(by, "", name)', "return name",
+        "--by REGEX pools the folders whose names differ only by REGEX (the seeds of one command)", TCR),
+    Bug("class_finetune_prefix_kept", CR, 'task = task[len("finetune/"):] if task.startswith("finetune/") else task',
+        "pass", "a finetune report's quantities are ft/TASK/KEY, as for a finetune.py --out_dir folder", TCR),
+    Bug("class_report_metrics_nested", CR, 'if isinstance(report.get("metrics"), dict):', "if False:",
+        "a finetune report's metrics are ft/TASK/NAME (ft/textcls/accuracy), not ft/TASK/metrics/NAME", TCR),
+    Bug("class_finetune_overwrites_final", CR, 'out.update({f"ft/{task}/{k}": v', 'out.update({f"{task}/{k}": v',
+        "a fine-tuned retrieval report never overwrites the run's zero-shot retrieval/...", TCR),
 ]
 
 

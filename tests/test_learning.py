@@ -7,6 +7,7 @@ What the bands cannot show: after 150 toy steps the bands of itm, itm_region, bb
 gc and, at all but one step, itm) contain their chance levels, so a broken ITM, box or GC loss stays inside them.
 Each objective's own check is test_overfit.py (overfit one batch); the rules of each loss are pinned by
 test_losses.py, test_model.py and test_flava.py; tools/mutate.py lists the planted bugs each test catches."""
+import dataclasses
 import json
 import math
 import os
@@ -94,3 +95,21 @@ def test_constant_box_chance_level():
     # GIoU = 0 - (C - U) / C with C = 0.45 x 0.2, U = 0.08  ->  1 - GIoU = 1 + 0.01 / 0.09
     assert got["bbox_l1"] == pytest.approx(0.25)
     assert got["bbox_giou"] == pytest.approx(1 + 0.01 / 0.09, rel=1e-5)
+
+
+def test_make_reuses_only_a_finished_run_of_the_same_command_and_seed(tmp_path):
+    """`curves.py make --reuse` may read a run instead of training it only when the run is finished and its
+    command (every config key a reference matches on, and the seed) is the reference's."""
+    def fake_run(name, argv, final=True):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"train": dataclasses.asdict(train.parse_args(argv)[0])}))
+        lines = [{"step": 25, "loss/itc": 2.7}] + ([{"final": True, "retrieval": {}}] if final else [])
+        (run / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+        return str(run)
+    want = ["--max_steps=150", "--seed=3"]
+    assert curves.finished_run(fake_run("same", want), want)
+    assert not curves.finished_run(fake_run("unfinished", want, final=False), want)
+    assert not curves.finished_run(fake_run("other_seed", ["--max_steps=150", "--seed=4"]), want)
+    assert not curves.finished_run(fake_run("other_command", ["--max_steps=150", "--seed=3", "--stop_grad=false"]), want)
+    assert not curves.finished_run(str(tmp_path / "absent"), want)

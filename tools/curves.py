@@ -1,12 +1,13 @@
 """
 Expected learning, written down: reference curves for the toy run, chance levels, and a health check.
 
-    python tools/curves.py make                  # re-run the reference runs (2 seeds each) and rewrite reference/*.json, *.png
+    python tools/curves.py make                  # re-run the reference runs and rewrite reference/*.json, *.png
     python tools/curves.py make --which xfm_toy_short   # only one reference (the CI learning test compares against the short ones)
+    python tools/curves.py make --which xfm_toy --runs_dir runs/key --reuse   # read finished runs instead of re-running them
     python tools/curves.py check runs/default    # health check of a run folder: which objective looks wrong, and why
 
 A reference file (reference/NAME.json) holds, for one train.py command: each objective's loss at a handful of
-steps (the mean over the log window ending there) averaged over two seeds, a band around it, each objective's
+steps (the mean over the log window ending there) averaged over its seeds, a band around it, each objective's
 chance level, and the final zero-shot retrieval figures. tests/test_learning.py runs the short commands and fails
 when a loss leaves its band or retrieval falls towards chance. The short bands of ITM, box L1/GIoU and FLAVA's GC
 contain their chance levels, so a broken ITM, box or GC loss stays inside them: tests/test_overfit.py checks
@@ -24,6 +25,7 @@ Chance levels (what a model that learned nothing scores):
     ITM              H(0.1) = 0.325   the best constant guess when 10 % of the pairs are swapped
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -40,13 +42,16 @@ from tools import pictures  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-REFERENCES = {  # name -> train.py arguments (on top of the defaults) and the steps recorded
-    "xfm_toy": {"args": [], "steps": [25, 50, 100, 200, 300, 400, 500, 600]},
-    "xfm_toy_short": {"args": ["--max_steps=150"], "steps": [25, 50, 75, 100, 125, 150]},
-    "flava_toy": {"args": ["--recipe=flava"], "steps": [25, 50, 100, 200, 300, 400, 500, 600]},
-    "flava_toy_short": {"args": ["--recipe=flava", "--max_steps=150"], "steps": [25, 50, 75, 100, 125, 150]},
+# name -> train.py arguments (on top of the defaults), the steps recorded and the seeds. The full-length
+# references hold five seeds: a student's healthy run of any seed should land inside them (with two seeds, three
+# healthy seeds of five left a band somewhere). The short ones, which tests/test_learning.py runs in CI, hold two.
+REFERENCES = {
+    "xfm_toy": {"args": [], "steps": [25, 50, 100, 200, 300, 400, 500, 600], "seeds": (0, 1, 2, 3, 4)},
+    "xfm_toy_short": {"args": ["--max_steps=150"], "steps": [25, 50, 75, 100, 125, 150], "seeds": (0, 1)},
+    "flava_toy": {"args": ["--recipe=flava"], "steps": [25, 50, 100, 200, 300, 400, 500, 600], "seeds": (0, 1, 2, 3, 4)},
+    "flava_toy_short": {"args": ["--recipe=flava", "--max_steps=150"], "steps": [25, 50, 75, 100, 125, 150],
+                        "seeds": (0, 1)},
 }
-SEEDS = (0, 1)
 # the config keys that must match for a run to be compared with a reference's bands
 MATCH_KEYS = ("config", "recipe", "max_steps", "batch_size", "text_batch_size", "region_batch_size",
               "micro_batch_size", "schedule", "lr", "warmup_steps", "stop_grad", "mim_target", "log_every")
@@ -112,12 +117,26 @@ def losses_at(records, steps):
 # Making a reference
 
 
-def make_reference(name, out_dir="reference", runs_dir="runs/reference"):
+def finished_run(run, argv):
+    """True when RUN holds a finished run (its final record written) of exactly the command ARGV."""
+    if not os.path.exists(os.path.join(run, "metrics.jsonl")):
+        return False
+    _, final, config = read_run(run)
+    want = dataclasses.asdict(train.parse_args(argv)[0])
+    return final is not None and all(config["train"].get(k) == want[k] for k in (*MATCH_KEYS, "seed"))
+
+
+def make_reference(name, out_dir="reference", runs_dir="runs/reference", reuse=False):
+    """Run (or with REUSE read, when finished) RUNS_DIR/NAME_seedS for each seed, then write the reference."""
     spec = REFERENCES[name]
     runs = []
-    for seed in SEEDS:
+    for seed in spec["seeds"]:
         run = os.path.join(runs_dir, f"{name}_seed{seed}")
-        train.main([*spec["args"], f"--seed={seed}", f"--out_dir={run}"])
+        argv = [*spec["args"], f"--seed={seed}", f"--out_dir={run}"]
+        if reuse and finished_run(run, argv):
+            print(f"reusing the finished run {run}")
+        else:
+            train.main(argv)
         runs.append(run)
     steps = spec["steps"]
     per_seed = [losses_at(read_run(r)[0], steps) for r in runs]
@@ -134,7 +153,7 @@ def make_reference(name, out_dir="reference", runs_dir="runs/reference"):
     reference = {
         "name": name,
         "command": " ".join(["python train.py", *spec["args"]]),
-        "seeds": list(SEEDS),
+        "seeds": list(spec["seeds"]),
         "config": {k: config["train"][k] for k in MATCH_KEYS},
         "steps": steps,
         "loss": ref,
@@ -248,13 +267,16 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("make", help="re-run the reference runs and rewrite reference/*.json and *.png")
     m.add_argument("--which", choices=[*REFERENCES, "all"], default="all")
+    m.add_argument("--runs_dir", default="runs/reference", help="where the runs go: RUNS_DIR/NAME_seedS")
+    m.add_argument("--reuse", action="store_true", help="read a finished run of the same command and seed "
+                   "instead of training it again")
     c = sub.add_parser("check", help="health check of a run folder")
     c.add_argument("run_dir")
     c.add_argument("--reference", default=None, help="a reference JSON (default: the one whose config matches)")
     args = p.parse_args(argv)
     if args.cmd == "make":
         for name in (REFERENCES if args.which == "all" else [args.which]):
-            make_reference(name)
+            make_reference(name, runs_dir=args.runs_dir, reuse=args.reuse)
         return 0
     return 0 if check(args.run_dir, args.reference) else 1
 

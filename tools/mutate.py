@@ -82,6 +82,12 @@ CATALOGUE = [
     Bug("setup_no_mps_warning", "tools/check_setup.py", 'if device_type == "mps":', 'if device_type == "mps-off":',
         "the setup check warns that --device=auto picks MPS while the reference bands are CPU fp32",
         "tests/test_check_setup.py::test_versions_and_device_warnings"),
+    Bug("reference_reuse_any_seed", "tools/curves.py", '(*MATCH_KEYS, "seed")', 'MATCH_KEYS',
+        "`curves.py make --reuse` reads a finished run only when its seed is the reference's",
+        "tests/test_learning.py::test_make_reuses_only_a_finished_run_of_the_same_command_and_seed"),
+    Bug("reference_reuse_unfinished", "tools/curves.py", "return final is not None and all(", "return all(",
+        "`curves.py make --reuse` never reads a run that has not finished",
+        "tests/test_learning.py::test_make_reuses_only_a_finished_run_of_the_same_command_and_seed"),
     # --- X-FM idea 2: the MIM target and its masks
     Bug("mim_target_grad", L, "target = v.detach()", "target = v",
         "the MIM target is the detached unmasked output (mim_loss refuses a target with a graph)",

@@ -35,6 +35,9 @@ def test_short_run_lands_inside_the_reference_bands(toy, tmp_path, name):
     train.main([*curves.REFERENCES[name]["args"], f"--data_dir={toy}", f"--out_dir={out}"])
     records, final, config = curves.read_run(out)
     assert all(config["train"][k] == v for k, v in ref["config"].items()), "the test no longer runs the reference command"
+    # the chance levels the health check computes for a run are the committed ones (region ITC: ln of the
+    # filled caption slots per batch, not of every slot)
+    assert curves.chance_levels(out) == pytest.approx(ref["chance"], rel=0.01)
     rows = curves.diagnose(records, ref["chance"], ref)
     bad = [f"{n}: {verdict}" for n, _, _, _, verdict, ok in rows if not ok]
     assert not bad, "learning left the reference bands:\n" + "\n".join(bad)

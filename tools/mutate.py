@@ -88,6 +88,9 @@ CATALOGUE = [
     Bug("reference_reuse_unfinished", "tools/curves.py", "return final is not None and all(", "return all(",
         "`curves.py make --reuse` never reads a run that has not finished",
         "tests/test_learning.py::test_make_reuses_only_a_finished_run_of_the_same_command_and_seed"),
+    Bug("region_chance_counts_empty_slots", "tools/curves.py", 'math.log(int(b["valid"].sum()) * world)',
+        'math.log(len(b["ids"]) * world)', "region ITC's chance level is ln of the filled caption slots per batch",
+        "tests/test_learning.py::test_short_run_lands_inside_the_reference_bands"),
     # --- X-FM idea 2: the MIM target and its masks
     Bug("mim_target_grad", L, "target = v.detach()", "target = v",
         "the MIM target is the detached unmasked output (mim_loss refuses a target with a graph)",

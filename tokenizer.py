@@ -100,4 +100,7 @@ def get_tokenizer(data_dir, run_dir, vocab_size, tokenizer_path=None, image_root
     path = os.path.join(run_dir, "tokenizer.json")
     if os.path.isfile(path):
         return Tokenizer.load(path)
-    return Tokenizer.train(corpus_texts(data_dir, image_root), vocab_size, path)
+    texts = corpus_texts(data_dir, image_root)
+    if not texts:  # a BPE trained on nothing is bytes only, and a run on it learns far more slowly
+        raise SystemExit(f"error: no texts in {data_dir} to train a tokenizer on (formats: formats.py, shards.py)")
+    return Tokenizer.train(texts, vocab_size, path)

@@ -404,8 +404,18 @@ def build_if_missing(data_dir):
     """The one place that builds the toy world without being asked: when data_dir is the default folder and does
     not exist yet. Any other missing folder is an error (a typo must not train on toy data)."""
     if not os.path.isdir(data_dir) and os.path.normpath(data_dir) == os.path.normpath(DEFAULT_DIR):
+        # built in a private folder, then renamed into place in one step: a second run started meanwhile never
+        # sees a half-built world (it builds its own copy, byte-identical, and keeps whichever landed first)
         print(f"building the toy world in {data_dir} ...", flush=True)
-        make_toy(data_dir, seed=0)
+        tmp = f"{os.path.normpath(data_dir)}.building-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        make_toy(tmp, seed=0)
+        try:
+            os.rename(tmp, data_dir)
+        except OSError:  # another run's copy landed first
+            if not os.path.isdir(data_dir):
+                raise
+            shutil.rmtree(tmp)
     if not os.path.isdir(data_dir):
         raise SystemExit(f"error: data_dir {data_dir!r} does not exist")
 

@@ -232,6 +232,42 @@ def test_get_tokenizer_trains_then_loads(toy, tmp_path):
     assert t3.encode("a red circle", 16) == t1.encode("a red circle", 16)
 
 
+
+def test_get_tokenizer_refuses_a_folder_without_texts(tmp_path):
+    """A BPE trained on no text is bytes only: refused, and nothing is saved for a later run to reuse."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "pairs.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="no texts in"):
+        tokenizer.get_tokenizer(str(tmp_path / "data"), str(tmp_path / "run"), 300)
+    assert not os.path.exists(tmp_path / "run" / "tokenizer.json")
+
+
+def test_the_toy_world_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    """build_if_missing writes into a private folder and renames it into place: while it builds, data/toy does
+    not exist, so a second run never reads a half-built world; when another run's copy lands first, it is kept."""
+    monkeypatch.chdir(tmp_path)
+    seen = []
+
+    def fake_make_toy(out_dir, seed=0):
+        seen.append(os.path.isdir(toyworld.DEFAULT_DIR))     # is the half-built world visible under the real name?
+        os.makedirs(out_dir)
+        open(os.path.join(out_dir, "pairs.jsonl"), "w").write("mine\n")
+    monkeypatch.setattr(toyworld, "make_toy", fake_make_toy)
+    toyworld.build_if_missing(toyworld.DEFAULT_DIR)
+    assert seen == [False] and open(os.path.join(toyworld.DEFAULT_DIR, "pairs.jsonl")).read() == "mine\n"
+    assert os.listdir(os.path.dirname(toyworld.DEFAULT_DIR)) == [os.path.basename(toyworld.DEFAULT_DIR)]
+
+    def racing_make_toy(out_dir, seed=0):                   # another run finishes first, mid-build
+        fake_make_toy(out_dir)
+        os.makedirs(toyworld.DEFAULT_DIR)
+        open(os.path.join(toyworld.DEFAULT_DIR, "pairs.jsonl"), "w").write("theirs\n")
+    monkeypatch.setattr(toyworld, "make_toy", racing_make_toy)
+    import shutil
+    shutil.rmtree(toyworld.DEFAULT_DIR)
+    toyworld.build_if_missing(toyworld.DEFAULT_DIR)
+    assert open(os.path.join(toyworld.DEFAULT_DIR, "pairs.jsonl")).read() == "theirs\n"
+    assert os.listdir(os.path.dirname(toyworld.DEFAULT_DIR)) == [os.path.basename(toyworld.DEFAULT_DIR)]
+
 # ----------------------------------------------------------------------------- masking
 
 def seq(tok, n, n_pad, rng):

@@ -90,6 +90,23 @@ def test_health_check_uses_reference_bands():
     assert ok[-1] and not slow[-1] and "above" in slow[4] and not leak[-1] and "below" in leak[4]
 
 
+def test_health_check_calls_bad_only_a_lasting_excursion():
+    """Out of the band at one step and back in: reported, not BAD (healthy seeds do it). Out on the same side at
+    two reference steps in a row, or at the last one: BAD."""
+    ref = {"steps": [10, 20, 30, 40], "band": {"itc": [[2.0, 1.5, 1.0, 0.5], [3.0, 2.5, 2.0, 1.5]]}}
+    def verdict(*itc):
+        return curves.diagnose(_records(itc=list(itc)), {}, ref)[0]
+    once = verdict(1.9, 2.0, 1.5, 1.0)                        # below at step 10 only
+    assert once[-1] and "at step 10 alone" in once[4]
+    twice = verdict(2.5, 1.4, 0.9, 1.0)                       # below at steps 20 and 30
+    assert not twice[-1] and "below the reference band from step 20" in twice[4]
+    last = verdict(2.5, 2.0, 1.5, 1.6)                        # above at the last step
+    assert not last[-1] and "above the reference band from step 40" in last[4]
+    both_sides = verdict(3.1, 1.4, 1.5, 1.0)                  # above at 10, below at 20: two single excursions
+    assert both_sides[-1]
+    assert verdict(2.5, 2.0, 1.5, 1.0)[4] == "inside the reference band"
+
+
 def test_constant_box_chance_level():
     import numpy as np
     boxes = np.array([[0.25, 0.5, 0.2, 0.2], [0.75, 0.5, 0.2, 0.2]], dtype=np.float32)

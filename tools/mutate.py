@@ -100,6 +100,12 @@ CATALOGUE = [
     Bug("tokenizer_on_no_text", "tokenizer.py", "    if not texts:", "    if False:",
         "no tokenizer is trained (and saved for reuse) on a folder without texts",
         "tests/test_data.py::test_get_tokenizer_refuses_a_folder_without_texts"),
+    Bug("band_single_excursion_bad", "tools/curves.py", "if (i + 1 < len(sides) and sides[i + 1][3] == side) or i == len(sides) - 1:",
+        "if True:", "a loss out of its band at one step and back in is reported, not called BAD",
+        "tests/test_learning.py::test_health_check_calls_bad_only_a_lasting_excursion"),
+    Bug("band_last_step_ignored", "tools/curves.py", "if (i + 1 < len(sides) and sides[i + 1][3] == side) or i == len(sides) - 1:",
+        "if i + 1 < len(sides) and sides[i + 1][3] == side:", "a loss out of its band at the last step is BAD",
+        "tests/test_learning.py::test_health_check_calls_bad_only_a_lasting_excursion"),
     # --- X-FM idea 2: the MIM target and its masks
     Bug("mim_target_grad", L, "target = v.detach()", "target = v",
         "the MIM target is the detached unmasked output (mim_loss refuses a target with a graph)",

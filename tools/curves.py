@@ -9,7 +9,7 @@ Expected learning, written down: reference curves for the toy run, chance levels
 A reference file (reference/NAME.json) holds, for one train.py command: each objective's loss at a handful of
 steps (the mean over the log window ending there) averaged over its seeds, a band around it, each objective's
 chance level, and the final zero-shot retrieval figures. tests/test_learning.py runs the short commands and fails
-when a loss leaves its band or retrieval falls towards chance. The short bands of ITM, box L1/GIoU and FLAVA's GC
+when a loss stays out of its band or retrieval falls towards chance. The short bands of ITM, box L1/GIoU and FLAVA's GC
 contain their chance levels, so a broken ITM, box or GC loss stays inside them: tests/test_overfit.py checks
 each objective on one batch instead, and tools/mutate.py lists the planted bugs each test catches.
 
@@ -43,8 +43,9 @@ from tools import pictures  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> train.py arguments (on top of the defaults), the steps recorded and the seeds. The full-length
-# references hold five seeds: a student's healthy run of any seed should land inside them (with two seeds, three
-# healthy seeds of five left a band somewhere). The short ones, which tests/test_learning.py runs in CI, hold two.
+# references hold five seeds: a student's healthy run of any seed should land inside them, and a band made from
+# two seeds is narrower than the spread of healthy seeds. The short ones, which tests/test_learning.py runs in CI
+# with seed 0, hold two.
 REFERENCES = {
     "xfm_toy": {"args": [], "steps": [25, 50, 100, 200, 300, 400, 500, 600], "seeds": (0, 1, 2, 3, 4)},
     "xfm_toy_short": {"args": ["--max_steps=150"], "steps": [25, 50, 75, 100, 125, 150], "seeds": (0, 1)},

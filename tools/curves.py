@@ -149,7 +149,8 @@ def make_reference(name, out_dir="reference", runs_dir="runs/reference", reuse=F
         mean, spread = vals.mean(0), (vals.max(0) - vals.min(0)) / 2
         half = np.maximum.reduce([REL_BAND * np.abs(mean), np.full_like(mean, ABS_BAND), SPREAD_BAND * spread])
         ref[obj] = [round(float(v), 4) for v in mean]
-        band[obj] = [[round(float(v), 4) for v in mean - half], [round(float(v), 4) for v in mean + half]]
+        lo = np.maximum(mean - half, 0.0)                               # every loss here is >= 0
+        band[obj] = [[round(float(v), 4) for v in lo], [round(float(v), 4) for v in mean + half]]
     config = read_run(runs[0])[2]
     std_per_seed = [[{r["step"]: r.get("mim_target_std") for r in read_run(x)[0]}[s] for s in steps] for x in runs]
     reference = {

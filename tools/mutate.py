@@ -615,7 +615,8 @@ def pytest(cwd, args, timeout):
     if child.is_alive():
         child.kill()
         child.join()
-        return "timeout", time.time() - t0, ""
+        out = open(out_path, errors="replace").read() if os.path.exists(out_path) else "(pytest did not start)"
+        return "timeout", time.time() - t0, "\n".join(out.strip().splitlines()[-3:])
     out = open(out_path, errors="replace").read() if os.path.exists(out_path) else "(pytest did not start)"
     tail = "\n".join(out.strip().splitlines()[-3:])
     return {0: "passed", 1: "failed"}.get(child.exitcode, f"error rc={child.exitcode}"), time.time() - t0, tail
@@ -632,6 +633,10 @@ def run_bug(bug, timeout):
         with open(path, "w") as f:
             f.write(src.replace(bug.old, bug.new))
         status, dt, tail = pytest(tmp, shlex.split(bug.tests), timeout)
+        if status == "timeout":  # a hang is no verdict: run once more (a bug that hangs its tests times out twice)
+            first = tail
+            status, dt2, tail = pytest(tmp, shlex.split(bug.tests), timeout)
+            dt, tail = dt + dt2, f"first try timed out after {timeout:.0f} s; its last lines:\n{first}\nretry:\n{tail}"
     verdict = {"failed": "caught", "passed": "SURVIVED"}.get(status, status)
     return bug.id, verdict, dt, tail
 
@@ -695,7 +700,7 @@ def main(argv=None):
             print(f"{verdict:<9} {bug_id:<24} {dt:5.1f} s", flush=True)
             if verdict != "caught":
                 bad.append(bug_id)
-            if tail and (verdict != "caught" or args.verbose):
+            if tail and (verdict != "caught" or args.verbose or tail.startswith("first try timed out")):
                 print("    " + tail.replace("\n", "\n    "))
     print(f"{len(bugs) - len(bad)}/{len(bugs)} planted bugs caught in {time.time() - t0:.0f} s"
           + (f"; not caught: {', '.join(bad)}" if bad else ""))

@@ -60,6 +60,7 @@ TST_GRADING = "test_each_blank_fails_its_tests_and_passes_them_with_only_its_ref
 TW = "tests/test_walkthrough.py"
 CR, TCR = "tools/class_results.py", "tests/test_class_results.py"
 
+BAND_BAD = "if (i + 1 < len(sides) and sides[i + 1][3] == side) or i == len(sides) - 1:"  # curves._band_verdict: when a loss out of its band is BAD
 CATALOGUE = [
     # --- X-FM idea 1: the stop-gradient
     Bug("stop_grad", L, "return t.detach() if stop_grad else t", "return t",
@@ -100,10 +101,10 @@ CATALOGUE = [
     Bug("tokenizer_on_no_text", "tokenizer.py", "    if not texts:", "    if False:",
         "no tokenizer is trained (and saved for reuse) on a folder without texts",
         "tests/test_data.py::test_get_tokenizer_refuses_a_folder_without_texts"),
-    Bug("band_single_excursion_bad", "tools/curves.py", "if (i + 1 < len(sides) and sides[i + 1][3] == side) or i == len(sides) - 1:",
+    Bug("band_single_excursion_bad", "tools/curves.py", BAND_BAD,
         "if True:", "a loss out of its band at one step and back in is reported, not called BAD",
         "tests/test_learning.py::test_health_check_calls_bad_only_a_lasting_excursion"),
-    Bug("band_last_step_ignored", "tools/curves.py", "if (i + 1 < len(sides) and sides[i + 1][3] == side) or i == len(sides) - 1:",
+    Bug("band_last_step_ignored", "tools/curves.py", BAND_BAD,
         "if i + 1 < len(sides) and sides[i + 1][3] == side:", "a loss out of its band at the last step is BAD",
         "tests/test_learning.py::test_health_check_calls_bad_only_a_lasting_excursion"),
     # --- X-FM idea 2: the MIM target and its masks

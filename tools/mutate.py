@@ -60,7 +60,8 @@ TST_GRADING = "test_each_blank_fails_its_tests_and_passes_them_with_only_its_ref
 TW = "tests/test_walkthrough.py"
 CR, TCR = "tools/class_results.py", "tests/test_class_results.py"
 
-BAND_BAD = "if (i + 1 < len(sides) and sides[i + 1][3] == side) or i == len(sides) - 1:"  # curves._band_verdict: when a loss out of its band is BAD
+# curves._band_verdict: when a loss out of its band is BAD
+BAND_BAD = "if (i + 1 < len(sides) and sides[i + 1][3] == side) or i == len(sides) - 1:"
 CATALOGUE = [
     # --- X-FM idea 1: the stop-gradient
     Bug("stop_grad", L, "return t.detach() if stop_grad else t", "return t",

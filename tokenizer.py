@@ -1,8 +1,8 @@
 """
 The tokenizer of xfm: byte-level BPE with RoBERTa's special tokens (<s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4), a thin
 wrapper around the `tokenizers` library. get_tokenizer trains one on a data folder's texts (or loads a given one);
-train.py saves it in the run folder, so a run folder is a complete --init for finetune.py. data.py masks what it
-encodes (docs/METHOD.md §4.1, §5).
+train.py saves it in the run folder and in each checkpoint (a resumed run reads it there), so a run folder is a
+complete --init for finetune.py. data.py masks what it encodes (docs/METHOD.md §4.1, §5).
 """
 import os
 
@@ -93,13 +93,12 @@ def corpus_texts(data_dir, image_root=""):
 
 
 def get_tokenizer(data_dir, run_dir, vocab_size, tokenizer_path=None, image_root=""):
-    """Load tokenizer_path, else run_dir/tokenizer.json, else train one on the folder and save it there.
+    """Load tokenizer_path, else train one on the folder's texts and save it as run_dir/tokenizer.json (a
+    tokenizer.json already there is replaced, never reused: it may belong to another run or another data folder).
     Under DDP rank 0 calls it and sends the others its JSON (runtime.rank0_shares), so they need no shared folder."""
     if tokenizer_path:
         return Tokenizer.load(tokenizer_path)
     path = os.path.join(run_dir, "tokenizer.json")
-    if os.path.isfile(path):
-        return Tokenizer.load(path)
     texts = corpus_texts(data_dir, image_root)
     if not texts:  # a BPE trained on nothing is bytes only, and a run on it learns far more slowly
         raise SystemExit(f"error: no texts in {data_dir} to train a tokenizer on (formats: formats.py, shards.py)")

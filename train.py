@@ -21,9 +21,10 @@ import json
 import os
 import resource
 import sys
+import textwrap
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable
 
 import torch
@@ -66,7 +67,8 @@ class TrainConfig:
     # data
     data_dir: str = "data/toy"      # folder with pairs/regions/text/images (formats.py); the toy world is built here if missing
     image_root: str = ""            # image paths are relative to this folder (ALBEF's JSONs); empty: each file's folder
-    out_dir: str = "runs/default"   # run folder: config, metrics, checkpoint, curves, tokenizer
+    out_dir: str = "runs/default"   # run folder: config, metrics, checkpoint, curves, tokenizer; a folder that
+                                    # holds a run is refused (--resume it, or --overwrite it)
     tokenizer: str = ""             # path to a tokenizer.json (e.g. RoBERTa's); empty: train a BPE on the data
                                     # (with --init_text: that folder's tokenizer.json if it has one)
     vocab_size: int = 2000          # BPE size when training a tokenizer
@@ -106,7 +108,9 @@ class TrainConfig:
     ckpt_every: int = 500           # steps between checkpoints (RUN/ckpt.pt, written atomically; also at the end)
     keep_last: int = 0              # N > 0: also keep the N newest checkpoints as RUN/ckpt_STEP.pt; 0 = ckpt.pt alone
     export: str = ""                # a folder for the final weights: config.json, model.safetensors, tokenizer.json
-    resume: str = ""                # a run folder or ckpt.pt to continue from
+    resume: str = ""                # a run folder or ckpt.pt to continue from: its model, recipe, tokenizer and
+                                    # data settings stay; only the RESUME_MAY_CHANGE keys may be given anew
+    overwrite: bool = False         # a fresh run into a folder that holds a run deletes that run's files first
     eval_k: int = 16                # retrieval: ITM re-ranks the top k ITC candidates (official k_test 256)
     eval_batch_size: int = 64       # retrieval evaluation: images, captions or ITM (query, candidate) pairs per forward
 
@@ -117,8 +121,20 @@ CHOICES = {"config": ("tiny", "small", "base"), "recipe": ("xfm", "flava"), "mim
            "amp": ("auto", "bf16", "fp16", "fp32"), "compile_mode": runtime.COMPILE_MODES}
 
 
+# the keys a resumed run may set anew; every other key is the run's own (the checkpoint's train_config), and a
+# value that contradicts it is refused before anything is written (check_resume)
+RESUME_MAY_CHANGE = ("resume", "out_dir", "overwrite", "data_dir", "image_root", "max_steps", "stop_at", "lr",
+                     "warmup_steps", "grad_clip", "max_bad_steps", "micro_batch_size", "text_len", "caption_len",
+                     "num_workers", "shuffle_buffer", "strict", "device", "amp", "compile", "compile_mode",
+                     "grad_ckpt", "fsdp", "attn_impl", "log_every", "ckpt_every", "keep_last", "export", "eval_k",
+                     "eval_batch_size")
+
+
 def parse_args(argv):
-    return cli.parse_overrides(argv, TrainConfig, __doc__.strip().split("\n\n")[1], CHOICES)
+    resume = textwrap.fill("With --resume=RUN the run keeps its own config; only these keys may be given anew: "
+                           + ", ".join(k for k in RESUME_MAY_CHANGE if k != "resume") + ".", 110)
+    intro = __doc__.strip().split("\n\n")[1] + "\n\n" + resume
+    return cli.parse_overrides(argv, TrainConfig, intro, CHOICES)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -243,6 +259,70 @@ def load_checkpoint(path, device):
     return ckpt
 
 
+def resumed_run_dir(resume):
+    """The run folder of --resume (a run folder, or a checkpoint file in one)."""
+    return resume if os.path.isdir(resume) else os.path.dirname(resume) or "."
+
+
+def check_resume(resume, ckpt, given):
+    """The config of a resumed run: the checkpoint's train_config, with the RESUME_MAY_CHANGE keys the command line
+    gives. Refused before anything is written, with one line: a key given with another value than the run's own,
+    a text length beyond the model's position table, or a checkpoint whose train_config this TrainConfig does not
+    know. The out_dir defaults to the resumed run's folder; --stop_at and --overwrite belong to one command and
+    are not carried over."""
+    saved, known = ckpt["train_config"], {f.name for f in fields(TrainConfig)}
+    name = os.path.join(resume, "ckpt.pt") if os.path.isdir(resume) else resume
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise SystemExit(f"error: {name}: its train_config has keys this train.py does not know ({', '.join(unknown)}): "
+                         f"a checkpoint of another version of the code")
+    clash = [f"--{k}={v} (the run has {k}={saved[k]})" for k, v in given.items()
+             if k not in RESUME_MAY_CHANGE and k in saved and v != saved[k]]
+    if clash:
+        raise SystemExit(f"error: {'; '.join(clash)}: a resumed run keeps its model, recipe, tokenizer, data and "
+                         f"optimizer settings ({name}); start a new run with --out_dir=NEW to change them "
+                         f"(train.py --help lists the keys a resume may change)")
+    own = {"out_dir": resumed_run_dir(resume), "stop_at": 0, "overwrite": False}  # this command's, not the run's
+    cfg = TrainConfig(**{**saved, **own, **given})
+    longest = max(cfg.text_len, cfg.caption_len)
+    if longest > ckpt["model_config"]["max_text_len"]:
+        raise SystemExit(f"error: --text_len/--caption_len {longest} is beyond the model's position table of "
+                         f"{ckpt['model_config']['max_text_len']} tokens ({name})")
+    if cfg.overwrite and os.path.abspath(cfg.out_dir) == os.path.abspath(resumed_run_dir(resume)):
+        raise SystemExit(f"error: --overwrite would delete the run that --resume={resume} continues")
+    return cfg
+
+
+def claim_run_folder(cfg, ckpt):
+    """Rank 0, before anything is written -> the folder's lock (runlog.RunLock), held until the run ends. Nothing
+    of another run is lost: a fresh run needs a folder without a run (or --overwrite: runlog.claim_fresh); a run
+    resumed in its own folder has a torn last log record cut off; one resumed into a new folder needs that folder
+    free too, and starts its log with the old run's records up to the checkpoint."""
+    lock = runlog.RunLock(cfg.out_dir)
+    try:
+        metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
+        if ckpt is not None and os.path.samefile(cfg.out_dir, resumed_run_dir(cfg.resume)):
+            runlog.repair_metrics(metrics)
+        else:
+            runlog.claim_fresh(cfg.out_dir, cfg.overwrite)
+            if ckpt is not None:
+                runlog.copy_log(os.path.join(resumed_run_dir(cfg.resume), "metrics.jsonl"), metrics, ckpt["step"])
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def run_tokenizer(ckpt, resume):
+    """A resumed run's own tokenizer: the checkpoint's copy (a checkpoint without one: its run folder's file)."""
+    if "tokenizer" in ckpt:
+        return tokenizer.Tokenizer.from_json(ckpt["tokenizer"])
+    path = os.path.join(resumed_run_dir(resume), "tokenizer.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: the checkpoint {resume} holds no tokenizer and {path} does not exist")
+    return tokenizer.Tokenizer.load(path)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The recipes, in one table: what X-FM and FLAVA do differently (FLAVA's own parts live in flava.py)
 
@@ -317,12 +397,16 @@ def setup_data(cfg, ckpt, recipe, per_rank, rank, world, ddp, device, bad):
             cfg.tokenizer = hf_tok
 
     def prepare_tokenizer():  # saved in the run folder too, so the folder is a complete --init for finetune.py
-        tok = tokenizer.get_tokenizer(cfg.data_dir, cfg.out_dir, cfg.vocab_size, cfg.tokenizer or None, cfg.image_root)
+        if ckpt is not None:
+            tok = run_tokenizer(ckpt, cfg.resume)
+        else:
+            tok = tokenizer.get_tokenizer(cfg.data_dir, cfg.out_dir, cfg.vocab_size, cfg.tokenizer or None,
+                                          cfg.image_root)
         tok.save(os.path.join(cfg.out_dir, "tokenizer.json"))
         return tok.to_json()
     tok = tokenizer.Tokenizer.from_json(runtime.rank0_shares(prepare_tokenizer, ddp, rank))
     if ckpt is not None:  # a resumed run's own config; else the recipe's preset, with what --init_text/vision say
-        model_cfg = flava.config_from_dict(ckpt["model_config"])
+        model_cfg = replace(flava.config_from_dict(ckpt["model_config"]), attn_impl=cfg.attn_impl)
     else:
         model_cfg = recipe.model_config(cfg, tok)
         if cfg.init_text or cfg.init_vision:
@@ -435,12 +519,11 @@ def finish(cfg, model, tok, model_cfg, sources, history, final, bad, device, aut
 def main(argv=None):
     cfg, given = parse_args(sys.argv[1:] if argv is None else argv)
     ddp, rank, _, world, device = runtime.setup_distributed(cfg.device)
+    held = []  # the run folder's lock (rank 0: claim_run_folder), released however the run ends
     try:
         ckpt = load_checkpoint(cfg.resume, "cpu") if cfg.resume else None
-        if ckpt is not None:  # continue a run: its config, overridden by what this command line says
-            cfg = TrainConfig(**{**ckpt["train_config"], **given})               # (given holds --resume itself)
-            if "out_dir" not in given:
-                cfg.out_dir = cfg.resume if os.path.isdir(cfg.resume) else os.path.dirname(cfg.resume) or "."
+        if ckpt is not None:  # continue a run: its own config, with what the command line may change (check_resume)
+            cfg = check_resume(cfg.resume, ckpt, given)
         recipe = RECIPES[cfg.recipe]
         refused = [k for k in recipe.refused if k in given]
         if refused:
@@ -448,12 +531,14 @@ def main(argv=None):
             raise SystemExit(f"error: --{refused[0]} belongs to the {other} recipe; {cfg.recipe} has no such option")
         if ckpt is None:  # the recipe's defaults where the command line says nothing
             cfg = replace(cfg, **{k: v for k, v in recipe.defaults.items() if k not in given})
-        return train(cfg, ckpt, ddp, rank, world, device)
+        return train(cfg, ckpt, ddp, rank, world, device, held)
     finally:
+        for lock in held:
+            lock.release()
         runtime.teardown()
 
 
-def train(cfg, ckpt, ddp, rank, world, device):
+def train(cfg, ckpt, ddp, rank, world, device, held):
     t_start, master, recipe = time.time(), rank == 0, RECIPES[cfg.recipe]
     print0 = lambda *a: print(*a, flush=True) if master else None      # noqa: E731
     autocast, scaler, amp = runtime.amp_setup(cfg.amp, device, cfg.fsdp and ddp)  # (a bad --amp fails before any work)
@@ -463,6 +548,7 @@ def train(cfg, ckpt, ddp, rank, world, device):
     if cfg.export:                                                       # (a run folder would lose its config.json)
         pretrained.check_export_dir(cfg.export, cfg.out_dir)
     per_rank = {k: n for k, n in per_rank.items() if k in recipe.kinds(cfg)}  # the recipe's data kinds
+    runtime.rank0_shares(lambda: held.append(claim_run_folder(cfg, ckpt)), ddp, rank)  # (nothing written before)
     os.makedirs(cfg.out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)  # the same model init on every rank (DDP also broadcasts rank 0's weights)
     bad = formats.BadInput(strict=cfg.strict, verbose=master)
@@ -490,12 +576,11 @@ def train(cfg, ckpt, ddp, rank, world, device):
 
     # ---- the loop: each step is the recipe's optimizer updates, each over `accum` micro-batches ------------
     metrics_path, ckpt_path = os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "ckpt.pt")
-    if master and start_step == 0 and os.path.exists(metrics_path):
-        os.remove(metrics_path)
     end_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
     meter, history, bad_streak, skipped = runlog.Meter(), [], 0, 0
     save = lambda step: save_checkpoint(ckpt_path, model, optimizer, scaler, step, cfg, model_cfg,  # noqa: E731
-                                        streams, {"bad_input": bad.counts()}, master)     # (every rank calls it)
+                                        streams, {"bad_input": bad.counts(), "tokenizer": tok.to_json()},
+                                        master)                                           # (every rank calls it)
     pbar = tqdm(total=end_step, initial=start_step, disable=not master, desc="train", dynamic_ncols=True)
     for step in range(start_step, end_step):
         lr = get_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps)

@@ -221,16 +221,17 @@ def test_tokenizer_looks_up_specials_and_ignores_post_processor(tmp_path):
     assert tok.encode(SENTS[0], 64) == plain and len(plain) > 4  # no double <s>, no truncation to 4
 
 
-def test_get_tokenizer_trains_then_loads(toy, tmp_path):
+def test_get_tokenizer_trains_never_reuses_a_file_it_finds_and_loads_a_given_one(toy, tmp_path):
     run = str(tmp_path / "run")
     t1 = tokenizer.get_tokenizer(toy, run, 300)
     assert os.path.isfile(os.path.join(run, "tokenizer.json"))
-    mtime = os.path.getmtime(os.path.join(run, "tokenizer.json"))
-    t2 = tokenizer.get_tokenizer(toy, run, 999)  # exists: loaded, not retrained
-    assert t2.vocab_size == t1.vocab_size and os.path.getmtime(os.path.join(run, "tokenizer.json")) == mtime
+    small = tokenizer.Tokenizer.train(["a red circle"], 300, str(tmp_path / "other.json"))  # another run's tokenizer
+    small.save(os.path.join(run, "tokenizer.json"))
+    t2 = tokenizer.get_tokenizer(toy, run, 300)  # trained on the folder again, the stray file replaced
+    assert t2.vocab_size == t1.vocab_size != small.vocab_size
+    assert tokenizer.Tokenizer.load(os.path.join(run, "tokenizer.json")).vocab_size == t1.vocab_size
     t3 = tokenizer.get_tokenizer(toy, str(tmp_path / "elsewhere"), 300, tokenizer_path=os.path.join(run, "tokenizer.json"))
     assert t3.encode("a red circle", 16) == t1.encode("a red circle", 16)
-
 
 
 def test_get_tokenizer_refuses_a_folder_without_texts(tmp_path):

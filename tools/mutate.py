@@ -58,6 +58,7 @@ ST, TST = "tools/student.py", "tests/test_student.py"
 TST_STATIC = "test_the_copy_keeps_signatures_and_docstrings_and_holds_no_reference_body"
 TST_GRADING = "test_each_blank_fails_its_tests_and_passes_them_with_only_its_reference_back"
 TW = "tests/test_walkthrough.py"
+TRF = "tests/test_runfolder.py"
 CR, TCR = "tools/class_results.py", "tests/test_class_results.py"
 
 # curves._band_verdict: when a loss out of its band is BAD
@@ -102,6 +103,39 @@ CATALOGUE = [
     Bug("tokenizer_on_no_text", "tokenizer.py", "    if not texts:", "    if False:",
         "no tokenizer is trained (and saved for reuse) on a folder without texts",
         "tests/test_data.py::test_get_tokenizer_refuses_a_folder_without_texts"),
+    # --- run folders and resume (runlog.py, train.py): nothing of a run is lost, a resumed run stays itself
+    Bug("fresh_run_clobbers", "runlog.py", "if found and not overwrite:", "if False:",
+        "a fresh run into a folder that holds a run is refused (without --overwrite)",
+        f"{TRF}::test_claim_fresh_refuses_a_run_and_overwrite_deletes_only_its_files"),
+    Bug("overwrite_keeps_old_files", "runlog.py", "        os.remove(os.path.join(out_dir, name))", "        pass",
+        "--overwrite deletes the old run's files (kept checkpoints included), so nothing stale mixes in",
+        f"{TRF}::test_claim_fresh_refuses_a_run_and_overwrite_deletes_only_its_files"),
+    Bug("no_run_lock", "runlog.py", "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)", "pass",
+        "one process at a time writes a run folder (its lock)",
+        f"{TRF}::test_run_lock_keeps_a_second_claimant_out_until_released"),
+    Bug("lock_left_behind", "runlog.py", "os.remove(self.path)  # removed while still locked", "pass  #",
+        "a run that ends removes its .lock, so a .lock file is always a dead holder's",
+        f"{TRF}::test_run_lock_keeps_a_second_claimant_out_until_released"),
+    Bug("resume_takes_any_flag", T, "if k not in RESUME_MAY_CHANGE and k in saved and v != saved[k]]", "if False]",
+        "a resumed run refuses a flag that contradicts its own config",
+        f"{TRF}::test_check_resume_refuses_what_contradicts_the_run"),
+    Bug("resume_text_len_unchecked", T, 'if longest > ckpt["model_config"]["max_text_len"]:', "if False:",
+        "--text_len/--caption_len beyond the model's position table is refused at start-up",
+        f"{TRF}::test_check_resume_refuses_what_contradicts_the_run"),
+    Bug("resume_tokenizer_from_folder", T, 'if "tokenizer" in ckpt:', "if False:",
+        "a resumed run reads its tokenizer from its checkpoint (so --out_dir=NEW carries it over)",
+        f"{TRF}::test_a_resume_into_a_new_folder_takes_the_checkpoints_tokenizer_and_a_free_folder"),
+    Bug("resume_new_folder_clobbers", T, "            runlog.claim_fresh(cfg.out_dir, cfg.overwrite)\n",
+        "            pass\n", "a run resumed into another folder needs that folder free, like a fresh run",
+        f"{TRF}::test_a_resume_into_a_new_folder_takes_the_checkpoints_tokenizer_and_a_free_folder"),
+    Bug("torn_log_kept", "runlog.py", 'if not raw or raw.endswith(b"\\n"):', "if True:",
+        "a resumed run cuts a torn last record off metrics.jsonl (else the next record is glued onto it)",
+        f"{TRF}::test_repair_metrics_cuts_only_a_torn_last_record"),
+    Bug("tokenizer_reused_from_run_dir", "tokenizer.py", '    path = os.path.join(run_dir, "tokenizer.json")\n    texts',
+        '    path = os.path.join(run_dir, "tokenizer.json")\n    if os.path.isfile(path):\n'
+        '        return Tokenizer.load(path)\n    texts',
+        "a fresh run never reuses a tokenizer.json it finds in its folder",
+        "tests/test_data.py::test_get_tokenizer_trains_never_reuses_a_file_it_finds_and_loads_a_given_one"),
     Bug("band_single_excursion_bad", "tools/curves.py", BAND_BAD,
         "if True:", "a loss out of its band at one step and back in is reported, not called BAD",
         "tests/test_learning.py::test_health_check_calls_bad_only_a_lasting_excursion"),

@@ -4,6 +4,7 @@ input. data.py turns the records into batches; train.py and finetune.py report t
 
     python formats.py check --data_dir data/toy [--strict]     # parse a folder, print record and bad-input counts
     python formats.py check --data_dir ann/ --image_root /data/coco/images     # paths relative to a dataset root
+    python formats.py check --data_dir DIR --images [--workers 8]  # also decode every image the files name
 
 A data folder holds any subset of these files. Image paths are relative to the file that names them, or to
 --image_root when one is given (train.py and finetune.py have it too: ALBEF's JSONs name images relative to the
@@ -35,17 +36,30 @@ dataset's root); absolute paths stay as they are.
 Files are UTF-8. A line or record that is not is bad input (named, skipped and counted, like a malformed one);
 a file in another encoding stops the run with one error that gives the iconv command converting it. An
 --image_root that is not a folder stops the run with one error.
+
+Per-record limits (docs/TRAINING.md, "Per-record limits"): no line or record, however built, kills a reader or
+stalls it. Every JSON text goes through parse_json: a syntax error, arrays or objects nested deeper than
+JSON_DEPTH (32) levels and an int of more than 4,300 digits are all "malformed JSON". A number is one a float
+holds (_number: an int of 400 digits is none). A declared image_w, image_h is 1 to MAX_SIDE (65,535) pixels
+("malformed record" otherwise), and a box that keeps no area once scaled to the image file's size is a "bad box"
+(the record's other regions stay). A text line, document, caption or attribute is cut to its first
+MAX_TEXT_CHARS (10,000) characters (not counted: the record stays; check prints how many reach the limit), as is
+every text the tokenizer trains on or encodes. load_image scales 16-bit and float images to 8 bits. check
+--images decodes each image the files name in full, in --workers processes, and reports each that fails
+("unreadable image"), so a data set can be cleaned before a run.
 """
 import argparse
 import codecs
 import json
-import math
 import os
 import shlex
 import sys
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 
+import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 SOURCES = {  # kind -> file names looked for in a data folder, first found wins
@@ -55,6 +69,10 @@ SOURCES = {  # kind -> file names looked for in a data folder, first found wins
     "image": ("images.jsonl", "images"),
     "pair_test": ("pairs_test.jsonl", "pairs_test.json", "dataset_coco.json", "dataset_flickr30k.json"),
 }
+# Per-record limits: what one line or record can cost a reader, however it is built (docs/TRAINING.md)
+JSON_DEPTH = 32          # arrays and objects nested deeper are malformed JSON (X-VLM's and Karpathy's records need 6)
+MAX_SIDE = 65_535        # pixels: the largest image_w, image_h a record may declare (JPEG's largest side)
+MAX_TEXT_CHARS = 10_000  # a text line, document or caption is cut to its first MAX_TEXT_CHARS characters
 
 # -----------------------------------------------------------------------------
 # Bad input: never kills a long run, never lost silently
@@ -201,6 +219,27 @@ def read_lines(path, bad):
         raise encoding_error(path, sample, f"{n_bad} of its {n} lines fail to decode ({first})")
 
 
+def parse_json(text):
+    """JSON text -> (value, None), or (None, why) when it is no JSON a record can be: a syntax error, arrays and
+    objects nested deeper than JSON_DEPTH, an int of more digits than Python converts. Every error that parsing a
+    line, a file or a tar member can raise is caught here (and _number keeps the numbers safe to compute with)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, str(e)
+    except ValueError as e:  # an int of more digits than Python converts (sys.get_int_max_str_digits)
+        return None, str(e).split(";")[0]
+    except RecursionError:  # json's own limit, near sys.getrecursionlimit() levels
+        return None, f"nested deeper than {JSON_DEPTH} levels"
+    level = [value]  # the arrays and objects at one depth, from the top one down
+    for _ in range(JSON_DEPTH):
+        level = [x for v in level if isinstance(v, (list, dict))
+                 for x in (v.values() if isinstance(v, dict) else v) if isinstance(x, (list, dict))]
+    if level:  # deeper values would overflow the stack of every function that walks a record
+        return None, f"nested deeper than {JSON_DEPTH} levels"
+    return value, None
+
+
 def load_json(path, bad):
     """A whole .json file -> its value, or None when it is not JSON (reported; the file is skipped). Bytes that
     are not UTF-8 become lone surrogates (surrogateescape), so that read_records can skip just the records that
@@ -208,14 +247,14 @@ def load_json(path, bad):
     with open(path, "rb") as f:
         raw = f.read()
     text = raw.decode("utf-8-sig", "surrogateescape")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        start = text[:1 << 16]
-        if _bad_string(start) is not None or "\x00" in start:  # not even its start is UTF-8 text
-            raise encoding_error(path, raw[:1 << 16], f"it is no JSON when read as UTF-8 ({e})") from None
-        bad.report("malformed JSON", path, str(e), action="file skipped")
-        return None
+    value, why = parse_json(text)
+    if why is None:
+        return value
+    start = text[:1 << 16]
+    if _bad_string(start) is not None or "\x00" in start:  # not even its start is UTF-8 text
+        raise encoding_error(path, raw[:1 << 16], f"it is no JSON when read as UTF-8 ({why})")
+    bad.report("malformed JSON", path, why, action="file skipped")
+    return None
 
 
 def _bad_string(value):
@@ -301,10 +340,11 @@ def check_encoding(path, items):
 
 def _jsonl_lines(path, bad):
     for where, line in read_lines(path, bad):
-        try:
-            yield where, json.loads(line)
-        except json.JSONDecodeError as e:
-            bad.report("malformed JSON", where, str(e))
+        value, why = parse_json(line)
+        if why is None:
+            yield where, value
+        else:
+            bad.report("malformed JSON", where, why)
 
 
 def karpathy_records(path, obj, split, bad):
@@ -346,8 +386,16 @@ def captions_of(rec, where, bad, key="caption"):
         elif not c.strip():
             bad.report("empty caption", where, f"{name} is empty")
         else:
-            out.append(c.strip())
+            out.append(cut(c))
     return out
+
+
+def cut(text):
+    """A text (a line, document, caption or attribute) stripped and cut to its first MAX_TEXT_CHARS characters:
+    tokenizer training on one long word (a base64 blob, a paragraph without spaces) takes time that grows faster
+    than its length. No model reads more than 512 tokens of a text (max_text_len), and 10,000 characters hold
+    more unless their tokens average 20 characters."""
+    return text.strip()[:MAX_TEXT_CHARS]
 
 
 def image_base(path, image_root=""):
@@ -376,8 +424,9 @@ def _image_path(rec, base, where, bad):
 
 
 def _number(v):
-    """A finite JSON number (true and false are no numbers)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite JSON number that a float can hold (true and false are no numbers): an int of 400 digits is
+    none, so float arithmetic on a record's numbers never overflows (NaN and infinity compare false)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= sys.float_info.max
 
 
 def box_problem(box, W, H):
@@ -427,10 +476,10 @@ def parse_regions(path, bad, image_root=""):
         except Exception as e:
             bad.report("unreadable image", where, f"{img}: {e}")
             continue
-        # X-VLM's image_w, image_h: the size its boxes are measured in. A resized copy of the image gets its
-        # boxes scaled to the copy's size (the file's own size, W x H, is what the crops and boxes use)
+        # X-VLM's image_w, image_h: the size its boxes are measured in, 1 to MAX_SIDE pixels. A resized copy of
+        # the image gets its boxes scaled to the copy's size (the file's own size, W x H, is what the crops use)
         iw, ih = rec.get("image_w", W), rec.get("image_h", H)
-        if not (_number(iw) and _number(ih) and iw > 0 and ih > 0):
+        if not all(_number(v) and 1 <= v <= MAX_SIDE for k, v in (("image_w", iw), ("image_h", ih)) if k in rec):
             bad.report("malformed record", where, f"image_w, image_h {_short(repr([iw, ih]))} are not a size")
             continue
         sx, sy = W / iw, H / ih
@@ -448,6 +497,9 @@ def parse_regions(path, bad, image_root=""):
                 continue
             x, y, w, h = box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
             x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)  # clip the slack away
+            if not (x1 > x0 and y1 > y0):  # all of it in the slack, or a width too small to survive the scaling
+                bad.report("bad box", rw, f"box {box} has no area left in the {W}x{H} image file")
+                continue
             rcaps = captions_of(r, rw, bad)
             attrs = attributes_of(r, rw, bad) if "attributes" in r else []
             rcaps = [f"{a} {c}" for a in attrs for c in rcaps] if attrs else rcaps
@@ -472,7 +524,7 @@ def attributes_of(r, where, bad):
             name = f"attributes[{j}]" if isinstance(value, list) else "attributes"
             bad.report("malformed record", where, f"{name} is {type_of(a)}, not a string")
         elif a.strip():
-            out.append(a.strip())
+            out.append(cut(a))
     return out
 
 
@@ -480,7 +532,7 @@ def parse_texts(path, bad, image_root=""):
     """-> list of documents from text.txt (one per line) or text.jsonl ({"text": ...}). (No images: image_root
     is not used.)"""
     if path.endswith(".txt"):
-        return [line.strip() for _, line in read_lines(path, bad) if line.strip()]
+        return [cut(line) for _, line in read_lines(path, bad) if line.strip()]
     out = []
     for where, rec in read_records(path, bad):
         t = rec.get("text")
@@ -490,7 +542,7 @@ def parse_texts(path, bad, image_root=""):
         elif not t.strip():
             bad.report("empty text", where, "text is empty")
         else:
-            out.append(t.strip())
+            out.append(cut(t))
     return out
 
 
@@ -516,28 +568,82 @@ PARSERS = {"pair": parse_pairs, "pair_test": parse_test_pairs, "region": parse_r
 
 
 def load_image(path):
-    """PIL RGB image, fully decoded (so a truncated file fails here, not later)."""
+    """PIL RGB image, fully decoded (so a truncated file fails here, not later). A 16-bit or float image is
+    scaled to 8 bits first (_to_8bit): convert("RGB") alone clips it, 16-bit data to almost white, float to black."""
     with Image.open(path) as im:
+        if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+            return _to_8bit(im).convert("RGB")
         return im.convert("RGB")
+
+
+def _to_8bit(im):
+    """A grey image of mode I;16 (16-bit PNG, TIFF), I (32-bit int) or F (float TIFF) -> mode L. Values in the
+    16-bit range 0..65535 (16-bit files, and PNGs that PIL opens as I) are divided by 257, so a 16-bit picture
+    gives its 8-bit version; any others (float, negative or wider ints) are stretched from their own min..max
+    to 0..255, NaN taken as the min and infinities as the ends."""
+    a = np.asarray(im)
+    if im.mode != "F" and a.min() >= 0 and a.max() <= 65535:
+        a = (a.astype(np.uint32) * 255 + 32767) // 65535  # v / 257, rounded
+    else:
+        finite = a[np.isfinite(a)].astype(np.float64)
+        lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+        a = np.nan_to_num(a.astype(np.float64), nan=lo, posinf=hi, neginf=lo)
+        a = np.rint((a - lo) * (255 / (hi - lo) if hi > lo else 0))
+    return Image.fromarray(a.clip(0, 255).astype(np.uint8))
 
 
 # -----------------------------------------------------------------------------
 # Command line
 
 
-def check(data_dir, strict=False, image_root=""):
-    """Parse every source of a folder; print the records per kind and the bad-input counts."""
-    bad = BadInput(strict=strict)
+def check(data_dir, strict=False, image_root="", images=False, workers=None):
+    """Parse every source of a folder; print the records per kind, the texts cut to MAX_TEXT_CHARS and the
+    bad-input counts. With `images`, also decode every image the files name (check_images)."""
+    bad, named = BadInput(strict=strict), {}  # named: image path -> the first record that names it
     for kind, path in find_sources(data_dir).items():
         items = PARSERS[kind](path, bad, image_root)
-        extra = ""
+        what, texts = "records", items if kind == "text" else []
         if kind in ("pair", "pair_test"):
-            extra = f" captions, {len({it['image'] for it in items})} images"
+            what, texts = f"captions, {len({it['image'] for it in items})} images", [it["caption"] for it in items]
         elif kind == "region":
-            extra = f" images, {sum(len(r['regions']) for r in items)} regions"
-        print(f"{kind:10s} {path}: {len(items)}{extra or ' records'}")
+            what = f"images, {sum(len(r['regions']) for r in items)} regions"
+            texts = [c for r in items for c in r["captions"] + [c for g in r["regions"] for c in g["captions"]]]
+        n_cut = sum(len(t) >= MAX_TEXT_CHARS for t in texts)
+        if n_cut:
+            what += f" (texts at the {MAX_TEXT_CHARS}-character limit, longer ones cut: {n_cut})"
+        print(f"{kind:10s} {path}: {len(items)} {what}")
+        for it in items if kind != "text" else []:
+            named.setdefault(it["image"], it["where"])
+    if images:
+        check_images(named, bad, workers)
     print(bad.summary())
     return bad
+
+
+def _decode_problem(path):
+    """None when load_image decodes the file, else what is wrong with it (run in check_images' workers)."""
+    try:
+        load_image(path)
+        return None
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError ...
+        return f"{type(e).__name__}: {e}"
+
+
+def check_images(named, bad, workers=None):
+    """Decode each image of {path: where} fully (load_image, as training does) in a pool of `workers` processes
+    (default: one per CPU); report each that fails as "unreadable image", named by the first record naming it."""
+    paths = sorted(named)
+    if not paths:
+        return
+    workers = min(workers or os.cpu_count() or 1, len(paths))
+    pool = ProcessPoolExecutor(workers)
+    try:  # (strict stops at the first failure: the images not yet decoded are cancelled)
+        problems = pool.map(_decode_problem, paths, chunksize=max(1, min(64, len(paths) // (4 * workers))))
+        for path, why in zip(paths, tqdm(problems, total=len(paths), desc="decode images", unit="image")):
+            if why is not None:
+                bad.report("unreadable image", named[path], f"{path}: {why}", action="a run skips it")
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def main(argv=None):
@@ -549,8 +655,11 @@ def main(argv=None):
     c.add_argument("--strict", action="store_true", help="stop at the first problem")
     c.add_argument("--image_root", default="", help="the folder the image paths are relative to (default: "
                    "each file's own folder)")
+    c.add_argument("--images", action="store_true", help="also decode every image the files name, in full, and "
+                   "report each that does not decode (unreadable image)")
+    c.add_argument("--workers", type=int, default=None, help="processes decoding images (default: os.cpu_count())")
     a = p.parse_args(argv)
-    check(a.data_dir, a.strict, a.image_root)
+    check(a.data_dir, a.strict, a.image_root, a.images, a.workers)
 
 
 if __name__ == "__main__":

@@ -262,11 +262,10 @@ def _captions(path, key, payload, problems):
     if name.endswith(".txt"):
         if not text.strip():
             problems.report("empty caption", f"{path}:{name}", "the caption is empty")
-        return [text.strip()] if text.strip() else []
-    try:
-        rec = json.loads(text)
-    except json.JSONDecodeError as e:
-        problems.report("malformed JSON", f"{path}:{name}", str(e))
+        return [formats.cut(text)] if text.strip() else []
+    rec, why = formats.parse_json(text)
+    if why is not None:
+        problems.report("malformed JSON", f"{path}:{name}", why)
         return []
     if not isinstance(rec, dict):
         problems.report("malformed record", f"{path}:{name}", f"expected a JSON object, got {formats.type_of(rec)}")
@@ -280,7 +279,7 @@ def decode(kind, path, key, payload):
     problems = _Problems()
     if kind == "text":
         text, problem = formats._decode(payload)
-        return (text.strip(), problems) if problem is None else (None, [("not UTF-8", f"{path}:{key}", problem)])
+        return (formats.cut(text), problems) if problem is None else (None, [("not UTF-8", f"{path}:{key}", problem)])
     caps = _captions(path, key, payload, problems) if kind == "pair" else [None]
     img = _image(path, key, payload, problems) if caps else None
     if img is None:

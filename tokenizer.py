@@ -38,13 +38,15 @@ class Tokenizer:
     @classmethod
     def train(cls, texts, vocab_size, path):
         """Byte-level BPE (as RoBERTa's) trained on texts, saved to path. A small corpus such as the toy world
-        runs out of merges early, so the resulting `vocab_size` can be below the one asked for."""
+        runs out of merges early, so the resulting `vocab_size` can be below the one asked for. Each text is cut
+        to formats.MAX_TEXT_CHARS characters, as the readers cut it: one long word costs BPE training time that
+        grows faster than its length."""
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
         hf.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(cls.SPECIALS), show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        hf.train_from_iterator(texts, trainer)
+        hf.train_from_iterator((t[:formats.MAX_TEXT_CHARS] for t in texts), trainer)
         tok = cls(hf)
         tok.save(path)
         return tok
@@ -66,8 +68,9 @@ class Tokenizer:
         return cls(HFTokenizer.from_str(text))
 
     def encode(self, text, max_len):
-        """<s> tokens </s>, truncated to max_len with </s> kept last."""
-        body = self.hf.encode(text, add_special_tokens=False).ids[: max_len - 2]
+        """<s> tokens </s>, truncated to max_len with </s> kept last. The text is cut to formats.MAX_TEXT_CHARS
+        first, as the readers cut it, so no text costs more than a bounded time."""
+        body = self.hf.encode(text[:formats.MAX_TEXT_CHARS], add_special_tokens=False).ids[: max_len - 2]
         return [self.cls_id] + body + [self.sep_id]
 
     def decode(self, ids):

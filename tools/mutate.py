@@ -60,6 +60,7 @@ TST_GRADING = "test_each_blank_fails_its_tests_and_passes_them_with_only_its_ref
 TW = "tests/test_walkthrough.py"
 TRF = "tests/test_runfolder.py"
 CR, TCR = "tools/class_results.py", "tests/test_class_results.py"
+THR = "tests/test_hostile_readers.py"
 
 # curves._band_verdict: when a loss out of its band is BAD
 BAND_BAD = "if (i + 1 < len(sides) and sides[i + 1][3] == side) or i == len(sides) - 1:"
@@ -593,6 +594,51 @@ CATALOGUE = [
         "a finetune report's metrics are ft/TASK/NAME (ft/textcls/accuracy), not ft/TASK/metrics/NAME", TCR),
     Bug("class_finetune_overwrites_final", CR, 'out.update({f"ft/{task}/{k}": v', 'out.update({f"{task}/{k}": v',
         "a fine-tuned retrieval report never overwrites the run's zero-shot retrieval/...", TCR),
+    # --- hostile input: record readers (formats.parse_json, _number, the size and box range, cut, load_image)
+    Bug("json_guard_decode_error_only", FM,
+        "    except ValueError as e:  # an int of more digits than Python converts (sys.get_int_max_str_digits)\n"
+        "        return None, str(e).split(\";\")[0]\n"
+        "    except RecursionError:  # json's own limit, near sys.getrecursionlimit() levels\n"
+        "        return None, f\"nested deeper than {JSON_DEPTH} levels\"\n", "",
+        "every error parsing a record's JSON can raise (deep nesting, a 5,000-digit int) is malformed JSON",
+        f"{THR}::test_no_json_line_file_or_member_raises"),
+    Bug("json_depth_unbounded", FM, "    if level:  # deeper values", "    if False:  # deeper values",
+        "arrays and objects nested deeper than JSON_DEPTH are malformed JSON",
+        f"{THR}::test_no_json_line_file_or_member_raises"),
+    Bug("shard_json_unguarded", SH, "rec, why = formats.parse_json(text)", "rec, why = json.loads(text), None",
+        "a tar member's KEY.json goes through the same guarded parse",
+        f"{THR}::test_no_json_line_file_or_member_raises"),
+    Bug("number_huge_int", FM, "abs(v) <= sys.float_info.max", 'abs(v) < float("inf")',
+        "a number is one a float holds: an int of 400 digits is none",
+        f"{THR}::test_number_is_what_a_float_holds"),
+    Bug("declared_size_unbounded", FM, "_number(v) and 1 <= v <= MAX_SIDE for k, v", "_number(v) and 0 < v for k, v",
+        "a declared image_w, image_h is 1 to MAX_SIDE pixels (5e-324 would make W / iw infinite)",
+        f"{THR}::test_sizes_and_boxes_that_would_not_stay_finite_are_refused"),
+    Bug("scaled_box_unchecked", FM, "if not (x1 > x0 and y1 > y0):", "if False:",
+        "a box keeps an area once scaled to the image file and clipped to it",
+        f"{THR}::test_sizes_and_boxes_that_would_not_stay_finite_are_refused"),
+    Bug("text_uncut", FM, "return text.strip()[:MAX_TEXT_CHARS]", "return text.strip()",
+        "every reader cuts a text to MAX_TEXT_CHARS characters",
+        f"{THR}::test_every_reader_cuts_a_long_text_and_keeps_the_others"),
+    Bug("shard_text_uncut", SH, "return (formats.cut(text), problems)", "return (text.strip(), problems)",
+        "a shard's text line is cut as the JSONL readers cut it",
+        f"{THR}::test_every_reader_cuts_a_long_text_and_keeps_the_others"),
+    Bug("tokenizer_train_uncut", "tokenizer.py", "hf.train_from_iterator((t[:formats.MAX_TEXT_CHARS] for t in texts)",
+        "hf.train_from_iterator((t for t in texts)", "tokenizer training cuts each text: a 1 MB word takes seconds",
+        f"{THR}::test_tokenizer_trains_on_a_megabyte_line_without_spaces_in_seconds", fast=False),
+    Bug("tokenizer_encode_uncut", "tokenizer.py", "self.hf.encode(text[:formats.MAX_TEXT_CHARS],",
+        "self.hf.encode(text,", "encode hands the library at most MAX_TEXT_CHARS characters",
+        f"{THR}::test_encode_hands_the_library_at_most_the_limit"),
+    Bug("image_16_bit_clipped", FM, "a = (a.astype(np.uint32) * 255 + 32767) // 65535  # v / 257, rounded", "pass",
+        "a 16-bit image is scaled to 8 bits by / 257, not clipped",
+        f"{THR}::test_16_bit_and_float_images_are_scaled_to_8_bits"),
+    Bug("image_float_unstretched", FM, "a = np.rint((a - lo) * (255 / (hi - lo) if hi > lo else 0))", "a = np.rint(a)",
+        "a float image is stretched from its own min..max to 0..255",
+        f"{THR}::test_16_bit_and_float_images_are_scaled_to_8_bits"),
+    Bug("check_images_unreported", FM, '                bad.report("unreadable image", named[path]',
+        '                pass  # bad.report("unreadable image", named[path]',
+        "check --images names and counts each image that does not decode",
+        f"{THR}::test_check_reports_each_and_images_decodes_every_image"),
 ]
 
 

@@ -66,7 +66,9 @@ def run_one(name, seed, args):
         env["OMP_NUM_THREADS"] = str(args.threads)
     log = open(os.path.join(args.out_dir, f"{name}_seed{seed}.log"), "w")
     extra = args.train_args.split() if args.train_args else []
-    cmds = [[sys.executable, os.path.join(ROOT, "train.py"), *RECIPES[name][1], f"--seed={seed}", f"--out_dir={run}", *extra]]
+    # (an unfinished run of an earlier call is replaced: --overwrite)
+    cmds = [[sys.executable, os.path.join(ROOT, "train.py"), *RECIPES[name][1], f"--seed={seed}", f"--out_dir={run}",
+             "--overwrite", *extra]]
     cmds.append([sys.executable, os.path.join(ROOT, "finetune.py"), "--task", "all", "--init", os.path.join(run, "ckpt.pt"),
                  f"--seed={seed}"])
     for cmd in cmds:

@@ -137,8 +137,8 @@ def make_reference(name, out_dir="reference", runs_dir="runs/reference", reuse=F
         argv = [*spec["args"], f"--seed={seed}", f"--out_dir={run}"]
         if reuse and finished_run(run, argv):
             print(f"reusing the finished run {run}")
-        else:
-            train.main(argv)
+        else:  # (an earlier run in RUN, unfinished or of another command, is replaced)
+            train.main([*argv, "--overwrite"])
         runs.append(run)
     steps = spec["steps"]
     per_seed = [losses_at(read_run(r)[0], steps) for r in runs]

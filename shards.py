@@ -214,25 +214,24 @@ class BufferShuffle:
 class _Problems(list):
     """Takes what formats' readers report (BadInput.report's signature), to be reported at the sample's turn."""
 
-    def report(self, kind, where, msg, action="skipped", count=True):
+    def report(self, kind, where, msg, action="skipped"):
         self.append((kind, where, msg))
 
 
 class _Tally:
-    """The run's BadInput where samples are decoded, maybe in a DataLoader worker (whose copy of the counts is
-    lost): prints through it and counts here; the counts travel to the main process with the batch."""
+    """The problems of the samples a slot decodes, maybe in a DataLoader worker (whose copy of the run's BadInput
+    is lost): each travels to the main process with its batch, whose BadInput counts each record once."""
 
     def __init__(self, bad):
-        self.bad, self.counts = bad, {}
+        self.bad, self.problems = bad, []
 
     def report(self, kind, where, msg, replaced=True):
-        self.bad.report(kind, where, msg, count=False,
-                        action="sample skipped; the next good one takes its place" if replaced else "skipped")
-        self.counts[kind] = self.counts.get(kind, 0) + 1
+        action = "sample skipped; the next good one takes its place" if replaced else "skipped"
+        self.problems.append(self.bad.found(kind, where, msg, action))  # (strict: raises here)
 
     def take(self):
-        counts, self.counts = self.counts, {}
-        return counts
+        problems, self.problems = self.problems, []
+        return problems
 
 
 def _image(path, key, payload, problems):
@@ -303,7 +302,7 @@ class _FromShards:
 
     def load(self, index):
         img = self.images[index]  # a decoded image, or the bytes of one (ShardStream.dataset: decoded when used)
-        return index, (formats.load_image(io.BytesIO(img)) if isinstance(img, bytes) else img), 0
+        return index, (formats.load_image(io.BytesIO(img)) if isinstance(img, bytes) else img), []
 
 
 class _Pairs(_FromShards, data.PairDataset):
@@ -368,8 +367,8 @@ class ShardStream:
             self._it = iter(loader)
         batch = next(self._it)
         self.batches += 1
-        for kind, n in batch.pop("bad_kinds").items():   # bad members seen where the batch was made, counted here
-            self.bad.add(kind, n)
+        for problem in batch.pop("bad"):   # bad members found where the batch was made: each record counted once
+            self.bad.once(*problem)
         self.last = {"epoch": batch.pop("epoch"), "ordinal": batch.pop("ordinal")}
         return batch
 
@@ -422,7 +421,7 @@ class SlotReader:
             ordinals = [g for g, _ in chunk]
             ds = _dataset(self.kind, [s for _, s in chunk], ordinals, self.tok, self.dc, self.bad)
             batch = ds.collate([ds[(i, epoch)] for i in range(B)])
-            batch.update(bad_kinds=tally.take(), epoch=epoch, ordinal=torch.tensor(ordinals))
+            batch.update(bad=tally.take(), epoch=epoch, ordinal=torch.tensor(ordinals))
             yield batch
         samples.close()
 

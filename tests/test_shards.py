@@ -73,6 +73,7 @@ def test_packed_shards_give_the_jsonl_samples(toy, tmp_path):
             g, epoch = st.last["ordinal"].tolist(), st.last["epoch"]
             seen[epoch] += g
             want = ds.collate([ds[(i, epoch)] for i in g])
+            assert want.pop("bad", []) == []                      # (the stream counts a batch's bad input)
             same_batch(batch, want, skip=("img_id",))             # img_id: an id within the batch, see below
             if "img_id" in batch:                                 # the same image <=> the same id
                 assert torch.equal(batch["img_id"][:, None] == batch["img_id"][None],

@@ -486,9 +486,9 @@ CATALOGUE = [
     Bug("shard_bad_not_counted", SH, "tally.report(*p, replaced=sample is None)", "pass",
         "a bad member is named and counted",
         f"{TSH} -k bad_members"),
-    Bug("shard_bad_counted_in_worker", SH, "self.counts[kind] = self.counts.get(kind, 0) + 1",
-        "self.bad.add(kind)", "bad members found in a DataLoader worker are counted in the main process (a worker's "
-        "counts are lost)", f"{TSH} -k bad_members"),
+    Bug("shard_bad_counted_in_worker", SH, "self.problems.append(self.bad.found(kind, where, msg, action))",
+        "self.bad.once(kind, where, msg, action)", "bad members found in a DataLoader worker are counted in the "
+        "main process (a worker's counts are lost)", f"{TSH} -k bad_members"),
     Bug("shard_index_size_unchecked", SH, "if os.path.getsize(os.path.join(folder, name)) != size:", "if False:",
         "a shard changed since it was indexed stops the run before any work",
         f"{TSH}::test_bad_folders_and_flags_stop_with_one_clear_error"),

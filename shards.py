@@ -7,15 +7,26 @@ streams from its shards):
                          .jpeg, .webp, .bmp) and KEY.txt (the caption) or KEY.json ({"caption": "..." or [...]})
     images/00000.tar ... image-only data for MIM: KEY.jpg per sample
     text/00000.txt ...   a text corpus split into files, one document per line (UTF-8; blank lines skipped)
-    FOLDER/index.json    {"kind", "samples", "files": [{"name", "samples", "bytes"}]}: how many samples each file
-                         holds, so every rank knows the whole layout without reading a shard
+    FOLDER/index.json    {"kind", "samples", "digest", "files": [{"name", "samples", "bytes"}]}: how many samples
+                         each file holds, so every rank knows the whole layout without reading a shard
 Region captions and the held-out pairs stay JSONL (formats.py). A tar member's KEY is its name up to the first dot
-of its last path part; consecutive members with one KEY are one sample (as webdataset groups them).
+of its last path part; consecutive members with one KEY are one sample (as webdataset groups them). A member
+whose extension came before in its sample (KEY.jpg KEY.txt KEY.jpg KEY.txt: a tar written twice) is skipped: the
+sample keeps its first member of each extension and is counted once as a "duplicate key".
 
-    python shards.py pack --data_dir data/toy --out data/toy_shards [--shard_size 1000]   # a JSONL folder -> shards
+    python shards.py pack --data_dir data/toy --out data/toy_shards [--shard_size 1000] [--image_root DIR]
     python shards.py index --data_dir DIR         # write the index.json files of shards made elsewhere (img2dataset)
-    python -m pytest tests/test_shards.py -q      # the tests (CPU, about 20 s)
+    python -m pytest tests/test_shards.py tests/test_hostile_shards.py -q   # the tests (CPU, about 25 s)
     python tools/bench_stream.py                  # peak memory of a rank streaming 10k and 100k pairs
+
+An index is verified before any work, never trusted (_read_index): it lists every file of its folder once, each
+with "samples" and "bytes" ints >= 0 (no floats, no booleans), its file has that many bytes and can hold that
+many samples (512 bytes a tar sample, 2 a text line), and its "digest" (which `index` writes) matches, so an
+index edited by hand is refused; one without a digest is read when the rest holds. Anything else stops the run
+in one line that names the index.json, the problem and the `python shards.py index --data_dir DIR` that
+rewrites it. `pack` reads only image files under --data_dir (and --image_root, when given), links resolved: a
+record naming a file elsewhere (/etc/passwd, "../x.png", a link leading out) is an "image outside the data
+folder", one naming a file that does not decode an "unreadable image"; each is named, counted and left out.
 
 How a ShardStream reads (one per kind and rank):
   - Epoch e orders the files by a permutation keyed (seed, stream, e), the same on every rank, and cuts their
@@ -27,10 +38,14 @@ How a ShardStream reads (one per kind and rank):
   - Within its range a slot shuffles through a buffer of `buffer` samples (BufferShuffle), keyed (seed, stream, e,
     slot). Each sample's randomness (crop, masks, ITM draws) is data.py's np.random.default_rng([seed, stream, e,
     ordinal]), ordinal = the sample's place in the index's file order: a JSONL folder and its packed shards give
-    the same sample for the same ordinal (tests/test_shards.py).
+    the same sample for the same ordinal (tests/test_shards.py; pack leaves out a record whose image it refuses,
+    which data.py keeps and replaces when drawn, so the ordinals after it shift by one).
   - A bad member (an image that does not decode, a missing or empty caption, text that is not UTF-8) is named
     as shard.tar:member, skipped and counted through formats.BadInput; its place in the batch goes to the next
     good sample of the slot (as data.py replaces an unreadable image), so batches stay full and equal in number.
+    The batch carries its problems to the main process, which counts each (kind, where) once: a bad member
+    drawn every epoch, in any DataLoader worker, counts one (BadInput.once; BadInput.state_dict holds the
+    records for a checkpoint).
   - The position is the number of batches the stream has handed out, the same on every rank, so rank 0's
     {"batches": n, "slots": S} in the checkpoint serves every rank. A resume replays the buffer's order on
     integers, reads back only the samples the buffer held at that point, and continues exactly; it needs the

@@ -9,17 +9,20 @@ Run:
 
 The files of a data folder, their formats and the bad-input rules: formats.py.
 
-Batches (tensors, and the ints max_masks, mim_count, n_bad; T = the longest sequence in the batch, or
-text_len / caption_len with DataConfig.static (train.py --compile); P = (image_size // patch_size) ** 2):
+Batches (tensors, and the ints max_masks, mim_count; T = the longest sequence in the batch, or text_len /
+caption_len with DataConfig.static (train.py --compile); P = (image_size // patch_size) ** 2):
     text:   ids (B,T) masked ids, att (B,T), labels (B,T) with -100 where not masked       MLM p=0.15, <= 20 masks
-    image:  image (B,3,S,S), mim_mask (B,P) bool, mim_count (masked patches per image), n_bad
+    image:  image (B,3,S,S), mim_mask (B,P) bool, mim_count (masked patches per image)
     pair:   image, mim_mask, mim_count, ids/att (unmasked caption), mlm_ids/mlm_labels (p=0.5, <= 15), img_id (B,),
-            itm_label (B,), n_bad
+            itm_label (B,)
     region: image (B_img,3,S,S) and, per caption slot (N = B_img * slots): img_index, ids, att, mlm_ids,
             mlm_labels, box (N,4) normalised cx,cy,w,h, is_region, patch_mask (N,P), img_id, valid (N,) (False:
-            an empty slot); n_bad. No MIM on regions.
+            an empty slot). No MIM on regions.
     max_masks (text, pair, region): the most masked positions any row can hold (max_masked), the slots that
             losses.mlm_loss gives each row, so the loss has fixed shapes (docs/METHOD.md §6.3).
+A collated image, pair or region batch also holds `bad`: the unreadable images passed over while making it, as
+formats.BadInput.found gives them; Stream takes them out and counts each record once (BadInput.once), so a file
+that fails is counted once however often it is drawn, in any DataLoader worker and any epoch.
 Every sample draws its randomness from np.random.default_rng([seed, stream, epoch, index]), so batches do not
 depend on the number of DataLoader workers and a resumed run continues the exact same sequence.
 
@@ -263,17 +266,17 @@ class _Base(Dataset):
         return np.random.default_rng([self.dc.seed, self.salt, epoch, index])
 
     def load(self, index):
-        """-> (j, PIL image, n_bad): item j is index or, if its image cannot be decoded, the next readable one."""
-        n = len(self.items)
+        """-> (j, PIL image, bad): item j is index or, if its image cannot be decoded, the next readable one; bad:
+        the problem of each item passed over (BadInput.found: the batch carries them to the main process)."""
+        n, bad = len(self.items), []
         for k in range(n):
             j = (index + k) % n
             item = self.items[j]
             try:
-                return j, formats.load_image(item["image"]), k
+                return j, formats.load_image(item["image"]), bad
             except Exception as e:
-                # printed here (maybe in a worker); counted in the main process through the batch's n_bad
-                self.bad.report("unreadable image", item["where"], f"{item['image']}: {e}",
-                                action="replaced by the next sample", count=False)
+                bad.append(self.bad.found("unreadable image", item["where"], f"{item['image']}: {e}",
+                                          "replaced by the next sample"))
         raise RuntimeError("no readable image in the whole dataset")
 
 
@@ -303,21 +306,21 @@ class ImageDataset(_Base):
     def image_and_mask(self, key):
         index, epoch = key
         rng = self.rng(epoch, index)
-        j, img, n_bad = self.load(index)
+        j, img, bad = self.load(index)
         x = random_resized_crop(img, self.dc.image_size, rng, scale=self.dc.crop_scale, hflip=self.dc.hflip)
         # the masked and unmasked MIM views are this same tensor; only the mask differs (docs/METHOD.md §5.3)
         m = block_mask(self.dc.grid, *mim_counts(self.dc.grid), rng)
-        return j, x, torch.from_numpy(m), n_bad, rng
+        return j, x, torch.from_numpy(m), bad, rng
 
     def __getitem__(self, key):
-        _, x, m, n_bad, _ = self.image_and_mask(key)
-        return {"image": x, "mim_mask": m, "bad": n_bad}
+        _, x, m, bad, _ = self.image_and_mask(key)
+        return {"image": x, "mim_mask": m, "bad": bad}
 
     def collate(self, samples):
         return {"image": torch.stack([s["image"] for s in samples]),  # (B, 3, S, S)
                 "mim_mask": torch.stack([s["mim_mask"] for s in samples]),  # (B, P)
                 "mim_count": mim_counts(self.dc.grid)[0],  # masked patches per image (block_mask: exactly)
-                "n_bad": sum(s["bad"] for s in samples)}
+                "bad": [p for s in samples for p in s["bad"]]}
 
 
 def _image_ids(items):
@@ -343,7 +346,7 @@ class PairDataset(ImageDataset):
         self.masking = CAPTION_MASKING[dc.caption_mask]
 
     def __getitem__(self, key):
-        j, x, m, n_bad, rng = self.image_and_mask(key)
+        j, x, m, bad, rng = self.image_and_mask(key)
         caption, match = self.items[j]["caption"], 1                      # j: the caption goes with the image
         if self.dc.itm_neg_prob and rng.random() < self.dc.itm_neg_prob:
             for _ in range(10):  # a random pair showing another image (10 tries: duplicates are rare)
@@ -354,7 +357,7 @@ class PairDataset(ImageDataset):
         ids = self.tok.encode(caption, self.dc.caption_len)
         mlm_ids, mlm_labels = mask_text(ids, self.tok, *self.masking[:2], rng, skipgram_prob=self.masking[2])
         return {"image": x, "mim_mask": m, "ids": ids, "mlm_ids": mlm_ids, "mlm_labels": mlm_labels,
-                "img_id": self.img_ids[j], "itm_label": match, "bad": n_bad}
+                "img_id": self.img_ids[j], "itm_label": match, "bad": bad}
 
     def collate(self, samples):
         batch = super().collate(samples)
@@ -384,7 +387,7 @@ class RegionDataset(_Base):
     def __getitem__(self, key):
         index, epoch = key
         rng = self.rng(epoch, index)
-        j, img, n_bad = self.load(index)
+        j, img, bad = self.load(index)
         rec = self.items[j]
         regs = rec["regions"]
         pick = rng.choice(len(regs), min(self.dc.max_regions, len(regs)), replace=False)
@@ -411,7 +414,7 @@ class RegionDataset(_Base):
         out += [{"ids": ids, "mlm_ids": ids, "mlm_labels": [-100] * len(ids), "box": (0.5, 0.5, 1.0, 1.0),
                  "is_region": False, "patch_mask": np.ones(self.dc.grid ** 2, dtype=bool), "valid": False}
                 ] * (self.slots - len(out))
-        return {"image": x, "texts": out, "img_id": self.img_ids[j], "bad": n_bad}
+        return {"image": x, "texts": out, "img_id": self.img_ids[j], "bad": bad}
 
     def collate(self, samples):
         # flatten B_img images into N = B_img * slots captions; img_index says which image each belongs to
@@ -430,7 +433,7 @@ class RegionDataset(_Base):
                 "is_region": torch.tensor([t["is_region"] for t in texts], dtype=torch.bool),
                 "patch_mask": torch.from_numpy(np.stack([t["patch_mask"] for t in texts])),  # (N, P)
                 "img_id": torch.tensor([samples[b]["img_id"] for b in img_index], dtype=torch.long),
-                "n_bad": sum(s["bad"] for s in samples)}
+                "bad": [p for s in samples for p in s["bad"]]}
 
 
 # -----------------------------------------------------------------------------
@@ -497,7 +500,8 @@ class Stream:
             self._it = iter(self.loader)
         batch = next(self._it)
         self.batches += 1
-        self.bad.add("unreadable image", batch.get("n_bad", 0))  # problems seen in workers, counted here
+        for problem in batch.pop("bad", ()):  # found where the batch was made (maybe a worker): counted here
+            self.bad.once(*problem)
         return batch
 
     def state_dict(self):

@@ -82,25 +82,42 @@ class BadInput:
     """One per run. report() prints (the first `max_print` per kind) and counts a problem; strict raises.
     Kinds: malformed JSON, not UTF-8, malformed record, missing image, empty caption, empty text, bad box, no
     regions (found while parsing, so the record or region is skipped) and unreadable image (found while decoding:
-    the dataset substitutes the next sample and the batch's n_bad carries the count to the main process). Tar
-    shards (shards.py) add missing caption, and unreadable shard (a shard file cut short: each sample lost)."""
+    the dataset substitutes the next sample). Tar shards (shards.py) add missing caption, duplicate key (a sample
+    holding a member twice) and unreadable shard (a shard file cut short: each sample lost).
+    A problem found while decoding comes again each time its record is drawn (every epoch), maybe in a DataLoader
+    worker (whose copy of the counts is lost): found() makes it one (kind, where, message, action) that the batch
+    carries to the main process, whose once() reports and counts each (kind, where) one time only, across epochs
+    and workers. state_dict() holds those records, so a resumed run counts none of them again."""
 
     def __init__(self, strict=False, verbose=True, max_print=10):
         self.strict, self.verbose, self.max_print = strict, verbose, max_print
         self._counts, self._seen = Counter(), Counter()
+        self._records = set()  # the (kind, where) that once() has counted
         self.messages = []  # the printed lines, kept for tests and logs
 
-    def report(self, kind, where, msg, action="skipped", count=True):
+    def report(self, kind, where, msg, action="skipped"):
         line = f"{where}: {kind} ({msg})"
         if self.strict:
             raise ValueError(line)
-        if count:
-            self._counts[kind] += 1
+        self._counts[kind] += 1
         self._seen[kind] += 1
         if self._seen[kind] <= self.max_print:
             self._say(f"{line} - {action}")
         elif self._seen[kind] == self.max_print + 1:
             self._say(f"more '{kind}' problems: counted, not printed")
+
+    def found(self, kind, where, msg, action):
+        """A problem found while decoding a record -> (kind, where, msg, action) for its batch to carry to once();
+        under strict it raises here."""
+        if self.strict:
+            raise ValueError(f"{where}: {kind} ({msg})")
+        return kind, where, msg, action
+
+    def once(self, kind, where, msg, action="skipped"):
+        """report(), the first time (kind, where) comes: a record drawn again is counted once."""
+        if (kind, where) not in self._records:
+            self._records.add((kind, where))
+            self.report(kind, where, msg, action)
 
     def _say(self, line):
         self.messages.append(line)
@@ -108,9 +125,26 @@ class BadInput:
             print(f"warning: {line}", file=sys.stderr, flush=True)
 
     def add(self, kind, n=1):
-        # problems found inside DataLoader workers: printed there, counted here (worker copies are lost)
+        # n problems counted elsewhere (train.py's resume adds a checkpoint's counts())
         if n:
             self._counts[kind] += int(n)
+
+    def state_dict(self):
+        """For a checkpoint: the records once() counted (what the files' parsing finds is found again when a
+        resumed run parses them)."""
+        return {"records": sorted(self._records)}
+
+    def load_state_dict(self, state):
+        """A checkpoint's state_dict(): its records join this run's, each counted once. A plain {kind: n} (the
+        counts() of a checkpoint without records) raises each kind's count to n."""
+        if "records" not in state:
+            for kind, n in state.items():
+                self._counts[kind] = max(self._counts[kind], int(n))
+            return
+        for kind, where in state["records"]:
+            if (kind, where) not in self._records:
+                self._records.add((kind, where))
+                self._counts[kind] += 1
 
     def counts(self):
         return dict(self._counts)

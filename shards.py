@@ -7,15 +7,26 @@ streams from its shards):
                          .jpeg, .webp, .bmp) and KEY.txt (the caption) or KEY.json ({"caption": "..." or [...]})
     images/00000.tar ... image-only data for MIM: KEY.jpg per sample
     text/00000.txt ...   a text corpus split into files, one document per line (UTF-8; blank lines skipped)
-    FOLDER/index.json    {"kind", "samples", "files": [{"name", "samples", "bytes"}]}: how many samples each file
-                         holds, so every rank knows the whole layout without reading a shard
+    FOLDER/index.json    {"kind", "samples", "digest", "files": [{"name", "samples", "bytes"}]}: how many samples
+                         each file holds, so every rank knows the whole layout without reading a shard
 Region captions and the held-out pairs stay JSONL (formats.py). A tar member's KEY is its name up to the first dot
-of its last path part; consecutive members with one KEY are one sample (as webdataset groups them).
+of its last path part; consecutive members with one KEY are one sample (as webdataset groups them). A member
+whose extension came before in its sample (KEY.jpg KEY.txt KEY.jpg KEY.txt: a tar written twice) is skipped: the
+sample keeps its first member of each extension and is counted once as a "duplicate key".
 
-    python shards.py pack --data_dir data/toy --out data/toy_shards [--shard_size 1000]   # a JSONL folder -> shards
+    python shards.py pack --data_dir data/toy --out data/toy_shards [--shard_size 1000] [--image_root DIR]
     python shards.py index --data_dir DIR         # write the index.json files of shards made elsewhere (img2dataset)
-    python -m pytest tests/test_shards.py -q      # the tests (CPU, about 20 s)
+    python -m pytest tests/test_shards.py tests/test_hostile_shards.py -q   # the tests (CPU, about 25 s)
     python tools/bench_stream.py                  # peak memory of a rank streaming 10k and 100k pairs
+
+An index is verified before any work, never trusted (_read_index): it lists every file of its folder once, each
+with "samples" and "bytes" ints >= 0 (no floats, no booleans), its file has that many bytes and can hold that
+many samples (512 bytes a tar sample, 2 a text line), and its "digest" (which `index` writes) matches, so an
+index edited by hand is refused; one without a digest is read when the rest holds. Anything else stops the run
+in one line that names the index.json, the problem and the `python shards.py index --data_dir DIR` that
+rewrites it. `pack` reads only image files under --data_dir (and --image_root, when given), links resolved: a
+record naming a file elsewhere (/etc/passwd, "../x.png", a link leading out) is an "image outside the data
+folder", one naming a file that does not decode an "unreadable image"; each is named, counted and left out.
 
 How a ShardStream reads (one per kind and rank):
   - Epoch e orders the files by a permutation keyed (seed, stream, e), the same on every rank, and cuts their
@@ -27,10 +38,14 @@ How a ShardStream reads (one per kind and rank):
   - Within its range a slot shuffles through a buffer of `buffer` samples (BufferShuffle), keyed (seed, stream, e,
     slot). Each sample's randomness (crop, masks, ITM draws) is data.py's np.random.default_rng([seed, stream, e,
     ordinal]), ordinal = the sample's place in the index's file order: a JSONL folder and its packed shards give
-    the same sample for the same ordinal (tests/test_shards.py).
+    the same sample for the same ordinal (tests/test_shards.py; pack leaves out a record whose image it refuses,
+    which data.py keeps and replaces when drawn, so the ordinals after it shift by one).
   - A bad member (an image that does not decode, a missing or empty caption, text that is not UTF-8) is named
     as shard.tar:member, skipped and counted through formats.BadInput; its place in the batch goes to the next
     good sample of the slot (as data.py replaces an unreadable image), so batches stay full and equal in number.
+    The batch carries its problems to the main process, which counts each (kind, where) once: a bad member
+    drawn every epoch, in any DataLoader worker, counts one (BadInput.once; BadInput.state_dict holds the
+    records for a checkpoint).
   - The position is the number of batches the stream has handed out, the same on every rank, so rank 0's
     {"batches": n, "slots": S} in the checkpoint serves every rank. A resume replays the buffer's order on
     integers, reads back only the samples the buffer held at that point, and continues exactly; it needs the
@@ -44,10 +59,11 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import shutil
 import sys
 import tarfile
-from collections import deque
+from collections import Counter, deque
 
 import numpy as np
 import torch
@@ -85,29 +101,12 @@ def _key(name):
 
 
 class Index:
-    """The files of one shard folder and how many samples each holds (its index.json, checked against the disk:
-    a file missing, unlisted or changed since it was indexed stops the run before any work)."""
+    """The files of one shard folder and how many samples each holds: its index.json, verified before any work
+    (_read_index)."""
 
     def __init__(self, folder, kind):
-        self.folder, self.kind, path = folder, kind, os.path.join(folder, INDEX)
-        redo = f"count them again with\n    python shards.py index --data_dir {os.path.dirname(folder) or '.'}"
-        on_disk = sorted(n for n in os.listdir(folder) if n.endswith(SUFFIX[kind]))
-        if not os.path.isfile(path):
-            raise SystemExit(f"error: {folder} holds {len(on_disk)} {SUFFIX[kind]} files but no {INDEX}; {redo}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                files = json.load(f)["files"]
-            names, counts, sizes = ([f[k] for f in files] for k in ("name", "samples", "bytes"))
-        except (ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"error: {path} is not a shard index ({type(e).__name__}: {e}); {redo}") from None
-        for what, which in (("listed in", set(names) - set(on_disk)), ("not in", set(on_disk) - set(names))):
-            if which:
-                raise SystemExit(f"error: {len(which)} files {what} {path}, e.g. {sorted(which)[0]}; {redo}")
-        for name, size in zip(names, sizes):
-            if os.path.getsize(os.path.join(folder, name)) != size:
-                raise SystemExit(f"error: {os.path.join(folder, name)} has changed since {path} was written "
-                                 f"({os.path.getsize(os.path.join(folder, name))} bytes, indexed {size}); {redo}")
-        self.names = names
+        self.folder, self.kind = folder, kind
+        self.names, counts = _read_index(folder, kind)
         self.counts = np.array(counts, dtype=np.int64)                             # (F,) samples per file
         self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])          # (F,) each file's first ordinal
         self.total = int(self.counts.sum())
@@ -130,6 +129,67 @@ class Index:
             pos += n
             if pos >= hi:
                 break
+
+
+def _most(kind, size):
+    """The most samples a `kind` file of `size` bytes can hold: a tar sample takes at least one member's 512-byte
+    header, a text line a character and its line break (the last line may lack its break)."""
+    return (size + 1) // 2 if kind == "text" else size // 512
+
+
+def _digest(files):
+    """index.json's digest of its [{"name", "samples", "bytes"}]: an index edited by hand no longer matches it."""
+    rows = json.dumps([[f["name"], f["samples"], f["bytes"]] for f in files])
+    return hashlib.blake2b(rows.encode(), digest_size=16).hexdigest()
+
+
+def _read_index(folder, kind):
+    """(names, samples per file) from folder/index.json, verified: a JSON object whose "files" lists every
+    file of the folder once, each with "samples" and "bytes" ints >= 0 (no bools, no floats); each file has its
+    indexed size and can hold its samples (_most); "digest", when there (shards.py writes it), matches. An
+    index without a digest passes the other checks. Anything else stops the run with one line that names
+    index.json and the problem and gives the command that rewrites it."""
+    path, on_disk = os.path.join(folder, INDEX), sorted(n for n in os.listdir(folder) if n.endswith(SUFFIX[kind]))
+    redo = f"python shards.py index --data_dir {shlex.quote(os.path.dirname(folder) or '.')}"
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path}: missing ({len(on_disk)} {SUFFIX[kind]} files in {folder}); write it "
+                         f"with: {redo}")
+
+    def refuse(problem):
+        return SystemExit(f"error: {path}: {problem}; rewrite it with: {redo}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except ValueError as e:  # (not UTF-8 too)
+        raise refuse(f"not JSON ({type(e).__name__}: {e})") from None
+    files = index.get("files") if isinstance(index, dict) else None
+    if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
+        raise refuse('not a shard index {"files": [{"name", "samples", "bytes"}, ...]}')
+    for i, f in enumerate(files):
+        for field in ("name", "samples", "bytes"):
+            v = f.get(field)
+            ok = isinstance(v, str) if field == "name" else isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            if not ok:
+                got = f"{field!r} {formats._short(json.dumps(v))}" if field in f else f"no {field!r}"
+                raise refuse(f"files[{i}] has {got}, not {'a file name' if field == 'name' else 'an int >= 0'}")
+    names = [f["name"] for f in files]
+    twice = sorted(n for n, c in Counter(names).items() if c > 1)
+    if twice:
+        raise refuse(f"{twice[0]} is listed {names.count(twice[0])} times")
+    for what, which in (("is listed but not in", set(names) - set(on_disk)),
+                        ("is in the folder but not listed in", set(on_disk) - set(names))):
+        if which:
+            raise refuse(f"{sorted(which)[0]} {what} {folder} ({len(which)} files in all)")
+    for f in files:
+        size = os.path.getsize(os.path.join(folder, f["name"]))
+        if size != f["bytes"]:
+            raise refuse(f"{f['name']} has {size} bytes, indexed with {f['bytes']}: it changed since")
+        if f["samples"] > _most(kind, size):
+            raise refuse(f"{f['name']} is listed with {f['samples']} samples, more than its {size} bytes can hold "
+                         f"({_most(kind, size)})")
+    if "digest" in index and index["digest"] != _digest(files):
+        raise refuse("its digest does not match its files list: it was edited after shards.py wrote it")
+    return names, [f["samples"] for f in files]
 
 
 def _read_tar(path, a, b, want, members):
@@ -214,25 +274,24 @@ class BufferShuffle:
 class _Problems(list):
     """Takes what formats' readers report (BadInput.report's signature), to be reported at the sample's turn."""
 
-    def report(self, kind, where, msg, action="skipped", count=True):
+    def report(self, kind, where, msg, action="skipped"):
         self.append((kind, where, msg))
 
 
 class _Tally:
-    """The run's BadInput where samples are decoded, maybe in a DataLoader worker (whose copy of the counts is
-    lost): prints through it and counts here; the counts travel to the main process with the batch."""
+    """The problems of the samples a slot decodes, maybe in a DataLoader worker (whose copy of the run's BadInput
+    is lost): each travels to the main process with its batch, whose BadInput counts each record once."""
 
     def __init__(self, bad):
-        self.bad, self.counts = bad, {}
+        self.bad, self.problems = bad, []
 
     def report(self, kind, where, msg, replaced=True):
-        self.bad.report(kind, where, msg, count=False,
-                        action="sample skipped; the next good one takes its place" if replaced else "skipped")
-        self.counts[kind] = self.counts.get(kind, 0) + 1
+        action = "sample skipped; the next good one takes its place" if replaced else "skipped"
+        self.problems.append(self.bad.found(kind, where, msg, action))  # (strict: raises here)
 
     def take(self):
-        counts, self.counts = self.counts, {}
-        return counts
+        problems, self.problems = self.problems, []
+        return problems
 
 
 def _image(path, key, payload, problems):
@@ -273,6 +332,22 @@ def _captions(path, key, payload, problems):
     return formats.captions_of(rec, f"{path}:{name}", problems)
 
 
+def _first_of_each(path, key, payload, problems):
+    """A tar sample's members, the first of each extension: a member whose extension came before in the sample
+    (KEY.jpg, KEY.txt, KEY.jpg, KEY.txt: a tar written twice, say) is skipped, and the sample reported once as a
+    "duplicate key". The sample itself stays, with its first image and first caption."""
+    seen, first, again = set(), [], []
+    for name, raw in payload:
+        ext = _key(name)[1]
+        (again if ext in seen else first).append((name, raw))
+        seen.add(ext)
+    if again:
+        names = formats._short(", ".join(n for n, _ in again))
+        problems.report("duplicate key", f"{path}:{key}", f"{len(again)} members again ({names}): the first of each "
+                        "extension is kept")
+    return first
+
+
 def decode(kind, path, key, payload):
     """One sample's payload -> (sample or None, problems). A pair: (image, captions, image id); an image: (image,
     image id); a text: the stripped line. Problems: [(kind, where, message)]; a None sample is a bad member."""
@@ -280,6 +355,7 @@ def decode(kind, path, key, payload):
     if kind == "text":
         text, problem = formats._decode(payload)
         return (formats.cut(text), problems) if problem is None else (None, [("not UTF-8", f"{path}:{key}", problem)])
+    payload = _first_of_each(path, key, payload, problems)
     caps = _captions(path, key, payload, problems) if kind == "pair" else [None]
     img = _image(path, key, payload, problems) if caps else None
     if img is None:
@@ -302,7 +378,7 @@ class _FromShards:
 
     def load(self, index):
         img = self.images[index]  # a decoded image, or the bytes of one (ShardStream.dataset: decoded when used)
-        return index, (formats.load_image(io.BytesIO(img)) if isinstance(img, bytes) else img), 0
+        return index, (formats.load_image(io.BytesIO(img)) if isinstance(img, bytes) else img), []
 
 
 class _Pairs(_FromShards, data.PairDataset):
@@ -367,8 +443,8 @@ class ShardStream:
             self._it = iter(loader)
         batch = next(self._it)
         self.batches += 1
-        for kind, n in batch.pop("bad_kinds").items():   # bad members seen where the batch was made, counted here
-            self.bad.add(kind, n)
+        for problem in batch.pop("bad"):   # bad members found where the batch was made: each record counted once
+            self.bad.once(*problem)
         self.last = {"epoch": batch.pop("epoch"), "ordinal": batch.pop("ordinal")}
         return batch
 
@@ -421,7 +497,7 @@ class SlotReader:
             ordinals = [g for g, _ in chunk]
             ds = _dataset(self.kind, [s for _, s in chunk], ordinals, self.tok, self.dc, self.bad)
             batch = ds.collate([ds[(i, epoch)] for i in range(B)])
-            batch.update(bad_kinds=tally.take(), epoch=epoch, ordinal=torch.tensor(ordinals))
+            batch.update(bad=tally.take(), epoch=epoch, ordinal=torch.tensor(ordinals))
             yield batch
         samples.close()
 
@@ -534,7 +610,7 @@ def corpus_texts(data_dir):
                 text, _ = formats._decode(payload)
                 yield from [text.strip()] if text else []
             elif problem is None:
-                yield from _captions(path, key, payload, quiet)
+                yield from _captions(path, key, _first_of_each(path, key, payload, quiet), quiet)
 
 
 # -----------------------------------------------------------------------------
@@ -562,14 +638,15 @@ def _count(path, kind):
 
 
 def write_index(folder, kind, progress=True):
-    """Count the samples of every file in a shard folder and write its index.json. -> the total."""
+    """Count the samples of every file in a shard folder and write its index.json (with each file's size and
+    the digest _read_index verifies). -> the total."""
     names = sorted(n for n in os.listdir(folder) if n.endswith(SUFFIX[kind]))
     files = [{"name": n, "samples": _count(os.path.join(folder, n), kind),
               "bytes": os.path.getsize(os.path.join(folder, n))}
              for n in tqdm(names, desc=f"index {folder}", disable=not progress, unit="file")]
     total = sum(f["samples"] for f in files)
     with open(os.path.join(folder, INDEX + ".tmp"), "w", encoding="utf-8") as f:  # one line per file
-        f.write(f'{{"kind": "{kind}", "samples": {total}, "files": [\n')
+        f.write(f'{{"kind": "{kind}", "samples": {total}, "digest": "{_digest(files)}", "files": [\n')
         f.write(",\n".join(json.dumps(x) for x in files) + "\n]}\n")
     os.replace(os.path.join(folder, INDEX + ".tmp"), os.path.join(folder, INDEX))
     return total
@@ -582,9 +659,45 @@ def _add(tf, name, raw):
     tf.addfile(info, io.BytesIO(raw))
 
 
+def _root_of(real, roots):
+    """The folder of `roots` that holds the path `real` (links resolved), or None."""
+    return next((r for r in roots if os.path.commonpath([real, r]) == r), None)
+
+
+def _image_file(path, roots):
+    """-> (the file `path` leads to, links resolved; its problem or None). pack reads image files under `roots`
+    only (the data folder, and --image_root): a file elsewhere (an absolute path, "..", a link leading out:
+    /etc/passwd, /proc/self/environ) is an "image outside the data folder", one that does not decode an
+    "unreadable image"."""
+    real = os.path.realpath(path)
+    if _root_of(real, roots) is None:
+        return real, ("image outside the data folder", f"{path} is {real}, outside {' and '.join(roots)}")
+    try:
+        formats.load_image(real)
+    except Exception as e:
+        return real, ("unreadable image", f"{path}: {type(e).__name__}: {e}")
+    return real, None
+
+
+def _images_under(items, roots, bad, progress):
+    """The items (formats' {"image", "where", ...}) whose image _image_file allows, each with "file", the path
+    to read; every other record is reported once and left out."""
+    verdicts, out = {}, []
+    for it in tqdm(items, desc="check images", disable=not progress, unit="sample"):
+        if it["image"] not in verdicts:  # (the captions of one record share its image)
+            verdicts[it["image"]] = _image_file(it["image"], roots)
+        real, problem = verdicts[it["image"]]
+        if problem:
+            bad.once(problem[0], it["where"], problem[1], "left out")
+        else:
+            out.append({**it, "file": real})
+    return out
+
+
 def _write_shards(folder, kind, items, shard_size, progress):
-    """items -> folder/00000.tar ... (pair: (image path, caption); image: image path) or folder/00000.txt ...
-    (text: one document per line), shard_size samples a file; sample i is KEY {i:09d}."""
+    """items -> folder/00000.tar ... (pair: {"image", "file", "caption"}; image: {"image", "file"}; the bytes of
+    "file", named by the extension of "image") or folder/00000.txt ... (text: one document per line),
+    shard_size samples a file; sample i is KEY {i:09d}."""
     os.makedirs(folder)
     bar = tqdm(total=len(items), desc=f"pack {os.path.basename(folder)}", disable=not progress, unit="sample")
     for s in range(0, len(items), shard_size):
@@ -595,40 +708,43 @@ def _write_shards(folder, kind, items, shard_size, progress):
         else:
             with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
                 for i, item in enumerate(items[s:s + shard_size], s):
-                    image = item[0] if kind == "pair" else item
-                    with open(image, "rb") as f:
-                        _add(tf, f"{i:09d}{os.path.splitext(image)[1].lower()}", f.read())
+                    with open(item["file"], "rb") as f:
+                        _add(tf, f"{i:09d}{os.path.splitext(item['image'])[1].lower()}", f.read())
                     if kind == "pair":
-                        _add(tf, f"{i:09d}.txt", item[1].encode("utf-8"))
+                        _add(tf, f"{i:09d}.txt", item["caption"].encode("utf-8"))
         bar.update(len(items[s:s + shard_size]))
     bar.close()
     return write_index(folder, kind, progress=False)
 
 
-def _copy_jsonl(src, out, name, bad):
-    """A JSONL file of records naming images (regions, held-out pairs) -> out/name, with its images copied under
-    their paths relative to it (a path leading outside its folder goes to external/)."""
-    base, n_img, lines = os.path.dirname(src), 0, []
+def _copy_jsonl(src, out, name, roots, image_root, bad):
+    """A JSONL file of records naming images (regions, held-out pairs) -> out/name, each image copied to its path
+    relative to the folder of `roots` that holds it, which the record then names. A record whose image _image_file refuses is reported and
+    left out; one that names no image file stays as it is (training reports it)."""
+    base, lines = formats.image_base(src, image_root), []
     for where, rec in formats.read_records(src, bad):
         rel = rec.get("image")
         if isinstance(rel, str) and os.path.isfile(os.path.join(base, rel)):
-            dst = os.path.normpath(rel)
-            if dst.startswith("..") or os.path.isabs(dst):
-                dst = os.path.join("external", f"{n_img:07d}_{os.path.basename(dst)}")
+            real, problem = _image_file(os.path.join(base, rel), roots)
+            if problem:
+                bad.once(problem[0], where, problem[1], "left out")
+                continue
+            dst = os.path.relpath(real, _root_of(real, roots))
             os.makedirs(os.path.dirname(os.path.join(out, dst)) or out, exist_ok=True)
-            shutil.copyfile(os.path.join(base, rel), os.path.join(out, dst))
-            rec, n_img = {**rec, "image": dst}, n_img + 1
-        lines.append(json.dumps(rec) + "\n")  # a record with a bad image stays: training reports it, as before
+            shutil.copyfile(real, os.path.join(out, dst))
+            rec = {**rec, "image": dst}
+        lines.append(json.dumps(rec) + "\n")
     with open(os.path.join(out, name), "w", encoding="utf-8", newline="\n") as f:
         f.writelines(lines)
     return len(lines)
 
 
-def pack(data_dir, out, shard_size=1000, progress=True, verbose=True):
+def pack(data_dir, out, shard_size=1000, progress=True, verbose=True, image_root=""):
     """Write the JSONL data folder data_dir (formats.py) as shards in out: pairs (one sample per caption, as
-    data.py reads them), images and text in the order data.py reads them, so ordinal i is data.py's index i;
-    regions and held-out pairs are copied with their images. Bad records are reported and left out, as a
-    training run would. -> {kind: samples}."""
+    data.py reads them), images and text in the order data.py reads them, so ordinal i is data.py's index i
+    (while every image decodes); regions and held-out pairs are copied with their images. Bad records are
+    reported and left out, as a training run would; so is a record whose image is not an image file under
+    data_dir or image_root (when given: the folder the image paths are relative to). -> {kind: samples}."""
     if not os.path.isdir(data_dir):
         raise SystemExit(f"error: --data_dir {data_dir} is not a folder")
     if shard_size < 1:
@@ -638,20 +754,20 @@ def pack(data_dir, out, shard_size=1000, progress=True, verbose=True):
     src = formats.find_sources(data_dir)
     if not set(src) & {"pair", "image", "text"}:
         raise SystemExit(f"error: {data_dir} holds no pairs, images or text (see formats.py for the file names)")
+    if image_root and not os.path.isdir(image_root):
+        raise SystemExit(f"error: --image_root {image_root} is not a folder")
     bad, counts = formats.BadInput(verbose=verbose), {}
+    roots = tuple(os.path.realpath(d) for d in (data_dir, image_root) if d)
     os.makedirs(out, exist_ok=True)
-    if "pair" in src:
-        items = [(p["image"], p["caption"]) for p in formats.parse_pairs(src["pair"], bad)]
-        counts["pair"] = _write_shards(os.path.join(out, FOLDERS["pair"]), "pair", items, shard_size, progress)
-    if "image" in src:
-        items = [p["image"] for p in formats.parse_images(src["image"], bad)]
-        counts["image"] = _write_shards(os.path.join(out, FOLDERS["image"]), "image", items, shard_size, progress)
-    if "text" in src:
-        items = formats.parse_texts(src["text"], bad)
-        counts["text"] = _write_shards(os.path.join(out, FOLDERS["text"]), "text", items, shard_size, progress)
+    for kind in ("pair", "image", "text"):
+        if kind in src:
+            items = formats.PARSERS[kind](src[kind], bad, image_root)
+            if kind != "text":
+                items = _images_under(items, roots, bad, progress)
+            counts[kind] = _write_shards(os.path.join(out, FOLDERS[kind]), kind, items, shard_size, progress)
     for kind, name in (("region", "regions.jsonl"), ("pair_test", "pairs_test.jsonl")):
         if kind in src:
-            counts[kind] = _copy_jsonl(src[kind], out, name, bad)
+            counts[kind] = _copy_jsonl(src[kind], out, name, roots, image_root, bad)
     if verbose:
         print(f"{out}: " + ", ".join(f"{n} {k}" for k, n in counts.items()) + f" | {bad.summary()}")
     return counts
@@ -665,12 +781,14 @@ def main(argv=None):
     c.add_argument("--data_dir", required=True, help="the JSONL data folder to read (pairs, images, text, regions)")
     c.add_argument("--out", required=True, help="a new (or empty) folder to write the shards to")
     c.add_argument("--shard_size", type=int, default=1000, help="samples per tar file or text file (default 1000)")
+    c.add_argument("--image_root", default="", help="the folder the image paths are relative to (default: each "
+                   "file's own folder); pack reads image files under it and --data_dir only")
     c = sub.add_parser("index", help="count the samples of the shards in a data folder and write each index.json "
                        "(for shards written by another tool, e.g. img2dataset)")
     c.add_argument("--data_dir", required=True, help="the folder holding pairs/, images/ or text/")
     a = p.parse_args(argv)
     if a.cmd == "pack":
-        return pack(a.data_dir, a.out, a.shard_size)
+        return pack(a.data_dir, a.out, a.shard_size, image_root=a.image_root)
     found = find_shards(a.data_dir) if os.path.isdir(a.data_dir) else {}
     if not found:
         raise SystemExit(f"error: {a.data_dir} holds no shard folder (pairs/*.tar, images/*.tar or text/*.txt)")

@@ -444,8 +444,7 @@ def setup_model(cfg, ckpt, recipe, model_cfg, streams, rank, ddp, device, bad):
     for k, s in streams.items():
         if k in ckpt["data"]:
             s.load_state_dict(ckpt["data"][k])
-    for kind, n in ckpt.get("bad_input", {}).items():  # keep counting where the run left off
-        bad.add(kind, n)
+    bad.load_state_dict(ckpt.get("bad_input", {}))  # the bad records found before: each still counted once
     return model, loss_model, optimizer, ckpt["step"]
 
 
@@ -579,7 +578,7 @@ def train(cfg, ckpt, ddp, rank, world, device, held):
     end_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
     meter, history, bad_streak, skipped = runlog.Meter(), [], 0, 0
     save = lambda step: save_checkpoint(ckpt_path, model, optimizer, scaler, step, cfg, model_cfg,  # noqa: E731
-                                        streams, {"bad_input": bad.counts(), "tokenizer": tok.to_json()},
+                                        streams, {"bad_input": bad.state_dict(), "tokenizer": tok.to_json()},
                                         master)                                           # (every rank calls it)
     pbar = tqdm(total=end_step, initial=start_step, disable=not master, desc="train", dynamic_ncols=True)
     for step in range(start_step, end_step):

@@ -160,14 +160,14 @@ def test_unreadable_image_is_replaced_and_counted(tmp_path, tok):
     bad = formats.BadInput(verbose=False)
     pairs = formats.parse_pairs(str(d / "pairs.jsonl"), bad)
     ds = D.PairDataset(pairs, tok, D.DataConfig(32, 8, 16, 16, 0, False, (1, 1)), bad)
-    s = ds[(1, 0)]  # item 1 is broken.png: the next item (img/2.png) stands in, flagged bad
-    assert s["bad"] == 1 and s["img_id"] == ds.img_ids[2]
+    s = ds[(1, 0)]  # item 1 is broken.png: the next item (img/2.png) stands in, its problem carried along
+    assert [p[:2] for p in s["bad"]] == [("unreadable image", f"{d}/pairs.jsonl:5")] and s["img_id"] == ds.img_ids[2]
     assert tok.decode(s["ids"]) == "a red square"
-    assert any("pairs.jsonl:5: unreadable image" in m and "broken.png" in m for m in bad.messages)
     assert "unreadable image" not in bad.counts()  # counted by the main process, through the batch
     st = D.Stream("pair", ds, 4, seed=0, rank=0, world_size=1, num_workers=0, bad=bad)
     batch = next(st)  # one batch = the whole epoch, so it holds the broken item once
-    assert batch["n_bad"] == 1 and bad.counts()["unreadable image"] == 1
+    assert "bad" not in batch and bad.counts()["unreadable image"] == 1
+    assert any("pairs.jsonl:5: unreadable image" in m and "broken.png" in m for m in bad.messages)
     ret = retrieval.load_retrieval_set(str(d / "pairs.jsonl"), tok, 32, 16, bad)  # eval drops it instead
     assert len(ret["image"]) == 3 and ret["image"][0].shape == (3, 32, 32) and ret["ids"].shape[0] == 3
 
@@ -442,14 +442,14 @@ def test_batch_formats(toy, tok):
     assert torch.equal((t["labels"] != -100).sum(1), torch.clamp(torch.round(n_real * 0.15), 1, 20).long())
 
     im = next(st["image"])
-    assert set(im) == {"image", "mim_mask", "mim_count", "n_bad"} and im["n_bad"] == 0 and im["mim_count"] == 6
+    assert set(im) == {"image", "mim_mask", "mim_count"} and im["mim_count"] == 6
     assert im["image"].shape == (4, 3, 32, 32) and im["image"].dtype == torch.float32
     assert im["mim_mask"].shape == (4, P) and im["mim_mask"].dtype == torch.bool
     assert (im["mim_mask"].sum(1) == 6).all()
 
     p = next(st["pair"])
     assert set(p) == {"image", "mim_mask", "mim_count", "ids", "att", "mlm_ids", "mlm_labels", "img_id", "itm_label",
-                      "max_masks", "n_bad"}
+                      "max_masks"}
     assert (p["itm_label"] == 1).all()                                      # X-FM swaps no captions
     assert p["image"].shape == (4, 3, 32, 32) and p["mim_mask"].shape == (4, P)
     assert p["img_id"].shape == (4,) and p["img_id"].dtype == torch.long
@@ -464,7 +464,7 @@ def test_batch_formats(toy, tok):
 
     r = next(st["region"])
     keys = {"image", "img_index", "ids", "att", "mlm_ids", "mlm_labels", "box", "is_region", "patch_mask", "img_id",
-            "valid", "max_masks", "n_bad"}
+            "valid", "max_masks"}
     assert set(r) == keys and r["image"].shape == (4, 3, 32, 32)
     N, slots = r["img_index"].shape[0], st["region"].dataset.slots
     assert slots == 4  # the toy records hold 1-3 regions, + the whole-image caption

@@ -61,6 +61,14 @@ TW = "tests/test_walkthrough.py"
 TRF = "tests/test_runfolder.py"
 CR, TCR = "tools/class_results.py", "tests/test_class_results.py"
 THR = "tests/test_hostile_readers.py"
+THS, THS_LIE = "tests/test_hostile_shards.py", "test_an_index_that_lies_is_one_line_naming_it_and_the_command"
+THS_OLD = "test_an_index_without_a_digest_is_checked_and_read_and_text_counts_are_bounded"
+THS_DUP = "test_a_duplicate_key_is_named_counted_once_and_the_first_members_kept"
+THS_ONCE = "test_an_unreadable_image_counts_once_across_epochs_workers_and_a_resume"
+THS_SHARD = "test_a_bad_shard_member_counts_once_over_epochs_in_a_worker"
+THS_PACK = "test_pack_reads_only_image_files_under_the_data_folder"
+# BadInput.once: counts a (kind, where) the first time only
+ONCE = "        if (kind, where) not in self._records:\n            self._records.add((kind, where))\n"
 
 # curves._band_verdict: when a loss out of its band is BAD
 BAND_BAD = "if (i + 1 < len(sides) and sides[i + 1][3] == side) or i == len(sides) - 1:"
@@ -510,8 +518,8 @@ CATALOGUE = [
         "np.random.default_rng([self.dc.seed, self.salt, 0, self.ordinals[index]])",
         "a sample's randomness is keyed by the epoch too: new crops and masks every epoch",
         f"{TSH}::test_packed_shards_give_the_jsonl_samples"),
-    Bug("shard_pack_reorders", SH, 'items = [(p["image"], p["caption"]) for p in formats.parse_pairs(src["pair"], bad)]',
-        'items = sorted((p["image"], p["caption"]) for p in formats.parse_pairs(src["pair"], bad))',
+    Bug("shard_pack_reorders", SH, "items = formats.PARSERS[kind](src[kind], bad, image_root)",
+        "items = sorted(formats.PARSERS[kind](src[kind], bad, image_root), key=str)",
         "packing keeps data.py's order: ordinal i is data.py's index i",
         f"{TSH}::test_packed_shards_give_the_jsonl_samples"),
     Bug("shard_images_dir_is_images", "formats.py",
@@ -521,10 +529,10 @@ CATALOGUE = [
     Bug("shard_bad_not_counted", SH, "tally.report(*p, replaced=sample is None)", "pass",
         "a bad member is named and counted",
         f"{TSH} -k bad_members"),
-    Bug("shard_bad_counted_in_worker", SH, "self.counts[kind] = self.counts.get(kind, 0) + 1",
-        "self.bad.add(kind)", "bad members found in a DataLoader worker are counted in the main process (a worker's "
-        "counts are lost)", f"{TSH} -k bad_members"),
-    Bug("shard_index_size_unchecked", SH, "if os.path.getsize(os.path.join(folder, name)) != size:", "if False:",
+    Bug("shard_bad_counted_in_worker", SH, "self.problems.append(self.bad.found(kind, where, msg, action))",
+        "self.bad.once(kind, where, msg, action)", "bad members found in a DataLoader worker are counted in the "
+        "main process (a worker's counts are lost)", f"{TSH} -k bad_members"),
+    Bug("shard_index_size_unchecked", SH, 'if size != f["bytes"]:', "if False:",
         "a shard changed since it was indexed stops the run before any work",
         f"{TSH}::test_bad_folders_and_flags_stop_with_one_clear_error"),
     Bug("shard_state_restarts", SH, 'self.batches, self._it = int(state["batches"]), None',
@@ -639,6 +647,54 @@ CATALOGUE = [
         '                pass  # bad.report("unreadable image", named[path]',
         "check --images names and counts each image that does not decode",
         f"{THR}::test_check_reports_each_and_images_decodes_every_image"),
+    # --- hostile input: shards (index.json verified, duplicate keys, one count per bad record, pack's path guard)
+    Bug("index_negative_count", SH, "isinstance(v, int) and not isinstance(v, bool) and v >= 0\n",
+        "isinstance(v, int) and not isinstance(v, bool)\n", "an index's sample counts are >= 0",
+        f"{THS}::{THS_LIE}[negative-once]"),
+    Bug("index_float_count", SH, "isinstance(v, int) and not isinstance(v, bool) and v >= 0\n",
+        "isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0\n",
+        "an index's sample count is an int (31.9 is refused, not read as 31)", f"{THS}::{THS_LIE}[float]"),
+    Bug("index_listed_twice", SH, "    if twice:", "    if False:", "an index lists each file once",
+        f"{THS}::{THS_LIE}[listed-twice]"),
+    Bug("index_count_unbounded", SH, 'if f["samples"] > _most(kind, size):', "if False:",
+        "an index count is at most what its file's size can hold", f"{THS}::{THS_LIE}[billion]"),
+    Bug("index_text_bound_loose", SH, 'return (size + 1) // 2 if kind == "text"', 'return size if kind == "text"',
+        "a text file of n bytes holds at most (n + 1) // 2 lines", f"{THS}::{THS_OLD}"),
+    Bug("index_digest_unchecked", SH, 'if "digest" in index and index["digest"] != _digest(files):', "if False:",
+        "an index edited after shards.py wrote it (an under-count) is refused", f"{THS}::{THS_LIE}[under-count]"),
+    Bug("index_digest_required", SH, 'if "digest" in index and index["digest"] != _digest(files):',
+        'if index["digest"] != _digest(files):', "an index without a digest is read when its other checks pass",
+        f"{THS}::{THS_OLD}"),
+    Bug("index_refusal_two_lines", SH, 'SystemExit(f"error: {path}: {problem}; rewrite it with: {redo}")',
+        'SystemExit(f"error: {path}: {problem}; rewrite it with:\\n    {redo}")',
+        "an index refusal is one line", f"{THS}::{THS_LIE}[float]"),
+    Bug("duplicate_key_uncounted", SH, "    if again:", "    if False:",
+        "a tar sample holding a member twice is named and counted", f"{THS}::{THS_DUP}"),
+    Bug("duplicate_key_last_kept", SH, "        (again if ext in seen else first).append((name, raw))",
+        "        (again if ext in seen else first).insert(0, (name, raw))",
+        "a duplicate key keeps the sample's first member of each extension", f"{THS}::{THS_DUP}"),
+    Bug("bad_counted_per_draw", FM, ONCE, ONCE.replace("if (kind, where) not in self._records:", "if True:"),
+        "an image that does not decode counts once however often it is drawn", f"{THS}::{THS_ONCE}[0]"),
+    Bug("bad_state_empty", FM, 'return {"records": sorted(self._records)}', 'return {"records": []}',
+        "a resumed run keeps the records counted before its checkpoint", f"{THS}::{THS_ONCE}[0]"),
+    Bug("bad_plain_counts_added", FM, "self._counts[kind] = max(self._counts[kind], int(n))",
+        "self._counts[kind] += int(n)", "an older checkpoint's plain counts are not added to what parsing finds again",
+        f"{THS}::{THS_ONCE}[0]"),
+    Bug("bad_counted_in_worker", D, 'bad.append(self.bad.found("unreadable image"', '(self.bad.once("unreadable image"',
+        "an unreadable image found in a DataLoader worker is counted in the main process (a worker's counts are "
+        "lost)", f"{THS}::{THS_ONCE}[2]"),
+    Bug("shard_bad_counted_per_draw", SH, "            self.bad.once(*problem)",
+        "            self.bad.report(*problem)",
+        "a bad shard member counts once however often it is drawn", f"{THS}::{THS_SHARD}"),
+    Bug("pack_reads_outside", SH, "if _root_of(real, roots) is None:", "if False:",
+        "pack reads no file outside the data folder (/etc/passwd, ..)", f"{THS}::{THS_PACK}"),
+    Bug("pack_links_unresolved", SH, "real = os.path.realpath(path)", "real = os.path.abspath(path)",
+        "pack resolves links before it checks a path: a link leading out is refused", f"{THS}::{THS_PACK}"),
+    Bug("pack_packs_non_images", SH, "        formats.load_image(real)\n", "        os.path.getsize(real)\n",
+        "pack packs only files that decode as images", f"{THS}::{THS_PACK}"),
+    Bug("pack_regions_unguarded", SH, "            if problem:\n                bad.once(problem[0], where,",
+        "            if False:\n                bad.once(problem[0], where,",
+        "pack copies no region image from outside the data folder", f"{THS}::{THS_PACK}"),
 ]
 
 

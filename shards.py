@@ -159,9 +159,11 @@ def _read_index(folder, kind):
         return SystemExit(f"error: {path}: {problem}; rewrite it with: {redo}")
     try:
         with open(path, encoding="utf-8") as f:
-            index = json.load(f)
-    except ValueError as e:  # (not UTF-8 too)
-        raise refuse(f"not JSON ({type(e).__name__}: {e})") from None
+            index, why = formats.parse_json(f.read())
+    except ValueError as e:  # not UTF-8
+        index, why = None, f"{type(e).__name__}: {e}"
+    if why is not None:
+        raise refuse(f"not JSON ({why})")
     files = index.get("files") if isinstance(index, dict) else None
     if not isinstance(files, list) or not all(isinstance(f, dict) for f in files):
         raise refuse('not a shard index {"files": [{"name", "samples", "bytes"}, ...]}')

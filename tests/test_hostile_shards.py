@@ -103,7 +103,8 @@ HOSTILE = {  # an edit of a good index -> what the one-line refusal says
     "file-missing": (without_digest(lambda x: {**x, "files": x["files"] + [{**x["files"][0], "name": "9.tar"}]}),
                        "9.tar is listed but not in"),
     "under-count": (on_file(0, "samples", 2), "its digest does not match its files list"),
-    "not-json": (lambda x: '{"files": [', "not JSON (JSONDecodeError"),
+    "not-json": (lambda x: '{"files": [', "not JSON (Expecting value"),
+    "nested": (lambda x: "[" * 100_000, "not JSON (nested deeper than"),
     "not-an-index": (lambda x: [x], 'not a shard index {"files"'),
 }
 

@@ -78,6 +78,17 @@ MAX_TEXT_CHARS = 10_000  # a text line, document or caption is cut to its first 
 # Bad input: never kills a long run, never lost silently
 
 
+class StrictError(ValueError):
+    """A bad record under --strict: the run stops with it (train.py, finetune.py and check print its one line)."""
+
+
+def strict_exit(e):
+    """The one-line SystemExit for a StrictError (raised in a DataLoader worker, its message is the worker's
+    traceback: the line is its last)."""
+    line = str(e).strip().splitlines()[-1].removeprefix(f"{__name__}.StrictError: ")
+    return SystemExit(f"error: {line} (--strict: every bad record stops the run)")
+
+
 class BadInput:
     """One per run. report() prints (the first `max_print` per kind) and counts a problem; strict raises.
     Kinds: malformed JSON, not UTF-8, malformed record, missing image, empty caption, empty text, bad box, no
@@ -98,7 +109,7 @@ class BadInput:
     def report(self, kind, where, msg, action="skipped"):
         line = f"{where}: {kind} ({msg})"
         if self.strict:
-            raise ValueError(line)
+            raise StrictError(line)
         self._counts[kind] += 1
         self._seen[kind] += 1
         if self._seen[kind] <= self.max_print:
@@ -110,7 +121,7 @@ class BadInput:
         """A problem found while decoding a record -> (kind, where, msg, action) for its batch to carry to once();
         under strict it raises here."""
         if self.strict:
-            raise ValueError(f"{where}: {kind} ({msg})")
+            raise StrictError(f"{where}: {kind} ({msg})")
         return kind, where, msg, action
 
     def once(self, kind, where, msg, action="skipped"):
@@ -693,7 +704,10 @@ def main(argv=None):
                    "report each that does not decode (unreadable image)")
     c.add_argument("--workers", type=int, default=None, help="processes decoding images (default: os.cpu_count())")
     a = p.parse_args(argv)
-    check(a.data_dir, a.strict, a.image_root, a.images, a.workers)
+    try:
+        check(a.data_dir, a.strict, a.image_root, a.images, a.workers)
+    except StrictError as e:
+        raise strict_exit(e) from None
 
 
 if __name__ == "__main__":

@@ -531,6 +531,8 @@ def main(argv=None):
         if ckpt is None:  # the recipe's defaults where the command line says nothing
             cfg = replace(cfg, **{k: v for k, v in recipe.defaults.items() if k not in given})
         return train(cfg, ckpt, ddp, rank, world, device, held)
+    except formats.StrictError as e:
+        raise formats.strict_exit(e) from None
     finally:
         for lock in held:
             lock.release()

@@ -208,7 +208,8 @@ def test_bad_input_is_skipped_counted_and_reported(toy, tmp_path):
     _, final = read_metrics(out)
     counts = final[0]["bad_input"]
     assert sum(counts.values()) >= 3, counts
-    with pytest.raises(ValueError):
+    with pytest.raises(SystemExit, match=r"^error: \S*/pairs.jsonl:65: malformed JSON "
+                                         r"\(.*\) \(--strict: every bad record stops the run\)$"):  # one line
         train.main([f"--data_dir={d}", f"--out_dir={out}2", *FAST, "--max_steps=1", "--strict=true"])
 
 

@@ -140,6 +140,9 @@ CATALOGUE = [
     Bug("torn_log_kept", "runlog.py", 'if not raw or raw.endswith(b"\\n"):', "if True:",
         "a resumed run cuts a torn last record off metrics.jsonl (else the next record is glued onto it)",
         f"{TRF}::test_repair_metrics_cuts_only_a_torn_last_record"),
+    Bug("strict_traceback", T, "        raise formats.strict_exit(e) from None", "        raise",
+        "a bad record under --strict stops the run with one line, not a traceback",
+        f"{TT}::test_bad_input_is_skipped_counted_and_reported"),
     Bug("tokenizer_reused_from_run_dir", "tokenizer.py", '    path = os.path.join(run_dir, "tokenizer.json")\n    texts',
         '    path = os.path.join(run_dir, "tokenizer.json")\n    if os.path.isfile(path):\n'
         '        return Tokenizer.load(path)\n    texts',

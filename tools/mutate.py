@@ -59,6 +59,7 @@ TST_STATIC = "test_the_copy_keeps_signatures_and_docstrings_and_holds_no_referen
 TST_GRADING = "test_each_blank_fails_its_tests_and_passes_them_with_only_its_reference_back"
 TW = "tests/test_walkthrough.py"
 CR, TCR = "tools/class_results.py", "tests/test_class_results.py"
+FT, TPC = "finetune.py", "tests/test_precheck.py"
 
 # curves._band_verdict: when a loss out of its band is BAD
 BAND_BAD = "if (i + 1 < len(sides) and sides[i + 1][3] == side) or i == len(sides) - 1:"
@@ -438,8 +439,8 @@ CATALOGUE = [
     Bug("train_image_root_dropped", T, "caption_mask=cfg.recipe, image_root=cfg.image_root,",
         "caption_mask=cfg.recipe,", "train.py's streams read their images under --image_root",
         f"{TFM} -k test_train_reads", fast=False),
-    Bug("eval_image_root_dropped", T, "cfg.caption_len, bad, cfg.image_root),",
-        "cfg.caption_len, bad),", "train.py's retrieval evaluation reads its images under --image_root",
+    Bug("eval_image_root_dropped", T, "cfg.caption_len, held_bad, cfg.image_root),",
+        "cfg.caption_len, held_bad),", "train.py's retrieval evaluation reads its images under --image_root",
         f"{TFM} -k test_train_reads", fast=False),
     Bug("karpathy_unfiltered", FM, 'if not isinstance(im, dict) or im.get("split") not in keep:',
         "if not isinstance(im, dict):", "a Karpathy file gives only the images of the split asked for",
@@ -559,6 +560,25 @@ CATALOGUE = [
         "a finetune report's metrics are ft/TASK/NAME (ft/textcls/accuracy), not ft/TASK/metrics/NAME", TCR),
     Bug("class_finetune_overwrites_final", CR, 'out.update({f"ft/{task}/{k}": v', 'out.update({f"{task}/{k}": v',
         "a fine-tuned retrieval report never overwrites the run's zero-shot retrieval/...", TCR),
+    # --- hostile input: checked before training
+    Bug("held_out_verified_not_decoded", R, "            formats.load_image(path)\n",
+        "            formats.Image.open(path).verify()\n",
+        "every held-out image is decoded at start-up: a truncated JPEG passes PIL's verify, not a decode",
+        f"{TPC}::test_held_out_images_are_decoded_and_the_bad_ones_skipped_and_counted"),
+    Bug("held_out_not_read_at_start", T, 'ddp, rank) if "pair_test" in sources else None',
+        "ddp, rank) if False else None",
+        "train.py reads and checks its held-out pairs before step 1 (and evaluates that set at the end)",
+        f"{TPC}::test_train_checks_the_held_out_set_before_step_1", fast=False),
+    Bug("held_out_count_saved", T, "held_bad = formats.BadInput(strict=cfg.strict, verbose=master)", "held_bad = bad",
+        "the held-out set's skipped pairs are counted once per run, not saved and counted again by a resume",
+        f"{TPC}::test_train_checks_the_held_out_set_before_step_1", fast=False),
+    Bug("held_out_empty_accepted", R, "    if not paths:\n        raise SystemExit",
+        "    if False:\n        raise SystemExit",
+        "a held-out set with no readable pair stops the run at start-up, in one line",
+        f"{TPC}::test_a_held_out_set_with_nothing_left_is_refused_in_one_line"),
+    Bug("final_record_lost", T, "        except OSError as e:  #", "        except ZeroDivisionError as e:  #",
+        "an evaluation that fails on a file changed during the run still leaves the final record",
+        f"{TPC}::test_an_evaluation_that_fails_at_the_end_still_writes_the_final_record"),
 ]
 
 

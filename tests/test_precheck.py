@@ -1,0 +1,146 @@
+"""What can fail after training is checked before it: train.py reads its held-out pairs and decodes every image
+of them before step 1 (retrieval.check_images: a truncated JPEG passes PIL's verify but not a decode), and a set
+left empty refuses the run; finetune.py decodes every image of its task files the same way, and checks each
+classification label against the classes (declared by --num_labels or inferred: one outlier cannot make 10^8
+classes, one 1.5 among integers cannot turn classification into regression). Bad input is named, skipped and
+counted (formats.BadInput), the good records all arrive, and --strict refuses.
+Run: OMP_NUM_THREADS=1 python -m pytest tests/test_precheck.py -q   (CPU, a few seconds)"""
+import json
+import os
+import shutil
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+import finetune
+import formats
+import retrieval
+import toyworld
+import train
+from test_bad_input import FAST, ft_cfg, images, quiet, said, tok, write_lines  # noqa: F401  (tok: a fixture)
+
+
+def bad_images(d):
+    """Three files under d/img that fail a full decode: a JPEG cut in half (PIL's verify lets it pass), an empty
+    file and a text file named .png. -> their names relative to d."""
+    (d / "img").mkdir(exist_ok=True)
+    Image.effect_noise((48, 48), 60).convert("RGB").save(d / "img" / "whole.jpg", quality=90)
+    whole = (d / "img" / "whole.jpg").read_bytes()
+    (d / "img" / "cut.jpg").write_bytes(whole[:len(whole) // 2])
+    with Image.open(d / "img" / "cut.jpg") as im:
+        im.verify()  # passes: verify does not decode JPEG data
+    (d / "img" / "empty.png").write_bytes(b"")
+    (d / "img" / "text.png").write_text("not an image\n")
+    return ["img/cut.jpg", "img/empty.png", "img/text.png"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The held-out pairs (retrieval.load_retrieval_set): every image decoded, a set left empty refused
+
+
+def test_held_out_images_are_decoded_and_the_bad_ones_skipped_and_counted(tmp_path, tok):
+    images(tmp_path)
+    cut, empty, text = bad_images(tmp_path)
+    p = tmp_path / "pairs_test.jsonl"
+    write_lines(p, [{"image": "img/0.png", "caption": "a red square"},                # 1
+                    {"image": cut, "caption": "half a picture"},                       # 2 truncated JPEG
+                    {"image": "img/1.png", "caption": ["a green square", "green"]},    # 3
+                    {"image": empty, "caption": "nothing"},                            # 4 0 bytes
+                    {"image": text, "caption": "words"},                               # 5 not an image
+                    {"image": cut, "caption": "the same cut file again"},              # 6 dropped with line 2
+                    {"image": "img/2.png", "caption": "a blue square"}])               # 7
+    bad = quiet()
+    rs = retrieval.load_retrieval_set(str(p), tok, 32, 16, bad)
+    assert rs["image"].paths == [str(tmp_path / "img" / f"{i}.png") for i in range(3)]  # paths, no pixels kept
+    assert rs["txt2img"].tolist() == [0, 1, 1, 2] and rs["img2txt"] == [[0], [1, 2], [3]]
+    assert [tok.decode(ids) for ids in rs["ids"].tolist()] == ["a red square", "a green square", "green",
+                                                                 "a blue square"]
+    assert bad.counts() == {"unreadable image": 3}
+    for line, name in ((2, cut), (4, empty), (5, text)):
+        assert f"{p}:{line}: unreadable image ({tmp_path / name}: " in said(bad), line
+    assert "image file is truncated" in said(bad)
+    with pytest.raises(ValueError, match=r"pairs_test\.jsonl:2: unreadable image"):
+        retrieval.load_retrieval_set(str(p), tok, 32, 16, formats.BadInput(strict=True))
+
+
+def test_a_held_out_set_with_nothing_left_is_refused_in_one_line(tmp_path, tok):
+    cut, empty, text = bad_images(tmp_path)
+    p = tmp_path / "pairs_test.jsonl"
+    for lines in ([], [{"image": name, "caption": "a bad picture"} for name in (cut, empty, text)]):
+        write_lines(p, lines)
+        with pytest.raises(SystemExit) as e:
+            retrieval.load_retrieval_set(str(p), tok, 32, 16, quiet())
+        assert str(e.value).startswith(f"error: {p}: no image-text pair") and "\n" not in str(e.value)
+
+
+def test_check_images_keeps_verdicts_in_order_and_shows_a_bar_for_a_large_set(tmp_path, monkeypatch, capsys):
+    images(tmp_path)
+    cut, _, _ = bad_images(tmp_path)
+    paths = [str(tmp_path / "img" / n) for n in ("0.png", cut[4:], "1.png", "0.png")]
+    monkeypatch.setattr(retrieval, "PROGRESS_MIN", 2)
+    verdicts = retrieval.check_images(paths, "checking")
+    assert list(verdicts) == paths[:3] and verdicts[paths[0]] is None and verdicts[paths[2]] is None
+    assert "truncated" in verdicts[paths[1]] and "checking" in capsys.readouterr().err
+    retrieval.check_images(paths, "checking", show=False)
+    assert "checking" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train.py: the held-out set is checked before step 1; the final record is always written
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("toy")
+    toyworld.make_toy(str(d), seed=0, size=32, n_pairs=32, n_regions=16, n_text=32, n_images=16, n_test=8, n_down=4,
+                      progress=False)
+    return d
+
+
+def test_train_checks_the_held_out_set_before_step_1(world, tmp_path, monkeypatch, capsys):
+    d = tmp_path / "data"
+    shutil.copytree(world, d)
+    cut, empty, _ = bad_images(d)
+    with open(d / "pairs_test.jsonl", "a") as f:  # lines 9 and 10
+        f.writelines(json.dumps({"image": name, "caption": "a red circle"}) + "\n" for name in (cut, empty))
+    warned, fb = [], train.forward_backward
+    monkeypatch.setattr(train, "forward_backward", lambda *a: warned.append(capsys.readouterr().err) or fb(*a))
+    out = tmp_path / "run"
+    train.main([f"--data_dir={d}", f"--out_dir={out}", *FAST, "--max_steps=2", "--stop_at=1"])
+    assert f"{d / 'pairs_test.jsonl'}:9: unreadable image" in warned[0]  # said before the first update
+    assert f"{d / 'pairs_test.jsonl'}:10: unreadable image" in warned[0]
+    assert train.load_checkpoint(str(out), "cpu")["bad_input"] == {}  # the held-out set's count is not saved ...
+    train.main([f"--resume={out}", "--stop_at=0"])                      # ... for a resume reads the set again
+    finals = [r for r in map(json.loads, open(out / "metrics.jsonl")) if r.get("final")]
+    assert [r["step"] for r in finals] == [1, 2]
+    n_texts = sum(len(json.loads(line)["caption"]) for line in open(world / "pairs_test.jsonl"))
+    for r in finals:  # both evaluated on the 8 good images; the 2 bad ones counted once per record
+        assert (r["retrieval"]["n_images"], r["retrieval"]["n_texts"]) == (8, n_texts)
+        assert r["bad_input"] == {"unreadable image": 2}
+
+    write_lines(d / "pairs_test.jsonl", [{"image": name, "caption": "a red circle"} for name in (cut, empty)])
+    warned.clear()
+    with pytest.raises(SystemExit, match=r"^error: .*pairs_test\.jsonl: no image-text pair") as e:
+        train.main([f"--data_dir={d}", f"--out_dir={tmp_path / 'refused'}", *FAST])
+    assert "\n" not in str(e.value) and not warned and not os.path.exists(tmp_path / "refused" / "ckpt.pt")
+
+
+def test_an_evaluation_that_fails_at_the_end_still_writes_the_final_record(tmp_path, monkeypatch):
+    def truncated(*args):  # an image file that changed during the run
+        raise OSError("image file is truncated (7 bytes not processed)")
+
+    monkeypatch.setattr(retrieval, "evaluate_retrieval", truncated)
+    cfg, held_bad = train.TrainConfig(out_dir=str(tmp_path)), quiet()
+    held_bad.report("unreadable image", "pairs_test.jsonl:3", "img/x.jpg: cannot identify image file")
+    final = {"final": True, "step": 1, "wall_s": 1.0, "skipped_updates": 0}
+    args = (None, {"image": [], "ids": []}, held_bad, [], final, quiet(), torch.device("cpu"), nullcontext, 0)
+    train.finish(cfg, *args, 1)
+    rec = json.loads(open(tmp_path / "metrics.jsonl").read())
+    assert rec["retrieval_error"] == "OSError: image file is truncated (7 bytes not processed)"
+    assert rec["bad_input"] == {"unreadable image": 1} and "retrieval" not in rec
+    with pytest.raises(OSError):  # under torchrun every rank stops (no rank left waiting in a gather)
+        train.finish(cfg, *args, 2)
+

@@ -316,12 +316,31 @@ def _glue_tsv(path, cfg, bad):
     return recs
 
 
+def task_file(cfg, split):
+    """--train_file or --test_file; by default DATA_DIR/downstream/TASK_{train,test}.jsonl."""
+    given = cfg.train_file if split == "train" else cfg.test_file
+    return given or os.path.join(cfg.data_dir, "downstream", f"{cfg.task}_{split}.jsonl")
+
+
 def splits(cfg, env, need_train=True):
-    """(train records, test records, the task's BadInput); files default to DATA_DIR/downstream/TASK_{train,test}.jsonl."""
-    bad, down = env.bad, os.path.join(cfg.data_dir, "downstream")
-    path = lambda split, given: given or os.path.join(down, f"{cfg.task}_{split}.jsonl")  # noqa: E731
-    tr = read_task_file(path("train", cfg.train_file), "train", cfg, bad) if need_train else []
-    return tr, read_task_file(path("test", cfg.test_file), "test", cfg, bad), bad
+    """(train records, test records, the task's BadInput), read by read_task_file. Every image the records name
+    is decoded once here, before any training (retrieval.check_images, in parallel): a record with an image that
+    does not decode is reported ("unreadable image") and skipped (usable)."""
+    bad = env.bad
+    tr = read_task_file(task_file(cfg, "train"), "train", cfg, bad) if need_train else []
+    te = read_task_file(task_file(cfg, "test"), "test", cfg, bad)
+    verdicts = retrieval.check_images([p for r in tr + te for p in image_paths(r)], f"{cfg.task}: checking images",
+                                      env.master)
+
+    def unreadable(r):
+        path = next((p for p in image_paths(r) if verdicts[p]), None)
+        return None if path is None else ("unreadable image", f"{path}: {verdicts[path]}")
+    return usable(tr, unreadable, bad, "train"), usable(te, unreadable, bad, "test"), bad
+
+
+def image_paths(r):
+    """The image files a task record names ("images", or "image"; read_task_file made them absolute)."""
+    return r["images"] if "images" in r else [r["image"]] if "image" in r else []
 
 
 def usable(records, problem, bad, split):

@@ -144,3 +144,76 @@ def test_an_evaluation_that_fails_at_the_end_still_writes_the_final_record(tmp_p
     with pytest.raises(OSError):  # under torchrun every rank stops (no rank left waiting in a gather)
         train.finish(cfg, *args, 2)
 
+
+# ---------------------------------------------------------------------------------------------------------
+# finetune.py: every image of the task files decoded at start-up
+
+
+def run(task, d, tok, monkeypatch, train_recs, test_recs, strict=False, **kw):
+    """finetune's `task` on these records (task files and images in d) up to the model, with build_model and fit
+    stubbed out -> (what fit got: train_set, meta; the task's BadInput)."""
+    for split, recs in (("train", train_recs), ("test", test_recs)):
+        write_lines(d / f"{task}_{split}.jsonl", recs)
+    cfg = ft_cfg(task=task, epochs=1, image_size=32, text_len=16, train_file=str(d / f"{task}_train.jsonl"),
+                 test_file=str(d / f"{task}_test.jsonl"), image_root=str(d), **kw)
+    env = SimpleNamespace(master=True, meta=None, tok=tok, mcfg=SimpleNamespace(width=8, recipe="xfm"),
+                          bad=formats.BadInput(strict=strict, verbose=False))
+    got = {}
+    monkeypatch.setattr(finetune, "build_model", lambda *a, **k: None)
+    monkeypatch.setattr(finetune, "fit", lambda cfg, env, model, train_set, evaluate, out, meta:
+                        got.update(train_set=train_set, meta=meta))
+    (d / "out").mkdir(exist_ok=True)
+    finetune.RUNNERS[task](cfg, env, str(d / "out"))
+    return got, env.bad
+
+
+def lines_of(train_set):
+    return [int(r["where"].rsplit(":", 1)[1]) for r in train_set.records]
+
+
+def test_every_task_decodes_its_images_at_start_up(tmp_path, tok, monkeypatch):
+    images(tmp_path)
+    names = bad_images(tmp_path)
+    good, two = "img/0.png", ["img/0.png", "img/1.png"]
+    tasks = {  # task -> a record maker (image name -> record); the bad images are lines 2-4 of each file
+        "imgcls": lambda im: {"image": im, "label": 1},
+        "vqa": lambda im: {"image": im, "question": "what is it?", "answer": "a square"},
+        "nlvr": lambda im: {"images": [good, im], "sentence": "two squares", "label": True},  # the right one bad
+        "retrieval": lambda im: {"image": im, "caption": "a red square"},
+        "grounding": lambda im: {"image": im, "phrase": "the square", "box": [2, 2, 10, 10]}}
+    for task, rec in tasks.items():
+        train_recs = [rec(good), *map(rec, names), rec("img/1.png")]
+        if task == "imgcls":
+            train_recs[0]["label"] = 0
+        got, bad = run(task, tmp_path, tok, monkeypatch, train_recs, [rec(two[1]), rec(names[0])])
+        assert bad.counts() == {"unreadable image": 4}, task  # 3 in the train split, 1 in the test split
+        kept = [r["image"] if "image" in r else r["images"][1] for r in got["train_set"].records]
+        assert kept == [str(tmp_path / "img" / f"{i}.png") for i in (0, 1)], task
+        for line, name in zip((2, 3, 4), names):
+            assert f"{tmp_path / f'{task}_train.jsonl'}:{line}: unreadable image ({tmp_path / name}: " in said(bad)
+        assert f"{task}_test.jsonl:2: unreadable image" in said(bad), task
+        torch.testing.assert_close(got["train_set"][0]["image"][-1] if task == "nlvr" else
+                                   got["train_set"][0]["image"], finetune.image_tensor(str(tmp_path / good), 32))
+    with pytest.raises(ValueError, match=r"vqa_train\.jsonl:2: unreadable image"):
+        run("vqa", tmp_path, tok, monkeypatch, [tasks["vqa"](n) for n in (good, *names)], [tasks["vqa"](good)],
+            strict=True)
+    with pytest.raises(SystemExit, match=r"^error: no usable test record"):  # every test image bad
+        run("vqa", tmp_path, tok, monkeypatch, [tasks["vqa"](good)], [tasks["vqa"](n) for n in names])
+
+
+def test_image_folder_images_are_decoded_at_start_up(tmp_path, tok):
+    images(tmp_path)
+    names = bad_images(tmp_path)
+    folder = tmp_path / "folder"
+    for c in ("circle", "square"):
+        (folder / c).mkdir(parents=True)
+        shutil.copy(tmp_path / "img" / "0.png", folder / c / "a.png")
+    for name in names:  # every bad file in the circle class
+        shutil.copy(tmp_path / name, folder / "circle" / f"b_{os.path.basename(name)}")
+    cfg = ft_cfg(task="imgcls", train_file=str(folder), test_file=str(folder))
+    env = SimpleNamespace(master=False, bad=quiet())
+    tr, te, bad = finetune.splits(cfg, env)
+    assert [(r["label"], os.path.basename(r["image"])) for r in tr] == [("circle", "a.png"), ("square", "a.png")]
+    assert len(te) == 2 and bad.counts() == {"unreadable image": 6}
+    assert f"{folder / 'circle' / 'b_cut.jpg'}: unreadable image" in said(bad)
+

@@ -579,6 +579,11 @@ CATALOGUE = [
     Bug("final_record_lost", T, "        except OSError as e:  #", "        except ZeroDivisionError as e:  #",
         "an evaluation that fails on a file changed during the run still leaves the final record",
         f"{TPC}::test_an_evaluation_that_fails_at_the_end_still_writes_the_final_record"),
+    Bug("finetune_images_unchecked", FT, 'return None if path is None else ("unreadable image"',
+        'return None if True else ("unreadable image"',
+        "every image of a fine-tuning task file is decoded at start-up; a record with a bad one is skipped",
+        f"{TPC}::test_every_task_decodes_its_images_at_start_up "
+        f"{TPC}::test_image_folder_images_are_decoded_at_start_up"),
 ]
 
 

@@ -217,3 +217,65 @@ def test_image_folder_images_are_decoded_at_start_up(tmp_path, tok):
     assert len(te) == 2 and bad.counts() == {"unreadable image": 6}
     assert f"{folder / 'circle' / 'b_cut.jpg'}: unreadable image" in said(bad)
 
+
+# ---------------------------------------------------------------------------------------------------------
+# finetune.py: labels checked per task against the classes
+
+
+def texts(labels):
+    return [{"text": f"sentence {i}", "label": v} for i, v in enumerate(labels)]
+
+
+def test_classification_labels_outside_the_classes_are_counted_skips(tmp_path, tok, monkeypatch):
+    images(tmp_path)
+    outliers = [100000000, -5, 1e308, 1.5, float("nan"), "1e308"]       # lines 7-12
+    train_recs = texts([0, 1, 2, 1, 0, 2, *outliers, 1])
+    got, bad = run("textcls", tmp_path, tok, monkeypatch, train_recs, texts([2, 7, 0, -1]))
+    assert got["meta"]["labels"] == [0, 1, 2]                            # neither 10^8 classes nor a regression
+    assert lines_of(got["train_set"]) == [1, 2, 3, 4, 5, 6, 13]
+    assert [s["label"].item() for s in got["train_set"]] == [0, 1, 2, 1, 0, 2, 1]
+    assert bad.counts() == {"bad label": 8}                              # 6 in the train split, 2 in the test split
+    p = tmp_path / "textcls_train.jsonl"
+    for line in (f"{p}:7: bad label (label 100000000 is outside the classes 0..2", f"{p}:8: bad label (label -5 is",
+                 f"{p}:9: bad label (label 1e+308 is outside", f"{p}:10: bad label (label 1.5 is not a class index",
+                 f"{p}:11: bad label (label nan is not a class index", f"{p}:12: bad label (label '1e308' is outside",
+                 "textcls_test.jsonl:2: bad label (label 7 is outside", "textcls_test.jsonl:4: bad label (label -1"):
+        assert line in said(bad), line
+    with pytest.raises(ValueError, match=r"textcls_train\.jsonl:7: bad label"):
+        run("textcls", tmp_path, tok, monkeypatch, train_recs, texts([0]), strict=True)
+
+    imgs = [{"image": "img/0.png", "label": v} for v in [0, 1, 2, 3, *outliers]]  # imgcls: the same rules
+    got, bad = run("imgcls", tmp_path, tok, monkeypatch, imgs, imgs[:1])
+    assert got["meta"]["labels"] == [0, 1, 2, 3] and lines_of(got["train_set"]) == [1, 2, 3, 4]
+    assert bad.counts() == {"bad label": 6}
+
+    # declared: --num_labels=5 makes 0..4 the classes, so 4 is one (never seen) and 5 is not
+    got, bad = run("textcls", tmp_path, tok, monkeypatch, texts([0, 1, 4, 5]), texts([3]), num_labels=5)
+    assert got["meta"]["labels"] == [0, 1, 2, 3, 4] and lines_of(got["train_set"]) == [1, 2, 3]
+    assert bad.counts() == {"bad label": 1} and "label 5 is outside the classes 0..4" in said(bad)
+
+
+def test_regression_only_when_declared_or_when_most_labels_have_a_fraction(tmp_path, tok, monkeypatch):
+    scores = [3.8, 0.4, 5.0, 2.6, 4, float("inf"), 1.2]                 # STS-B style; 5.0 and 4 are scores too
+    got, bad = run("textcls", tmp_path, tok, monkeypatch, texts(scores), texts([2.2]))
+    assert got["meta"]["labels"] == [] and lines_of(got["train_set"]) == [1, 2, 3, 4, 5, 7]
+    assert [s["label"].item() for s in got["train_set"]] == pytest.approx([3.8, 0.4, 5.0, 2.6, 4.0, 1.2])
+    assert bad.counts() == {"bad label": 1} and "label inf is not a finite number" in said(bad)
+    got, bad = run("textcls", tmp_path, tok, monkeypatch, texts([0, 1, 2, 1]), texts([2]), num_labels=1)
+    assert got["meta"]["labels"] == [] and got["train_set"][2]["label"].dtype == torch.float32
+    with pytest.raises(SystemExit, match="imgcls classifies"):
+        run("imgcls", tmp_path, tok, monkeypatch, [{"image": "img/0.png", "label": 0}], [], num_labels=1)
+
+
+def test_the_inferred_class_range_holds_at_least_half_of_its_indices(tmp_path):
+    assert finetune.label_vocab([0, 1, 2, 1000]) == [0, 1, 2]           # one outlier is no class 1000
+    assert finetune.label_vocab([1, 2, 3, 4, 5]) == list(range(6))      # 1-based labels: 0 is a class never seen
+    assert finetune.label_vocab([0, 5, 6, 7, 8, 9]) == list(range(10))  # a gap: 6 of the 10 indices in use
+    assert finetune.label_vocab([0, 1, 1.5, 1]) == [0, 1]               # one 1.5: still classification
+    assert finetune.label_vocab([0.5, 1.5, 1], regression=False) == [0, 1]  # imgcls never regresses
+    with pytest.raises(SystemExit) as e:
+        finetune.label_vocab([7, 7, 9], source="train.jsonl")
+    assert str(e.value) == ("error: train.jsonl: no range of class indices 0..C-1 is half in use by its integer "
+                            "labels (7, 9); declare C with --num_labels")
+    with pytest.raises(SystemExit, match="--num_labels is a number of classes"):
+        finetune.main(["--task", "textcls", "--init", "x", "--num_labels=-2"])

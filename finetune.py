@@ -30,6 +30,11 @@ it is itself a valid --init; retrieval adds retrieval_examples.png, vqa adds vqa
 evaluation server's [{"question_id", "answer"}]), attention writes attention.png. An
 --image_size other than the pre-training one interpolates the relative position bias tables.
 
+Before any training both splits are checked: every image a task file names is decoded once (a record with one
+that does not decode is skipped and counted, "unreadable image"), and every label is checked against the task's
+classes (a "bad label" is skipped and counted: label_problem, label_vocab; docs/FINETUNING.md, "Checked before
+training"). --strict makes each an error.
+
 A FLAVA checkpoint (train.py --recipe=flava) works for every task: the model comes from the checkpoint's config
 (flava.build_model); its [CLS] is CLS_M, its features the final-LN CLS tokens (text_cls / image_cls), its ITC
 embeddings the GC ones, and grounding gets a fresh box head (FLAVA pre-trains none).
@@ -99,7 +104,7 @@ class FinetuneConfig:
     # task options
     probe: str = "full"             # imgcls: full (fine-tune the encoder) | linear (nn.Linear on frozen features)
     metric: str = ""                # textcls: accuracy | f1 | mcc | pearson ("" = accuracy, pearson if regression)
-    num_labels: int = 0             # textcls: 0 = from the training labels; 1 = regression (MSE)
+    num_labels: int = 0             # textcls, imgcls: C classes 0..C-1; 0 = from the training labels; 1 = regression
     text_fields: str = ""           # textcls: sentence field(s), comma-separated names or TSV column numbers
     label_field: str = ""           # textcls: "" = the first of label, score, gold_label, Quality
     k_test: int = 16                # retrieval: ITM re-ranks the ITC top k (official k_test 256)
@@ -316,12 +321,31 @@ def _glue_tsv(path, cfg, bad):
     return recs
 
 
+def task_file(cfg, split):
+    """--train_file or --test_file; by default DATA_DIR/downstream/TASK_{train,test}.jsonl."""
+    given = cfg.train_file if split == "train" else cfg.test_file
+    return given or os.path.join(cfg.data_dir, "downstream", f"{cfg.task}_{split}.jsonl")
+
+
 def splits(cfg, env, need_train=True):
-    """(train records, test records, the task's BadInput); files default to DATA_DIR/downstream/TASK_{train,test}.jsonl."""
-    bad, down = env.bad, os.path.join(cfg.data_dir, "downstream")
-    path = lambda split, given: given or os.path.join(down, f"{cfg.task}_{split}.jsonl")  # noqa: E731
-    tr = read_task_file(path("train", cfg.train_file), "train", cfg, bad) if need_train else []
-    return tr, read_task_file(path("test", cfg.test_file), "test", cfg, bad), bad
+    """(train records, test records, the task's BadInput), read by read_task_file. Every image the records name
+    is decoded once here, before any training (retrieval.check_images, in parallel): a record with an image that
+    does not decode is reported ("unreadable image") and skipped (usable)."""
+    bad = env.bad
+    tr = read_task_file(task_file(cfg, "train"), "train", cfg, bad) if need_train else []
+    te = read_task_file(task_file(cfg, "test"), "test", cfg, bad)
+    verdicts = retrieval.check_images([p for r in tr + te for p in image_paths(r)], f"{cfg.task}: checking images",
+                                      env.master)
+
+    def unreadable(r):
+        path = next((p for p in image_paths(r) if verdicts[p]), None)
+        return None if path is None else ("unreadable image", f"{path}: {verdicts[path]}")
+    return usable(tr, unreadable, bad, "train"), usable(te, unreadable, bad, "test"), bad
+
+
+def image_paths(r):
+    """The image files a task record names ("images", or "image"; read_task_file made them absolute)."""
+    return r["images"] if "images" in r else [r["image"]] if "image" in r else []
 
 
 def usable(records, problem, bad, split):
@@ -353,9 +377,11 @@ def text_problem(r, key):
     return ("empty text", f"{key} is empty") if not r[key].strip() else None
 
 
-def label_problem(r, key, numeric):
+def label_problem(r, key, numeric, labels=None):
     """(kind, message) when r[key] is no label of the split's kind (numbers, or class names when `numeric` is
-    False), else None: one "abc" among integer labels is a typo, not a new class."""
+    False), else None: one "abc" among integer labels is a typo, not a new class. Given the task's class list
+    (label_vocab), a number is checked against it too ("bad label"): a class index is an integer in 0..C-1, so
+    1.5, -5, 100000000 and 1e308 are skipped; a regression target (labels []) is any finite number."""
     if key not in r:
         return "malformed record", f"no '{key}' field"
     v = r[key]
@@ -363,9 +389,18 @@ def label_problem(r, key, numeric):
         return "malformed record", f"{key} is {formats.type_of(v)}, not a label"
     if not str(v).strip():
         return "malformed record", f"{key} is empty"
-    if isinstance(label_value(v), str) == numeric:
+    x = label_value(v)
+    if isinstance(x, str) == numeric:
         return "malformed record", f"{key} {v!r} is {'not a number' if numeric else 'a number'}, " \
                                    f"unlike most labels of the training split"
+    if labels is None or isinstance(x, str):
+        return None
+    if not labels:
+        return None if math.isfinite(x) else ("bad label", f"{key} {v!r} is not a finite number")
+    if not integral(x):
+        return "bad label", f"{key} {v!r} is not a class index (an integer; --num_labels=1 regresses)"
+    if not 0 <= x < len(labels):
+        return "bad label", f"{key} {v!r} is outside the classes 0..{len(labels) - 1} (--num_labels sets them)"
     return None
 
 
@@ -420,13 +455,37 @@ def label_value(v):
     return s
 
 
-def label_vocab(values, num_labels=0):
-    """The class list: range(C) for integer labels, sorted names for strings; [] = regression."""
-    if num_labels == 1 or any(isinstance(v, float) and not v.is_integer() for v in values):
+def integral(x):
+    """Whether a number (label_value) is a whole one: 3, 3.0 and 1e308 are; 3.5, inf and nan are not."""
+    return isinstance(x, int) or isinstance(x, float) and x.is_integer()
+
+
+def label_vocab(values, num_labels=0, regression=True, source="the training split"):
+    """The class list of a training split's labels (label_value'd, all of the split's kind). Class names: the
+    sorted names. Numbers: [] = regression (if the task allows it) with --num_labels=1, or without --num_labels
+    when most labels have a fraction (STS-B's 3.8), so one 1.5 among integers is a bad label, not a switch to
+    regression; else the class indices range(C), C = --num_labels or class_count(values). Integer labels that
+    form no class range stop the run (`source`: the file, for the message)."""
+    if not all(isinstance(v, (int, float)) for v in values):
+        return sorted({str(v) for v in values})
+    fractions = sum(not integral(v) for v in values)
+    if regression and (num_labels == 1 or not num_labels and 2 * fractions > len(values)):
         return []
-    if all(isinstance(v, (int, float)) for v in values):
-        return list(range(max(num_labels, int(max(values)) + 1)))
-    return sorted({str(v) for v in values})
+    C = num_labels or class_count(values)
+    if not C:
+        ints = sorted({int(v) for v in values if integral(v)})
+        shown = ", ".join(map(str, ints[:5])) + (", ..." if len(ints) > 5 else "") or "none"
+        raise SystemExit(f"error: {source}: no range of class indices 0..C-1 is half in use by its integer labels "
+                         f"({shown}); declare C with --num_labels")
+    return list(range(C))
+
+
+def class_count(values):
+    """C of the class indices 0..C-1 that integer training labels imply: the largest C such that at least half
+    of 0, ..., C-1 occur among them (0 if none). One outlier cannot inflate it: 0, 1, 2 and 100000000 give C = 3,
+    and 100000000 is a bad label (C is at most twice the number of distinct labels)."""
+    seen = sorted({int(v) for v in values if integral(v) and v >= 0})
+    return max((c + 1 for j, c in enumerate(seen, 1) if c + 1 <= 2 * j), default=0)
 
 
 def label_index(v, labels):
@@ -650,12 +709,15 @@ def run_textcls(cfg, env, out):
         raise SystemExit(f"error: which of {sorted(tr[0])} hold the text and the label? (--text_fields, --label_field)")
     numeric = numeric_labels(tr, label_key, env.meta["labels"] if env.meta else None)
 
-    def problem(r):  # every text field a non-empty string, the label of the training labels' kind
-        found = [text_problem(r, n) for n in names] + [label_problem(r, label_key, numeric)]
+    def problem(r, labels=None):  # every text field a non-empty string, the label of the training labels' kind
+        found = [text_problem(r, n) for n in names] + [label_problem(r, label_key, numeric, labels)]
         return next((p for p in found if p), None)
 
-    tr, te = usable(tr, problem, bad, "train"), usable(te, problem, bad, "test")
-    labels = env.meta["labels"] if env.meta else label_vocab([label_value(r[label_key]) for r in tr], cfg.num_labels)
+    tr = usable(tr, problem, bad, "train")  # the classes come from the labels of the split's kind
+    values = [label_value(r[label_key]) for r in tr]
+    labels = env.meta["labels"] if env.meta else label_vocab(values, cfg.num_labels, source=task_file(cfg, "train"))
+    checked = lambda r: problem(r, labels)  # noqa: E731  (and the label against the classes)
+    tr, te = usable(tr, checked, bad, "train"), usable(te, checked, bad, "test")
     C = len(labels) or 1                                                   # one output = regression
 
     def make(r):
@@ -695,11 +757,17 @@ def run_imgcls(cfg, env, out):
     evaluation" is a 5-layer MLP on frozen features (docs/METHOD.md §7.2, §10)."""
     if cfg.probe not in ("full", "linear"):
         raise SystemExit(f"error: --probe must be full or linear, not {cfg.probe!r}")
+    if cfg.num_labels == 1:
+        raise SystemExit("error: --num_labels=1 makes textcls a regression; imgcls classifies (2 classes or more)")
     tr, te, bad = splits(cfg, env)
     numeric = numeric_labels(tr, "label", env.meta["labels"] if env.meta else None)
-    problem = lambda r: image_problem(r) or label_problem(r, "label", numeric)  # noqa: E731
-    tr, te = usable(tr, problem, bad, "train"), usable(te, problem, bad, "test")
-    labels = env.meta["labels"] if env.meta else label_vocab([label_value(r["label"]) for r in tr])
+    problem = lambda r, labels=None: image_problem(r) or label_problem(r, "label", numeric, labels)  # noqa: E731
+    tr = usable(tr, problem, bad, "train")  # the classes come from the labels of the split's kind
+    values = [label_value(r["label"]) for r in tr]
+    labels = env.meta["labels"] if env.meta else \
+        label_vocab(values, cfg.num_labels, regression=False, source=task_file(cfg, "train"))
+    checked = lambda r: problem(r, labels)  # noqa: E731  (and the label against the classes)
+    tr, te = usable(tr, checked, bad, "train"), usable(te, checked, bad, "test")
     linear, D = cfg.probe == "linear", env.mcfg.width
 
     def make(r):
@@ -1057,6 +1125,8 @@ def main(argv=None):
                          "or --init_text / --init_vision (public encoders)")
     if cfg.init and (cfg.init_text or cfg.init_vision):
         raise SystemExit("error: --init already holds both encoders; --init_text / --init_vision go without it")
+    if cfg.num_labels < 0:
+        raise SystemExit(f"error: --num_labels is a number of classes (1: regression), not {cfg.num_labels}")
     if cfg.task == "all" and cfg.eval_only:
         raise SystemExit("error: --task all fine-tunes every task; --eval_only takes a single task")
     ddp, rank, _, world, device = runtime.setup_distributed(cfg.device)

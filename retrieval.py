@@ -2,6 +2,9 @@
 Zero-shot and fine-tuned image-text retrieval, the way X-FM evaluates it (docs/METHOD.md §7.3): ITC ranks every pair, then
 the ITM head re-scores the top k candidates of each query, and every pair outside the top k scores -100.
 train.py runs it on the held-out pairs at the end of pre-training; finetune.py's retrieval task uses it too.
+train.py reads the set before step 1 and decodes each image once to check it (check_images): a bad one is skipped
+and counted then, and a set with nothing left stops the run before it starts. finetune.py checks the images of its
+task files the same way.
 
 Under torchrun every rank takes part (rank=, world=): each encodes its share of the images and of the texts
 (runtime.share: whole batches, so each batch is the one a single process would run), the states are gathered so
@@ -15,9 +18,11 @@ outputs of the whole set (images (Ni, 1+P, D), texts (Nt, T, D)), as one process
     python train.py --eval_k=16 --eval_batch_size=64                          # at the end of pre-training
     torchrun --standalone --nproc_per_node=8 finetune.py --task retrieval --epochs 0 --init RUN/ckpt.pt
 """
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm import tqdm
 
@@ -39,35 +44,56 @@ class Images(Dataset):
         return data.eval_transform(formats.load_image(self.paths[i]), self.image_size)
 
 
-def readable(path):
-    """Whether an image file opens and passes PIL's integrity check (verify reads the file without decoding it)."""
-    with Image.open(path) as im:
-        im.verify()
+# check_images shows a progress bar for more files than this
+PROGRESS_MIN = 256
+
+
+def check_images(paths, desc="checking images", show=True):
+    """{path: None, or why it does not decode} for each image file of `paths`. Each is fully decoded
+    (formats.load_image: a truncated JPEG fails here, PIL's verify lets it pass) and dropped at once, so only the
+    verdicts stay in memory. A pool of threads decodes them (PIL decodes outside the GIL), with a progress bar
+    (`show`) for more than PROGRESS_MIN files. finetune.py checks its task files' images with it too."""
+    paths = list(dict.fromkeys(paths))
+
+    def why(path):
+        try:
+            formats.load_image(path)
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError ...
+            return str(e) or type(e).__name__
+        return None
+
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        verdicts = list(tqdm(pool.map(why, paths), desc=desc, total=len(paths), leave=False,
+                             disable=not show or len(paths) <= PROGRESS_MIN))
+    return dict(zip(paths, verdicts))
 
 
 def load_retrieval_set(path, tok, image_size, caption_len, bad, image_root=""):
     """Held-out pairs with images deduplicated, for retrieval: image (an Images dataset of Ni files), ids/att
     (Nt, T), txt2img (Nt,) and img2txt (Ni lists of text indices). Reads formats.parse_test_pairs: pairs files,
-    ALBEF's test JSON and the test split of Karpathy's dataset_*.json. An image that does not open or verify is
-    reported and dropped with its captions here, before any decoding."""
+    ALBEF's test JSON and the test split of Karpathy's dataset_*.json. Every image is decoded once here
+    (check_images; the set keeps paths, the evaluation decodes them again): one that does not decode is reported
+    ("unreadable image") and dropped with its captions. A set left with no pair stops the run (SystemExit)."""
+    items = formats.parse_test_pairs(path, bad, image_root)
+    verdicts = check_images([item["image"] for item in items], "checking held-out images")
     index, paths, seqs, txt2img, img2txt = {}, [], [], [], []
-    for item in formats.parse_test_pairs(path, bad, image_root):
+    for item in items:
         p = item["image"]
         if p not in index:
-            try:
-                readable(p)
+            index[p] = None
+            if verdicts[p] is None:
                 paths.append(p)
                 index[p] = len(paths) - 1
                 img2txt.append([])
-            except Exception as e:
-                bad.report("unreadable image", item["where"], f"{p}: {e}", action="dropped with its captions")
-                index[p] = None
+            else:
+                bad.report("unreadable image", item["where"], f"{p}: {verdicts[p]}", action="dropped with its captions")
         if index[p] is not None:
             img2txt[index[p]].append(len(seqs))
             txt2img.append(index[p])
             seqs.append(tok.encode(item["caption"], caption_len))
     if not paths:
-        raise ValueError(f"{path}: no readable image-text pair for retrieval")
+        raise SystemExit(f"error: {path}: no image-text pair to evaluate retrieval on (the file holds none, or "
+                         f"each was skipped as bad input: see the warnings)")
     ids = data.pad_seqs(seqs, tok.pad_id)
     return {"image": Images(paths, image_size), "ids": ids, "att": data.padding_mask(seqs, ids.shape[1]),
             "txt2img": torch.tensor(txt2img, dtype=torch.long), "img2txt": img2txt}

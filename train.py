@@ -488,18 +488,27 @@ def nonfinite_everywhere(loss, ddp):
     return flag.item() > 0
 
 
-def finish(cfg, model, tok, model_cfg, sources, history, final, bad, device, autocast, rank, world):
-    """Every rank, on the raw model: zero-shot retrieval on the held-out pairs, split over the ranks (rank 0 reads
-    the set, each rank encodes and re-ranks its share, retrieval.py); then, on rank 0, the final metrics record,
-    the loss-curve picture and the summary."""
+def finish(cfg, model, held_out, held_bad, history, final, bad, device, autocast, rank, world):
+    """Every rank, on the raw model: zero-shot retrieval on the held-out pairs (held_out: read and checked before
+    step 1, or None), split over the ranks (each rank encodes and re-ranks its share, retrieval.py); then, on rank
+    0, the final metrics record, the loss-curve picture and the summary. held_bad: what the start-up read of the
+    held-out pairs skipped, added to the run's count here. An image that no longer decodes at the end (its file
+    changed during the run) costs a single process its evaluation, not the record: the record says why
+    (retrieval_error); under torchrun the error stops every rank."""
     metrics_path, master = os.path.join(cfg.out_dir, "metrics.jsonl"), rank == 0
-    if "pair_test" in sources:
-        rs = runtime.rank0_shares(lambda: retrieval.load_retrieval_set(sources["pair_test"], tok, model_cfg.image_size,
-                                                                       cfg.caption_len, bad, cfg.image_root),
-                                 world > 1, rank)
-        final["retrieval"] = retrieval.evaluate_retrieval(model, rs, device, cfg.eval_k, cfg.eval_batch_size, autocast,
-                                                          rank, world, cfg.num_workers)
-        final["retrieval"]["n_images"], final["retrieval"]["n_texts"] = len(rs["image"]), len(rs["ids"])
+    for kind, n in held_bad.counts().items():
+        bad.add(kind, n)
+    final["bad_input"] = bad.counts()
+    if held_out is not None:
+        try:
+            final["retrieval"] = retrieval.evaluate_retrieval(model, held_out, device, cfg.eval_k, cfg.eval_batch_size,
+                                                              autocast, rank, world, cfg.num_workers)
+            final["retrieval"]["n_images"], final["retrieval"]["n_texts"] = len(held_out["image"]), len(held_out["ids"])
+        except OSError as e:  # one rank alone would leave the others waiting in the gather
+            if world > 1:
+                raise
+            final["retrieval_error"] = f"{type(e).__name__}: {e}"
+            print(f"warning: no retrieval evaluation: {final['retrieval_error']}", file=sys.stderr, flush=True)
     final["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         final["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -555,6 +564,12 @@ def train(cfg, ckpt, ddp, rank, world, device, held):
     bad = formats.BadInput(strict=cfg.strict, verbose=master)
     tok, model_cfg, streams = setup_data(cfg, ckpt, recipe, per_rank, rank, world, ddp, device, bad)
     sources = {**formats.find_sources(cfg.data_dir), **shards.find_shards(cfg.data_dir)}  # files, shard folders
+    # the held-out pairs, each image decoded, before step 1: a bad one is skipped now, a set left empty stops the
+    # run here. Counted apart (a resume reads them again) and added to the run's count by finish
+    held_bad = formats.BadInput(strict=cfg.strict, verbose=master)
+    held_out = runtime.rank0_shares(lambda: retrieval.load_retrieval_set(
+        sources["pair_test"], tok, model_cfg.image_size, cfg.caption_len, held_bad, cfg.image_root),
+        ddp, rank) if "pair_test" in sources else None
     plan = recipe.update_plan(cfg, streams)
     model, loss_model, optimizer, start_step = setup_model(cfg, ckpt, recipe, model_cfg, streams, rank, ddp, device,
                                                            bad)
@@ -626,7 +641,7 @@ def train(cfg, ckpt, ddp, rank, world, device, held):
     model = runtime.unsharded(model, lambda: flava.build_model(model_cfg).to(device))  # FSDP: a plain copy per rank
     if master and cfg.export:  # the final weights alone, a folder finetune.py --init reads (pretrained.export)
         pretrained.export(cfg.export, cfg.out_dir, model.state_dict(), asdict(model_cfg), asdict(cfg), end_step)
-    finish(cfg, model, tok, model_cfg, sources, history, final, bad, device, autocast, rank, world)
+    finish(cfg, model, held_out, held_bad, history, final, bad, device, autocast, rank, world)
     if ddp:
         dist.barrier()
     return {"history": history, "final": final}

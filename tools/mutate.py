@@ -69,6 +69,7 @@ THS_SHARD = "test_a_bad_shard_member_counts_once_over_epochs_in_a_worker"
 THS_PACK = "test_pack_reads_only_image_files_under_the_data_folder"
 # BadInput.once: counts a (kind, where) the first time only
 ONCE = "        if (kind, where) not in self._records:\n            self._records.add((kind, where))\n"
+FT, TPC = "finetune.py", "tests/test_precheck.py"
 
 # curves._band_verdict: when a loss out of its band is BAD
 BAND_BAD = "if (i + 1 < len(sides) and sides[i + 1][3] == side) or i == len(sides) - 1:"
@@ -484,8 +485,8 @@ CATALOGUE = [
     Bug("train_image_root_dropped", T, "caption_mask=cfg.recipe, image_root=cfg.image_root,",
         "caption_mask=cfg.recipe,", "train.py's streams read their images under --image_root",
         f"{TFM} -k test_train_reads", fast=False),
-    Bug("eval_image_root_dropped", T, "cfg.caption_len, bad, cfg.image_root),",
-        "cfg.caption_len, bad),", "train.py's retrieval evaluation reads its images under --image_root",
+    Bug("eval_image_root_dropped", T, "cfg.caption_len, held_bad, cfg.image_root),",
+        "cfg.caption_len, held_bad),", "train.py's retrieval evaluation reads its images under --image_root",
         f"{TFM} -k test_train_reads", fast=False),
     Bug("karpathy_unfiltered", FM, 'if not isinstance(im, dict) or im.get("split") not in keep:',
         "if not isinstance(im, dict):", "a Karpathy file gives only the images of the split asked for",
@@ -698,6 +699,39 @@ CATALOGUE = [
     Bug("pack_regions_unguarded", SH, "            if problem:\n                bad.once(problem[0], where,",
         "            if False:\n                bad.once(problem[0], where,",
         "pack copies no region image from outside the data folder", f"{THS}::{THS_PACK}"),
+    # --- hostile input: checked before training
+    Bug("held_out_verified_not_decoded", R, "            formats.load_image(path)\n",
+        "            formats.Image.open(path).verify()\n",
+        "every held-out image is decoded at start-up: a truncated JPEG passes PIL's verify, not a decode",
+        f"{TPC}::test_held_out_images_are_decoded_and_the_bad_ones_skipped_and_counted"),
+    Bug("held_out_not_read_at_start", T, 'ddp, rank) if "pair_test" in sources else None',
+        "ddp, rank) if False else None",
+        "train.py reads and checks its held-out pairs before step 1 (and evaluates that set at the end)",
+        f"{TPC}::test_train_checks_the_held_out_set_before_step_1", fast=False),
+    Bug("held_out_count_saved", T, "held_bad = formats.BadInput(strict=cfg.strict, verbose=master)", "held_bad = bad",
+        "the held-out set's skipped pairs are counted once per run, not saved and counted again by a resume",
+        f"{TPC}::test_train_checks_the_held_out_set_before_step_1", fast=False),
+    Bug("held_out_empty_accepted", R, "    if not paths:\n        raise SystemExit",
+        "    if False:\n        raise SystemExit",
+        "a held-out set with no readable pair stops the run at start-up, in one line",
+        f"{TPC}::test_a_held_out_set_with_nothing_left_is_refused_in_one_line"),
+    Bug("final_record_lost", T, "        except OSError as e:  #", "        except ZeroDivisionError as e:  #",
+        "an evaluation that fails on a file changed during the run still leaves the final record",
+        f"{TPC}::test_an_evaluation_that_fails_at_the_end_still_writes_the_final_record"),
+    Bug("finetune_images_unchecked", FT, 'return None if path is None else ("unreadable image"',
+        'return None if True else ("unreadable image"',
+        "every image of a fine-tuning task file is decoded at start-up; a record with a bad one is skipped",
+        f"{TPC}::test_every_task_decodes_its_images_at_start_up "
+        f"{TPC}::test_image_folder_images_are_decoded_at_start_up"),
+    Bug("label_range_unchecked", FT, "    if not 0 <= x < len(labels):", "    if False:",
+        "a class index outside 0..C-1 (-5, 100000000, 1e308) is a bad label, skipped",
+        f"{TPC}::test_classification_labels_outside_the_classes_are_counted_skips"),
+    Bug("label_range_from_the_largest", FT, "if c + 1 <= 2 * j), default=0)", "), default=0)",
+        "the inferred classes 0..C-1 have at least half of their indices in use: one outlier adds no classes",
+        f"{TPC}::test_the_inferred_class_range_holds_at_least_half_of_its_indices"),
+    Bug("float_label_makes_regression", FT, "2 * fractions > len(values)", "fractions > 0",
+        "one 1.5 among integer labels is a bad label; regression needs most labels to have a fraction",
+        f"{TPC}::test_the_inferred_class_range_holds_at_least_half_of_its_indices"),
 ]
 
 

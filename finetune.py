@@ -1135,6 +1135,8 @@ def main(argv=None):
 
         runtime.rank0_shares(lambda: toyworld.build_if_missing(cfg.data_dir), ddp, rank)  # as train.py does
         return run_all(cfg, given, env) if cfg.task == "all" else run_task(cfg, given, env)
+    except formats.StrictError as e:
+        raise formats.strict_exit(e) from None
     finally:
         runtime.teardown()
 

@@ -365,3 +365,12 @@ def test_parse_args_takes_both_styles_and_rejects_unknown_keys(capsys):
     assert e.value.code == 0 and "--probe=full" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--task must be one of"):
         finetune.main(["--task", "glue", "--init", "x"])
+
+
+def test_strict_stops_at_a_bad_record_with_one_line(ckpt, tmp_path):
+    task = tmp_path / "textcls.jsonl"
+    task.write_text('{"text": "a red circle", "label": 0}\n{"text": "unclosed\n')
+    with pytest.raises(SystemExit, match=r"^error: \S*textcls\.jsonl:2: malformed JSON \(.*\) \(--strict: every "
+                                         r"bad record stops the run\)$"):
+        finetune.main(["--task", "textcls", "--init", ckpt, "--train_file", str(task), "--test_file", str(task),
+                       "--strict", "--out_dir", str(tmp_path / "ft")])

@@ -144,6 +144,9 @@ CATALOGUE = [
     Bug("strict_traceback", T, "        raise formats.strict_exit(e) from None", "        raise",
         "a bad record under --strict stops the run with one line, not a traceback",
         f"{TT}::test_bad_input_is_skipped_counted_and_reported"),
+    Bug("finetune_strict_traceback", "finetune.py", "        raise formats.strict_exit(e) from None", "        raise",
+        "a bad record under finetune.py --strict stops with one line, not a traceback",
+        f"{TFT}::test_strict_stops_at_a_bad_record_with_one_line", fast=False),
     Bug("tokenizer_reused_from_run_dir", "tokenizer.py", '    path = os.path.join(run_dir, "tokenizer.json")\n    texts',
         '    path = os.path.join(run_dir, "tokenizer.json")\n    if os.path.isfile(path):\n'
         '        return Tokenizer.load(path)\n    texts',

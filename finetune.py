@@ -1035,11 +1035,14 @@ def from_pretrained_encoders(cfg, tok, master):
 
 def load_init(cfg, ddp, rank, world, device):
     """What every task needs (an Env): the --init checkpoint and its kind (pre-trained by train.py or fine-tuned
-    here), its tokenizer, the (distributed) device, autocast and the GradScaler."""
+    here), its tokenizer, the (distributed) device, autocast and the GradScaler. A file that is not what it should
+    be stops the run with one line naming it, before any work (pretrained.read_export, train.load_checkpoint,
+    tokenizer.Tokenizer.load)."""
     if cfg.init:  # an export folder (train.py --export, tools/export.py) or a checkpoint, read the same way
         ckpt = pretrained.read_export(cfg.init) if pretrained.is_export(cfg.init) else train.load_checkpoint(cfg.init, "cpu")
         run_dir = cfg.init if os.path.isdir(cfg.init) else os.path.dirname(cfg.init) or "."
-        tok_path = cfg.tokenizer or os.path.join(run_dir, "tokenizer.json")
+        tok_path = cfg.tokenizer or (ckpt["tokenizer"] if pretrained.is_export(cfg.init)   # the export's own
+                                     else os.path.join(run_dir, "tokenizer.json"))
     else:  # public encoders: the text folder's tokenizer, a checkpoint made on the spot
         run_dir = cfg.out_dir or "runs/from_pretrained"
         tok_path = cfg.tokenizer or (pretrained.tokenizer_path(cfg.init_text) if cfg.init_text else "")

@@ -19,6 +19,22 @@ torch files go through torch.load(weights_only=True), and safetensors files are 
 The same few lines write them (write_safetensors): a run's weights go out as an export folder (export, below;
 train.py --export=DIR, tools/export.py), config.json + model.safetensors + tokenizer.json, which finetune.py
 --init DIR reads back (read_export).
+
+Every file is read as hostile, and one that is not what it should be stops the run before any work with one
+line naming it and the reason, never a traceback:
+- a .safetensors file whose header breaks the format: `error: FILE: not a valid safetensors file (REASON)`. The
+  header (at most ST_MAX_HEADER bytes, and no more than the file holds) is checked whole before anything is
+  allocated: known dtypes, shapes of ints >= 0, each tensor's bytes = prod(shape) x its dtype's size, the
+  tensors tiling the data section with no overlap and no gap (safetensors_header);
+- a torch file that torch.load(weights_only=True) cannot read: a text file, a zip of something else, a pickle
+  naming any other global (read_torch); train.load_checkpoint refuses a dict without a "model" state dict;
+- a config.json that is not a JSON object, or whose sizes are missing or not ints (a string, zero heads), named
+  with its key (config_int); an export's model_config of the wrong types (model_of);
+- an export whose "weights" or "tokenizer" is not a name inside its folder (an absolute path, a `..`), or whose
+  tensors are not the model its model_config describes: every key, shape, and floating where the model's is,
+  so F32 bytes labelled I32 are refused (check_state).
+    python finetune.py --task textcls --init DIR     # a bad export: "error: DIR/config.json: ..." and exit 1
+
 A checkpoint tensor whose shape does not fit is refused with the key and the reason; keys we have no use for
 are reported (known ones, such as BEiT's MIM head, with the reason they are skipped).
 
@@ -32,15 +48,18 @@ Exactness (checked against transformers in tests/test_pretrained.py, every layer
   pooling replaces): fc_norm stays at its init (ones, zeros), as in the official X-FM code.
 """
 import json
+import math
 import os
 import re
 import shutil
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-from model import resize_rel_pos
+import flava
+import formats
+from model import XFMConfig, resize_rel_pos
 
 # ---------------------------------------------------------------------------------------------------------
 # Reading checkpoint files
@@ -48,26 +67,100 @@ from model import resize_rel_pos
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
               "F64": torch.float64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+ST_MAX_HEADER = 100_000_000   # the largest JSON header read (the safetensors package's own limit)
+
+
+def _not_safetensors(path, why):
+    return SystemExit(f"error: {path}: not a valid safetensors file ({why})")
+
+
+def _unique_keys(pairs):
+    """json.loads' object_pairs_hook: an object that names a key twice is refused (the format says once)."""
+    seen = set()
+    for k, _ in pairs:
+        if k in seen:
+            raise ValueError(f"the key {k!r} appears twice")
+        seen.add(k)
+    return dict(pairs)
+
+
+def _is_count(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def safetensors_header(path):
+    """The checked header of a .safetensors file -> ({name: (torch dtype, shape, begin, end)}, the offset of the
+    data section). Every number is checked before anything is allocated, and any violation of the format stops
+    the run with one line, `error: FILE: not a valid safetensors file (REASON)`:
+      - the 8-byte header length is at most the bytes after it, and at most ST_MAX_HEADER;
+      - the header is a UTF-8 JSON object, each key once; "__metadata__", if there, maps strings to strings;
+      - each tensor has a known dtype (_ST_DTYPES), a shape of non-negative ints and data_offsets [begin, end]
+        of two ints with end - begin = prod(shape) x the dtype's size;
+      - sorted by offset, the tensors tile the data section exactly: no overlap, no gap, nothing after."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _not_safetensors(path, f"{size} bytes, fewer than the 8 of the header length")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise _not_safetensors(path, f"a header length of {n} bytes, but only {size - 8} bytes follow it")
+        if n > ST_MAX_HEADER:
+            raise _not_safetensors(path, f"a header length of {n} bytes, over the limit of {ST_MAX_HEADER}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as e:   # not UTF-8, not JSON, a key twice, nesting too deep
+        raise _not_safetensors(path, f"the header is not a JSON object: {e}")
+    if not isinstance(header, dict):
+        raise _not_safetensors(path, f"the header is {formats.type_of(header)}, not an object")
+    meta = header.pop("__metadata__", {})
+    if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise _not_safetensors(path, "__metadata__ is not a map of strings to strings")
+    entries = {}
+    for name, info in header.items():
+        if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= set(info)):
+            raise _not_safetensors(path, f"tensor {name!r} is not an object with dtype, shape and "
+                                         f"data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+            raise _not_safetensors(path, f"tensor {name!r} has the unknown dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+            raise _not_safetensors(path, f"tensor {name!r} has the shape {shape!r}, not a list of ints >= 0")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise _not_safetensors(path, f"tensor {name!r} has the data_offsets {offsets!r}, not [begin, end] "
+                                         f"with 0 <= begin <= end")
+        need = math.prod(shape) * _ST_DTYPES[dtype].itemsize
+        if offsets[1] - offsets[0] != need:
+            raise _not_safetensors(path, f"tensor {name!r} spans {offsets[1] - offsets[0]} bytes, but {dtype} "
+                                         f"of shape {shape} takes {need}")
+        entries[name] = (_ST_DTYPES[dtype], shape, *offsets)
+    end, last = 0, None
+    for name, (_, _, begin, stop) in sorted(entries.items(), key=lambda e: e[1][2:]):
+        if begin != end:
+            where = f"where {last!r} ends" if last else "at the start of the data"
+            raise _not_safetensors(path, f"tensor {name!r} starts at byte {begin}, not {where} (byte {end}): "
+                                         f"{'an overlap' if begin < end else 'a gap'}")
+        end, last = stop, name
+    if end != size - 8 - n:
+        raise _not_safetensors(path, f"the tensors cover {end} bytes of a data section of {size - 8 - n}")
+    return entries, 8 + n
 
 
 def read_safetensors(path):
-    """A .safetensors file as {name: tensor}: [8-byte little-endian header size][JSON header][raw bytes].
-    The header maps each name to {dtype, shape, data_offsets: [begin, end)} relative to the end of the header."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        buf = bytearray(f.read())  # writable, so torch.frombuffer does not warn; tensors are cloned below
+    """A .safetensors file as {name: tensor}: [8-byte little-endian header size][JSON header][raw bytes]. The
+    header maps each name to {dtype, shape, data_offsets: [begin, end)} relative to the end of the header; it is
+    checked whole (safetensors_header) before any tensor is read, each into a buffer of its own."""
+    entries, start = safetensors_header(path)
     out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        dtype = _ST_DTYPES[info["dtype"]]
-        t = torch.frombuffer(buf, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin) \
-            if end > begin else torch.empty(0, dtype=dtype)
-        out[name] = t.reshape(info["shape"]).clone()
+    with open(path, "rb") as f:
+        for name, (dtype, shape, begin, stop) in entries.items():
+            raw = torch.empty(stop - begin, dtype=torch.uint8)
+            f.seek(start + begin)
+            if f.readinto(raw.numpy()) != stop - begin:                 # the file shrank since it was checked
+                raise _not_safetensors(path, f"tensor {name!r} is cut short")
+            out[name] = raw.view(dtype).reshape(shape)
     return out
 
 
@@ -108,6 +201,23 @@ def write_safetensors(tensors, path, metadata=None):
     os.replace(path + ".tmp", path)
 
 
+def read_torch(path, device="cpu"):
+    """torch.load(path, weights_only=True): tensors and plain data only, never code. A file it cannot read (a
+    text file, a zip that is no torch file, a file cut short, a pickle naming any other global) stops the run
+    with one line naming the file and what torch.load found."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 (whatever torch.load meets in a hostile file, it raises)
+        text = str(e)
+        if "WeightsUnpickler error:" in text:  # a global or an opcode weights_only never runs
+            found = text.split("WeightsUnpickler error:")[1].strip().split("\n")[0].split(" Please use")[0]
+            raise SystemExit(f"error: {path}: not a checkpoint of tensors and plain data ({found.rstrip('.')}; "
+                             f"torch.load with weights_only=True reads nothing else)")
+        first = re.split(r"(?<=\.)\s", text.strip().split("\n")[0])[0][:160]      # its first sentence
+        raise SystemExit(f"error: {path}: not a torch checkpoint (torch.load: {type(e).__name__}"
+                         f"{': ' + first if first else ''})")
+
+
 def read_state_dict(path):
     """{name: tensor} from a folder (model.safetensors or pytorch_model.bin), a .safetensors file or a torch file
     (.bin/.pth/.pt). Official BEiT files wrap the weights under "model" (or "module" / "state_dict")."""
@@ -115,17 +225,19 @@ def read_state_dict(path):
         for name in ("model.safetensors", "pytorch_model.bin"):
             if os.path.isfile(os.path.join(path, name)):
                 return read_state_dict(os.path.join(path, name))
-        raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this folder")
+        raise SystemExit(f"error: {path}: no model.safetensors or pytorch_model.bin in this folder")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise SystemExit(f"error: no checkpoint at {path}")
     if path.endswith(".safetensors"):
         return read_safetensors(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+    state = read_torch(path)
     for wrapper in ("model", "module", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
             break
-    return {k: v for k, v in state.items() if torch.is_tensor(v)}
+    if not isinstance(state, dict):
+        raise SystemExit(f"error: {path}: holds {formats.type_of(state)}, not a state dict of named tensors")
+    return {k: v for k, v in state.items() if isinstance(k, str) and torch.is_tensor(v)}
 
 
 def _hf_file(path, name):
@@ -133,10 +245,39 @@ def _hf_file(path, name):
     return os.path.join(path if os.path.isdir(path) else os.path.dirname(path), name)
 
 
+def read_json(path):
+    """The JSON object in the file path. A file that is none (unreadable, not UTF-8, not JSON, nested too deep,
+    a list) stops the run with one line naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except OSError as e:
+        raise SystemExit(f"error: {path}: cannot be read ({e.strerror})")
+    except (ValueError, RecursionError) as e:                             # UnicodeDecodeError is a ValueError
+        raise SystemExit(f"error: {path}: not valid JSON ({e})")
+    if not isinstance(obj, dict):
+        raise SystemExit(f"error: {path}: holds {formats.type_of(obj)}, not a JSON object")
+    return obj
+
+
 def read_hf_config(path):
     """config.json of a Hugging Face folder (or next to a file), or None."""
     cfg = _hf_file(path, "config.json")
-    return json.load(open(cfg)) if os.path.isfile(cfg) else None
+    return read_json(cfg) if os.path.isfile(cfg) else None
+
+
+def config_int(config, key, where, default=None, least=1):
+    """config[key] (or default, when given, for a key that is absent): an int >= least. Anything else (a missing
+    key, a string where a size should be, zero heads) stops the run with one line naming where and the key."""
+    if key not in config and default is not None:
+        return default
+    if key not in config:
+        raise SystemExit(f"error: {where}: no {key!r}")
+    v = config[key]
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= least):
+        raise SystemExit(f"error: {where}: {key} is {formats.type_of(v)} ({formats._short(repr(v))}), not an "
+                         f"int >= {least}")
+    return v
 
 
 def tokenizer_path(path):
@@ -157,7 +298,7 @@ def check_export_dir(out_dir, run_dir):
     export's (a run's, a Hugging Face model's), which it would replace. An earlier export is overwritten."""
     config = os.path.join(out_dir, "config.json")
     if os.path.realpath(out_dir) == os.path.realpath(run_dir) or \
-            (os.path.isfile(config) and json.load(open(config)).get("format") != EXPORT_FORMAT):
+            (os.path.isfile(config) and read_json(config).get("format") != EXPORT_FORMAT):
         raise SystemExit(f"error: {out_dir} is a run folder or holds another config.json; export to a folder of "
                          f"its own")
 
@@ -188,14 +329,90 @@ def is_export(path):
     return all(os.path.isfile(os.path.join(path, name)) for name in ("config.json", "model.safetensors"))
 
 
+def export_file(folder, config, key):
+    """The file an export's config.json names under key ("weights", "tokenizer"): a name inside the folder,
+    never an absolute path or one through `..` (an export is read from its own folder only)."""
+    name, where = config.get(key), os.path.join(folder, "config.json")
+    if not isinstance(name, str) or not name:
+        raise SystemExit(f"error: {where}: {key} is {formats.type_of(name)}, not the name of a file in the "
+                         f"folder")
+    if os.path.isabs(name) or ".." in re.split(r"[/\\]", name):
+        raise SystemExit(f"error: {where}: {key} {name!r} is not a name inside the export folder (no absolute "
+                         f"path, no ..)")
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {where}: {key} {name!r} is no file in the export folder")
+    return path
+
+
 def read_export(path):
     """An export folder -> a dict shaped like train.py's checkpoint without its optimizer: {"model": state dict,
-    "model_config", "train_config", "step", ...}, so finetune.py reads either the same way."""
-    config = json.load(open(os.path.join(path, "config.json")))
+    "model_config", "train_config", "step", ...; "tokenizer": its path}, so finetune.py reads either the same
+    way. Refused in one line naming the file: a config.json that is no export's or holds a value of the wrong
+    type, a weights or tokenizer entry outside the folder, a model.safetensors that is not valid or whose tensors
+    are not the model its model_config describes (check_state)."""
+    where = os.path.join(path, "config.json")
+    config = read_json(where)
     if config.get("format") != EXPORT_FORMAT:
         raise SystemExit(f"error: {path} is not an export of train.py (its config.json has no \"format\": "
                          f"\"{EXPORT_FORMAT}\"); Hugging Face encoders go to --init_text / --init_vision")
-    return {**config, "model": read_safetensors(os.path.join(path, config["weights"]))}
+    weights, tok = export_file(path, config, "weights"), export_file(path, config, "tokenizer")
+    config_int(config, "step", where, least=0)
+    train_config = config.get("train_config", {})
+    if not isinstance(train_config, dict):
+        raise SystemExit(f"error: {where}: train_config is {formats.type_of(train_config)}, not an object")
+    model = model_of(config.get("model_config"), where)
+    state = read_safetensors(weights)
+    check_state(state, model, weights)
+    return {**config, "model": state, "tokenizer": tok}
+
+
+# The model_config sizes below 1 describe no model (zero heads would divide by zero)
+SIZES = ("vocab_size", "max_text_len", "width", "heads", "mlp_ratio", "image_size", "patch_size", "embed_dim",
+         "codebook_size")
+
+
+def model_of(model_config, where):
+    """The model a checkpoint's or an export's model_config describes, built on the meta device (shapes and
+    dtypes, no memory), for check_state. A model_config that is no config of ours stops the run with one line
+    naming where and the key: not an object, an unknown key, a value of the wrong type (a string where a size
+    should be), a size below 1, or values no model is built from (a width its heads do not divide)."""
+    if not isinstance(model_config, dict):
+        raise SystemExit(f"error: {where}: model_config is {formats.type_of(model_config)}, not an object")
+    cls = flava.FLAVAConfig if model_config.get("recipe") == "flava" else XFMConfig
+    kinds = {f.name: type(f.default) for f in fields(cls)}  # int, float or str
+    for key, v in model_config.items():
+        if key not in kinds:
+            raise SystemExit(f"error: {where}: model_config has the unknown key {key!r}")
+        kind, least = kinds[key], 1 if key in SIZES else 0
+        fits = formats._number(v) if kind is float else isinstance(v, kind) and not isinstance(v, bool)
+        if not fits or (kind is int and v < least):
+            want = {float: "a number", str: "a string", int: f"an int >= {least}"}[kind]
+            raise SystemExit(f"error: {where}: model_config.{key} is {formats.type_of(v)} "
+                             f"({formats._short(repr(v))}), not {want}")
+    try:
+        with torch.device("meta"):
+            return flava.build_model(flava.config_from_dict(model_config))
+    except Exception as e:  # noqa: BLE001 (the model's own checks: any of them refuses the config)
+        raise SystemExit(f"error: {where}: model_config describes no model ({type(e).__name__}: {e})")
+
+
+def check_state(state, model, where):
+    """state must hold the model's tensors (model_of): every key, nothing else, each with the model's shape and
+    floating where the model's is (F32 bytes labelled I32 are refused). Otherwise one line names where and the
+    first key that differs."""
+    ours = model.state_dict()
+    missing, unexpected = [k for k in ours if k not in state], [k for k in state if k not in ours]
+    if missing or unexpected:
+        first = f"no {missing[0]}" if missing else f"an unexpected {unexpected[0]}"
+        raise SystemExit(f"error: {where}: not the model its model_config describes ({first}; {len(missing)} "
+                         f"missing, {len(unexpected)} unexpected)")
+    for k, t in ours.items():
+        v = state[k]
+        if not torch.is_tensor(v) or v.shape != t.shape or \
+                v.dtype.is_floating_point != t.dtype.is_floating_point:
+            got = f"{v.dtype} {tuple(v.shape)}" if torch.is_tensor(v) else formats.type_of(v)
+            raise SystemExit(f"error: {where}: {k} is {got}, but the model's is {t.dtype} {tuple(t.shape)}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -302,7 +519,8 @@ class LoadReport:
 def apply_map(model, src, keymap, skip, source, fix=None):
     """Copy src (checkpoint {key: tensor}) into model through keymap (our key -> key or tuple of keys).
     fix(our_key, tensor) may adapt a tensor (e.g. resize a table) before the shape check. Shapes must fit
-    exactly: otherwise a ValueError names the key and both shapes. -> LoadReport."""
+    exactly, and a tensor is floating where ours is: otherwise a ValueError names the key and both.
+    -> LoadReport."""
     ours, rep, used, new = model.state_dict(), LoadReport(source), set(), {}
     for key, theirs in keymap.items():
         names = theirs if isinstance(theirs, tuple) else (theirs,)
@@ -320,6 +538,9 @@ def apply_map(model, src, keymap, skip, source, fix=None):
             raise ValueError(f"checkpoint {source}: {' + '.join(names)} has shape {tuple(t.shape)}, but the model's "
                              f"{key} is {tuple(ours[key].shape)} (the checkpoint's width, depth, heads, vocabulary or "
                              f"patch size differ from the model config)")
+        if t.dtype.is_floating_point != ours[key].dtype.is_floating_point:
+            raise ValueError(f"checkpoint {source}: {' + '.join(names)} is {t.dtype}, but the model's {key} is "
+                             f"{ours[key].dtype}")
         new[key] = t.to(ours[key].dtype)
         used.update(names)
         rep.loaded.append(key)
@@ -414,55 +635,73 @@ def load_vision(model, path):
 
 def _check_eps(rep, hf, ours, which):
     eps = (hf or {}).get("layer_norm_eps")
-    if eps is not None and abs(eps - ours) > 1e-12:
-        rep.notes.append(f"the checkpoint's LayerNorm eps is {eps}; our {which} encoder uses {ours} (a tiny difference)")
+    if eps is not None and (not formats._number(eps) or abs(eps - ours) > 1e-12):
+        rep.notes.append(f"the checkpoint's LayerNorm eps is {eps!r}; our {which} encoder uses {ours} (a tiny "
+                         f"difference)")
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Model config from the checkpoints
+# Model config from the checkpoints. A config.json value of the wrong type stops the run naming the file and the
+# key (config_int); a checkpoint our encoders cannot hold is a ValueError naming it (model_config: one line).
 
 
 def text_config(path):
     """XFMConfig fields from a RoBERTa config.json: width, heads, text_layers, vocab_size, pad_id, max_text_len."""
-    hf = read_hf_config(path)
+    hf, where = read_hf_config(path), _hf_file(path, "config.json")
     if hf is None:
         raise ValueError(f"{path}: no config.json next to the RoBERTa weights (a Hugging Face folder is expected)")
-    d, pad = hf["hidden_size"], hf.get("pad_token_id", 1)
-    if hf.get("intermediate_size", 4 * d) % d or hf.get("intermediate_size", 4 * d) // d != 4:
+    d, pad = config_int(hf, "hidden_size", where), config_int(hf, "pad_token_id", where, default=1, least=0)
+    heads = config_int(hf, "num_attention_heads", where)
+    if config_int(hf, "intermediate_size", where, default=4 * d) != 4 * d:
         raise ValueError(f"{path}: intermediate_size {hf['intermediate_size']} is not 4 x hidden_size {d} (mlp_ratio 4)")
+    if d % heads:
+        raise ValueError(f"{path}: hidden_size {d} is not a multiple of num_attention_heads {heads}")
     if hf.get("hidden_act", "gelu") != "gelu":
         raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r}; our blocks use the exact (erf) gelu")
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"{path}: position_embedding_type {hf['position_embedding_type']!r} is not supported")
-    return dict(width=d, heads=hf["num_attention_heads"], text_layers=hf["num_hidden_layers"],
-                vocab_size=hf["vocab_size"], pad_id=pad, max_text_len=hf["max_position_embeddings"] - pad - 1)
+    return dict(width=d, heads=heads, text_layers=config_int(hf, "num_hidden_layers", where),
+                vocab_size=config_int(hf, "vocab_size", where), pad_id=pad,
+                max_text_len=config_int(hf, "max_position_embeddings", where, least=pad + 2) - pad - 1)
 
 
 def vision_config(path):
     """XFMConfig fields from a BEiT checkpoint: width, heads, vision_layers, image_size, patch_size. A Hugging Face
     folder says them in config.json; an official .pth has no config, so they are read off the tensor shapes."""
-    hf = read_hf_config(path)
+    hf, where = read_hf_config(path), _hf_file(path, "config.json")
     if hf is not None and hf.get("model_type") == "beit":
-        d = hf["hidden_size"]
-        if hf.get("intermediate_size", 4 * d) != 4 * d:
+        d, heads = config_int(hf, "hidden_size", where), config_int(hf, "num_attention_heads", where)
+        if config_int(hf, "intermediate_size", where, default=4 * d) != 4 * d:
             raise ValueError(f"{path}: intermediate_size {hf['intermediate_size']} is not 4 x hidden_size {d}")
+        if d % heads:
+            raise ValueError(f"{path}: hidden_size {d} is not a multiple of num_attention_heads {heads}")
         if hf.get("use_absolute_position_embeddings") or not (hf.get("use_relative_position_bias") or
                                                               hf.get("use_shared_relative_position_bias")):
             raise ValueError(f"{path}: our BEiT encoder needs relative position bias and no absolute position embedding")
-        size = hf["image_size"] if isinstance(hf["image_size"], int) else hf["image_size"][0]
-        return dict(width=d, heads=hf["num_attention_heads"], vision_layers=hf["num_hidden_layers"],
-                    image_size=size, patch_size=hf["patch_size"])
+        size = hf.get("image_size")                                        # an int, or [height, width]
+        size = size[0] if isinstance(size, list) and size else size
+        size = config_int({"image_size": size}, "image_size", where)
+        return dict(width=d, heads=heads, vision_layers=config_int(hf, "num_hidden_layers", where),
+                    image_size=size, patch_size=config_int(hf, "patch_size", where))
     src = read_state_dict(path)
     if "patch_embed.proj.weight" not in src:
         raise ValueError(f"{path}: neither a Hugging Face BEiT folder nor an official BEiT checkpoint (no patch_embed.proj.weight)")
     w = src["patch_embed.proj.weight"]                                     # (D, 3, p, p)
-    layers = 1 + max(int(k.split(".")[1]) for k in src if k.startswith("blocks."))
+    if w.dim() != 4 or w.shape[0] < 1 or w.shape[-1] < 1 or w.shape[-1] != w.shape[-2]:
+        raise ValueError(f"{path}: patch_embed.proj.weight has the shape {tuple(w.shape)}, not "
+                         f"(width, 3, p, p)")
     table = src.get("rel_pos_bias.relative_position_bias_table", src.get("blocks.0.attn.relative_position_bias_table"))
     if table is None:
         raise ValueError(f"{path}: no relative position bias table, so the grid and heads cannot be inferred")
-    grid = ((table.shape[0] - 3) ** 0.5 + 1) / 2                           # rows = (2g-1)^2 + 3
-    if src["blocks.0.mlp.fc1.weight"].shape[0] != 4 * w.shape[0]:
-        raise ValueError(f"{path}: the MLP is not 4 x the width (mlp_ratio 4)")
+    rows = table.shape[0] if table.dim() == 2 else 0
+    grid = ((rows - 3) ** 0.5 + 1) / 2 if rows >= 4 else 0               # rows = (2g-1)^2 + 3
+    if grid != int(grid) or grid < 1 or table.shape[1] < 1 or w.shape[0] % table.shape[1]:
+        raise ValueError(f"{path}: a relative position bias table of shape {tuple(table.shape)} is not "
+                         f"((2g-1)^2 + 3, heads) for a width of {w.shape[0]}")
+    fc1 = src.get("blocks.0.mlp.fc1.weight")
+    if fc1 is None or fc1.dim() != 2 or fc1.shape[0] != 4 * w.shape[0]:
+        raise ValueError(f"{path}: blocks.0.mlp.fc1.weight is not there or not 4 x the width (mlp_ratio 4)")
+    layers = 1 + max(int(m.group(1)) for m in (re.match(r"blocks\.(\d+)\.", k) for k in src) if m)
     return dict(width=w.shape[0], heads=table.shape[1], vision_layers=layers,
                 image_size=int(grid) * w.shape[-1], patch_size=w.shape[-1])
 
@@ -485,7 +724,7 @@ def model_config(cfg, model_cfg, tok):
     cfg: the train.py or finetune.py config); the fusion depth stays the preset's. Mismatches are one-line errors."""
     try:
         over = config_overrides(cfg.init_text, cfg.init_vision)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except ValueError as e:
         raise SystemExit(f"error: {e}")
     if "vocab_size" in over:
         if tok.vocab_size > over["vocab_size"]:

@@ -58,14 +58,32 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path):
-        return cls(HFTokenizer.from_file(path))
+        """The tokenizer.json at path. A file that is none (not UTF-8, not a `tokenizers` JSON, or without
+        RoBERTa's special tokens) stops the run with one line naming it."""
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: no tokenizer at {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SystemExit(f"error: {path}: cannot be read as UTF-8 text ({e})")
+        return cls.from_json(text, path)
 
     def to_json(self):  # the whole tokenizer as one string: what rank 0 sends the other ranks
         return self.hf.to_str()
 
     @classmethod
-    def from_json(cls, text):
-        return cls(HFTokenizer.from_str(text))
+    def from_json(cls, text, where="the tokenizer's JSON"):
+        """A tokenizer from to_json's string; one that is none stops the run with one line naming where."""
+        try:
+            hf = HFTokenizer.from_str(text)
+        except Exception as e:  # noqa: BLE001 (the tokenizers library raises a bare Exception for a bad file)
+            first = str(e).strip().split("\n")[0][:160]
+            raise SystemExit(f"error: {where}: not a tokenizer.json of the tokenizers library ({first})")
+        try:
+            return cls(hf)
+        except ValueError as e:                                            # no RoBERTa special tokens
+            raise SystemExit(f"error: {where}: {e}")
 
     def encode(self, text, max_len):
         """<s> tokens </s>, truncated to max_len with </s> kept last. The text is cut to formats.MAX_TEXT_CHARS

@@ -249,12 +249,26 @@ def atomic_save(obj, path):
 
 
 def load_checkpoint(path, device):
+    """A checkpoint of train.py or finetune.py (the file, or a run folder for its ckpt.pt) -> its
+    dict, the model's keys without a DDP `module.` or compile `_orig_mod.` prefix. Read with
+    torch.load(weights_only=True) (pretrained.read_torch). A file that is no such checkpoint stops the
+    run with one line naming it: not a torch file, a pickle of other globals, no "model" state dict, a
+    model_config or step of the wrong type, or tensors that are not the model its model_config
+    describes (pretrained.check_state; of a fine-tuned checkpoint, its `xfm.` part)."""
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.exists(path):
         raise SystemExit(f"error: no checkpoint at {path}")
-    ckpt = torch.load(path, map_location=device, weights_only=True)  # tensors and plain types only
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+    ckpt = pretrained.read_torch(path, device)                            # tensors and plain types only
+    model = ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(model, dict) or not all(isinstance(k, str) for k in model):
+        what = formats.type_of(ckpt) if not isinstance(ckpt, dict) else 'no state dict under "model"'
+        raise SystemExit(f"error: {path}: not a checkpoint of train.py or finetune.py (it holds {what})")
+    if "step" in ckpt:
+        pretrained.config_int(ckpt, "step", path, least=0)
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in model.items()}
+    part = state if "task" not in ckpt else {k[4:]: v for k, v in state.items() if k.startswith("xfm.")}
+    pretrained.check_state(part, pretrained.model_of(ckpt.get("model_config"), path), path)
     ckpt["model"] = state
     return ckpt
 

@@ -54,6 +54,7 @@ FM, TFM = "formats.py", "tests/test_formats.py"
 TE = "tests/test_evaluation.py"
 SH, TSH = "shards.py", "tests/test_shards.py"
 P, TX = "pretrained.py", "tests/test_export.py"
+THW = "tests/test_hostile_weights.py"
 ST, TST = "tools/student.py", "tests/test_student.py"
 TST_STATIC = "test_the_copy_keeps_signatures_and_docstrings_and_holds_no_reference_body"
 TST_GRADING = "test_each_blank_fails_its_tests_and_passes_them_with_only_its_reference_back"
@@ -735,6 +736,57 @@ CATALOGUE = [
     Bug("float_label_makes_regression", FT, "2 * fractions > len(values)", "fractions > 0",
         "one 1.5 among integer labels is a bad label; regression needs most labels to have a fraction",
         f"{TPC}::test_the_inferred_class_range_holds_at_least_half_of_its_indices"),
+    # --- hostile input: weights and exports (pretrained.py's readers, train.load_checkpoint, Tokenizer.load)
+    Bug("st_header_length_unbounded", P, "        if n > size - 8:", "        if False:",
+        "a safetensors header length past the end of the file is refused before anything is read",
+        f"{THW}::test_bad_safetensors_is_refused_by_name[header_length_past_the_end]"),
+    Bug("st_header_cap_off", P, "        if n > ST_MAX_HEADER:", "        if False:",
+        "a safetensors header longer than ST_MAX_HEADER is refused unread",
+        f"{THW}::test_a_header_over_the_limit_is_refused_unread"),
+    Bug("st_overlap_allowed", P, "        if begin != end:", "        if begin > end:",
+        "safetensors tensors tile the data section: an overlap is refused",
+        f"{THW}::test_bad_safetensors_is_refused_by_name[overlap]"),
+    Bug("st_byte_count_unchecked", P, "        if offsets[1] - offsets[0] != need:", "        if False:",
+        "a tensor's bytes are prod(shape) x its dtype's size (F32 bytes labelled I64 are refused)",
+        f"{THW}::test_bad_safetensors_is_refused_by_name[bytes_not_shape_times_dtype]"),
+    Bug("export_file_outside_folder", P, '    if os.path.isabs(name) or ".." in re.split(',
+        "    if False and re.split(",
+        "an export's weights and tokenizer are names inside its folder (no absolute path, no ..)",
+        f"{THW}::test_export_weights_and_tokenizer_stay_inside_the_folder"),
+    Bug("pretrained_int_labelled_float", P,
+        "        if t.dtype.is_floating_point != ours[key].dtype.is_floating_point:", "        if False:",
+        "a --init_text / --init_vision tensor is floating where the model's is",
+        f"{THW}::test_a_pretrained_tensor_of_another_kind_is_refused"),
+    Bug("beit_pth_table_unchecked", P,
+        "    if grid != int(grid) or grid < 1 or table.shape[1] < 1 or w.shape[0] % table.shape[1]:",
+        "    if False:", "an official BEiT file's sizes come off a table of (2g-1)^2 + 3 rows per head",
+        f"{THW}::test_official_beit_file_of_wrong_shapes_is_refused_by_name"),
+    Bug("export_int_labelled_float", P, "        v.dtype.is_floating_point != t.dtype.is_floating_point:",
+        "        False:",
+        "an export's tensor is floating where the model's is (F32 bytes labelled I32 are refused)",
+        f"{THW}::test_export_tensors_must_be_the_model_of_its_config"),
+    Bug("export_model_config_types", P, "        if not fits or (kind is int and v < least):", "        if False:",
+        "an export's model_config of the wrong type is refused naming the key",
+        f"{THW}::test_export_config_of_wrong_types_is_refused_by_key[width_a_string] "
+        f"{THW}::test_export_config_of_wrong_types_is_refused_by_key[zero_heads]"),
+    Bug("hf_config_types", P, "    if not (isinstance(v, int) and not isinstance(v, bool) and v >= least):",
+        "    if False:", "a Hugging Face config.json size of the wrong type is refused naming the file and key",
+        f"{THW}::test_hf_config_of_wrong_types_is_refused_by_key"),
+    Bug("torch_error_unnamed", P, "    except Exception as e:  # noqa: BLE001 (whatever torch.load",
+        "    except OSError as e:  # noqa: BLE001 (whatever torch.load",
+        "a file torch.load cannot read is refused in one line naming it",
+        f"{THW}::test_not_a_checkpoint_is_refused_by_name"),
+    Bug("ckpt_without_model", T, "if not isinstance(model, dict) or not all(isinstance(k, str) for k in model):",
+        "if False:", "a torch file without a \"model\" state dict is no checkpoint, refused naming it",
+        f"{THW}::test_not_a_checkpoint_is_refused_by_name"),
+    Bug("tokenizer_garbage_unnamed", "tokenizer.py", "except Exception as e:  # noqa: BLE001 (the tokenizers",
+        "except ValueError as e:  # noqa: BLE001 (the tokenizers",
+        "a tokenizer.json the tokenizers library cannot read is refused naming it",
+        f"{THW}::test_garbage_tokenizer_is_refused_by_name"),
+    Bug("export_tokenizer_entry_ignored", "finetune.py", 'ckpt["tokenizer"] if pretrained.is_export(cfg.init)',
+        'os.path.join(run_dir, "tokenizer.json") if pretrained.is_export(cfg.init)',
+        "finetune.py --init DIR reads the tokenizer the export's config.json names",
+        f"{THW}::test_init_reads_the_tokenizer_the_export_names"),
 ]
 
 

@@ -284,8 +284,11 @@ def check_resume(resume, ckpt, given):
     a text length beyond the model's position table, or a checkpoint whose train_config this TrainConfig does not
     know. The out_dir defaults to the resumed run's folder; --stop_at and --overwrite belong to one command and
     are not carried over."""
-    saved, known = ckpt["train_config"], {f.name for f in fields(TrainConfig)}
+    saved, known = ckpt.get("train_config"), {f.name for f in fields(TrainConfig)}
     name = os.path.join(resume, "ckpt.pt") if os.path.isdir(resume) else resume
+    if not isinstance(saved, dict) or "task" in ckpt:
+        raise SystemExit(f"error: {name}: not a checkpoint of train.py (no train_config; a fine-tuned one?): "
+                         f"nothing to resume")
     unknown = sorted(set(saved) - known)
     if unknown:
         raise SystemExit(f"error: {name}: its train_config has keys this train.py does not know ({', '.join(unknown)}): "

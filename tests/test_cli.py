@@ -56,7 +56,7 @@ def test_batch_smaller_than_the_world_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg, _ = train.parse_args(["--batch_size=1"])
     with pytest.raises(SystemExit, match="smaller than the world size 2"):
-        train.train(cfg, None, False, 0, 2, torch.device("cpu"))
+        train.train(cfg, None, False, 0, 2, torch.device("cpu"), held=[])
     assert os.listdir(tmp_path) == []
 
 

@@ -15,8 +15,10 @@ import os
 import pytest
 
 import curves
+import tokenizer
 import train
 import toyworld
+from model import make_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,6 +52,20 @@ def test_short_run_lands_inside_the_reference_bands(toy, tmp_path, name):
         # here, and test_overfit.py checks GC on one batch.)
         chance_r10 = 10 * r["t2i_chance_r1"]
         assert r["t2i_r10"] >= 3 * chance_r10, (r["t2i_r10"], chance_r10)
+
+
+def test_region_chance_is_ln_of_the_filled_caption_slots(toy, tmp_path):
+    """The health check's region ITC chance level, computed from a run folder's config, tokenizer and data, is the
+    committed one: ln of the FILLED caption slots per batch (an empty slot is no candidate), not of every slot."""
+    cfg, _ = train.parse_args([*curves.REFERENCES["xfm_toy_short"]["args"], f"--data_dir={toy}"])
+    run = tmp_path / "run"
+    tokenizer.get_tokenizer(toy, str(run), cfg.vocab_size)
+    (run / "metrics.jsonl").write_text("")
+    config = {"train": dataclasses.asdict(cfg), "world_size": 1, "per_rank_batch": train.batch_plan(cfg, 1)[2],
+              "model": dataclasses.asdict(make_config(cfg.config))}
+    (run / "config.json").write_text(json.dumps(config))
+    ref = json.load(open(os.path.join(ROOT, "reference", "xfm_toy_short.json")))
+    assert curves.chance_levels(str(run))["itc_region"] == pytest.approx(ref["chance"]["itc_region"], rel=0.01)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -104,7 +104,7 @@ CATALOGUE = [
         "tests/test_learning.py::test_make_reuses_only_a_finished_run_of_the_same_command_and_seed"),
     Bug("region_chance_counts_empty_slots", "tools/curves.py", 'math.log(int(b["valid"].sum()) * world)',
         'math.log(len(b["ids"]) * world)', "region ITC's chance level is ln of the filled caption slots per batch",
-        "tests/test_learning.py::test_short_run_lands_inside_the_reference_bands"),
+        "tests/test_learning.py::test_region_chance_is_ln_of_the_filled_caption_slots"),
     Bug("toy_world_built_in_place", "toyworld.py", 'tmp = f"{os.path.normpath(data_dir)}.building-{os.getpid()}"',
         "tmp = data_dir", "the toy world is built in a private folder and renamed into place whole",
         "tests/test_data.py::test_the_toy_world_appears_whole_or_not_at_all"),

@@ -823,10 +823,12 @@ def _pytest_child(cwd, args, out_path):
     sys.path[:] = [cwd] + [p for p in sys.path if p and not os.path.abspath(p).startswith(ROOT)]  # not the repository
     sys.dont_write_bytecode = True
     import pytest as _pytest
-    rc = _pytest.main(["-x", "-q", "-p", "no:cacheprovider", *args])
+    rc = int(_pytest.main(["-x", "-q", "-p", "no:cacheprovider", *args]))
     sys.stdout.flush()
     sys.stderr.flush()
-    sys.exit(int(rc))                                                   # (the Process's exit code)
+    with open(out_path + ".rc", "w") as f:  # the verdict; the fork server's exit-code channel can lose it (255)
+        f.write(str(rc))
+    sys.exit(rc)
 
 
 def pytest(cwd, args, timeout):
@@ -838,6 +840,9 @@ def pytest(cwd, args, timeout):
         _forkserver = multiprocessing.get_context("forkserver")
         _forkserver.set_forkserver_preload(PRELOAD)
     out_path = os.path.join(cwd, ".mutate_pytest.log")
+    for old in (out_path, out_path + ".rc"):
+        if os.path.exists(old):
+            os.remove(old)
     t0 = time.time()
     child = _forkserver.Process(target=_pytest_child, args=(cwd, args, out_path))
     child.start()
@@ -849,7 +854,8 @@ def pytest(cwd, args, timeout):
         return "timeout", time.time() - t0, "\n".join(out.strip().splitlines()[-3:])
     out = open(out_path, errors="replace").read() if os.path.exists(out_path) else "(pytest did not start)"
     tail = "\n".join(out.strip().splitlines()[-3:])
-    return {0: "passed", 1: "failed"}.get(child.exitcode, f"error rc={child.exitcode}"), time.time() - t0, tail
+    rc = int(open(out_path + ".rc").read()) if os.path.exists(out_path + ".rc") else child.exitcode
+    return {0: "passed", 1: "failed"}.get(rc, f"error rc={rc}"), time.time() - t0, tail
 
 
 def run_bug(bug, timeout):

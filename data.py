@@ -1,13 +1,13 @@
 """
 Data for xfm: the four pre-training streams of X-FM (text, image, image-text pairs, region-text),
 the two masking generators (text MLM and BEiT block-wise MIM) and a sharded resumable sampler
-(docs/METHOD.md §4.1, §5, §11). The tokenizer is tokenizer.py; the synthetic toy world that feeds every
-stream is written by toyworld.py.
+(docs/METHOD.md §4.1, §5, §11). The tokenizer is lib/tokenizer.py; the synthetic toy world that feeds every
+stream is written by lib/toyworld.py.
 
 Run:
     python -m pytest tests/test_data.py -q
 
-The files of a data folder, their formats and the bad-input rules: formats.py.
+The files of a data folder, their formats and the bad-input rules: lib/formats.py.
 
 Batches (tensors, and the ints max_masks, mim_count; T = the longest sequence in the batch, or text_len /
 caption_len with DataConfig.static (train.py --compile); P = (image_size // patch_size) ** 2):
@@ -42,7 +42,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-import formats
+from lib import formats
 
 CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), dtype=np.float32)
 CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), dtype=np.float32)

@@ -12,7 +12,7 @@ with their graph (`losses.fusion_input(t, stop_grad=False)`), so each task train
     retrieval  ITC (same image = positive) + ITM (hard negatives); ITC ranking, ITM re-ranking R@1/5/10
     grounding  the pre-trained bbox_head on the fusion [CLS] of (phrase, full image) L1 + GIoU acc@IoU>=0.5
 
-Every task runs on the toy world (data/toy/downstream; `python toyworld.py --out data/toy`) with no other
+Every task runs on the toy world (data/toy/downstream; `python -m lib.toyworld --out data/toy`) with no other
 arguments. After `python train.py`:
     python finetune.py --task vqa --init runs/default/ckpt.pt            # -> runs/default/finetune/vqa/
     python finetune.py --task imgcls --probe linear --init runs/default/ckpt.pt
@@ -57,18 +57,18 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 from tqdm import tqdm
 
-import cli
+from lib import cli
 import data
-import tokenizer
-import formats
+from lib import tokenizer
+from lib import formats
 import flava
 import losses
-import pretrained
-import retrieval
-from tools import pictures
-import toyworld
+from lib import pretrained
+from lib import retrieval
+from lib import pictures
+from lib import toyworld
 import train
-import runtime
+from lib import runtime
 from model import XFM, build_mlp, make_config, resize_rel_pos
 
 # ---------------------------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ class FinetuneConfig:
     task: str = ""                  # textcls | imgcls | vqa | nlvr | retrieval | grounding | all | attention
     init: str = ""                  # pre-trained run folder, ckpt.pt or export folder (train.py), or a fine-tuned ckpt.pt
     eval_only: bool = False         # evaluate --init as it is (fine-tuned; or zero-shot retrieval / grounding)
-    init_text: str = ""             # instead of --init: a Hugging Face RoBERTa folder (pretrained.py) ...
+    init_text: str = ""             # instead of --init: a Hugging Face RoBERTa folder (lib/pretrained.py) ...
     init_vision: str = ""           # ... and/or a BEiT-v2 checkpoint; the rest of the model is freshly initialised
     preset: str = "base"            # with --init_text/--init_vision: model preset for what they do not say (fusion depth)
     # data
@@ -245,7 +245,7 @@ def read_task_file(path, split, cfg, bad):
     paths ("image", or "images" a list) made absolute against --image_root or the file's folder. A record that is
     not UTF-8, whose image field is not a path, or whose image is missing is reported to `bad` and skipped."""
     if not os.path.exists(path):
-        hint = " (an old toy world? rebuild it: python toyworld.py --out data/toy)" if "downstream" in path else ""
+        hint = " (an old toy world? rebuild it: python -m lib.toyworld --out data/toy)" if "downstream" in path else ""
         raise SystemExit(f"error: no {split} file {path}{hint}")
     root = formats.image_base(path, cfg.image_root)
     if os.path.isdir(path):
@@ -921,7 +921,7 @@ def run_retrieval(cfg, env, out):
 
     model = build_model(cfg, env, None, loss_fn)                          # the pre-trained ITC and ITM heads
 
-    def evaluate(m):  # every rank: rank 0 reads the set, each rank scores its share (retrieval.py)
+    def evaluate(m):  # every rank: rank 0 reads the set, each rank scores its share (lib/retrieval.py)
         rs = runtime.rank0_shares(lambda: retrieval.load_retrieval_set(test_path, env.tok, cfg.image_size,
                                                                        cfg.text_len, bad), env.ddp, env.rank)
         sc = retrieval.scores(m.xfm, rs, env.device, cfg.k_test, cfg.eval_batch_size, env.autocast, env.rank,
@@ -987,7 +987,7 @@ def run_grounding(cfg, env, out):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The attention picture (drawn by tools/pictures.py)
+# The attention picture (drawn by lib/pictures.py)
 
 
 def run_attention(cfg, env, out):
@@ -1020,7 +1020,7 @@ RUNNERS = {"textcls": run_textcls, "imgcls": run_imgcls, "vqa": run_vqa, "nlvr":
 
 def from_pretrained_encoders(cfg, tok, master):
     """A stand-in for a train.py checkpoint: the --preset model with the language encoder (+ MLM head) from
-    --init_text and the vision encoder from --init_vision (pretrained.py); fusion encoder and heads are fresh."""
+    --init_text and the vision encoder from --init_vision (lib/pretrained.py); fusion encoder and heads are fresh."""
     base = make_config(cfg.preset, vocab_size=tok.vocab_size, pad_id=tok.pad_id, max_text_len=cfg.text_len or 1)
     mcfg = pretrained.model_config(cfg, base, tok)
     torch.manual_seed(cfg.seed)  # the same init on every rank

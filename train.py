@@ -32,18 +32,18 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-import cli
+from lib import cli
 import data
-import tokenizer
-import formats
+from lib import tokenizer
+from lib import formats
 import flava
-import pretrained
-import retrieval
-import runlog
-import runtime
-import shards
-from tools import pictures
-import toyworld
+from lib import pretrained
+from lib import retrieval
+from lib import runlog
+from lib import runtime
+from lib import shards
+from lib import pictures
+from lib import toyworld
 from losses import xfm_losses
 from model import make_config
 
@@ -62,10 +62,10 @@ class TrainConfig:
     codebook_size: int = 256        # FLAVA: image-token vocabulary of the k-means tokenizer (the dVAE's: 8192)
     image_tokenizer: str = ""       # FLAVA: a saved RUN/image_tokenizer.pt to reuse; empty = fit one on the data
     attn_impl: str = "auto"         # auto (SDPA where fused, else written out) | sdpa | explicit (written out, for teaching)
-    init_text: str = ""             # Hugging Face RoBERTa folder: language encoder + MLM head (pretrained.py)
+    init_text: str = ""             # Hugging Face RoBERTa folder: language encoder + MLM head (lib/pretrained.py)
     init_vision: str = ""           # BEiT-v2 checkpoint (official .pth or Hugging Face folder): vision encoder
     # data
-    data_dir: str = "data/toy"      # folder with pairs/regions/text/images (formats.py); the toy world is built here if missing
+    data_dir: str = "data/toy"      # folder with pairs/regions/text/images (lib/formats.py); the toy world is built here if missing
     image_root: str = ""            # image paths are relative to this folder (ALBEF's JSONs); empty: each file's folder
     out_dir: str = "runs/default"   # run folder: config, metrics, checkpoint, curves, tokenizer; a folder that
                                     # holds a run is refused (--resume it, or --overwrite it)
@@ -77,7 +77,7 @@ class TrainConfig:
     crop_min_scale: float = 0.8     # random resized crop scale lower bound (official: 0.2; the toy captions name positions)
     hflip: bool = False             # horizontal flip (off: captions say "left of"/"right of")
     num_workers: int = 0            # DataLoader workers per rank
-    shuffle_buffer: int = 1000      # tar shards (shards.py): the samples each worker shuffles among
+    shuffle_buffer: int = 1000      # tar shards (lib/shards.py): the samples each worker shuffles among
     strict: bool = False            # any bad input record is an error instead of being skipped and counted
     # optimisation
     max_steps: int = 600            # steps (each = three optimizer updates, or one with schedule=summed)
@@ -434,7 +434,7 @@ def setup_data(cfg, ckpt, recipe, per_rank, rank, world, ddp, device, bad):
     streams = shards.build_streams(cfg.data_dir, tok, dc, per_rank, bad, rank, world, cfg.num_workers,
                                    pin_memory=device.type == "cuda", buffer=cfg.shuffle_buffer)
     if not streams:
-        raise SystemExit(f"error: no training data found in {cfg.data_dir} (formats: formats.py, shards.py)")
+        raise SystemExit(f"error: no training data found in {cfg.data_dir} (formats: lib/formats.py, lib/shards.py)")
     return tok, model_cfg, streams
 
 
@@ -483,7 +483,7 @@ def wrap(model, cfg, streams, ddp, device):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Pieces of the loop: the batches of an update, a non-finite update, the end of the run (the log: runlog.py)
+# Pieces of the loop: the batches of an update, a non-finite update, the end of the run (the log: lib/runlog.py)
 
 
 def next_batches(streams, kinds, accum, device, meter):
@@ -507,7 +507,7 @@ def nonfinite_everywhere(loss, ddp):
 
 def finish(cfg, model, held_out, held_bad, history, final, bad, device, autocast, rank, world):
     """Every rank, on the raw model: zero-shot retrieval on the held-out pairs (held_out: read and checked before
-    step 1, or None), split over the ranks (each rank encodes and re-ranks its share, retrieval.py); then, on rank
+    step 1, or None), split over the ranks (each rank encodes and re-ranks its share, lib/retrieval.py); then, on rank
     0, the final metrics record, the loss-curve picture and the summary. held_bad: what the start-up read of the
     held-out pairs skipped, added to the run's count here. An image that no longer decodes at the end (its file
     changed during the run) costs a single process its evaluation, not the record: the record says why

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
-import tokenizer  # noqa: E402
-import formats
+from lib import tokenizer  # noqa: E402
+from lib import formats
 import train  # noqa: E402
 import flava  # noqa: E402
 

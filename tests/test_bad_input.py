@@ -12,12 +12,12 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-import tokenizer
-import formats
+from lib import tokenizer
+from lib import formats
 import finetune
 import train
-import toyworld
-import retrieval
+from lib import toyworld
+from lib import retrieval
 
 LATIN1 = "café au lait".encode("latin-1")  # b"caf\xe9 au lait": not UTF-8
 

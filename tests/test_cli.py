@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-import cli
+from lib import cli
 import finetune
 import train
 

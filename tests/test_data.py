@@ -12,10 +12,10 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data as D  # noqa: E402
-import tokenizer  # noqa: E402
-import formats  # noqa: E402
-import toyworld  # noqa: E402
-import retrieval  # noqa: E402
+from lib import tokenizer  # noqa: E402
+from lib import formats  # noqa: E402
+from lib import toyworld  # noqa: E402
+from lib import retrieval  # noqa: E402
 
 SMALL = dict(size=32, n_pairs=24, n_regions=12, n_text=30, n_images=12, n_test=10, n_down=8, progress=False)
 DC = dict(image_size=32, patch_size=8, text_len=32, caption_len=16, seed=0)

@@ -13,9 +13,9 @@ import torch.nn as nn
 from PIL import Image
 
 import finetune
-import formats
-import retrieval
-import runtime
+from lib import formats
+from lib import retrieval
+from lib import runtime
 import train
 from conftest import gloo_group, rendezvous, tiny_config
 from model import XFM

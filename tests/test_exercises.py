@@ -20,7 +20,7 @@ import pytest
 import curves
 import finetune
 import train
-import toyworld
+from lib import toyworld
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXERCISES_MD = os.path.join(ROOT, "EXERCISES.md")

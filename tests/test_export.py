@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-import pretrained
+from lib import pretrained
 
 EVERY_DTYPE = {"f32": torch.randn(3, 4), "f64": torch.randn(2, dtype=torch.float64), "f16": torch.randn(5).half(),
                "bf16": torch.randn(2, 3).bfloat16(), "i64": torch.arange(7), "i32": torch.arange(-3, 3, dtype=torch.int32),

@@ -11,15 +11,15 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-import formats
+from lib import formats
 import finetune
 import losses
 import train
 from conftest import tiny_config
 from model import XFM, build_mlp, resize_rel_pos
-import toyworld
-import retrieval
-from tools import pictures
+from lib import toyworld
+from lib import retrieval
+from lib import pictures
 
 EPOCH1 = ["--epochs=1", "--batch_size=8", "--eval_batch_size=16", "--k_test=4"]
 

@@ -12,15 +12,15 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import data
-import tokenizer
-import formats
+from lib import tokenizer
+from lib import formats
 import losses
 import finetune
 import flava
 import train
 from conftest import gloo_group, rendezvous, make_batch
 from losses import itc_loss
-import toyworld
+from lib import toyworld
 
 
 def tiny_flava(**kw):

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 import finetune
-import formats
-import retrieval
-import tokenizer
+from lib import formats
+from lib import retrieval
+from lib import tokenizer
 import train
 
 

@@ -14,9 +14,10 @@ import torch
 import torch.multiprocessing as mp
 
 import flava
-import pretrained
-import runtime
-import toyworld
+from lib import pretrained
+from lib import runtime
+from lib import tokenizer
+from lib import toyworld
 import train
 from conftest import gloo_group, make_batch, rendezvous, tiny_config
 from model import XFM
@@ -54,7 +55,7 @@ def runs(tmp_path_factory):
     toy, root = str(tmp_path_factory.mktemp("toy")), str(tmp_path_factory.mktemp("runs"))
     toyworld.make_toy(toy, seed=0, n_pairs=48, n_regions=24, n_text=48, n_images=24, n_test=8, n_down=4,
                       progress=False)
-    __import__("tokenizer").get_tokenizer(toy, toy, 300, None).save(os.path.join(toy, "tokenizer.json"))
+    tokenizer.get_tokenizer(toy, toy, 300, None).save(os.path.join(toy, "tokenizer.json"))
     mp.spawn(_worker, args=(rendezvous(), toy, root), nprocs=2, join=True)
     return root
 

@@ -2,7 +2,7 @@
 5,000 digits and a box of 400 digits are malformed records, named and skipped, in a .jsonl line, a .json file and
 a tar member alike; a declared image size or box that would not stay finite and positive once scaled is refused;
 a 1 MB line without spaces is cut (formats.MAX_TEXT_CHARS) before any tokenizer sees it, so tokenizer training
-takes seconds; 16-bit and float images keep their picture; `formats.py check --images` decodes every image.
+takes seconds; 16-bit and float images keep their picture; `lib/formats.py check --images` decodes every image.
 Run: python -m pytest tests/test_hostile_readers.py -q   (CPU, about 10 s)"""
 import io
 import json
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import formats
-import shards
-import tokenizer
+from lib import formats
+from lib import shards
+from lib import tokenizer
 from test_bad_input import quiet, said, write_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,7 +142,7 @@ def test_every_reader_cuts_a_long_text_and_keeps_the_others(tmp_path):
 
 def test_tokenizer_trains_on_a_megabyte_line_without_spaces_in_seconds(tmp_path):
     """BPE training on one 1 MB word takes minutes (300 KB: 31 s); cut, it takes a fraction of a second."""
-    code = ("import sys, time; import numpy as np; sys.path.insert(0, '.'); import tokenizer; "
+    code = ("import sys, time; import numpy as np; sys.path.insert(0, '.'); from lib import tokenizer; "
             "blob = ''.join(map(chr, np.random.default_rng(0).integers(0x4E00, 0x4E00 + 2000, 1_000_000))); "
             "texts = ['a red circle left of a blue square'] * 50 + [blob]; t = time.time(); "
             f"tokenizer.Tokenizer.train(texts, 300, {str(tmp_path / 'tok.json')!r}); print(time.time() - t)")
@@ -190,7 +190,7 @@ def test_16_bit_and_float_images_are_scaled_to_8_bits(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# formats.py check: the same parsers, and --images decodes every image
+# lib/formats.py check: the same parsers, and --images decodes every image
 
 
 def test_check_reports_each_and_images_decodes_every_image(tmp_path, capsys):

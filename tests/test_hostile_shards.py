@@ -1,7 +1,7 @@
 """Hostile shard input: an index.json that lies is refused at start-up with one line that names it, the problem and
 the command that rewrites it; a tar sample holding its members twice is named and counted once, its first member
 of each extension kept; a bad record counts once however often it is drawn (epochs, DataLoader workers, a resume);
-and `shards.py pack` reads only image files under the data folder (or --image_root), whatever a record names.
+and `lib/shards.py pack` reads only image files under the data folder (or --image_root), whatever a record names.
 Run: python -m pytest tests/test_hostile_shards.py -q   (CPU, about 10 s)"""
 import io
 import json
@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 import data as D
-import formats
-import shards
-import tokenizer
+from lib import formats
+from lib import shards
+from lib import tokenizer
 
 DC = D.DataConfig(image_size=16, patch_size=8, text_len=16, caption_len=16, seed=0, crop_scale=(1.0, 1.0))
 CAPTIONS = ["a red circle", "a blue square", "a green cross", "a yellow diamond", "a dark image", "a black image"]
@@ -51,7 +51,7 @@ def stream(root, kind, tok, bad, batch=4, workers=0):
 # ----------------------------------------------------------------------------- index.json: verified, not trusted
 
 def pair_folder(root, n=(3, 2)):
-    """root/pairs: 00000.tar, 00001.tar ... holding n[0], n[1] ... pairs, and the index.json shards.py writes."""
+    """root/pairs: 00000.tar, 00001.tar ... holding n[0], n[1] ... pairs, and the index.json lib/shards.py writes."""
     folder = root / "pairs"
     folder.mkdir(parents=True)
     g = 0
@@ -120,7 +120,7 @@ def test_an_index_that_lies_is_one_line_naming_it_and_the_command(tmp_path, tok,
         stream(str(tmp_path / "d"), "pair", tok, quiet())
     msg = str(e.value)
     assert msg.startswith(f"error: {folder}/index.json: {problem}") and "\n" not in msg, msg
-    assert msg.endswith(f"; rewrite it with: python shards.py index --data_dir {tmp_path / 'd'}")
+    assert msg.endswith(f"; rewrite it with: python -m lib.shards index --data_dir {tmp_path / 'd'}")
     shards.main(["index", "--data_dir", str(tmp_path / "d")])
     assert stream(str(tmp_path / "d"), "pair", tok, quiet()).reader.index.total == 5
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import finetune
-import pretrained
-import tokenizer
+from lib import pretrained
+from lib import tokenizer
 import train
 from conftest import tiny_config
 from model import XFM

@@ -15,9 +15,9 @@ import os
 import pytest
 
 import curves
-import tokenizer
+from lib import tokenizer
 import train
-import toyworld
+from lib import toyworld
 from model import make_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 import finetune
-import formats
-import retrieval
-import toyworld
+from lib import formats
+from lib import retrieval
+from lib import toyworld
 import train
 from test_bad_input import FAST, ft_cfg, images, quiet, said, tok, write_lines  # noqa: F401  (tok: a fixture)
 

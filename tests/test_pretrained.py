@@ -1,4 +1,4 @@
-"""Loading real pre-trained encoders (pretrained.py): small random RoBERTa and BEiT models built with Hugging Face
+"""Loading real pre-trained encoders (lib/pretrained.py): small random RoBERTa and BEiT models built with Hugging Face
 transformers (a test-only dependency; skipped without it) are saved, loaded into our encoders, and every layer's
 hidden states must agree within 1e-5 in fp32: with padding, with masked patches, at a second image size, from
 safetensors, .bin and the official BEiT .pth layout (per-block and shared tables)."""
@@ -11,10 +11,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 load_file = pytest.importorskip("safetensors.torch").load_file  # installed with transformers
 
-import pretrained  # noqa: E402
+from lib import pretrained  # noqa: E402
 from conftest import tiny_config  # noqa: E402
 from model import XFM, resize_rel_pos  # noqa: E402
-import toyworld
+from lib import toyworld
 
 TOL = 1e-5
 D, HEADS, LAYERS, VOCAB = 32, 4, 2, 100
@@ -128,7 +128,7 @@ def beit():
 
 def hf_to_official(sd, shared=False):
     """Rename a Hugging Face BeitModel state dict into the official BEiT(-v2) .pth layout, by hand (independent of
-    pretrained.py's maps). shared: one `rel_pos_bias` table (block 0's) instead of one per block."""
+    lib/pretrained.py's maps). shared: one `rel_pos_bias` table (block 0's) instead of one per block."""
     out = {"cls_token": sd["embeddings.cls_token"], "mask_token": sd["embeddings.mask_token"],
            "patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
            "patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
@@ -280,7 +280,7 @@ def test_safetensors_reader_matches_the_reference(tmp_path):
 
 
 def test_train_main_starts_from_pretrained_encoders(beit, tmp_path):
-    import tokenizer
+    from lib import tokenizer
     import train
     toy = str(tmp_path / "toy")
     toyworld.make_toy(toy, seed=0, n_pairs=16, n_regions=8, n_text=16, n_images=8, n_test=8, n_down=4, progress=False)

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-import runlog
-import tokenizer
-import toyworld
+from lib import runlog
+from lib import tokenizer
+from lib import toyworld
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,7 +92,7 @@ def test_a_folder_in_use_is_refused_and_a_dead_holders_lock_is_taken_over(stoppe
     assert not os.path.exists(os.path.join(busy, runlog.LOCK_FILE))
     # a process that holds the lock and is killed (kill -9): its .lock stays, and the next claimant takes it over
     dead = str(tmp_path / "dead")
-    holder = subprocess.Popen([sys.executable, "-c", "import runlog, sys, time; lock = runlog.RunLock(sys.argv[1]); "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lib import runlog; lock = runlog.RunLock(sys.argv[1]); "
                                "print('held', flush=True); time.sleep(60)", dead], cwd=ROOT, stdout=subprocess.PIPE,
                               text=True)
     try:

@@ -1,4 +1,4 @@
-"""Tests for shards.py: tar shards streamed per rank. The converter keeps data.py's samples (same ordinal, same
+"""Tests for lib/shards.py: tar shards streamed per rank. The converter keeps data.py's samples (same ordinal, same
 caption, image, crop and masks); every rank yields the same number of batches an epoch; a stream resumed
 mid-epoch continues exactly (with and without DataLoader workers); bad members are named, skipped and counted;
 bad input and flags stop with one clear error before any work; and train.py in 2 gloo processes trains from
@@ -17,11 +17,11 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import data as D
-import formats
-import runtime
-import shards
-import tokenizer
-import toyworld
+from lib import formats
+from lib import runtime
+from lib import shards
+from lib import tokenizer
+from lib import toyworld
 import train
 from conftest import gloo_group, rendezvous
 
@@ -210,7 +210,7 @@ def test_bad_folders_and_flags_stop_with_one_clear_error(toy, tmp_path, capsys):
     (d / "pairs").mkdir(parents=True)
     write_tar(d / "pairs" / "00000.tar", [("0.png", png((0, 0, 0))), ("0.txt", b"a black image")] * 1 +
               [("1.png", png((9, 9, 9))), ("1.txt", b"a dark image")])
-    with pytest.raises(SystemExit, match="index.json: missing .*; write it with: python shards.py index --data_dir"):
+    with pytest.raises(SystemExit, match="index.json: missing .*; write it with: python -m lib.shards index --data_dir"):
         stream(str(d), "pair", tok)
     shards.main(["index", "--data_dir", str(d)])
     assert "pair   " in capsys.readouterr().out and stream(str(d), "pair", tok, batch=2).reader.index.total == 2

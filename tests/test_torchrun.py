@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch.multiprocessing as mp
 
-import runtime
+from lib import runtime
 from conftest import gloo_group, rendezvous
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

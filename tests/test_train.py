@@ -9,12 +9,12 @@ import torch
 import torch.multiprocessing as mp
 
 import flava
-import pretrained
-import runtime
+from lib import pretrained
+from lib import runtime
 import train
 from conftest import gloo_group, rendezvous, make_batch, tiny_config
 from model import XFM
-import toyworld
+from lib import toyworld
 
 FAST = ["--max_steps=4", "--batch_size=8", "--log_every=1", "--warmup_steps=2", "--vocab_size=300",
         "--eval_k=4", "--caption_len=24", "--text_len=32"]
@@ -329,7 +329,7 @@ def test_activation_checkpointing_gives_the_same_losses_and_gradients(recipe):
     inside a block fires more often), with dropout and drop path on, and losses and gradients equal the plain
     run: the recomputation replays the same random draws."""
     import flava
-    import runtime
+    from lib import runtime
     from model import Block
     if recipe == "flava":
         cfg = flava.make_flava_config("tiny", vocab_size=64, dropout=0.1)

@@ -69,7 +69,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import data  # noqa: E402
 import flava  # noqa: E402
 import losses  # noqa: E402
-import runtime  # noqa: E402
+from lib import runtime  # noqa: E402
 import train  # noqa: E402
 from bench_data import bench_data  # noqa: E402  (section 4)
 from bench_hf import bench_hf  # noqa: E402  (section 3)

@@ -8,10 +8,10 @@ import time
 import torch
 
 import data
-import tokenizer
-import formats
-import toyworld
-import runtime
+from lib import tokenizer
+from lib import formats
+from lib import toyworld
+from lib import runtime
 import train
 from bench_meters import sync
 from model import make_config

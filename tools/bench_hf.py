@@ -12,7 +12,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-import runtime  # noqa: E402
+from lib import runtime  # noqa: E402
 from bench_meters import sync  # noqa: E402
 from model import TextEncoder, VisionEncoder  # noqa: E402
 

@@ -1,5 +1,5 @@
 """
-The data side's memory per rank: N synthetic image-text pairs streamed from tar shards (shards.py) against the
+The data side's memory per rank: N synthetic image-text pairs streamed from tar shards (lib/shards.py) against the
 same pairs read from pairs.jsonl (data.py, which parses every record on every rank). For each N it writes the
 pairs once (shards of 1000, 32x32 JPEG images, captions of 5-12 words; the JSONL copy names 100 image files
 over and over, since only its records cost memory), then runs each rank of a 2-rank run in a fresh process:
@@ -43,7 +43,7 @@ def synthetic(i):
 
 def write_data(folder, n, progress=True):
     """folder/shards/pairs/*.tar (+ index.json) and folder/jsonl/pairs.jsonl with 100 images, for n pairs."""
-    import shards
+    from lib import shards
     from tqdm import tqdm
     pairs_dir, jsonl = os.path.join(folder, "shards", "pairs"), os.path.join(folder, "jsonl")
     if os.path.isfile(os.path.join(pairs_dir, shards.INDEX)) and os.path.isfile(os.path.join(jsonl, "pairs.jsonl")):
@@ -67,9 +67,9 @@ def write_data(folder, n, progress=True):
 def measure(folder, source, rank, world, batch, buffer):
     """One rank in this process: -> {rss_before_mb, peak_mb, data_mb, batches, samples, seconds}."""
     import data
-    import formats
-    import shards
-    import tokenizer
+    from lib import formats
+    from lib import shards
+    from lib import tokenizer
     from bench_meters import peak_memory_mb, reset_peak_memory
     import torch
     tok = tokenizer.Tokenizer.load(os.path.join(folder, "tokenizer.json"))
@@ -105,7 +105,7 @@ def main(argv=None):
         return
     if min(a.n) < a.world * a.batch or a.world < 1 or a.batch < 1 or a.buffer < 1:
         raise SystemExit("error: --n must be at least --world x --batch, and --world, --batch, --buffer at least 1")
-    import tokenizer
+    from lib import tokenizer
     rows = []
     for n in a.n:
         folder = os.path.join(a.dir, f"pairs_{n}")

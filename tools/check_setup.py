@@ -23,10 +23,10 @@ sys.path.insert(0, ROOT)  # the repository root
 PYTHON_FLOOR = ((3, 10), "torch==2.13.0 (requirements.txt) needs Python 3.10; the code itself needs 3.9 "
                          "(str.removeprefix)")
 FLOORS = {
-    "torch": ((2, 6), "runtime.py imports torch.distributed.fsdp.fully_shard (public from torch 2.6)"),
+    "torch": ((2, 6), "lib/runtime.py imports torch.distributed.fsdp.fully_shard (public from torch 2.6)"),
     "numpy": ((1, 26), "tested with NumPy 1.26 and 2.x; resume stores NumPy's random state as a tensor, so "
                        "checkpoints hold no NumPy objects"),
-    "PIL": ((9, 1), "data.py and toyworld.py use Image.Resampling and Image.Transpose (Pillow 9.1)"),
+    "PIL": ((9, 1), "data.py and lib/toyworld.py use Image.Resampling and Image.Transpose (Pillow 9.1)"),
 }
 TORCH_PIN = "2.13.0"  # requirements.txt: the reference numbers and CI use it
 
@@ -116,7 +116,7 @@ def main(argv=None):
         return 1
 
     import torch
-    import runtime
+    from lib import runtime
     print(f"threads     {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     if "RANK" in os.environ:

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import toyworld  # noqa: E402
+from lib import toyworld  # noqa: E402
 
 RECIPES = {  # id (also the run folder's prefix) -> (column title, train.py arguments)
     "xfm": ("X-FM", []),

@@ -35,10 +35,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import data  # noqa: E402
-import tokenizer  # noqa: E402
-import formats
+from lib import tokenizer  # noqa: E402
+from lib import formats
 import train  # noqa: E402
-from tools import pictures  # noqa: E402
+from lib import pictures  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

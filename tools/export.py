@@ -13,7 +13,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-import pretrained  # noqa: E402
+from lib import pretrained  # noqa: E402
 import train  # noqa: E402
 
 

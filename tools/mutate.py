@@ -47,13 +47,13 @@ class Bug:
     fast: bool = True   # in the --fast subset (the tests take seconds: no process groups, no train.py run)
 
 
-L, M, T, D, F, R = "losses.py", "model.py", "train.py", "data.py", "flava.py", "retrieval.py"
+L, M, T, D, F, R = "losses.py", "model.py", "train.py", "data.py", "flava.py", "lib/retrieval.py"
 TL, TM, TT, TD, TF = (f"tests/test_{n}.py" for n in ("losses", "model", "train", "data", "flava"))
 TO, TFT, TFS, TS = "tests/test_overfit.py", "tests/test_finetune.py", "tests/test_fsdp.py", "tests/test_static.py"
-FM, TFM = "formats.py", "tests/test_formats.py"
+FM, TFM = "lib/formats.py", "tests/test_formats.py"
 TE = "tests/test_evaluation.py"
-SH, TSH = "shards.py", "tests/test_shards.py"
-P, TX = "pretrained.py", "tests/test_export.py"
+SH, TSH = "lib/shards.py", "tests/test_shards.py"
+P, TX = "lib/pretrained.py", "tests/test_export.py"
 THW = "tests/test_hostile_weights.py"
 ST, TST = "tools/student.py", "tests/test_student.py"
 TST_STATIC = "test_the_copy_keeps_signatures_and_docstrings_and_holds_no_reference_body"
@@ -105,26 +105,26 @@ CATALOGUE = [
     Bug("region_chance_counts_empty_slots", "tools/curves.py", 'math.log(int(b["valid"].sum()) * world)',
         'math.log(len(b["ids"]) * world)', "region ITC's chance level is ln of the filled caption slots per batch",
         "tests/test_learning.py::test_region_chance_is_ln_of_the_filled_caption_slots"),
-    Bug("toy_world_built_in_place", "toyworld.py", 'tmp = f"{os.path.normpath(data_dir)}.building-{os.getpid()}"',
+    Bug("toy_world_built_in_place", "lib/toyworld.py", 'tmp = f"{os.path.normpath(data_dir)}.building-{os.getpid()}"',
         "tmp = data_dir", "the toy world is built in a private folder and renamed into place whole",
         "tests/test_data.py::test_the_toy_world_appears_whole_or_not_at_all"),
-    Bug("toy_world_leftover_copy", "toyworld.py", "                raise\n            shutil.rmtree(tmp)",
+    Bug("toy_world_leftover_copy", "lib/toyworld.py", "                raise\n            shutil.rmtree(tmp)",
         "                raise", "a run that lost the race to build the toy world removes its own copy",
         "tests/test_data.py::test_the_toy_world_appears_whole_or_not_at_all"),
-    Bug("tokenizer_on_no_text", "tokenizer.py", "    if not texts:", "    if False:",
+    Bug("tokenizer_on_no_text", "lib/tokenizer.py", "    if not texts:", "    if False:",
         "no tokenizer is trained (and saved for reuse) on a folder without texts",
         "tests/test_data.py::test_get_tokenizer_refuses_a_folder_without_texts"),
-    # --- run folders and resume (runlog.py, train.py): nothing of a run is lost, a resumed run stays itself
-    Bug("fresh_run_clobbers", "runlog.py", "if found and not overwrite:", "if False:",
+    # --- run folders and resume (lib/runlog.py, train.py): nothing of a run is lost, a resumed run stays itself
+    Bug("fresh_run_clobbers", "lib/runlog.py", "if found and not overwrite:", "if False:",
         "a fresh run into a folder that holds a run is refused (without --overwrite)",
         f"{TRF}::test_claim_fresh_refuses_a_run_and_overwrite_deletes_only_its_files"),
-    Bug("overwrite_keeps_old_files", "runlog.py", "        os.remove(os.path.join(out_dir, name))", "        pass",
+    Bug("overwrite_keeps_old_files", "lib/runlog.py", "        os.remove(os.path.join(out_dir, name))", "        pass",
         "--overwrite deletes the old run's files (kept checkpoints included), so nothing stale mixes in",
         f"{TRF}::test_claim_fresh_refuses_a_run_and_overwrite_deletes_only_its_files"),
-    Bug("no_run_lock", "runlog.py", "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)", "pass",
+    Bug("no_run_lock", "lib/runlog.py", "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)", "pass",
         "one process at a time writes a run folder (its lock)",
         f"{TRF}::test_run_lock_keeps_a_second_claimant_out_until_released"),
-    Bug("lock_left_behind", "runlog.py", "os.remove(self.path)  # removed while still locked", "pass  #",
+    Bug("lock_left_behind", "lib/runlog.py", "os.remove(self.path)  # removed while still locked", "pass  #",
         "a run that ends removes its .lock, so a .lock file is always a dead holder's",
         f"{TRF}::test_run_lock_keeps_a_second_claimant_out_until_released"),
     Bug("resume_takes_any_flag", T, "if k not in RESUME_MAY_CHANGE and k in saved and v != saved[k]]", "if False]",
@@ -139,7 +139,7 @@ CATALOGUE = [
     Bug("resume_new_folder_clobbers", T, "            runlog.claim_fresh(cfg.out_dir, cfg.overwrite)\n",
         "            pass\n", "a run resumed into another folder needs that folder free, like a fresh run",
         f"{TRF}::test_a_resume_into_a_new_folder_takes_the_checkpoints_tokenizer_and_a_free_folder"),
-    Bug("torn_log_kept", "runlog.py", 'if not raw or raw.endswith(b"\\n"):', "if True:",
+    Bug("torn_log_kept", "lib/runlog.py", 'if not raw or raw.endswith(b"\\n"):', "if True:",
         "a resumed run cuts a torn last record off metrics.jsonl (else the next record is glued onto it)",
         f"{TRF}::test_repair_metrics_cuts_only_a_torn_last_record"),
     Bug("strict_traceback", T, "        raise formats.strict_exit(e) from None", "        raise",
@@ -148,7 +148,7 @@ CATALOGUE = [
     Bug("finetune_strict_traceback", "finetune.py", "        raise formats.strict_exit(e) from None", "        raise",
         "a bad record under finetune.py --strict stops with one line, not a traceback",
         f"{TFT}::test_strict_stops_at_a_bad_record_with_one_line", fast=False),
-    Bug("tokenizer_reused_from_run_dir", "tokenizer.py", '    path = os.path.join(run_dir, "tokenizer.json")\n    texts',
+    Bug("tokenizer_reused_from_run_dir", "lib/tokenizer.py", '    path = os.path.join(run_dir, "tokenizer.json")\n    texts',
         '    path = os.path.join(run_dir, "tokenizer.json")\n    if os.path.isfile(path):\n'
         '        return Tokenizer.load(path)\n    texts',
         "a fresh run never reuses a tokenizer.json it finds in its folder",
@@ -306,10 +306,10 @@ CATALOGUE = [
     Bug("clip_off", T, "grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)",
         'grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))',
         "optimizer_step clips the gradient norm to clip", f"{TT}::test_optimizer_step_clips_to_the_given_norm"),
-    Bug("grad_ckpt_rng", "runtime.py", "block.forward, use_reentrant=False)",
+    Bug("grad_ckpt_rng", "lib/runtime.py", "block.forward, use_reentrant=False)",
         "block.forward, use_reentrant=False, preserve_rng_state=False)",
         "--grad_ckpt replays dropout and drop path exactly", f"{TT} -k checkpointing"),
-    Bug("grad_ckpt_off", "runtime.py", "        block.forward = functools.partial(", "        block.fwd = functools.partial(",
+    Bug("grad_ckpt_off", "lib/runtime.py", "        block.forward = functools.partial(", "        block.fwd = functools.partial(",
         "--grad_ckpt recomputes each block in the backward pass", f"{TT} -k checkpointing"),
     Bug("clip_off_loop", T, "grad_norm = optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)",
         'grad_norm = optimizer_step(optimizer, scaler, model.parameters(), float("inf"))',
@@ -334,22 +334,22 @@ CATALOGUE = [
         "qq, cand = q.repeat(k), top[q].flatten()",
         "a batched ITM call pairs each query with its own k candidates",
         f"{TE}::test_batched_rerank_equals_one_query_at_a_time"),
-    Bug("eval_share_dropped", "runtime.py", "for p, s in zip(parts, sizes)]).to(x.device)",
+    Bug("eval_share_dropped", "lib/runtime.py", "for p, s in zip(parts, sizes)]).to(x.device)",
         "for p, s in zip(parts[:-1], sizes)]).to(x.device)",
         "the gather keeps every rank's share (the last one too)", f"{TE} -k two_processes", fast=False),
-    Bug("eval_share_duplicated", "runtime.py", "return range(min(n, rank * per), min(n, (rank + 1) * per))",
+    Bug("eval_share_duplicated", "lib/runtime.py", "return range(min(n, rank * per), min(n, (rank + 1) * per))",
         "return range(0, min(n, per))", "each rank evaluates its own share, not rank 0's",
         f"{TE} -k two_processes", fast=False),
-    Bug("eval_padding_kept", "runtime.py", "torch.cat([p[:s] for p, s in zip(parts, sizes)])",
+    Bug("eval_padding_kept", "lib/runtime.py", "torch.cat([p[:s] for p, s in zip(parts, sizes)])",
         "torch.cat([p for p, s in zip(parts, sizes)])", "the gather drops the padding of the shorter shares",
         f"{TE} -k two_processes", fast=False),
-    Bug("eval_gather_order", "runtime.py", "for p, s in zip(parts, sizes)]).to(x.device)",
+    Bug("eval_gather_order", "lib/runtime.py", "for p, s in zip(parts, sizes)]).to(x.device)",
         "for p, s in zip(parts[::-1], sizes[::-1])]).to(x.device)", "the shares are gathered in rank order",
         f"{TE} -k two_processes", fast=False),
     Bug("predict_whole_set", "finetune.py", "DataLoader(Subset(dataset, runtime.share(n, env.rank, env.world, bs)), bs,",
         "DataLoader(Subset(dataset, range(n)), bs,", "finetune.predict runs this rank's share only",
         f"{TE}::test_predict_two_processes_equals_one", fast=False),
-    Bug("unsharded_rank0_only", "runtime.py", "    state = {k: full_tensor(v) for k, v in model.state_dict().items()}\n",
+    Bug("unsharded_rank0_only", "lib/runtime.py", "    state = {k: full_tensor(v) for k, v in model.state_dict().items()}\n",
         "    state = {k: full_tensor(v) for k, v in model.state_dict().items()}\n    if dist.get_rank() != 0:\n"
         "        return None\n", "under --fsdp every rank gets a plain copy of the model for the evaluation",
         f"{TE} -k unsharded", fast=False),
@@ -392,7 +392,7 @@ CATALOGUE = [
         "an ITM negative's caption comes from another image",
         f"{TF}::test_itm_negatives_swap_in_another_images_caption"),
     # --- --fsdp (runtime.shard, PyTorch's FSDP2) and the checkpoints of a run over several ranks
-    Bug("fsdp_no_sync_last", "runtime.py", "    finally:\n        loss_model.set_requires_gradient_sync(True)",
+    Bug("fsdp_no_sync_last", "lib/runtime.py", "    finally:\n        loss_model.set_requires_gradient_sync(True)",
         "    finally:\n        pass", "under FSDP the last micro-step reduce-scatters the accumulated gradients",
         f"{TFS}::test_fsdp_accumulation_equals_one_big_micro_batch", fast=False),
     Bug("fsdp_clip_rank_norm", T, "    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)\n",
@@ -400,22 +400,22 @@ CATALOGUE = [
         " for p in params if p.grad is not None])\n    torch.nn.utils.clip_grads_with_norm_(params, clip, grad_norm)\n",
         "under FSDP the clipping and the logged norm use the global norm, not this rank's slices",
         f"{TFS}::test_fsdp_run_equals_the_ddp_run", fast=False),
-    Bug("fsdp_stacked_bias", "runtime.py", "encoder.stack_bias = False", "encoder.stack_bias = True",
+    Bug("fsdp_stacked_bias", "lib/runtime.py", "encoder.stack_bias = False", "encoder.stack_bias = True",
         "under FSDP each vision block gathers its own position bias inside its forward (where its table is whole)",
         f"{TFS}::test_fsdp_run_equals_the_ddp_run", fast=False),
     Bug("per_block_bias_dropped", M, "        if mask is None and self.rel_pos is not None:",
         "        if False:", "a vision block without a handed-down bias gathers its own",
         f"{TFS}::test_fsdp_run_equals_the_ddp_run", fast=False),
-    Bug("fsdp_no_root", "runtime.py", "    fully_shard(loss_model)  ", "    pass  ",
+    Bug("fsdp_no_root", "lib/runtime.py", "    fully_shard(loss_model)  ", "    pass  ",
         "FSDP shards the root too: the parameters outside the blocks are reduced like the rest",
         f"{TFS}::test_fsdp_run_equals_the_ddp_run", fast=False),
     Bug("fsdp_save_sharded", T, 'ckpt = {"model": model_state,', 'ckpt = {"model": model.state_dict(),',
         "an FSDP checkpoint holds the full model, not this rank's slices",
         f"{TFS}::test_fsdp_resume_is_exact_and_the_checkpoint_is_a_plain_one", fast=False),
-    Bug("fsdp_scalar_shape", "runtime.py", "model_state[name] = model_state[name].reshape(())",
+    Bug("fsdp_scalar_shape", "lib/runtime.py", "model_state[name] = model_state[name].reshape(())",
         "model_state[name] = model_state[name]", "an FSDP checkpoint keeps 0-dim parameters 0-dim (a DDP run's format)",
         f"{TFS}::test_fsdp_resume_is_exact_and_the_checkpoint_is_a_plain_one", fast=False),
-    Bug("fsdp_optimizer_not_loaded", "runtime.py",
+    Bug("fsdp_optimizer_not_loaded", "lib/runtime.py",
         '    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups}, options=_state_options())',
         "    pass", "an FSDP resume restores the AdamW state",
         f"{TFS}::test_fsdp_resume_is_exact_and_the_checkpoint_is_a_plain_one", fast=False),
@@ -472,7 +472,7 @@ CATALOGUE = [
         "T = None\n        ids = pad_seqs([s[\"ids\"] for s in samples], self.tok.pad_id, T)  # (B, T)",
         "--compile pads captions to a fixed length: one compilation per kind of update",
         f"{TT} -k compiled_step", fast=False),
-    # --- the data formats of ALBEF and X-VLM (formats.py), the image root, the VQA results file
+    # --- the data formats of ALBEF and X-VLM (lib/formats.py), the image root, the VQA results file
     Bug("xvlm_elems_skipped", FM, 'key = "regions" if "regions" in rec or "elems" not in rec else "elems"',
         'key = "regions"', "X-VLM's records hold their regions in elems", f"{TFM} -k xvlm_region"),
     Bug("xvlm_bb_xyxy", FM, "x, y, w, h = box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy",
@@ -501,7 +501,7 @@ CATALOGUE = [
     Bug("vqa_results_misaligned", "finetune.py", "for r, a in zip(records, predicted)]",
         "for r, a in zip(records[1:] + records[:1], predicted)]",
         "the VQA results file pairs each question_id with the answer to that question", f"{TFM} -k vqa_results"),
-    # --- tar shards (shards.py): equal batches per rank, exact resume, keyed samples, bad members
+    # --- tar shards (lib/shards.py): equal batches per rank, exact resume, keyed samples, bad members
     Bug("shard_unequal_ranks", SH, "self.m = self.index.total // self.slots ",
         "self.m = len(range(rank * self.workers, self.index.total, self.slots)) ",
         "every rank yields the same number of batches an epoch (no rank takes the remainder)",
@@ -530,7 +530,7 @@ CATALOGUE = [
         "items = sorted(formats.PARSERS[kind](src[kind], bad, image_root), key=str)",
         "packing keeps data.py's order: ordinal i is data.py's index i",
         f"{TSH}::test_packed_shards_give_the_jsonl_samples"),
-    Bug("shard_images_dir_is_images", "formats.py",
+    Bug("shard_images_dir_is_images", "lib/formats.py",
         'os.path.isdir(path) and not any(n.endswith(".tar") for n in os.listdir(path)) if name == "images"',
         'os.path.isdir(path) if name == "images"', "an images/ folder of tar shards is no folder of image files",
         f"{TSH}::test_packed_shards_give_the_jsonl_samples"),
@@ -568,10 +568,10 @@ CATALOGUE = [
         'train.load_checkpoint(cfg.init, "cpu")',
         "finetune.py --init DIR reads an export folder",
         f"{TFT}::test_init_from_an_export_equals_init_from_the_checkpoint", fast=False),
-    Bug("keep_last_off_by_one", "runtime.py", "for old in steps[:-keep_last]:", "for old in steps[:-keep_last - 1]:",
+    Bug("keep_last_off_by_one", "lib/runtime.py", "for old in steps[:-keep_last]:", "for old in steps[:-keep_last - 1]:",
         "--keep_last=N keeps exactly N numbered checkpoints",
         f"{TT}::test_keep_last_keeps_the_newest_n_and_a_kept_one_resumes", fast=False),
-    Bug("keep_last_drops_newest", "runtime.py", "for old in steps[:-keep_last]:", "for old in steps[keep_last:]:",
+    Bug("keep_last_drops_newest", "lib/runtime.py", "for old in steps[:-keep_last]:", "for old in steps[keep_last:]:",
         "--keep_last deletes the oldest checkpoints, never the newest",
         f"{TT}::test_keep_last_keeps_the_newest_n_and_a_kept_one_resumes", fast=False),
     # --- the student copy (tools/student.py): blanks keep signature and docstring, hold no answer, each graded alone
@@ -639,10 +639,10 @@ CATALOGUE = [
     Bug("shard_text_uncut", SH, "return (formats.cut(text), problems)", "return (text.strip(), problems)",
         "a shard's text line is cut as the JSONL readers cut it",
         f"{THR}::test_every_reader_cuts_a_long_text_and_keeps_the_others"),
-    Bug("tokenizer_train_uncut", "tokenizer.py", "hf.train_from_iterator((t[:formats.MAX_TEXT_CHARS] for t in texts)",
+    Bug("tokenizer_train_uncut", "lib/tokenizer.py", "hf.train_from_iterator((t[:formats.MAX_TEXT_CHARS] for t in texts)",
         "hf.train_from_iterator((t for t in texts)", "tokenizer training cuts each text: a 1 MB word takes seconds",
         f"{THR}::test_tokenizer_trains_on_a_megabyte_line_without_spaces_in_seconds", fast=False),
-    Bug("tokenizer_encode_uncut", "tokenizer.py", "self.hf.encode(text[:formats.MAX_TEXT_CHARS],",
+    Bug("tokenizer_encode_uncut", "lib/tokenizer.py", "self.hf.encode(text[:formats.MAX_TEXT_CHARS],",
         "self.hf.encode(text,", "encode hands the library at most MAX_TEXT_CHARS characters",
         f"{THR}::test_encode_hands_the_library_at_most_the_limit"),
     Bug("image_16_bit_clipped", FM, "a = (a.astype(np.uint32) * 255 + 32767) // 65535  # v / 257, rounded", "pass",
@@ -669,7 +669,7 @@ CATALOGUE = [
     Bug("index_text_bound_loose", SH, 'return (size + 1) // 2 if kind == "text"', 'return size if kind == "text"',
         "a text file of n bytes holds at most (n + 1) // 2 lines", f"{THS}::{THS_OLD}"),
     Bug("index_digest_unchecked", SH, 'if "digest" in index and index["digest"] != _digest(files):', "if False:",
-        "an index edited after shards.py wrote it (an under-count) is refused", f"{THS}::{THS_LIE}[under-count]"),
+        "an index edited after lib/shards.py wrote it (an under-count) is refused", f"{THS}::{THS_LIE}[under-count]"),
     Bug("index_digest_required", SH, 'if "digest" in index and index["digest"] != _digest(files):',
         'if index["digest"] != _digest(files):', "an index without a digest is read when its other checks pass",
         f"{THS}::{THS_OLD}"),
@@ -736,7 +736,7 @@ CATALOGUE = [
     Bug("float_label_makes_regression", FT, "2 * fractions > len(values)", "fractions > 0",
         "one 1.5 among integer labels is a bad label; regression needs most labels to have a fraction",
         f"{TPC}::test_the_inferred_class_range_holds_at_least_half_of_its_indices"),
-    # --- hostile input: weights and exports (pretrained.py's readers, train.load_checkpoint, Tokenizer.load)
+    # --- hostile input: weights and exports (lib/pretrained.py's readers, train.load_checkpoint, Tokenizer.load)
     Bug("st_header_length_unbounded", P, "        if n > size - 8:", "        if False:",
         "a safetensors header length past the end of the file is refused before anything is read",
         f"{THW}::test_bad_safetensors_is_refused_by_name[header_length_past_the_end]"),
@@ -779,7 +779,7 @@ CATALOGUE = [
     Bug("ckpt_without_model", T, "if not isinstance(model, dict) or not all(isinstance(k, str) for k in model):",
         "if False:", "a torch file without a \"model\" state dict is no checkpoint, refused naming it",
         f"{THW}::test_not_a_checkpoint_is_refused_by_name"),
-    Bug("tokenizer_garbage_unnamed", "tokenizer.py", "except Exception as e:  # noqa: BLE001 (the tokenizers",
+    Bug("tokenizer_garbage_unnamed", "lib/tokenizer.py", "except Exception as e:  # noqa: BLE001 (the tokenizers",
         "except ValueError as e:  # noqa: BLE001 (the tokenizers",
         "a tokenizer.json the tokenizers library cannot read is refused naming it",
         f"{THW}::test_garbage_tokenizer_is_refused_by_name"),

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import flava  # noqa: E402
-import runtime  # noqa: E402
+from lib import runtime  # noqa: E402
 import train  # noqa: E402
 from model import make_config  # noqa: E402
 

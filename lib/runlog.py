@@ -19,7 +19,7 @@ except ImportError:  # Windows
 import torch
 import torch.distributed as dist
 
-import runtime
+from lib import runtime
 
 
 class Meter:

@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from tqdm import tqdm
 
 import data
-import formats
-import runtime
+from lib import formats
+from lib import runtime
 
 
 class Images(Dataset):

@@ -1,6 +1,6 @@
 """
 Tar shards: pre-training data streamed from files that no rank holds in memory, and the converter that writes
-them. A data folder (--data_dir) may hold, next to or instead of formats.py's JSONL files (a kind found in both
+them. A data folder (--data_dir) may hold, next to or instead of lib/formats.py's JSONL files (a kind found in both
 streams from its shards):
 
     pairs/00000.tar ...  image-text pairs in the webdataset / img2dataset layout: per sample KEY.jpg (or .png,
@@ -9,13 +9,13 @@ streams from its shards):
     text/00000.txt ...   a text corpus split into files, one document per line (UTF-8; blank lines skipped)
     FOLDER/index.json    {"kind", "samples", "digest", "files": [{"name", "samples", "bytes"}]}: how many samples
                          each file holds, so every rank knows the whole layout without reading a shard
-Region captions and the held-out pairs stay JSONL (formats.py). A tar member's KEY is its name up to the first dot
+Region captions and the held-out pairs stay JSONL (lib/formats.py). A tar member's KEY is its name up to the first dot
 of its last path part; consecutive members with one KEY are one sample (as webdataset groups them). A member
 whose extension came before in its sample (KEY.jpg KEY.txt KEY.jpg KEY.txt: a tar written twice) is skipped: the
 sample keeps its first member of each extension and is counted once as a "duplicate key".
 
-    python shards.py pack --data_dir data/toy --out data/toy_shards [--shard_size 1000] [--image_root DIR]
-    python shards.py index --data_dir DIR         # write the index.json files of shards made elsewhere (img2dataset)
+    python -m lib.shards pack --data_dir data/toy --out data/toy_shards [--shard_size 1000] [--image_root DIR]
+    python -m lib.shards index --data_dir DIR         # write the index.json files of shards made elsewhere (img2dataset)
     python -m pytest tests/test_shards.py tests/test_hostile_shards.py -q   # the tests (CPU, about 25 s)
     python tools/bench_stream.py                  # peak memory of a rank streaming 10k and 100k pairs
 
@@ -23,7 +23,7 @@ An index is verified before any work, never trusted (_read_index): it lists ever
 with "samples" and "bytes" ints >= 0 (no floats, no booleans), its file has that many bytes and can hold that
 many samples (512 bytes a tar sample, 2 a text line), and its "digest" (which `index` writes) matches, so an
 index edited by hand is refused; one without a digest is read when the rest holds. Anything else stops the run
-in one line that names the index.json, the problem and the `python shards.py index --data_dir DIR` that
+in one line that names the index.json, the problem and the `python -m lib.shards index --data_dir DIR` that
 rewrites it. `pack` reads only image files under --data_dir (and --image_root, when given), links resolved: a
 record naming a file elsewhere (/etc/passwd, "../x.png", a link leading out) is an "image outside the data
 folder", one naming a file that does not decode an "unreadable image"; each is named, counted and left out.
@@ -71,7 +71,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 import data
-import formats
+from lib import formats
 
 FOLDERS = {"pair": "pairs", "image": "images", "text": "text"}  # kind -> its folder in a data folder
 SUFFIX = {"pair": ".tar", "image": ".tar", "text": ".txt"}       # kind -> the files of that folder
@@ -146,11 +146,11 @@ def _digest(files):
 def _read_index(folder, kind):
     """(names, samples per file) from folder/index.json, verified: a JSON object whose "files" lists every
     file of the folder once, each with "samples" and "bytes" ints >= 0 (no bools, no floats); each file has its
-    indexed size and can hold its samples (_most); "digest", when there (shards.py writes it), matches. An
+    indexed size and can hold its samples (_most); "digest", when there (lib/shards.py writes it), matches. An
     index without a digest passes the other checks. Anything else stops the run with one line that names
     index.json and the problem and gives the command that rewrites it."""
     path, on_disk = os.path.join(folder, INDEX), sorted(n for n in os.listdir(folder) if n.endswith(SUFFIX[kind]))
-    redo = f"python shards.py index --data_dir {shlex.quote(os.path.dirname(folder) or '.')}"
+    redo = f"python -m lib.shards index --data_dir {shlex.quote(os.path.dirname(folder) or '.')}"
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path}: missing ({len(on_disk)} {SUFFIX[kind]} files in {folder}); write it "
                          f"with: {redo}")
@@ -190,7 +190,7 @@ def _read_index(folder, kind):
             raise refuse(f"{f['name']} is listed with {f['samples']} samples, more than its {size} bytes can hold "
                          f"({_most(kind, size)})")
     if "digest" in index and index["digest"] != _digest(files):
-        raise refuse("its digest does not match its files list: it was edited after shards.py wrote it")
+        raise refuse("its digest does not match its files list: it was edited after lib/shards.py wrote it")
     return names, [f["samples"] for f in files]
 
 
@@ -742,7 +742,7 @@ def _copy_jsonl(src, out, name, roots, image_root, bad):
 
 
 def pack(data_dir, out, shard_size=1000, progress=True, verbose=True, image_root=""):
-    """Write the JSONL data folder data_dir (formats.py) as shards in out: pairs (one sample per caption, as
+    """Write the JSONL data folder data_dir (lib/formats.py) as shards in out: pairs (one sample per caption, as
     data.py reads them), images and text in the order data.py reads them, so ordinal i is data.py's index i
     (while every image decodes); regions and held-out pairs are copied with their images. Bad records are
     reported and left out, as a training run would; so is a record whose image is not an image file under
@@ -755,7 +755,7 @@ def pack(data_dir, out, shard_size=1000, progress=True, verbose=True, image_root
         raise SystemExit(f"error: --out {out} exists and is not an empty folder; choose a new one")
     src = formats.find_sources(data_dir)
     if not set(src) & {"pair", "image", "text"}:
-        raise SystemExit(f"error: {data_dir} holds no pairs, images or text (see formats.py for the file names)")
+        raise SystemExit(f"error: {data_dir} holds no pairs, images or text (see lib/formats.py for the file names)")
     if image_root and not os.path.isdir(image_root):
         raise SystemExit(f"error: --image_root {image_root} is not a folder")
     bad, counts = formats.BadInput(verbose=verbose), {}
@@ -776,10 +776,10 @@ def pack(data_dir, out, shard_size=1000, progress=True, verbose=True, image_root
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Tar shards for streamed pre-training data (the layout: shards.py's "
+    p = argparse.ArgumentParser(prog="python -m lib.shards", description="Tar shards for streamed pre-training data (the layout: lib/shards.py's "
                                 "docstring; docs/TRAINING.md, 'Streaming tar shards').")
     sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("pack", help="write a JSONL data folder (formats.py) as tar shards")
+    c = sub.add_parser("pack", help="write a JSONL data folder (lib/formats.py) as tar shards")
     c.add_argument("--data_dir", required=True, help="the JSONL data folder to read (pairs, images, text, regions)")
     c.add_argument("--out", required=True, help="a new (or empty) folder to write the shards to")
     c.add_argument("--shard_size", type=int, default=1000, help="samples per tar file or text file (default 1000)")
@@ -798,5 +798,6 @@ def main(argv=None):
         print(f"{kind:6s} {folder}: {write_index(folder, kind)} samples")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m lib.shards: run the one copy that the other modules import
+    from lib.shards import main
     main()

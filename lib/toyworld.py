@@ -4,7 +4,7 @@ region captions with boxes, text, images) and every downstream task of finetune.
 classification, retrieval, grounding). It is a teaching and smoke-test device: small, fast, deterministic, and
 learnable in minutes on a CPU. train.py and finetune.py build it in data/toy when that folder is missing.
 
-    python toyworld.py --out data/toy [--seed 0] [--size 64]      # ~5 s, ~40 MB in ~10k files
+    python -m lib.toyworld --out data/toy [--seed 0] [--size 64]      # ~5 s, ~40 MB in ~10k files
 
 The same arguments give byte-identical files. README.txt in the folder describes every file it holds.
 """
@@ -370,7 +370,7 @@ def make_toy(out_dir, seed=0, size=64, n_pairs=4000, n_regions=1500, n_text=3000
         f.write(TOY_README.format(**params))
 
 
-TOY_README = """xfm toy world (written by `python toyworld.py`, seed {seed}; parameters in toy.json)
+TOY_README = """xfm toy world (written by `python -m lib.toyworld`, seed {seed}; parameters in toy.json)
 
 Scenes of 1-3 non-overlapping shapes ({shapes}) in {colours}, sizes small/large,
 on a plain background, {size}x{size} px. Within a scene each (colour, shape) occurs once. Captions name
@@ -421,7 +421,7 @@ def build_if_missing(data_dir):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write the toy world of coloured shapes: the four pre-training "
+    p = argparse.ArgumentParser(prog="python -m lib.toyworld", description="Write the toy world of coloured shapes: the four pre-training "
                                 "streams, the held-out retrieval pairs and the downstream task splits.")
     p.add_argument("--out", required=True, help="output folder (created; an old toy world there is replaced)")
     p.add_argument("--seed", type=int, default=0, help="every random choice of the world follows from it")
@@ -436,5 +436,6 @@ def main(argv=None):
     print(f"wrote the toy world to {a.out}")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m lib.toyworld: run the one copy that the other modules import
+    from lib.toyworld import main
     main()

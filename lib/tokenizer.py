@@ -6,7 +6,7 @@ complete --init for finetune.py. data.py masks what it encodes (docs/METHOD.md Â
 """
 import os
 
-import formats
+from lib import formats
 
 # DataLoader workers fork after the tokenizer may have used its Rust thread pool; keep it single-threaded
 # so the fork is safe and the library does not print a warning per worker.
@@ -103,8 +103,8 @@ class Tokenizer:
 
 def corpus_texts(data_dir, image_root=""):
     """Every caption, region phrase and text document of a folder (not the test pairs), tar shards included
-    (shards.py): the tokenizer corpus."""
-    import shards  # (imported here: shards.py imports data.py and torch, which a tokenizer needs nowhere else)
+    (lib/shards.py): the tokenizer corpus."""
+    from lib import shards  # (imported here: lib/shards.py imports data.py and torch, which a tokenizer needs nowhere else)
     src, quiet = formats.find_sources(data_dir), formats.BadInput(verbose=False)
     texts = [r["caption"] for r in formats.parse_pairs(src["pair"], quiet, image_root)] if "pair" in src else []
     for rec in formats.parse_regions(src["region"], quiet, image_root) if "region" in src else []:
@@ -122,5 +122,5 @@ def get_tokenizer(data_dir, run_dir, vocab_size, tokenizer_path=None, image_root
     path = os.path.join(run_dir, "tokenizer.json")
     texts = corpus_texts(data_dir, image_root)
     if not texts:  # a BPE trained on nothing is bytes only, and a run on it learns far more slowly
-        raise SystemExit(f"error: no texts in {data_dir} to train a tokenizer on (formats: formats.py, shards.py)")
+        raise SystemExit(f"error: no texts in {data_dir} to train a tokenizer on (formats: lib/formats.py, lib/shards.py)")
     return Tokenizer.train(texts, vocab_size, path)

@@ -2,7 +2,7 @@
 Where a process runs: its rank and device (under torchrun or alone), the "rank 0 prepares, every rank uses it"
 step, each rank's share of an evaluation and the gather of the shares, the autocast precision, moving a batch to
 the device, the random generators' state, FSDP2 sharding and its full checkpoints, and the checkpoint files
---keep_last keeps. train.py, finetune.py, retrieval.py and the tools share it.
+--keep_last keeps. train.py, finetune.py, lib/retrieval.py and the tools share it.
 """
 import functools
 import os
@@ -297,7 +297,7 @@ def load_full_state(model, optimizer, model_state, optim_state):
 
 
 def unsharded(model, build):
-    """The model as one plain module on every rank, for the end-of-run evaluation: retrieval.py splits the work
+    """The model as one plain module on every rank, for the end-of-run evaluation: lib/retrieval.py splits the work
     over the ranks with collectives of its own, and a sharded model's forward would all-gather each block's
     parameters in whatever order each rank's share calls them. A fresh build() loaded with the full state (each
     DTensor all-gathered, the same on every rank, which must all call it). An unsharded model is returned as it is."""

@@ -2,9 +2,9 @@
 The files of a data folder: where each kind of data is found, how each file is read, and what happens to bad
 input. data.py turns the records into batches; train.py and finetune.py report through BadInput.
 
-    python formats.py check --data_dir data/toy [--strict]     # parse a folder, print record and bad-input counts
-    python formats.py check --data_dir ann/ --image_root /data/coco/images     # paths relative to a dataset root
-    python formats.py check --data_dir DIR --images [--workers 8]  # also decode every image the files name
+    python -m lib.formats check --data_dir data/toy [--strict]     # parse a folder, print record and bad-input counts
+    python -m lib.formats check --data_dir ann/ --image_root /data/coco/images     # paths relative to a dataset root
+    python -m lib.formats check --data_dir DIR --images [--workers 8]  # also decode every image the files name
 
 A data folder holds any subset of these files. Image paths are relative to the file that names them, or to
 --image_root when one is given (train.py and finetune.py have it too: ALBEF's JSONs name images relative to the
@@ -32,7 +32,7 @@ dataset's root); absolute paths stay as they are.
                    a JSON list (ALBEF's coco_test.json: {"image", "caption": [...]}) or a Karpathy file. Or
                    Karpathy's dataset_coco.json / dataset_flickr30k.json itself: its "test" images, each with
                    its sentences ({"images": [{"filepath", "filename", "split", "sentences": [{"raw"}]}]}).
-    pairs/, images/, text/  tar shards (and text files) streamed by shards.py, which describes them.
+    pairs/, images/, text/  tar shards (and text files) streamed by lib/shards.py, which describes them.
 Files are UTF-8. A line or record that is not is bad input (named, skipped and counted, like a malformed one);
 a file in another encoding stops the run with one error that gives the iconv command converting it. An
 --image_root that is not a folder stops the run with one error.
@@ -93,7 +93,7 @@ class BadInput:
     """One per run. report() prints (the first `max_print` per kind) and counts a problem; strict raises.
     Kinds: malformed JSON, not UTF-8, malformed record, missing image, empty caption, empty text, bad box, no
     regions (found while parsing, so the record or region is skipped) and unreadable image (found while decoding:
-    the dataset substitutes the next sample). Tar shards (shards.py) add missing caption, duplicate key (a sample
+    the dataset substitutes the next sample). Tar shards (lib/shards.py) add missing caption, duplicate key (a sample
     holding a member twice) and unreadable shard (a shard file cut short: each sample lost).
     A problem found while decoding comes again each time its record is drawn (every epoch), maybe in a DataLoader
     worker (whose copy of the counts is lost): found() makes it one (kind, where, message, action) that the batch
@@ -176,7 +176,7 @@ def find_sources(data_dir):
     for kind, names in SOURCES.items():
         for name in names:
             path = os.path.join(data_dir, name)
-            # (an images/ folder holding .tar files is a shard folder: shards.py streams it)
+            # (an images/ folder holding .tar files is a shard folder: lib/shards.py streams it)
             if (os.path.isdir(path) and not any(n.endswith(".tar") for n in os.listdir(path)) if name == "images"
                     else os.path.isfile(path)):
                 found[kind] = path
@@ -692,8 +692,8 @@ def check_images(named, bad, workers=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Parse a data folder and print its record and bad-input counts "
-                                "(the toy world is written by toyworld.py).")
+    p = argparse.ArgumentParser(prog="python -m lib.formats", description="Parse a data folder and print its record and bad-input counts "
+                                "(the toy world is written by lib/toyworld.py).")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", help="parse a data folder; print counts of records and of bad input")
     c.add_argument("--data_dir", required=True)
@@ -710,5 +710,6 @@ def main(argv=None):
         raise strict_exit(e) from None
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m lib.formats: run the one copy that the other modules import
+    from lib.formats import main
     main()

@@ -6,7 +6,7 @@ beitv2_base_patch16_224_pt1k.pth, or a Hugging Face BEiT folder).
     python train.py --config=base --init_text=roberta-base/ --init_vision=beitv2_base_patch16_224_pt1k.pth
         # roberta-base/ holds config.json, model.safetensors (or pytorch_model.bin) and tokenizer.json
 
-    import pretrained
+    from lib import pretrained
     overrides = pretrained.config_overrides("roberta-base/", "beitv2.pth")  # width, depth, heads, vocab, ...
     model = XFM(make_config("base", **overrides))
     print(pretrained.load_text(model, "roberta-base/"))                    # a LoadReport: what went where
@@ -58,7 +58,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 import flava
-import formats
+from lib import formats
 from model import XFMConfig, resize_rel_pos
 
 # ---------------------------------------------------------------------------------------------------------

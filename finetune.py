@@ -62,7 +62,7 @@ import data
 from lib import tokenizer
 from lib import formats
 import flava
-import losses
+from lib import fast_losses as losses
 from lib import pretrained
 from lib import retrieval
 from lib import pictures

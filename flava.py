@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from losses import itc_loss, mlm_loss, patchify
+from lib.fast_losses import itc_loss, mlm_loss, patchify
 from model import PRESETS, XFM, Block, MLMHead, XFMConfig, additive_mask
 
 # ---------------------------------------------------------------------------------------------------------

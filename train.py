@@ -44,7 +44,7 @@ from lib import runtime
 from lib import shards
 from lib import pictures
 from lib import toyworld
-from losses import xfm_losses
+from lib.fast_losses import xfm_losses
 from model import make_config
 
 # ---------------------------------------------------------------------------------------------------------

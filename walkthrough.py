@@ -15,8 +15,8 @@ from contextlib import contextmanager
 
 import torch
 
-from losses import fuse_groups, fusion_input, itm_inputs, xfm_losses
-import losses
+from lib.fast_losses import fuse_groups, fusion_input, itm_inputs, xfm_losses
+from lib import fast_losses as losses
 from model import XFM, make_config
 
 GROUPS = ("language", "vision", "fusion", "heads")

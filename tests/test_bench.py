@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import bench
-import losses
+from lib import fast_losses as losses
 
 
 @pytest.mark.parametrize("stop_grad", [True, False])

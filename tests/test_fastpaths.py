@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import losses
+from lib import fast_losses as losses
 import model as model_py
 from conftest import make_batch, tiny_config
 from model import XFM

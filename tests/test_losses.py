@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import losses as L
 from conftest import gloo_group, rendezvous, make_batch, tiny_config
-from losses import (bbox_loss, box_xyxy, fusion_input, generalized_iou, itc_loss, itm_ce, itm_inputs, mim_loss,
+from lib.fast_losses import (bbox_loss, box_xyxy, fusion_input, generalized_iou, itc_loss, itm_ce, itm_inputs, mim_loss,
                     sample_hard_negatives, xfm_losses)
 from model import XFM
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import flava
-import losses
-import plain_losses
+from lib import fast_losses as losses
+import losses as plain_losses
 from bench_meters import DispatchCounter
 from conftest import make_batch, tiny_config
 from model import XFM

@@ -68,7 +68,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import data  # noqa: E402
 import flava  # noqa: E402
-import losses  # noqa: E402
+from lib import fast_losses as losses  # noqa: E402
 from lib import runtime  # noqa: E402
 import train  # noqa: E402
 from bench_data import bench_data  # noqa: E402  (section 4)

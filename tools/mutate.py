@@ -47,7 +47,7 @@ class Bug:
     fast: bool = True   # in the --fast subset (the tests take seconds: no process groups, no train.py run)
 
 
-L, M, T, D, F, R = "losses.py", "model.py", "train.py", "data.py", "flava.py", "lib/retrieval.py"
+L, M, T, D, F, R = "lib/fast_losses.py", "model.py", "train.py", "data.py", "flava.py", "lib/retrieval.py"
 TL, TM, TT, TD, TF = (f"tests/test_{n}.py" for n in ("losses", "model", "train", "data", "flava"))
 TO, TFT, TFS, TS = "tests/test_overfit.py", "tests/test_finetune.py", "tests/test_fsdp.py", "tests/test_static.py"
 FM, TFM = "lib/formats.py", "tests/test_formats.py"

@@ -34,7 +34,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lib.fast_losses import itc_loss, mlm_loss, patchify
+import losses
+from lib import fast_losses
+from losses import patchify
 from model import PRESETS, XFM, Block, MLMHead, XFMConfig, additive_mask
 
 # ---------------------------------------------------------------------------------------------------------
@@ -307,7 +309,7 @@ def resize_pos_embed(pos, new_grid):
 # The objectives (docs/METHOD.md §8.3). The total loss is the unweighted sum of what the batch's data kind gives.
 
 
-def flava_losses(model, batch, stats=None):
+def flava_losses(model, batch, stats=None, fast=False):
     """All FLAVA pre-training losses for a batch holding any subset of text / image / pair (docs/METHOD.md §8.3).
 
         text    MLM:  CE of mlm_head at the masked tokens (15 %, 80/10/10) of the text encoder's final-LN output
@@ -319,8 +321,16 @@ def flava_losses(model, batch, stats=None):
     The pair batch's itm_label (B,) marks the ITM negatives: data.PairDataset replaced their caption by the
     caption of a random pair with another image (probability cfg.itm_neg_prob); without it every pair matches.
     No stop-gradient: every pair loss reaches both encoders. stats receives nothing here (kept for the interface).
+    fast: the same losses through lib/fast_losses.py (each masked CE on the batch's fixed number of slots).
     """
     out, P = {}, model.cfg.num_patches
+    if fast:
+        itc_loss = fast_losses.itc_loss
+        mlm_loss = fast_losses.mlm_loss                                   # (h, labels, head, slots)
+    else:
+        itc_loss = losses.itc_loss
+        def mlm_loss(h, labels, head, slots):                             # noqa: E306 (slots: the fast path's)
+            return losses.mlm_loss(h, labels, head)
     if "text" in batch:
         b = batch["text"]
         h = model.text.norm(model.encode_text(b["ids"], b["att"]))         # (B, T, D) final-LN

@@ -1,20 +1,22 @@
 """
-Every X-FM pre-training objective, one function each, and `xfm_losses`, the single entry point that turns a
-batch of any subset of the four data kinds into a dict of named scalar losses. The method: docs/METHOD.md §4.
+Every X-FM pre-training objective, one function each, written as its formula, and `xfm_losses`, the entry point
+that turns a batch of any subset of the four data kinds into a dict of named scalar losses. The method:
+docs/METHOD.md §4. The keys of each data kind's batch: data.py's module docstring.
 
-    data kind   keys of its batch dict (made by data.py)                          losses
-    text        ids, att, labels                                                  mlm
-    image       image, mim_mask                                                   mim_image
-    pair        image, mim_mask, ids, att, mlm_ids, mlm_labels, img_id            itc itm imlm mim
-    region      image, img_index, ids, att, mlm_ids, mlm_labels, box,
-                is_region, patch_mask, img_id                                      itc_region itm_region
-                                                                                  imlm_region bbox_l1 bbox_giou
+    data kind   losses
+    text        mlm
+    image       mim_image
+    pair        itc itm imlm mim
+    region      itc_region itm_region imlm_region bbox_l1 bbox_giou
 
 X-FM's two ideas are both in this file:
   1. stop gradient: `fusion_input` detaches the language encoder's output before the fusion encoder reads it,
      so the language encoder learns only from MLM and ITC;
-  2. vision-language-guided MIM: `mim_loss` regresses the same vision encoder's detached output on the
+  2. vision-language-guided MIM: `mim_objective` regresses the same vision encoder's detached output on the
      unmasked image, the very tensor that ITC/ITM/IMLM train in this step.
+
+This is the reference. lib/fast_losses.py computes the same losses and gradients with fixed shapes and without
+making the host wait (what a GPU step and torch.compile need); tests/test_static.py holds it to this file.
 """
 import torch
 import torch.distributed as dist
@@ -68,14 +70,19 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[start:start + ctx.sizes[_rank()]], None
 
 
-def gather_with_grad(x, sizes):
-    """Concatenate x from every rank along dim 0, keeping the graph (identity when not distributed)."""
-    return _GatherWithGrad.apply(x, sizes) if _distributed() else x
+def gather_with_grad(x, sizes=None):
+    """Concatenate x from every rank along dim 0, keeping the graph (identity when not distributed).
+    sizes: every rank's row count (gather_sizes; asked for when None)."""
+    if not _distributed():
+        return x
+    return _GatherWithGrad.apply(x, sizes or gather_sizes(len(x), x.device))
 
 
-def gather_no_grad(x, sizes):
+def gather_no_grad(x, sizes=None):
     """Plain all-gather along dim 0 (for ids and other tensors that carry no gradient)."""
-    return _all_gather_rows(x, sizes) if _distributed() else x
+    if not _distributed():
+        return x
+    return _all_gather_rows(x, sizes or gather_sizes(len(x), x.device))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -271,47 +278,52 @@ def bbox_loss(pred, target, is_region):
 # The entry point
 
 
-def _vl_losses(model, b, v, v_mask, stop_grad, suffix):
-    """ITC, ITM and IMLM for image-text data (pairs, or regions through their region view)."""
+def vl_losses(model, b, v, v_mask, stop_grad, suffix):
+    """ITC, ITM and IMLM for image-text data: b's captions (ids, att, mlm_ids, mlm_labels, img_id) with the image
+    tokens v (B, S, D) and their key mask v_mask (B, S) or None. -> (losses, the language states t (B, T, D))."""
     out = {}
     t = model.encode_text(b["ids"], b["att"])                              # (B, T, D), with grad (for ITC)
     f_t, f_v = model.itc_features(t, v)
     out["itc" + suffix] = itc_loss(f_v, f_t, model.temp)
     out["itm" + suffix] = itm_loss(model, fusion_input(t, stop_grad), b["att"], v, v_mask,
                                    f_v, f_t, model.temp, b["img_id"])
-    # IMLM: the masked caption through the language encoder, then (detached) through the fusion encoder.
-    # Under the stop-gradient that pass can run without a graph: nothing will flow back into it anyway.
-    with torch.set_grad_enabled(torch.is_grad_enabled() and not stop_grad):
-        t_m = model.encode_text(b["mlm_ids"], b["att"])
+    # IMLM: the masked caption through the language encoder, then (detached) through the fusion encoder
+    t_m = model.encode_text(b["mlm_ids"], b["att"])
     h = model.fuse(fusion_input(t_m, stop_grad), b["att"], v, v_mask)      # (B, T, D)
     out["imlm" + suffix] = mlm_loss(h, b["mlm_labels"], model.fusion_mlm)
     return out, t
 
 
-def _mim(model, image, mim_mask, v, stats):
-    """MIM on one image batch. v = the unmasked output (already computed with grad for a pair batch, or
-    None for an image-only batch, where no other loss needs it and a no-grad pass is equivalent)."""
-    target_kind = model.cfg.mim_target
-    if target_kind == "pixel":
+def mim_objective(model, image, mim_mask, v=None, stats=None):
+    """MIM on one image batch (X-FM idea 2, docs/METHOD.md §2.2, §4.5). v (B, 1+P, D): the encoder's output on the
+    unmasked images when the caller has it (a pair batch, where ITC/ITM/IMLM train it), else None."""
+    if model.cfg.mim_target == "pixel":  # the MAE-style baseline
         v_hat = model.encode_image(image, mim_mask)
         return pixel_mim_loss(model.pixel_head(v_hat[:, 1:]), image, mim_mask, model.cfg.patch_size)
     if v is None:
-        with torch.no_grad():
-            v = model.encode_image(image)
-    # X-FM idea 2: the target is the same encoder's output on the unmasked image, detached. That encoder is
-    # trained right now by ITC/ITM/IMLM/BBP, so the targets carry vision-language semantics. No EMA copy.
+        v = model.encode_image(image)                                      # the unmasked view
+    # the target: the same encoder's output on the unmasked image, detached. That encoder is trained in this very
+    # step by ITC/ITM/IMLM/BBP, so the target carries vision-language semantics. No EMA copy, no tokenizer.
     target = v.detach()
     if stats is not None:  # a collapsing target shows up as a per-dimension std going to 0
-        stats.setdefault("mim_target_std", target[:, 1:].float().std(dim=(0, 1)).mean().detach())
+        stats.setdefault("mim_target_std", target[:, 1:].float().std(dim=(0, 1)).mean())
     v_hat = model.encode_image(image, mim_mask)                            # the block-masked view
     return mim_loss(v_hat, target, mim_mask)
+
+
+def filled_slots(b):
+    """A region batch without its empty caption slots (valid False): data.RegionDataset gives every image the same
+    number of slots, and the losses read only the filled ones. Every tensor but the images has a row per slot."""
+    if "valid" not in b:                                                   # every slot filled
+        return b
+    return {k: x[b["valid"]] if torch.is_tensor(x) and k != "image" else x for k, x in b.items()}
 
 
 def xfm_losses(model, batch, stop_grad=True, stats=None):
     """All X-FM pre-training losses for a batch holding any subset of the four data kinds.
 
     model: an XFM (not a DDP wrapper: call this inside the wrapper's forward so DDP sees the graph).
-    batch: {"text": {...}, "image": {...}, "pair": {...}, "region": {...}} (any subset; see module doc).
+    batch: {"text": {...}, "image": {...}, "pair": {...}, "region": {...}} (any subset; data.py makes them).
     stop_grad: X-FM's stop-gradient (True in pre-training; False for the ablation).
     stats: optional dict that receives diagnostics (not losses), e.g. the MIM target's feature std.
     Returns {name: scalar loss}; the training objective is their unweighted sum (docs/METHOD.md §5.2).
@@ -327,24 +339,24 @@ def xfm_losses(model, batch, stop_grad=True, stats=None):
 
     if "pair" in batch:
         b = batch["pair"]
-        v = model.encode_image(b["image"])                                 # (B, 1+P, D), WITH grad: ITC/ITM/IMLM need it
-        vl, _ = _vl_losses(model, b, v, None, stop_grad, "")
+        v = model.encode_image(b["image"])                                 # (B, 1+P, D), WITH grad: ITC/ITM/IMLM
+        vl, _ = vl_losses(model, b, v, None, stop_grad, "")
         out.update(vl)
         if use_mim:
-            out["mim"] = _mim(model, b["image"], b["mim_mask"], v, stats)
+            out["mim"] = mim_objective(model, b["image"], b["mim_mask"], v, stats)
 
     if "region" in batch:
-        b = batch["region"]
+        b = filled_slots(batch["region"])
         v = model.encode_image(b["image"])                                 # (B_img, 1+P, D) full images
         v_r, v_r_mask = model.region_view(v, b["img_index"], b["patch_mask"])  # (N, 1+P, D), (N, 1+P)
-        vl, t = _vl_losses(model, b, v_r, v_r_mask, stop_grad, "_region")
+        vl, t = vl_losses(model, b, v_r, v_r_mask, stop_grad, "_region")
         out.update(vl)
-        # BBP reads the caption (detached) and the FULL image, not the region view (docs/METHOD.md §4.6)
+        # box prediction reads the caption (detached) and the FULL image, not the region view (docs/METHOD.md §4.6)
         h = model.fuse(fusion_input(t, stop_grad), b["att"], v[b["img_index"]])
         pred = model.bbox_head(h[:, 0]).sigmoid()                          # (N, 4) cx, cy, w, h in [0, 1]
         out["bbox_l1"], out["bbox_giou"] = bbox_loss(pred, b["box"], b["is_region"])
 
     if "image" in batch and use_mim:
         b = batch["image"]
-        out["mim_image"] = _mim(model, b["image"], b["mim_mask"], None, stats)
+        out["mim_image"] = mim_objective(model, b["image"], b["mim_mask"], None, stats)
     return out

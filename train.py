@@ -44,7 +44,8 @@ from lib import runtime
 from lib import shards
 from lib import pictures
 from lib import toyworld
-from lib.fast_losses import xfm_losses
+from lib import fast_losses
+from losses import xfm_losses
 from model import make_config
 
 # ---------------------------------------------------------------------------------------------------------
@@ -98,6 +99,8 @@ class TrainConfig:
     # runtime
     device: str = "auto"            # auto (cuda > mps > cpu) | cpu | cuda | mps
     amp: str = "auto"               # auto (bf16 on a bf16 GPU, else fp32) | bf16 | fp16 (CUDA, with GradScaler) | fp32
+    losses: str = "auto"            # auto (fast on CUDA and with --compile, else reference) | reference (losses.py) |
+                                    # fast (lib/fast_losses.py: the same losses and gradients, fixed shapes, no host sync)
     compile: bool = False           # torch.compile the whole step's losses as one graph; texts padded to fixed lengths
     compile_mode: str = "default"   # with --compile: default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
     grad_ckpt: bool = False         # activation checkpointing per block: less memory for about one more forward
@@ -117,7 +120,8 @@ class TrainConfig:
 
 # the keys with a fixed set of values (checked when the command line is read, before any work)
 CHOICES = {"config": ("tiny", "small", "base"), "recipe": ("xfm", "flava"), "mim_target": ("vl", "pixel", "off"),
-           "attn_impl": ("auto", "sdpa", "explicit"), "schedule": ("three", "summed"), "device": ("auto", "cpu", "cuda", "mps"),
+           "attn_impl": ("auto", "sdpa", "explicit"), "schedule": ("three", "summed"),
+           "losses": ("auto", "reference", "fast"), "device": ("auto", "cpu", "cuda", "mps"),
            "amp": ("auto", "bf16", "fp16", "fp32"), "compile_mode": runtime.COMPILE_MODES}
 
 
@@ -126,7 +130,7 @@ CHOICES = {"config": ("tiny", "small", "base"), "recipe": ("xfm", "flava"), "mim
 RESUME_MAY_CHANGE = ("resume", "out_dir", "overwrite", "data_dir", "image_root", "max_steps", "stop_at", "lr",
                      "warmup_steps", "grad_clip", "max_bad_steps", "micro_batch_size", "text_len", "caption_len",
                      "num_workers", "shuffle_buffer", "strict", "device", "amp", "compile", "compile_mode",
-                     "grad_ckpt", "fsdp", "attn_impl", "log_every", "ckpt_every", "keep_last", "export", "eval_k",
+                     "grad_ckpt", "fsdp", "attn_impl", "losses", "log_every", "ckpt_every", "keep_last", "export", "eval_k",
                      "eval_batch_size")
 
 
@@ -347,7 +351,7 @@ def run_tokenizer(ckpt, resume):
 @dataclass(frozen=True)
 class Recipe:
     model_config: Callable  # (cfg, tok) -> the model's config; flava.build_model builds either model from it
-    losses: Callable        # (model, batch, stop_grad, stats) -> {name: scalar loss}; the update's loss is their sum
+    losses: Callable        # (model, batch, stop_grad, stats, fast) -> {name: scalar loss}; the update's loss is their sum
     kinds: Callable         # cfg -> the data kinds (streams) the recipe trains on
     update_plan: Callable   # (cfg, streams) -> plan; plan(step) -> the data kinds of each optimizer update
     prepare: Callable       # (cfg, model, streams, share, save, progress) -> None: set-up before the first step
@@ -370,14 +374,15 @@ RECIPES = {
         model_config=lambda cfg, tok: make_config(cfg.config, vocab_size=tok.vocab_size, pad_id=tok.pad_id,
                                                   mim_target=cfg.mim_target, attn_impl=cfg.attn_impl,
                                                   max_text_len=max(cfg.caption_len, cfg.text_len)),
-        losses=lambda model, batch, stop_grad, stats: xfm_losses(model, batch, stop_grad=stop_grad, stats=stats),
+        losses=lambda model, batch, stop_grad, stats, fast: (fast_losses.xfm_losses if fast else xfm_losses)(
+            model, batch, stop_grad=stop_grad, stats=stats),
         kinds=lambda cfg: ("text", "pair", "region") + (("image",) if cfg.mim_target != "off" else ()),  # images feed MIM only
         update_plan=xfm_update_plan, prepare=lambda *args: None, defaults={}, refused=(),
         describe=lambda cfg: f"X-FM {cfg.config} | stop_grad {cfg.stop_grad} | mim_target {cfg.mim_target} | "
                              f"schedule {cfg.schedule}"),
     "flava": Recipe(
         model_config=flava.run_config,
-        losses=lambda model, batch, stop_grad, stats: flava.flava_losses(model, batch, stats=stats),
+        losses=lambda model, batch, stop_grad, stats, fast: flava.flava_losses(model, batch, stats=stats, fast=fast),
         kinds=lambda cfg: ("text", "pair", "image"),  # no region objective; pairs masked 15 %, BERT style
         update_plan=flava.update_plan, prepare=flava.prepare_run, defaults=flava.RUN_DEFAULTS,
         refused=flava.XFM_ONLY_KEYS, describe=lambda cfg: f"FLAVA {cfg.config} | data kinds per update {cfg.flava_ratios}"),
@@ -388,13 +393,18 @@ class LossModel(nn.Module):
     """What DDP wraps: its forward runs the whole loss computation, so DDP's reducer sees every parameter the
     step uses (calling model methods outside a DDP forward would silently skip the gradient sync)."""
 
-    def __init__(self, model, stop_grad, recipe="xfm"):
+    def __init__(self, model, stop_grad, recipe="xfm", fast=False):
         super().__init__()
-        self.model, self.stop_grad, self.losses = model, stop_grad, RECIPES[recipe].losses
+        self.model, self.stop_grad, self.losses, self.fast = model, stop_grad, RECIPES[recipe].losses, fast
 
     def forward(self, batch):
         stats = {}
-        return self.losses(self.model, batch, self.stop_grad, stats), stats
+        return self.losses(self.model, batch, self.stop_grad, stats, self.fast), stats
+
+
+def fast_losses_on(cfg, device):
+    """--losses=auto: the fast path where it pays (a GPU, a compiled step), the reference elsewhere."""
+    return cfg.losses == "fast" or (cfg.losses == "auto" and (device.type == "cuda" or cfg.compile))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -470,7 +480,7 @@ def wrap(model, cfg, streams, ddp, device):
     whole of it is compiled, every loss of a micro-batch as one graph (runtime.compile_step): the loss code has fixed
     shapes and no host syncs, and --compile pads texts to fixed lengths, so the graph compiles once, never breaks."""
     model = runtime.checkpoint_blocks(model) if cfg.grad_ckpt else model   # --grad_ckpt: recompute in backward
-    loss_model = LossModel(model, cfg.stop_grad, cfg.recipe)
+    loss_model = LossModel(model, cfg.stop_grad, cfg.recipe, fast_losses_on(cfg, device))
     if ddp and cfg.fsdp:  # FSDP2 on every block, then on the LossModel: the root that runs every loss (runtime.shard)
         loss_model = runtime.shard(loss_model, model)
     elif ddp:

@@ -11,10 +11,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-import losses as L
 from conftest import gloo_group, rendezvous, make_batch, tiny_config
-from lib.fast_losses import (bbox_loss, box_xyxy, fusion_input, generalized_iou, itc_loss, itm_ce, itm_inputs, mim_loss,
-                    sample_hard_negatives, xfm_losses)
+from lib import fast_losses as fast
+from losses import (bbox_loss, box_xyxy, fusion_input, generalized_iou, itc_loss, mim_loss, sample_hard_negatives,
+                    xfm_losses)
 from model import XFM
 
 
@@ -155,23 +155,43 @@ def test_hard_negatives_never_pick_the_positive_or_a_duplicate():
     img_id = torch.tensor([0, 1, 1, 2, 3, 3])  # rows 1,2 and 4,5 share an image
     temp = torch.tensor(0.001)  # the positive dominates the softmax: a buggy sampler would pick it
     for _ in range(200):
-        neg_txt, neg_img, has_txt, has_img = sample_hard_negatives(f, f, temp, img_id)
-        assert has_txt.all() and has_img.all()
+        neg_txt, neg_img = sample_hard_negatives(f, f, temp, img_id)
         assert (img_id[neg_txt] != img_id).all() and (img_id[neg_img] != img_id).all()
-    # batch size 1, or a batch that is all one image: no valid negative, has_* False (no crash)
-    assert not any(x.any() for x in sample_hard_negatives(f[:1], f[:1], temp, img_id[:1])[2:])
-    assert not any(x.any() for x in sample_hard_negatives(f[1:3], f[1:3], temp, img_id[1:3])[2:])
-    # an empty slot (valid False) is never a negative and gets none
+    # batch size 1, or a batch that is all one image: no valid negative, -1 (no crash)
+    assert all((x == -1).all() for x in sample_hard_negatives(f[:1], f[:1], temp, img_id[:1]))
+    assert all((x == -1).all() for x in sample_hard_negatives(f[1:3], f[1:3], temp, img_id[1:3]))
+
+
+def test_fast_hard_negatives_skip_empty_slots_and_flag_rows_without_one():
+    """lib/fast_losses.py: an empty slot (valid False) is never a negative and gets none (has False); a row with no
+    candidate gets has False."""
+    torch.manual_seed(0)
+    f = F.normalize(torch.randn(6, 8), dim=-1)
+    img_id = torch.tensor([0, 1, 1, 2, 3, 3])
     valid = torch.tensor([True, True, True, True, True, False])
     for _ in range(50):
-        neg_txt, neg_img, has_txt, has_img = sample_hard_negatives(f, f, torch.tensor(1.0), img_id, valid)
+        neg_txt, neg_img, has_txt, has_img = fast.sample_hard_negatives(f, f, torch.tensor(1.0), img_id, valid)
+        assert (img_id[neg_txt] != img_id)[valid].all() and (img_id[neg_img] != img_id)[valid].all()
         assert (neg_txt[valid] != 5).all() and (neg_img[valid] != 5).all()
         assert has_txt.tolist() == has_img.tolist() == valid.tolist()
+    assert not any(x.any() for x in fast.sample_hard_negatives(f[1:3], f[1:3], torch.tensor(1.0), img_id[1:3])[2:])
+
+
+def test_fast_draw_is_torch_multinomial_on_the_same_random_stream():
+    """fast_losses.one_per_row(w) picks what torch.multinomial(w, 1) picks from the same generator state (both
+    are the exponential race), so the fast path's hard negatives are the reference's draw, without a host sync."""
+    w = torch.rand(7, 9).masked_fill(torch.eye(7, 9, dtype=torch.bool), 0.0)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        expected = torch.multinomial(w, 1).squeeze(1)
+        torch.manual_seed(seed)
+        got, has = fast.one_per_row(w)
+        assert torch.equal(got, expected) and has.all()
 
 
 def test_hard_negatives_are_drawn_with_the_softmax_probabilities():
-    """The exponential-race draw picks j with probability w_j / sum(w), as torch.multinomial would: the
-    frequencies of 10000 draws match w within a few standard errors, for both directions."""
+    """One negative per row, drawn with probability w_j / sum(w): the frequencies of 10000 draws match w within a
+    few standard errors, for both directions."""
     torch.manual_seed(0)
     f_v, f_t = F.normalize(torch.randn(4, 8), dim=-1), F.normalize(torch.randn(4, 8), dim=-1)
     temp, img_id, n = torch.tensor(0.3), torch.arange(4), 10000
@@ -257,19 +277,24 @@ def _itc_setup(seed=0):
     return proj_v, proj_t, temp, x_v, x_t
 
 
-def _itc_grads(proj_v, proj_t, temp, x_v, x_t, valid=None):
+def _itc_grads(proj_v, proj_t, temp, x_v, x_t, valid=None, path="reference"):
+    """The reference reads the filled rows alone (ranks then hold different numbers of rows); the fast path reads
+    every row, empty slots marked as neither query nor key."""
+    if path == "reference" and valid is not None:
+        x_v, x_t, valid = x_v[valid], x_t[valid], None
     f_v, f_t = F.normalize(proj_v(x_v), dim=-1), F.normalize(proj_t(x_t), dim=-1)
-    loss = itc_loss(f_v, f_t, temp, queries=valid, keys=valid)
+    loss = (fast.itc_loss(f_v, f_t, temp, queries=valid, keys=valid) if path == "fast" else
+            itc_loss(f_v, f_t, temp))
     params = [*proj_v.parameters(), *proj_t.parameters(), temp]
     return loss.detach(), torch.autograd.grad(loss, params)
 
 
-def _itc_worker(rank, world, meet, out_dir, empty):
+def _itc_worker(rank, world, meet, out_dir, empty, path):
     with gloo_group(rank, world, meet):
         proj_v, proj_t, temp, x_v, x_t = _itc_setup()
         valid = torch.tensor([i not in empty for i in range(8)])
         rows = slice(4 * rank, 4 * rank + 4)
-        loss, grads = _itc_grads(proj_v, proj_t, temp, x_v[rows], x_t[rows], valid[rows])
+        loss, grads = _itc_grads(proj_v, proj_t, temp, x_v[rows], x_t[rows], valid[rows], path)
         # what DDP does: average loss and gradients over the ranks
         dist.all_reduce(loss)
         for g in grads:
@@ -278,12 +303,13 @@ def _itc_worker(rank, world, meet, out_dir, empty):
             torch.save({"loss": loss / world, "grads": [g / world for g in grads]}, os.path.join(out_dir, "itc.pt"))
 
 
+@pytest.mark.parametrize("path", ["reference", "fast"])
 @pytest.mark.parametrize("empty", [(), (2, 5, 6)])  # rows that are empty caption slots (region batches)
-def test_global_itc_two_processes_equals_one_process(tmp_path, empty):
+def test_global_itc_two_processes_equals_one_process(tmp_path, empty, path):
     """4 + 4 rows on 2 processes (DDP's averaging) == one process on the 8 rows; with empty slots, == one
     process on the filled rows alone: an empty slot is neither a query nor a key, and ranks holding different
     numbers of filled rows still average to the mean over all of them."""
-    mp.spawn(_itc_worker, args=(2, rendezvous(), str(tmp_path), empty), nprocs=2, join=True)
+    mp.spawn(_itc_worker, args=(2, rendezvous(), str(tmp_path), empty, path), nprocs=2, join=True)
     got = torch.load(tmp_path / "itc.pt")
     keep = [i for i in range(8) if i not in empty]
     proj_v, proj_t, temp, x_v, x_t = _itc_setup()
@@ -321,8 +347,8 @@ def test_hard_negatives_follow_the_itc_similarity():
     assert (picks[:, 0] == 3).float().mean() > 0.9
 
 
-def test_itm_rows_labels_and_weights_with_fixed_negatives(monkeypatch):
-    """itm_inputs' 3B rows: the B pairs, then (text b, its negative image), then (its negative text, image b);
+def test_fast_itm_rows_labels_and_weights_with_fixed_negatives(monkeypatch):
+    """lib/fast_losses.py: itm_inputs' 3B rows: the B pairs, then (text b, its negative image), then (its negative text, image b);
     weight 0 for an empty slot and for a row without a negative. itm_ce: label 1 for the first B rows, 0 for the
     others, CE averaged over the rows of weight 1. The negatives are fixed here (sample_hard_negatives has its
     own tests)."""
@@ -330,22 +356,22 @@ def test_itm_rows_labels_and_weights_with_fixed_negatives(monkeypatch):
     B, T, S, D = 3, 4, 5, 2
     neg_txt, neg_img = torch.tensor([1, 0, 0]), torch.tensor([1, 0, 0])
     has_txt, has_img = torch.tensor([True, False, False]), torch.tensor([False, True, False])  # slot 2 is empty
-    monkeypatch.setattr(L, "sample_hard_negatives", lambda *args: (neg_txt, neg_img, has_txt, has_img))
+    monkeypatch.setattr(fast, "sample_hard_negatives", lambda *args: (neg_txt, neg_img, has_txt, has_img))
     t, att = torch.randn(B, T, D), torch.randint(0, 2, (B, T))
     v, v_mask = torch.randn(B, S, D), torch.rand(B, S) < 0.5
     f, temp, img_id = torch.randn(B, 8), torch.tensor(0.07), torch.arange(B)
     valid = torch.tensor([True, True, False])
-    (t_all, a_all, v_all, m_all), weight = itm_inputs(t, att, v, v_mask, f, f, temp, img_id, valid)
+    (t_all, a_all, v_all, m_all), weight = fast.itm_inputs(t, att, v, v_mask, f, f, temp, img_id, valid)
     assert torch.equal(t_all, torch.cat([t, t, t[neg_txt]])) and torch.equal(a_all, torch.cat([att, att, att[neg_txt]]))
     assert torch.equal(v_all, torch.cat([v, v[neg_img], v]))
     assert torch.equal(m_all, torch.cat([v_mask, v_mask[neg_img], v_mask]))
     assert weight.tolist() == [1, 1, 0, 0, 1, 0, 1, 0, 0]
-    (_, _, _, m_all), weight = itm_inputs(t, att, v, None, f, f, temp, img_id)  # every slot filled, every key
+    (_, _, _, m_all), weight = fast.itm_inputs(t, att, v, None, f, f, temp, img_id)  # every slot filled, every key
     assert m_all is None and weight.tolist() == [1, 1, 1, 0, 1, 0, 1, 0, 0]
     cls = torch.randn(3 * B, 2)                                              # the head is the identity: logits
     labels = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 0])
     by_hand = (F.cross_entropy(cls, labels, reduction="none") * weight).sum() / weight.sum()
-    assert torch.allclose(itm_ce(SimpleNamespace(itm_head=torch.nn.Identity()), cls, weight), by_hand)
+    assert torch.allclose(fast.itm_ce(SimpleNamespace(itm_head=torch.nn.Identity()), cls, weight), by_hand)
 
 
 def test_itm_labels_one_for_pairs_zero_for_negatives():

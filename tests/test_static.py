@@ -1,11 +1,11 @@
-"""Fixed shapes and no host syncs (docs/METHOD.md §6.3): the loss code computes every row and weighs the rows that
-take no part by 0, instead of dropping them with boolean masks and `if tensor` branches. These tests pin that it is
-the same method:
+"""Two paths, one truth: lib/fast_losses.py (fixed shapes, no host syncs, one-call encoder and fusion passes)
+computes the same losses and gradients as the reference, losses.py (boolean-mask indexing, `if not sel.any()`,
+torch.multinomial, data-dependent sizes, one fusion call per objective). These tests hold it to that:
 
-    - every loss and every gradient equals the plain version (tests/plain_losses.py: boolean-mask indexing,
-      `if not sel.any()`, torch.multinomial, data-dependent sizes), on a batch whose region part has empty caption
-      slots (the plain version sees the batch without them), for X-FM and FLAVA;
-    - a step makes the host wait for nothing: bench's DispatchCounter sees 0 syncs in forward + backward, both recipes.
+    - every loss and every gradient of the fast path equals the reference's, for X-FM and FLAVA, on data.py-shaped
+      batches whose region part has empty caption slots, and on a batch where no row has a hard negative;
+    - a step of the fast path makes the host wait for nothing: bench's DispatchCounter sees 0 syncs in forward +
+      backward, both recipes (the reference has dozens).
 
 The compiled step (0 graph breaks, 0 recompiles over 50 steps) is tests/test_train.py's
 test_compiled_step_never_breaks_the_graph_nor_recompiles; the hard-negative draw's distribution is
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import flava
-from lib import fast_losses as losses
-import losses as plain_losses
+import losses
+from lib import fast_losses
 from bench_meters import DispatchCounter
 from conftest import make_batch, tiny_config
 from model import XFM
@@ -75,26 +75,32 @@ def assert_same(a, b, atol=1e-5):
         assert (ga[n] - gb[n]).norm() <= atol * (1 + gb[n].norm()), n
 
 
-def xfm_batches():
-    plain = make_batch(tiny_config(), B=6, seed=5)
-    fixed = {k: dict(v) for k, v in plain.items()}
-    fixed["region"] = masks_bound(with_empty_slots(plain["region"]), "mlm_labels")
-    masks_bound(fixed["text"], "labels")
-    masks_bound(fixed["pair"], "mlm_labels")
-    return plain, fixed
+def xfm_batch(no_negatives=False):
+    """make_batch's four kinds as data.py makes them: a third, empty caption slot per image in the region part, and
+    max_masks, the slots each row's masked positions get in the fast path. no_negatives: every pair shows one image
+    (img_id 0), so no row finds a hard negative."""
+    batch = make_batch(tiny_config(), B=6, seed=5)
+    batch["region"] = masks_bound(with_empty_slots(batch["region"]), "mlm_labels")
+    masks_bound(batch["text"], "labels")
+    masks_bound(batch["pair"], "mlm_labels")
+    if no_negatives:
+        batch["pair"]["img_id"] = torch.zeros_like(batch["pair"]["img_id"])
+    return batch
 
 
-def test_xfm_losses_and_gradients_equal_the_plain_version(hardest_negatives):
-    plain, fixed = xfm_batches()
-    assert (~fixed["region"]["valid"]).sum() == 3 and fixed["text"]["max_masks"] < fixed["text"]["ids"].shape[1]
+@pytest.mark.parametrize("no_negatives", [False, True])
+def test_xfm_fast_path_equals_the_reference(hardest_negatives, no_negatives):
+    batch = xfm_batch(no_negatives)
+    assert (~batch["region"]["valid"]).sum() == 3 and batch["text"]["max_masks"] < batch["text"]["ids"].shape[1]
     torch.manual_seed(0)
     model = XFM(tiny_config()).train()
-    assert_same(losses_and_grads(model, losses.xfm_losses, fixed), losses_and_grads(model, plain_losses.xfm_losses, plain))
+    fast, reference = losses_and_grads(model, fast_losses.xfm_losses, batch), losses_and_grads(model, losses.xfm_losses, batch)
+    assert_same(fast, reference)
 
 
-def test_flava_losses_and_gradients_equal_the_plain_version(monkeypatch):
-    """flava.flava_losses with the fixed-shape mlm_loss and itc_loss == with the plain ones (swapped captions
-    included: rows 1 and 4 are no GC queries and have no MMM targets)."""
+def test_flava_fast_path_equals_the_reference():
+    """flava.flava_losses(fast=True) == flava.flava_losses(fast=False), swapped captions included: rows 1 and 4 are
+    no GC queries and have no MMM targets."""
     torch.manual_seed(0)
     model = flava.FLAVA(flava.make_flava_config("tiny", vocab_size=64, dropout=0.0, drop_path=0.0)).train()
     model.image_tokenizer.codebook.normal_()
@@ -103,10 +109,8 @@ def test_flava_losses_and_gradients_equal_the_plain_version(monkeypatch):
     masks_bound(batch["text"], "labels")
     masks_bound(batch["pair"], "mlm_labels")
     batch["image"]["mim_count"] = batch["pair"]["mim_count"] = int(batch["image"]["mim_mask"].sum(1).max())
-    fixed = losses_and_grads(model, flava.flava_losses, batch)
-    monkeypatch.setattr(flava, "mlm_loss", lambda h, labels, head, k=None: plain_losses.mlm_loss(h, labels, head))
-    monkeypatch.setattr(flava, "itc_loss", plain_losses.itc_loss)
-    assert_same(fixed, losses_and_grads(model, flava.flava_losses, batch))
+    fast = losses_and_grads(model, lambda m, b: flava.flava_losses(m, b, fast=True), batch)
+    assert_same(fast, losses_and_grads(model, flava.flava_losses, batch))
 
 
 @pytest.mark.parametrize("recipe", ["xfm", "flava"])
@@ -115,19 +119,18 @@ def test_a_step_makes_the_host_wait_for_nothing(recipe):
     the forward and backward of every loss. The plain version has dozens: the counter does see them."""
     torch.manual_seed(0)
     if recipe == "xfm":
-        model, (plain, batch) = XFM(tiny_config()).train(), xfm_batches()
-        fns = (losses.xfm_losses, plain_losses.xfm_losses)
+        model, batch = XFM(tiny_config()).train(), xfm_batch()
+        fast, reference = fast_losses.xfm_losses, losses.xfm_losses
     else:
         model = flava.FLAVA(flava.make_flava_config("tiny", vocab_size=64)).train()
-        batch = plain = make_batch(model.cfg, kinds=("text", "image", "pair"), B=6, seed=5)
+        batch = make_batch(model.cfg, kinds=("text", "image", "pair"), B=6, seed=5)
         batch["pair"]["itm_label"] = torch.tensor([1, 0, 1, 1, 0, 1])
-        fns = (flava.flava_losses, None)
-    counter = DispatchCounter()
-    with counter:
-        sum(fns[0](model, batch).values()).backward()
+        fast = lambda m, b: flava.flava_losses(m, b, fast=True)        # noqa: E731
+        reference = flava.flava_losses
+    with DispatchCounter() as counter:
+        sum(fast(model, batch).values()).backward()
     assert counter.syncs == 0, counter.sync_sites
     assert counter.ops > 500
-    if fns[1] is not None:
-        with DispatchCounter() as plain_counter:
-            sum(fns[1](model, plain).values()).backward()
-        assert plain_counter.syncs > 20
+    with DispatchCounter() as reference_counter:
+        sum(reference(model, batch).values()).backward()
+    assert reference_counter.syncs > 10

@@ -161,7 +161,9 @@ def batch_counts(batch, cfg):
 # The recipes
 
 # recipe -> (config of a preset, loss function(model, batch) -> {name: loss}); flava.build_model builds either
-RECIPES = {"xfm": (make_config, losses.xfm_losses), "flava": (flava.make_flava_config, flava.flava_losses)}
+# the fast path of each recipe's losses (lib/fast_losses.py): what a GPU step runs
+RECIPES = {"xfm": (make_config, losses.xfm_losses),
+           "flava": (flava.make_flava_config, lambda model, batch: flava.flava_losses(model, batch, fast=True))}
 
 
 def build(recipe, preset, **over):
@@ -204,7 +206,7 @@ def bench_step(recipe, preset, device, B, dtype="fp32", attn="sdpa", compile="of
     step_losses = lambda: loss_fn(model, batch)                         # noqa: E731  {name: loss} of the step
     loss_model = compiled = None
     if compile in ("step", "graphs"):  # the whole forward of every loss as one module (its backward follows)
-        loss_model = train.LossModel(model, stop_grad=True, recipe=recipe)
+        loss_model = train.LossModel(model, stop_grad=True, recipe=recipe, fast=True)
         mode = "default" if compile == "step" else "reduce-overhead"
         compiled = runtime.compile_step(loss_model, mode) if backend == "inductor" else \
             torch.compile(loss_model, backend=backend, dynamic=False)   # (mode is an Inductor option)

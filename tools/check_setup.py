@@ -65,7 +65,7 @@ def smoke_step(device):
 
 def _smoke_step(device):
     import torch
-    from lib.fast_losses import xfm_losses
+    from losses import xfm_losses
     from walkthrough import tiny_model, toy_batch
     t0 = time.time()
     model = tiny_model().to(device)

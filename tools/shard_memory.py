@@ -31,7 +31,7 @@ def measure(cfg, mode, device):
     """{what: MB on this rank} for one training set-up: mode 'ddp' (every rank a whole copy) or 'fsdp'."""
     torch.manual_seed(0)
     model = flava.build_model(cfg).to(device)
-    loss_model = train.LossModel(model, True, "flava" if isinstance(cfg, flava.FLAVAConfig) else "xfm")
+    loss_model = train.LossModel(model, True, "flava" if isinstance(cfg, flava.FLAVAConfig) else "xfm", fast=True)
     if mode == "fsdp":
         runtime.shard(loss_model, model)
     else:

@@ -36,6 +36,7 @@ smallest area (fraction of the image) of the box-preserving crop of the region s
 import math
 import sys
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -299,22 +300,32 @@ class TextDataset(_Base):
                 "max_masks": max_masked(ids.shape[1], *TEXT_MASKING)}
 
 
+class ImageView(NamedTuple):
+    """One drawn image sample (ImageDataset.image_and_mask)."""
+    j: int                     # the item used: the index asked for, or the next readable one (_Base.load)
+    image: torch.Tensor        # (3, S, S) float: cropped, maybe flipped, CLIP-normalised
+    mim_mask: torch.Tensor     # (P,) bool: exactly mim_counts(grid)[0] masked patches
+    bad: list                  # the unreadable images passed over (BadInput.found)
+    rng: np.random.Generator   # the sample's generator, for what the caller draws next (captions, masks)
+
+
 class ImageDataset(_Base):
     def __init__(self, items, dc, bad, kind="image"):
         super().__init__(items, kind, dc, bad)
 
     def image_and_mask(self, key):
+        """(index, epoch) -> ImageView: the augmented image and its MIM mask, drawn from the sample's rng."""
         index, epoch = key
         rng = self.rng(epoch, index)
         j, img, bad = self.load(index)
         x = random_resized_crop(img, self.dc.image_size, rng, scale=self.dc.crop_scale, hflip=self.dc.hflip)
         # the masked and unmasked MIM views are this same tensor; only the mask differs (docs/METHOD.md §5.3)
         m = block_mask(self.dc.grid, *mim_counts(self.dc.grid), rng)
-        return j, x, torch.from_numpy(m), bad, rng
+        return ImageView(j, x, torch.from_numpy(m), bad, rng)
 
     def __getitem__(self, key):
-        _, x, m, bad, _ = self.image_and_mask(key)
-        return {"image": x, "mim_mask": m, "bad": bad}
+        v = self.image_and_mask(key)
+        return {"image": v.image, "mim_mask": v.mim_mask, "bad": v.bad}
 
     def collate(self, samples):
         return {"image": torch.stack([s["image"] for s in samples]),  # (B, 3, S, S)
@@ -346,7 +357,8 @@ class PairDataset(ImageDataset):
         self.masking = CAPTION_MASKING[dc.caption_mask]
 
     def __getitem__(self, key):
-        j, x, m, bad, rng = self.image_and_mask(key)
+        v = self.image_and_mask(key)
+        j, rng = v.j, v.rng
         caption, match = self.items[j]["caption"], 1                      # j: the caption goes with the image
         if self.dc.itm_neg_prob and rng.random() < self.dc.itm_neg_prob:
             for _ in range(10):  # a random pair showing another image (10 tries: duplicates are rare)
@@ -356,8 +368,8 @@ class PairDataset(ImageDataset):
                     break
         ids = self.tok.encode(caption, self.dc.caption_len)
         mlm_ids, mlm_labels = mask_text(ids, self.tok, *self.masking[:2], rng, skipgram_prob=self.masking[2])
-        return {"image": x, "mim_mask": m, "ids": ids, "mlm_ids": mlm_ids, "mlm_labels": mlm_labels,
-                "img_id": self.img_ids[j], "itm_label": match, "bad": bad}
+        return {"image": v.image, "mim_mask": v.mim_mask, "ids": ids, "mlm_ids": mlm_ids, "mlm_labels": mlm_labels,
+                "img_id": self.img_ids[j], "itm_label": match, "bad": v.bad}
 
     def collate(self, samples):
         batch = super().collate(samples)

@@ -384,6 +384,9 @@ class PairDataset(ImageDataset):
         return batch
 
 
+WHOLE_IMAGE = (0.5, 0.5, 1.0, 1.0)  # the box (cx, cy, w, h) of a whole-image caption and of an empty slot
+
+
 class RegionDataset(_Base):
     """One item = one image with up to dc.max_regions sampled region captions, plus its whole-image caption.
 
@@ -401,32 +404,58 @@ class RegionDataset(_Base):
         rng = self.rng(epoch, index)
         j, img, bad = self.load(index)
         rec = self.items[j]
+        # each step draws from rng in this order: another order gives other samples (and other resumed runs)
+        pick = self.sample_regions(rec, rng)
+        x, boxes = self.crop(img, rec, pick, rng)
+        captions = self.pick_captions(rec, pick, boxes, rng)
+        texts = [self.caption_slot(cap, box, self.patch_mask(box, is_region), is_region, rng)
+                 for cap, box, is_region in captions]
+        return {"image": x, "texts": self.pad_slots(texts), "img_id": self.img_ids[j], "bad": bad}
+
+    def sample_regions(self, rec, rng):
+        """-> (k,) int: k = min(max_regions, #regions) distinct indices into rec["regions"], in drawn order."""
         regs = rec["regions"]
-        pick = rng.choice(len(regs), min(self.dc.max_regions, len(regs)), replace=False)
+        return rng.choice(len(regs), min(self.dc.max_regions, len(regs)), replace=False)
+
+    def crop(self, img, rec, pick, rng):
+        """-> (image (3, S, S), k boxes (cx, cy, w, h) normalised to the crop, or None): region_crop's."""
         # the crop keeps every sampled box whole, so no region is lost (no hflip: it would swap left/right words)
-        x, boxes = region_crop(img, [regs[i]["box"] for i in pick], self.dc.image_size, rng,
-                               min_scale=self.dc.crop_scale[0])
-        texts = []
+        return region_crop(img, [rec["regions"][i]["box"] for i in pick], self.dc.image_size, rng,
+                           min_scale=self.dc.crop_scale[0])
+
+    def pick_captions(self, rec, pick, boxes, rng):
+        """-> [(caption, box (4,), is_region)]: one drawn caption per kept region, in pick's order, then one of
+        the whole-image captions (if the record has any) with box = the whole image."""
+        out = []
         for i, box in zip(pick, boxes):
             if box is None:  # cannot happen while the crop keeps every sampled box; kept as a guard
                 continue
-            caps = regs[i]["captions"]
-            texts.append((caps[rng.integers(len(caps))], box, True, box_patch_mask(box, self.dc.grid)))
-        if rec["captions"]:  # the whole-image caption: box = the whole image, every patch visible
+            caps = rec["regions"][i]["captions"]
+            out.append((caps[rng.integers(len(caps))], box, True))
+        if rec["captions"]:
             caps = rec["captions"]
-            texts.append((caps[rng.integers(len(caps))], (0.5, 0.5, 1.0, 1.0), False,
-                          np.ones(self.dc.grid ** 2, dtype=bool)))
-        out = []
-        for cap, box, is_region, pmask in texts:
-            ids = self.tok.encode(cap, self.dc.caption_len)
-            mlm_ids, mlm_labels = mask_text(ids, self.tok, *CAPTION_MASKING["xfm"][:2], rng)
-            out.append({"ids": ids, "mlm_ids": mlm_ids, "mlm_labels": mlm_labels, "box": box,
-                        "is_region": is_region, "patch_mask": pmask, "valid": True})
+            out.append((caps[rng.integers(len(caps))], WHOLE_IMAGE, False))
+        return out
+
+    def patch_mask(self, box, is_region):
+        """-> (P,) bool: the patches a caption's fusion pass sees: its box's (box_patch_mask), or every one."""
+        return box_patch_mask(box, self.dc.grid) if is_region else np.ones(self.dc.grid ** 2, dtype=bool)
+
+    def caption_slot(self, caption, box, patch_mask, is_region, rng):
+        """-> one filled slot: ids, mlm_ids, mlm_labels (each <= caption_len; IMLM p = 0.5, <= 15), box (4,),
+        is_region, patch_mask (P,), valid = True."""
+        ids = self.tok.encode(caption, self.dc.caption_len)
+        mlm_ids, mlm_labels = mask_text(ids, self.tok, *CAPTION_MASKING["xfm"][:2], rng)
+        return {"ids": ids, "mlm_ids": mlm_ids, "mlm_labels": mlm_labels, "box": box, "is_region": is_region,
+                "patch_mask": patch_mask, "valid": True}
+
+    def pad_slots(self, texts):
+        """-> exactly self.slots slots: texts, then empty ones (<s> </s>, nothing masked, the whole image, every
+        patch, valid = False)."""
         ids = self.tok.encode("", self.dc.caption_len)                     # <s> </s>: an empty slot
-        out += [{"ids": ids, "mlm_ids": ids, "mlm_labels": [-100] * len(ids), "box": (0.5, 0.5, 1.0, 1.0),
+        empty = {"ids": ids, "mlm_ids": ids, "mlm_labels": [-100] * len(ids), "box": WHOLE_IMAGE,
                  "is_region": False, "patch_mask": np.ones(self.dc.grid ** 2, dtype=bool), "valid": False}
-                ] * (self.slots - len(out))
-        return {"image": x, "texts": out, "img_id": self.img_ids[j], "bad": bad}
+        return texts + [empty] * (self.slots - len(texts))
 
     def collate(self, samples):
         # flatten B_img images into N = B_img * slots captions; img_index says which image each belongs to

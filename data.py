@@ -54,7 +54,9 @@ KINDS = ("text", "image", "pair", "region")  # the four streams; the index also 
 
 
 def mask_text(ids, tok, prob, max_masks, rng, skipgram_prob=0.2, max_span=3):
-    """MLM corruption. -> (masked ids, labels) with labels = original id where chosen, -100 elsewhere."""
+    """MLM corruption. -> (masked ids, labels) with labels = original id where chosen, -100 elsewhere.
+    Masks n = min(max_masks, max(1, round(prob * #candidates))) positions, never more than max_masked(len(ids))
+    (ValueError otherwise: ids that do not end with </s>)."""
     ids, labels = list(ids), [-100] * len(ids)
     cand = [i for i, t in enumerate(ids) if i > 0 and t not in tok.special_ids]  # never <s>, </s>, <pad>
     if not cand:
@@ -68,6 +70,12 @@ def mask_text(ids, tok, prob, max_masks, rng, skipgram_prob=0.2, max_span=3):
         for p in range(start, start + span):
             if len(chosen) < n and p in cand_set:
                 chosen.add(p)
+    # the loss gathers a row's masked positions into max_masked(T) slots (losses.mlm_loss), T >= len(ids): a row
+    # with more would lose some silently. Within the bound whenever ids is <s> ... </s> (tokenizer.encode).
+    bound = max_masked(len(ids), prob, max_masks)
+    if len(chosen) > bound:
+        raise ValueError(f"mask_text masked {len(chosen)} of {len(ids)} positions, more than max_masked = {bound}, "
+                         "the slots losses.mlm_loss gives a row: ids must start with <s> and end with </s>")
     for p in sorted(chosen):
         labels[p] = ids[p]
         r = rng.random()

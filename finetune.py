@@ -39,7 +39,6 @@ A FLAVA checkpoint (train.py --recipe=flava) works for every task: the model com
 (flava.build_model); its [CLS] is CLS_M, its features the final-LN CLS tokens (text_cls / image_cls), its ITC
 embeddings the GC ones, and grounding gets a fresh box head (FLAVA pre-trains none).
 """
-import csv
 import json
 import math
 import os
@@ -61,6 +60,9 @@ from lib import cli
 import data
 from lib import tokenizer
 from lib import formats
+from lib.formats import (answer_votes, image_paths, image_problem, label_index, label_problem, label_value,
+                         label_vocab, numeric_labels, read_task_file, task_file, text_problem, usable,
+                         write_vqa_results)
 import flava
 import losses
 from lib import pretrained
@@ -237,94 +239,7 @@ def report(metric, value, summary=None, key=None, **metrics):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Task files: JSONL / JSON lists (formats.read_records), Karpathy JSON (formats.karpathy_records), GLUE TSV, ImageFolder
-
-
-def read_task_file(path, split, cfg, bad):
-    """-> list of record dicts, each with "where" (file:line, file[index] or the image's path) and its image
-    paths ("image", or "images" a list) made absolute against --image_root or the file's folder. A record that is
-    not UTF-8, whose image field is not a path, or whose image is missing is reported to `bad` and skipped."""
-    if not os.path.exists(path):
-        hint = " (an old toy world? rebuild it: python -m lib.toyworld --out data/toy)" if "downstream" in path else ""
-        raise SystemExit(f"error: no {split} file {path}{hint}")
-    root = formats.image_base(path, cfg.image_root)
-    if os.path.isdir(path):
-        recs = _image_folder(path, bad)
-    elif path.endswith(".tsv"):
-        recs = _glue_tsv(path, cfg, bad)
-    else:  # .jsonl, a .json list of records (ALBEF / X-VLM style) or Karpathy's dataset_*.json (the split's images)
-        recs = [dict(r, where=w) for w, r in formats.read_records(path, bad, split)]
-    out = []
-    for r in recs:
-        key = "images" if "images" in r else "image" if "image" in r else None
-        if key:
-            problem = _paths_problem(key, r[key])
-            if problem:
-                bad.report("malformed record", r["where"], problem)
-                continue
-            paths = [os.path.abspath(os.path.join(root, p)) for p in (r[key] if key == "images" else [r[key]])]
-            missing = [p for p in paths if not os.path.isfile(p)]
-            if missing:
-                bad.report("missing image", r["where"], f"no such file {missing[0]}")
-                continue
-            r = dict(r, **{key: paths if key == "images" else paths[0]})
-        out.append(r)
-    if not out:
-        raise SystemExit(f"error: no usable record in {path}")
-    return out
-
-
-def _paths_problem(key, value):
-    """Why an "image" field is not a path or an "images" field not a list of paths, or None."""
-    if key == "image":
-        return None if isinstance(value, str) and value else f"image is {formats.type_of(value)}, not a path"
-    if not isinstance(value, list) or not value:
-        return f"images is {formats.type_of(value)}, not a list of paths"
-    bad = [j for j, p in enumerate(value) if not (isinstance(p, str) and p)]
-    return f"images[{bad[0]}] is {formats.type_of(value[bad[0]])}, not a path" if bad else None
-
-
-def _image_folder(path, bad):
-    """ImageFolder: one sub-folder per class, named after it -> {"image", "label", "where"}. A class folder whose
-    name is not UTF-8 is reported and its images skipped (the name would become a label no one can print)."""
-    recs = []
-    for c in sorted(os.listdir(path)):
-        folder = os.path.join(path, c)
-        if not os.path.isdir(folder):
-            continue
-        problem = formats.not_utf8(c)
-        if problem:
-            bad.report("not UTF-8", path, f"a class folder's name: {problem}", action="its images skipped")
-            continue
-        recs += [{"image": os.path.join(c, n), "label": c, "where": os.path.join(folder, n)}
-                 for n in sorted(os.listdir(folder)) if n.lower().endswith(formats.IMAGE_EXTS)]
-    return recs
-
-
-def _glue_tsv(path, cfg, bad):
-    """GLUE .tsv -> records keyed by the header row, or by column number ("0", "1", ...) when --text_fields are
-    numbers (CoLA has no header). A row whose number of columns differs from the header's is skipped."""
-    numbered = cfg.text_fields.split(",")[0].strip().isdigit()
-    header, recs, skipped = None, [], bad.counts().get("not UTF-8", 0)
-    for where, line in formats.read_lines(path, bad):
-        row = next(csv.reader([line.rstrip("\r\n")], delimiter="\t", quoting=csv.QUOTE_NONE))
-        if numbered:
-            recs.append(dict({str(j): v for j, v in enumerate(row)}, where=where))
-        elif header is None:
-            if bad.counts().get("not UTF-8", 0) != skipped:  # the header itself was skipped: no row can be read
-                raise SystemExit(f"error: {path}: the header row is not UTF-8 (see the warning above)")
-            header = row
-        elif len(row) != len(header):
-            bad.report("malformed record", where, f"{len(row)} columns, the header has {len(header)}")
-        else:
-            recs.append(dict(zip(header, row), where=where))
-    return recs
-
-
-def task_file(cfg, split):
-    """--train_file or --test_file; by default DATA_DIR/downstream/TASK_{train,test}.jsonl."""
-    given = cfg.train_file if split == "train" else cfg.test_file
-    return given or os.path.join(cfg.data_dir, "downstream", f"{cfg.task}_{split}.jsonl")
+# Task data: both splits read and checked (lib/formats.py, "Task files"), each record -> a sample
 
 
 def splits(cfg, env, need_train=True):
@@ -341,159 +256,6 @@ def splits(cfg, env, need_train=True):
         path = next((p for p in image_paths(r) if verdicts[p]), None)
         return None if path is None else ("unreadable image", f"{path}: {verdicts[path]}")
     return usable(tr, unreadable, bad, "train"), usable(te, unreadable, bad, "test"), bad
-
-
-def image_paths(r):
-    """The image files a task record names ("images", or "image"; read_task_file made them absolute)."""
-    return r["images"] if "images" in r else [r["image"]] if "image" in r else []
-
-
-def usable(records, problem, bad, split):
-    """The records for which problem(record) is None. Each other one is reported to `bad` with the
-    (kind, message) that problem returns, and skipped; a split left without records is an error."""
-    out = []
-    for r in records:
-        p = problem(r)
-        if p is None:
-            out.append(r)
-        else:
-            bad.report(p[0], r["where"], p[1])
-    if records and not out:
-        raise SystemExit(f"error: no usable {split} record: each was skipped as bad input (see the warnings)")
-    return out
-
-
-def image_problem(r):
-    """(kind, message) when a record names no image, else None (read_task_file checks the paths it names)."""
-    return None if "image" in r else ("malformed record", "no 'image' field")
-
-
-def text_problem(r, key):
-    """(kind, message) when r[key] is not a non-empty string, else None."""
-    if key not in r:
-        return "malformed record", f"no '{key}' field"
-    if not isinstance(r[key], str):
-        return "malformed record", f"{key} is {formats.type_of(r[key])}, not a string"
-    return ("empty text", f"{key} is empty") if not r[key].strip() else None
-
-
-def label_problem(r, key, numeric, labels=None):
-    """(kind, message) when r[key] is no label of the split's kind (numbers, or class names when `numeric` is
-    False), else None: one "abc" among integer labels is a typo, not a new class. Given the task's class list
-    (label_vocab), a number is checked against it too ("bad label"): a class index is an integer in 0..C-1, so
-    1.5, -5, 100000000 and 1e308 are skipped; a regression target (labels []) is any finite number."""
-    if key not in r:
-        return "malformed record", f"no '{key}' field"
-    v = r[key]
-    if v is None or isinstance(v, (list, dict)):
-        return "malformed record", f"{key} is {formats.type_of(v)}, not a label"
-    if not str(v).strip():
-        return "malformed record", f"{key} is empty"
-    x = label_value(v)
-    if isinstance(x, str) == numeric:
-        return "malformed record", f"{key} {v!r} is {'not a number' if numeric else 'a number'}, " \
-                                   f"unlike most labels of the training split"
-    if labels is None or isinstance(x, str):
-        return None
-    if not labels:
-        return None if math.isfinite(x) else ("bad label", f"{key} {v!r} is not a finite number")
-    if not integral(x):
-        return "bad label", f"{key} {v!r} is not a class index (an integer; --num_labels=1 regresses)"
-    if not 0 <= x < len(labels):
-        return "bad label", f"{key} {v!r} is outside the classes 0..{len(labels) - 1} (--num_labels sets them)"
-    return None
-
-
-def numeric_labels(records, key, labels=None):
-    """Whether a task's labels are numbers (class indices, scores) or class names: the kind of the saved class
-    list (a fine-tuned checkpoint) or of most training labels."""
-    if labels is not None:
-        return all(isinstance(c, int) for c in labels)  # [] = regression: numbers
-    names = sum(isinstance(label_value(r[key]), str) for r in records if key in r)
-    return 2 * names <= len(records)
-
-
-def answer_votes(r):
-    """A VQA record's answers -> (list of answers, lower-cased, one per annotator; None) or (None, what is wrong).
-    "answers": a list of strings, or VQAv2's list of {"answer", ...}; "answer": a string, or ALBEF's list of
-    strings (the annotators' votes)."""
-    key = "answers" if "answers" in r else "answer" if "answer" in r else None
-    if key is None:
-        return None, "no 'answer' or 'answers' field"
-    v = r[key]
-    votes = []
-    for j, a in enumerate(v if isinstance(v, list) else [v]):
-        a = a["answer"] if isinstance(a, dict) and "answer" in a else a  # VQAv2: {"answer", "answer_confidence"}
-        name = f"{key}[{j}]" if isinstance(v, list) else key
-        if not isinstance(a, str):
-            return None, f"{name} is {formats.type_of(a)}, not a string (or a list of strings)"
-        if not a.strip():
-            return None, f"{name} is empty"
-        votes.append(a.strip().lower())
-    return (votes, None) if votes else (None, f"{key} is an empty list")
-
-
-def write_vqa_results(path, records, predicted):
-    """The results file of the official VQA evaluation server: a JSON list [{"question_id", "answer"}], one item
-    per test question in order, predicted[i] answering records[i]. question_id is the record's own (VQAv2's and
-    ALBEF's "question_id"); a record without one gets its file:line ("where")."""
-    rows = [{"question_id": r.get("question_id", r["where"]), "answer": a} for r, a in zip(records, predicted)]
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(rows, f)
-
-
-def label_value(v):
-    """A label as an int (ints, bools, "true"/"false", "3"), a float ("3.8": a score to regress) or a class name."""
-    s = str(v).strip()
-    if s.lower() in ("true", "false"):
-        return int(s.lower() == "true")
-    for typ in (int, float):
-        try:
-            return typ(s)
-        except ValueError:
-            pass
-    return s
-
-
-def integral(x):
-    """Whether a number (label_value) is a whole one: 3, 3.0 and 1e308 are; 3.5, inf and nan are not."""
-    return isinstance(x, int) or isinstance(x, float) and x.is_integer()
-
-
-def label_vocab(values, num_labels=0, regression=True, source="the training split"):
-    """The class list of a training split's labels (label_value'd, all of the split's kind). Class names: the
-    sorted names. Numbers: [] = regression (if the task allows it) with --num_labels=1, or without --num_labels
-    when most labels have a fraction (STS-B's 3.8), so one 1.5 among integers is a bad label, not a switch to
-    regression; else the class indices range(C), C = --num_labels or class_count(values). Integer labels that
-    form no class range stop the run (`source`: the file, for the message)."""
-    if not all(isinstance(v, (int, float)) for v in values):
-        return sorted({str(v) for v in values})
-    fractions = sum(not integral(v) for v in values)
-    if regression and (num_labels == 1 or not num_labels and 2 * fractions > len(values)):
-        return []
-    C = num_labels or class_count(values)
-    if not C:
-        ints = sorted({int(v) for v in values if integral(v)})
-        shown = ", ".join(map(str, ints[:5])) + (", ..." if len(ints) > 5 else "") or "none"
-        raise SystemExit(f"error: {source}: no range of class indices 0..C-1 is half in use by its integer labels "
-                         f"({shown}); declare C with --num_labels")
-    return list(range(C))
-
-
-def class_count(values):
-    """C of the class indices 0..C-1 that integer training labels imply: the largest C such that at least half
-    of 0, ..., C-1 occur among them (0 if none). One outlier cannot inflate it: 0, 1, 2 and 100000000 give C = 3,
-    and 100000000 is a bad label (C is at most twice the number of distinct labels)."""
-    seen = sorted({int(v) for v in values if integral(v) and v >= 0})
-    return max((c + 1 for j, c in enumerate(seen, 1) if c + 1 <= 2 * j), default=0)
-
-
-def label_index(v, labels):
-    """A label's class index (-1 if never seen in training: always wrong), or the value itself for regression."""
-    if not labels:
-        return float(v)
-    v = int(v) if isinstance(v, (int, float)) else str(v)
-    return labels.index(v) if v in labels else -1
 
 
 class Examples(Dataset):

@@ -137,7 +137,7 @@ def test_karpathy_json_and_image_root(toy, tmp_path):
     path.write_text(json.dumps({"images": items, "dataset": "coco"}))
     cfg, _ = finetune.parse_args([f"--image_root={toy}"])
     bad = formats.BadInput(verbose=False)
-    test, tr = finetune.read_task_file(str(path), "test", cfg, bad), finetune.read_task_file(str(path), "train", cfg, bad)
+    test, tr = formats.read_task_file(str(path), "test", cfg, bad), formats.read_task_file(str(path), "train", cfg, bad)
     assert len(test) == 3 and len(tr) == 2 and test[1]["caption"] == ["caption 1", "another 1"]
     assert test[0]["image"] == os.path.abspath(os.path.join(toy, "img", "test_00000.png")) and bad.counts() == {}
 

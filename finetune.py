@@ -762,13 +762,10 @@ def run_attention(cfg, env, out):
     if not cfg.caption:
         raise SystemExit("error: --task attention needs --caption as well as --image")
     xfm = build_model(cfg, env, None, None).xfm
-    ids = torch.tensor([env.tok.encode(cfg.caption, cfg.text_len)], device=env.device)  # (1, T)
-    image = image_tensor(cfg.image, cfg.image_size)[None].to(env.device)  # (1, 3, S, S)
-    maps = pictures.cross_attention_maps(xfm, ids, torch.ones_like(ids), image)
-    words = [env.tok.hf.id_to_token(i).replace("\u0120", "") for i in ids[0].tolist()]  # byte-level BPE: Ġ = space
     path = os.path.join(out, "attention.png")
-    pictures.render_attention([m.cpu() for m in maps], words, formats.load_image(cfg.image), xfm.cfg.grid, path)
-    env.print0(f"wrote {path}: {len(maps)} layers x {len(words)} tokens for {cfg.image}, {cfg.caption!r}")
+    layers, words = pictures.attention_picture(xfm, env.tok, cfg.caption, cfg.image, cfg.image_size, cfg.text_len,
+                                               env.device, path)
+    env.print0(f"wrote {path}: {layers} layers x {words} tokens for {cfg.image}, {cfg.caption!r}")
     return dict(report("picture", 0.0, path), train_loss=[], epochs=0, steps=0)
 
 

@@ -52,7 +52,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 from tqdm import tqdm
 
@@ -60,9 +59,9 @@ from lib import cli
 import data
 from lib import tokenizer
 from lib import formats
-from lib.formats import (answer_votes, image_paths, image_problem, label_index, label_problem, label_value,
-                         label_vocab, numeric_labels, read_task_file, task_file, text_problem, usable,
-                         write_vqa_results)
+from lib.formats import (answer_votes, grounding_problem, image_paths, image_problem, label_index, label_problem,
+                         label_value, label_vocab, nlvr_problem, numeric_labels, read_task_file, task_file,
+                         text_fields, text_problem, usable, vqa_problem, write_vqa_results)
 import flava
 import losses
 from lib import pretrained
@@ -462,13 +461,7 @@ def fit(cfg, env, model, train_set, evaluate, out, meta):
 def run_textcls(cfg, env, out):
     """GLUE style, single sentences or pairs: the language encoder alone (no fusion), a head on <s>."""
     tr, te, bad = splits(cfg, env)
-    guesses = (("sentence1", "sentence2"), ("question", "sentence"), ("question1", "question2"),
-               ("#1 String", "#2 String"), ("premise", "hypothesis"), ("sentence", None), ("text", None))
-    names = [s.strip() for s in cfg.text_fields.split(",")] if cfg.text_fields else \
-        next(([n for n in g if n] for g in guesses if all(n is None or n in tr[0] for n in g)), None)
-    label_key = cfg.label_field or next((k for k in ("label", "score", "gold_label", "Quality") if k in tr[0]), None)
-    if not names or label_key is None:
-        raise SystemExit(f"error: which of {sorted(tr[0])} hold the text and the label? (--text_fields, --label_field)")
+    names, label_key = text_fields(tr[0], cfg.text_fields, cfg.label_field)
     numeric = numeric_labels(tr, label_key, env.meta["labels"] if env.meta else None)
 
     def problem(r, labels=None):  # every text field a non-empty string, the label of the training labels' kind
@@ -561,12 +554,7 @@ def run_vqa(cfg, env, out):
     fixed answer list, docs/METHOD.md §7.2.) The evaluation writes OUT/vqa_results.json (write_vqa_results); a
     test question without an answer field (VQAv2 test-dev) is predicted for that file and not scored."""
     tr, te, bad = splits(cfg, env)
-
-    def problem(r, need_answer=True):
-        why = answer_votes(r)[1] if need_answer or "answer" in r or "answers" in r else None
-        return image_problem(r) or text_problem(r, "question") or (("malformed record", why) if why else None)
-
-    tr, te = usable(tr, problem, bad, "train"), usable(te, lambda r: problem(r, need_answer=False), bad, "test")
+    tr, te = usable(tr, vqa_problem, bad, "train"), usable(te, lambda r: vqa_problem(r, need_answer=False), bad, "test")
     given = lambda r: answer_votes(r)[0] or []  # noqa: E731  (a test question without answers: [])
     counts = Counter(a for r in tr for a in given(r))
     answers = env.meta["answers"] if env.meta else sorted(counts, key=lambda a: (-counts[a], a))  # most frequent first
@@ -609,17 +597,7 @@ def run_vqa(cfg, env, out):
 def run_nlvr(cfg, env, out):
     """NLVR2: the statement fused with each image by the same fusion encoder; the two [CLS] concatenated."""
     tr, te, bad = splits(cfg, env)
-
-    def problem(r):
-        if not isinstance(r.get("images"), list) or len(r["images"]) != 2:
-            return "malformed record", "needs 'images': [left, right]"
-        if "label" not in r:
-            return "malformed record", "no 'label' field"
-        if label_value(r["label"]) not in (0, 1):
-            return "malformed record", f"label {r['label']!r} is not true/false or 1/0"
-        return text_problem(r, "sentence")
-
-    tr, te = usable(tr, problem, bad, "train"), usable(te, problem, bad, "test")
+    tr, te = usable(tr, nlvr_problem, bad, "train"), usable(te, nlvr_problem, bad, "test")
 
     def make(r):
         return {"image": torch.stack([image_tensor(p, cfg.image_size) for p in r["images"]]),  # (2, 3, S, S)
@@ -701,22 +679,7 @@ def run_grounding(cfg, env, out):
     """RefCOCO style: the pre-trained box head (+ sigmoid) on the fusion [CLS] of (phrase, full image), trained
     with L1 + GIoU (losses.bbox_loss); a prediction is right when its IoU with the box is >= 0.5."""
     tr, te, bad = splits(cfg, env)
-
-    def problem(r):
-        phrase = "phrase" if "phrase" in r else "text"
-        box = "box" if "box" in r else "bbox"
-        p = image_problem(r) or text_problem(r, phrase)
-        if p or box not in r:
-            return p or ("malformed record", "no 'box' or 'bbox' field")
-        try:  # the box is checked against the image size; opening reads only the header
-            with Image.open(r["image"]) as im:
-                W, H = im.size
-        except Exception as e:
-            return "unreadable image", f"{r['image']}: {e}"
-        why = formats.box_problem(r[box], W, H)
-        return ("bad box", why) if why else None
-
-    tr, te = usable(tr, problem, bad, "train"), usable(te, problem, bad, "test")
+    tr, te = usable(tr, grounding_problem, bad, "train"), usable(te, grounding_problem, bad, "test")
 
     def make(r):
         img = formats.load_image(r["image"])

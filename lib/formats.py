@@ -821,6 +821,55 @@ def answer_votes(r):
     return (votes, None) if votes else (None, f"{key} is an empty list")
 
 
+def text_fields(rec, text_fields="", label_field=""):
+    """textcls: the names of the text fields (one, or two for a pair) and of the label field of a training record
+    -> (names, label key): --text_fields, else the first GLUE-style pair or single field that rec has; --label_field,
+    else the first of label, score, gold_label, Quality. Neither found stops the run with one line."""
+    guesses = (("sentence1", "sentence2"), ("question", "sentence"), ("question1", "question2"),
+               ("#1 String", "#2 String"), ("premise", "hypothesis"), ("sentence", None), ("text", None))
+    names = [s.strip() for s in text_fields.split(",")] if text_fields else \
+        next(([n for n in g if n] for g in guesses if all(n is None or n in rec for n in g)), None)
+    label_key = label_field or next((k for k in ("label", "score", "gold_label", "Quality") if k in rec), None)
+    if not names or label_key is None:
+        raise SystemExit(f"error: which of {sorted(rec)} hold the text and the label? (--text_fields, --label_field)")
+    return names, label_key
+
+
+def vqa_problem(r, need_answer=True):
+    """vqa: (kind, message) when a record has no image, no question or no well-formed answers (answer_votes),
+    else None. A test question (need_answer False) may have no answer field: it is predicted, not scored."""
+    why = answer_votes(r)[1] if need_answer or "answer" in r or "answers" in r else None
+    return image_problem(r) or text_problem(r, "question") or (("malformed record", why) if why else None)
+
+
+def nlvr_problem(r):
+    """nlvr: (kind, message) unless a record has two images, a true/false label and a sentence, else None."""
+    if not isinstance(r.get("images"), list) or len(r["images"]) != 2:
+        return "malformed record", "needs 'images': [left, right]"
+    if "label" not in r:
+        return "malformed record", "no 'label' field"
+    if label_value(r["label"]) not in (0, 1):
+        return "malformed record", f"label {r['label']!r} is not true/false or 1/0"
+    return text_problem(r, "sentence")
+
+
+def grounding_problem(r):
+    """grounding: (kind, message) unless a record has an image, a phrase ("phrase" or "text") and a box ("box" or
+    "bbox", [x, y, w, h] in pixels) with some area inside the image (box_problem), else None."""
+    phrase = "phrase" if "phrase" in r else "text"
+    box = "box" if "box" in r else "bbox"
+    p = image_problem(r) or text_problem(r, phrase)
+    if p or box not in r:
+        return p or ("malformed record", "no 'box' or 'bbox' field")
+    try:  # the box is checked against the image size; opening reads only the header
+        with Image.open(r["image"]) as im:
+            W, H = im.size
+    except Exception as e:
+        return "unreadable image", f"{r['image']}: {e}"
+    why = box_problem(r[box], W, H)
+    return ("bad box", why) if why else None
+
+
 def write_vqa_results(path, records, predicted):
     """The results file of the official VQA evaluation server: a JSON list [{"question_id", "answer"}], one item
     per test question in order, predicted[i] answering records[i]. question_id is the record's own (VQAv2's and

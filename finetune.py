@@ -59,9 +59,9 @@ from lib import cli
 import data
 from lib import tokenizer
 from lib import formats
-from lib.formats import (answer_votes, grounding_problem, image_paths, image_problem, label_index, label_problem,
-                         label_value, label_vocab, nlvr_problem, numeric_labels, read_task_file, task_file,
-                         text_fields, text_problem, usable, vqa_problem, write_vqa_results)
+from lib.formats import (answer_votes, grounding_problem, image_paths, image_problem, label_index, label_value,
+                         labeled_splits, nlvr_problem, read_task_file, task_file, text_fields, text_problem, usable,
+                         vqa_problem, write_vqa_results)
 import flava
 import losses
 from lib import pretrained
@@ -462,17 +462,9 @@ def run_textcls(cfg, env, out):
     """GLUE style, single sentences or pairs: the language encoder alone (no fusion), a head on <s>."""
     tr, te, bad = splits(cfg, env)
     names, label_key = text_fields(tr[0], cfg.text_fields, cfg.label_field)
-    numeric = numeric_labels(tr, label_key, env.meta["labels"] if env.meta else None)
-
-    def problem(r, labels=None):  # every text field a non-empty string, the label of the training labels' kind
-        found = [text_problem(r, n) for n in names] + [label_problem(r, label_key, numeric, labels)]
-        return next((p for p in found if p), None)
-
-    tr = usable(tr, problem, bad, "train")  # the classes come from the labels of the split's kind
-    values = [label_value(r[label_key]) for r in tr]
-    labels = env.meta["labels"] if env.meta else label_vocab(values, cfg.num_labels, source=task_file(cfg, "train"))
-    checked = lambda r: problem(r, labels)  # noqa: E731  (and the label against the classes)
-    tr, te = usable(tr, checked, bad, "train"), usable(te, checked, bad, "test")
+    texts = lambda r: next((p for p in (text_problem(r, n) for n in names) if p), None)  # noqa: E731
+    tr, te, labels = labeled_splits(tr, te, label_key, texts, bad, env.meta["labels"] if env.meta else None,
+                                    cfg.num_labels, source=task_file(cfg, "train"))
     C = len(labels) or 1                                                   # one output = regression
 
     def make(r):
@@ -515,14 +507,8 @@ def run_imgcls(cfg, env, out):
     if cfg.num_labels == 1:
         raise SystemExit("error: --num_labels=1 makes textcls a regression; imgcls classifies (2 classes or more)")
     tr, te, bad = splits(cfg, env)
-    numeric = numeric_labels(tr, "label", env.meta["labels"] if env.meta else None)
-    problem = lambda r, labels=None: image_problem(r) or label_problem(r, "label", numeric, labels)  # noqa: E731
-    tr = usable(tr, problem, bad, "train")  # the classes come from the labels of the split's kind
-    values = [label_value(r["label"]) for r in tr]
-    labels = env.meta["labels"] if env.meta else \
-        label_vocab(values, cfg.num_labels, regression=False, source=task_file(cfg, "train"))
-    checked = lambda r: problem(r, labels)  # noqa: E731  (and the label against the classes)
-    tr, te = usable(tr, checked, bad, "train"), usable(te, checked, bad, "test")
+    tr, te, labels = labeled_splits(tr, te, "label", image_problem, bad, env.meta["labels"] if env.meta else None,
+                                    cfg.num_labels, regression=False, source=task_file(cfg, "train"))
     linear, D = cfg.probe == "linear", env.mcfg.width
 
     def make(r):

@@ -925,6 +925,24 @@ def class_count(values):
     return max((c + 1 for j, c in enumerate(seen, 1) if c + 1 <= 2 * j), default=0)
 
 
+def labeled_splits(tr, te, key, fields_problem, bad, saved=None, num_labels=0, regression=True,
+                   source="the training split"):
+    """The records of a classification task's two splits (label field `key`) that pass fields_problem (the
+    other fields) and label_problem, and its class list -> (train, test, labels). The classes are `saved` (a
+    fine-tuned checkpoint's) or label_vocab of the training labels of the split's kind (numeric_labels); then
+    every label is checked against them too (a bad label is skipped)."""
+    numeric = numeric_labels(tr, key, saved)
+
+    def problem(r, labels=None):
+        return fields_problem(r) or label_problem(r, key, numeric, labels)
+
+    tr = usable(tr, problem, bad, "train")  # the classes come from the labels of the split's kind
+    labels = saved if saved is not None else \
+        label_vocab([label_value(r[key]) for r in tr], num_labels, regression, source)
+    checked = lambda r: problem(r, labels)  # noqa: E731  (and the label against the classes)
+    return usable(tr, checked, bad, "train"), usable(te, checked, bad, "test"), labels
+
+
 def label_index(v, labels):
     """A label's class index (-1 if never seen in training: always wrong), or the value itself for regression."""
     if not labels:

@@ -66,6 +66,7 @@ import flava
 import losses
 from lib import pretrained
 from lib import retrieval
+from lib.retrieval import accuracy, f1_score, matthews, pearson, vqa_score
 from lib import pictures
 from lib import toyworld
 import train
@@ -194,40 +195,7 @@ class Env:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Metrics, in % (checked against hand-computed values in tests/test_finetune.py)
-
-
-def accuracy(pred, y):
-    return float((pred == y).float().mean()) * 100
-
-
-def f1_score(pred, y, positive=1):
-    """Binary F1 of the positive class (GLUE MRPC, QQP): 2 tp / (2 tp + fp + fn)."""
-    tp = float(((pred == positive) & (y == positive)).sum())
-    fp, fn = float(((pred == positive) & (y != positive)).sum()), float(((pred != positive) & (y == positive)).sum())
-    return 200 * tp / max(2 * tp + fp + fn, 1)
-
-
-def matthews(pred, y, num_classes):
-    """Matthews correlation (CoLA) in its multi-class form, from the confusion matrix C (rows true, columns
-    predicted): (c s - t.p) / sqrt((s^2 - p.p)(s^2 - t.t)), c = trace, s = total, t / p = true / predicted counts."""
-    C = torch.zeros(num_classes, num_classes, dtype=torch.float64)
-    C.index_put_((y.long(), pred.long()), torch.ones(len(y), dtype=torch.float64), accumulate=True)
-    t, p, c, s = C.sum(1), C.sum(0), C.trace(), C.sum()
-    den = math.sqrt(float((s * s - p @ p) * (s * s - t @ t)))
-    return float((c * s - t @ p) / den) * 100 if den > 0 else 0.0        # 0 when one side is constant
-
-
-def pearson(x, y):
-    """Pearson correlation (STS-B)."""
-    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
-    return float((x @ y) / (x.norm() * y.norm()).clamp(min=1e-12)) * 100
-
-
-def vqa_score(pred, answers):
-    """VQA score of one predicted answer (a fraction): min(1, #annotators who gave it / 3) for several answers
-    (the usual simplification of the official average over 10-choose-9 subsets); plain accuracy for one."""
-    return min(1.0, answers.count(pred) / 3) if len(answers) > 1 else float(pred == answers[0])
+# A task's report (its metrics, in %: lib/retrieval.py, "Metrics of the other tasks")
 
 
 def report(metric, value, summary=None, key=None, **metrics):

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 from tqdm import tqdm
 
+from lib import runlog
 from lib import cli
 import data
 from lib import tokenizer
@@ -782,16 +783,7 @@ def run_all(cfg, given, env):
     run_task(replace(cfg, task="attention"), {"task": "attention"}, env)  # the pre-trained model's attention maps
     out = cfg.out_dir or os.path.join(env.run_dir, "finetune")
     if env.master:
-        tc = env.ckpt.get("train_config") or {}
-        lines = [f"Toy benchmark of `{cfg.init}` (model {tc.get('config', '?')}, pre-trained "
-                 f"{env.ckpt.get('step', '?')} steps); results in %, time = fine-tuning + evaluation.", "",
-                 "| task | metric | result | time (s) | command |", "|---|---|---|---|---|"]
-        lines += [f"| {n} | {r['metric']} | {r['summary']} | {r['wall_s']:.0f} | `{c}` |" for n, r, c in rows]
-        with open(os.path.join(out, "benchmark.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-        with open(os.path.join(out, "benchmark.json"), "w") as f:
-            json.dump([dict(r, name=n, command=c) for n, r, c in rows], f, indent=1)
-        print("\n" + "\n".join(lines) + f"\n\nwritten to {out}/benchmark.md")
+        runlog.write_benchmark(out, rows, cfg.init, env.ckpt)
     return rows
 
 

@@ -67,6 +67,22 @@ def print_summary(history, final, cfg, bad):
         print("bad input skipped: " + bad.summary())
 
 
+def write_benchmark(out, rows, init, ckpt):
+    """finetune.py --task all: the toy suite as OUT/benchmark.md (a Markdown table, printed too) and
+    OUT/benchmark.json, one row per (run name, its report, its command); ckpt is the pre-trained checkpoint
+    `init`, whose model and steps the table's first line names."""
+    tc = ckpt.get("train_config") or {}
+    lines = [f"Toy benchmark of `{init}` (model {tc.get('config', '?')}, pre-trained "
+             f"{ckpt.get('step', '?')} steps); results in %, time = fine-tuning + evaluation.", "",
+             "| task | metric | result | time (s) | command |", "|---|---|---|---|---|"]
+    lines += [f"| {n} | {r['metric']} | {r['summary']} | {r['wall_s']:.0f} | `{c}` |" for n, r, c in rows]
+    with open(os.path.join(out, "benchmark.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "benchmark.json"), "w") as f:
+        json.dump([dict(r, name=n, command=c) for n, r, c in rows], f, indent=1)
+    print("\n" + "\n".join(lines) + f"\n\nwritten to {out}/benchmark.md")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The run folder: which files make a run, the lock that keeps a second process out, and the log after a crash
 

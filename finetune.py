@@ -72,7 +72,7 @@ from lib import pictures
 from lib import toyworld
 import train
 from lib import runtime
-from model import XFM, build_mlp, make_config, resize_rel_pos
+from model import build_mlp, resize_rel_pos
 
 # ---------------------------------------------------------------------------------------------------------
 # Config, and Env: what every task reads besides it
@@ -163,7 +163,7 @@ def run_name(cfg, finetuned):
 class Env:
     """What every task reads besides its FinetuneConfig (load_init makes it once per run)."""
     ckpt: dict                  # --init's checkpoint (train.py's, or this script's with "task" and "meta"), or
-                                # the one from_pretrained_encoders makes
+                                # the one pretrained.from_pretrained_encoders makes
     tok: tokenizer.Tokenizer         # its tokenizer, the same on every rank
     run_dir: str                # --init's folder (public encoders: --out_dir or runs/from_pretrained); a
                                 # pre-trained checkpoint's tasks write to RUN_DIR/finetune/NAME by default
@@ -695,21 +695,6 @@ RUNNERS = {"textcls": run_textcls, "imgcls": run_imgcls, "vqa": run_vqa, "nlvr":
            "retrieval": run_retrieval, "grounding": run_grounding, "attention": run_attention}
 
 
-def from_pretrained_encoders(cfg, tok, master):
-    """A stand-in for a train.py checkpoint: the --preset model with the language encoder (+ MLM head) from
-    --init_text and the vision encoder from --init_vision (lib/pretrained.py); fusion encoder and heads are fresh."""
-    base = make_config(cfg.preset, vocab_size=tok.vocab_size, pad_id=tok.pad_id, max_text_len=cfg.text_len or 1)
-    mcfg = pretrained.model_config(cfg, base, tok)
-    torch.manual_seed(cfg.seed)  # the same init on every rank
-    model = XFM(mcfg)
-    for path, load in ((cfg.init_text, pretrained.load_text), (cfg.init_vision, pretrained.load_vision)):
-        if path:
-            rep = load(model, path)
-            if master:
-                print(rep, flush=True)
-    return {"model": model.state_dict(), "model_config": asdict(mcfg), "step": 0}
-
-
 def load_init(cfg, ddp, rank, world, device):
     """What every task needs (an Env): the --init checkpoint and its kind (pre-trained by train.py or fine-tuned
     here), its tokenizer, the (distributed) device, autocast and the GradScaler. A file that is not what it should
@@ -730,7 +715,7 @@ def load_init(cfg, ddp, rank, world, device):
         return tokenizer.Tokenizer.load(tok_path).to_json()
     tok = tokenizer.Tokenizer.from_json(runtime.rank0_shares(read_tokenizer, ddp, rank))
     if not cfg.init:
-        ckpt = from_pretrained_encoders(cfg, tok, rank == 0)
+        ckpt = pretrained.from_pretrained_encoders(cfg, tok, rank == 0)
     autocast, scaler, _ = runtime.amp_setup(cfg.amp, device)
     return Env(ckpt=ckpt, tok=tok, run_dir=run_dir, mcfg=flava.config_from_dict(ckpt["model_config"]), ddp=ddp,
                rank=rank, world=world, device=device, autocast=autocast, scaler=scaler,

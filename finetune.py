@@ -61,8 +61,8 @@ import data
 from lib import tokenizer
 from lib import formats
 from lib.formats import (answer_votes, grounding_problem, image_paths, image_problem, label_index, label_value,
-                         labeled_splits, nlvr_problem, read_task_file, task_file, text_fields, text_problem, usable,
-                         vqa_problem, write_vqa_results)
+                         labeled_splits, first_pair, nlvr_problem, read_task_file, task_file, text_fields,
+                         text_problem, usable, vqa_problem, write_test_pairs, write_vqa_results)
 import flava
 import losses
 from lib import pretrained
@@ -590,10 +590,9 @@ def run_retrieval(cfg, env, out):
     te = [dict(r, caption=c) for r in te if (c := formats.captions_of(r, r["where"], bad))]
     if not te:
         raise SystemExit("error: no usable test record: each was skipped as bad input (see the warnings)")
-    test_path = os.path.join(out, "retrieval_test.jsonl")  # absolute image paths, the format retrieval.load_retrieval_set reads
+    test_path = os.path.join(out, "retrieval_test.jsonl")  # the checked test records, for retrieval.load_retrieval_set
     if env.master:
-        with open(test_path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps({"image": r["image"], "caption": r["caption"]}) + "\n" for r in te)
+        write_test_pairs(test_path, te)
     tr, img_ids = [], {}
     for r in tr_recs:  # one example per caption; the same image file -> the same id
         for c in r["caption"]:
@@ -673,10 +672,8 @@ def run_grounding(cfg, env, out):
 def run_attention(cfg, env, out):
     """Cross-attention heatmaps for one (image, caption): --image and --caption, or the first toy test pair."""
     if not cfg.image:
-        quiet = formats.BadInput(verbose=False)
-        first = read_task_file(os.path.join(cfg.data_dir, "downstream", "retrieval_test.jsonl"), "test", cfg, quiet)[0]
-        caps = formats.captions_of(first, first["where"], quiet) or [""]
-        cfg = replace(cfg, image=first["image"], caption=cfg.caption or caps[0])
+        image, caption = first_pair(os.path.join(cfg.data_dir, "downstream", "retrieval_test.jsonl"), cfg)
+        cfg = replace(cfg, image=image, caption=cfg.caption or caption)
     if not cfg.caption:
         raise SystemExit("error: --task attention needs --caption as well as --image")
     xfm = build_model(cfg, env, None, None).xfm

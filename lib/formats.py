@@ -879,6 +879,22 @@ def write_vqa_results(path, records, predicted):
         json.dump(rows, f)
 
 
+def write_test_pairs(path, records):
+    """Checked retrieval records (absolute image paths, "caption" a list) as a pairs_test.jsonl file, the format
+    parse_test_pairs reads: {"image", "caption"} per line."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"image": r["image"], "caption": r["caption"]}) + "\n" for r in records)
+
+
+def first_pair(path, cfg):
+    """The image and first caption of a retrieval task file's first usable record ("" if it has no caption),
+    read quietly (a bad record is skipped without a warning) -> (image path, caption)."""
+    quiet = BadInput(verbose=False)
+    first = read_task_file(path, "test", cfg, quiet)[0]
+    caps = captions_of(first, first["where"], quiet) or [""]
+    return first["image"], caps[0]
+
+
 def label_value(v):
     """A label as an int (ints, bools, "true"/"false", "3"), a float ("3.8": a score to regress) or a class name."""
     s = str(v).strip()

@@ -32,8 +32,9 @@ evaluation server's [{"question_id", "answer"}]), attention writes attention.png
 
 Before any training both splits are checked: every image a task file names is decoded once (a record with one
 that does not decode is skipped and counted, "unreadable image"), and every label is checked against the task's
-classes (a "bad label" is skipped and counted: label_problem, label_vocab; docs/FINETUNING.md, "Checked before
-training"). --strict makes each an error.
+classes (a "bad label" is skipped and counted: formats.label_problem, formats.label_vocab; docs/FINETUNING.md,
+"Checked before training"). --strict makes each an error. lib/formats.py ("Task files") reads the task files and
+holds the rules each task's records must meet.
 
 A FLAVA checkpoint (train.py --recipe=flava) works for every task: the model comes from the checkpoint's config
 (flava.build_model); its [CLS] is CLS_M, its features the final-LN CLS tokens (text_cls / image_cls), its ITC

@@ -47,6 +47,11 @@ MAX_TEXT_CHARS (10,000) characters (not counted: the record stays; check prints 
 every text the tokenizer trains on or encodes. load_image scales 16-bit and float images to 8 bits. check
 --images decodes each image the files name in full, in --workers processes, and reports each that fails
 ("unreadable image"), so a data set can be cleaned before a run.
+
+finetune.py's task files (section "Task files"): read_task_file reads a task's JSONL, JSON list, Karpathy JSON,
+GLUE .tsv or ImageFolder; each task's records must meet the rules there (fields and their types: text_problem,
+vqa_problem, nlvr_problem, grounding_problem; labels and classes: label_problem, label_vocab, labeled_splits),
+and a record that does not is reported to BadInput with its kind (docs/FINETUNING.md, "Checked before training").
 """
 import argparse
 import codecs

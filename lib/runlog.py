@@ -4,6 +4,7 @@ into one metrics.jsonl record (averaged over the ranks), and print_summary print
 losses from the first log to the last, zero-shot retrieval, bad input skipped. The run folder's rules (docs/
 TRAINING.md "The run folder"): a fresh run never writes into a folder that holds a run (claim_fresh), one process
 at a time writes a folder (RunLock), and a resumed run cuts a torn last record off its log (repair_metrics).
+write_benchmark writes the toy benchmark of finetune.py --task all (benchmark.md, benchmark.json).
 """
 import json
 import os

@@ -504,7 +504,7 @@ CATALOGUE = [
     Bug("karpathy_test_as_train", FM, 'return parse_pairs(path, bad, image_root, split="test")',
         "return parse_pairs(path, bad, image_root)", "the held-out pairs are a Karpathy file's test split",
         f"{TFM} -k karpathy_test_split"),
-    Bug("vqa_results_misaligned", "finetune.py", "for r, a in zip(records, predicted)]",
+    Bug("vqa_results_misaligned", FM, "for r, a in zip(records, predicted)]",
         "for r, a in zip(records[1:] + records[:1], predicted)]",
         "the VQA results file pairs each question_id with the answer to that question", f"{TFM} -k vqa_results"),
     # --- tar shards (lib/shards.py): equal batches per rank, exact resume, keyed samples, bad members
@@ -733,13 +733,13 @@ CATALOGUE = [
         "every image of a fine-tuning task file is decoded at start-up; a record with a bad one is skipped",
         f"{TPC}::test_every_task_decodes_its_images_at_start_up "
         f"{TPC}::test_image_folder_images_are_decoded_at_start_up"),
-    Bug("label_range_unchecked", FT, "    if not 0 <= x < len(labels):", "    if False:",
+    Bug("label_range_unchecked", FM, "    if not 0 <= x < len(labels):", "    if False:",
         "a class index outside 0..C-1 (-5, 100000000, 1e308) is a bad label, skipped",
         f"{TPC}::test_classification_labels_outside_the_classes_are_counted_skips"),
-    Bug("label_range_from_the_largest", FT, "if c + 1 <= 2 * j), default=0)", "), default=0)",
+    Bug("label_range_from_the_largest", FM, "if c + 1 <= 2 * j), default=0)", "), default=0)",
         "the inferred classes 0..C-1 have at least half of their indices in use: one outlier adds no classes",
         f"{TPC}::test_the_inferred_class_range_holds_at_least_half_of_its_indices"),
-    Bug("float_label_makes_regression", FT, "2 * fractions > len(values)", "fractions > 0",
+    Bug("float_label_makes_regression", FM, "2 * fractions > len(values)", "fractions > 0",
         "one 1.5 among integer labels is a bad label; regression needs most labels to have a fraction",
         f"{TPC}::test_the_inferred_class_range_holds_at_least_half_of_its_indices"),
     # --- hostile input: weights and exports (lib/pretrained.py's readers, train.load_checkpoint, Tokenizer.load)

@@ -1,17 +1,19 @@
 """
 A walk through X-FM in one printout: a toy batch of every data kind (text, image, pair, region) goes through
 every module of a tiny X-FM, and the script prints the tensor shapes at each stage, every loss, which encoder
-each loss trains (with the stop-gradient on and off) and a check of the MIM target. Seconds on a CPU, no
-downloads, nothing left on disk; the same printout on every run (seed 0, fp32, modest precision).
+each loss trains (with the stop-gradient on and off), a check of the MIM target, and how far one step of the
+vision-language losses alone moves that target. Seconds on a CPU, no downloads, nothing left on disk; the same
+printout on every run (seed 0, fp32, modest precision).
 
     python walkthrough.py                                  # read it beside README's "X-FM in one screen"
     python walkthrough.py > tests/walkthrough_expected.txt # the golden printout tests/test_walkthrough.py compares
 
 The batch is data.py's own (`toy_batch`: its streams on a toy world of a few images in a temporary folder), but
 one batch of an untrained model: the numbers mean nothing about learning; the shapes, the zeros in the gradient
-table and the MIM check are the point.
+table, the MIM check and which MIM target moves are the point.
 docs/METHOD.md §3 quotes this printout. tools/check_setup.py reuses `toy_batch`, `tiny_model` and `one_thread`.
 """
+import copy
 import tempfile
 from contextlib import contextmanager
 
@@ -27,6 +29,7 @@ GROUPS = ("language", "vision", "fusion", "heads")
 LOSS_ORDER = ("mlm", "itc", "itm", "imlm", "mim", "itc_region", "itm_region", "imlm_region", "bbox_l1", "bbox_giou",
               "mim_image")
 VL_LOSSES = ("itm", "imlm", "itm_region", "imlm_region", "bbox_l1", "bbox_giou")  # the losses the detach cuts
+VL_STEP = ("itc", "itm", "imlm")  # a pair batch's vision-language losses: section 12's step, no MIM
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -211,6 +214,35 @@ def mim_check(model, batch):
     return checks
 
 
+def vl_guided_target(model, batch, lr=1e-4):
+    """X-FM's idea 2, measured: the MIM target of the image batch (the vision encoder's output on the unmasked
+    images, with no gradient, as losses.py takes it) before and after ONE plain AdamW step (lr 1e-4, X-FM's
+    official peak lr) on the pair batch's vision-language losses alone (VL_STEP: ITC, ITM, IMLM; no MIM loss), on
+    a copy of the model. The target moves although no MIM loss was taken: the encoder that makes it is the one the
+    vision-language losses train. A pixel target (MAE: each patch's pixels normalised, as losses.pixel_mim_loss
+    takes them) cannot move. Adam's first step moves each weight by about lr whatever its gradient's size, so
+    the number says that the target follows the encoder, not how hard the losses pull.
+    -> {"vl": (before, after), "pixel": (before, after), "change": {target: ||after - before|| / ||before||}}."""
+    model = copy.deepcopy(model)  # the caller's model stays as it is
+    images, p = batch["image"]["image"], model.cfg.patch_size
+
+    def targets():
+        with torch.no_grad():
+            vl = model.encode_image(images)                                # (B, 1+P, D)
+        x = losses.patchify(images, p)                                     # (B, P, 3*p*p)
+        return vl, (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
+
+    before = targets()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    torch.manual_seed(0)  # the hard negatives are drawn
+    out = xfm_losses(model, {"pair": batch["pair"]})                       # also holds "mim": left out
+    sum(out[name] for name in VL_STEP).backward()
+    opt.step()
+    after = targets()
+    change = {k: float((a - b).norm() / b.norm()) for k, b, a in zip(("vl", "pixel"), before, after)}
+    return {"vl": (before[0], after[0]), "pixel": (before[1], after[1]), "change": change}
+
+
 def main():
     with one_thread():
         return walk()
@@ -251,7 +283,14 @@ def walk():
     checks = mim_check(model, batch)
     for name, ok in checks.items():
         print(f"  {name:<62} {ok}")
-    return {"losses": values_on, "on": on, "off": off, "mim": checks}
+    guided = vl_guided_target(model, batch)
+    print(f"12. why the MIM target is vision-language-guided: one AdamW step (lr 1e-4) on {' + '.join(VL_STEP)}")
+    print("  of the pair batch alone, no MIM loss; the image batch's MIM target before and after it")
+    print(f"  {'target':<52} {'||after - before|| / ||before||'}")
+    print(f"  {'X-FM: E_v(unmasked image), detached (losses.py)':<52} {num(guided['change']['vl'])}")
+    print(f"  {'MAE: normalised patch pixels (losses.patchify)':<52} {num(guided['change']['pixel'])}")
+    print("  X-FM's target follows what the encoder learns from the captions; a pixel target never does")
+    return {"losses": values_on, "on": on, "off": off, "mim": checks, "guided": guided, "batch": batch}
 
 
 if __name__ == "__main__":

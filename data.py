@@ -1,41 +1,47 @@
 """
 Data for xfm: the four pre-training streams of X-FM (text, image, image-text pairs, region-text),
 the two masking generators (text MLM and BEiT block-wise MIM) and a sharded resumable sampler
-(docs/METHOD.md §4.1, §5, §11). The tokenizer is lib/tokenizer.py; the synthetic toy world that feeds every
-stream is written by lib/toyworld.py.
+(docs/METHOD.md §4.1, §5, §11). The tokenizer is lib/tokenizer.py; the synthetic toy world that
+feeds every stream is written by lib/toyworld.py.
 
 Run:
     python -m pytest tests/test_data.py -q
 
 The files of a data folder, their formats and the bad-input rules: lib/formats.py.
 
-Batches (tensors, and the ints max_masks, mim_count; T = the longest sequence in the batch, or text_len /
-caption_len with DataConfig.static (train.py --compile); P = (image_size // patch_size) ** 2):
-    text:   ids (B,T) masked ids, att (B,T), labels (B,T) with -100 where not masked       MLM p=0.15, <= 20 masks
+Batches (tensors, and the ints max_masks, mim_count; T = the longest sequence in the batch, or
+text_len / caption_len with DataConfig.static (train.py --compile);
+P = (image_size // patch_size) ** 2):
+    text:   ids (B,T) masked ids, att (B,T), labels (B,T) with -100 where not masked
+            (MLM p=0.15, <= 20 masks)
     image:  image (B,3,S,S), mim_mask (B,P) bool, mim_count (masked patches per image)
-    pair:   image, mim_mask, mim_count, ids/att (unmasked caption), mlm_ids/mlm_labels (p=0.5, <= 15), img_id (B,),
-            itm_label (B,)
-    region: image (B_img,3,S,S) and, per caption slot (N = B_img * slots): img_index, ids, att, mlm_ids,
-            mlm_labels, box (N,4) normalised cx,cy,w,h, is_region, patch_mask (N,P), img_id, valid (N,) (False:
-            an empty slot). No MIM on regions.
-    max_masks (text, pair, region): the most masked positions any row can hold (max_masked), the slots that
-            losses.mlm_loss gives each row, so the loss has fixed shapes (docs/METHOD.md §6.3).
-A collated image, pair or region batch also holds `bad`: the unreadable images passed over while making it, as
-formats.BadInput.found gives them; Stream takes them out and counts each record once (BadInput.once), so a file
-that fails is counted once however often it is drawn, in any DataLoader worker and any epoch.
-Every sample draws its randomness from np.random.default_rng([seed, stream, epoch, index]), so batches do not
-depend on the number of DataLoader workers and a resumed run continues the exact same sequence.
+    pair:   image, mim_mask, mim_count, ids/att (unmasked caption),
+            mlm_ids/mlm_labels (p=0.5, <= 15), img_id (B,), itm_label (B,)
+    region: image (B_img,3,S,S) and, per caption slot (N = B_img * slots): img_index, ids, att,
+            mlm_ids, mlm_labels, box (N,4) normalised cx,cy,w,h, is_region, patch_mask (N,P),
+            img_id, valid (N,) (False: an empty slot). No MIM on regions.
+    max_masks (text, pair, region): the most masked positions any row can hold (max_masked), the
+            slots that losses.mlm_loss gives each row, so the loss has fixed shapes
+            (docs/METHOD.md §6.3).
+A collated image, pair or region batch also holds `bad`: the unreadable images passed over while
+making it, as formats.BadInput.found gives them; Stream takes them out and counts each record once
+(BadInput.once), so a file that fails is counted once however often it is drawn, in any DataLoader
+worker and any epoch.
+Every sample draws its randomness from np.random.default_rng([seed, stream, epoch, index]), so
+batches do not depend on the number of DataLoader workers and a resumed run continues the exact same
+sequence.
 
-Augmentation: random resized crop (scale `crop_scale`) + optional horizontal flip + bicubic resize + CLIP
-normalisation; no RandAugment (our choice). The toy world's captions name positions and left/right relations,
-so for it pass hflip=False (a flip would make "left of" false) and a mild crop_scale such as (0.8, 1.0), or
-(1.0, 1.0) for no crop at all: a crop moves shapes, so "at the top" can become false. crop_scale[0] is also the
-smallest area (fraction of the image) of the box-preserving crop of the region stream.
+Augmentation: random resized crop (scale `crop_scale`) + optional horizontal flip + bicubic resize +
+CLIP normalisation; no RandAugment (our choice). The toy world's captions name positions and
+left/right relations, so for it pass hflip=False (a flip would make "left of" false) and a mild
+crop_scale such as (0.8, 1.0), or (1.0, 1.0) for no crop at all: a crop moves shapes, so "at the
+top" can become false. crop_scale[0] is also the smallest area (fraction of the image) of the
+box-preserving crop of the region stream.
 """
-
 import math
 import sys
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -46,27 +52,41 @@ from lib import formats
 
 CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), dtype=np.float32)
 CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), dtype=np.float32)
-KINDS = ("text", "image", "pair", "region")  # the four streams; the index also salts each stream's rng
+# the four streams; the index also salts each stream's rng
+KINDS = ("text", "image", "pair", "region")
 
 # -----------------------------------------------------------------------------
 # Masking: text MLM (docs/METHOD.md §4.1) and BEiT block-wise MIM (§5.3)
 
 
 def mask_text(ids, tok, prob, max_masks, rng, skipgram_prob=0.2, max_span=3):
-    """MLM corruption. -> (masked ids, labels) with labels = original id where chosen, -100 elsewhere."""
+    """MLM corruption. -> (masked ids, labels) with labels = original id where chosen, -100
+    elsewhere. Masks n = min(max_masks, max(1, round(prob * #candidates))) positions, never more
+    than max_masked(len(ids)) (ValueError otherwise: ids that do not end with </s>)."""
     ids, labels = list(ids), [-100] * len(ids)
-    cand = [i for i, t in enumerate(ids) if i > 0 and t not in tok.special_ids]  # never <s>, </s>, <pad>
+    # never <s>, </s>, <pad>
+    cand = [i for i, t in enumerate(ids) if i > 0 and t not in tok.special_ids]
     if not cand:
         return ids, labels
     n = min(max_masks, max(1, round(len(cand) * prob)))
     cand_set, chosen = set(cand), set()
     while len(chosen) < n:
-        free = [i for i in cand if i not in chosen]  # start at an unchosen position, so each round progresses
+        # start at an unchosen position, so each round progresses
+        free = [i for i in cand if i not in chosen]
         start = free[rng.integers(len(free))]
-        span = int(rng.integers(2, max_span + 1)) if rng.random() < skipgram_prob else 1  # "skipgram": 2-3 tokens
+        # "skipgram": 2-3 tokens
+        span = int(rng.integers(2, max_span + 1)) if rng.random() < skipgram_prob else 1
         for p in range(start, start + span):
             if len(chosen) < n and p in cand_set:
                 chosen.add(p)
+    # the loss gathers a row's masked positions into max_masked(T) slots (losses.mlm_loss),
+    # T >= len(ids): a row with more would lose some silently. Within the bound whenever ids is
+    # <s> ... </s> (tokenizer.encode).
+    bound = max_masked(len(ids), prob, max_masks)
+    if len(chosen) > bound:
+        raise ValueError(f"mask_text masked {len(chosen)} of {len(ids)} positions, more than "
+                         f"max_masked = {bound}, the slots losses.mlm_loss gives a row: ids must "
+                         "start with <s> and end with </s>")
     for p in sorted(chosen):
         labels[p] = ids[p]
         r = rng.random()
@@ -78,18 +98,21 @@ def mask_text(ids, tok, prob, max_masks, rng, skipgram_prob=0.2, max_span=3):
 
 
 def max_masked(T, prob, max_masks):
-    """The most positions mask_text masks in a text of at most T tokens (<s> and </s> are never masked): the
-    fixed number of slots mlm_loss gives each row, so the loss has fixed shapes (losses.mlm_loss)."""
+    """The most positions mask_text masks in a text of at most T tokens (<s> and </s> are never
+    masked): the fixed number of slots mlm_loss gives each row, so the loss has fixed shapes
+    (losses.mlm_loss)."""
     return min(max_masks, max(1, round((T - 2) * prob)))
 
 
 def mim_counts(grid):
-    """(num_masking, min_patches) scaled from BEiT's 75 and 16 of 196: (75, 16) @14, (24, 5) @8, (6, 2) @4."""
+    """(num_masking, min_patches) scaled from BEiT's 75 and 16 of 196:
+    (75, 16) @14, (24, 5) @8, (6, 2) @4."""
     return round(grid * grid * 75 / 196), max(2, round(grid * grid * 16 / 196))
 
 
 def block_mask(grid, num_masking, min_patches, rng, min_aspect=0.3):
-    """BEiT block-wise mask over a grid x grid patch grid -> bool (grid*grid,) with exactly num_masking True."""
+    """BEiT block-wise mask over a grid x grid patch grid -> bool (grid*grid,) with exactly
+    num_masking True."""
     mask = np.zeros((grid, grid), dtype=bool)
     log_ar = (math.log(min_aspect), math.log(1 / min_aspect))
     count = 0
@@ -110,7 +133,7 @@ def block_mask(grid, num_masking, min_patches, rng, min_aspect=0.3):
         if delta == 0:
             break  # no rectangle fits any more
         count += delta
-    # blocks can fall short of the target (rarely overshoot): fix the count with random single patches
+    # blocks can fall short of the target (rarely overshoot): random single patches fix the count
     flat = mask.reshape(-1)
     diff = num_masking - int(flat.sum())
     if diff > 0:
@@ -131,8 +154,8 @@ def to_tensor(img):
 
 
 def random_resized_crop(img, size, rng, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), hflip=True):
-    """torchvision's RandomResizedCrop (bicubic) + optional horizontal flip (p 0.5) + normalise -> (3, size, size).
-    scale=(1, 1) means no crop at all."""
+    """torchvision's RandomResizedCrop (bicubic) + optional horizontal flip (p 0.5) + normalise
+    -> (3, size, size). scale=(1, 1) means no crop at all."""
     W, H = img.size
     box = (0, 0, W, H) if scale[0] >= 1 else None
     for _ in range(10 if box is None else 0):
@@ -143,7 +166,8 @@ def random_resized_crop(img, size, rng, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), 
             x0, y0 = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
             box = (x0, y0, x0 + w, y0 + h)
             break
-    if box is None:  # fallback as in torchvision: the largest central crop with an allowed aspect ratio
+    # fallback as in torchvision: the largest central crop with an allowed aspect ratio
+    if box is None:
         if W / H < ratio[0]:
             w, h = W, int(round(W / ratio[0]))
         elif W / H > ratio[1]:
@@ -163,32 +187,35 @@ def eval_transform(img, size):
 
 
 def crop_boxes(boxes_xywh, crop, min_in=0.5):
-    """Pixel boxes (x, y, w, h) -> normalised (cx, cy, w, h) inside crop = (x0, y0, x1, y1), clipped to it;
-    None for a box with less than min_in of its area left inside the crop."""
+    """Pixel boxes (x, y, w, h) -> normalised (cx, cy, w, h) inside crop = (x0, y0, x1, y1), clipped
+    to it; None for a box with less than min_in of its area left inside the crop."""
     x0, y0, x1, y1 = crop
     cw, ch = x1 - x0, y1 - y0
     out = []
     for bx, by, bw, bh in boxes_xywh:
         # clip to the crop, then shift into its frame
-        l, t, r, b = max(bx, x0) - x0, max(by, y0) - y0, min(bx + bw, x1) - x0, min(by + bh, y1) - y0
+        l, t = max(bx, x0) - x0, max(by, y0) - y0
+        r, b = min(bx + bw, x1) - x0, min(by + bh, y1) - y0
         if r <= l or b <= t or (r - l) * (b - t) < min_in * bw * bh:
             out.append(None)
             continue
-        # the crop is resized to a square, so normalising by its own width and height maps it exactly
+        # the crop is resized to a square: normalising by its own width and height maps it exactly
         out.append(((l + r) / 2 / cw, (t + b) / 2 / ch, (r - l) / cw, (b - t) / ch))
     return out
 
 
 def region_crop(img, boxes_xywh, size, rng, n_keep=None, min_scale=0.0):
-    """X-VLM style box-preserving crop. The crop contains the first n_keep boxes (default all) fully; its
-    edges are drawn uniformly between those boxes and the image border (redrawn up to 10 times until it covers
-    at least min_scale of the image; min_scale >= 1: no crop); then it is resized to size x size.
+    """X-VLM style box-preserving crop. The crop contains the first n_keep boxes (default all)
+    fully; its edges are drawn uniformly between those boxes and the image border (redrawn up to 10
+    times until it covers at least min_scale of the image; min_scale >= 1: no crop); then it is
+    resized to size x size.
     -> (tensor (3, size, size), list of normalised (cx, cy, w, h), None where a box was dropped)."""
     W, H = img.size
     keep = boxes_xywh[: len(boxes_xywh) if n_keep is None else n_keep]
     crop = (0, 0, W, H)  # also the fallback when no drawn crop is large enough
     for _ in range(10 if keep and min_scale < 1 else 0):
-        ux0 = int(math.floor(min(b[0] for b in keep)))  # the union of the kept boxes, in whole pixels
+        # the union of the kept boxes, in whole pixels
+        ux0 = int(math.floor(min(b[0] for b in keep)))
         uy0 = int(math.floor(min(b[1] for b in keep)))
         ux1 = int(math.ceil(max(b[0] + b[2] for b in keep)))
         uy1 = int(math.ceil(max(b[1] + b[3] for b in keep)))
@@ -202,7 +229,8 @@ def region_crop(img, boxes_xywh, size, rng, n_keep=None, min_scale=0.0):
 
 
 def box_patch_mask(box_cxcywh, grid):
-    """bool (grid*grid,): the patches whose cells overlap a normalised (cx, cy, w, h) box; never empty."""
+    """bool (grid*grid,): the patches whose cells overlap a normalised (cx, cy, w, h) box; never
+    empty."""
     cx, cy, w, h = box_cxcywh
     lo = np.arange(grid) / grid  # left/top edge of each cell
     eps = 1e-6  # a box edge lying exactly on a cell border does not touch the next cell
@@ -238,14 +266,18 @@ class DataConfig:
     patch_size: int
     text_len: int = 64              # max tokens of a text-only document
     caption_len: int = 30           # max tokens of a caption (pairs, regions)
-    seed: int = 0                   # with (stream, epoch, index): each sample's own random generator
+    seed: int = 0                   # with (stream, epoch, index): each sample's random generator
     hflip: bool = False             # horizontal flip of the pair and image views
-    crop_scale: tuple = (0.8, 1.0)  # random resized crop; [0] also bounds the region crop's area (1, 1: no crop)
+    # random resized crop; [0] also bounds the region crop's area ((1, 1): no crop)
+    crop_scale: tuple = (0.8, 1.0)
     caption_mask: str = "xfm"       # a CAPTION_MASKING key: how pair captions are masked
-    itm_neg_prob: float = 0.0       # FLAVA: the fraction of pairs whose caption is swapped (ITM negatives)
+    # FLAVA: the fraction of pairs whose caption is swapped (ITM negatives)
+    itm_neg_prob: float = 0.0
     max_regions: int = 5            # region captions sampled per image
-    static: bool = False            # pad every text to text_len and caption to caption_len: one batch shape
-    image_root: str = ""            # image paths are relative to this folder ("": the file's own; formats.image_base)
+    # pad every text to text_len and caption to caption_len: one batch shape
+    static: bool = False
+    # image paths are relative to this folder ("": the file's own; formats.image_base)
+    image_root: str = ""
 
     @property
     def grid(self):
@@ -262,12 +294,14 @@ class _Base(Dataset):
         return len(self.items)
 
     def rng(self, epoch, index):
-        # the sample's own generator: independent of worker count and of what ran before (exact resume)
+        # the sample's own generator, independent of worker count and of earlier samples, so a
+        # resumed run draws exactly what the uninterrupted one drew
         return np.random.default_rng([self.dc.seed, self.salt, epoch, index])
 
     def load(self, index):
-        """-> (j, PIL image, bad): item j is index or, if its image cannot be decoded, the next readable one; bad:
-        the problem of each item passed over (BadInput.found: the batch carries them to the main process)."""
+        """-> (j, PIL image, bad): item j is index or, if its image cannot be decoded, the next
+        readable one; bad: the problem of each item passed over (BadInput.found: the batch carries
+        them to the main process)."""
         n, bad = len(self.items), []
         for k in range(n):
             j = (index + k) % n
@@ -275,8 +309,8 @@ class _Base(Dataset):
             try:
                 return j, formats.load_image(item["image"]), bad
             except Exception as e:
-                bad.append(self.bad.found("unreadable image", item["where"], f"{item['image']}: {e}",
-                                          "replaced by the next sample"))
+                bad.append(self.bad.found("unreadable image", item["where"],
+                                          f"{item['image']}: {e}", "replaced by the next sample"))
         raise RuntimeError("no readable image in the whole dataset")
 
 
@@ -299,27 +333,40 @@ class TextDataset(_Base):
                 "max_masks": max_masked(ids.shape[1], *TEXT_MASKING)}
 
 
+class ImageView(NamedTuple):
+    """One drawn image sample (ImageDataset.image_and_mask)."""
+    j: int                     # the item used: the index asked for, or the next readable one (load)
+    image: torch.Tensor        # (3, S, S) float: cropped, maybe flipped, CLIP-normalised
+    mim_mask: torch.Tensor     # (P,) bool: exactly mim_counts(grid)[0] masked patches
+    bad: list                  # the unreadable images passed over (BadInput.found)
+    rng: np.random.Generator   # the sample's generator: the caller's next draws (captions, masks)
+
+
 class ImageDataset(_Base):
     def __init__(self, items, dc, bad, kind="image"):
         super().__init__(items, kind, dc, bad)
 
     def image_and_mask(self, key):
+        """(index, epoch) -> ImageView: the augmented image and its MIM mask (the sample's rng)."""
         index, epoch = key
         rng = self.rng(epoch, index)
         j, img, bad = self.load(index)
-        x = random_resized_crop(img, self.dc.image_size, rng, scale=self.dc.crop_scale, hflip=self.dc.hflip)
-        # the masked and unmasked MIM views are this same tensor; only the mask differs (docs/METHOD.md §5.3)
+        x = random_resized_crop(img, self.dc.image_size, rng, scale=self.dc.crop_scale,
+                                hflip=self.dc.hflip)
+        # the masked and unmasked MIM views are this same tensor; only the mask differs
+        # (docs/METHOD.md §5.3)
         m = block_mask(self.dc.grid, *mim_counts(self.dc.grid), rng)
-        return j, x, torch.from_numpy(m), bad, rng
+        return ImageView(j, x, torch.from_numpy(m), bad, rng)
 
     def __getitem__(self, key):
-        _, x, m, bad, _ = self.image_and_mask(key)
-        return {"image": x, "mim_mask": m, "bad": bad}
+        v = self.image_and_mask(key)
+        return {"image": v.image, "mim_mask": v.mim_mask, "bad": v.bad}
 
     def collate(self, samples):
         return {"image": torch.stack([s["image"] for s in samples]),  # (B, 3, S, S)
                 "mim_mask": torch.stack([s["mim_mask"] for s in samples]),  # (B, P)
-                "mim_count": mim_counts(self.dc.grid)[0],  # masked patches per image (block_mask: exactly)
+                # masked patches per image (block_mask: exactly)
+                "mim_count": mim_counts(self.dc.grid)[0],
                 "bad": [p for s in samples for p in s["bad"]]}
 
 
@@ -329,16 +376,17 @@ def _image_ids(items):
     return [ids.setdefault(it["image"], len(ids)) for it in items]
 
 
-# How texts are masked for MLM: 15 %, at most 20 tokens (prob, max_masks). How captions are masked: X-FM's IMLM
-# masks half of each caption (at most 15 tokens, with "skipgram" spans); FLAVA's MMM masks 15 % of the tokens,
-# BERT style (docs/METHOD.md §8.3). (prob, max_masks, skipgram_prob)
+# How texts are masked for MLM: 15 %, at most 20 tokens (prob, max_masks). How captions are masked:
+# X-FM's IMLM masks half of each caption (at most 15 tokens, with "skipgram" spans); FLAVA's MMM
+# masks 15 % of the tokens, BERT style (docs/METHOD.md §8.3). (prob, max_masks, skipgram_prob)
 TEXT_MASKING = (0.15, 20)
 CAPTION_MASKING = {"xfm": (0.5, 15, 0.2), "flava": (0.15, 10 ** 6, 0.0)}
 
 
 class PairDataset(ImageDataset):
-    """Image-text pairs. itm_neg_prob > 0 (FLAVA): with that probability the caption is replaced by the caption
-    of a random pair with another image, and itm_label says 0 (1 = the caption matches the image)."""
+    """Image-text pairs. itm_neg_prob > 0 (FLAVA): with that probability the caption is replaced by
+    the caption of a random pair with another image, and itm_label says 0 (1 = the caption matches
+    the image)."""
 
     def __init__(self, pairs, tok, dc, bad):
         super().__init__(pairs, dc, bad, kind="pair")
@@ -346,18 +394,22 @@ class PairDataset(ImageDataset):
         self.masking = CAPTION_MASKING[dc.caption_mask]
 
     def __getitem__(self, key):
-        j, x, m, bad, rng = self.image_and_mask(key)
-        caption, match = self.items[j]["caption"], 1                      # j: the caption goes with the image
+        v = self.image_and_mask(key)
+        j, rng = v.j, v.rng
+        caption, match = self.items[j]["caption"], 1  # j: the caption goes with the image
         if self.dc.itm_neg_prob and rng.random() < self.dc.itm_neg_prob:
-            for _ in range(10):  # a random pair showing another image (10 tries: duplicates are rare)
+            # a random pair showing another image (10 tries: duplicates are rare)
+            for _ in range(10):
                 k = int(rng.integers(len(self.items)))
                 if self.img_ids[k] != self.img_ids[j]:
                     caption, match = self.items[k]["caption"], 0
                     break
         ids = self.tok.encode(caption, self.dc.caption_len)
-        mlm_ids, mlm_labels = mask_text(ids, self.tok, *self.masking[:2], rng, skipgram_prob=self.masking[2])
-        return {"image": x, "mim_mask": m, "ids": ids, "mlm_ids": mlm_ids, "mlm_labels": mlm_labels,
-                "img_id": self.img_ids[j], "itm_label": match, "bad": bad}
+        mlm_ids, mlm_labels = mask_text(ids, self.tok, *self.masking[:2], rng,
+                                        skipgram_prob=self.masking[2])
+        return {"image": v.image, "mim_mask": v.mim_mask, "ids": ids, "mlm_ids": mlm_ids,
+                "mlm_labels": mlm_labels, "img_id": self.img_ids[j], "itm_label": match,
+                "bad": v.bad}
 
     def collate(self, samples):
         batch = super().collate(samples)
@@ -372,12 +424,18 @@ class PairDataset(ImageDataset):
         return batch
 
 
-class RegionDataset(_Base):
-    """One item = one image with up to dc.max_regions sampled region captions, plus its whole-image caption.
+# the box (cx, cy, w, h) of a whole-image caption and of an empty slot
+WHOLE_IMAGE = (0.5, 0.5, 1.0, 1.0)
 
-    Every image gets the same number of caption slots, `slots` (the most regions of any record, at most
-    max_regions, plus the whole-image caption): batch shapes are fixed and equal on every rank. Slots an image
-    leaves empty hold an empty caption with valid = False, and weigh 0 in every loss."""
+
+class RegionDataset(_Base):
+    """One item = one image with up to dc.max_regions sampled region captions, plus its whole-image
+    caption.
+
+    Every image gets the same number of caption slots, `slots` (the most regions of any record, at
+    most max_regions, plus the whole-image caption): batch shapes are fixed and equal on every rank.
+    Slots an image leaves empty hold an empty caption with valid = False, and weigh 0 in every
+    loss."""
 
     def __init__(self, records, tok, dc, bad):
         super().__init__(records, "region", dc, bad)
@@ -389,35 +447,70 @@ class RegionDataset(_Base):
         rng = self.rng(epoch, index)
         j, img, bad = self.load(index)
         rec = self.items[j]
+        # the steps draw from rng in this order: another order gives other samples (and other
+        # resumed runs)
+        pick = self.sample_regions(rec, rng)
+        x, boxes = self.crop(img, rec, pick, rng)
+        captions = self.pick_captions(rec, pick, boxes, rng)
+        texts = [self.caption_slot(cap, box, self.patch_mask(box, is_region), is_region, rng)
+                 for cap, box, is_region in captions]
+        return {"image": x, "texts": self.pad_slots(texts), "img_id": self.img_ids[j], "bad": bad}
+
+    def sample_regions(self, rec, rng):
+        """-> (k,) int: k = min(max_regions, #regions) distinct indices into rec["regions"], in
+        drawn order."""
         regs = rec["regions"]
-        pick = rng.choice(len(regs), min(self.dc.max_regions, len(regs)), replace=False)
-        # the crop keeps every sampled box whole, so no region is lost (no hflip: it would swap left/right words)
-        x, boxes = region_crop(img, [regs[i]["box"] for i in pick], self.dc.image_size, rng,
-                               min_scale=self.dc.crop_scale[0])
-        texts = []
+        return rng.choice(len(regs), min(self.dc.max_regions, len(regs)), replace=False)
+
+    def crop(self, img, rec, pick, rng):
+        """-> (image (3, S, S), k boxes (cx, cy, w, h) normalised to the crop, or None):
+        region_crop's."""
+        # the crop keeps every sampled box whole, so no region is lost (no hflip: it would swap
+        # left/right words)
+        return region_crop(img, [rec["regions"][i]["box"] for i in pick], self.dc.image_size, rng,
+                           min_scale=self.dc.crop_scale[0])
+
+    def pick_captions(self, rec, pick, boxes, rng):
+        """-> [(caption, box (4,), is_region)]: one drawn caption per kept region, in pick's order,
+        then one of the whole-image captions (if the record has any) with box = the whole image."""
+        out = []
         for i, box in zip(pick, boxes):
             if box is None:  # cannot happen while the crop keeps every sampled box; kept as a guard
                 continue
-            caps = regs[i]["captions"]
-            texts.append((caps[rng.integers(len(caps))], box, True, box_patch_mask(box, self.dc.grid)))
-        if rec["captions"]:  # the whole-image caption: box = the whole image, every patch visible
+            caps = rec["regions"][i]["captions"]
+            out.append((caps[rng.integers(len(caps))], box, True))
+        if rec["captions"]:
             caps = rec["captions"]
-            texts.append((caps[rng.integers(len(caps))], (0.5, 0.5, 1.0, 1.0), False,
-                          np.ones(self.dc.grid ** 2, dtype=bool)))
-        out = []
-        for cap, box, is_region, pmask in texts:
-            ids = self.tok.encode(cap, self.dc.caption_len)
-            mlm_ids, mlm_labels = mask_text(ids, self.tok, *CAPTION_MASKING["xfm"][:2], rng)
-            out.append({"ids": ids, "mlm_ids": mlm_ids, "mlm_labels": mlm_labels, "box": box,
-                        "is_region": is_region, "patch_mask": pmask, "valid": True})
-        ids = self.tok.encode("", self.dc.caption_len)                     # <s> </s>: an empty slot
-        out += [{"ids": ids, "mlm_ids": ids, "mlm_labels": [-100] * len(ids), "box": (0.5, 0.5, 1.0, 1.0),
-                 "is_region": False, "patch_mask": np.ones(self.dc.grid ** 2, dtype=bool), "valid": False}
-                ] * (self.slots - len(out))
-        return {"image": x, "texts": out, "img_id": self.img_ids[j], "bad": bad}
+            out.append((caps[rng.integers(len(caps))], WHOLE_IMAGE, False))
+        return out
+
+    def patch_mask(self, box, is_region):
+        """-> (P,) bool: the patches a caption's fusion pass sees: its box's (box_patch_mask), or
+        every one."""
+        if is_region:
+            return box_patch_mask(box, self.dc.grid)
+        return np.ones(self.dc.grid ** 2, dtype=bool)
+
+    def caption_slot(self, caption, box, patch_mask, is_region, rng):
+        """-> one filled slot: ids, mlm_ids, mlm_labels (each <= caption_len; IMLM p = 0.5, <= 15),
+        box (4,), is_region, patch_mask (P,), valid = True."""
+        ids = self.tok.encode(caption, self.dc.caption_len)
+        mlm_ids, mlm_labels = mask_text(ids, self.tok, *CAPTION_MASKING["xfm"][:2], rng)
+        return {"ids": ids, "mlm_ids": mlm_ids, "mlm_labels": mlm_labels, "box": box,
+                "is_region": is_region, "patch_mask": patch_mask, "valid": True}
+
+    def pad_slots(self, texts):
+        """-> exactly self.slots slots: texts, then empty ones (<s> </s>, nothing masked, the whole
+        image, every patch, valid = False)."""
+        ids = self.tok.encode("", self.dc.caption_len)  # <s> </s>: an empty slot
+        empty = {"ids": ids, "mlm_ids": ids, "mlm_labels": [-100] * len(ids), "box": WHOLE_IMAGE,
+                 "is_region": False, "patch_mask": np.ones(self.dc.grid ** 2, dtype=bool),
+                 "valid": False}
+        return texts + [empty] * (self.slots - len(texts))
 
     def collate(self, samples):
-        # flatten B_img images into N = B_img * slots captions; img_index says which image each belongs to
+        # flatten B_img images into N = B_img * slots captions; img_index says which image each
+        # belongs to
         texts = [t for s in samples for t in s["texts"]]
         img_index = [b for b, s in enumerate(samples) for _ in s["texts"]]
         T = self.dc.caption_len if self.dc.static else None
@@ -428,10 +521,13 @@ class RegionDataset(_Base):
                 "mlm_ids": pad_seqs([t["mlm_ids"] for t in texts], self.tok.pad_id, T),
                 "mlm_labels": pad_seqs([t["mlm_labels"] for t in texts], -100, T),
                 "max_masks": max_masked(ids.shape[1], *CAPTION_MASKING["xfm"][:2]),
-                "valid": torch.tensor([t["valid"] for t in texts], dtype=torch.bool),  # (N,) filled slots
-                "box": torch.tensor([t["box"] for t in texts], dtype=torch.float32),  # (N, 4) cx, cy, w, h
+                # (N,) filled slots
+                "valid": torch.tensor([t["valid"] for t in texts], dtype=torch.bool),
+                # (N, 4) cx, cy, w, h
+                "box": torch.tensor([t["box"] for t in texts], dtype=torch.float32),
                 "is_region": torch.tensor([t["is_region"] for t in texts], dtype=torch.bool),
-                "patch_mask": torch.from_numpy(np.stack([t["patch_mask"] for t in texts])),  # (N, P)
+                # (N, P)
+                "patch_mask": torch.from_numpy(np.stack([t["patch_mask"] for t in texts])),
                 "img_id": torch.tensor([samples[b]["img_id"] for b in img_index], dtype=torch.long),
                 "bad": [p for s in samples for p in s["bad"]]}
 
@@ -441,24 +537,28 @@ class RegionDataset(_Base):
 
 
 class ShardedBatchSampler:
-    """Infinite batches of (index, epoch) for one rank. Epoch e permutes the data with seed*1000+e (the same
-    on every rank), drops the tail so that every rank gets the same number of full batches, and gives rank r
-    the disjoint slice perm[r::world_size]. `start` = the number of batches to skip (resume)."""
+    """Infinite batches of (index, epoch) for one rank. Epoch e permutes the data with seed*1000+e
+    (the same on every rank), drops the tail so that every rank gets the same number of full
+    batches, and gives rank r the disjoint slice perm[r::world_size]. `start` = the number of
+    batches to skip (resume)."""
 
     def __init__(self, n, batch_size, seed, rank=0, world_size=1, name="data"):
-        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = rank, world_size
         self.batches_per_epoch = n // (world_size * batch_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"stream '{name}' has {n} samples, fewer than world_size * batch_size = "
-                             f"{world_size} * {batch_size}; lower the batch size or add data")
+            raise ValueError(f"stream '{name}' has {n} samples, fewer than world_size * batch_size "
+                             f"= {world_size} * {batch_size}; lower the batch size or add data")
         self.start = 0
 
     def epoch_batches(self, epoch):
         g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
-        keep = self.batches_per_epoch * self.world_size * self.batch_size  # drop_last, on all ranks alike
+        # drop_last, on all ranks alike
+        keep = self.batches_per_epoch * self.world_size * self.batch_size
         mine = torch.randperm(self.n, generator=g)[:keep][self.rank::self.world_size].tolist()
         B = self.batch_size
-        return [[(i, epoch) for i in mine[b * B:(b + 1) * B]] for b in range(self.batches_per_epoch)]
+        return [[(i, epoch) for i in mine[b * B:(b + 1) * B]]
+                for b in range(self.batches_per_epoch)]
 
     def __iter__(self):
         k, cached = self.start, (None, None)
@@ -471,17 +571,22 @@ class ShardedBatchSampler:
 
 
 class Stream:
-    """An infinite iterator of batch dicts for one kind. state_dict() / load_state_dict() resume it exactly."""
+    """An infinite iterator of batch dicts for one kind. state_dict() / load_state_dict() resume it
+    exactly."""
 
-    def __init__(self, kind, dataset, batch_size, *, seed, rank, world_size, num_workers, bad, pin_memory=False):
+    def __init__(self, kind, dataset, batch_size, *, seed, rank, world_size, num_workers, bad,
+                 pin_memory=False):
         self.kind, self.dataset, self.bad = kind, dataset, bad
-        self.sampler = ShardedBatchSampler(len(dataset), batch_size, seed, rank, world_size, name=kind)
+        self.sampler = ShardedBatchSampler(len(dataset), batch_size, seed, rank, world_size,
+                                           name=kind)
         # whole batches go to the workers, so workers read disjoint batches and keep their order
-        # its own generator: creating the loader's iterator must not draw from the global torch RNG, or a
-        # resumed run (which creates it at another point) would diverge from the uninterrupted one
+        # its own generator: creating the loader's iterator must not draw from the global torch
+        # RNG, or a resumed run (which creates it at another point) would diverge from the
+        # uninterrupted one
         self.loader = DataLoader(dataset, batch_sampler=self.sampler, collate_fn=dataset.collate,
                                  num_workers=num_workers, persistent_workers=num_workers > 0,
-                                 # page-locked batches make runtime.to_device's non_blocking copy truly asynchronous
+                                 # page-locked batches make runtime.to_device's non_blocking copy
+                                 # truly asynchronous
                                  pin_memory=pin_memory,
                                  generator=torch.Generator().manual_seed(seed * 1000 + rank))
         self.len_per_epoch = self.sampler.batches_per_epoch
@@ -500,7 +605,8 @@ class Stream:
             self._it = iter(self.loader)
         batch = next(self._it)
         self.batches += 1
-        for problem in batch.pop("bad", ()):  # found where the batch was made (maybe a worker): counted here
+        # found where the batch was made (maybe a worker): counted here
+        for problem in batch.pop("bad", ()):
             self.bad.once(*problem)
         return batch
 
@@ -511,11 +617,11 @@ class Stream:
         self.batches, self._it = int(state["batches"]), None
 
 
-def build_streams(data_dir, tok, dc, batch_size, bad, rank=0, world_size=1, num_workers=0, pin_memory=False,
-                  skip=()):
-    """{kind: Stream} for every kind present in data_dir and named in batch_size (a dict kind -> per-rank batch;
-    for "region" it counts images), each dataset built with the run's DataConfig dc. The kinds in `skip` are
-    left out (shards.build_streams streams them from tar shards)."""
+def build_streams(data_dir, tok, dc, batch_size, bad, rank=0, world_size=1, num_workers=0,
+                  pin_memory=False, skip=()):
+    """{kind: Stream} for every kind present in data_dir and named in batch_size (a dict kind ->
+    per-rank batch; for "region" it counts images), each dataset built with the run's DataConfig dc.
+    The kinds in `skip` are left out (shards.build_streams streams them from tar shards)."""
     assert dc.image_size % dc.patch_size == 0, "image_size must be a multiple of patch_size"
     datasets = {"text": TextDataset, "pair": PairDataset, "region": RegionDataset}
     streams = {}
@@ -524,11 +630,16 @@ def build_streams(data_dir, tok, dc, batch_size, bad, rank=0, world_size=1, num_
             continue
         if kind not in batch_size:
             if bad.verbose:
-                print(f"note: {path} found, but no batch size for '{kind}': stream not used", file=sys.stderr)
+                print(f"note: {path} found, but no batch size for '{kind}': stream not used",
+                      file=sys.stderr)
             continue
         items = formats.PARSERS[kind](path, bad, dc.image_root)
-        ds = ImageDataset(items, dc, bad) if kind == "image" else datasets[kind](items, tok, dc, bad)
-        streams[kind] = Stream(kind, ds, batch_size[kind], seed=dc.seed, rank=rank, world_size=world_size,
-                               num_workers=num_workers, bad=bad, pin_memory=pin_memory)
+        if kind == "image":
+            ds = ImageDataset(items, dc, bad)
+        else:
+            ds = datasets[kind](items, tok, dc, bad)
+        streams[kind] = Stream(kind, ds, batch_size[kind], seed=dc.seed, rank=rank,
+                               world_size=world_size, num_workers=num_workers, bad=bad,
+                               pin_memory=pin_memory)
     return {k: streams[k] for k in KINDS if k in streams}
 

@@ -32,14 +32,14 @@ evaluation server's [{"question_id", "answer"}]), attention writes attention.png
 
 Before any training both splits are checked: every image a task file names is decoded once (a record with one
 that does not decode is skipped and counted, "unreadable image"), and every label is checked against the task's
-classes (a "bad label" is skipped and counted: label_problem, label_vocab; docs/FINETUNING.md, "Checked before
-training"). --strict makes each an error.
+classes (a "bad label" is skipped and counted: formats.label_problem, formats.label_vocab; docs/FINETUNING.md,
+"Checked before training"). --strict makes each an error. lib/formats.py ("Task files") reads the task files and
+holds the rules each task's records must meet.
 
 A FLAVA checkpoint (train.py --recipe=flava) works for every task: the model comes from the checkpoint's config
 (flava.build_model); its [CLS] is CLS_M, its features the final-LN CLS tokens (text_cls / image_cls), its ITC
 embeddings the GC ones, and grounding gets a fresh box head (FLAVA pre-trains none).
 """
-import csv
 import json
 import math
 import os
@@ -53,23 +53,27 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 from tqdm import tqdm
 
+from lib import runlog
 from lib import cli
 import data
 from lib import tokenizer
 from lib import formats
+from lib.formats import (answer_votes, grounding_problem, image_paths, image_problem, label_index, label_value,
+                         labeled_splits, first_pair, nlvr_problem, read_task_file, task_file, text_fields,
+                         text_problem, usable, vqa_problem, write_test_pairs, write_vqa_results)
 import flava
 from lib import fast_losses as losses
 from lib import pretrained
 from lib import retrieval
+from lib.retrieval import accuracy, f1_score, matthews, pearson, vqa_score
 from lib import pictures
 from lib import toyworld
 import train
 from lib import runtime
-from model import XFM, build_mlp, make_config, resize_rel_pos
+from model import build_mlp, resize_rel_pos
 
 # ---------------------------------------------------------------------------------------------------------
 # Config, and Env: what every task reads besides it
@@ -160,7 +164,7 @@ def run_name(cfg, finetuned):
 class Env:
     """What every task reads besides its FinetuneConfig (load_init makes it once per run)."""
     ckpt: dict                  # --init's checkpoint (train.py's, or this script's with "task" and "meta"), or
-                                # the one from_pretrained_encoders makes
+                                # the one pretrained.from_pretrained_encoders makes
     tok: tokenizer.Tokenizer         # its tokenizer, the same on every rank
     run_dir: str                # --init's folder (public encoders: --out_dir or runs/from_pretrained); a
                                 # pre-trained checkpoint's tasks write to RUN_DIR/finetune/NAME by default
@@ -193,40 +197,7 @@ class Env:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Metrics, in % (checked against hand-computed values in tests/test_finetune.py)
-
-
-def accuracy(pred, y):
-    return float((pred == y).float().mean()) * 100
-
-
-def f1_score(pred, y, positive=1):
-    """Binary F1 of the positive class (GLUE MRPC, QQP): 2 tp / (2 tp + fp + fn)."""
-    tp = float(((pred == positive) & (y == positive)).sum())
-    fp, fn = float(((pred == positive) & (y != positive)).sum()), float(((pred != positive) & (y == positive)).sum())
-    return 200 * tp / max(2 * tp + fp + fn, 1)
-
-
-def matthews(pred, y, num_classes):
-    """Matthews correlation (CoLA) in its multi-class form, from the confusion matrix C (rows true, columns
-    predicted): (c s - t.p) / sqrt((s^2 - p.p)(s^2 - t.t)), c = trace, s = total, t / p = true / predicted counts."""
-    C = torch.zeros(num_classes, num_classes, dtype=torch.float64)
-    C.index_put_((y.long(), pred.long()), torch.ones(len(y), dtype=torch.float64), accumulate=True)
-    t, p, c, s = C.sum(1), C.sum(0), C.trace(), C.sum()
-    den = math.sqrt(float((s * s - p @ p) * (s * s - t @ t)))
-    return float((c * s - t @ p) / den) * 100 if den > 0 else 0.0        # 0 when one side is constant
-
-
-def pearson(x, y):
-    """Pearson correlation (STS-B)."""
-    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
-    return float((x @ y) / (x.norm() * y.norm()).clamp(min=1e-12)) * 100
-
-
-def vqa_score(pred, answers):
-    """VQA score of one predicted answer (a fraction): min(1, #annotators who gave it / 3) for several answers
-    (the usual simplification of the official average over 10-choose-9 subsets); plain accuracy for one."""
-    return min(1.0, answers.count(pred) / 3) if len(answers) > 1 else float(pred == answers[0])
+# A task's report (its metrics, in %: lib/retrieval.py, "Metrics of the other tasks")
 
 
 def report(metric, value, summary=None, key=None, **metrics):
@@ -237,94 +208,7 @@ def report(metric, value, summary=None, key=None, **metrics):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Task files: JSONL / JSON lists (formats.read_records), Karpathy JSON (formats.karpathy_records), GLUE TSV, ImageFolder
-
-
-def read_task_file(path, split, cfg, bad):
-    """-> list of record dicts, each with "where" (file:line, file[index] or the image's path) and its image
-    paths ("image", or "images" a list) made absolute against --image_root or the file's folder. A record that is
-    not UTF-8, whose image field is not a path, or whose image is missing is reported to `bad` and skipped."""
-    if not os.path.exists(path):
-        hint = " (an old toy world? rebuild it: python -m lib.toyworld --out data/toy)" if "downstream" in path else ""
-        raise SystemExit(f"error: no {split} file {path}{hint}")
-    root = formats.image_base(path, cfg.image_root)
-    if os.path.isdir(path):
-        recs = _image_folder(path, bad)
-    elif path.endswith(".tsv"):
-        recs = _glue_tsv(path, cfg, bad)
-    else:  # .jsonl, a .json list of records (ALBEF / X-VLM style) or Karpathy's dataset_*.json (the split's images)
-        recs = [dict(r, where=w) for w, r in formats.read_records(path, bad, split)]
-    out = []
-    for r in recs:
-        key = "images" if "images" in r else "image" if "image" in r else None
-        if key:
-            problem = _paths_problem(key, r[key])
-            if problem:
-                bad.report("malformed record", r["where"], problem)
-                continue
-            paths = [os.path.abspath(os.path.join(root, p)) for p in (r[key] if key == "images" else [r[key]])]
-            missing = [p for p in paths if not os.path.isfile(p)]
-            if missing:
-                bad.report("missing image", r["where"], f"no such file {missing[0]}")
-                continue
-            r = dict(r, **{key: paths if key == "images" else paths[0]})
-        out.append(r)
-    if not out:
-        raise SystemExit(f"error: no usable record in {path}")
-    return out
-
-
-def _paths_problem(key, value):
-    """Why an "image" field is not a path or an "images" field not a list of paths, or None."""
-    if key == "image":
-        return None if isinstance(value, str) and value else f"image is {formats.type_of(value)}, not a path"
-    if not isinstance(value, list) or not value:
-        return f"images is {formats.type_of(value)}, not a list of paths"
-    bad = [j for j, p in enumerate(value) if not (isinstance(p, str) and p)]
-    return f"images[{bad[0]}] is {formats.type_of(value[bad[0]])}, not a path" if bad else None
-
-
-def _image_folder(path, bad):
-    """ImageFolder: one sub-folder per class, named after it -> {"image", "label", "where"}. A class folder whose
-    name is not UTF-8 is reported and its images skipped (the name would become a label no one can print)."""
-    recs = []
-    for c in sorted(os.listdir(path)):
-        folder = os.path.join(path, c)
-        if not os.path.isdir(folder):
-            continue
-        problem = formats.not_utf8(c)
-        if problem:
-            bad.report("not UTF-8", path, f"a class folder's name: {problem}", action="its images skipped")
-            continue
-        recs += [{"image": os.path.join(c, n), "label": c, "where": os.path.join(folder, n)}
-                 for n in sorted(os.listdir(folder)) if n.lower().endswith(formats.IMAGE_EXTS)]
-    return recs
-
-
-def _glue_tsv(path, cfg, bad):
-    """GLUE .tsv -> records keyed by the header row, or by column number ("0", "1", ...) when --text_fields are
-    numbers (CoLA has no header). A row whose number of columns differs from the header's is skipped."""
-    numbered = cfg.text_fields.split(",")[0].strip().isdigit()
-    header, recs, skipped = None, [], bad.counts().get("not UTF-8", 0)
-    for where, line in formats.read_lines(path, bad):
-        row = next(csv.reader([line.rstrip("\r\n")], delimiter="\t", quoting=csv.QUOTE_NONE))
-        if numbered:
-            recs.append(dict({str(j): v for j, v in enumerate(row)}, where=where))
-        elif header is None:
-            if bad.counts().get("not UTF-8", 0) != skipped:  # the header itself was skipped: no row can be read
-                raise SystemExit(f"error: {path}: the header row is not UTF-8 (see the warning above)")
-            header = row
-        elif len(row) != len(header):
-            bad.report("malformed record", where, f"{len(row)} columns, the header has {len(header)}")
-        else:
-            recs.append(dict(zip(header, row), where=where))
-    return recs
-
-
-def task_file(cfg, split):
-    """--train_file or --test_file; by default DATA_DIR/downstream/TASK_{train,test}.jsonl."""
-    given = cfg.train_file if split == "train" else cfg.test_file
-    return given or os.path.join(cfg.data_dir, "downstream", f"{cfg.task}_{split}.jsonl")
+# Task data: both splits read and checked (lib/formats.py, "Task files"), each record -> a sample
 
 
 def splits(cfg, env, need_train=True):
@@ -341,159 +225,6 @@ def splits(cfg, env, need_train=True):
         path = next((p for p in image_paths(r) if verdicts[p]), None)
         return None if path is None else ("unreadable image", f"{path}: {verdicts[path]}")
     return usable(tr, unreadable, bad, "train"), usable(te, unreadable, bad, "test"), bad
-
-
-def image_paths(r):
-    """The image files a task record names ("images", or "image"; read_task_file made them absolute)."""
-    return r["images"] if "images" in r else [r["image"]] if "image" in r else []
-
-
-def usable(records, problem, bad, split):
-    """The records for which problem(record) is None. Each other one is reported to `bad` with the
-    (kind, message) that problem returns, and skipped; a split left without records is an error."""
-    out = []
-    for r in records:
-        p = problem(r)
-        if p is None:
-            out.append(r)
-        else:
-            bad.report(p[0], r["where"], p[1])
-    if records and not out:
-        raise SystemExit(f"error: no usable {split} record: each was skipped as bad input (see the warnings)")
-    return out
-
-
-def image_problem(r):
-    """(kind, message) when a record names no image, else None (read_task_file checks the paths it names)."""
-    return None if "image" in r else ("malformed record", "no 'image' field")
-
-
-def text_problem(r, key):
-    """(kind, message) when r[key] is not a non-empty string, else None."""
-    if key not in r:
-        return "malformed record", f"no '{key}' field"
-    if not isinstance(r[key], str):
-        return "malformed record", f"{key} is {formats.type_of(r[key])}, not a string"
-    return ("empty text", f"{key} is empty") if not r[key].strip() else None
-
-
-def label_problem(r, key, numeric, labels=None):
-    """(kind, message) when r[key] is no label of the split's kind (numbers, or class names when `numeric` is
-    False), else None: one "abc" among integer labels is a typo, not a new class. Given the task's class list
-    (label_vocab), a number is checked against it too ("bad label"): a class index is an integer in 0..C-1, so
-    1.5, -5, 100000000 and 1e308 are skipped; a regression target (labels []) is any finite number."""
-    if key not in r:
-        return "malformed record", f"no '{key}' field"
-    v = r[key]
-    if v is None or isinstance(v, (list, dict)):
-        return "malformed record", f"{key} is {formats.type_of(v)}, not a label"
-    if not str(v).strip():
-        return "malformed record", f"{key} is empty"
-    x = label_value(v)
-    if isinstance(x, str) == numeric:
-        return "malformed record", f"{key} {v!r} is {'not a number' if numeric else 'a number'}, " \
-                                   f"unlike most labels of the training split"
-    if labels is None or isinstance(x, str):
-        return None
-    if not labels:
-        return None if math.isfinite(x) else ("bad label", f"{key} {v!r} is not a finite number")
-    if not integral(x):
-        return "bad label", f"{key} {v!r} is not a class index (an integer; --num_labels=1 regresses)"
-    if not 0 <= x < len(labels):
-        return "bad label", f"{key} {v!r} is outside the classes 0..{len(labels) - 1} (--num_labels sets them)"
-    return None
-
-
-def numeric_labels(records, key, labels=None):
-    """Whether a task's labels are numbers (class indices, scores) or class names: the kind of the saved class
-    list (a fine-tuned checkpoint) or of most training labels."""
-    if labels is not None:
-        return all(isinstance(c, int) for c in labels)  # [] = regression: numbers
-    names = sum(isinstance(label_value(r[key]), str) for r in records if key in r)
-    return 2 * names <= len(records)
-
-
-def answer_votes(r):
-    """A VQA record's answers -> (list of answers, lower-cased, one per annotator; None) or (None, what is wrong).
-    "answers": a list of strings, or VQAv2's list of {"answer", ...}; "answer": a string, or ALBEF's list of
-    strings (the annotators' votes)."""
-    key = "answers" if "answers" in r else "answer" if "answer" in r else None
-    if key is None:
-        return None, "no 'answer' or 'answers' field"
-    v = r[key]
-    votes = []
-    for j, a in enumerate(v if isinstance(v, list) else [v]):
-        a = a["answer"] if isinstance(a, dict) and "answer" in a else a  # VQAv2: {"answer", "answer_confidence"}
-        name = f"{key}[{j}]" if isinstance(v, list) else key
-        if not isinstance(a, str):
-            return None, f"{name} is {formats.type_of(a)}, not a string (or a list of strings)"
-        if not a.strip():
-            return None, f"{name} is empty"
-        votes.append(a.strip().lower())
-    return (votes, None) if votes else (None, f"{key} is an empty list")
-
-
-def write_vqa_results(path, records, predicted):
-    """The results file of the official VQA evaluation server: a JSON list [{"question_id", "answer"}], one item
-    per test question in order, predicted[i] answering records[i]. question_id is the record's own (VQAv2's and
-    ALBEF's "question_id"); a record without one gets its file:line ("where")."""
-    rows = [{"question_id": r.get("question_id", r["where"]), "answer": a} for r, a in zip(records, predicted)]
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(rows, f)
-
-
-def label_value(v):
-    """A label as an int (ints, bools, "true"/"false", "3"), a float ("3.8": a score to regress) or a class name."""
-    s = str(v).strip()
-    if s.lower() in ("true", "false"):
-        return int(s.lower() == "true")
-    for typ in (int, float):
-        try:
-            return typ(s)
-        except ValueError:
-            pass
-    return s
-
-
-def integral(x):
-    """Whether a number (label_value) is a whole one: 3, 3.0 and 1e308 are; 3.5, inf and nan are not."""
-    return isinstance(x, int) or isinstance(x, float) and x.is_integer()
-
-
-def label_vocab(values, num_labels=0, regression=True, source="the training split"):
-    """The class list of a training split's labels (label_value'd, all of the split's kind). Class names: the
-    sorted names. Numbers: [] = regression (if the task allows it) with --num_labels=1, or without --num_labels
-    when most labels have a fraction (STS-B's 3.8), so one 1.5 among integers is a bad label, not a switch to
-    regression; else the class indices range(C), C = --num_labels or class_count(values). Integer labels that
-    form no class range stop the run (`source`: the file, for the message)."""
-    if not all(isinstance(v, (int, float)) for v in values):
-        return sorted({str(v) for v in values})
-    fractions = sum(not integral(v) for v in values)
-    if regression and (num_labels == 1 or not num_labels and 2 * fractions > len(values)):
-        return []
-    C = num_labels or class_count(values)
-    if not C:
-        ints = sorted({int(v) for v in values if integral(v)})
-        shown = ", ".join(map(str, ints[:5])) + (", ..." if len(ints) > 5 else "") or "none"
-        raise SystemExit(f"error: {source}: no range of class indices 0..C-1 is half in use by its integer labels "
-                         f"({shown}); declare C with --num_labels")
-    return list(range(C))
-
-
-def class_count(values):
-    """C of the class indices 0..C-1 that integer training labels imply: the largest C such that at least half
-    of 0, ..., C-1 occur among them (0 if none). One outlier cannot inflate it: 0, 1, 2 and 100000000 give C = 3,
-    and 100000000 is a bad label (C is at most twice the number of distinct labels)."""
-    seen = sorted({int(v) for v in values if integral(v) and v >= 0})
-    return max((c + 1 for j, c in enumerate(seen, 1) if c + 1 <= 2 * j), default=0)
-
-
-def label_index(v, labels):
-    """A label's class index (-1 if never seen in training: always wrong), or the value itself for regression."""
-    if not labels:
-        return float(v)
-    v = int(v) if isinstance(v, (int, float)) else str(v)
-    return labels.index(v) if v in labels else -1
 
 
 class Examples(Dataset):
@@ -700,24 +431,10 @@ def fit(cfg, env, model, train_set, evaluate, out, meta):
 def run_textcls(cfg, env, out):
     """GLUE style, single sentences or pairs: the language encoder alone (no fusion), a head on <s>."""
     tr, te, bad = splits(cfg, env)
-    guesses = (("sentence1", "sentence2"), ("question", "sentence"), ("question1", "question2"),
-               ("#1 String", "#2 String"), ("premise", "hypothesis"), ("sentence", None), ("text", None))
-    names = [s.strip() for s in cfg.text_fields.split(",")] if cfg.text_fields else \
-        next(([n for n in g if n] for g in guesses if all(n is None or n in tr[0] for n in g)), None)
-    label_key = cfg.label_field or next((k for k in ("label", "score", "gold_label", "Quality") if k in tr[0]), None)
-    if not names or label_key is None:
-        raise SystemExit(f"error: which of {sorted(tr[0])} hold the text and the label? (--text_fields, --label_field)")
-    numeric = numeric_labels(tr, label_key, env.meta["labels"] if env.meta else None)
-
-    def problem(r, labels=None):  # every text field a non-empty string, the label of the training labels' kind
-        found = [text_problem(r, n) for n in names] + [label_problem(r, label_key, numeric, labels)]
-        return next((p for p in found if p), None)
-
-    tr = usable(tr, problem, bad, "train")  # the classes come from the labels of the split's kind
-    values = [label_value(r[label_key]) for r in tr]
-    labels = env.meta["labels"] if env.meta else label_vocab(values, cfg.num_labels, source=task_file(cfg, "train"))
-    checked = lambda r: problem(r, labels)  # noqa: E731  (and the label against the classes)
-    tr, te = usable(tr, checked, bad, "train"), usable(te, checked, bad, "test")
+    names, label_key = text_fields(tr[0], cfg.text_fields, cfg.label_field)
+    texts = lambda r: next((p for p in (text_problem(r, n) for n in names) if p), None)  # noqa: E731
+    tr, te, labels = labeled_splits(tr, te, label_key, texts, bad, env.meta["labels"] if env.meta else None,
+                                    cfg.num_labels, source=task_file(cfg, "train"))
     C = len(labels) or 1                                                   # one output = regression
 
     def make(r):
@@ -760,14 +477,8 @@ def run_imgcls(cfg, env, out):
     if cfg.num_labels == 1:
         raise SystemExit("error: --num_labels=1 makes textcls a regression; imgcls classifies (2 classes or more)")
     tr, te, bad = splits(cfg, env)
-    numeric = numeric_labels(tr, "label", env.meta["labels"] if env.meta else None)
-    problem = lambda r, labels=None: image_problem(r) or label_problem(r, "label", numeric, labels)  # noqa: E731
-    tr = usable(tr, problem, bad, "train")  # the classes come from the labels of the split's kind
-    values = [label_value(r["label"]) for r in tr]
-    labels = env.meta["labels"] if env.meta else \
-        label_vocab(values, cfg.num_labels, regression=False, source=task_file(cfg, "train"))
-    checked = lambda r: problem(r, labels)  # noqa: E731  (and the label against the classes)
-    tr, te = usable(tr, checked, bad, "train"), usable(te, checked, bad, "test")
+    tr, te, labels = labeled_splits(tr, te, "label", image_problem, bad, env.meta["labels"] if env.meta else None,
+                                    cfg.num_labels, regression=False, source=task_file(cfg, "train"))
     linear, D = cfg.probe == "linear", env.mcfg.width
 
     def make(r):
@@ -799,12 +510,7 @@ def run_vqa(cfg, env, out):
     fixed answer list, docs/METHOD.md §7.2.) The evaluation writes OUT/vqa_results.json (write_vqa_results); a
     test question without an answer field (VQAv2 test-dev) is predicted for that file and not scored."""
     tr, te, bad = splits(cfg, env)
-
-    def problem(r, need_answer=True):
-        why = answer_votes(r)[1] if need_answer or "answer" in r or "answers" in r else None
-        return image_problem(r) or text_problem(r, "question") or (("malformed record", why) if why else None)
-
-    tr, te = usable(tr, problem, bad, "train"), usable(te, lambda r: problem(r, need_answer=False), bad, "test")
+    tr, te = usable(tr, vqa_problem, bad, "train"), usable(te, lambda r: vqa_problem(r, need_answer=False), bad, "test")
     given = lambda r: answer_votes(r)[0] or []  # noqa: E731  (a test question without answers: [])
     counts = Counter(a for r in tr for a in given(r))
     answers = env.meta["answers"] if env.meta else sorted(counts, key=lambda a: (-counts[a], a))  # most frequent first
@@ -847,17 +553,7 @@ def run_vqa(cfg, env, out):
 def run_nlvr(cfg, env, out):
     """NLVR2: the statement fused with each image by the same fusion encoder; the two [CLS] concatenated."""
     tr, te, bad = splits(cfg, env)
-
-    def problem(r):
-        if not isinstance(r.get("images"), list) or len(r["images"]) != 2:
-            return "malformed record", "needs 'images': [left, right]"
-        if "label" not in r:
-            return "malformed record", "no 'label' field"
-        if label_value(r["label"]) not in (0, 1):
-            return "malformed record", f"label {r['label']!r} is not true/false or 1/0"
-        return text_problem(r, "sentence")
-
-    tr, te = usable(tr, problem, bad, "train"), usable(te, problem, bad, "test")
+    tr, te = usable(tr, nlvr_problem, bad, "train"), usable(te, nlvr_problem, bad, "test")
 
     def make(r):
         return {"image": torch.stack([image_tensor(p, cfg.image_size) for p in r["images"]]),  # (2, 3, S, S)
@@ -895,10 +591,9 @@ def run_retrieval(cfg, env, out):
     te = [dict(r, caption=c) for r in te if (c := formats.captions_of(r, r["where"], bad))]
     if not te:
         raise SystemExit("error: no usable test record: each was skipped as bad input (see the warnings)")
-    test_path = os.path.join(out, "retrieval_test.jsonl")  # absolute image paths, the format retrieval.load_retrieval_set reads
+    test_path = os.path.join(out, "retrieval_test.jsonl")  # the checked test records, for retrieval.load_retrieval_set
     if env.master:
-        with open(test_path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps({"image": r["image"], "caption": r["caption"]}) + "\n" for r in te)
+        write_test_pairs(test_path, te)
     tr, img_ids = [], {}
     for r in tr_recs:  # one example per caption; the same image file -> the same id
         for c in r["caption"]:
@@ -939,22 +634,7 @@ def run_grounding(cfg, env, out):
     """RefCOCO style: the pre-trained box head (+ sigmoid) on the fusion [CLS] of (phrase, full image), trained
     with L1 + GIoU (losses.bbox_loss); a prediction is right when its IoU with the box is >= 0.5."""
     tr, te, bad = splits(cfg, env)
-
-    def problem(r):
-        phrase = "phrase" if "phrase" in r else "text"
-        box = "box" if "box" in r else "bbox"
-        p = image_problem(r) or text_problem(r, phrase)
-        if p or box not in r:
-            return p or ("malformed record", "no 'box' or 'bbox' field")
-        try:  # the box is checked against the image size; opening reads only the header
-            with Image.open(r["image"]) as im:
-                W, H = im.size
-        except Exception as e:
-            return "unreadable image", f"{r['image']}: {e}"
-        why = formats.box_problem(r[box], W, H)
-        return ("bad box", why) if why else None
-
-    tr, te = usable(tr, problem, bad, "train"), usable(te, problem, bad, "test")
+    tr, te = usable(tr, grounding_problem, bad, "train"), usable(te, grounding_problem, bad, "test")
 
     def make(r):
         img = formats.load_image(r["image"])
@@ -993,20 +673,15 @@ def run_grounding(cfg, env, out):
 def run_attention(cfg, env, out):
     """Cross-attention heatmaps for one (image, caption): --image and --caption, or the first toy test pair."""
     if not cfg.image:
-        quiet = formats.BadInput(verbose=False)
-        first = read_task_file(os.path.join(cfg.data_dir, "downstream", "retrieval_test.jsonl"), "test", cfg, quiet)[0]
-        caps = formats.captions_of(first, first["where"], quiet) or [""]
-        cfg = replace(cfg, image=first["image"], caption=cfg.caption or caps[0])
+        image, caption = first_pair(os.path.join(cfg.data_dir, "downstream", "retrieval_test.jsonl"), cfg)
+        cfg = replace(cfg, image=image, caption=cfg.caption or caption)
     if not cfg.caption:
         raise SystemExit("error: --task attention needs --caption as well as --image")
     xfm = build_model(cfg, env, None, None).xfm
-    ids = torch.tensor([env.tok.encode(cfg.caption, cfg.text_len)], device=env.device)  # (1, T)
-    image = image_tensor(cfg.image, cfg.image_size)[None].to(env.device)  # (1, 3, S, S)
-    maps = pictures.cross_attention_maps(xfm, ids, torch.ones_like(ids), image)
-    words = [env.tok.hf.id_to_token(i).replace("\u0120", "") for i in ids[0].tolist()]  # byte-level BPE: Ġ = space
     path = os.path.join(out, "attention.png")
-    pictures.render_attention([m.cpu() for m in maps], words, formats.load_image(cfg.image), xfm.cfg.grid, path)
-    env.print0(f"wrote {path}: {len(maps)} layers x {len(words)} tokens for {cfg.image}, {cfg.caption!r}")
+    layers, words = pictures.attention_picture(xfm, env.tok, cfg.caption, cfg.image, cfg.image_size, cfg.text_len,
+                                               env.device, path)
+    env.print0(f"wrote {path}: {layers} layers x {words} tokens for {cfg.image}, {cfg.caption!r}")
     return dict(report("picture", 0.0, path), train_loss=[], epochs=0, steps=0)
 
 
@@ -1016,21 +691,6 @@ def run_attention(cfg, env, out):
 
 RUNNERS = {"textcls": run_textcls, "imgcls": run_imgcls, "vqa": run_vqa, "nlvr": run_nlvr,
            "retrieval": run_retrieval, "grounding": run_grounding, "attention": run_attention}
-
-
-def from_pretrained_encoders(cfg, tok, master):
-    """A stand-in for a train.py checkpoint: the --preset model with the language encoder (+ MLM head) from
-    --init_text and the vision encoder from --init_vision (lib/pretrained.py); fusion encoder and heads are fresh."""
-    base = make_config(cfg.preset, vocab_size=tok.vocab_size, pad_id=tok.pad_id, max_text_len=cfg.text_len or 1)
-    mcfg = pretrained.model_config(cfg, base, tok)
-    torch.manual_seed(cfg.seed)  # the same init on every rank
-    model = XFM(mcfg)
-    for path, load in ((cfg.init_text, pretrained.load_text), (cfg.init_vision, pretrained.load_vision)):
-        if path:
-            rep = load(model, path)
-            if master:
-                print(rep, flush=True)
-    return {"model": model.state_dict(), "model_config": asdict(mcfg), "step": 0}
 
 
 def load_init(cfg, ddp, rank, world, device):
@@ -1053,7 +713,7 @@ def load_init(cfg, ddp, rank, world, device):
         return tokenizer.Tokenizer.load(tok_path).to_json()
     tok = tokenizer.Tokenizer.from_json(runtime.rank0_shares(read_tokenizer, ddp, rank))
     if not cfg.init:
-        ckpt = from_pretrained_encoders(cfg, tok, rank == 0)
+        ckpt = pretrained.from_pretrained_encoders(cfg, tok, rank == 0)
     autocast, scaler, _ = runtime.amp_setup(cfg.amp, device)
     return Env(ckpt=ckpt, tok=tok, run_dir=run_dir, mcfg=flava.config_from_dict(ckpt["model_config"]), ddp=ddp,
                rank=rank, world=world, device=device, autocast=autocast, scaler=scaler,
@@ -1106,16 +766,7 @@ def run_all(cfg, given, env):
     run_task(replace(cfg, task="attention"), {"task": "attention"}, env)  # the pre-trained model's attention maps
     out = cfg.out_dir or os.path.join(env.run_dir, "finetune")
     if env.master:
-        tc = env.ckpt.get("train_config") or {}
-        lines = [f"Toy benchmark of `{cfg.init}` (model {tc.get('config', '?')}, pre-trained "
-                 f"{env.ckpt.get('step', '?')} steps); results in %, time = fine-tuning + evaluation.", "",
-                 "| task | metric | result | time (s) | command |", "|---|---|---|---|---|"]
-        lines += [f"| {n} | {r['metric']} | {r['summary']} | {r['wall_s']:.0f} | `{c}` |" for n, r, c in rows]
-        with open(os.path.join(out, "benchmark.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
-        with open(os.path.join(out, "benchmark.json"), "w") as f:
-            json.dump([dict(r, name=n, command=c) for n, r, c in rows], f, indent=1)
-        print("\n" + "\n".join(lines) + f"\n\nwritten to {out}/benchmark.md")
+        runlog.write_benchmark(out, rows, cfg.init, env.ckpt)
     return rows
 
 

@@ -1,91 +1,66 @@
 """
 A walk through X-FM in one printout: a toy batch of every data kind (text, image, pair, region) goes through
 every module of a tiny X-FM, and the script prints the tensor shapes at each stage, every loss, which encoder
-each loss trains (with the stop-gradient on and off) and a check of the MIM target. Seconds on a CPU, no data
-on disk, no downloads; the same printout on every run (seed 0, fp32, modest precision).
+each loss trains (with the stop-gradient on and off), a check of the MIM target, and how far one step of the
+vision-language losses alone moves that target. Seconds on a CPU, no downloads, nothing left on disk; the same
+printout on every run (seed 0, fp32, modest precision).
 
     python walkthrough.py                                  # read it beside README's "X-FM in one screen"
     python walkthrough.py > tests/walkthrough_expected.txt # the golden printout tests/test_walkthrough.py compares
 
-The batch is synthetic (`toy_batch`: random token ids and images with the exact keys data.py produces), so the
-numbers mean nothing about learning; the shapes, the zeros in the gradient table and the MIM check are the point.
+The batch is data.py's own (`toy_batch`: its streams on a toy world of a few images in a temporary folder), but
+one batch of an untrained model: the numbers mean nothing about learning; the shapes, the zeros in the gradient
+table, the MIM check and which MIM target moves are the point.
 docs/METHOD.md §3 quotes this printout. tools/check_setup.py reuses `toy_batch`, `tiny_model` and `one_thread`.
 """
+import copy
+import tempfile
 from contextlib import contextmanager
 
 import torch
 
-from lib.fast_losses import fuse_groups, fusion_input, itm_inputs, xfm_losses
-from lib import fast_losses as losses
+import data
+from lib import formats, tokenizer, toyworld
+from losses import fusion_input, xfm_losses
+import losses
 from model import XFM, make_config
 
 GROUPS = ("language", "vision", "fusion", "heads")
 LOSS_ORDER = ("mlm", "itc", "itm", "imlm", "mim", "itc_region", "itm_region", "imlm_region", "bbox_l1", "bbox_giou",
               "mim_image")
 VL_LOSSES = ("itm", "imlm", "itm_region", "imlm_region", "bbox_l1", "bbox_giou")  # the losses the detach cuts
-PAD, CLS, SEP, MASK = 1, 0, 2, 4  # RoBERTa's special ids: <s>=0 <pad>=1 </s>=2 <mask>=4
+VL_STEP = ("itc", "itm", "imlm")  # a pair batch's vision-language losses: section 12's step, no MIM
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A tiny model and a synthetic batch of every data kind
+# A tiny model and data.py's batch of every data kind
 
 
 def tiny_model(seed=0, **overrides):
-    """The tiny preset (tests, CI), a 64-word vocabulary, no dropout or drop path: the same numbers every run."""
+    """The tiny preset (tests, CI), a 300-word vocabulary (toy_batch's tokenizer fits in it), no dropout or drop
+    path: the same numbers every run."""
     torch.manual_seed(seed)
-    cfg = make_config("tiny", **{"vocab_size": 64, "dropout": 0.0, "drop_path": 0.0, **overrides})
+    cfg = make_config("tiny", **{"vocab_size": 300, "dropout": 0.0, "drop_path": 0.0, **overrides})
     return XFM(cfg)
 
 
-def _captions(g, n, T, vocab, p):
-    """n random captions of 4..T tokens: (ids, att, masked ids, labels), each (n, T); labels -100 where not
-    masked, at least one masked word per caption, never <s>, </s> or padding."""
-    ids = torch.full((n, T), PAD)
-    att = torch.zeros(n, T, dtype=torch.long)
-    labels = torch.full((n, T), -100)
-    for b, length in enumerate(torch.randint(4, T + 1, (n,), generator=g).tolist()):
-        ids[b, :length] = torch.randint(5, vocab, (length,), generator=g)
-        ids[b, 0], ids[b, length - 1] = CLS, SEP
-        att[b, :length] = 1
-        words = torch.arange(1, length - 1)
-        chosen = words[torch.rand(len(words), generator=g) < p]
-        chosen = chosen if len(chosen) else words[:1]
-        labels[b, chosen] = ids[b, chosen]
-    return ids, att, ids.masked_fill(labels != -100, MASK), labels
-
-
-def _mim_mask(g, n, P, k):
-    """(n, P) bool: k random patches masked per image (data.block_mask draws blocks; any k patches do here)."""
-    m = torch.zeros(n, P, dtype=torch.bool)
-    for b in range(n):
-        m[b, torch.randperm(P, generator=g)[:k]] = True
-    return m
-
-
-def toy_batch(cfg, B=4, T=8, seed=0):
-    """{"text", "image", "pair", "region"}: B rows of each kind with the keys data.py produces (losses.py's module
-    docstring lists them); the region kind has B // 2 images with two captions each, a box and the whole image."""
-    g = torch.Generator().manual_seed(seed)
-    S, P, V = cfg.image_size, cfg.num_patches, cfg.vocab_size
-    _, att, mlm_ids, labels = _captions(g, B, T, V, p=0.15)
-    batch = {"text": {"ids": mlm_ids, "att": att, "labels": labels},  # the text stream: MLM on its own masked copy
-             "image": {"image": torch.randn(B, 3, S, S, generator=g), "mim_mask": _mim_mask(g, B, P, 6)}}
-    ids, att, mlm_ids, labels = _captions(g, B, T, V, p=0.5)
-    batch["pair"] = {"image": torch.randn(B, 3, S, S, generator=g), "mim_mask": _mim_mask(g, B, P, 6),
-                     "ids": ids, "att": att, "mlm_ids": mlm_ids, "mlm_labels": labels, "img_id": torch.arange(B)}
-    n_img = B // 2
-    ids, att, mlm_ids, labels = _captions(g, B, T, V, p=0.5)
-    is_region = torch.tensor([True, False] * n_img)                       # caption 2k: a box; 2k+1: the whole image
-    box = torch.cat([0.3 + 0.4 * torch.rand(B, 2, generator=g), 0.2 + 0.3 * torch.rand(B, 2, generator=g)], 1)
-    box[~is_region] = torch.tensor([0.5, 0.5, 1.0, 1.0])                  # (cx, cy, w, h) in [0, 1]
-    patch_mask = torch.rand(B, P, generator=g) < 0.4                      # the patches inside each box
-    patch_mask[:, 0] = True
-    patch_mask[~is_region] = True
-    img_index = torch.arange(n_img).repeat_interleave(2)
-    batch["region"] = {"image": torch.randn(n_img, 3, S, S, generator=g), "img_index": img_index, "ids": ids,
-                       "att": att, "mlm_ids": mlm_ids, "mlm_labels": labels, "box": box, "is_region": is_region,
-                       "patch_mask": patch_mask, "img_id": img_index.clone()}
-    return batch
+def toy_batch(cfg, B=4, T=16, seed=0):
+    """{"text", "image", "pair", "region"}: the first batch of each of data.py's streams, exactly as train.py gets
+    them (data.build_streams, then next() on each stream). The data: a toy world (lib/toyworld.py) of B pairs,
+    B // 2 region images, B texts and B images, written to a temporary folder and deleted after, and a BPE
+    tokenizer trained on its texts with at most cfg.vocab_size words (lib/tokenizer.py). Texts and captions are
+    padded to T tokens (DataConfig.static); each region image has one box caption and its whole-image caption
+    (max_regions=1). Milliseconds."""
+    with tempfile.TemporaryDirectory() as d:
+        toyworld.make_toy(d, seed=seed, n_pairs=B, n_regions=B // 2, n_text=B, n_images=B, n_test=1, n_down=1,
+                          progress=False)
+        tok = tokenizer.get_tokenizer(d, d, cfg.vocab_size)
+        assert tok.vocab_size <= cfg.vocab_size, (tok.vocab_size, cfg.vocab_size)
+        dc = data.DataConfig(cfg.image_size, cfg.patch_size, text_len=T, caption_len=T, seed=seed, max_regions=1,
+                             static=True)
+        sizes = {"text": B, "image": B, "pair": B, "region": B // 2}
+        streams = data.build_streams(d, tok, dc, sizes, formats.BadInput(verbose=False))
+        return {kind: next(stream) for kind, stream in streams.items()}
 
 
 @contextmanager
@@ -109,7 +84,7 @@ def shape(x):
 
 
 def row(name, x, note=""):
-    print(f"  {name:<34} {shape(x):<16} {note}".rstrip())
+    print(f"  {name:<34} {shape(x) if torch.is_tensor(x) else x:<16} {note}".rstrip())
 
 
 def num(x):
@@ -124,10 +99,10 @@ def num(x):
 def show_shapes(model, batch):
     """Every stage of one forward pass, with the functions losses.xfm_losses calls, shapes only."""
     cfg = model.cfg
-    print("1. inputs (losses.py's module docstring lists every key)")
+    print("1. inputs: data.py's first batch of each stream (data.py's module docstring lists every key)")
     for kind, b in batch.items():
         for key, x in b.items():
-            row(f"{kind}[{key!r}]", x, str(x.dtype).replace("torch.", ""))
+            row(f"{kind}[{key!r}]", x, str(x.dtype).replace("torch.", "") if torch.is_tensor(x) else "int")
     with torch.no_grad():
         p, r = batch["pair"], batch["region"]
         print("2. language encoder E_t (model.TextEncoder)")
@@ -153,16 +128,19 @@ def show_shapes(model, batch):
         row("f_t = norm(text_proj(t[:, 0]))", f_t, f"(B, E) unit length: {f_t.norm(dim=-1).mean():.3f}")
         row("f_v = norm(vision_proj(v[:, 0]))", f_v, "(B, E)")
         row("f_v @ f_t.T / temp", f_v @ f_t.t() / model.temp, "(B, B) image x text similarities")
-        print("6. ITM rows (losses.itm_inputs: positives, then hard negatives)")
+        print("6. ITM rows (losses.itm_loss: positives, then hard negatives)")
         torch.manual_seed(0)  # the hard negatives are drawn
-        (t_rows, a_rows, v_rows, _), weight = itm_inputs(fusion_input(t), p["att"], v, None, f_v, f_t, model.temp,
-                                                         p["img_id"])
+        neg_txt, neg_img = losses.sample_hard_negatives(f_v, f_t, model.temp, p["img_id"])
+        row("negative text of each image", neg_txt, "(B,) ~ softmax(sim / temp), never the positive")
+        row("negative image of each text", neg_img, "(B,) likewise")
+        t_sg = fusion_input(t)
+        t_rows, a_rows = torch.cat([t_sg, t_sg, t_sg[neg_txt]]), torch.cat([p["att"], p["att"], p["att"][neg_txt]])
+        v_rows = torch.cat([v, v[neg_img], v])
         row("text rows", t_rows, "(3B, T, D) sg(t): b, b, hard-negative text")
         row("image rows", v_rows, "(3B, 1+P, D) image b, hard-negative image, b")
-        row("row weights", weight, "(3B,) 0 where a row found no negative")
-        print("7. fusion encoder F (model.FusionEncoder; losses.fuse_groups, one call for every group)")
+        print("7. fusion encoder F (model.FusionEncoder; one call per objective)")
         t_m = model.encode_text(p["mlm_ids"], p["att"])
-        h_itm, h_imlm = fuse_groups(model, (t_rows, a_rows, v_rows, None), (fusion_input(t_m), p["att"], v, None))
+        h_itm, h_imlm = model.fuse(t_rows, a_rows, v_rows), model.fuse(fusion_input(t_m), p["att"], v)
         row("h = F(sg(t), v), ITM rows", h_itm, "(3B, T, D) text-side states; h[:, 0] = fusion [CLS]")
         row("h = F(sg(E_t(masked caption)), v)", h_imlm, "(B, T, D) IMLM")
         t_r = model.encode_text(r["ids"], r["att"])
@@ -207,7 +185,7 @@ def mim_check(model, batch):
     seen = []
     real = losses.mim_loss
 
-    def spy(pred, target, mim_mask):  # records what _mim hands to the loss, then computes it as usual
+    def spy(pred, target, mim_mask):  # records what mim_objective hands to the loss, then computes it as usual
         seen.append((pred, target))
         return real(pred, target, mim_mask)
 
@@ -239,6 +217,35 @@ def mim_check(model, batch):
     return checks
 
 
+def vl_guided_target(model, batch, lr=1e-4):
+    """X-FM's idea 2, measured: the MIM target of the image batch (the vision encoder's output on the unmasked
+    images, with no gradient, as losses.py takes it) before and after ONE plain AdamW step (lr 1e-4, X-FM's
+    official peak lr) on the pair batch's vision-language losses alone (VL_STEP: ITC, ITM, IMLM; no MIM loss), on
+    a copy of the model. The target moves although no MIM loss was taken: the encoder that makes it is the one the
+    vision-language losses train. A pixel target (MAE: each patch's pixels normalised, as losses.pixel_mim_loss
+    takes them) cannot move. Adam's first step moves each weight by about lr whatever its gradient's size, so
+    the number says that the target follows the encoder, not how hard the losses pull.
+    -> {"vl": (before, after), "pixel": (before, after), "change": {target: ||after - before|| / ||before||}}."""
+    model = copy.deepcopy(model)  # the caller's model stays as it is
+    images, p = batch["image"]["image"], model.cfg.patch_size
+
+    def targets():
+        with torch.no_grad():
+            vl = model.encode_image(images)                                # (B, 1+P, D)
+        x = losses.patchify(images, p)                                     # (B, P, 3*p*p)
+        return vl, (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
+
+    before = targets()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    torch.manual_seed(0)  # the hard negatives are drawn
+    out = xfm_losses(model, {"pair": batch["pair"]})                       # also holds "mim": left out
+    sum(out[name] for name in VL_STEP).backward()
+    opt.step()
+    after = targets()
+    change = {k: float((a - b).norm() / b.norm()) for k, b, a in zip(("vl", "pixel"), before, after)}
+    return {"vl": (before[0], after[0]), "pixel": (before[1], after[1]), "change": change}
+
+
 def main():
     with one_thread():
         return walk()
@@ -253,7 +260,10 @@ def walk():
           f"{cfg.vision_layers}/{cfg.fusion_layers}, image {cfg.image_size} px, patch {cfg.patch_size}, "
           f"V={cfg.vocab_size}, E={cfg.embed_dim}), seed 0, fp32")
     print("parameters: " + ", ".join(f"{k} {v / 1e6:.3f}M" for k, v in n.items()))
-    print("B=4 rows of each kind, captions of T=8 tokens; region: 2 images x 2 captions (N=4)")
+    B, T = batch["pair"]["ids"].shape
+    n_img, N = len(batch["region"]["image"]), len(batch["region"]["ids"])
+    print(f"B={B} rows of each kind, texts and captions of T={T} tokens; region: {n_img} images x {N // n_img} "
+          f"captions (N={N})")
     show_shapes(model, batch)
 
     values_on, on = gradient_table(model, batch, stop_grad=True)
@@ -272,11 +282,18 @@ def walk():
     cut = [k for k in VL_LOSSES if on[k]["language"] == 0 and off[k]["language"] > 0]
     print(f"  language encoder: 0 from {', '.join(cut)} with the stop-gradient,")
     print("  non-zero without it; MLM and ITC reach it either way; MIM never reaches the language or fusion encoder")
-    print("11. the MIM target (losses._mim): the same vision encoder on the unmasked image, detached")
+    print("11. the MIM target (losses.mim_objective): the same vision encoder on the unmasked image, detached")
     checks = mim_check(model, batch)
     for name, ok in checks.items():
         print(f"  {name:<62} {ok}")
-    return {"losses": values_on, "on": on, "off": off, "mim": checks}
+    guided = vl_guided_target(model, batch)
+    print(f"12. why the MIM target is vision-language-guided: one AdamW step (lr 1e-4) on {' + '.join(VL_STEP)}")
+    print("  of the pair batch alone, no MIM loss; the image batch's MIM target before and after it")
+    print(f"  {'target':<52} {'||after - before|| / ||before||'}")
+    print(f"  {'X-FM: E_v(unmasked image), detached (losses.py)':<52} {num(guided['change']['vl'])}")
+    print(f"  {'MAE: normalised patch pixels (losses.patchify)':<52} {num(guided['change']['pixel'])}")
+    print("  X-FM's target follows what the encoder learns from the captions; a pixel target never does")
+    return {"losses": values_on, "on": on, "off": off, "mim": checks, "guided": guided, "batch": batch}
 
 
 if __name__ == "__main__":

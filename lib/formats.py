@@ -47,10 +47,17 @@ MAX_TEXT_CHARS (10,000) characters (not counted: the record stays; check prints 
 every text the tokenizer trains on or encodes. load_image scales 16-bit and float images to 8 bits. check
 --images decodes each image the files name in full, in --workers processes, and reports each that fails
 ("unreadable image"), so a data set can be cleaned before a run.
+
+finetune.py's task files (section "Task files"): read_task_file reads a task's JSONL, JSON list, Karpathy JSON,
+GLUE .tsv or ImageFolder; each task's records must meet the rules there (fields and their types: text_problem,
+vqa_problem, nlvr_problem, grounding_problem; labels and classes: label_problem, label_vocab, labeled_splits),
+and a record that does not is reported to BadInput with its kind (docs/FINETUNING.md, "Checked before training").
 """
 import argparse
 import codecs
+import csv
 import json
+import math
 import os
 import shlex
 import sys
@@ -635,6 +642,334 @@ def _to_8bit(im):
         a = np.nan_to_num(a.astype(np.float64), nan=lo, posinf=hi, neginf=lo)
         a = np.rint((a - lo) * (255 / (hi - lo) if hi > lo else 0))
     return Image.fromarray(a.clip(0, 255).astype(np.uint8))
+
+
+# -----------------------------------------------------------------------------
+# Task files (finetune.py): JSONL / JSON lists (read_records), Karpathy JSON (karpathy_records), GLUE TSV,
+# ImageFolder; the rules each task's records must meet (fields, types, labels), each a (kind, message) for BadInput
+
+
+def read_task_file(path, split, cfg, bad):
+    """-> list of record dicts, each with "where" (file:line, file[index] or the image's path) and its image
+    paths ("image", or "images" a list) made absolute against --image_root or the file's folder. A record that is
+    not UTF-8, whose image field is not a path, or whose image is missing is reported to `bad` and skipped."""
+    if not os.path.exists(path):
+        hint = " (an old toy world? rebuild it: python -m lib.toyworld --out data/toy)" if "downstream" in path else ""
+        raise SystemExit(f"error: no {split} file {path}{hint}")
+    root = image_base(path, cfg.image_root)
+    if os.path.isdir(path):
+        recs = _image_folder(path, bad)
+    elif path.endswith(".tsv"):
+        recs = _glue_tsv(path, cfg, bad)
+    else:  # .jsonl, a .json list of records (ALBEF / X-VLM style) or Karpathy's dataset_*.json (the split's images)
+        recs = [dict(r, where=w) for w, r in read_records(path, bad, split)]
+    out = []
+    for r in recs:
+        key = "images" if "images" in r else "image" if "image" in r else None
+        if key:
+            problem = _paths_problem(key, r[key])
+            if problem:
+                bad.report("malformed record", r["where"], problem)
+                continue
+            paths = [os.path.abspath(os.path.join(root, p)) for p in (r[key] if key == "images" else [r[key]])]
+            missing = [p for p in paths if not os.path.isfile(p)]
+            if missing:
+                bad.report("missing image", r["where"], f"no such file {missing[0]}")
+                continue
+            r = dict(r, **{key: paths if key == "images" else paths[0]})
+        out.append(r)
+    if not out:
+        raise SystemExit(f"error: no usable record in {path}")
+    return out
+
+
+def _paths_problem(key, value):
+    """Why an "image" field is not a path or an "images" field not a list of paths, or None."""
+    if key == "image":
+        return None if isinstance(value, str) and value else f"image is {type_of(value)}, not a path"
+    if not isinstance(value, list) or not value:
+        return f"images is {type_of(value)}, not a list of paths"
+    bad = [j for j, p in enumerate(value) if not (isinstance(p, str) and p)]
+    return f"images[{bad[0]}] is {type_of(value[bad[0]])}, not a path" if bad else None
+
+
+def _image_folder(path, bad):
+    """ImageFolder: one sub-folder per class, named after it -> {"image", "label", "where"}. A class folder whose
+    name is not UTF-8 is reported and its images skipped (the name would become a label no one can print)."""
+    recs = []
+    for c in sorted(os.listdir(path)):
+        folder = os.path.join(path, c)
+        if not os.path.isdir(folder):
+            continue
+        problem = not_utf8(c)
+        if problem:
+            bad.report("not UTF-8", path, f"a class folder's name: {problem}", action="its images skipped")
+            continue
+        recs += [{"image": os.path.join(c, n), "label": c, "where": os.path.join(folder, n)}
+                 for n in sorted(os.listdir(folder)) if n.lower().endswith(IMAGE_EXTS)]
+    return recs
+
+
+def _glue_tsv(path, cfg, bad):
+    """GLUE .tsv -> records keyed by the header row, or by column number ("0", "1", ...) when --text_fields are
+    numbers (CoLA has no header). A row whose number of columns differs from the header's is skipped."""
+    numbered = cfg.text_fields.split(",")[0].strip().isdigit()
+    header, recs, skipped = None, [], bad.counts().get("not UTF-8", 0)
+    for where, line in read_lines(path, bad):
+        row = next(csv.reader([line.rstrip("\r\n")], delimiter="\t", quoting=csv.QUOTE_NONE))
+        if numbered:
+            recs.append(dict({str(j): v for j, v in enumerate(row)}, where=where))
+        elif header is None:
+            if bad.counts().get("not UTF-8", 0) != skipped:  # the header itself was skipped: no row can be read
+                raise SystemExit(f"error: {path}: the header row is not UTF-8 (see the warning above)")
+            header = row
+        elif len(row) != len(header):
+            bad.report("malformed record", where, f"{len(row)} columns, the header has {len(header)}")
+        else:
+            recs.append(dict(zip(header, row), where=where))
+    return recs
+
+
+def task_file(cfg, split):
+    """--train_file or --test_file; by default DATA_DIR/downstream/TASK_{train,test}.jsonl."""
+    given = cfg.train_file if split == "train" else cfg.test_file
+    return given or os.path.join(cfg.data_dir, "downstream", f"{cfg.task}_{split}.jsonl")
+
+
+def image_paths(r):
+    """The image files a task record names ("images", or "image"; read_task_file made them absolute)."""
+    return r["images"] if "images" in r else [r["image"]] if "image" in r else []
+
+
+def usable(records, problem, bad, split):
+    """The records for which problem(record) is None. Each other one is reported to `bad` with the
+    (kind, message) that problem returns, and skipped; a split left without records is an error."""
+    out = []
+    for r in records:
+        p = problem(r)
+        if p is None:
+            out.append(r)
+        else:
+            bad.report(p[0], r["where"], p[1])
+    if records and not out:
+        raise SystemExit(f"error: no usable {split} record: each was skipped as bad input (see the warnings)")
+    return out
+
+
+def image_problem(r):
+    """(kind, message) when a record names no image, else None (read_task_file checks the paths it names)."""
+    return None if "image" in r else ("malformed record", "no 'image' field")
+
+
+def text_problem(r, key):
+    """(kind, message) when r[key] is not a non-empty string, else None."""
+    if key not in r:
+        return "malformed record", f"no '{key}' field"
+    if not isinstance(r[key], str):
+        return "malformed record", f"{key} is {type_of(r[key])}, not a string"
+    return ("empty text", f"{key} is empty") if not r[key].strip() else None
+
+
+def label_problem(r, key, numeric, labels=None):
+    """(kind, message) when r[key] is no label of the split's kind (numbers, or class names when `numeric` is
+    False), else None: one "abc" among integer labels is a typo, not a new class. Given the task's class list
+    (label_vocab), a number is checked against it too ("bad label"): a class index is an integer in 0..C-1, so
+    1.5, -5, 100000000 and 1e308 are skipped; a regression target (labels []) is any finite number."""
+    if key not in r:
+        return "malformed record", f"no '{key}' field"
+    v = r[key]
+    if v is None or isinstance(v, (list, dict)):
+        return "malformed record", f"{key} is {type_of(v)}, not a label"
+    if not str(v).strip():
+        return "malformed record", f"{key} is empty"
+    x = label_value(v)
+    if isinstance(x, str) == numeric:
+        return "malformed record", f"{key} {v!r} is {'not a number' if numeric else 'a number'}, " \
+                                   f"unlike most labels of the training split"
+    if labels is None or isinstance(x, str):
+        return None
+    if not labels:
+        return None if math.isfinite(x) else ("bad label", f"{key} {v!r} is not a finite number")
+    if not integral(x):
+        return "bad label", f"{key} {v!r} is not a class index (an integer; --num_labels=1 regresses)"
+    if not 0 <= x < len(labels):
+        return "bad label", f"{key} {v!r} is outside the classes 0..{len(labels) - 1} (--num_labels sets them)"
+    return None
+
+
+def numeric_labels(records, key, labels=None):
+    """Whether a task's labels are numbers (class indices, scores) or class names: the kind of the saved class
+    list (a fine-tuned checkpoint) or of most training labels."""
+    if labels is not None:
+        return all(isinstance(c, int) for c in labels)  # [] = regression: numbers
+    names = sum(isinstance(label_value(r[key]), str) for r in records if key in r)
+    return 2 * names <= len(records)
+
+
+def answer_votes(r):
+    """A VQA record's answers -> (list of answers, lower-cased, one per annotator; None) or (None, what is wrong).
+    "answers": a list of strings, or VQAv2's list of {"answer", ...}; "answer": a string, or ALBEF's list of
+    strings (the annotators' votes)."""
+    key = "answers" if "answers" in r else "answer" if "answer" in r else None
+    if key is None:
+        return None, "no 'answer' or 'answers' field"
+    v = r[key]
+    votes = []
+    for j, a in enumerate(v if isinstance(v, list) else [v]):
+        a = a["answer"] if isinstance(a, dict) and "answer" in a else a  # VQAv2: {"answer", "answer_confidence"}
+        name = f"{key}[{j}]" if isinstance(v, list) else key
+        if not isinstance(a, str):
+            return None, f"{name} is {type_of(a)}, not a string (or a list of strings)"
+        if not a.strip():
+            return None, f"{name} is empty"
+        votes.append(a.strip().lower())
+    return (votes, None) if votes else (None, f"{key} is an empty list")
+
+
+def text_fields(rec, text_fields="", label_field=""):
+    """textcls: the names of the text fields (one, or two for a pair) and of the label field of a training record
+    -> (names, label key): --text_fields, else the first GLUE-style pair or single field that rec has; --label_field,
+    else the first of label, score, gold_label, Quality. Neither found stops the run with one line."""
+    guesses = (("sentence1", "sentence2"), ("question", "sentence"), ("question1", "question2"),
+               ("#1 String", "#2 String"), ("premise", "hypothesis"), ("sentence", None), ("text", None))
+    names = [s.strip() for s in text_fields.split(",")] if text_fields else \
+        next(([n for n in g if n] for g in guesses if all(n is None or n in rec for n in g)), None)
+    label_key = label_field or next((k for k in ("label", "score", "gold_label", "Quality") if k in rec), None)
+    if not names or label_key is None:
+        raise SystemExit(f"error: which of {sorted(rec)} hold the text and the label? (--text_fields, --label_field)")
+    return names, label_key
+
+
+def vqa_problem(r, need_answer=True):
+    """vqa: (kind, message) when a record has no image, no question or no well-formed answers (answer_votes),
+    else None. A test question (need_answer False) may have no answer field: it is predicted, not scored."""
+    why = answer_votes(r)[1] if need_answer or "answer" in r or "answers" in r else None
+    return image_problem(r) or text_problem(r, "question") or (("malformed record", why) if why else None)
+
+
+def nlvr_problem(r):
+    """nlvr: (kind, message) unless a record has two images, a true/false label and a sentence, else None."""
+    if not isinstance(r.get("images"), list) or len(r["images"]) != 2:
+        return "malformed record", "needs 'images': [left, right]"
+    if "label" not in r:
+        return "malformed record", "no 'label' field"
+    if label_value(r["label"]) not in (0, 1):
+        return "malformed record", f"label {r['label']!r} is not true/false or 1/0"
+    return text_problem(r, "sentence")
+
+
+def grounding_problem(r):
+    """grounding: (kind, message) unless a record has an image, a phrase ("phrase" or "text") and a box ("box" or
+    "bbox", [x, y, w, h] in pixels) with some area inside the image (box_problem), else None."""
+    phrase = "phrase" if "phrase" in r else "text"
+    box = "box" if "box" in r else "bbox"
+    p = image_problem(r) or text_problem(r, phrase)
+    if p or box not in r:
+        return p or ("malformed record", "no 'box' or 'bbox' field")
+    try:  # the box is checked against the image size; opening reads only the header
+        with Image.open(r["image"]) as im:
+            W, H = im.size
+    except Exception as e:
+        return "unreadable image", f"{r['image']}: {e}"
+    why = box_problem(r[box], W, H)
+    return ("bad box", why) if why else None
+
+
+def write_vqa_results(path, records, predicted):
+    """The results file of the official VQA evaluation server: a JSON list [{"question_id", "answer"}], one item
+    per test question in order, predicted[i] answering records[i]. question_id is the record's own (VQAv2's and
+    ALBEF's "question_id"); a record without one gets its file:line ("where")."""
+    rows = [{"question_id": r.get("question_id", r["where"]), "answer": a} for r, a in zip(records, predicted)]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(rows, f)
+
+
+def write_test_pairs(path, records):
+    """Checked retrieval records (absolute image paths, "caption" a list) as a pairs_test.jsonl file, the format
+    parse_test_pairs reads: {"image", "caption"} per line."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"image": r["image"], "caption": r["caption"]}) + "\n" for r in records)
+
+
+def first_pair(path, cfg):
+    """The image and first caption of a retrieval task file's first usable record ("" if it has no caption),
+    read quietly (a bad record is skipped without a warning) -> (image path, caption)."""
+    quiet = BadInput(verbose=False)
+    first = read_task_file(path, "test", cfg, quiet)[0]
+    caps = captions_of(first, first["where"], quiet) or [""]
+    return first["image"], caps[0]
+
+
+def label_value(v):
+    """A label as an int (ints, bools, "true"/"false", "3"), a float ("3.8": a score to regress) or a class name."""
+    s = str(v).strip()
+    if s.lower() in ("true", "false"):
+        return int(s.lower() == "true")
+    for typ in (int, float):
+        try:
+            return typ(s)
+        except ValueError:
+            pass
+    return s
+
+
+def integral(x):
+    """Whether a number (label_value) is a whole one: 3, 3.0 and 1e308 are; 3.5, inf and nan are not."""
+    return isinstance(x, int) or isinstance(x, float) and x.is_integer()
+
+
+def label_vocab(values, num_labels=0, regression=True, source="the training split"):
+    """The class list of a training split's labels (label_value'd, all of the split's kind). Class names: the
+    sorted names. Numbers: [] = regression (if the task allows it) with --num_labels=1, or without --num_labels
+    when most labels have a fraction (STS-B's 3.8), so one 1.5 among integers is a bad label, not a switch to
+    regression; else the class indices range(C), C = --num_labels or class_count(values). Integer labels that
+    form no class range stop the run (`source`: the file, for the message)."""
+    if not all(isinstance(v, (int, float)) for v in values):
+        return sorted({str(v) for v in values})
+    fractions = sum(not integral(v) for v in values)
+    if regression and (num_labels == 1 or not num_labels and 2 * fractions > len(values)):
+        return []
+    C = num_labels or class_count(values)
+    if not C:
+        ints = sorted({int(v) for v in values if integral(v)})
+        shown = ", ".join(map(str, ints[:5])) + (", ..." if len(ints) > 5 else "") or "none"
+        raise SystemExit(f"error: {source}: no range of class indices 0..C-1 is half in use by its integer labels "
+                         f"({shown}); declare C with --num_labels")
+    return list(range(C))
+
+
+def class_count(values):
+    """C of the class indices 0..C-1 that integer training labels imply: the largest C such that at least half
+    of 0, ..., C-1 occur among them (0 if none). One outlier cannot inflate it: 0, 1, 2 and 100000000 give C = 3,
+    and 100000000 is a bad label (C is at most twice the number of distinct labels)."""
+    seen = sorted({int(v) for v in values if integral(v) and v >= 0})
+    return max((c + 1 for j, c in enumerate(seen, 1) if c + 1 <= 2 * j), default=0)
+
+
+def labeled_splits(tr, te, key, fields_problem, bad, saved=None, num_labels=0, regression=True,
+                   source="the training split"):
+    """The records of a classification task's two splits (label field `key`) that pass fields_problem (the
+    other fields) and label_problem, and its class list -> (train, test, labels). The classes are `saved` (a
+    fine-tuned checkpoint's) or label_vocab of the training labels of the split's kind (numeric_labels); then
+    every label is checked against them too (a bad label is skipped)."""
+    numeric = numeric_labels(tr, key, saved)
+
+    def problem(r, labels=None):
+        return fields_problem(r) or label_problem(r, key, numeric, labels)
+
+    tr = usable(tr, problem, bad, "train")  # the classes come from the labels of the split's kind
+    labels = saved if saved is not None else \
+        label_vocab([label_value(r[key]) for r in tr], num_labels, regression, source)
+    checked = lambda r: problem(r, labels)  # noqa: E731  (and the label against the classes)
+    return usable(tr, checked, bad, "train"), usable(te, checked, bad, "test"), labels
+
+
+def label_index(v, labels):
+    """A label's class index (-1 if never seen in training: always wrong), or the value itself for regression."""
+    if not labels:
+        return float(v)
+    v = int(v) if isinstance(v, (int, float)) else str(v)
+    return labels.index(v) if v in labels else -1
 
 
 # -----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import data
+from lib import formats
 
 
 def plot_curves(records, path, chance=None, bands=None, cols=4, w=300, h=200):
@@ -116,6 +117,18 @@ def render_attention(maps, words, image, grid, path, tile=96):
             sheet.paste(Image.composite(red, base, alpha), (x0, y0 + top))
             draw.text((x0, y0 + 2), f"{word[:10]} {float(a[j, 0]):.2f}", fill="black")
     sheet.save(path)
+
+
+def attention_picture(xfm, tok, caption, image, image_size, text_len, device, path):
+    """finetune.py --task attention: the caption tokenized as the model reads it and the image file as every task
+    transforms it (data.eval_transform), their cross_attention_maps drawn by render_attention, each tile named
+    by its token -> (layers, tokens) drawn."""
+    ids = torch.tensor([tok.encode(caption, text_len)], device=device)  # (1, T)
+    x = data.eval_transform(formats.load_image(image), image_size)[None].to(device)  # (1, 3, S, S)
+    maps = cross_attention_maps(xfm, ids, torch.ones_like(ids), x)
+    words = [tok.hf.id_to_token(i).replace("\u0120", "") for i in ids[0].tolist()]  # byte-level BPE: Ġ = space
+    render_attention([m.cpu() for m in maps], words, formats.load_image(image), xfm.cfg.grid, path)
+    return len(maps), len(words)
 
 
 @torch.no_grad()

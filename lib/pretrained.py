@@ -53,13 +53,13 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
 import flava
 from lib import formats
-from model import XFMConfig, resize_rel_pos
+from model import XFM, XFMConfig, make_config, resize_rel_pos
 
 # ---------------------------------------------------------------------------------------------------------
 # Reading checkpoint files
@@ -736,3 +736,19 @@ def model_config(cfg, model_cfg, tok):
             raise SystemExit(f"error: {cfg.init_text} has positions for {over['max_text_len']} tokens, fewer than "
                              f"--caption_len/--text_len {model_cfg.max_text_len}")
     return replace(model_cfg, **over)
+
+
+def from_pretrained_encoders(cfg, tok, master):
+    """A stand-in for a train.py checkpoint: the --preset model with the language encoder (+ MLM head) from
+    --init_text and the vision encoder from --init_vision (load_text, load_vision); fusion encoder and heads are
+    fresh (finetune.py --init_text / --init_vision)."""
+    base = make_config(cfg.preset, vocab_size=tok.vocab_size, pad_id=tok.pad_id, max_text_len=cfg.text_len or 1)
+    mcfg = model_config(cfg, base, tok)
+    torch.manual_seed(cfg.seed)  # the same init on every rank
+    model = XFM(mcfg)
+    for path, load in ((cfg.init_text, load_text), (cfg.init_vision, load_vision)):
+        if path:
+            rep = load(model, path)
+            if master:
+                print(rep, flush=True)
+    return {"model": model.state_dict(), "model_config": asdict(mcfg), "step": 0}

@@ -17,7 +17,11 @@ outputs of the whole set (images (Ni, 1+P, D), texts (Nt, T, D)), as one process
 
     python train.py --eval_k=16 --eval_batch_size=64                          # at the end of pre-training
     torchrun --standalone --nproc_per_node=8 finetune.py --task retrieval --epochs 0 --init RUN/ckpt.pt
+
+The metrics of finetune.py's other tasks, in %, stand at the end: accuracy, f1_score, matthews, pearson and
+vqa_score (tests/test_finetune.py checks each against hand-computed values).
 """
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -189,3 +193,40 @@ def evaluate_retrieval(model, rs, device, k, batch_size, autocast, rank=0, world
     """rs: load_retrieval_set output -> recalls(): R@1/5/10 both ways, ITM re-ranked and ITC alone. Under torchrun
     every rank calls it with its rank and the world size, and every rank gets the same figures."""
     return recalls(scores(model, rs, device, k, batch_size, autocast, rank, world, num_workers), rs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics of the other tasks (finetune.py), in % (checked against hand-computed values in tests/test_finetune.py)
+
+
+def accuracy(pred, y):
+    return float((pred == y).float().mean()) * 100
+
+
+def f1_score(pred, y, positive=1):
+    """Binary F1 of the positive class (GLUE MRPC, QQP): 2 tp / (2 tp + fp + fn)."""
+    tp = float(((pred == positive) & (y == positive)).sum())
+    fp, fn = float(((pred == positive) & (y != positive)).sum()), float(((pred != positive) & (y == positive)).sum())
+    return 200 * tp / max(2 * tp + fp + fn, 1)
+
+
+def matthews(pred, y, num_classes):
+    """Matthews correlation (CoLA) in its multi-class form, from the confusion matrix C (rows true, columns
+    predicted): (c s - t.p) / sqrt((s^2 - p.p)(s^2 - t.t)), c = trace, s = total, t / p = true / predicted counts."""
+    C = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+    C.index_put_((y.long(), pred.long()), torch.ones(len(y), dtype=torch.float64), accumulate=True)
+    t, p, c, s = C.sum(1), C.sum(0), C.trace(), C.sum()
+    den = math.sqrt(float((s * s - p @ p) * (s * s - t @ t)))
+    return float((c * s - t @ p) / den) * 100 if den > 0 else 0.0        # 0 when one side is constant
+
+
+def pearson(x, y):
+    """Pearson correlation (STS-B)."""
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    return float((x @ y) / (x.norm() * y.norm()).clamp(min=1e-12)) * 100
+
+
+def vqa_score(pred, answers):
+    """VQA score of one predicted answer (a fraction): min(1, #annotators who gave it / 3) for several answers
+    (the usual simplification of the official average over 10-choose-9 subsets); plain accuracy for one."""
+    return min(1.0, answers.count(pred) / 3) if len(answers) > 1 else float(pred == answers[0])

@@ -4,6 +4,7 @@ into one metrics.jsonl record (averaged over the ranks), and print_summary print
 losses from the first log to the last, zero-shot retrieval, bad input skipped. The run folder's rules (docs/
 TRAINING.md "The run folder"): a fresh run never writes into a folder that holds a run (claim_fresh), one process
 at a time writes a folder (RunLock), and a resumed run cuts a torn last record off its log (repair_metrics).
+write_benchmark writes the toy benchmark of finetune.py --task all (benchmark.md, benchmark.json).
 """
 import json
 import os
@@ -65,6 +66,22 @@ def print_summary(history, final, cfg, bad):
                   f"(ITC alone R@1 {r[d + '_itc_r1']:.1f}; chance R@1 {r[d + '_chance_r1']:.1f})")
     if bad.counts():
         print("bad input skipped: " + bad.summary())
+
+
+def write_benchmark(out, rows, init, ckpt):
+    """finetune.py --task all: the toy suite as OUT/benchmark.md (a Markdown table, printed too) and
+    OUT/benchmark.json, one row per (run name, its report, its command); ckpt is the pre-trained checkpoint
+    `init`, whose model and steps the table's first line names."""
+    tc = ckpt.get("train_config") or {}
+    lines = [f"Toy benchmark of `{init}` (model {tc.get('config', '?')}, pre-trained "
+             f"{ckpt.get('step', '?')} steps); results in %, time = fine-tuning + evaluation.", "",
+             "| task | metric | result | time (s) | command |", "|---|---|---|---|---|"]
+    lines += [f"| {n} | {r['metric']} | {r['summary']} | {r['wall_s']:.0f} | `{c}` |" for n, r, c in rows]
+    with open(os.path.join(out, "benchmark.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "benchmark.json"), "w") as f:
+        json.dump([dict(r, name=n, command=c) for n, r, c in rows], f, indent=1)
+    print("\n" + "\n".join(lines) + f"\n\nwritten to {out}/benchmark.md")
 
 
 # ---------------------------------------------------------------------------------------------------------

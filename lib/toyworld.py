@@ -251,10 +251,39 @@ def _write_jsonl(path, records):
         f.writelines(json.dumps(r) + "\n" for r in records)
 
 
+# the parts of the world, each with its own generator np.random.default_rng([seed, index in PARTS])
+PARTS = ("test", "pair", "region", "image", "text", "vqa", "nlvr", "imgcls", "textcls", "grounding")
+
+
 def make_toy(out_dir, seed=0, size=64, n_pairs=4000, n_regions=1500, n_text=3000, n_images=2000, n_test=200,
              n_down=1000, progress=True):
     """Write the toy world to out_dir; the same arguments give byte-identical files."""
-    if os.path.isfile(os.path.join(out_dir, "toy.json")):  # an old toy world: remove it so no stale file survives
+    _clear(out_dir)
+    # one generator per part: changing one part's size leaves the others (and the test set) unchanged
+    part = {name: np.random.default_rng([seed, i]) for i, name in enumerate(PARTS)}
+    n_draw = n_test + n_pairs + n_regions + n_images + 2 * (n_down + n_test)
+    bar = tqdm(total=n_draw, desc="toy world", disable=not progress, unit="img")
+    canvas = _Canvas(out_dir, size, bar)
+    # held-out retrieval pairs first; their scene signatures are excluded from all pre-training scenes
+    test, held = _test_pairs(canvas, part["test"], n_test)
+    files = {"pairs_test.jsonl": test,
+             "pairs.jsonl": _pairs(canvas, part["pair"], n_pairs, held),
+             "regions.jsonl": _regions(canvas, part["region"], n_regions, held),
+             "images.jsonl": _images(canvas, part["image"], n_images, held)}
+    lines = _texts(part["text"], size, n_text, held)
+    files.update(_downstream(canvas, part, n_down, n_test, files["pairs.jsonl"], test))
+    bar.close()
+    params = {"seed": seed, "size": size, "n_pairs": n_pairs, "n_regions": n_regions, "n_text": n_text,
+              "n_images": n_images, "n_test": n_test, "n_down": n_down, "shapes": list(SHAPES),
+              "colours": list(COLOURS), "sizes": list(SIZES), "vqa_answers": VQA_ANSWERS,
+              "imgcls_classes": list(SHAPES), "textcls_classes": ["inconsistent", "consistent"]}
+    _write(out_dir, files, lines, params)
+
+
+def _clear(out_dir):
+    """Make out_dir ready for a toy world: an old toy world there is removed (so no stale file survives), any
+    other non-empty folder is refused; the image folders are created."""
+    if os.path.isfile(os.path.join(out_dir, "toy.json")):
         for name in TOY_FILES:
             p = os.path.join(out_dir, name)
             if os.path.isdir(p):
@@ -265,104 +294,144 @@ def make_toy(out_dir, seed=0, size=64, n_pairs=4000, n_regions=1500, n_text=3000
         raise ValueError(f"{out_dir} is not empty and holds no toy world; refusing to write into it")
     for sub in ("img", "unlabeled", "downstream/img"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
-    S = size
-    # one generator per part: changing one part's size leaves the others (and the test set) unchanged
-    part = {name: np.random.default_rng([seed, i]) for i, name in enumerate(
-        ("test", "pair", "region", "image", "text", "vqa", "nlvr", "imgcls", "textcls", "grounding"))}
-    n_draw = n_test + n_pairs + n_regions + n_images + 2 * (n_down + n_test)
-    bar = tqdm(total=n_draw, desc="toy world", disable=not progress, unit="img")
 
-    def save(objs, rng, rel, root=out_dir):
-        _draw(objs, S, rng).save(os.path.join(root, rel), format="PNG")  # Pillow writes no timestamp
-        bar.update()
-        return rel  # relative to root, which is where the jsonl naming it lives
 
-    # held-out retrieval pairs first; their scene signatures are excluded from all pre-training scenes
-    rng, held, test = part["test"], set(), []
-    while len(test) < n_test:
+class _Canvas:
+    """Draws scenes of side S into PNG files under a folder, counting them on the progress bar."""
+
+    def __init__(self, out_dir, S, bar):
+        self.out_dir, self.S, self.bar = out_dir, S, bar
+
+    def save(self, objs, rng, rel, root=None):
+        """Draw objs (with rng) to root/rel (root: out_dir by default) -> rel, relative to root, which is
+        where the jsonl naming it lives."""
+        # Pillow writes no timestamp: the same scene gives the same bytes
+        _draw(objs, self.S, rng).save(os.path.join(root or self.out_dir, rel), format="PNG")
+        self.bar.update()
+        return rel
+
+
+def _fresh(rng, S, held, n=None):
+    """A scene (_layout) whose signature is none of the held-out test scenes'."""
+    while True:
+        objs = _layout(rng, S, n)
+        if _signature(objs, S) not in held:
+            return objs
+
+
+def _test_pairs(canvas, rng, n):
+    """The held-out retrieval pairs: n scenes of distinct signatures, each with 1-2 complete captions.
+    -> (records {"image", "caption"}, the set of their signatures)."""
+    S, held, test = canvas.S, set(), []
+    while len(test) < n:
         objs = _layout(rng, S)
         if _signature(objs, S) not in held:
             held.add(_signature(objs, S))
             caps = two_captions(objs, S, rng, full=True)[: 1 + int(rng.random() < 0.5)]
-            test.append({"image": save(objs, rng, f"img/test_{len(test):05d}.png"), "caption": caps})
-    _write_jsonl(os.path.join(out_dir, "pairs_test.jsonl"), test)
+            test.append({"image": canvas.save(objs, rng, f"img/test_{len(test):05d}.png"), "caption": caps})
+    return test, held
 
-    def fresh(rng, n=None):
-        while True:
-            objs = _layout(rng, S, n)
-            if _signature(objs, S) not in held:
-                return objs
 
-    rng = part["pair"]
+def _pairs(canvas, rng, n, held):
+    """n image-text pairs {"image", "caption": 2 different captions (rarely 1)}."""
     pairs = []
-    for i in range(n_pairs):
-        objs = fresh(rng)
-        pairs.append({"image": save(objs, rng, f"img/pair_{i:05d}.png"), "caption": two_captions(objs, S, rng)})
-    _write_jsonl(os.path.join(out_dir, "pairs.jsonl"), pairs)
+    for i in range(n):
+        objs = _fresh(rng, canvas.S, held)
+        pairs.append({"image": canvas.save(objs, rng, f"img/pair_{i:05d}.png"),
+                      "caption": two_captions(objs, canvas.S, rng)})
+    return pairs
 
-    rng, regions = part["region"], []
-    for i in range(n_regions):
-        objs = fresh(rng)
-        # one phrase per shape, sometimes with its place: "a small blue square at the bottom"
-        regs = [{"box": o["box"], "caption": noun_phrase(o, rng, 0.8) + (f" {_where(o, S)}" if rng.random() < 0.3 else "")}
+
+def _regions(canvas, rng, n, held):
+    """n region records {"image", "caption", "regions": [{"box": [x, y, w, h], "caption"}]}: a phrase per
+    shape, sometimes with its place ("a small blue square at the bottom"), and a whole-image caption."""
+    S, regions = canvas.S, []
+    for i in range(n):
+        objs = _fresh(rng, S, held)
+        regs = [{"box": o["box"],
+                 "caption": noun_phrase(o, rng, 0.8) + (f" {_where(o, S)}" if rng.random() < 0.3 else "")}
                 for o in objs]
-        regions.append({"image": save(objs, rng, f"img/region_{i:05d}.png"), "caption": _caption(objs, S, rng),
-                        "regions": regs})
-    _write_jsonl(os.path.join(out_dir, "regions.jsonl"), regions)
+        regions.append({"image": canvas.save(objs, rng, f"img/region_{i:05d}.png"),
+                        "caption": _caption(objs, S, rng), "regions": regs})
+    return regions
 
-    rng = part["image"]
-    _write_jsonl(os.path.join(out_dir, "images.jsonl"),
-                 [{"image": save(fresh(rng), rng, f"unlabeled/{i:05d}.png")} for i in range(n_images)])
 
-    rng = part["text"]  # half single captions, half multi-sentence documents
-    lines = [(_caption(o, S, rng) if rng.random() < 0.5 else _document(o, S, rng)) for o in
-             (fresh(rng) for _ in range(n_text))]
+def _images(canvas, rng, n, held):
+    """n images without text, in unlabeled/: records {"image"}."""
+    return [{"image": canvas.save(_fresh(rng, canvas.S, held), rng, f"unlabeled/{i:05d}.png")} for i in range(n)]
+
+
+def _texts(rng, S, n, held):
+    """n lines of text only: half single captions, half multi-sentence documents."""
+    return [(_caption(o, S, rng) if rng.random() < 0.5 else _document(o, S, rng)) for o in
+            (_fresh(rng, S, held) for _ in range(n))]
+
+
+def _downstream(canvas, part, n_down, n_test, pairs, test):
+    """The downstream splits -> {path under out_dir: records}; their image paths are relative to downstream/.
+    Each split draws one pool of scenes that serves VQA (2 questions each), NLVR (pairs of pool images) and
+    grounding; image classification draws its own one-shape images."""
+    files, down = {}, os.path.join(canvas.out_dir, "downstream")
+    for split, n in (("train", n_down), ("test", n_test)):
+        vqa, pool = _vqa_split(canvas, part["vqa"], split, n, down)
+        files[f"downstream/vqa_{split}.jsonl"] = vqa
+        files[f"downstream/nlvr_{split}.jsonl"] = _nlvr_split(part["nlvr"], pool)
+        files[f"downstream/imgcls_{split}.jsonl"] = _imgcls_split(canvas, part["imgcls"], split, n, down)
+        files[f"downstream/textcls_{split}.jsonl"] = [_textcls(part["textcls"], canvas.S) for _ in range(2 * n)]
+        files[f"downstream/grounding_{split}.jsonl"] = _grounding_split(part["grounding"], canvas.S, pool)
+    # retrieval fine-tuning reuses pre-training pairs (as COCO does); its test set is pairs_test
+    files["downstream/retrieval_train.jsonl"] = [dict(r, image="../" + r["image"]) for r in pairs[:n_down]]
+    files["downstream/retrieval_test.jsonl"] = [dict(r, image="../" + r["image"]) for r in test]
+    return files
+
+
+def _vqa_split(canvas, rng, split, n, down):
+    """n scenes drawn into down/img/ with up to 2 questions each -> (records {"image", "question", "answer"},
+    the pool [(image path, objs)])."""
+    recs, pool = [], []
+    for i in range(n):
+        objs = _layout(rng, canvas.S)
+        pool.append((canvas.save(objs, rng, f"img/{split}_{i:05d}.png", down), objs))
+        qas = dict(_vqa(objs, rng) for _ in range(2))  # dict: a repeated question is kept once
+        recs += [{"image": pool[-1][0], "question": q, "answer": a} for q, a in qas.items()]
+    return recs, pool
+
+
+def _nlvr_split(rng, pool):
+    """One statement per pool image about it and another pool image: {"images", "sentence", "label"}."""
+    n, recs = len(pool), []
+    for i in range(n):
+        j = (i + 1 + int(rng.integers(n - 1))) % n if n > 1 else i  # any other pool image
+        sent, label = _nlvr(pool[i][1], pool[j][1], rng)
+        recs.append({"images": [pool[i][0], pool[j][0]], "sentence": sent, "label": label})
+    return recs
+
+
+def _imgcls_split(canvas, rng, split, n, down):
+    """n one-shape images in down/img/; the label is its shape: {"image", "label", "label_name"}."""
+    recs = []
+    for i in range(n):
+        objs = _layout(rng, canvas.S, n=1)
+        img = canvas.save(objs, rng, f"img/cls_{split}_{i:05d}.png", down)
+        recs.append({"image": img, "label": SHAPES.index(objs[0]["shape"]), "label_name": objs[0]["shape"]})
+    return recs
+
+
+def _grounding_split(rng, S, pool):
+    """One referring phrase per pool image (no new images are drawn): {"image", "phrase", "box"}."""
+    recs = []
+    for img, objs in pool:
+        o = objs[rng.integers(len(objs))]
+        recs.append({"image": img, "phrase": _refer(o, S, rng), "box": o["box"]})
+    return recs
+
+
+def _write(out_dir, files, lines, params):
+    """Write the jsonl files, text.txt, toy.json (params) and README.txt into out_dir."""
+    for rel, records in files.items():
+        _write_jsonl(os.path.join(out_dir, rel), records)
     with open(os.path.join(out_dir, "text.txt"), "w", encoding="utf-8", newline="\n") as f:
         f.writelines(line + "\n" for line in lines)
-
-    # downstream splits; their image paths are relative to downstream/
-    down = os.path.join(out_dir, "downstream")
-    for split, n in (("train", n_down), ("test", n_test)):
-        # one pool of scenes per split serves VQA (2 questions each) and NLVR (pairs of pool images)
-        rng, recs, pool = part["vqa"], [], []
-        for i in range(n):
-            objs = _layout(rng, S)
-            pool.append((save(objs, rng, f"img/{split}_{i:05d}.png", down), objs))
-            qas = dict(_vqa(objs, rng) for _ in range(2))  # dict: a repeated question is kept once
-            recs += [{"image": pool[-1][0], "question": q, "answer": a} for q, a in qas.items()]
-        _write_jsonl(os.path.join(down, f"vqa_{split}.jsonl"), recs)
-
-        rng, recs = part["nlvr"], []
-        for i in range(n):
-            j = (i + 1 + int(rng.integers(n - 1))) % n if n > 1 else i  # any other pool image
-            sent, label = _nlvr(pool[i][1], pool[j][1], rng)
-            recs.append({"images": [pool[i][0], pool[j][0]], "sentence": sent, "label": label})
-        _write_jsonl(os.path.join(down, f"nlvr_{split}.jsonl"), recs)
-
-        rng, recs = part["imgcls"], []
-        for i in range(n):  # one shape per image; the label is its shape
-            objs = _layout(rng, S, n=1)
-            img = save(objs, rng, f"img/cls_{split}_{i:05d}.png", down)
-            recs.append({"image": img, "label": SHAPES.index(objs[0]["shape"]), "label_name": objs[0]["shape"]})
-        _write_jsonl(os.path.join(down, f"imgcls_{split}.jsonl"), recs)
-
-        _write_jsonl(os.path.join(down, f"textcls_{split}.jsonl"), [_textcls(part["textcls"], S) for _ in range(2 * n)])
-
-        rng, recs = part["grounding"], []
-        for img, objs in pool:  # one referring phrase per VQA-pool image (no new images are drawn)
-            o = objs[rng.integers(len(objs))]
-            recs.append({"image": img, "phrase": _refer(o, S, rng), "box": o["box"]})
-        _write_jsonl(os.path.join(down, f"grounding_{split}.jsonl"), recs)
-    # retrieval fine-tuning reuses pre-training pairs (as COCO does); its test set is pairs_test
-    _write_jsonl(os.path.join(down, "retrieval_train.jsonl"),
-                 [dict(r, image="../" + r["image"]) for r in pairs[:n_down]])
-    _write_jsonl(os.path.join(down, "retrieval_test.jsonl"), [dict(r, image="../" + r["image"]) for r in test])
-    bar.close()
-
-    params = {"seed": seed, "size": size, "n_pairs": n_pairs, "n_regions": n_regions, "n_text": n_text,
-              "n_images": n_images, "n_test": n_test, "n_down": n_down, "shapes": list(SHAPES),
-              "colours": list(COLOURS), "sizes": list(SIZES), "vqa_answers": VQA_ANSWERS,
-              "imgcls_classes": list(SHAPES), "textcls_classes": ["inconsistent", "consistent"]}
     with open(os.path.join(out_dir, "toy.json"), "w", encoding="utf-8", newline="\n") as f:
         json.dump(params, f, indent=1)
         f.write("\n")

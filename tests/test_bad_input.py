@@ -248,7 +248,7 @@ def test_check_command_reports_each_kind(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# finetune.py: the task files (read_task_file) and each task's records
+# finetune.py: the task files (formats.read_task_file) and each task's records
 
 
 def ft_cfg(**kw):
@@ -264,7 +264,7 @@ def test_finetune_jsonl_tsv_karpathy_and_imagefolder(tmp_path):
     write_lines(p, [{"image": "img/0.png", "question": "q", "answer": "a"}, jsonl_bytes({"image": "img/0.png"},
                     "question", LATIN1), {"image": 3, "question": "q"}, {"images": "img/0.png img/1.png"},
                     {"images": ["img/0.png", None]}, {"images": ["img/0.png", "img/1.png"]}])
-    recs = finetune.read_task_file(str(p), "train", ft_cfg(), bad)
+    recs = formats.read_task_file(str(p), "train", ft_cfg(), bad)
     assert [r["where"] for r in recs] == [f"{p}:1", f"{p}:6"] and recs[1]["images"][1].endswith("1.png")
     assert bad.counts() == {"not UTF-8": 1, "malformed record": 3}
     for line in (f"{p}:2: not UTF-8 (byte 0xe9", f"{p}:3: malformed record (image is an int, not a path)",
@@ -272,22 +272,22 @@ def test_finetune_jsonl_tsv_karpathy_and_imagefolder(tmp_path):
                  f"{p}:5: malformed record (images[1] is null, not a path)"):
         assert line in said(bad), line
     with pytest.raises(ValueError, match=r"vqa\.jsonl:2: not UTF-8"):
-        finetune.read_task_file(str(p), "train", ft_cfg(), formats.BadInput(strict=True))
+        formats.read_task_file(str(p), "train", ft_cfg(), formats.BadInput(strict=True))
 
     # GLUE TSV: a row in Latin-1, a row with a column missing
     t = tmp_path / "train.tsv"
     write_lines(t, ["sentence\tlabel", "a fine sentence\t1", LATIN1 + b"\t0", "a lost label", "another one\t0"])
     bad = quiet()
-    assert [(r["sentence"], r["where"]) for r in finetune.read_task_file(str(t), "train", ft_cfg(), bad)] == [
+    assert [(r["sentence"], r["where"]) for r in formats.read_task_file(str(t), "train", ft_cfg(), bad)] == [
         ("a fine sentence", f"{t}:2"), ("another one", f"{t}:5")]
     assert bad.counts() == {"not UTF-8": 1, "malformed record": 1}
     assert f"{t}:3: not UTF-8" in said(bad) and f"{t}:4: malformed record (1 columns, the header has 2)" in said(bad)
     write_lines(t, [b"sentence\tlab" + LATIN1, "a sentence\t1", "another\t0"])  # the header lost: no row readable
     with pytest.raises(SystemExit, match=r"train\.tsv: the header row is not UTF-8"):
-        finetune.read_task_file(str(t), "train", ft_cfg(), quiet())
+        formats.read_task_file(str(t), "train", ft_cfg(), quiet())
     with pytest.raises(ValueError, match=r"train\.tsv:3: not UTF-8"):
         write_lines(t, ["sentence\tlabel", "a fine sentence\t1", LATIN1 + b"\t0"])
-        finetune.read_task_file(str(t), "train", ft_cfg(), formats.BadInput(strict=True))
+        formats.read_task_file(str(t), "train", ft_cfg(), formats.BadInput(strict=True))
 
     # Karpathy JSON: an image whose sentence is in Latin-1, one malformed, one of another split
     k = tmp_path / "dataset_coco.json"
@@ -298,12 +298,12 @@ def test_finetune_jsonl_tsv_karpathy_and_imagefolder(tmp_path):
     ims.append({"filepath": "img", "filename": "2.png", "split": "train", "sentences": [{"raw": "@@"}]})
     k.write_bytes(json.dumps({"images": ims}).encode().replace(b"@@", LATIN1))
     bad = quiet()
-    recs = finetune.read_task_file(str(k), "test", ft_cfg(), bad)
+    recs = formats.read_task_file(str(k), "test", ft_cfg(), bad)
     assert [r["caption"] for r in recs] == [["caption 0"], ["caption 2"]]
     assert bad.counts() == {"not UTF-8": 1, "malformed record": 1}
     assert f"{k}[images][1]: not UTF-8 (byte 0xe9" in said(bad) and f"{k}[images][3]: malformed record" in said(bad)
     with pytest.raises(ValueError, match=r"dataset_coco\.json\[images\]\[1\]: not UTF-8"):
-        finetune.read_task_file(str(k), "test", ft_cfg(), formats.BadInput(strict=True))
+        formats.read_task_file(str(k), "test", ft_cfg(), formats.BadInput(strict=True))
 
     # ImageFolder: a class folder whose name is not UTF-8
     f = tmp_path / "folder"
@@ -311,10 +311,10 @@ def test_finetune_jsonl_tsv_karpathy_and_imagefolder(tmp_path):
         os.makedirs(os.path.join(os.fsencode(f), name))
         shutil.copy(tmp_path / "img" / "0.png", os.path.join(os.fsencode(f), name, b"0.png"))
     bad = quiet()
-    assert [r["label"] for r in finetune.read_task_file(str(f), "train", ft_cfg(), bad)] == ["circle", "square"]
+    assert [r["label"] for r in formats.read_task_file(str(f), "train", ft_cfg(), bad)] == ["circle", "square"]
     assert bad.counts() == {"not UTF-8": 1} and f"{f}: not UTF-8 (a class folder's name: byte 0xe9" in said(bad)
     with pytest.raises(ValueError, match=r"folder: not UTF-8"):
-        finetune.read_task_file(str(f), "train", ft_cfg(), formats.BadInput(strict=True))
+        formats.read_task_file(str(f), "train", ft_cfg(), formats.BadInput(strict=True))
 
 
 def run_records(task, tmp_path, tok, monkeypatch, train_recs, test_recs, strict=False):

@@ -312,6 +312,21 @@ def test_mask_text_80_10_10_and_spans(tok):
     assert adjacent / 2000 > 1.3 * 15 * 0.15
 
 
+def test_mask_text_never_masks_more_than_the_loss_has_slots(tok):
+    """A row of <s> ... </s> never holds more masked positions than max_masked(its length), the slots
+    losses.mlm_loss gives it; ids whose count would pass the bound (no </s> closing them) are refused."""
+    rng = np.random.default_rng(0)
+    for n in range(40):
+        for prob, cap in ((0.15, 20), (0.5, 15), (0.15, 10 ** 6)):
+            for skipgram in (0.0, 0.2, 1.0):  # 1.0: every start opens a span, the likeliest to overshoot
+                ids = seq(tok, n, 0, rng)
+                _, lab = D.mask_text(ids, tok, prob, cap, rng, skipgram_prob=skipgram)
+                assert sum(v != -100 for v in lab) <= D.max_masked(len(ids), prob, cap)
+    ids = seq(tok, 3, 0, rng)[:-1]  # <s> a b c: 3 candidates, round(1.5) = 2 masks, max_masked(4) = 1
+    with pytest.raises(ValueError, match="max_masked"):
+        D.mask_text(ids, tok, 0.5, 15, rng)
+
+
 def test_block_mask_exact_and_fresh():
     assert D.mim_counts(14) == (75, 16) and D.mim_counts(8) == (24, 5) and D.mim_counts(4) == (6, 2)
     rng = np.random.default_rng(0)

@@ -137,7 +137,7 @@ def test_karpathy_json_and_image_root(toy, tmp_path):
     path.write_text(json.dumps({"images": items, "dataset": "coco"}))
     cfg, _ = finetune.parse_args([f"--image_root={toy}"])
     bad = formats.BadInput(verbose=False)
-    test, tr = finetune.read_task_file(str(path), "test", cfg, bad), finetune.read_task_file(str(path), "train", cfg, bad)
+    test, tr = formats.read_task_file(str(path), "test", cfg, bad), formats.read_task_file(str(path), "train", cfg, bad)
     assert len(test) == 3 and len(tr) == 2 and test[1]["caption"] == ["caption 1", "another 1"]
     assert test[0]["image"] == os.path.abspath(os.path.join(toy, "img", "test_00000.png")) and bad.counts() == {}
 
@@ -274,23 +274,24 @@ def test_attention_maps_are_the_weights_the_model_uses():
 
 def test_classification_and_regression_metrics_by_hand():
     pred, y = torch.tensor([1, 0, 1, 1]), torch.tensor([1, 1, 1, 0])
-    assert finetune.accuracy(pred, y) == 50.0
-    assert finetune.f1_score(pred, y) == pytest.approx(100 * 4 / 6)        # tp 2, fp 1, fn 1: 2tp / (2tp+fp+fn)
+    assert retrieval.accuracy(pred, y) == 50.0
+    assert retrieval.f1_score(pred, y) == pytest.approx(100 * 4 / 6)        # tp 2, fp 1, fn 1: 2tp / (2tp+fp+fn)
     # binary MCC: (tp tn - fp fn) / sqrt((tp+fp)(tp+fn)(tn+fp)(tn+fn)) = (0 - 1) / sqrt(3 * 3 * 1 * 1)
-    assert finetune.matthews(pred, y, 2) == pytest.approx(-100 / 3)
-    assert finetune.matthews(y, y, 2) == pytest.approx(100.0)
+    assert retrieval.matthews(pred, y, 2) == pytest.approx(-100 / 3)
+    assert retrieval.matthews(y, y, 2) == pytest.approx(100.0)
     # 3 classes: c = 3, s = 6, t = (2, 2, 2), p = (3, 1, 2): (18 - 12) / sqrt((36 - 14)(36 - 12))
-    three = finetune.matthews(torch.tensor([0, 2, 1, 0, 0, 2]), torch.tensor([0, 1, 2, 0, 1, 2]), 3)
+    three = retrieval.matthews(torch.tensor([0, 2, 1, 0, 0, 2]), torch.tensor([0, 1, 2, 0, 1, 2]), 3)
     assert three == pytest.approx(100 * 6 / math.sqrt(22 * 24))
     # x - mean = (-1, 0, 1), y - mean = (-7, -1, 8) / 3: r = 5 / (sqrt(2) sqrt(114) / 3)
-    assert finetune.pearson(torch.tensor([1., 2, 3]), torch.tensor([2., 4, 7])) == pytest.approx(100 * 15 / math.sqrt(228))
+    r = retrieval.pearson(torch.tensor([1., 2, 3]), torch.tensor([2., 4, 7]))
+    assert r == pytest.approx(100 * 15 / math.sqrt(228))
 
 
 def test_vqa_score_and_iou_by_hand():
-    assert finetune.vqa_score("two", ["two", "two", "three"]) == pytest.approx(2 / 3)
-    assert finetune.vqa_score("two", ["two"] * 4 + ["three"] * 6) == 1.0
-    assert finetune.vqa_score("four", ["two", "three"]) == 0.0
-    assert finetune.vqa_score("yes", ["yes"]) == 1.0 and finetune.vqa_score("no", ["yes"]) == 0.0
+    assert retrieval.vqa_score("two", ["two", "two", "three"]) == pytest.approx(2 / 3)
+    assert retrieval.vqa_score("two", ["two"] * 4 + ["three"] * 6) == 1.0
+    assert retrieval.vqa_score("four", ["two", "three"]) == 0.0
+    assert retrieval.vqa_score("yes", ["yes"]) == 1.0 and retrieval.vqa_score("no", ["yes"]) == 0.0
     a = torch.tensor([[0., 0, 2, 2], [0, 0, 1, 1], [0, 0, 1, 1]])
     b = torch.tensor([[1., 1, 3, 3], [0, 0, 1, 1], [2, 2, 3, 3]])
     assert torch.allclose(losses.box_iou(a, b)[0], torch.tensor([1 / 7, 1.0, 0.0]))  # 1 / (4 + 4 - 1)

@@ -136,7 +136,7 @@ def test_image_root_resolves_every_file_of_a_folder_and_a_missing_root_is_one_er
         formats.main(["check", "--data_dir", str(ann), "--image_root", gone])
     cfg, _ = finetune.parse_args([f"--image_root={gone}"])
     with pytest.raises(SystemExit, match=r"image_root '.*no_such_root' is not a folder"):
-        finetune.read_task_file(str(ann / "pairs.json"), "train", cfg, quiet())
+        formats.read_task_file(str(ann / "pairs.json"), "train", cfg, quiet())
 
 
 # ---------------------------------------------------------------------------------------------------------

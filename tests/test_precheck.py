@@ -268,13 +268,13 @@ def test_regression_only_when_declared_or_when_most_labels_have_a_fraction(tmp_p
 
 
 def test_the_inferred_class_range_holds_at_least_half_of_its_indices(tmp_path):
-    assert finetune.label_vocab([0, 1, 2, 1000]) == [0, 1, 2]           # one outlier is no class 1000
-    assert finetune.label_vocab([1, 2, 3, 4, 5]) == list(range(6))      # 1-based labels: 0 is a class never seen
-    assert finetune.label_vocab([0, 5, 6, 7, 8, 9]) == list(range(10))  # a gap: 6 of the 10 indices in use
-    assert finetune.label_vocab([0, 1, 1.5, 1]) == [0, 1]               # one 1.5: still classification
-    assert finetune.label_vocab([0.5, 1.5, 1], regression=False) == [0, 1]  # imgcls never regresses
+    assert formats.label_vocab([0, 1, 2, 1000]) == [0, 1, 2]           # one outlier is no class 1000
+    assert formats.label_vocab([1, 2, 3, 4, 5]) == list(range(6))      # 1-based labels: 0 is a class never seen
+    assert formats.label_vocab([0, 5, 6, 7, 8, 9]) == list(range(10))  # a gap: 6 of the 10 indices in use
+    assert formats.label_vocab([0, 1, 1.5, 1]) == [0, 1]               # one 1.5: still classification
+    assert formats.label_vocab([0.5, 1.5, 1], regression=False) == [0, 1]  # imgcls never regresses
     with pytest.raises(SystemExit) as e:
-        finetune.label_vocab([7, 7, 9], source="train.jsonl")
+        formats.label_vocab([7, 7, 9], source="train.jsonl")
     assert str(e.value) == ("error: train.jsonl: no range of class indices 0..C-1 is half in use by its integer "
                             "labels (7, 9); declare C with --num_labels")
     with pytest.raises(SystemExit, match="--num_labels is a number of classes"):

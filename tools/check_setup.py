@@ -67,9 +67,10 @@ def _smoke_step(device):
     import torch
     from losses import xfm_losses
     from walkthrough import tiny_model, toy_batch
+    from lib import runtime
     t0 = time.time()
     model = tiny_model().to(device)
-    batch = {kind: {k: v.to(device) for k, v in b.items()} for kind, b in toy_batch(model.cfg).items()}
+    batch = {kind: runtime.to_device(b, device) for kind, b in toy_batch(model.cfg).items()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     losses = xfm_losses(model, batch)
     sum(losses.values()).backward()

@@ -8,9 +8,9 @@ removing an optimisation fails a test as surely as breaking one.
     MLM / IMLM heads on the masked positions only      losses.mlm_loss                test_mlm_head_*
     IMLM language pass without a graph (stop-grad)     losses.vl_losses               test_imlm_language_pass_*
     image-only MIM target without a graph              losses.mim_objective           test_mim_target_*
-    ITM negatives reuse the encoders' outputs          losses.itm_inputs              test_itm_negatives_*
+    ITM negatives reuse the encoders' outputs          fast_losses.itm_inputs         test_itm_negatives_*
     a pair's two views in one vision call              losses.xfm_losses              test_one_call_*
-    ITM, IMLM and BBP rows in one fusion call          losses.fuse_groups             test_one_call_*
+    ITM, IMLM and BBP rows in one fusion call          fast_losses.fuse_groups        test_one_call_*
     SDPA instead of the written-out softmax            model.Attention                test_sdpa_*
     auto: SDPA where fused, else the written-out path  model.Attention (impl=auto)    test_auto_attention_*
     attention masks built once per encoder pass        model.additive_mask, encoders  test_masks_*

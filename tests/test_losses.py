@@ -374,6 +374,34 @@ def test_fast_itm_rows_labels_and_weights_with_fixed_negatives(monkeypatch):
     assert torch.allclose(fast.itm_ce(SimpleNamespace(itm_head=torch.nn.Identity()), cls, weight), by_hand)
 
 
+def test_itm_loss_rows_and_labels_with_fixed_negatives(monkeypatch):
+    """losses.itm_loss: the fusion encoder reads the B pairs, then (text b, its negative image) for each row that
+    found one, then (its negative text, image b); CE with label 1 for the pairs and 0 for the rest. The negatives
+    are fixed here (sample_hard_negatives has its own tests); row 2 found no negative image."""
+    import losses
+    torch.manual_seed(0)
+    B, T, S, D = 3, 4, 5, 2
+    neg_txt, neg_img = torch.tensor([1, 0, 0]), torch.tensor([1, 0, -1])
+    monkeypatch.setattr(losses, "sample_hard_negatives", lambda *args: (neg_txt, neg_img))
+    t, att = torch.randn(B, T, D), torch.randint(0, 2, (B, T))
+    v, v_mask = torch.randn(B, S, D), torch.rand(B, S) < 0.5
+    seen = {}
+
+    def fuse(t_all, a_all, v_all, m_all):                                  # [CLS] = the first text state
+        seen.update(t=t_all, a=a_all, v=v_all, m=m_all)
+        return t_all
+    model = SimpleNamespace(fuse=fuse, itm_head=torch.nn.Identity())      # the logits are t[:, 0] itself
+    f, temp, img_id = torch.randn(B, 8), torch.tensor(0.07), torch.arange(B)
+    loss = losses.itm_loss(model, t, att, v, v_mask, f, f, temp, img_id)
+    ti, ii = torch.tensor([0, 1]), torch.tensor([0, 1, 2])                 # rows with a negative image / text
+    assert torch.equal(seen["t"], torch.cat([t, t[ti], t[neg_txt[ii]]]))
+    assert torch.equal(seen["a"], torch.cat([att, att[ti], att[neg_txt[ii]]]))
+    assert torch.equal(seen["v"], torch.cat([v, v[neg_img[ti]], v[ii]]))
+    assert torch.equal(seen["m"], torch.cat([v_mask, v_mask[neg_img[ti]], v_mask[ii]]))
+    labels = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0])
+    assert torch.allclose(loss, F.cross_entropy(seen["t"][:, 0], labels))
+
+
 def test_itm_labels_one_for_pairs_zero_for_negatives():
     """ITM's targets: 1 for the B matched pairs, 0 for the hard negatives. A head that always answers [0, 10]
     costs ~0 on a positive and ~10 on a negative, so the loss is 10 x (#negatives / #rows): 10 x 2/3 with a

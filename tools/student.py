@@ -9,9 +9,9 @@ tests fail in the student copy and pass once the blank is filled in, whatever th
     python tools/student.py --out ../xfm-student     # write the copy (the folder must be empty or absent)
     python tools/student.py --list                   # the blanks, their functions and the command that grades each
 
-The copy holds the files git would commit (tools/mutate.py's repo_files: no data/, runs/ or .git). The second,
-plain version of the same losses in tests/plain_losses.py (the reference of tests/test_static.py) is blanked too,
-so the copy holds no answer.
+The copy holds the files git would commit (tools/mutate.py's repo_files: no data/, runs/ or .git). The blanks are
+the reference formulas of losses.py; the fast path's versions of the same losses (lib/fast_losses.py) are blanked
+too, so the copy holds no answer.
 """
 import argparse
 import ast
@@ -40,30 +40,29 @@ BLANKS = [
     Blank("stop_grad", ("losses.py:fusion_input",),
           "X-FM idea 1: the language states as the fusion encoder reads them (detached under stop_grad)",
           (f"{TL}::test_fusion_input_is_the_stop_gradient",)),
-    Blank("mim", ("losses.py:mim_loss", "losses.py:_mim"),
+    Blank("mim", ("losses.py:mim_loss", "losses.py:mim_objective"),
           "X-FM idea 2: the MIM loss, and its target (the encoder's detached unmasked output)",
           (f"{TL}::test_mim_loss_formula_and_unmasked_patches_do_not_count",
            f"{TL}::test_mim_target_carries_no_gradient"),
-          {"_mim": [
+          {"mim_objective": [
               "mim_target 'pixel': v_hat = model.encode_image(image, mim_mask); return pixel_mim_loss of",
               "  model.pixel_head(v_hat[:, 1:]) against the image (patch size model.cfg.patch_size).",
-              "mim_target 'vl' (X-FM): v, when None, is model.encode_image(image) under torch.no_grad(); the target",
-              "  is v detached (no EMA copy: the very encoder ITC/ITM/IMLM/BBP train in this step). When stats is",
-              "  a dict, stats['mim_target_std'] = the per-dimension std of the target's patch slots, mean over",
-              "  dimensions (detached). v_hat, when None, is the block-masked view",
-              "  model.encode_image(image, mim_mask).",
-              "Return mim_loss(v_hat, target, mim_mask)."]}),
+              "mim_target 'vl' (X-FM): v, when None, is model.encode_image(image); the target is v detached (no",
+              "  EMA copy: the very encoder ITC/ITM/IMLM/BBP train in this step). When stats is a dict,",
+              "  stats['mim_target_std'] = the per-dimension std of the target's patch slots, mean over dimensions.",
+              "  The prediction is the block-masked view model.encode_image(image, mim_mask).",
+              "Return mim_loss(prediction, target, mim_mask)."]}),
     Blank("itc", ("losses.py:itc_loss",),
           "global image-text contrastive loss: local rows against the keys of every rank",
           (f"{TL}::test_itc_formula_symmetry_and_minimum", f"{TL}::test_itc_with_ids_makes_duplicates_positives")),
     Blank("hard_negatives", ("losses.py:sample_hard_negatives",),
-          "ALBEF's in-batch hard negatives, drawn by the exponential race (no host sync)",
+          "ALBEF's in-batch hard negatives: one per row, drawn with torch.multinomial",
           (f"{TL}::test_hard_negatives_never_pick_the_positive_or_a_duplicate",
            f"{TL}::test_hard_negatives_follow_the_itc_similarity",
            f"{TL}::test_hard_negatives_are_drawn_with_the_softmax_probabilities")),
-    Blank("itm", ("losses.py:itm_inputs", "losses.py:itm_ce"),
-          "ITM: the 3B fusion rows with hard negatives and their weights, then the weighted CE",
-          (f"{TL}::test_itm_rows_labels_and_weights_with_fixed_negatives",)),
+    Blank("itm", ("losses.py:itm_loss",),
+          "ITM: the fusion encoder on the pairs and on their hard negatives, then CE with labels 1 and 0",
+          (f"{TL}::test_itm_loss_rows_and_labels_with_fixed_negatives",)),
     Blank("giou", ("losses.py:generalized_iou",),
           "generalized IoU of two xyxy box sets (box prediction)",
           (f"{TL}::test_giou_and_l1_against_hand_computed_boxes", f"{TL}::test_giou_is_zero_on_degenerate_boxes"),
@@ -88,10 +87,10 @@ BLANKS = [
               "from rng (a numpy Generator), so each call gives a fresh mask."]}),
 ]
 
-# second versions of the blanks, elsewhere in the repository: blanked too, graded by nothing
-HIDDEN = tuple(f"tests/plain_losses.py:{name}" for name in (
-    "fusion_input", "itc_loss", "sample_hard_negatives", "itm_loss", "mim_loss", "_mim", "generalized_iou"))
-HIDDEN_WHAT = "hidden during the exercise (a plain version of the losses.py function of this name)"
+# the fast path's versions of the blanks (lib/fast_losses.py): blanked too, graded by nothing
+HIDDEN = tuple(f"lib/fast_losses.py:{name}" for name in (
+    "itc_loss", "one_per_row", "sample_hard_negatives", "itm_inputs", "itm_ce", "mim_loss", "mim_objective"))
+HIDDEN_WHAT = "hidden during the exercise (the fast path's version of the losses.py function of this name)"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -5,17 +5,17 @@ fast path is really taken (how many encoder passes run, under which grad mode, h
 removing an optimisation fails a test as surely as breaking one.
 
     fast path                                          where                          test
-    MLM / IMLM heads on the masked positions only      losses.mlm_loss                test_mlm_head_*
-    IMLM language pass without a graph (stop-grad)     losses.vl_losses               test_imlm_language_pass_*
-    image-only MIM target without a graph              losses.mim_objective           test_mim_target_*
+    MLM / IMLM heads on the masked positions only      fast_losses.mlm_loss              test_mlm_head_*
+    IMLM language pass without a graph (stop-grad)     fast_losses.vl_losses             test_imlm_language_pass_*
+    image-only MIM target without a graph              fast_losses.mim_objective         test_mim_target_*
     ITM negatives reuse the encoders' outputs          fast_losses.itm_inputs         test_itm_negatives_*
-    a pair's two views in one vision call              losses.xfm_losses              test_one_call_*
+    a pair's two views in one vision call              fast_losses.xfm_losses            test_one_call_*
     ITM, IMLM and BBP rows in one fusion call          fast_losses.fuse_groups        test_one_call_*
     SDPA instead of the written-out softmax            model.Attention                test_sdpa_*
     auto: SDPA where fused, else the written-out path  model.Attention (impl=auto)    test_auto_attention_*
     attention masks built once per encoder pass        model.additive_mask, encoders  test_masks_*
     every block's position bias in one gather          RelativePositionBias.stacked   test_masks_*
-    all of them at once                                losses.xfm_losses              test_all_fast_paths_*
+    all of them at once                                fast_losses.xfm_losses            test_all_fast_paths_*
     fused AdamW (train.py and finetune.py on CUDA)     torch.optim.AdamW(fused=True)  test_fused_adamw_*
     pinned memory + non_blocking copies                runtime.to_device                test_pinned_* (CUDA only)
 """

@@ -223,7 +223,8 @@ def test_temperature_is_clamped():
         assert math.isclose(model.temp.item(), clamped, rel_tol=1e-6)
 
 
-def test_giou_and_l1_against_hand_computed_boxes():
+@pytest.mark.parametrize("bbox_loss", [bbox_loss, fast.bbox_loss], ids=["reference", "fast"])
+def test_giou_and_l1_against_hand_computed_boxes(bbox_loss):
     # A = [0,0,2,2], B = [1,1,3,3]: inter 1, union 7, enclosing C = [0,0,3,3] area 9 -> GIoU = 1/7 - 2/9
     a = torch.tensor([[0., 0., 2., 2.]])
     b = torch.tensor([[1., 1., 3., 3.]])
@@ -417,7 +418,8 @@ def test_itm_labels_one_for_pairs_zero_for_negatives():
     assert math.isclose(out["itm_region"].item(), 10 * 2 / 3, rel_tol=1e-3)
 
 
-def test_giou_is_zero_on_degenerate_boxes():
+@pytest.mark.parametrize("bbox_loss", [bbox_loss, fast.bbox_loss], ids=["reference", "fast"])
+def test_giou_is_zero_on_degenerate_boxes(bbox_loss):
     """As officially: a degenerate target box (w or h = 0) turns the GIoU term off for the batch (L1 stays)."""
     pred = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.2, 0.2]])
     target = torch.tensor([[0.4, 0.5, 0.2, 0.2], [0.3, 0.3, 0.0, 0.2]])  # the second has no width

@@ -65,7 +65,7 @@ from lib.formats import (answer_votes, grounding_problem, image_paths, image_pro
                          labeled_splits, first_pair, nlvr_problem, read_task_file, task_file, text_fields,
                          text_problem, usable, vqa_problem, write_test_pairs, write_vqa_results)
 import flava
-from lib import fast_losses as losses
+import losses
 from lib import pretrained
 from lib import retrieval
 from lib.retrieval import accuracy, f1_score, matthews, pearson, vqa_score

@@ -13,7 +13,7 @@ from PIL import Image
 
 from lib import formats
 import finetune
-from lib import fast_losses as losses
+import losses
 import train
 from conftest import tiny_config
 from model import XFM, build_mlp, resize_rel_pos

@@ -14,12 +14,12 @@ import torch.nn.functional as F
 import data
 from lib import tokenizer
 from lib import formats
-from lib import fast_losses as losses
+import losses
 import finetune
 import flava
 import train
 from conftest import gloo_group, rendezvous, make_batch
-from lib.fast_losses import itc_loss
+from losses import itc_loss
 from lib import toyworld
 
 

@@ -13,7 +13,7 @@ import torch
 
 import flava
 from conftest import make_batch, tiny_config
-from lib.fast_losses import bbox_loss, xfm_losses
+from losses import bbox_loss, xfm_losses
 from model import XFM
 
 ITM_CHANCE = -(1 / 3 * math.log(1 / 3) + 2 / 3 * math.log(2 / 3))        # 1 positive : 2 hard negatives

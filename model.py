@@ -45,7 +45,8 @@ class XFMConfig:
     layer_scale: float = 0.1     # BEiT-v2 layer-scale init (gamma_1, gamma_2)
     temp: float = 0.07           # ITC temperature init, clamped to [0.001, 0.5]
     mim_target: str = "vl"       # vl (X-FM) | pixel (MAE-style, adds a pixel head) | off
-    attn_impl: str = "auto"      # auto (the faster per call, see Attention) | sdpa | explicit (softmax written out)
+    # sdpa | explicit (the softmax written out) | auto: SDPA here; lib/runtime.choose_attention picks per device
+    attn_impl: str = "auto"
 
     @property
     def grid(self):
@@ -145,13 +146,13 @@ class Attention(nn.Module):
     mask: additive, broadcastable to (B, nh, N, S), or None: additive_mask() of a key mask, or the relative
           position bias (nh, N, S) of a BEiT block.
     beit_bias: BEiT's qkv has biases on q and v only (k has none); RoBERTa has all three.
-    impl: sdpa, explicit, or auto: SDPA where it runs a fused kernel, else explicit (see forward).
+    sdpa: F.scaled_dot_product_attention, or (False) the same computation written out (see forward).
     """
 
-    def __init__(self, dim, heads, cross=False, beit_bias=False, attn_drop=0.0, proj_drop=0.0, impl="auto"):
+    def __init__(self, dim, heads, cross=False, beit_bias=False, attn_drop=0.0, proj_drop=0.0, sdpa=True):
         super().__init__()
         assert dim % heads == 0, "width must be divisible by heads"
-        self.heads, self.head_dim, self.cross, self.impl = heads, dim // heads, cross, impl
+        self.heads, self.head_dim, self.cross, self.sdpa = heads, dim // heads, cross, sdpa
         self.attn_drop = attn_drop
         if cross:  # queries from the text, keys and values from the image
             self.q = nn.Linear(dim, dim)
@@ -182,14 +183,12 @@ class Attention(nn.Module):
         q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)  # (B, nh, N|S, hs)
         mask = None if mask is None else mask.to(q.dtype)                   # a copy only under autocast
         drop = self.attn_drop if self.training else 0.0
-        # auto: on a CPU, SDPA with dropout or with a mask that needs a gradient (BEiT's bias) falls back to its
-        # math path, the computation below in more ops; there auto runs ours. Elsewhere SDPA runs a fused kernel.
-        fallback = q.device.type == "cpu" and (drop > 0 or (mask is not None and mask.requires_grad))
-        if self.impl == "sdpa" or (self.impl == "auto" and not fallback):
+        if self.sdpa:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         else:  # the same computation written out: softmax(q k^T / sqrt(hs) + mask) v
             att, scale = q @ k.transpose(-2, -1), 1 / math.sqrt(self.head_dim)  # (B, nh, N, S)
-            att = att.mul_(scale) if mask is None else torch.add(mask, att, alpha=scale)  # mask + scale * att: one op
+            # mask + scale * att: one op
+            att = att.mul_(scale) if mask is None else torch.add(mask, att, alpha=scale)
             att = F.dropout(att.softmax(dim=-1), p=drop, training=self.training)
             y = att @ v                                                     # (B, nh, N, hs)
         y = y.transpose(1, 2).reshape(B, N, C)                              # (B, N, C)
@@ -233,10 +232,11 @@ class Block(nn.Module):
         D, eps = cfg.width, eps or (1e-6 if pre_norm else 1e-5)
         drop = 0.0 if pre_norm else cfg.dropout  # BEiT-v2 pre-training uses no dropout, only drop path
         self.pre_norm, self.drop_path = pre_norm, drop_path
-        self.attn = Attention(D, cfg.heads, beit_bias=beit, attn_drop=drop, proj_drop=drop, impl=cfg.attn_impl)
+        sdpa = cfg.attn_impl != "explicit"
+        self.attn = Attention(D, cfg.heads, beit_bias=beit, attn_drop=drop, proj_drop=drop, sdpa=sdpa)
         self.norm1 = nn.LayerNorm(D, eps=eps)
         if cross:
-            self.cross_attn = Attention(D, cfg.heads, cross=True, attn_drop=drop, proj_drop=drop, impl=cfg.attn_impl)
+            self.cross_attn = Attention(D, cfg.heads, cross=True, attn_drop=drop, proj_drop=drop, sdpa=sdpa)
             self.norm_cross = nn.LayerNorm(D, eps=eps)
         self.mlp = MLP(D, cfg.mlp_ratio * D, drop=drop)
         self.norm2 = nn.LayerNorm(D, eps=eps)

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from model import Block, VisionEncoder
+from model import Attention, Block, VisionEncoder
 
 
 def setup_distributed(device_name):
@@ -168,6 +168,23 @@ def checkpoint_blocks(model):
         block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
     return model
 
+
+
+def choose_attention(model, device):
+    """attn_impl "auto" made concrete for each attention layer of a built model (X-FM or FLAVA) on `device`:
+    SDPA (model.Attention.sdpa) wherever it runs a fused kernel, the written-out softmax where it would not.
+    On a GPU that is SDPA everywhere. On a CPU, SDPA's fused kernel (_scaled_dot_product_flash_attention_for_cpu)
+    takes neither dropout nor a mask that needs a gradient: SDPA then falls back to its math path, the written-out
+    computation in more ops (docs/PERFORMANCE.md). So on a CPU an attention layer with dropout (X-FM's language
+    and fusion encoders) or a learned mask (a BEiT block's relative position bias) runs written out, the rest
+    (FLAVA's blocks: no dropout, padding masks only) SDPA. attn_impl sdpa or explicit: the model as it is."""
+    if model.cfg.attn_impl != "auto":
+        return model
+    for block in [m for m in model.modules() if isinstance(m, Block)]:
+        learned_mask = getattr(block, "rel_pos", None) is not None
+        for attn in [m for m in block.modules() if isinstance(m, Attention)]:
+            attn.sdpa = device.type != "cpu" or not (attn.attn_drop > 0 or learned_mask)
+    return model
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")

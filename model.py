@@ -89,7 +89,7 @@ class RelativePositionBias(nn.Module):
 
     The table holds one bias per head for every relative offset (dy, dx) in [-(g-1), g-1]^2, i.e. (2g-1)^2
     entries, plus 3 extra entries for cls->token, token->cls and cls->cls. `index[i, j]` says which entry
-    the pair (query i, key j) uses, for the N = g*g + 1 tokens [CLS, patches].
+    the pair (query i, key j) uses, for the N = g*g + 1 tokens [CLS, patches]. forward() -> the bias (nh, N, N).
     """
 
     def __init__(self, grid, heads):
@@ -108,12 +108,8 @@ class RelativePositionBias(nn.Module):
         index[0, 0] = self.num_distances - 1                               # cls -> cls
         self.register_buffer("index", index, persistent=False)
 
-    @staticmethod
-    def stacked(modules):
-        """The biases of L blocks (one module each) in one gather from a stack of their tables: a few ops per encoder
-        pass, not a gather, copy and backward per block (each table's gradient comes back through the stack)."""
-        tables = torch.stack([m.table for m in modules])                   # (L, (2g-1)^2 + 3, nh)
-        return tables[:, modules[0].index].permute(0, 3, 1, 2).contiguous()  # (L, nh, N, N)
+    def forward(self):
+        return self.table[self.index].permute(2, 0, 1).contiguous()      # (N, N, nh) -> (nh, N, N)
 
 
 def resize_rel_pos(table, old_grid, new_grid):
@@ -223,7 +219,8 @@ class Block(nn.Module):
         x = x + DropPath(g1 * SelfAttn(LN(x), mask=rel_pos bias));  x = x + DropPath(g2 * MLP(LN(x)))
     pre-LN with beit=False (FLAVA's three encoders, flava.py): the same without g1, g2, with a full qkv bias
     forward's mask / image_mask: the additive masks of the self- / cross-attention, which the encoder builds once
-    per pass (additive_mask() of the padding or the region; the vision encoder: every block's rel_pos bias at once).
+    per pass (additive_mask() of the padding or the region). A BEiT block adds its own rel_pos bias (a bias handed
+    down as mask takes its place: lib/runtime.stack_position_biases gathers every block's at once).
     """
 
     def __init__(self, cfg, pre_norm=False, cross=False, drop_path=0.0, rel_pos_grid=None, beit=None, eps=None):
@@ -247,8 +244,8 @@ class Block(nn.Module):
         self.rel_pos = RelativePositionBias(rel_pos_grid, cfg.heads) if rel_pos_grid else None
 
     def forward(self, x, mask=None, image=None, image_mask=None):
-        if mask is None and self.rel_pos is not None:  # this block's bias, gathered here (VisionEncoder.forward)
-            mask = RelativePositionBias.stacked([self.rel_pos])[0]         # (nh, N, N)
+        if self.rel_pos is not None and mask is None:  # BEiT: each block adds its own position bias
+            mask = self.rel_pos()                                          # (nh, N, N)
         if self.pre_norm:
             a = self.attn(self.norm1(x), mask=mask)
             if self.gamma_1 is not None:
@@ -337,19 +334,14 @@ class VisionEncoder(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, pre_norm=True, drop_path=dpr[i], rel_pos_grid=g)
                                      for i in range(cfg.vision_layers)])
         self.fc_norm = nn.LayerNorm(D, eps=1e-6)
-        self.stack_bias = True
 
     def forward(self, images, mim_mask=None):
         x = self.patch_embed(images).flatten(2).transpose(1, 2)             # (B, P, D)
         if mim_mask is not None:  # swap in the learnable mask token, before CLS and any position handling
             x = torch.where(mim_mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+P, D)
-        # every block's relative position bias in one gather (a fast path: tests/test_fastpaths.py); sharded by
-        # FSDP (runtime.shard) a block's table is whole only inside its own forward, so there each block gathers its own
-        blocks = self.blocks
-        biases = RelativePositionBias.stacked([b.rel_pos for b in blocks]) if self.stack_bias else [None] * len(blocks)
-        for blk, bias in zip(blocks, biases):
-            x = blk(x, bias)                                                # bias (nh, 1+P, 1+P)
+        for blk in self.blocks:
+            x = blk(x)                                                      # each with its own position bias
         patches = self.fc_norm(x[:, 1:])                                    # (B, P, D), the CLS output is dropped
         return torch.cat([patches.mean(dim=1, keepdim=True), patches], dim=1)  # (B, 1+P, D)
 

@@ -471,6 +471,8 @@ def wrap(model, cfg, streams, ddp, device):
     shapes and no host syncs, and --compile pads texts to fixed lengths, so the graph compiles once, never breaks."""
     model = runtime.checkpoint_blocks(model) if cfg.grad_ckpt else model   # --grad_ckpt: recompute in backward
     loss_model = LossModel(model, cfg.stop_grad, cfg.recipe)
+    if not (ddp and cfg.fsdp):  # FSDP: a block's position bias table is whole only inside its forward
+        runtime.stack_position_biases(model)
     if ddp and cfg.fsdp:  # FSDP2 on every block, then on the LossModel: the root that runs every loss (runtime.shard)
         loss_model = runtime.shard(loss_model, model)
     elif ddp:

@@ -187,6 +187,34 @@ def choose_attention(model, device):
     return model
 
 
+def stacked_biases(rel_pos):
+    """The biases of L blocks' model.RelativePositionBias modules in one gather from a stack of their tables:
+    (L, nh, N, N), each the same as that module's own forward(); each table's gradient comes back through the
+    stack."""
+    tables = torch.stack([m.table for m in rel_pos])                       # (L, (2g-1)^2 + 3, nh)
+    return tables[:, rel_pos[0].index].permute(0, 3, 1, 2).contiguous()    # (L, nh, N, N)
+
+
+def stack_position_biases(model):
+    """A fast path for each BEiT vision encoder of the model (model.VisionEncoder): every block's relative position
+    bias in one gather per encoder pass (stacked_biases: a few ops, not a gather, a copy and a zeros + index_put
+    backward per block, plus a copy of each table's gradient), handed to each block as its mask, which takes the
+    place of the bias the block would gather itself. The same values and gradients (tests/test_fastpaths.py). A
+    forward pre-hook on the encoder gathers, one on each block hands its bias down (an argument of the block's
+    forward, so --grad_ckpt keeps it as an input). Not under FSDP (train.wrap): there a block's table is whole
+    only inside that block's forward."""
+    def hand_down(block, args, kwargs, i, biases):
+        return (args[0], biases.pop(i, None)), kwargs                      # (x, bias (nh, N, N))
+
+    for encoder in [m for m in model.modules() if isinstance(m, VisionEncoder)]:
+        biases = {}
+        encoder.register_forward_pre_hook(
+            lambda enc, args, biases=biases: biases.update(enumerate(stacked_biases([b.rel_pos for b in enc.blocks]))))
+        for i, block in enumerate(encoder.blocks):
+            block.register_forward_pre_hook(functools.partial(hand_down, i=i, biases=biases), with_kwargs=True)
+    return model
+
+
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 COMPILE_BACKEND = "inductor"  # torch.compile's code generator
 
@@ -229,8 +257,6 @@ def shard(loss_model, model):
         owner, _, attr = name.rpartition(".")
         p = model.get_parameter(name)
         setattr(model.get_submodule(owner), attr, torch.nn.Parameter(p.detach().reshape(1), p.requires_grad))
-    for encoder in [m for m in model.modules() if isinstance(m, VisionEncoder)]:
-        encoder.stack_bias = False           # each block's bias table is whole only inside that block's forward
     for block in [m for m in model.modules() if isinstance(m, Block)]:
         fully_shard(block)                   # inner groups first: each call takes the parameters no inner call took
     fully_shard(loss_model)                  # the root: what is left; FSDP keeps its parameters whole until backward

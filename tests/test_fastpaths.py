@@ -14,7 +14,7 @@ removing an optimisation fails a test as surely as breaking one.
     SDPA instead of the written-out softmax            model.Attention                test_sdpa_*
     auto: SDPA where fused, else the written-out path  runtime.choose_attention       test_auto_attention_*
     attention masks built once per encoder pass        model.additive_mask, encoders  test_masks_*
-    every block's position bias in one gather          RelativePositionBias.stacked   test_masks_*
+    every block's position bias in one gather          runtime.stack_position_biases  test_masks_*
     all of them at once                                losses.xfm_losses              test_all_fast_paths_*
     fused AdamW (train.py and finetune.py on CUDA)     torch.optim.AdamW(fused=True)  test_fused_adamw_*
     pinned memory + non_blocking copies                runtime.to_device                test_pinned_* (CUDA only)
@@ -338,17 +338,17 @@ def masks_per_layer(model):
 
 def test_masks_built_once_per_encoder_pass(batch, monkeypatch):
     """Each encoder pass builds its additive masks once (additive_mask: the text padding, a region's patches)
-    and gathers every block's position bias in one op (RelativePositionBias.stacked), then hands them to its
+    and gathers every block's position bias in one op (runtime.stack_position_biases), then hands them to its
     layers: the same losses and gradients (every relative position table included) as masks made in each layer
     the plain way; and only once per pass (a mask per layer would be the slow path)."""
     built = {"masks": 0, "gathers": 0}
-    real_mask, real_stacked = model_py.additive_mask, model_py.RelativePositionBias.stacked
+    real_mask, real_stacked = model_py.additive_mask, runtime.stacked_biases
 
     def count(key, fn):
         return lambda *a: built.__setitem__(key, built[key] + 1) or fn(*a)
     monkeypatch.setattr(model_py, "additive_mask", count("masks", real_mask))
-    monkeypatch.setattr(model_py.RelativePositionBias, "stacked", staticmethod(count("gathers", real_stacked)))
-    model = tiny_model()
+    monkeypatch.setattr(runtime, "stacked_biases", count("gathers", real_stacked))
+    model = runtime.stack_position_biases(tiny_model())
     passes = {"text": [], "vision": [], "fusion": []}
     for name, calls in passes.items():
         getattr(model, name).register_forward_pre_hook(lambda m, a, c=calls: c.append(a))

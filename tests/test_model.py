@@ -83,7 +83,7 @@ def test_relative_position_bias_table_and_index():
     # the same relative offset uses the same entry anywhere on the grid
     assert idx[1 + 5, 1 + 6] == idx[1 + 0, 1 + 1]
     rpb.table.data = torch.randn_like(rpb.table)
-    bias = RelativePositionBias.stacked([rpb])[0]
+    bias = rpb()
     assert bias.shape == (2, g * g + 1, g * g + 1)
     assert torch.equal(bias[:, 3, 7], rpb.table[idx[3, 7]])
 

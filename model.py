@@ -11,7 +11,7 @@ The X-FM model: a language encoder, a vision encoder and a fusion encoder, writt
 
 This file holds only the modules and their forward passes. The objectives (and the stop-gradient that
 is X-FM's first idea) live in losses.py; the training loop in train.py. The method: docs/METHOD.md §1.
-FLAVA (flava.py) builds its encoders from the same Attention, MLP, Block and MLMHead.
+FLAVA (flava.py) builds its encoders from the same Attention, MLP and MLMHead.
 
 Try it:  python model.py            (prints the parameter count of every preset)
 """
@@ -211,34 +211,31 @@ def drop_path(x, p, training):
 
 
 class Block(nn.Module):
-    """One transformer layer in one of the three flavours the encoders need.
+    """One transformer layer in one of the two flavours X-FM's encoders need.
 
     post-LN (RoBERTa; language and fusion encoders):
         x = LN(x + SelfAttn(x));  [cross=True: x = LN(x + CrossAttn(x, image))];  x = LN(x + MLP(x))
-    pre-LN (BEiT-v2; vision encoder), with layer scale g1, g2 and drop path:
+    pre-LN (BEiT-v2; vision encoder), with layer scale g1, g2, a q and v bias (no k bias) and drop path:
         x = x + DropPath(g1 * SelfAttn(LN(x), mask=rel_pos bias));  x = x + DropPath(g2 * MLP(LN(x)))
-    pre-LN with beit=False (FLAVA's three encoders, flava.py): the same without g1, g2, with a full qkv bias
     forward's mask / image_mask: the additive masks of the self- / cross-attention, which the encoder builds once
     per pass (additive_mask() of the padding or the region). A BEiT block adds its own rel_pos bias (a bias handed
     down as mask takes its place: lib/runtime.stack_position_biases gathers every block's at once).
     """
 
-    def __init__(self, cfg, pre_norm=False, cross=False, drop_path=0.0, rel_pos_grid=None, beit=None, eps=None):
+    def __init__(self, cfg, pre_norm=False, cross=False, drop_path=0.0, rel_pos_grid=None):
         super().__init__()
-        beit = pre_norm if beit is None else beit  # beit=False: a plain pre-LN ViT block (FLAVA, flava.py)
-        D, eps = cfg.width, eps or (1e-6 if pre_norm else 1e-5)
+        D, eps = cfg.width, 1e-6 if pre_norm else 1e-5
         drop = 0.0 if pre_norm else cfg.dropout  # BEiT-v2 pre-training uses no dropout, only drop path
         self.pre_norm, self.drop_path = pre_norm, drop_path
         sdpa = cfg.attn_impl != "explicit"
-        self.attn = Attention(D, cfg.heads, beit_bias=beit, attn_drop=drop, proj_drop=drop, sdpa=sdpa)
+        self.attn = Attention(D, cfg.heads, beit_bias=pre_norm, attn_drop=drop, proj_drop=drop, sdpa=sdpa)
         self.norm1 = nn.LayerNorm(D, eps=eps)
         if cross:
             self.cross_attn = Attention(D, cfg.heads, cross=True, attn_drop=drop, proj_drop=drop, sdpa=sdpa)
             self.norm_cross = nn.LayerNorm(D, eps=eps)
         self.mlp = MLP(D, cfg.mlp_ratio * D, drop=drop)
         self.norm2 = nn.LayerNorm(D, eps=eps)
-        self.gamma_1 = self.gamma_2 = None
-        if pre_norm and beit:  # BEiT's layer scale: each residual branch starts scaled down by layer_scale
+        if pre_norm:  # BEiT's layer scale: each residual branch starts scaled down by layer_scale
             self.gamma_1 = nn.Parameter(cfg.layer_scale * torch.ones(D))
             self.gamma_2 = nn.Parameter(cfg.layer_scale * torch.ones(D))
         self.rel_pos = RelativePositionBias(rel_pos_grid, cfg.heads) if rel_pos_grid else None
@@ -247,14 +244,8 @@ class Block(nn.Module):
         if self.rel_pos is not None and mask is None:  # BEiT: each block adds its own position bias
             mask = self.rel_pos()                                          # (nh, N, N)
         if self.pre_norm:
-            a = self.attn(self.norm1(x), mask=mask)
-            if self.gamma_1 is not None:
-                a = self.gamma_1 * a
-            x = x + drop_path(a, self.drop_path, self.training)
-            m = self.mlp(self.norm2(x))
-            if self.gamma_2 is not None:
-                m = self.gamma_2 * m
-            return x + drop_path(m, self.drop_path, self.training)
+            x = x + drop_path(self.gamma_1 * self.attn(self.norm1(x), mask=mask), self.drop_path, self.training)
+            return x + drop_path(self.gamma_2 * self.mlp(self.norm2(x)), self.drop_path, self.training)
         x = self.norm1(x + self.attn(x, mask=mask))
         if image is not None:  # text queries attend to image keys/values; the image is not updated
             x = self.norm_cross(x + self.cross_attn(x, kv=image, mask=image_mask))

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from model import Attention, Block, VisionEncoder
+from model import Attention, VisionEncoder
 
 
 def setup_distributed(device_name):
@@ -157,14 +157,20 @@ def rng_states():
     return states
 
 
+def encoder_blocks(model):
+    """The transformer blocks of the model's encoders, of either recipe (model.Block, flava.ViTBlock): every encoder
+    keeps its blocks in a ModuleList `blocks`."""
+    return [b for m in model.modules() if isinstance(getattr(m, "blocks", None), torch.nn.ModuleList) for b in m.blocks]
+
+
 def checkpoint_blocks(model):
-    """Activation checkpointing (train.py --grad_ckpt): each Transformer block (model.Block) of the model keeps only
+    """Activation checkpointing (train.py --grad_ckpt): each Transformer block (encoder_blocks) of the model keeps only
     its input in the forward pass and recomputes its activations in the backward pass, so activation memory grows
     with the number of blocks' inputs instead of with every intermediate tensor, for about one more forward of
     compute. Non-reentrant checkpointing restores the random state for the recomputation, so dropout and drop path
     replay exactly and losses and gradients equal the plain run (tests/test_train.py). Outside autograd (no_grad,
     evaluation) a block simply runs."""
-    for block in [m for m in model.modules() if isinstance(m, Block)]:
+    for block in encoder_blocks(model):
         block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
     return model
 
@@ -180,7 +186,7 @@ def choose_attention(model, device):
     (FLAVA's blocks: no dropout, padding masks only) SDPA. attn_impl sdpa or explicit: the model as it is."""
     if model.cfg.attn_impl != "auto":
         return model
-    for block in [m for m in model.modules() if isinstance(m, Block)]:
+    for block in encoder_blocks(model):
         learned_mask = getattr(block, "rel_pos", None) is not None
         for attn in [m for m in block.modules() if isinstance(m, Attention)]:
             attn.sdpa = device.type != "cpu" or not (attn.attn_drop > 0 or learned_mask)
@@ -244,7 +250,7 @@ def shard(loss_model, model):
     keeps only the state of that slice. fully_shard(module) makes one group of the module's parameters that no
     inner call took: before the module's forward the group's slices are all-gathered into full parameters,
     after it they are freed again, and after its backward its gradients are reduce-scattered (summed over the
-    ranks, each keeping its slice), then averaged. One group per transformer block (model.Block, the unit every
+    ranks, each keeping its slice), then averaged. One group per transformer block (encoder_blocks, the unit every
     encoder of both recipes is built from) means only about one block is ever whole in memory; the root group,
     on the LossModel, holds the rest (embeddings, heads, the temperature). The root must be the LossModel, not
     the model: the losses call model.encode_text() & co., which never run the model's own forward hooks.
@@ -257,7 +263,7 @@ def shard(loss_model, model):
         owner, _, attr = name.rpartition(".")
         p = model.get_parameter(name)
         setattr(model.get_submodule(owner), attr, torch.nn.Parameter(p.detach().reshape(1), p.requires_grad))
-    for block in [m for m in model.modules() if isinstance(m, Block)]:
+    for block in encoder_blocks(model):
         fully_shard(block)                   # inner groups first: each call takes the parameters no inner call took
     fully_shard(loss_model)                  # the root: what is left; FSDP keeps its parameters whole until backward
     model.fsdp_scalars = scalars             # (for the checkpoint helpers below)

@@ -362,6 +362,20 @@ def test_masks_built_once_per_encoder_pass(batch, monkeypatch):
     assert all(fast[1][f"vision.blocks.{i}.rel_pos.table"].abs().sum() > 0 for i in range(model.cfg.vision_layers))
 
 
+
+def test_a_training_run_gathers_the_position_biases_at_once(batch, monkeypatch):
+    """train.wrap gives a run's model the stacked position biases (runtime.stack_position_biases): one gather
+    per vision encoder pass, not one per block."""
+    import train
+    gathers = []
+    real = runtime.stacked_biases
+    monkeypatch.setattr(runtime, "stacked_biases", lambda rel_pos: gathers.append(len(rel_pos)) or real(rel_pos))
+    model = tiny_model()
+    train.wrap(model, train.TrainConfig(), {}, False, torch.device("cpu"))
+    with torch.no_grad():
+        model.encode_image(batch["image"]["image"])
+    assert gathers == [model.cfg.vision_layers]
+
 def test_all_fast_paths_together(batch):
     """losses.xfm_losses with SDPA == the slow reference with explicit attention, on all four data kinds; and the
     reference with every fast path switched on is xfm_losses itself (so the single-path tests above compare

@@ -191,9 +191,9 @@ CATALOGUE = [
         "MIM also regresses slot 0", f"{TL}::test_mim_loss_formula_and_unmasked_patches_do_not_count"),
     Bug("mask_token_swapped", M,
         "x = torch.where(mim_mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)\n"
-        "        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+P, D)",
+        "        cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)",
         "x = torch.where(mim_mask.unsqueeze(-1), x, self.mask_token.to(x.dtype))\n"
-        "        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+P, D)",
+        "        cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)",
         "the mask token replaces exactly the masked patches", f"{TM}::test_mask_token_replaces_exactly_the_masked_patches"),
     # --- the vision output and the fusion input
     Bug("vision_slot0_cls", M,
@@ -431,6 +431,9 @@ CATALOGUE = [
         "tables = torch.stack([rel_pos[0].table for m in rel_pos])",
         "every block's position bias, gathered at once, comes from its own table",
         "tests/test_fastpaths.py::test_masks_built_once_per_encoder_pass"),
+    Bug("stacked_biases_not_applied", T, "        runtime.stack_position_biases(model)\n", "        pass\n",
+        "a training run gathers every vision block's position bias at once (the fast path is applied)",
+        "tests/test_fastpaths.py::test_a_training_run_gathers_the_position_biases_at_once"),
     Bug("mask_per_layer", M, "        for blk in self.blocks:\n            x = blk(x, mask, image=image",
         "        for blk in self.blocks:\n            mask = additive_mask(att)\n            x = blk(x, mask, image=image",
         "the fusion encoder builds its masks once per pass, not per layer",

@@ -209,13 +209,15 @@ def stack_position_biases(model):
     forward pre-hook on the encoder gathers, one on each block hands its bias down (an argument of the block's
     forward, so --grad_ckpt keeps it as an input). Not under FSDP (train.wrap): there a block's table is whole
     only inside that block's forward."""
+    def gather(encoder, args, biases):
+        biases.update(enumerate(stacked_biases([b.rel_pos for b in encoder.blocks])))  # {i: (nh, N, N)}
+
     def hand_down(block, args, kwargs, i, biases):
-        return (args[0], biases.pop(i, None)), kwargs                      # (x, bias (nh, N, N))
+        return (args[0], biases.pop(i, None)), kwargs                      # (x, block i's bias)
 
     for encoder in [m for m in model.modules() if isinstance(m, VisionEncoder)]:
         biases = {}
-        encoder.register_forward_pre_hook(
-            lambda enc, args, biases=biases: biases.update(enumerate(stacked_biases([b.rel_pos for b in enc.blocks]))))
+        encoder.register_forward_pre_hook(functools.partial(gather, biases=biases))
         for i, block in enumerate(encoder.blocks):
             block.register_forward_pre_hook(functools.partial(hand_down, i=i, biases=biases), with_kwargs=True)
     return model

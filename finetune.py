@@ -293,7 +293,10 @@ def build_model(cfg, env, head, loss_fn, frozen=False):
     """TaskModel with env.ckpt's weights. A pre-trained checkpoint must load with exactly the new head's keys
     missing and nothing unexpected (MAE style); a checkpoint fine-tuned for this task with nothing missing."""
     mcfg = replace(flava.config_from_dict(env.ckpt["model_config"]), image_size=cfg.image_size)
-    model = TaskModel(flava.build_model(mcfg), head, loss_fn, frozen)  # X-FM or FLAVA, as the checkpoint says
+    xfm = flava.build_model(mcfg)                                       # X-FM or FLAVA, as the checkpoint says
+    runtime.choose_attention(xfm, env.device)                           # attn_impl auto: per device
+    runtime.stack_position_biases(xfm)                                  # a fast path, the same numbers
+    model = TaskModel(xfm, head, loss_fn, frozen)
     state = env.ckpt["model"] if env.finetuned else {"xfm." + k: v for k, v in env.ckpt["model"].items()}
     if head is None:  # attention maps from a fine-tuned model: its head is not needed
         state = {k: v for k, v in state.items() if not k.startswith("head.")}

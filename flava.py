@@ -4,7 +4,7 @@ the differences from X-FM are visible in one place. Everything FLAVA-specific is
 frozen image tokenizer that makes its MIM targets, its objectives and its data-kind sampling.
 
                      X-FM (model.py, losses.py)                    FLAVA (this file)
-    blocks           post-LN text/fusion, BEiT-v2 vision            pre-LN everywhere (model.Block, beit=False)
+    blocks           post-LN text/fusion, BEiT-v2 vision            pre-LN ViT blocks everywhere (ViTBlock)
     fusion           text queries cross-attend to the image         self-attention over [CLS_M; image; text]
     fusion input     the language encoder's output, DETACHED        both encoders' pre-final-LN states, projected
     image target     the same encoder's unmasked output (MSE)       discrete image-token ids (cross-entropy)
@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from losses import itc_loss, mlm_loss, patchify
-from model import PRESETS, XFM, Block, MLMHead, XFMConfig, additive_mask
+from model import MLP, PRESETS, XFM, Attention, MLMHead, XFMConfig, additive_mask
 
 # ---------------------------------------------------------------------------------------------------------
 # Config: X-FM's fields plus FLAVA's own
@@ -137,8 +137,26 @@ def _nearest(x, c, chunk=65536):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The three encoders: pre-LN ViT blocks (model.Block with beit=False). Each returns its last layer's states
-# BEFORE the final LayerNorm (the fusion encoder reads those); `norm` is applied by whoever reads features.
+# The three encoders: pre-LN ViT blocks. Each returns its last layer's states BEFORE the final LayerNorm (the
+# fusion encoder reads those); `norm` is applied by whoever reads features.
+
+
+class ViTBlock(nn.Module):
+    """FLAVA's layer, a plain pre-LN ViT block: no layer scale, a full qkv bias, no dropout, no drop path.
+        x = x + SelfAttn(LN(x), mask);  x = x + MLP(LN(x))
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.width
+        self.attn = Attention(D, cfg.heads, sdpa=cfg.attn_impl != "explicit")
+        self.norm1 = nn.LayerNorm(D, eps=cfg.ln_eps)
+        self.mlp = MLP(D, cfg.mlp_ratio * D)
+        self.norm2 = nn.LayerNorm(D, eps=cfg.ln_eps)
+
+    def forward(self, x, mask=None):
+        x = x + self.attn(self.norm1(x), mask=mask)
+        return x + self.mlp(self.norm2(x))
 
 
 class TextEncoder(nn.Module):
@@ -150,8 +168,7 @@ class TextEncoder(nn.Module):
         self.word_embed = nn.Embedding(cfg.vocab_size, cfg.width, padding_idx=cfg.pad_id)
         self.pos_embed = nn.Embedding(cfg.max_text_len, cfg.width)
         self.embed_norm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.blocks = nn.ModuleList([Block(cfg, pre_norm=True, beit=False, eps=cfg.ln_eps)
-                                     for _ in range(cfg.text_layers)])
+        self.blocks = nn.ModuleList([ViTBlock(cfg) for _ in range(cfg.text_layers)])
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
 
     def forward(self, ids, att):
@@ -177,8 +194,7 @@ class ImageEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, D))
-        self.blocks = nn.ModuleList([Block(cfg, pre_norm=True, beit=False, eps=cfg.ln_eps)
-                                     for _ in range(cfg.vision_layers)])
+        self.blocks = nn.ModuleList([ViTBlock(cfg) for _ in range(cfg.vision_layers)])
         self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
 
     def forward(self, images, mim_mask=None):
@@ -202,8 +218,7 @@ class FusionEncoder(nn.Module):
         self.image_to_mm = nn.Linear(D, D)
         self.text_to_mm = nn.Linear(D, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
-        self.blocks = nn.ModuleList([Block(cfg, pre_norm=True, beit=False, eps=cfg.ln_eps)
-                                     for _ in range(cfg.fusion_layers)])
+        self.blocks = nn.ModuleList([ViTBlock(cfg) for _ in range(cfg.fusion_layers)])
         self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
 
     def forward(self, t, att, v, image_mask=None):

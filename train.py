@@ -442,7 +442,7 @@ def setup_model(cfg, ckpt, recipe, model_cfg, streams, rank, ddp, device, bad):
     """-> (model, the module the loop calls, optimizer, the step to start from). The model (X-FM or FLAVA, as
     model_cfg says), the recipe's set-up (FLAVA: its image tokenizer) and the pre-trained encoders; a resume
     restores model, optimizer and streams instead."""
-    model = flava.build_model(model_cfg)
+    model = runtime.choose_attention(flava.build_model(model_cfg), device)  # attn_impl auto: per device
     if ckpt is None:
         recipe.prepare(cfg, model, streams, lambda fn: runtime.rank0_shares(fn, ddp, rank), atomic_save,
                        lambda x: tqdm(x, desc="image tokenizer", leave=False, disable=rank != 0))
@@ -471,6 +471,8 @@ def wrap(model, cfg, streams, ddp, device):
     shapes and no host syncs, and --compile pads texts to fixed lengths, so the graph compiles once, never breaks."""
     model = runtime.checkpoint_blocks(model) if cfg.grad_ckpt else model   # --grad_ckpt: recompute in backward
     loss_model = LossModel(model, cfg.stop_grad, cfg.recipe)
+    if not (ddp and cfg.fsdp):  # FSDP: a block's position bias table is whole only inside its forward
+        runtime.stack_position_biases(model)
     if ddp and cfg.fsdp:  # FSDP2 on every block, then on the LossModel: the root that runs every loss (runtime.shard)
         loss_model = runtime.shard(loss_model, model)
     elif ddp:
@@ -655,7 +657,8 @@ def train(cfg, ckpt, ddp, rank, world, device, held):
 
     final = {"final": True, "step": end_step, "wall_s": time.time() - t_start, "skipped_updates": skipped,
              "bad_input": bad.counts()}
-    model = runtime.unsharded(model, lambda: flava.build_model(model_cfg).to(device))  # FSDP: a plain copy per rank
+    build = lambda: runtime.choose_attention(flava.build_model(model_cfg), device).to(device)  # noqa: E731
+    model = runtime.unsharded(model, build)  # FSDP: a plain copy per rank
     if master and cfg.export:  # the final weights alone, a folder finetune.py --init reads (pretrained.export)
         pretrained.export(cfg.export, cfg.out_dir, model.state_dict(), asdict(model_cfg), asdict(cfg), end_step)
     finish(cfg, model, held_out, held_bad, history, final, bad, device, autocast, rank, world)

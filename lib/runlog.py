@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import time
+from dataclasses import asdict, fields
 
 try:
     import fcntl
@@ -19,7 +20,7 @@ except ImportError:  # Windows
 import torch
 import torch.distributed as dist
 
-from lib import runtime
+from lib import formats, pretrained, runtime, tokenizer
 
 
 class Meter:
@@ -183,3 +184,121 @@ def copy_log(src, dst, step):
             kept.append(line if line.endswith("\n") else line + "\n")
     with open(dst, "w", encoding="utf-8") as f:
         f.writelines(kept)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints and resuming a run (train.py)
+
+
+def save_checkpoint(path, model, optimizer, scaler, step, cfg, model_cfg, streams, extra, master):
+    """Every rank calls it (FSDP gathers the whole tensors from every rank's slices; each rank gives its random
+    state); rank 0 writes. Atomic: write path.tmp, then rename, so a crash never leaves a half-written checkpoint.
+    The model is the raw one (no DDP `module.` or compile `_orig_mod.` prefix), in the same format under FSDP."""
+    model_state, optimizer_state = runtime.full_state_dicts(model, optimizer)
+    rngs = runtime.rng_states()                     # hard negatives, dropout and drop path draw from each rank's own
+    if not master:
+        return
+    ckpt = {"model": model_state, "optimizer": optimizer_state,
+            "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
+            "rng": rngs, "data": {k: s.state_dict() for k, s in streams.items()},
+            "train_config": asdict(cfg), "model_config": asdict(model_cfg), **extra}
+    atomic_save(ckpt, path)
+    runtime.keep_checkpoints(path, step, cfg.keep_last)  # --keep_last: RUN/ckpt_STEP.pt, the oldest deleted
+
+
+def atomic_save(obj, path):
+    """torch.save to path.tmp, then rename: a crash never leaves a half-written file (finetune.py uses it too)."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, device):
+    """A checkpoint of train.py or finetune.py (the file, or a run folder for its ckpt.pt) -> its
+    dict, the model's keys without a DDP `module.` or compile `_orig_mod.` prefix. Read with
+    torch.load(weights_only=True) (pretrained.read_torch). A file that is no such checkpoint stops the
+    run with one line naming it: not a torch file, a pickle of other globals, no "model" state dict, a
+    model_config or step of the wrong type, or tensors that are not the model its model_config
+    describes (pretrained.check_state; of a fine-tuned checkpoint, its `xfm.` part)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no checkpoint at {path}")
+    ckpt = pretrained.read_torch(path, device)                            # tensors and plain types only
+    model = ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(model, dict) or not all(isinstance(k, str) for k in model):
+        what = formats.type_of(ckpt) if not isinstance(ckpt, dict) else 'no state dict under "model"'
+        raise SystemExit(f"error: {path}: not a checkpoint of train.py or finetune.py (it holds {what})")
+    if "step" in ckpt:
+        pretrained.config_int(ckpt, "step", path, least=0)
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in model.items()}
+    part = state if "task" not in ckpt else {k[4:]: v for k, v in state.items() if k.startswith("xfm.")}
+    pretrained.check_state(part, pretrained.model_of(ckpt.get("model_config"), path), path)
+    ckpt["model"] = state
+    return ckpt
+
+
+def resumed_run_dir(resume):
+    """The run folder of --resume (a run folder, or a checkpoint file in one)."""
+    return resume if os.path.isdir(resume) else os.path.dirname(resume) or "."
+
+
+def check_resume(resume, ckpt, given, config_cls, may_change):
+    """The config of a resumed run: the checkpoint's train_config (a config_cls, train.TrainConfig), with the
+    may_change keys (train.RESUME_MAY_CHANGE) the command line gives. Refused before anything is written, with one line: a key given with another value than the run's own,
+    a text length beyond the model's position table, or a checkpoint whose train_config config_cls does not
+    know. The out_dir defaults to the resumed run's folder; --stop_at and --overwrite belong to one command and
+    are not carried over."""
+    saved, known = ckpt.get("train_config"), {f.name for f in fields(config_cls)}
+    name = os.path.join(resume, "ckpt.pt") if os.path.isdir(resume) else resume
+    if not isinstance(saved, dict) or "task" in ckpt:
+        raise SystemExit(f"error: {name}: not a checkpoint of train.py (no train_config; a fine-tuned one?): "
+                         f"nothing to resume")
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise SystemExit(f"error: {name}: its train_config has keys this train.py does not know ({', '.join(unknown)}): "
+                         f"a checkpoint of another version of the code")
+    clash = [f"--{k}={v} (the run has {k}={saved[k]})" for k, v in given.items()
+             if k not in may_change and k in saved and v != saved[k]]
+    if clash:
+        raise SystemExit(f"error: {'; '.join(clash)}: a resumed run keeps its model, recipe, tokenizer, data and "
+                         f"optimizer settings ({name}); start a new run with --out_dir=NEW to change them "
+                         f"(train.py --help lists the keys a resume may change)")
+    own = {"out_dir": resumed_run_dir(resume), "stop_at": 0, "overwrite": False}  # this command's, not the run's
+    cfg = config_cls(**{**saved, **own, **given})
+    longest = max(cfg.text_len, cfg.caption_len)
+    if longest > ckpt["model_config"]["max_text_len"]:
+        raise SystemExit(f"error: --text_len/--caption_len {longest} is beyond the model's position table of "
+                         f"{ckpt['model_config']['max_text_len']} tokens ({name})")
+    if cfg.overwrite and os.path.abspath(cfg.out_dir) == os.path.abspath(resumed_run_dir(resume)):
+        raise SystemExit(f"error: --overwrite would delete the run that --resume={resume} continues")
+    return cfg
+
+
+def claim_run_folder(cfg, ckpt):
+    """Rank 0, before anything is written -> the folder's lock (RunLock), held until the run ends. Nothing
+    of another run is lost: a fresh run needs a folder without a run (or --overwrite: claim_fresh); a run
+    resumed in its own folder has a torn last log record cut off; one resumed into a new folder needs that folder
+    free too, and starts its log with the old run's records up to the checkpoint."""
+    lock = RunLock(cfg.out_dir)
+    try:
+        metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
+        if ckpt is not None and os.path.samefile(cfg.out_dir, resumed_run_dir(cfg.resume)):
+            repair_metrics(metrics)
+        else:
+            claim_fresh(cfg.out_dir, cfg.overwrite)
+            if ckpt is not None:
+                copy_log(os.path.join(resumed_run_dir(cfg.resume), "metrics.jsonl"), metrics, ckpt["step"])
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def run_tokenizer(ckpt, resume):
+    """A resumed run's own tokenizer: the checkpoint's copy (a checkpoint without one: its run folder's file)."""
+    if "tokenizer" in ckpt:
+        return tokenizer.Tokenizer.from_json(ckpt["tokenizer"])
+    path = os.path.join(resumed_run_dir(resume), "tokenizer.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: the checkpoint {resume} holds no tokenizer and {path} does not exist")
+    return tokenizer.Tokenizer.load(path)

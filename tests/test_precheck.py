@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import finetune
+from lib import runlog
 from lib import formats
 from lib import retrieval
 from lib import toyworld
@@ -112,7 +113,7 @@ def test_train_checks_the_held_out_set_before_step_1(world, tmp_path, monkeypatc
     train.main([f"--data_dir={d}", f"--out_dir={out}", *FAST, "--max_steps=2", "--stop_at=1"])
     assert f"{d / 'pairs_test.jsonl'}:9: unreadable image" in warned[0]  # said before the first update
     assert f"{d / 'pairs_test.jsonl'}:10: unreadable image" in warned[0]
-    assert train.load_checkpoint(str(out), "cpu")["bad_input"] == {"records": []}  # the held-out set is not saved ...
+    assert runlog.load_checkpoint(str(out), "cpu")["bad_input"] == {"records": []}  # the held-out set is not saved ...
     train.main([f"--resume={out}", "--stop_at=0"])                      # ... for a resume reads the set again
     finals = [r for r in map(json.loads, open(out / "metrics.jsonl")) if r.get("final")]
     assert [r["step"] for r in finals] == [1, 2]

@@ -19,7 +19,6 @@ With --recipe=flava (flava.py) a step is three updates too, each on ONE data kin
 """
 import json
 import os
-import resource
 import sys
 import textwrap
 import time
@@ -42,7 +41,6 @@ from lib import retrieval
 from lib import runlog
 from lib import runtime
 from lib import shards
-from lib import pictures
 from lib import toyworld
 from losses import xfm_losses
 from model import make_config
@@ -365,7 +363,7 @@ def wrap(model, cfg, streams, ddp, device):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Pieces of the loop: the batches of an update, a non-finite update, the end of the run (the log: lib/runlog.py)
+# Pieces of the loop: the batches of an update, a non-finite update (the log and the end of the run: lib/runlog.py)
 
 
 def next_batches(streams, kinds, accum, device, meter):
@@ -385,38 +383,6 @@ def nonfinite_everywhere(loss, ddp):
     if ddp:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() > 0
-
-
-def finish(cfg, model, held_out, held_bad, history, final, bad, device, autocast, rank, world):
-    """Every rank, on the raw model: zero-shot retrieval on the held-out pairs (held_out: read and checked before
-    step 1, or None), split over the ranks (each rank encodes and re-ranks its share, lib/retrieval.py); then, on rank
-    0, the final metrics record, the loss-curve picture and the summary. held_bad: what the start-up read of the
-    held-out pairs skipped, added to the run's count here. An image that no longer decodes at the end (its file
-    changed during the run) costs a single process its evaluation, not the record: the record says why
-    (retrieval_error); under torchrun the error stops every rank."""
-    metrics_path, master = os.path.join(cfg.out_dir, "metrics.jsonl"), rank == 0
-    for kind, n in held_bad.counts().items():
-        bad.add(kind, n)
-    final["bad_input"] = bad.counts()
-    if held_out is not None:
-        try:
-            final["retrieval"] = retrieval.evaluate_retrieval(model, held_out, device, cfg.eval_k, cfg.eval_batch_size,
-                                                              autocast, rank, world, cfg.num_workers)
-            final["retrieval"]["n_images"], final["retrieval"]["n_texts"] = len(held_out["image"]), len(held_out["ids"])
-        except OSError as e:  # one rank alone would leave the others waiting in the gather
-            if world > 1:
-                raise
-            final["retrieval_error"] = f"{type(e).__name__}: {e}"
-            print(f"warning: no retrieval evaluation: {final['retrieval_error']}", file=sys.stderr, flush=True)
-    final["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if device.type == "cuda":
-        final["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-    if master:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(final) + "\n")
-        records = [json.loads(line) for line in open(metrics_path) if '"final"' not in line]
-        pictures.plot_curves(records, os.path.join(cfg.out_dir, "loss_curves.png"))
-        runlog.print_summary(history, final, cfg, bad)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -540,7 +506,7 @@ def train(cfg, ckpt, ddp, rank, world, device, held):
     model = runtime.unsharded(model, lambda: flava.build_model(model_cfg).to(device))  # FSDP: a plain copy per rank
     if master and cfg.export:  # the final weights alone, a folder finetune.py --init reads (pretrained.export)
         pretrained.export(cfg.export, cfg.out_dir, model.state_dict(), asdict(model_cfg), asdict(cfg), end_step)
-    finish(cfg, model, held_out, held_bad, history, final, bad, device, autocast, rank, world)
+    runlog.finish(cfg, model, held_out, held_bad, history, final, bad, device, autocast, rank, world)
     if ddp:
         dist.barrier()
     return {"history": history, "final": final}

@@ -8,7 +8,9 @@ at a time writes a folder (RunLock), and a resumed run cuts a torn last record o
 import json
 import os
 import re
+import resource
 import socket
+import sys
 import time
 from dataclasses import asdict, fields
 
@@ -20,7 +22,7 @@ except ImportError:  # Windows
 import torch
 import torch.distributed as dist
 
-from lib import formats, pretrained, runtime, tokenizer
+from lib import formats, pictures, pretrained, retrieval, runtime, tokenizer
 
 
 class Meter:
@@ -302,3 +304,39 @@ def run_tokenizer(ckpt, resume):
     if not os.path.isfile(path):
         raise SystemExit(f"error: the checkpoint {resume} holds no tokenizer and {path} does not exist")
     return tokenizer.Tokenizer.load(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The end of a run (train.py)
+
+
+def finish(cfg, model, held_out, held_bad, history, final, bad, device, autocast, rank, world):
+    """Every rank, on the raw model: zero-shot retrieval on the held-out pairs (held_out: read and checked before
+    step 1, or None), split over the ranks (each rank encodes and re-ranks its share, lib/retrieval.py); then, on rank
+    0, the final metrics record, the loss-curve picture and the summary. held_bad: what the start-up read of the
+    held-out pairs skipped, added to the run's count here. An image that no longer decodes at the end (its file
+    changed during the run) costs a single process its evaluation, not the record: the record says why
+    (retrieval_error); under torchrun the error stops every rank."""
+    metrics_path, master = os.path.join(cfg.out_dir, "metrics.jsonl"), rank == 0
+    for kind, n in held_bad.counts().items():
+        bad.add(kind, n)
+    final["bad_input"] = bad.counts()
+    if held_out is not None:
+        try:
+            final["retrieval"] = retrieval.evaluate_retrieval(model, held_out, device, cfg.eval_k, cfg.eval_batch_size,
+                                                              autocast, rank, world, cfg.num_workers)
+            final["retrieval"]["n_images"], final["retrieval"]["n_texts"] = len(held_out["image"]), len(held_out["ids"])
+        except OSError as e:  # one rank alone would leave the others waiting in the gather
+            if world > 1:
+                raise
+            final["retrieval_error"] = f"{type(e).__name__}: {e}"
+            print(f"warning: no retrieval evaluation: {final['retrieval_error']}", file=sys.stderr, flush=True)
+    final["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        final["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    if master:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(final) + "\n")
+        records = [json.loads(line) for line in open(metrics_path) if '"final"' not in line]
+        pictures.plot_curves(records, os.path.join(cfg.out_dir, "loss_curves.png"))
+        print_summary(history, final, cfg, bad)

@@ -138,12 +138,12 @@ def test_an_evaluation_that_fails_at_the_end_still_writes_the_final_record(tmp_p
     held_bad.report("unreadable image", "pairs_test.jsonl:3", "img/x.jpg: cannot identify image file")
     final = {"final": True, "step": 1, "wall_s": 1.0, "skipped_updates": 0}
     args = (None, {"image": [], "ids": []}, held_bad, [], final, quiet(), torch.device("cpu"), nullcontext, 0)
-    train.finish(cfg, *args, 1)
+    runlog.finish(cfg, *args, 1)
     rec = json.loads(open(tmp_path / "metrics.jsonl").read())
     assert rec["retrieval_error"] == "OSError: image file is truncated (7 bytes not processed)"
     assert rec["bad_input"] == {"unreadable image": 1} and "retrieval" not in rec
     with pytest.raises(OSError):  # under torchrun every rank stops (no rank left waiting in a gather)
-        train.finish(cfg, *args, 2)
+        runlog.finish(cfg, *args, 2)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -4,6 +4,10 @@ into one metrics.jsonl record (averaged over the ranks), and print_summary print
 losses from the first log to the last, zero-shot retrieval, bad input skipped. The run folder's rules (docs/
 TRAINING.md "The run folder"): a fresh run never writes into a folder that holds a run (claim_fresh), one process
 at a time writes a folder (RunLock), and a resumed run cuts a torn last record off its log (repair_metrics).
+
+The rest of train.py's run-folder work: checkpoints (save_checkpoint, written atomically; load_checkpoint), a
+resume (check_resume: the run's own config; claim_run_folder; run_tokenizer), the run's tokenizer on every rank
+(shared_tokenizer), and the held-out pairs read before step 1 (load_held_out) and evaluated at the end (finish).
 """
 import json
 import os
@@ -246,10 +250,10 @@ def resumed_run_dir(resume):
 
 def check_resume(resume, ckpt, given, config_cls, may_change):
     """The config of a resumed run: the checkpoint's train_config (a config_cls, train.TrainConfig), with the
-    may_change keys (train.RESUME_MAY_CHANGE) the command line gives. Refused before anything is written, with one line: a key given with another value than the run's own,
-    a text length beyond the model's position table, or a checkpoint whose train_config config_cls does not
-    know. The out_dir defaults to the resumed run's folder; --stop_at and --overwrite belong to one command and
-    are not carried over."""
+    may_change keys (train.RESUME_MAY_CHANGE) the command line gives. Refused before anything is written, with
+    one line: a key given with another value than the run's own, a text length beyond the model's position
+    table, or a checkpoint whose train_config config_cls does not know. The out_dir defaults to the resumed
+    run's folder; --stop_at and --overwrite belong to one command and are not carried over."""
     saved, known = ckpt.get("train_config"), {f.name for f in fields(config_cls)}
     name = os.path.join(resume, "ckpt.pt") if os.path.isdir(resume) else resume
     if not isinstance(saved, dict) or "task" in ckpt:
@@ -257,8 +261,8 @@ def check_resume(resume, ckpt, given, config_cls, may_change):
                          f"nothing to resume")
     unknown = sorted(set(saved) - known)
     if unknown:
-        raise SystemExit(f"error: {name}: its train_config has keys this train.py does not know ({', '.join(unknown)}): "
-                         f"a checkpoint of another version of the code")
+        raise SystemExit(f"error: {name}: its train_config has keys this train.py does not know "
+                         f"({', '.join(unknown)}): a checkpoint of another version of the code")
     clash = [f"--{k}={v} (the run has {k}={saved[k]})" for k, v in given.items()
              if k not in may_change and k in saved and v != saved[k]]
     if clash:
@@ -306,8 +310,32 @@ def run_tokenizer(ckpt, resume):
     return tokenizer.Tokenizer.load(path)
 
 
+def shared_tokenizer(cfg, ckpt, ddp, rank):
+    """The run's tokenizer on every rank: rank 0 takes a resumed run's own (run_tokenizer) or trains (or loads) one
+    (tokenizer.get_tokenizer) and saves it in the run folder too, so the folder is a complete --init for
+    finetune.py; every rank gets its JSON, so no rank re-decides from its own disk and the nodes need no shared
+    folder for it."""
+    def prepare():
+        if ckpt is not None:
+            tok = run_tokenizer(ckpt, cfg.resume)
+        else:
+            tok = tokenizer.get_tokenizer(cfg.data_dir, cfg.out_dir, cfg.vocab_size, cfg.tokenizer or None,
+                                          cfg.image_root)
+        tok.save(os.path.join(cfg.out_dir, "tokenizer.json"))
+        return tok.to_json()
+    return tokenizer.Tokenizer.from_json(runtime.rank0_shares(prepare, ddp, rank))
+
+
 # ---------------------------------------------------------------------------------------------------------
-# The end of a run (train.py)
+# The held-out pairs: read before step 1, evaluated at the end (train.py)
+
+
+def load_held_out(cfg, sources, tok, image_size, held_bad, ddp, rank):
+    """The held-out pairs (sources["pair_test"], or None without one), each image decoded before step 1: a bad one
+    is skipped now (counted in held_bad), a set left empty stops the run here. Rank 0 reads, every rank gets it."""
+    return runtime.rank0_shares(lambda: retrieval.load_retrieval_set(
+        sources["pair_test"], tok, image_size, cfg.caption_len, held_bad, cfg.image_root),
+        ddp, rank) if "pair_test" in sources else None
 
 
 def finish(cfg, model, held_out, held_bad, history, final, bad, device, autocast, rank, world):

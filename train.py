@@ -35,7 +35,12 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import flava
-from lib import cli, formats, pretrained, runlog, runtime, shards
+from lib import cli
+from lib import formats
+from lib import pretrained
+from lib import runlog
+from lib import runtime
+from lib import shards
 from losses import xfm_losses
 from model import XFM, make_config
 

@@ -69,7 +69,8 @@ def config_from_dict(d):
 
 
 def build_model(cfg):
-    """XFM or FLAVA, whichever the config describes."""
+    """XFM or FLAVA, whichever the config describes (a checkpoint's model_config: finetune.py,
+    lib/pretrained.py; train.py builds the model of its --recipe, train.MODELS)."""
     return FLAVA(cfg) if isinstance(cfg, FLAVAConfig) else XFM(cfg)
 
 

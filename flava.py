@@ -27,7 +27,7 @@ embedding and uses the project's BPE, not BERT's WordPiece.
 """
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -69,7 +69,8 @@ def config_from_dict(d):
 
 
 def build_model(cfg):
-    """XFM or FLAVA, whichever the config describes."""
+    """XFM or FLAVA, whichever the config describes (a checkpoint's model_config: finetune.py,
+    lib/pretrained.py; train.py builds the model of its --recipe, train.MODELS)."""
     return FLAVA(cfg) if isinstance(cfg, FLAVAConfig) else XFM(cfg)
 
 
@@ -411,10 +412,20 @@ def fit_image_tokenizer(model, dataset, n_images=2000, seed=0, progress=None):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# FLAVA's part of a train.py run (train.RECIPES["flava"])
+# FLAVA's part of a train.py run (train.py --recipe=flava)
 
 XFM_ONLY_KEYS = ("stop_grad", "mim_target", "schedule", "init_text", "init_vision", "lr_mult")
 RUN_DEFAULTS = {"weight_decay": 0.1, "beta2": 0.999}  # AdamW as in the FLAVA paper (docs/METHOD.md §8.5)
+DATA_KINDS = ("text", "pair", "image")  # no region objective; pairs masked 15 %, BERT style
+
+
+def run_settings(cfg, given, fresh):
+    """A FLAVA run's config (cfg: train.TrainConfig; given: the keys the command line set): an X-FM key given is
+    refused rather than silently ignored; a fresh run takes RUN_DEFAULTS where the command line says nothing."""
+    refused = [k for k in XFM_ONLY_KEYS if k in given]
+    if refused:
+        raise SystemExit(f"error: --{refused[0]} belongs to the xfm recipe; flava has no such option")
+    return replace(cfg, **{k: v for k, v in RUN_DEFAULTS.items() if k not in given}) if fresh else cfg
 
 
 def run_config(cfg, tok):
@@ -423,14 +434,18 @@ def run_config(cfg, tok):
                              max_text_len=max(cfg.caption_len, cfg.text_len), codebook_size=cfg.codebook_size)
 
 
-def update_plan(cfg, streams):
-    """step -> the data kind of each of the step's three updates, one kind per update, drawn with
-    --flava_ratios (the same on every rank: sample_kind)."""
+def run_ratios(cfg, streams):
+    """--flava_ratios as {kind: weight} over the kinds the run has (parse_ratios); a bad value stops the run."""
     try:
-        ratios = parse_ratios(cfg.flava_ratios, streams)
+        return parse_ratios(cfg.flava_ratios, streams)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    return lambda step: [[sample_kind(ratios, cfg.seed, step, u)] for u in range(3)]
+
+
+def step_updates(ratios, seed, step):
+    """The data kinds of each of a step's three updates: one kind per update, drawn with ratios (the same on every
+    rank: sample_kind)."""
+    return [(sample_kind(ratios, seed, step, u),) for u in range(3)]
 
 
 def prepare_run(cfg, model, streams, share, save, progress=None):

@@ -272,6 +272,18 @@ def shard(loss_model, model):
     return loss_model
 
 
+def distribute(loss_model, model, ddp, fsdp, device, find_unused):
+    """The loss module as every rank runs it under torchrun: sharded by FSDP2 with --fsdp (shard: every block, then
+    the loss module, the root that runs every loss), else in DDP, which looks for parameters an update leaves
+    unused when find_unused; without torchrun the module itself."""
+    if ddp and fsdp:
+        return shard(loss_model, model)
+    if ddp:
+        return torch.nn.parallel.DistributedDataParallel(loss_model, find_unused_parameters=find_unused,
+                                                         device_ids=[device.index] if device.type == "cuda" else None)
+    return loss_model
+
+
 def is_sharded(model):
     return hasattr(model, "fsdp_scalars")
 

@@ -364,17 +364,19 @@ def test_masks_built_once_per_encoder_pass(batch, monkeypatch):
 
 
 def test_a_training_run_gathers_the_position_biases_at_once(batch, monkeypatch):
-    """train.wrap gives a run's model the stacked position biases (runtime.stack_position_biases): one gather
-    per vision encoder pass, not one per block."""
+    """train.setup_model gives a run's model the stacked position biases (runtime.stack_position_biases): one
+    gather per vision encoder pass, not one per block."""
     import train
+    from lib import formats
     gathers = []
     real = runtime.stacked_biases
     monkeypatch.setattr(runtime, "stacked_biases", lambda rel_pos: gathers.append(len(rel_pos)) or real(rel_pos))
-    model = tiny_model()
-    train.wrap(model, train.TrainConfig(), {}, False, torch.device("cpu"))
+    ctx = train.Context(None, False, 0, 1, torch.device("cpu"), formats.BadInput())
+    model = train.setup_model(train.TrainConfig(), ctx, tiny_config(), {})[0]
     with torch.no_grad():
         model.encode_image(batch["image"]["image"])
     assert gathers == [model.cfg.vision_layers]
+
 
 def test_all_fast_paths_together(batch):
     """losses.xfm_losses with SDPA == the slow reference with explicit attention, on all four data kinds; and the

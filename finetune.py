@@ -293,7 +293,10 @@ def build_model(cfg, env, head, loss_fn, frozen=False):
     """TaskModel with env.ckpt's weights. A pre-trained checkpoint must load with exactly the new head's keys
     missing and nothing unexpected (MAE style); a checkpoint fine-tuned for this task with nothing missing."""
     mcfg = replace(flava.config_from_dict(env.ckpt["model_config"]), image_size=cfg.image_size)
-    model = TaskModel(flava.build_model(mcfg), head, loss_fn, frozen)  # X-FM or FLAVA, as the checkpoint says
+    xfm = flava.build_model(mcfg)                                       # X-FM or FLAVA, as the checkpoint says
+    runtime.choose_attention(xfm, env.device)                           # attn_impl auto: per device
+    runtime.stack_position_biases(xfm)                                  # a fast path, the same numbers
+    model = TaskModel(xfm, head, loss_fn, frozen)
     state = env.ckpt["model"] if env.finetuned else {"xfm." + k: v for k, v in env.ckpt["model"].items()}
     if head is None:  # attention maps from a fine-tuned model: its head is not needed
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
@@ -418,7 +421,7 @@ def fit(cfg, env, model, train_set, evaluate, out, meta):
         if history:  # written atomically: a crash never leaves half a checkpoint
             ckpt = {"model": model.state_dict(), "model_config": asdict(model.xfm.cfg), "task": cfg.task, "meta": meta,
                     "finetune_config": asdict(cfg), "pretrain_config": env.ckpt.get("train_config"), "result": result}
-            train.atomic_save(ckpt, os.path.join(out, "ckpt.pt"))
+            runlog.atomic_save(ckpt, os.path.join(out, "ckpt.pt"))
     if env.ddp:
         dist.barrier()
     return result
@@ -696,10 +699,10 @@ RUNNERS = {"textcls": run_textcls, "imgcls": run_imgcls, "vqa": run_vqa, "nlvr":
 def load_init(cfg, ddp, rank, world, device):
     """What every task needs (an Env): the --init checkpoint and its kind (pre-trained by train.py or fine-tuned
     here), its tokenizer, the (distributed) device, autocast and the GradScaler. A file that is not what it should
-    be stops the run with one line naming it, before any work (pretrained.read_export, train.load_checkpoint,
+    be stops the run with one line naming it, before any work (pretrained.read_export, runlog.load_checkpoint,
     tokenizer.Tokenizer.load)."""
     if cfg.init:  # an export folder (train.py --export, tools/export.py) or a checkpoint, read the same way
-        ckpt = pretrained.read_export(cfg.init) if pretrained.is_export(cfg.init) else train.load_checkpoint(cfg.init, "cpu")
+        ckpt = pretrained.read_export(cfg.init) if pretrained.is_export(cfg.init) else runlog.load_checkpoint(cfg.init, "cpu")
         run_dir = cfg.init if os.path.isdir(cfg.init) else os.path.dirname(cfg.init) or "."
         tok_path = cfg.tokenizer or (ckpt["tokenizer"] if pretrained.is_export(cfg.init)   # the export's own
                                      else os.path.join(run_dir, "tokenizer.json"))

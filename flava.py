@@ -4,7 +4,7 @@ the differences from X-FM are visible in one place. Everything FLAVA-specific is
 frozen image tokenizer that makes its MIM targets, its objectives and its data-kind sampling.
 
                      X-FM (model.py, losses.py)                    FLAVA (this file)
-    blocks           post-LN text/fusion, BEiT-v2 vision            pre-LN everywhere (model.Block, beit=False)
+    blocks           post-LN text/fusion, BEiT-v2 vision            pre-LN ViT blocks everywhere (ViTBlock)
     fusion           text queries cross-attend to the image         self-attention over [CLS_M; image; text]
     fusion input     the language encoder's output, DETACHED        both encoders' pre-final-LN states, projected
     image target     the same encoder's unmasked output (MSE)       discrete image-token ids (cross-entropy)
@@ -27,7 +27,7 @@ embedding and uses the project's BPE, not BERT's WordPiece.
 """
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import losses
 from lib import fast_losses
 from losses import patchify
-from model import PRESETS, XFM, Block, MLMHead, XFMConfig, additive_mask
+from model import MLP, PRESETS, XFM, Attention, MLMHead, XFMConfig, additive_mask
 
 # ---------------------------------------------------------------------------------------------------------
 # Config: X-FM's fields plus FLAVA's own
@@ -71,7 +71,8 @@ def config_from_dict(d):
 
 
 def build_model(cfg):
-    """XFM or FLAVA, whichever the config describes."""
+    """XFM or FLAVA, whichever the config describes (a checkpoint's model_config: finetune.py,
+    lib/pretrained.py; train.py builds the model of its --recipe, train.MODELS)."""
     return FLAVA(cfg) if isinstance(cfg, FLAVAConfig) else XFM(cfg)
 
 
@@ -139,8 +140,26 @@ def _nearest(x, c, chunk=65536):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The three encoders: pre-LN ViT blocks (model.Block with beit=False). Each returns its last layer's states
-# BEFORE the final LayerNorm (the fusion encoder reads those); `norm` is applied by whoever reads features.
+# The three encoders: pre-LN ViT blocks. Each returns its last layer's states BEFORE the final LayerNorm (the
+# fusion encoder reads those); `norm` is applied by whoever reads features.
+
+
+class ViTBlock(nn.Module):
+    """FLAVA's layer, a plain pre-LN ViT block: no layer scale, a full qkv bias, no dropout, no drop path.
+        x = x + SelfAttn(LN(x), mask);  x = x + MLP(LN(x))
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.width
+        self.attn = Attention(D, cfg.heads, sdpa=cfg.attn_impl != "explicit")
+        self.norm1 = nn.LayerNorm(D, eps=cfg.ln_eps)
+        self.mlp = MLP(D, cfg.mlp_ratio * D)
+        self.norm2 = nn.LayerNorm(D, eps=cfg.ln_eps)
+
+    def forward(self, x, mask=None):
+        x = x + self.attn(self.norm1(x), mask=mask)
+        return x + self.mlp(self.norm2(x))
 
 
 class TextEncoder(nn.Module):
@@ -152,8 +171,7 @@ class TextEncoder(nn.Module):
         self.word_embed = nn.Embedding(cfg.vocab_size, cfg.width, padding_idx=cfg.pad_id)
         self.pos_embed = nn.Embedding(cfg.max_text_len, cfg.width)
         self.embed_norm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
-        self.blocks = nn.ModuleList([Block(cfg, pre_norm=True, beit=False, eps=cfg.ln_eps)
-                                     for _ in range(cfg.text_layers)])
+        self.blocks = nn.ModuleList([ViTBlock(cfg) for _ in range(cfg.text_layers)])
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.ln_eps)
 
     def forward(self, ids, att):
@@ -179,8 +197,7 @@ class ImageEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, D))
-        self.blocks = nn.ModuleList([Block(cfg, pre_norm=True, beit=False, eps=cfg.ln_eps)
-                                     for _ in range(cfg.vision_layers)])
+        self.blocks = nn.ModuleList([ViTBlock(cfg) for _ in range(cfg.vision_layers)])
         self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
 
     def forward(self, images, mim_mask=None):
@@ -204,8 +221,7 @@ class FusionEncoder(nn.Module):
         self.image_to_mm = nn.Linear(D, D)
         self.text_to_mm = nn.Linear(D, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
-        self.blocks = nn.ModuleList([Block(cfg, pre_norm=True, beit=False, eps=cfg.ln_eps)
-                                     for _ in range(cfg.fusion_layers)])
+        self.blocks = nn.ModuleList([ViTBlock(cfg) for _ in range(cfg.fusion_layers)])
         self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
 
     def forward(self, t, att, v, image_mask=None):
@@ -406,10 +422,20 @@ def fit_image_tokenizer(model, dataset, n_images=2000, seed=0, progress=None):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# FLAVA's part of a train.py run (train.RECIPES["flava"])
+# FLAVA's part of a train.py run (train.py --recipe=flava)
 
 XFM_ONLY_KEYS = ("stop_grad", "mim_target", "schedule", "init_text", "init_vision", "lr_mult")
 RUN_DEFAULTS = {"weight_decay": 0.1, "beta2": 0.999}  # AdamW as in the FLAVA paper (docs/METHOD.md §8.5)
+DATA_KINDS = ("text", "pair", "image")  # no region objective; pairs masked 15 %, BERT style
+
+
+def run_settings(cfg, given, fresh):
+    """A FLAVA run's config (cfg: train.TrainConfig; given: the keys the command line set): an X-FM key given is
+    refused rather than silently ignored; a fresh run takes RUN_DEFAULTS where the command line says nothing."""
+    refused = [k for k in XFM_ONLY_KEYS if k in given]
+    if refused:
+        raise SystemExit(f"error: --{refused[0]} belongs to the xfm recipe; flava has no such option")
+    return replace(cfg, **{k: v for k, v in RUN_DEFAULTS.items() if k not in given}) if fresh else cfg
 
 
 def run_config(cfg, tok):
@@ -418,14 +444,18 @@ def run_config(cfg, tok):
                              max_text_len=max(cfg.caption_len, cfg.text_len), codebook_size=cfg.codebook_size)
 
 
-def update_plan(cfg, streams):
-    """step -> the data kind of each of the step's three updates, one kind per update, drawn with
-    --flava_ratios (the same on every rank: sample_kind)."""
+def run_ratios(cfg, streams):
+    """--flava_ratios as {kind: weight} over the kinds the run has (parse_ratios); a bad value stops the run."""
     try:
-        ratios = parse_ratios(cfg.flava_ratios, streams)
+        return parse_ratios(cfg.flava_ratios, streams)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    return lambda step: [[sample_kind(ratios, cfg.seed, step, u)] for u in range(3)]
+
+
+def step_updates(ratios, seed, step):
+    """The data kinds of each of a step's three updates: one kind per update, drawn with ratios (the same on every
+    rank: sample_kind)."""
+    return [(sample_kind(ratios, seed, step, u),) for u in range(3)]
 
 
 def prepare_run(cfg, model, streams, share, save, progress=None):

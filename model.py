@@ -1,17 +1,21 @@
 """
 The X-FM model: a language encoder, a vision encoder and a fusion encoder, written by hand.
 
-    language encoder  E_t  RoBERTa style: word + learned position embeddings, post-LN blocks, MLM head
-    vision encoder    E_v  BEiT-v2 style: conv patches, CLS, mask token, pre-LN blocks with layer scale,
-                           drop path and a relative position bias in every block; output
+    language encoder  E_t  RoBERTa style: word + learned position embeddings, post-LN blocks,
+                           MLM head
+    vision encoder    E_v  BEiT-v2 style: conv patches, CLS, mask token, pre-LN blocks with layer
+                           scale, drop path and a relative position bias in every block; output
                            v = [mean of LayerNormed patches, LayerNormed patches]  (B, 1+P, D)
-    fusion encoder    F    post-LN blocks: self-attention over text, cross-attention from text (queries)
-                           to image tokens (keys/values), FFN; input = the language encoder's states
-    heads                  ITC projections + temperature, ITM head, box head, the fusion encoder's MLM head
+    fusion encoder    F    post-LN blocks: self-attention over text, cross-attention from text
+                           (queries) to image tokens (keys/values), FFN; input = the language
+                           encoder's states
+    heads                  ITC projections + temperature, ITM head, box head, the fusion encoder's
+                           MLM head
 
-This file holds only the modules and their forward passes. The objectives (and the stop-gradient that
-is X-FM's first idea) live in losses.py; the training loop in train.py. The method: docs/METHOD.md §1.
-FLAVA (flava.py) builds its encoders from the same Attention, MLP, Block and MLMHead.
+This file holds only the modules and their forward passes. The objectives (and the stop-gradient
+that is X-FM's first idea) live in losses.py; the training loop in train.py. The method:
+docs/METHOD.md §1.
+FLAVA (flava.py) builds its encoders from the same Attention, MLP and MLMHead.
 
 Try it:  python model.py            (prints the parameter count of every preset)
 """
@@ -22,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Config
 
 
@@ -45,7 +49,9 @@ class XFMConfig:
     layer_scale: float = 0.1     # BEiT-v2 layer-scale init (gamma_1, gamma_2)
     temp: float = 0.07           # ITC temperature init, clamped to [0.001, 0.5]
     mim_target: str = "vl"       # vl (X-FM) | pixel (MAE-style, adds a pixel head) | off
-    attn_impl: str = "auto"      # auto (the faster per call, see Attention) | sdpa | explicit (softmax written out)
+    # sdpa | explicit (the softmax written out) | auto: SDPA here; runtime.choose_attention (lib/)
+    # picks per device
+    attn_impl: str = "auto"
 
     @property
     def grid(self):
@@ -79,16 +85,17 @@ def make_config(preset="tiny", **overrides):
     return XFMConfig(**{**PRESETS[preset], **overrides})
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Building blocks: attention, MLP, drop path, relative position bias, Block
 
 
 class RelativePositionBias(nn.Module):
     """BEiT's learned relative position bias for a g x g patch grid plus a CLS token.
 
-    The table holds one bias per head for every relative offset (dy, dx) in [-(g-1), g-1]^2, i.e. (2g-1)^2
-    entries, plus 3 extra entries for cls->token, token->cls and cls->cls. `index[i, j]` says which entry
-    the pair (query i, key j) uses, for the N = g*g + 1 tokens [CLS, patches].
+    The table holds one bias per head for every relative offset (dy, dx) in [-(g-1), g-1]^2, i.e.
+    (2g-1)^2 entries, plus 3 extra entries for cls->token, token->cls and cls->cls. `index[i, j]`
+    says which entry the pair (query i, key j) uses, for the N = g*g + 1 tokens [CLS, patches].
+    forward() -> the bias (nh, N, N).
     """
 
     def __init__(self, grid, heads):
@@ -97,9 +104,9 @@ class RelativePositionBias(nn.Module):
         self.table = nn.Parameter(torch.zeros(self.num_distances, heads))  # ((2g-1)^2 + 3, nh)
         ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
         coords = torch.stack([ys.flatten(), xs.flatten()])               # (2, P)
-        rel = coords[:, :, None] - coords[:, None, :]                      # (2, P, P) offsets query - key
-        rel = rel.permute(1, 2, 0) + (grid - 1)                            # (P, P, 2), each in [0, 2g-2]
-        patch_index = rel[..., 0] * (2 * grid - 1) + rel[..., 1]           # (P, P) row-major offset id
+        rel = coords[:, :, None] - coords[:, None, :]          # (2, P, P) offsets query - key
+        rel = rel.permute(1, 2, 0) + (grid - 1)                # (P, P, 2), each in [0, 2g-2]
+        patch_index = rel[..., 0] * (2 * grid - 1) + rel[..., 1]  # (P, P) row-major offset id
         index = torch.zeros(grid * grid + 1, grid * grid + 1, dtype=torch.long)
         index[1:, 1:] = patch_index
         index[0, :] = self.num_distances - 3                               # cls -> token
@@ -107,51 +114,54 @@ class RelativePositionBias(nn.Module):
         index[0, 0] = self.num_distances - 1                               # cls -> cls
         self.register_buffer("index", index, persistent=False)
 
-    @staticmethod
-    def stacked(modules):
-        """The biases of L blocks (one module each) in one gather from a stack of their tables: a few ops per encoder
-        pass, not a gather, copy and backward per block (each table's gradient comes back through the stack)."""
-        tables = torch.stack([m.table for m in modules])                   # (L, (2g-1)^2 + 3, nh)
-        return tables[:, modules[0].index].permute(0, 3, 1, 2).contiguous()  # (L, nh, N, N)
+    def forward(self):
+        return self.table[self.index].permute(2, 0, 1).contiguous()      # (N, N, nh) -> (nh, N, N)
 
 
 def resize_rel_pos(table, old_grid, new_grid):
-    """A relative position bias table for a new patch grid (fine-tuning at another image size, docs/METHOD.md §7.4).
+    """A relative position bias table for a new patch grid (fine-tuning at another image size,
+    docs/METHOD.md §7.4).
 
-    table ((2g-1)^2 + 3, nh) -> ((2g'-1)^2 + 3, nh). The (2g-1) x (2g-1) map of offsets (dy, dx) is resized
-    bicubically with align_corners=True, so the zero offset stays at the centre and the largest offsets at the
-    corners; the 3 CLS entries are kept as they are. (BEiT samples the old map at geometrically spaced points
-    with scipy's cubic interpolation; a plain bicubic resize is our choice: no scipy.) Same grid: a copy.
+    table ((2g-1)^2 + 3, nh) -> ((2g'-1)^2 + 3, nh). The (2g-1) x (2g-1) map of offsets (dy, dx) is
+    resized bicubically with align_corners=True, so the zero offset stays at the centre and the
+    largest offsets at the corners; the 3 CLS entries are kept as they are. (BEiT samples the old
+    map at geometrically spaced points with scipy's cubic interpolation; a plain bicubic resize is
+    our choice: no scipy.) Same grid: a copy.
     """
     if old_grid == new_grid:
         return table.clone()
     n_old, n_new, heads = 2 * old_grid - 1, 2 * new_grid - 1, table.shape[1]
-    assert table.shape[0] == n_old ** 2 + 3, f"table has {table.shape[0]} rows, not (2*{old_grid}-1)^2 + 3"
-    grid = table[:-3].float().t().reshape(1, heads, n_old, n_old)        # (1, nh, 2g-1, 2g-1) offset map
+    assert table.shape[0] == n_old ** 2 + 3, \
+        f"table has {table.shape[0]} rows, not (2*{old_grid}-1)^2 + 3"
+    grid = table[:-3].float().t().reshape(1, heads, n_old, n_old)  # (1, nh, 2g-1, 2g-1) offset map
     grid = F.interpolate(grid, size=(n_new, n_new), mode="bicubic", align_corners=True)
-    grid = grid.reshape(heads, n_new * n_new).t().to(table.dtype)         # ((2g'-1)^2, nh), row-major as the index
-    return torch.cat([grid, table[-3:]], dim=0)                           # + cls->token, token->cls, cls->cls
+    # ((2g'-1)^2, nh), row-major as the index
+    grid = grid.reshape(heads, n_new * n_new).t().to(table.dtype)
+    return torch.cat([grid, table[-3:]], dim=0)              # + cls->token, token->cls, cls->cls
 
 
 def additive_mask(key_mask):
-    """key_mask (B, S), nonzero for keys that may be attended to (0 = padding / outside a region) -> the additive
-    mask (B, 1, 1, S): 0 there, -inf elsewhere. An encoder builds it once per pass and hands it to every layer."""
-    return torch.zeros(key_mask.shape, device=key_mask.device).masked_fill_(key_mask == 0, float("-inf"))[:, None, None]
+    """key_mask (B, S), nonzero for keys that may be attended to (0 = padding / outside a region) ->
+    the additive mask (B, 1, 1, S): 0 there, -inf elsewhere. An encoder builds it once per pass and
+    hands it to every layer."""
+    mask = torch.zeros(key_mask.shape, device=key_mask.device)
+    return mask.masked_fill_(key_mask == 0, float("-inf"))[:, None, None]
 
 
 class Attention(nn.Module):
     """Multi-head attention, as self-attention (kv=None) or cross-attention (kv = other tokens).
 
-    mask: additive, broadcastable to (B, nh, N, S), or None: additive_mask() of a key mask, or the relative
-          position bias (nh, N, S) of a BEiT block.
+    mask: additive, broadcastable to (B, nh, N, S), or None: additive_mask() of a key mask, or the
+          relative position bias (nh, N, S) of a BEiT block.
     beit_bias: BEiT's qkv has biases on q and v only (k has none); RoBERTa has all three.
-    impl: sdpa, explicit, or auto: SDPA where it runs a fused kernel, else explicit (see forward).
+    sdpa: F.scaled_dot_product_attention, or (False) the same computation written out (see forward).
     """
 
-    def __init__(self, dim, heads, cross=False, beit_bias=False, attn_drop=0.0, proj_drop=0.0, impl="auto"):
+    def __init__(self, dim, heads, cross=False, beit_bias=False, attn_drop=0.0, proj_drop=0.0,
+                 sdpa=True):
         super().__init__()
         assert dim % heads == 0, "width must be divisible by heads"
-        self.heads, self.head_dim, self.cross, self.impl = heads, dim // heads, cross, impl
+        self.heads, self.head_dim, self.cross, self.sdpa = heads, dim // heads, cross, sdpa
         self.attn_drop = attn_drop
         if cross:  # queries from the text, keys and values from the image
             self.q = nn.Linear(dim, dim)
@@ -160,7 +170,8 @@ class Attention(nn.Module):
             self.qkv = nn.Linear(dim, 3 * dim, bias=False)
             self.q_bias = nn.Parameter(torch.zeros(dim))
             self.v_bias = nn.Parameter(torch.zeros(dim))
-            self.register_buffer("k_bias", torch.zeros(dim), persistent=False)  # fixed zeros, made once
+            # fixed zeros, made once
+            self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
         else:
             self.qkv = nn.Linear(dim, 3 * dim)
         self.beit_bias = beit_bias and not cross
@@ -177,19 +188,19 @@ class Attention(nn.Module):
             q = self.q(x)
             k, v = self.kv(kv).chunk(2, dim=-1)
         else:  # BEiT: k gets a fixed zero bias
-            bias = torch.cat([self.q_bias, self.k_bias, self.v_bias]) if self.beit_bias else self.qkv.bias
+            bias = self.qkv.bias
+            if self.beit_bias:
+                bias = torch.cat([self.q_bias, self.k_bias, self.v_bias])
             q, k, v = F.linear(x, self.qkv.weight, bias).chunk(3, dim=-1)
         q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)  # (B, nh, N|S, hs)
-        mask = None if mask is None else mask.to(q.dtype)                   # a copy only under autocast
+        mask = None if mask is None else mask.to(q.dtype)  # a copy only under autocast
         drop = self.attn_drop if self.training else 0.0
-        # auto: on a CPU, SDPA with dropout or with a mask that needs a gradient (BEiT's bias) falls back to its
-        # math path, the computation below in more ops; there auto runs ours. Elsewhere SDPA runs a fused kernel.
-        fallback = q.device.type == "cpu" and (drop > 0 or (mask is not None and mask.requires_grad))
-        if self.impl == "sdpa" or (self.impl == "auto" and not fallback):
+        if self.sdpa:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         else:  # the same computation written out: softmax(q k^T / sqrt(hs) + mask) v
             att, scale = q @ k.transpose(-2, -1), 1 / math.sqrt(self.head_dim)  # (B, nh, N, S)
-            att = att.mul_(scale) if mask is None else torch.add(mask, att, alpha=scale)  # mask + scale * att: one op
+            # mask + scale * att: one op
+            att = att.mul_(scale) if mask is None else torch.add(mask, att, alpha=scale)
             att = F.dropout(att.softmax(dim=-1), p=drop, training=self.training)
             y = att @ v                                                     # (B, nh, N, hs)
         y = y.transpose(1, 2).reshape(B, N, C)                              # (B, N, C)
@@ -211,52 +222,52 @@ def drop_path(x, p, training):
     """Stochastic depth: drop the whole residual branch for a random subset of samples."""
     if p == 0.0 or not training:
         return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p).div_(1 - p)  # 0 or 1/(1-p)
+    # 0 or 1/(1-p)
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p).div_(1 - p)
     return x * keep
 
 
 class Block(nn.Module):
-    """One transformer layer in one of the three flavours the encoders need.
+    """One transformer layer in one of the two flavours X-FM's encoders need.
 
     post-LN (RoBERTa; language and fusion encoders):
-        x = LN(x + SelfAttn(x));  [cross=True: x = LN(x + CrossAttn(x, image))];  x = LN(x + MLP(x))
-    pre-LN (BEiT-v2; vision encoder), with layer scale g1, g2 and drop path:
-        x = x + DropPath(g1 * SelfAttn(LN(x), mask=rel_pos bias));  x = x + DropPath(g2 * MLP(LN(x)))
-    pre-LN with beit=False (FLAVA's three encoders, flava.py): the same without g1, g2, with a full qkv bias
-    forward's mask / image_mask: the additive masks of the self- / cross-attention, which the encoder builds once
-    per pass (additive_mask() of the padding or the region; the vision encoder: every block's rel_pos bias at once).
+        x = LN(x + SelfAttn(x));  [cross=True: x = LN(x + CrossAttn(x, image))];
+        x = LN(x + MLP(x))
+    pre-LN (BEiT-v2; vision encoder), layer scale g1, g2, a q and v bias (no k bias), drop path:
+        x = x + DropPath(g1 * SelfAttn(LN(x), mask=rel_pos bias));
+        x = x + DropPath(g2 * MLP(LN(x)))
+    forward's mask / image_mask: the additive masks of the self- / cross-attention, which the
+    encoder builds once per pass (additive_mask() of the padding or the region). A BEiT block adds
+    its own rel_pos bias (a bias handed down as mask takes its place:
+    lib/runtime.stack_position_biases gathers every block's at once).
     """
 
-    def __init__(self, cfg, pre_norm=False, cross=False, drop_path=0.0, rel_pos_grid=None, beit=None, eps=None):
+    def __init__(self, cfg, pre_norm=False, cross=False, drop_path=0.0, rel_pos_grid=None):
         super().__init__()
-        beit = pre_norm if beit is None else beit  # beit=False: a plain pre-LN ViT block (FLAVA, flava.py)
-        D, eps = cfg.width, eps or (1e-6 if pre_norm else 1e-5)
-        drop = 0.0 if pre_norm else cfg.dropout  # BEiT-v2 pre-training uses no dropout, only drop path
+        D, eps = cfg.width, 1e-6 if pre_norm else 1e-5
+        # BEiT-v2 pre-training uses no dropout, only drop path
+        drop = 0.0 if pre_norm else cfg.dropout
         self.pre_norm, self.drop_path = pre_norm, drop_path
-        self.attn = Attention(D, cfg.heads, beit_bias=beit, attn_drop=drop, proj_drop=drop, impl=cfg.attn_impl)
+        kw = dict(attn_drop=drop, proj_drop=drop, sdpa=cfg.attn_impl != "explicit")
+        self.attn = Attention(D, cfg.heads, beit_bias=pre_norm, **kw)
         self.norm1 = nn.LayerNorm(D, eps=eps)
         if cross:
-            self.cross_attn = Attention(D, cfg.heads, cross=True, attn_drop=drop, proj_drop=drop, impl=cfg.attn_impl)
+            self.cross_attn = Attention(D, cfg.heads, cross=True, **kw)
             self.norm_cross = nn.LayerNorm(D, eps=eps)
         self.mlp = MLP(D, cfg.mlp_ratio * D, drop=drop)
         self.norm2 = nn.LayerNorm(D, eps=eps)
-        self.gamma_1 = self.gamma_2 = None
-        if pre_norm and beit:  # BEiT's layer scale: each residual branch starts scaled down by layer_scale
+        if pre_norm:  # BEiT's layer scale: each residual branch starts scaled down by layer_scale
             self.gamma_1 = nn.Parameter(cfg.layer_scale * torch.ones(D))
             self.gamma_2 = nn.Parameter(cfg.layer_scale * torch.ones(D))
         self.rel_pos = RelativePositionBias(rel_pos_grid, cfg.heads) if rel_pos_grid else None
 
     def forward(self, x, mask=None, image=None, image_mask=None):
-        if mask is None and self.rel_pos is not None:  # this block's bias, gathered here (VisionEncoder.forward)
-            mask = RelativePositionBias.stacked([self.rel_pos])[0]         # (nh, N, N)
+        if self.rel_pos is not None and mask is None:  # BEiT: each block adds its own position bias
+            mask = self.rel_pos()                                          # (nh, N, N)
         if self.pre_norm:
-            a = self.attn(self.norm1(x), mask=mask)
-            if self.gamma_1 is not None:
-                a = self.gamma_1 * a
+            a = self.gamma_1 * self.attn(self.norm1(x), mask=mask)
             x = x + drop_path(a, self.drop_path, self.training)
-            m = self.mlp(self.norm2(x))
-            if self.gamma_2 is not None:
-                m = self.gamma_2 * m
+            m = self.gamma_2 * self.mlp(self.norm2(x))
             return x + drop_path(m, self.drop_path, self.training)
         x = self.norm1(x + self.attn(x, mask=mask))
         if image is not None:  # text queries attend to image keys/values; the image is not updated
@@ -274,7 +285,8 @@ class MLMHead(nn.Module):
 
     def __init__(self, cfg, tied_embedding=None, num_classes=None):
         super().__init__()
-        num_classes = num_classes or cfg.vocab_size  # FLAVA's MIM heads predict image-token ids instead
+        # FLAVA's MIM heads predict image-token ids instead
+        num_classes = num_classes or cfg.vocab_size
         self.dense = nn.Linear(cfg.width, cfg.width)
         self.norm = nn.LayerNorm(cfg.width, eps=1e-5)
         self.decoder = nn.Linear(cfg.width, num_classes, bias=False)
@@ -286,7 +298,7 @@ class MLMHead(nn.Module):
         return self.decoder(self.norm(F.gelu(self.dense(h)))) + self.bias
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The three encoders
 
 
@@ -294,25 +306,29 @@ class TextEncoder(nn.Module):
     """RoBERTa-style language encoder. forward(ids (B,T), att (B,T)) -> hidden states t (B, T, D).
 
     RoBERTa's positions start after the padding index: real token i gets position pad_id + 1 + i and
-    padding gets pad_id, so the position table has max_text_len + pad_id + 1 rows (514 for RoBERTa-base).
+    padding gets pad_id, so the position table has max_text_len + pad_id + 1 rows (514 for
+    RoBERTa-base).
     """
 
     def __init__(self, cfg):
         super().__init__()
         self.pad_id = cfg.pad_id
         self.word_embed = nn.Embedding(cfg.vocab_size, cfg.width, padding_idx=cfg.pad_id)
-        self.pos_embed = nn.Embedding(cfg.max_text_len + cfg.pad_id + 1, cfg.width, padding_idx=cfg.pad_id)
+        self.pos_embed = nn.Embedding(cfg.max_text_len + cfg.pad_id + 1, cfg.width,
+                                      padding_idx=cfg.pad_id)
         self.norm = nn.LayerNorm(cfg.width, eps=1e-5)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.text_layers)])
 
     def forward(self, ids, att):
-        # the largest position id is at most T + pad_id: checked on the shape, so the GPU never waits for the CPU
+        # the largest position id is at most T + pad_id: checked on the shape, so the GPU never
+        # waits for the CPU
         if ids.shape[1] + self.pad_id >= self.pos_embed.num_embeddings:
             raise ValueError(f"text of {ids.shape[1]} tokens is longer than max_text_len "
                              f"{self.pos_embed.num_embeddings - self.pad_id - 1}")
         not_pad = (ids != self.pad_id).long()
-        pos = torch.cumsum(not_pad, dim=1) * not_pad + self.pad_id         # (B, T) RoBERTa position ids
+        # (B, T) RoBERTa position ids
+        pos = torch.cumsum(not_pad, dim=1) * not_pad + self.pad_id
         x = self.drop(self.norm(self.word_embed(ids) + self.pos_embed(pos)))  # (B, T, D)
         mask = additive_mask(att)                                           # (B, 1, 1, T)
         for blk in self.blocks:
@@ -323,8 +339,9 @@ class TextEncoder(nn.Module):
 class VisionEncoder(nn.Module):
     """BEiT-v2 ViT. forward(images (B,3,H,W), mim_mask (B,P) bool or None) -> v (B, 1+P, D).
 
-    v[:, 0] is the mean of the LayerNormed patch outputs (the image "[CLS]" of X-FM); the ViT's own CLS
-    output is dropped (docs/METHOD.md §1.2). With mim_mask, masked patch embeddings are replaced by mask_token.
+    v[:, 0] is the mean of the LayerNormed patch outputs (the image "[CLS]" of X-FM); the ViT's own
+    CLS output is dropped (docs/METHOD.md §1.2). With mim_mask, masked patch embeddings are
+    replaced by mask_token.
     """
 
     def __init__(self, cfg):
@@ -337,28 +354,27 @@ class VisionEncoder(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, pre_norm=True, drop_path=dpr[i], rel_pos_grid=g)
                                      for i in range(cfg.vision_layers)])
         self.fc_norm = nn.LayerNorm(D, eps=1e-6)
-        self.stack_bias = True
 
     def forward(self, images, mim_mask=None):
         x = self.patch_embed(images).flatten(2).transpose(1, 2)             # (B, P, D)
-        if mim_mask is not None:  # swap in the learnable mask token, before CLS and any position handling
+        # swap in the learnable mask token, before CLS and any position handling
+        if mim_mask is not None:
             x = torch.where(mim_mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # (B, 1+P, D)
-        # every block's relative position bias in one gather (a fast path: tests/test_fastpaths.py); sharded by
-        # FSDP (runtime.shard) a block's table is whole only inside its own forward, so there each block gathers its own
-        blocks = self.blocks
-        biases = RelativePositionBias.stacked([b.rel_pos for b in blocks]) if self.stack_bias else [None] * len(blocks)
-        for blk, bias in zip(blocks, biases):
-            x = blk(x, bias)                                                # bias (nh, 1+P, 1+P)
-        patches = self.fc_norm(x[:, 1:])                                    # (B, P, D), the CLS output is dropped
+        cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
+        x = torch.cat([cls, x], dim=1)                                      # (B, 1+P, D)
+        for blk in self.blocks:
+            x = blk(x)                                  # each with its own position bias
+        patches = self.fc_norm(x[:, 1:])                # (B, P, D), the CLS output is dropped
         return torch.cat([patches.mean(dim=1, keepdim=True), patches], dim=1)  # (B, 1+P, D)
 
 
 class FusionEncoder(nn.Module):
-    """Text queries cross-attend to image tokens in every layer. It has no embedding layer of its own:
-    its input is the language encoder's hidden states (detached in pre-training: see losses.py).
+    """Text queries cross-attend to image tokens in every layer. It has no embedding layer of its
+    own: its input is the language encoder's hidden states (detached in pre-training: see
+    losses.py).
 
-    forward(t (B,T,D), att (B,T), image (B,S,D), image_mask (B,S) or None) -> text-side states (B, T, D)
+    forward(t (B,T,D), att (B,T), image (B,S,D), image_mask (B,S) or None)
+        -> text-side states (B, T, D)
     """
 
     def __init__(self, cfg):
@@ -373,20 +389,22 @@ class FusionEncoder(nn.Module):
         return x
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # X-FM
 
 
 class XFM(nn.Module):
     """The three encoders and every pre-training head. Losses are computed in losses.py."""
 
-    # parameters that train at 2x the base learning rate (the official `lr_mult: 2` set, docs/METHOD.md §6.1)
+    # parameters that train at 2x the base learning rate (the official `lr_mult: 2` set,
+    # docs/METHOD.md §6.1)
     NEW_PARAMS = ("text_proj", "vision_proj", "temp", "itm_head", "bbox_head")
 
     def __init__(self, cfg):
         super().__init__()
         if cfg.image_size % cfg.patch_size:
-            raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+            raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size "
+                             f"{cfg.patch_size}")
         if cfg.mim_target not in ("vl", "pixel", "off"):
             raise ValueError(f"mim_target must be vl, pixel or off, not {cfg.mim_target!r}")
         self.cfg = cfg
@@ -394,12 +412,12 @@ class XFM(nn.Module):
         self.vision = VisionEncoder(cfg)
         self.fusion = FusionEncoder(cfg)
         self.text_mlm = MLMHead(cfg, tied_embedding=self.text.word_embed)  # MLM on text
-        self.fusion_mlm = MLMHead(cfg)                                     # IMLM (untied, random init)
+        self.fusion_mlm = MLMHead(cfg)                          # IMLM (untied, random init)
         self.text_proj = nn.Linear(cfg.width, cfg.embed_dim)               # ITC
         self.vision_proj = nn.Linear(cfg.width, cfg.embed_dim)
         self.temp = nn.Parameter(torch.tensor(cfg.temp))
         self.itm_head = build_mlp(cfg.width, 2)                            # ITM: [no match, match]
-        self.bbox_head = build_mlp(cfg.width, 4)                           # BBP: (cx, cy, w, h) after sigmoid
+        self.bbox_head = build_mlp(cfg.width, 4)                # BBP: (cx, cy, w, h) after sigmoid
         if cfg.mim_target == "pixel":  # MAE-style baseline: regress normalized pixels of each patch
             self.pixel_head = nn.Linear(cfg.width, 3 * cfg.patch_size ** 2)
         self.apply(self._init_weights)
@@ -420,7 +438,8 @@ class XFM(nn.Module):
         v = self.vision
         nn.init.trunc_normal_(v.cls_token, std=0.02)
         nn.init.trunc_normal_(v.mask_token, std=0.02)
-        for i, blk in enumerate(v.blocks):  # BEiT rescales each residual projection by 1/sqrt(2 * layer id)
+        # BEiT rescales each residual projection by 1/sqrt(2 * layer id)
+        for i, blk in enumerate(v.blocks):
             blk.attn.proj.weight.data.div_(math.sqrt(2.0 * (i + 1)))
             blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * (i + 1)))
 
@@ -436,10 +455,10 @@ class XFM(nn.Module):
         return self.fusion(t, att, image, image_mask)                      # (B, T, D)
 
     def text_cls(self, t):
-        return t[:, 0]                                                     # (B, D) <s>: the encoder ends in a LayerNorm
+        return t[:, 0]                        # (B, D) <s>: the encoder ends in a LayerNorm
 
     def image_cls(self, v):
-        return v[:, 0]                                                     # (B, D) the mean-pooled image "[CLS]"
+        return v[:, 0]                        # (B, D) the mean-pooled image "[CLS]"
 
     def itc_features(self, t, v):
         """L2-normalised ITC embeddings of the text [CLS] t[:, 0] and the image [CLS] v[:, 0]."""
@@ -453,14 +472,17 @@ class XFM(nn.Module):
 
     @staticmethod
     def region_view(v, img_index, patch_mask):
-        """X-VLM's region mode: for caption n about a box in image img_index[n], slot 0 becomes the mean of
-        the patches inside the box, and the returned mask limits cross-attention to slot 0 + those patches.
+        """X-VLM's region mode: for caption n about a box in image img_index[n], slot 0 becomes the
+        mean of the patches inside the box, and the returned mask limits cross-attention to slot 0 +
+        those patches.
 
-        v (B_img, 1+P, D), img_index (N,), patch_mask (N, P) bool -> (v_r (N, 1+P, D), mask (N, 1+P) bool)
+        v (B_img, 1+P, D), img_index (N,), patch_mask (N, P) bool
+            -> (v_r (N, 1+P, D), mask (N, 1+P) bool)
         """
         v_n = v[img_index]                                                 # (N, 1+P, D)
         m = patch_mask.to(v.dtype).unsqueeze(-1)                           # (N, P, 1)
-        slot0 = (v_n[:, 1:] * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1)  # (N, 1, D)
+        # (N, 1, D)
+        slot0 = (v_n[:, 1:] * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1)
         v_r = torch.cat([slot0, v_n[:, 1:]], dim=1)
         mask = torch.cat([torch.ones_like(patch_mask[:, :1]), patch_mask], dim=1).bool()
         return v_r, mask
@@ -472,7 +494,8 @@ class XFM(nn.Module):
 if __name__ == "__main__":
     for name in PRESETS:
         model = XFM(make_config(name))
-        parts = {k: sum(p.numel() for p in getattr(model, k).parameters()) for k in ("text", "vision", "fusion")}
+        parts = {k: sum(p.numel() for p in getattr(model, k).parameters())
+                 for k in ("text", "vision", "fusion")}
         print(f"{name:6s} {model.num_params() / 1e6:8.2f}M  (language {parts['text'] / 1e6:.2f}M, "
               f"vision {parts['vision'] / 1e6:.2f}M, fusion {parts['fusion'] / 1e6:.2f}M, "
               f"heads {(model.num_params() - sum(parts.values())) / 1e6:.2f}M)")

@@ -1,6 +1,6 @@
 """
-X-FM pre-training: the main job. Reads top to bottom: config -> distributed setup -> data -> model ->
-DDP or FSDP -> (compile) -> optimizer -> (resume) -> loop -> evaluation -> teardown.
+X-FM pre-training: the main job. Reads top to bottom: config -> distributed setup -> data ->
+model -> DDP or FSDP -> (compile) -> optimizer -> (resume) -> loop -> evaluation -> teardown.
 
     python train.py                                   # toy world, tiny model, CPU, a few minutes
     python train.py --help                            # every config key with its default
@@ -8,47 +8,44 @@ DDP or FSDP -> (compile) -> optimizer -> (resume) -> loop -> evaluation -> teard
     torchrun --standalone --nproc_per_node=8 train.py --config=base --data_dir=...     # one node, 8 GPUs
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --master_addr=HOST --master_port=29500 train.py ...
 
-With no arguments it builds the toy world in data/toy if it is missing, trains the tiny X-FM, evaluates
-zero-shot image-text retrieval on the held-out toy pairs (ITC ranking, then ITM re-ranking of the top k) and
-writes runs/default/{config.json, metrics.jsonl, ckpt.pt, loss_curves.png, tokenizer.json}.
+With no arguments it builds the toy world in data/toy if it is missing, trains the tiny X-FM,
+evaluates zero-shot image-text retrieval on the held-out toy pairs (ITC ranking, then ITM
+re-ranking of the top k) and writes runs/default/{config.json, metrics.jsonl, ckpt.pt,
+loss_curves.png, tokenizer.json}.
 
-One step follows the official schedule (docs/METHOD.md §5.2), three optimizer updates in order:
-    1. text: MLM            2. regions + images: ITC/ITM/IMLM/BBP + MIM            3. pairs: ITC/ITM/IMLM/MIM
-or, with --schedule=summed, one update over the sum of every loss.
-With --recipe=flava (flava.py) a step is three updates too, each on ONE data kind drawn with --flava_ratios.
+One step follows the official schedule (docs/METHOD.md §5.2), three optimizer updates in order
+(XFM_UPDATES, next to the loop):
+    1. text: MLM
+    2. regions + images: ITC/ITM/IMLM/BBP + MIM
+    3. pairs: ITC/ITM/IMLM/MIM
+or, with --schedule=summed, one update over the sum of every loss. With --recipe=flava (flava.py)
+a step is three updates too, each on ONE data kind drawn with --flava_ratios (flava.step_updates).
 """
 import json
 import os
-import resource
 import sys
 import textwrap
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Callable
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from lib import cli
-import data
-from lib import tokenizer
-from lib import formats
 import flava
+from lib import cli
+from lib import formats
 from lib import pretrained
-from lib import retrieval
 from lib import runlog
 from lib import runtime
 from lib import shards
-from lib import pictures
-from lib import toyworld
 from lib import fast_losses
 from losses import xfm_losses
-from model import make_config
+from model import XFM, make_config
 
-# ---------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Config
 
 
@@ -56,99 +53,144 @@ from model import make_config
 class TrainConfig:
     # model and recipe
     config: str = "tiny"            # model preset: tiny | small | base (model.py PRESETS)
-    recipe: str = "xfm"             # pre-training recipe: xfm | flava (flava.py; FLAVA's wd 0.1 and beta2 0.999)
-    stop_grad: bool = True          # X-FM idea 1: detach the language encoder's output before the fusion encoder
-    mim_target: str = "vl"          # X-FM idea 2: vl (same encoder, unmasked view) | pixel (MAE-style) | off
-    flava_ratios: str = "0.70,0.15,0.15"  # FLAVA: probability of pair, image, text data for each update
-    codebook_size: int = 256        # FLAVA: image-token vocabulary of the k-means tokenizer (the dVAE's: 8192)
-    image_tokenizer: str = ""       # FLAVA: a saved RUN/image_tokenizer.pt to reuse; empty = fit one on the data
-    attn_impl: str = "auto"         # auto (SDPA where fused, else written out) | sdpa | explicit (written out, for teaching)
-    init_text: str = ""             # Hugging Face RoBERTa folder: language encoder + MLM head (lib/pretrained.py)
-    init_vision: str = ""           # BEiT-v2 checkpoint (official .pth or Hugging Face folder): vision encoder
+    recipe: str = "xfm"             # pre-training recipe: xfm | flava (flava.py; FLAVA's wd 0.1 and
+                                    # beta2 0.999)
+    stop_grad: bool = True          # X-FM idea 1: detach the language encoder's output before the
+                                    # fusion encoder
+    mim_target: str = "vl"          # X-FM idea 2: vl (same encoder, unmasked view) | pixel
+                                    # (MAE-style) | off
+    flava_ratios: str = "0.70,0.15,0.15"  # FLAVA: probability of pair, image, text data for each
+                                    # update
+    codebook_size: int = 256        # FLAVA: image-token vocabulary of the k-means tokenizer (the
+                                    # dVAE's: 8192)
+    image_tokenizer: str = ""       # FLAVA: a saved RUN/image_tokenizer.pt to reuse; empty = fit
+                                    # one on the data
+    attn_impl: str = "auto"         # auto (SDPA where fused, else written out) | sdpa | explicit
+                                    # (written out, for teaching)
+    init_text: str = ""             # Hugging Face RoBERTa folder: language encoder + MLM head
+                                    # (lib/pretrained.py)
+    init_vision: str = ""           # BEiT-v2 checkpoint (official .pth or Hugging Face folder):
+                                    # vision encoder
     # data
-    data_dir: str = "data/toy"      # folder with pairs/regions/text/images (lib/formats.py); the toy world is built here if missing
-    image_root: str = ""            # image paths are relative to this folder (ALBEF's JSONs); empty: each file's folder
-    out_dir: str = "runs/default"   # run folder: config, metrics, checkpoint, curves, tokenizer; a folder that
-                                    # holds a run is refused (--resume it, or --overwrite it)
-    tokenizer: str = ""             # path to a tokenizer.json (e.g. RoBERTa's); empty: train a BPE on the data
-                                    # (with --init_text: that folder's tokenizer.json if it has one)
+    data_dir: str = "data/toy"      # folder with pairs/regions/text/images (lib/formats.py); the
+                                    # toy world is built here if missing
+    image_root: str = ""            # image paths are relative to this folder (ALBEF's JSONs);
+                                    # empty: each file's folder
+    out_dir: str = "runs/default"   # run folder: config, metrics, checkpoint, curves, tokenizer; a
+                                    # folder that holds a run is refused (--resume it, or
+                                    # --overwrite it)
+    tokenizer: str = ""             # path to a tokenizer.json (e.g. RoBERTa's); empty: train a BPE
+                                    # on the data (with --init_text: that folder's tokenizer.json if
+                                    # it has one)
     vocab_size: int = 2000          # BPE size when training a tokenizer
     caption_len: int = 30           # max caption tokens (pairs, regions)
     text_len: int = 64              # max tokens of a text-only document
-    crop_min_scale: float = 0.8     # random resized crop scale lower bound (official: 0.2; the toy captions name positions)
+    crop_min_scale: float = 0.8     # random resized crop scale lower bound (official: 0.2; the toy
+                                    # captions name positions)
     hflip: bool = False             # horizontal flip (off: captions say "left of"/"right of")
     num_workers: int = 0            # DataLoader workers per rank
-    shuffle_buffer: int = 1000      # tar shards (lib/shards.py): the samples each worker shuffles among
-    strict: bool = False            # any bad input record is an error instead of being skipped and counted
+    shuffle_buffer: int = 1000      # tar shards (lib/shards.py): the samples each worker shuffles
+                                    # among
+    strict: bool = False            # any bad input record is an error instead of being skipped and
+                                    # counted
     # optimisation
-    max_steps: int = 600            # steps (each = three optimizer updates, or one with schedule=summed)
-    stop_at: int = 0                # stop (as if interrupted) after this step, keeping the schedule of max_steps; 0 = off
+    max_steps: int = 600            # steps (each = three optimizer updates, or one with
+                                    # schedule=summed)
+    stop_at: int = 0                # stop (as if interrupted) after this step, keeping the schedule
+                                    # of max_steps; 0 = off
     batch_size: int = 16            # global batch of the pair and image streams
     text_batch_size: int = 0        # global text-only batch; 0 = batch_size
-    region_batch_size: int = 0      # global region batch in images (~3 captions each on the toy world); 0 = batch_size / 2
-    micro_batch_size: int = 0       # per-rank micro batch; 0 = batch_size / world_size (no accumulation)
-    schedule: str = "three"         # three (official: text | regions+images | pairs) | summed (one update)
-    lr: float = 1e-3                # peak lr (official 1e-4 from pre-trained encoders; from scratch ~5e-4..1e-3)
-    lr_mult: float = 2.0            # lr multiplier for the new heads and the temperature (official lr_mult)
+    region_batch_size: int = 0      # global region batch in images (~3 captions each on the toy
+                                    # world); 0 = batch_size / 2
+    micro_batch_size: int = 0       # per-rank micro batch; 0 = batch_size / world_size (no
+                                    # accumulation)
+    schedule: str = "three"         # three (official: text | regions+images | pairs) | summed (one
+                                    # update)
+    lr: float = 1e-3                # peak lr (official 1e-4 from pre-trained encoders; from scratch
+                                    # ~5e-4..1e-3)
+    lr_mult: float = 2.0            # lr multiplier for the new heads and the temperature (official
+                                    # lr_mult)
     warmup_steps: int = 30          # linear warmup, then linear decay to 0 at max_steps
-    weight_decay: float = 0.01      # AdamW weight decay (not on biases, norms, tokens, the temperature)
+    weight_decay: float = 0.01      # AdamW weight decay (not on biases, norms, tokens, the
+                                    # temperature)
     beta1: float = 0.9              # AdamW beta1
     beta2: float = 0.98             # AdamW beta2 (FLAVA: 0.999)
     grad_clip: float = 1.0          # clip the global gradient norm of each update to this
-    max_bad_steps: int = 5          # this many non-finite updates in a row stop the run (with a checkpoint)
+    max_bad_steps: int = 5          # this many non-finite updates in a row stop the run (with a
+                                    # checkpoint)
     # runtime
     device: str = "auto"            # auto (cuda > mps > cpu) | cpu | cuda | mps
-    amp: str = "auto"               # auto (bf16 on a bf16 GPU, else fp32) | bf16 | fp16 (CUDA, with GradScaler) | fp32
-    losses: str = "auto"            # auto (fast on CUDA and with --compile, else reference) | reference (losses.py) |
-                                    # fast (lib/fast_losses.py: the same losses and gradients, fixed shapes, no host sync)
-    compile: bool = False           # torch.compile the whole step's losses as one graph; texts padded to fixed lengths
-    compile_mode: str = "default"   # with --compile: default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
-    grad_ckpt: bool = False         # activation checkpointing per block: less memory for about one more forward
-    fsdp: bool = False              # under torchrun: shard parameters, gradients and AdamW state over the ranks
-                                    # (PyTorch's FSDP2, runtime.shard) instead of DDP; without torchrun: no effect
-    seed: int = 0                   # model init, data order, masks, hard negatives (per rank: seed * 1000 + rank)
-    log_every: int = 25             # steps between metrics.jsonl records (losses averaged over the ranks)
-    ckpt_every: int = 500           # steps between checkpoints (RUN/ckpt.pt, written atomically; also at the end)
-    keep_last: int = 0              # N > 0: also keep the N newest checkpoints as RUN/ckpt_STEP.pt; 0 = ckpt.pt alone
-    export: str = ""                # a folder for the final weights: config.json, model.safetensors, tokenizer.json
-    resume: str = ""                # a run folder or ckpt.pt to continue from: its model, recipe, tokenizer and
-                                    # data settings stay; only the RESUME_MAY_CHANGE keys may be given anew
-    overwrite: bool = False         # a fresh run into a folder that holds a run deletes that run's files first
-    eval_k: int = 16                # retrieval: ITM re-ranks the top k ITC candidates (official k_test 256)
-    eval_batch_size: int = 64       # retrieval evaluation: images, captions or ITM (query, candidate) pairs per forward
+    amp: str = "auto"               # auto (bf16 on a bf16 GPU, else fp32) | bf16 | fp16 (CUDA, with
+                                    # GradScaler) | fp32
+    losses: str = "auto"            # auto (fast on CUDA and with --compile, else reference) |
+                                    # reference (losses.py) | fast (lib/fast_losses.py: the same
+                                    # losses and gradients, fixed shapes, no host sync)
+    compile: bool = False           # torch.compile the whole step's losses as one graph; texts
+                                    # padded to fixed lengths
+    compile_mode: str = "default"   # with --compile: default | reduce-overhead (CUDA graphs) |
+                                    # max-autotune-no-cudagraphs
+    grad_ckpt: bool = False         # activation checkpointing per block: less memory for about one
+                                    # more forward
+    fsdp: bool = False              # under torchrun: shard parameters, gradients and AdamW state
+                                    # over the ranks (PyTorch's FSDP2, runtime.shard) instead of
+                                    # DDP; without torchrun: no effect
+    seed: int = 0                   # model init, data order, masks, hard negatives (per rank: seed
+                                    # * 1000 + rank)
+    log_every: int = 25             # steps between metrics.jsonl records (losses averaged over the
+                                    # ranks)
+    ckpt_every: int = 500           # steps between checkpoints (RUN/ckpt.pt, written atomically;
+                                    # also at the end)
+    keep_last: int = 0              # N > 0: also keep the N newest checkpoints as RUN/ckpt_STEP.pt;
+                                    # 0 = ckpt.pt alone
+    export: str = ""                # a folder for the final weights: config.json,
+                                    # model.safetensors, tokenizer.json
+    resume: str = ""                # a run folder or ckpt.pt to continue from: its model, recipe,
+                                    # tokenizer and data settings stay; only the RESUME_MAY_CHANGE
+                                    # keys may be given anew
+    overwrite: bool = False         # a fresh run into a folder that holds a run deletes that run's
+                                    # files first
+    eval_k: int = 16                # retrieval: ITM re-ranks the top k ITC candidates (official
+                                    # k_test 256)
+    eval_batch_size: int = 64       # retrieval evaluation: images, captions or ITM (query,
+                                    # candidate) pairs per forward
+
 
 
 # the keys with a fixed set of values (checked when the command line is read, before any work)
-CHOICES = {"config": ("tiny", "small", "base"), "recipe": ("xfm", "flava"), "mim_target": ("vl", "pixel", "off"),
-           "attn_impl": ("auto", "sdpa", "explicit"), "schedule": ("three", "summed"),
-           "losses": ("auto", "reference", "fast"), "device": ("auto", "cpu", "cuda", "mps"),
+CHOICES = {"config": ("tiny", "small", "base"), "recipe": ("xfm", "flava"),
+           "mim_target": ("vl", "pixel", "off"), "attn_impl": ("auto", "sdpa", "explicit"),
+           "schedule": ("three", "summed"), "losses": ("auto", "reference", "fast"),
+           "device": ("auto", "cpu", "cuda", "mps"),
            "amp": ("auto", "bf16", "fp16", "fp32"), "compile_mode": runtime.COMPILE_MODES}
 
 
-# the keys a resumed run may set anew; every other key is the run's own (the checkpoint's train_config), and a
-# value that contradicts it is refused before anything is written (check_resume)
-RESUME_MAY_CHANGE = ("resume", "out_dir", "overwrite", "data_dir", "image_root", "max_steps", "stop_at", "lr",
-                     "warmup_steps", "grad_clip", "max_bad_steps", "micro_batch_size", "text_len", "caption_len",
-                     "num_workers", "shuffle_buffer", "strict", "device", "amp", "compile", "compile_mode",
-                     "grad_ckpt", "fsdp", "attn_impl", "losses", "log_every", "ckpt_every", "keep_last", "export", "eval_k",
-                     "eval_batch_size")
+# the keys a resumed run may set anew; every other key is the run's own (the checkpoint's
+# train_config), and a value that contradicts it is refused before anything is written
+# (runlog.check_resume)
+RESUME_MAY_CHANGE = ("resume", "out_dir", "overwrite", "data_dir", "image_root", "max_steps",
+                     "stop_at", "lr", "warmup_steps", "grad_clip", "max_bad_steps",
+                     "micro_batch_size", "text_len", "caption_len", "num_workers", "shuffle_buffer",
+                     "strict", "device", "amp", "compile", "compile_mode", "grad_ckpt", "fsdp",
+                     "attn_impl", "losses", "log_every", "ckpt_every", "keep_last", "export",
+                     "eval_k", "eval_batch_size")
 
 
 def parse_args(argv):
-    resume = textwrap.fill("With --resume=RUN the run keeps its own config; only these keys may be given anew: "
-                           + ", ".join(k for k in RESUME_MAY_CHANGE if k != "resume") + ".", 110)
+    keys = ", ".join(k for k in RESUME_MAY_CHANGE if k != "resume")
+    resume = textwrap.fill("With --resume=RUN the run keeps its own config; only these keys may be "
+                           f"given anew: {keys}.", 110)
     intro = __doc__.strip().split("\n\n")[1] + "\n\n" + resume
     return cli.parse_overrides(argv, TrainConfig, intro, CHOICES)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Distributed setup, logging, optimizer, schedule
+# -------------------------------------------------------------------------------------------------
+# Optimizer, batch sizes, schedule, one update
 
 
 def param_groups(model, weight_decay, lr_mult):
-    """AdamW groups: no decay on biases, norms, layer-scale gammas, the temperature and the CLS/mask tokens
-    (FLAVA: also its image positions); lr x lr_mult for the new heads and the temperature (model.NEW_PARAMS,
-    docs/METHOD.md §6.1). Asserts the groups partition the params."""
+    """AdamW groups: no decay on biases, norms, layer-scale gammas, the temperature and the CLS/mask
+    tokens (FLAVA: also its image positions); lr x lr_mult for the new heads and the temperature
+    (model.NEW_PARAMS, docs/METHOD.md §6.1). Asserts the groups partition the params."""
     groups = {}
     no_decay_names = getattr(model, "NO_DECAY", ("cls_token", "mask_token"))
     for name, p in model.named_parameters():
@@ -157,7 +199,8 @@ def param_groups(model, weight_decay, lr_mult):
         no_decay = p.ndim < 2 or name.endswith(no_decay_names)
         new = name.split(".")[0] in getattr(model, "NEW_PARAMS", ())
         key = (no_decay, new)
-        groups.setdefault(key, {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay,
+        groups.setdefault(key, {"params": [], "names": [],
+                                "weight_decay": 0.0 if no_decay else weight_decay,
                                 "lr_scale": lr_mult if new else 1.0})
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
@@ -167,24 +210,30 @@ def param_groups(model, weight_decay, lr_mult):
 
 
 def batch_plan(cfg, world):
-    """Global batch per stream -> (per-rank micro batch, accumulation steps, {stream: per-rank batch}), exact:
-    batch_size = micro x accum x world, and the text and region batches split over the same accum x world."""
+    """Global batch per stream -> (per-rank micro batch, accumulation steps, {stream: per-rank
+    batch}), exact: batch_size = micro x accum x world, and the text and region batches split over
+    the same accum x world."""
     micro = cfg.micro_batch_size or cfg.batch_size // world
     if micro < 1:
-        raise SystemExit(f"error: batch_size {cfg.batch_size} is smaller than the world size {world}")
+        raise SystemExit(f"error: batch_size {cfg.batch_size} is smaller than the world size "
+                         f"{world}")
     accum = cfg.batch_size // (micro * world)
     text_global = cfg.text_batch_size or cfg.batch_size
     region_global = cfg.region_batch_size or max(cfg.batch_size // 2, accum * world)
-    if accum < 1 or accum * micro * world != cfg.batch_size or text_global % (accum * world) or region_global % (accum * world):
-        raise SystemExit(f"error: batch_size {cfg.batch_size} (text {text_global}, region {region_global}) must be "
-                         f"a multiple of micro_batch_size {micro} x world_size {world}")
-    per_rank = {"pair": micro, "region": region_global // (accum * world), "image": micro,
-                "text": text_global // (accum * world)}
+    split = accum * world
+    exact = accum >= 1 and accum * micro * world == cfg.batch_size
+    if not exact or text_global % split or region_global % split:
+        raise SystemExit(f"error: batch_size {cfg.batch_size} (text {text_global}, region "
+                         f"{region_global}) must be a multiple of micro_batch_size {micro} x "
+                         f"world_size {world}")
+    per_rank = {"pair": micro, "region": region_global // split, "image": micro,
+                "text": text_global // split}
     return micro, accum, per_rank
 
 
 def get_lr(step, lr, warmup_steps, max_steps):
-    """Linear warmup over warmup_steps, then linear decay to 0 at max_steps (docs/METHOD.md §6.1)."""
+    """Linear warmup over warmup_steps, then linear decay to 0 at max_steps (docs/METHOD.md
+    §6.1)."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     return lr * max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
@@ -193,9 +242,10 @@ def get_lr(step, lr, warmup_steps, max_steps):
 def forward_backward(loss_model, micro_batches, accum, ddp, autocast, scaler):
     """Forward and backward over one update's `accum` micro-batches; gradients accumulate in .grad.
 
-    Each micro-batch's loss is divided by accum, so the summed gradients are the MEAN over the global batch.
-    Under DDP the gradients are all-reduced (FSDP: reduce-scattered) only on the last micro-step: no_sync() must
-    cover the forward as well as the backward. Returns (the update's total loss, detached; {name: loss / accum}).
+    Each micro-batch's loss is divided by accum, so the summed gradients are the MEAN over the
+    global batch. Under DDP the gradients are all-reduced (FSDP: reduce-scattered) only on the last
+    micro-step: no_sync() must cover the forward as well as the backward. Returns (the update's
+    total loss, detached; {name: loss / accum}).
     """
     total, logs = 0.0, {}
     for i, batch in enumerate(micro_batches):
@@ -212,360 +262,215 @@ def forward_backward(loss_model, micro_batches, accum, ddp, autocast, scaler):
 
 
 def optimizer_step(optimizer, scaler, params, clip):
-    """Clip and step (train.py, finetune.py and tools/bench.py share it). With fp16's GradScaler the gradients are
-    unscaled first, so the clipping sees the true gradients. -> the gradient norm before clipping."""
+    """Clip and step (train.py, finetune.py and tools/bench.py share it). With fp16's GradScaler the
+    gradients are unscaled first, so the clipping sees the true gradients. -> the gradient norm
+    before clipping."""
     if scaler:
         scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
     if scaler:
-        scaler.step(optimizer)                                             # skips the step on inf/nan gradients
+        scaler.step(optimizer)                                 # skips the step on inf/nan gradients
         scaler.update()
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return runtime.full_tensor(grad_norm)  # FSDP: clip_grad_norm_ gives a DTensor, the global norm of all slices
+    # FSDP: clip_grad_norm_ gives a DTensor, the global norm of all slices
+    return runtime.full_tensor(grad_norm)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints
+# -------------------------------------------------------------------------------------------------
+# The two recipes: X-FM here and in model.py / losses.py, FLAVA in flava.py; --recipe picks
 
 
-def save_checkpoint(path, model, optimizer, scaler, step, cfg, model_cfg, streams, extra, master):
-    """Every rank calls it (FSDP gathers the whole tensors from every rank's slices; each rank gives its random
-    state); rank 0 writes. Atomic: write path.tmp, then rename, so a crash never leaves a half-written checkpoint.
-    The model is the raw one (no DDP `module.` or compile `_orig_mod.` prefix), in the same format under FSDP."""
-    model_state, optimizer_state = runtime.full_state_dicts(model, optimizer)
-    rngs = runtime.rng_states()                     # hard negatives, dropout and drop path draw from each rank's own
-    if not master:
-        return
-    ckpt = {"model": model_state, "optimizer": optimizer_state,
-            "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
-            "rng": rngs, "data": {k: s.state_dict() for k, s in streams.items()},
-            "train_config": asdict(cfg), "model_config": asdict(model_cfg), **extra}
-    atomic_save(ckpt, path)
-    runtime.keep_checkpoints(path, step, cfg.keep_last)  # --keep_last: RUN/ckpt_STEP.pt, the oldest deleted
-
-
-def atomic_save(obj, path):
-    """torch.save to path.tmp, then rename: a crash never leaves a half-written file (finetune.py uses it too)."""
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def load_checkpoint(path, device):
-    """A checkpoint of train.py or finetune.py (the file, or a run folder for its ckpt.pt) -> its
-    dict, the model's keys without a DDP `module.` or compile `_orig_mod.` prefix. Read with
-    torch.load(weights_only=True) (pretrained.read_torch). A file that is no such checkpoint stops the
-    run with one line naming it: not a torch file, a pickle of other globals, no "model" state dict, a
-    model_config or step of the wrong type, or tensors that are not the model its model_config
-    describes (pretrained.check_state; of a fine-tuned checkpoint, its `xfm.` part)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
-    if not os.path.exists(path):
-        raise SystemExit(f"error: no checkpoint at {path}")
-    ckpt = pretrained.read_torch(path, device)                            # tensors and plain types only
-    model = ckpt.get("model") if isinstance(ckpt, dict) else None
-    if not isinstance(model, dict) or not all(isinstance(k, str) for k in model):
-        what = formats.type_of(ckpt) if not isinstance(ckpt, dict) else 'no state dict under "model"'
-        raise SystemExit(f"error: {path}: not a checkpoint of train.py or finetune.py (it holds {what})")
-    if "step" in ckpt:
-        pretrained.config_int(ckpt, "step", path, least=0)
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in model.items()}
-    part = state if "task" not in ckpt else {k[4:]: v for k, v in state.items() if k.startswith("xfm.")}
-    pretrained.check_state(part, pretrained.model_of(ckpt.get("model_config"), path), path)
-    ckpt["model"] = state
-    return ckpt
-
-
-def resumed_run_dir(resume):
-    """The run folder of --resume (a run folder, or a checkpoint file in one)."""
-    return resume if os.path.isdir(resume) else os.path.dirname(resume) or "."
-
-
-def check_resume(resume, ckpt, given):
-    """The config of a resumed run: the checkpoint's train_config, with the RESUME_MAY_CHANGE keys the command line
-    gives. Refused before anything is written, with one line: a key given with another value than the run's own,
-    a text length beyond the model's position table, or a checkpoint whose train_config this TrainConfig does not
-    know. The out_dir defaults to the resumed run's folder; --stop_at and --overwrite belong to one command and
-    are not carried over."""
-    saved, known = ckpt.get("train_config"), {f.name for f in fields(TrainConfig)}
-    name = os.path.join(resume, "ckpt.pt") if os.path.isdir(resume) else resume
-    if not isinstance(saved, dict) or "task" in ckpt:
-        raise SystemExit(f"error: {name}: not a checkpoint of train.py (no train_config; a fine-tuned one?): "
-                         f"nothing to resume")
-    unknown = sorted(set(saved) - known)
-    if unknown:
-        raise SystemExit(f"error: {name}: its train_config has keys this train.py does not know ({', '.join(unknown)}): "
-                         f"a checkpoint of another version of the code")
-    clash = [f"--{k}={v} (the run has {k}={saved[k]})" for k, v in given.items()
-             if k not in RESUME_MAY_CHANGE and k in saved and v != saved[k]]
-    if clash:
-        raise SystemExit(f"error: {'; '.join(clash)}: a resumed run keeps its model, recipe, tokenizer, data and "
-                         f"optimizer settings ({name}); start a new run with --out_dir=NEW to change them "
-                         f"(train.py --help lists the keys a resume may change)")
-    own = {"out_dir": resumed_run_dir(resume), "stop_at": 0, "overwrite": False}  # this command's, not the run's
-    cfg = TrainConfig(**{**saved, **own, **given})
-    longest = max(cfg.text_len, cfg.caption_len)
-    if longest > ckpt["model_config"]["max_text_len"]:
-        raise SystemExit(f"error: --text_len/--caption_len {longest} is beyond the model's position table of "
-                         f"{ckpt['model_config']['max_text_len']} tokens ({name})")
-    if cfg.overwrite and os.path.abspath(cfg.out_dir) == os.path.abspath(resumed_run_dir(resume)):
-        raise SystemExit(f"error: --overwrite would delete the run that --resume={resume} continues")
-    return cfg
-
-
-def claim_run_folder(cfg, ckpt):
-    """Rank 0, before anything is written -> the folder's lock (runlog.RunLock), held until the run ends. Nothing
-    of another run is lost: a fresh run needs a folder without a run (or --overwrite: runlog.claim_fresh); a run
-    resumed in its own folder has a torn last log record cut off; one resumed into a new folder needs that folder
-    free too, and starts its log with the old run's records up to the checkpoint."""
-    lock = runlog.RunLock(cfg.out_dir)
-    try:
-        metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
-        if ckpt is not None and os.path.samefile(cfg.out_dir, resumed_run_dir(cfg.resume)):
-            runlog.repair_metrics(metrics)
-        else:
-            runlog.claim_fresh(cfg.out_dir, cfg.overwrite)
-            if ckpt is not None:
-                runlog.copy_log(os.path.join(resumed_run_dir(cfg.resume), "metrics.jsonl"), metrics, ckpt["step"])
-    except BaseException:
-        lock.release()
-        raise
-    return lock
-
-
-def run_tokenizer(ckpt, resume):
-    """A resumed run's own tokenizer: the checkpoint's copy (a checkpoint without one: its run folder's file)."""
-    if "tokenizer" in ckpt:
-        return tokenizer.Tokenizer.from_json(ckpt["tokenizer"])
-    path = os.path.join(resumed_run_dir(resume), "tokenizer.json")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: the checkpoint {resume} holds no tokenizer and {path} does not exist")
-    return tokenizer.Tokenizer.load(path)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The recipes, in one table: what X-FM and FLAVA do differently (FLAVA's own parts live in flava.py)
-
-
-@dataclass(frozen=True)
-class Recipe:
-    model_config: Callable  # (cfg, tok) -> the model's config; flava.build_model builds either model from it
-    losses: Callable        # (model, batch, stop_grad, stats, fast) -> {name: scalar loss}; the update's loss is their sum
-    kinds: Callable         # cfg -> the data kinds (streams) the recipe trains on
-    update_plan: Callable   # (cfg, streams) -> plan; plan(step) -> the data kinds of each optimizer update
-    prepare: Callable       # (cfg, model, streams, share, save, progress) -> None: set-up before the first step
-    defaults: dict          # config values where the command line says nothing
-    refused: tuple          # keys of the other recipe, refused rather than silently ignored
-    describe: Callable      # cfg -> one line for the log
-
-
-def xfm_update_plan(cfg, streams):
-    """X-FM's step (docs/METHOD.md §5.2): three optimizer updates in order, text | regions + images | pairs, or
-    one summed update with --schedule=summed. A data kind the folder lacks is left out."""
-    updates = [["text"], ["region", "image"], ["pair"]] if cfg.schedule == "three" else [["text", "region", "image", "pair"]]
-    updates = [[k for k in u if k in streams] for u in updates]
-    updates = [u for u in updates if u]
-    return lambda step: updates
-
-
-RECIPES = {
-    "xfm": Recipe(
-        model_config=lambda cfg, tok: make_config(cfg.config, vocab_size=tok.vocab_size, pad_id=tok.pad_id,
-                                                  mim_target=cfg.mim_target, attn_impl=cfg.attn_impl,
-                                                  max_text_len=max(cfg.caption_len, cfg.text_len)),
-        losses=lambda model, batch, stop_grad, stats, fast: (fast_losses.xfm_losses if fast else xfm_losses)(
-            model, batch, stop_grad=stop_grad, stats=stats),
-        kinds=lambda cfg: ("text", "pair", "region") + (("image",) if cfg.mim_target != "off" else ()),  # images feed MIM only
-        update_plan=xfm_update_plan, prepare=lambda *args: None, defaults={}, refused=(),
-        describe=lambda cfg: f"X-FM {cfg.config} | stop_grad {cfg.stop_grad} | mim_target {cfg.mim_target} | "
-                             f"schedule {cfg.schedule}"),
-    "flava": Recipe(
-        model_config=flava.run_config,
-        losses=lambda model, batch, stop_grad, stats, fast: flava.flava_losses(model, batch, stats=stats, fast=fast),
-        kinds=lambda cfg: ("text", "pair", "image"),  # no region objective; pairs masked 15 %, BERT style
-        update_plan=flava.update_plan, prepare=flava.prepare_run, defaults=flava.RUN_DEFAULTS,
-        refused=flava.XFM_ONLY_KEYS, describe=lambda cfg: f"FLAVA {cfg.config} | data kinds per update {cfg.flava_ratios}"),
-}
+MODELS = {"xfm": XFM, "flava": flava.FLAVA}  # the model of each recipe, built from its config
 
 
 class LossModel(nn.Module):
-    """What DDP wraps: its forward runs the whole loss computation, so DDP's reducer sees every parameter the
-    step uses (calling model methods outside a DDP forward would silently skip the gradient sync)."""
+    """What DDP wraps: its forward runs the whole loss computation, so DDP's reducer sees every
+    parameter the step uses (calling model methods outside a DDP forward would silently skip the
+    gradient sync). -> ({name: scalar loss}, {name: logged statistic}); an update's loss is their
+    sum."""
 
     def __init__(self, model, stop_grad, recipe="xfm", fast=False):
         super().__init__()
-        self.model, self.stop_grad, self.losses, self.fast = model, stop_grad, RECIPES[recipe].losses, fast
+        self.model, self.stop_grad, self.recipe, self.fast = model, stop_grad, recipe, fast
 
     def forward(self, batch):
         stats = {}
-        return self.losses(self.model, batch, self.stop_grad, stats, self.fast), stats
+        if self.recipe == "flava":
+            return flava.flava_losses(self.model, batch, stats=stats, fast=self.fast), stats
+        # the reference (losses.py) or the fast path (lib/fast_losses.py): the same losses and
+        # gradients
+        step_losses = fast_losses.xfm_losses if self.fast else xfm_losses
+        return step_losses(self.model, batch, stop_grad=self.stop_grad, stats=stats), stats
 
 
 def fast_losses_on(cfg, device):
-    """--losses=auto: the fast path where it pays (a GPU, a compiled step), the reference elsewhere."""
+    """--losses=auto: the fast path where it pays (a GPU, a compiled step), the reference
+    elsewhere."""
     return cfg.losses == "fast" or (cfg.losses == "auto" and (device.type == "cuda" or cfg.compile))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Setting up a run: data, tokenizer, model, optimizer, resume. Rank 0 prepares what every rank needs.
+def model_config(cfg, tok):
+    """The model's config for a fresh run: the recipe's preset sized for the tokenizer and the
+    texts (FLAVA: flava.run_config)."""
+    if cfg.recipe == "flava":
+        return flava.run_config(cfg, tok)
+    return make_config(cfg.config, vocab_size=tok.vocab_size, pad_id=tok.pad_id,
+                       mim_target=cfg.mim_target, attn_impl=cfg.attn_impl,
+                       max_text_len=max(cfg.caption_len, cfg.text_len))
 
 
-def setup_data(cfg, ckpt, recipe, per_rank, rank, world, ddp, device, bad):
-    """-> (tokenizer, model config, {kind: data.Stream, or shards.ShardStream for tar shards}). Rank 0 builds the
-    toy world if the default folder is missing and trains (or loads) the tokenizer; every rank gets the tokenizer's
-    JSON, so no rank re-decides from its own disk and the nodes need no shared folder for it."""
-    runtime.rank0_shares(lambda: toyworld.build_if_missing(cfg.data_dir), ddp, rank)
-    if not os.path.isdir(cfg.data_dir):  # another node, without rank 0's file system
-        raise SystemExit(f"error: data_dir {cfg.data_dir!r} does not exist on rank {rank}'s node (copy it there)")
-    if cfg.init_text and not cfg.tokenizer and ckpt is None:  # the pre-trained encoder's own vocabulary
+def data_kinds(cfg):
+    """The data kinds (streams) a run trains on. X-FM: images feed MIM only; FLAVA: no regions."""
+    if cfg.recipe == "flava":
+        return flava.DATA_KINDS
+    return ("text", "pair", "region") + (("image",) if cfg.mim_target != "off" else ())
+
+
+def describe(cfg):
+    if cfg.recipe == "flava":
+        return f"FLAVA {cfg.config} | data kinds per update {cfg.flava_ratios}"
+    return (f"X-FM {cfg.config} | stop_grad {cfg.stop_grad} | mim_target {cfg.mim_target} | "
+            f"schedule {cfg.schedule}")
+
+
+# -------------------------------------------------------------------------------------------------
+# Setting up a run: data, tokenizer, model, optimizer, resume. Rank 0 prepares what every rank
+# needs.
+
+
+@dataclass
+class Context:
+    """What a run's set-up needs besides its config: the checkpoint it resumes (or None), this
+    process's place (runtime.setup_distributed) and the run's count of skipped input records."""
+    ckpt: dict | None
+    ddp: bool
+    rank: int
+    world: int
+    device: torch.device
+    bad: formats.BadInput
+
+
+def setup_data(cfg, ctx, per_rank):
+    """-> (tokenizer, model config, {kind: data.Stream, or shards.ShardStream for tar shards}).
+    Rank 0 builds the toy world if the default folder is missing (shards.prepare_data_dir) and
+    trains (or loads) the tokenizer; every rank gets it (runlog.shared_tokenizer)."""
+    shards.prepare_data_dir(cfg.data_dir, ctx.ddp, ctx.rank)
+    # the pre-trained encoder's own vocabulary
+    if cfg.init_text and not cfg.tokenizer and ctx.ckpt is None:
         hf_tok = pretrained.tokenizer_path(cfg.init_text)
         if os.path.isfile(hf_tok):
             cfg.tokenizer = hf_tok
-
-    def prepare_tokenizer():  # saved in the run folder too, so the folder is a complete --init for finetune.py
-        if ckpt is not None:
-            tok = run_tokenizer(ckpt, cfg.resume)
-        else:
-            tok = tokenizer.get_tokenizer(cfg.data_dir, cfg.out_dir, cfg.vocab_size, cfg.tokenizer or None,
-                                          cfg.image_root)
-        tok.save(os.path.join(cfg.out_dir, "tokenizer.json"))
-        return tok.to_json()
-    tok = tokenizer.Tokenizer.from_json(runtime.rank0_shares(prepare_tokenizer, ddp, rank))
-    if ckpt is not None:  # a resumed run's own config; else the recipe's preset, with what --init_text/vision say
-        model_cfg = replace(flava.config_from_dict(ckpt["model_config"]), attn_impl=cfg.attn_impl)
+    tok = runlog.shared_tokenizer(cfg, ctx.ckpt, ctx.ddp, ctx.rank)
+    # a resumed run's own config; else the recipe's preset, with what --init_text/vision say
+    if ctx.ckpt is not None:
+        saved = flava.config_from_dict(ctx.ckpt["model_config"])  # XFMConfig or FLAVAConfig
+        model_cfg = replace(saved, attn_impl=cfg.attn_impl)
     else:
-        model_cfg = recipe.model_config(cfg, tok)
+        model_cfg = model_config(cfg, tok)
         if cfg.init_text or cfg.init_vision:
             model_cfg = pretrained.model_config(cfg, model_cfg, tok)
-    dc = data.DataConfig(model_cfg.image_size, model_cfg.patch_size, cfg.text_len, cfg.caption_len, cfg.seed, cfg.hflip,
-                         (cfg.crop_min_scale, 1.0), caption_mask=cfg.recipe, image_root=cfg.image_root,
-                         itm_neg_prob=getattr(model_cfg, "itm_neg_prob", 0.0), static=cfg.compile)
-    streams = shards.build_streams(cfg.data_dir, tok, dc, per_rank, bad, rank, world, cfg.num_workers,
-                                   pin_memory=device.type == "cuda", buffer=cfg.shuffle_buffer)
-    if not streams:
-        raise SystemExit(f"error: no training data found in {cfg.data_dir} (formats: lib/formats.py, lib/shards.py)")
+    streams = shards.run_streams(cfg, tok, model_cfg, per_rank, ctx.bad, ctx.rank, ctx.world,
+                                 pin_memory=ctx.device.type == "cuda")
     return tok, model_cfg, streams
 
 
-def setup_model(cfg, ckpt, recipe, model_cfg, streams, rank, ddp, device, bad):
-    """-> (model, the module the loop calls, optimizer, the step to start from). The model (X-FM or FLAVA, as
-    model_cfg says), the recipe's set-up (FLAVA: its image tokenizer) and the pre-trained encoders; a resume
-    restores model, optimizer and streams instead."""
-    model = flava.build_model(model_cfg)
+def setup_model(cfg, ctx, model_cfg, streams):
+    """-> (model, the module the loop calls, optimizer, the step to start from). The recipe's model,
+    its set-up (FLAVA: its image tokenizer) and the pre-trained encoders; a resume restores model,
+    optimizer and streams instead."""
+    ckpt, rank = ctx.ckpt, ctx.rank
+    # attn_impl auto made concrete for the device
+    model = runtime.choose_attention(MODELS[cfg.recipe](model_cfg), ctx.device)
     if ckpt is None:
-        recipe.prepare(cfg, model, streams, lambda fn: runtime.rank0_shares(fn, ddp, rank), atomic_save,
-                       lambda x: tqdm(x, desc="image tokenizer", leave=False, disable=rank != 0))
-        for path, load in ((cfg.init_text, pretrained.load_text), (cfg.init_vision, pretrained.load_vision)):
+        if cfg.recipe == "flava":  # its frozen image tokenizer: made on rank 0, shared with all
+            share = lambda fn: runtime.rank0_shares(fn, ctx.ddp, rank)  # noqa: E731
+            progress = lambda x: tqdm(x, desc="image tokenizer", leave=False,  # noqa: E731
+                                      disable=rank != 0)
+            flava.prepare_run(cfg, model, streams, share, runlog.atomic_save, progress)
+        inits = ((cfg.init_text, pretrained.load_text), (cfg.init_vision, pretrained.load_vision))
+        for path, load in inits:
             report = load(model, path) if path else None
             if report and rank == 0:
                 print(report, flush=True)
-    model = model.to(device)
-    loss_model = wrap(model, cfg, streams, ddp, device)
-    # built after the wrap: FSDP replaces every parameter by its shard, and AdamW must hold (and keep state for) those
+    model = model.to(ctx.device)
+    model = runtime.checkpoint_blocks(model) if cfg.grad_ckpt else model  # recompute in backward
+    # each of the three updates touches a different subset of the parameters (the text update never
+    # runs the vision encoder), so DDP looks for unused parameters, except under the summed schedule
+    # over every kind
+    every_kind = set(streams) == set(sum(XFM_UPDATES, ()))
+    all_used = cfg.recipe == "xfm" and cfg.schedule == "summed" and every_kind
+    fast = fast_losses_on(cfg, ctx.device)
+    loss_model = LossModel(model, cfg.stop_grad, cfg.recipe, fast)
+    # every block's position bias in one gather; not under FSDP, where a block's table is whole only
+    # inside its forward
+    if not (ctx.ddp and cfg.fsdp):
+        runtime.stack_position_biases(model)
+    loss_model = runtime.distribute(loss_model, model, ctx.ddp, cfg.fsdp, ctx.device,
+                                    find_unused=not all_used)
+    # --compile: the whole loss module as one graph (runtime.compile_step): the loss code has fixed
+    # shapes and no host syncs, and --compile pads texts to fixed lengths, so it compiles once
+    if cfg.compile:
+        loss_model = runtime.compile_step(loss_model, cfg.compile_mode)
+    # built after the wrap: FSDP replaces every parameter by its shard, and AdamW must hold (and
+    # keep state for) those
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr_mult), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=device.type == "cuda")
+                                  betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                                  fused=ctx.device.type == "cuda")
     if ckpt is None:
         return model, loss_model, optimizer, 0
-    runtime.load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"])  # FSDP: each rank keeps its slices
+    # FSDP: each rank keeps its slices
+    runtime.load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"])
     for k, s in streams.items():
         if k in ckpt["data"]:
             s.load_state_dict(ckpt["data"][k])
-    bad.load_state_dict(ckpt.get("bad_input", {}))  # the bad records found before: each still counted once
+    # the bad records found before: each still counted once
+    ctx.bad.load_state_dict(ckpt.get("bad_input", {}))
     return model, loss_model, optimizer, ckpt["step"]
 
 
-def wrap(model, cfg, streams, ddp, device):
-    """The module the loop calls: LossModel, in DDP under torchrun, sharded by FSDP2 with --fsdp. With --compile the
-    whole of it is compiled, every loss of a micro-batch as one graph (runtime.compile_step): the loss code has fixed
-    shapes and no host syncs, and --compile pads texts to fixed lengths, so the graph compiles once, never breaks."""
-    model = runtime.checkpoint_blocks(model) if cfg.grad_ckpt else model   # --grad_ckpt: recompute in backward
-    loss_model = LossModel(model, cfg.stop_grad, cfg.recipe, fast_losses_on(cfg, device))
-    if ddp and cfg.fsdp:  # FSDP2 on every block, then on the LossModel: the root that runs every loss (runtime.shard)
-        loss_model = runtime.shard(loss_model, model)
-    elif ddp:
-        # each of the three updates touches a different subset of the parameters (the text update never runs the
-        # vision encoder), so DDP looks for unused parameters, except under the summed schedule over every kind
-        all_used = cfg.recipe == "xfm" and cfg.schedule == "summed" and set(streams) == set(data.KINDS)
-        loss_model = nn.parallel.DistributedDataParallel(loss_model, find_unused_parameters=not all_used,
-                                                         device_ids=[device.index] if device.type == "cuda" else None)
-    return runtime.compile_step(loss_model, cfg.compile_mode) if cfg.compile else loss_model
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Pieces of the loop: the batches of an update, a non-finite update, the end of the run (the log: lib/runlog.py)
+# -------------------------------------------------------------------------------------------------
+# Pieces of the loop: the batches of an update, a non-finite update (the log: lib/runlog.py)
 
 
 def next_batches(streams, kinds, accum, device, meter):
-    """An update's `accum` micro-batches {kind: batch}, each fetched when forward_backward reaches it (so only one
-    is on the device at a time); the samples are counted for the log."""
+    """An update's `accum` micro-batches {kind: batch}, each fetched when forward_backward reaches
+    it (so only one is on the device at a time); the samples are counted for the log."""
     for _ in range(accum):
         batch = {k: next(streams[k]) for k in kinds}  # (a stream counts unreadable images in `bad`)
         # counted on the host copy: images, texts, or a region batch's filled caption slots
-        meter.samples += sum(len(b["image"]) if k == "image" else int(b["valid"].sum()) if "valid" in b
-                             else len(b["ids"]) for k, b in batch.items())
+        meter.samples += sum(len(b["image"]) if k == "image" else int(b["valid"].sum())
+                             if "valid" in b else len(b["ids"]) for k, b in batch.items())
         yield {k: runtime.to_device(b, device) for k, b in batch.items()}
 
 
 def nonfinite_everywhere(loss, ddp):
-    """Every rank must agree whether to step: a non-finite loss on any rank skips the update on all of them."""
+    """Every rank must agree whether to step: a non-finite loss on any rank skips the update on all
+    of them."""
     flag = (~torch.isfinite(loss)).float()
     if ddp:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() > 0
 
 
-def finish(cfg, model, held_out, held_bad, history, final, bad, device, autocast, rank, world):
-    """Every rank, on the raw model: zero-shot retrieval on the held-out pairs (held_out: read and checked before
-    step 1, or None), split over the ranks (each rank encodes and re-ranks its share, lib/retrieval.py); then, on rank
-    0, the final metrics record, the loss-curve picture and the summary. held_bad: what the start-up read of the
-    held-out pairs skipped, added to the run's count here. An image that no longer decodes at the end (its file
-    changed during the run) costs a single process its evaluation, not the record: the record says why
-    (retrieval_error); under torchrun the error stops every rank."""
-    metrics_path, master = os.path.join(cfg.out_dir, "metrics.jsonl"), rank == 0
-    for kind, n in held_bad.counts().items():
-        bad.add(kind, n)
-    final["bad_input"] = bad.counts()
-    if held_out is not None:
-        try:
-            final["retrieval"] = retrieval.evaluate_retrieval(model, held_out, device, cfg.eval_k, cfg.eval_batch_size,
-                                                              autocast, rank, world, cfg.num_workers)
-            final["retrieval"]["n_images"], final["retrieval"]["n_texts"] = len(held_out["image"]), len(held_out["ids"])
-        except OSError as e:  # one rank alone would leave the others waiting in the gather
-            if world > 1:
-                raise
-            final["retrieval_error"] = f"{type(e).__name__}: {e}"
-            print(f"warning: no retrieval evaluation: {final['retrieval_error']}", file=sys.stderr, flush=True)
-    final["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if device.type == "cuda":
-        final["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
-    if master:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(final) + "\n")
-        records = [json.loads(line) for line in open(metrics_path) if '"final"' not in line]
-        pictures.plot_curves(records, os.path.join(cfg.out_dir, "loss_curves.png"))
-        runlog.print_summary(history, final, cfg, bad)
-
-
-# ---------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Main and the training loop
 
 
 def main(argv=None):
     cfg, given = parse_args(sys.argv[1:] if argv is None else argv)
     ddp, rank, _, world, device = runtime.setup_distributed(cfg.device)
-    held = []  # the run folder's lock (rank 0: claim_run_folder), released however the run ends
+    # the run folder's lock (rank 0: runlog.claim_run_folder), released however the run ends
+    held = []
     try:
-        ckpt = load_checkpoint(cfg.resume, "cpu") if cfg.resume else None
-        if ckpt is not None:  # continue a run: its own config, with what the command line may change (check_resume)
-            cfg = check_resume(cfg.resume, ckpt, given)
-        recipe = RECIPES[cfg.recipe]
-        refused = [k for k in recipe.refused if k in given]
-        if refused:
-            other = next(name for name in RECIPES if name != cfg.recipe)
-            raise SystemExit(f"error: --{refused[0]} belongs to the {other} recipe; {cfg.recipe} has no such option")
-        if ckpt is None:  # the recipe's defaults where the command line says nothing
-            cfg = replace(cfg, **{k: v for k, v in recipe.defaults.items() if k not in given})
+        ckpt = runlog.load_checkpoint(cfg.resume, "cpu") if cfg.resume else None
+        # continue a run: its own config, with what the command line may change
+        if ckpt is not None:
+            cfg = runlog.check_resume(cfg.resume, ckpt, given, TrainConfig, RESUME_MAY_CHANGE)
+        # FLAVA: no X-FM keys; a fresh run takes FLAVA's AdamW where none is given
+        if cfg.recipe == "flava":
+            cfg = flava.run_settings(cfg, given, fresh=ckpt is None)
         return train(cfg, ckpt, ddp, rank, world, device, held)
     except formats.StrictError as e:
         raise formats.strict_exit(e) from None
@@ -575,72 +480,101 @@ def main(argv=None):
         runtime.teardown()
 
 
+# One X-FM step: three optimizer updates in this order, each on these data kinds (docs/METHOD.md
+# §5.2)
+XFM_UPDATES = [("text",), ("region", "image"), ("pair",)]
+
+
+def xfm_updates(cfg, streams):
+    """XFM_UPDATES, or one update over every kind with --schedule=summed; a kind the data lacks is
+    left out."""
+    updates = XFM_UPDATES if cfg.schedule == "three" else [sum(XFM_UPDATES, ())]
+    return [u for u in ([k for k in u if k in streams] for u in updates) if u]
+
+
 def train(cfg, ckpt, ddp, rank, world, device, held):
-    t_start, master, recipe = time.time(), rank == 0, RECIPES[cfg.recipe]
+    t_start, master = time.time(), rank == 0
     print0 = lambda *a: print(*a, flush=True) if master else None      # noqa: E731
-    autocast, scaler, amp = runtime.amp_setup(cfg.amp, device, cfg.fsdp and ddp)  # (a bad --amp fails before any work)
-    micro, accum, per_rank = batch_plan(cfg, world)                      # (bad sizes fail before any work)
+    # bad sizes, --amp, --keep_last and --export fail before any work
+    autocast, scaler, amp = runtime.amp_setup(cfg.amp, device, cfg.fsdp and ddp)
+    micro, accum, per_rank = batch_plan(cfg, world)
     if cfg.keep_last < 0:
-        raise SystemExit(f"error: --keep_last is a number of checkpoints to keep (0: ckpt.pt alone), not {cfg.keep_last}")
-    if cfg.export:                                                       # (a run folder would lose its config.json)
+        raise SystemExit(f"error: --keep_last is a number of checkpoints to keep (0: ckpt.pt "
+                         f"alone), not {cfg.keep_last}")
+    if cfg.export:                                       # (a run folder would lose its config.json)
         pretrained.check_export_dir(cfg.export, cfg.out_dir)
-    per_rank = {k: n for k, n in per_rank.items() if k in recipe.kinds(cfg)}  # the recipe's data kinds
-    runtime.rank0_shares(lambda: held.append(claim_run_folder(cfg, ckpt)), ddp, rank)  # (nothing written before)
+    per_rank = {k: n for k, n in per_rank.items() if k in data_kinds(cfg)}
+    # rank 0 claims the run folder (nothing is written before)
+    runtime.rank0_shares(lambda: held.append(runlog.claim_run_folder(cfg, ckpt)), ddp, rank)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    torch.manual_seed(cfg.seed)  # the same model init on every rank (DDP also broadcasts rank 0's weights)
+    # the same model init on every rank (DDP also broadcasts rank 0's weights)
+    torch.manual_seed(cfg.seed)
     bad = formats.BadInput(strict=cfg.strict, verbose=master)
-    tok, model_cfg, streams = setup_data(cfg, ckpt, recipe, per_rank, rank, world, ddp, device, bad)
-    sources = {**formats.find_sources(cfg.data_dir), **shards.find_shards(cfg.data_dir)}  # files, shard folders
-    # the held-out pairs, each image decoded, before step 1: a bad one is skipped now, a set left empty stops the
-    # run here. Counted apart (a resume reads them again) and added to the run's count by finish
+    ctx = Context(ckpt, ddp, rank, world, device, bad)
+    tok, model_cfg, streams = setup_data(cfg, ctx, per_rank)
+    sources = shards.find_data(cfg.data_dir)                        # files and shard folders
+    # the held-out pairs, read and checked before step 1; their skipped records are counted apart (a
+    # resume reads them again) and added to the run's count at the end (runlog.finish)
     held_bad = formats.BadInput(strict=cfg.strict, verbose=master)
-    held_out = runtime.rank0_shares(lambda: retrieval.load_retrieval_set(
-        sources["pair_test"], tok, model_cfg.image_size, cfg.caption_len, held_bad, cfg.image_root),
-        ddp, rank) if "pair_test" in sources else None
-    plan = recipe.update_plan(cfg, streams)
-    model, loss_model, optimizer, start_step = setup_model(cfg, ckpt, recipe, model_cfg, streams, rank, ddp, device,
-                                                           bad)
+    held_out = runlog.load_held_out(cfg, sources, tok, model_cfg.image_size, held_bad, ddp, rank)
+    # FLAVA's --flava_ratios (bad ones fail here, before the model is built)
+    ratios = flava.run_ratios(cfg, streams) if cfg.recipe == "flava" else None
+    model, loss_model, optimizer, start_step = setup_model(cfg, ctx, model_cfg, streams)
     if ckpt is not None:
         if scaler is not None and ckpt["scaler"] is not None:
             scaler.load_state_dict(ckpt["scaler"])
         print0(f"resumed from {cfg.resume} at step {start_step}")
-    # the per-rank RNG (hard negatives, dropout) is seeded after the shared init; a resume restores it exactly
+    # the per-rank RNG (hard negatives, dropout) is seeded after the shared init; a resume restores
+    # this rank's own random state
     torch.manual_seed(cfg.seed * 1000 + rank)
     if ckpt is not None:
-        runtime.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])       # this rank's own random state
+        runtime.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
     if master:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-            json.dump({"train": asdict(cfg), "model": asdict(model_cfg), "world_size": world, "amp": amp,
-                       "device": device_name, "accum_steps": accum, "per_rank_batch": per_rank, "data": sources},
-                      f, indent=2)
-    print0(f"{recipe.describe(cfg)}: {model.num_params() / 1e6:.2f}M parameters | device {device} x{world} | amp {amp}"
-           f" | streams {sorted(streams)} | per-rank batch {per_rank} x{accum} accum")
+            name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+            json.dump({"train": asdict(cfg), "model": asdict(model_cfg), "world_size": world,
+                       "amp": amp, "device": name, "accum_steps": accum,
+                       "per_rank_batch": per_rank, "data": sources}, f, indent=2)
+    print0(f"{describe(cfg)}: {model.num_params() / 1e6:.2f}M parameters | device {device} "
+           f"x{world} | amp {amp} | streams {sorted(streams)} | per-rank batch {per_rank} "
+           f"x{accum} accum")
 
-    # ---- the loop: each step is the recipe's optimizer updates, each over `accum` micro-batches ------------
-    metrics_path, ckpt_path = os.path.join(cfg.out_dir, "metrics.jsonl"), os.path.join(cfg.out_dir, "ckpt.pt")
+    # ---- the loop: each step is the recipe's optimizer updates, each over `accum` micro-batches
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     end_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
     meter, history, bad_streak, skipped = runlog.Meter(), [], 0, 0
-    save = lambda step: save_checkpoint(ckpt_path, model, optimizer, scaler, step, cfg, model_cfg,  # noqa: E731
-                                        streams, {"bad_input": bad.state_dict(), "tokenizer": tok.to_json()},
-                                        master)                                           # (every rank calls it)
-    pbar = tqdm(total=end_step, initial=start_step, disable=not master, desc="train", dynamic_ncols=True)
+
+    def save(step):  # every rank calls it (runlog.save_checkpoint)
+        extra = {"bad_input": bad.state_dict(), "tokenizer": tok.to_json()}
+        runlog.save_checkpoint(ckpt_path, model, optimizer, scaler, step, cfg, model_cfg, streams,
+                               extra, master)
+
+    pbar = tqdm(total=end_step, initial=start_step, disable=not master, desc="train",
+                dynamic_ncols=True)
     for step in range(start_step, end_step):
         lr = get_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps)
         for g in optimizer.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        for kinds in plan(step):
+        if ratios:                                       # FLAVA: one drawn data kind per update
+            updates = flava.step_updates(ratios, cfg.seed, step)
+        else:                                            # X-FM: XFM_UPDATES
+            updates = xfm_updates(cfg, streams)
+        for kinds in updates:
             micro_batches = next_batches(streams, kinds, accum, device, meter)
-            update_loss, logs = forward_backward(loss_model, micro_batches, accum, ddp, autocast, scaler)
+            update_loss, logs = forward_backward(loss_model, micro_batches, accum, ddp, autocast,
+                                                 scaler)
             meter.add(logs)
             if nonfinite_everywhere(update_loss, ddp):
                 optimizer.zero_grad(set_to_none=True)
                 bad_streak, skipped = bad_streak + 1, skipped + 1
-                print0(f"warning: non-finite loss at step {step} ({'+'.join(kinds)}): update skipped")
+                print0(f"warning: non-finite loss at step {step} ({'+'.join(kinds)}): update "
+                       f"skipped")
                 if bad_streak >= cfg.max_bad_steps:
                     save(step)
-                    raise SystemExit(f"error: {bad_streak} non-finite updates in a row at step {step}; stopped. "
-                                     f"The last good state is in {ckpt_path} (lower --lr, or try --amp=fp32).")
+                    raise SystemExit(f"error: {bad_streak} non-finite updates in a row at step "
+                                     f"{step}; stopped. The last good state is in {ckpt_path} "
+                                     f"(lower --lr, or try --amp=fp32).")
                 continue
             bad_streak = 0
             grad_norm = optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
@@ -655,20 +589,27 @@ def train(cfg, ckpt, ddp, rank, world, device, held):
             if master:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(history[-1]) + "\n")
-                pbar.set_postfix_str(" ".join(f"{n}={history[-1]['loss/' + n]:.2f}"
-                                              for n in ("itc", "gc", "itm", "mlm", "mim") if "loss/" + n in history[-1]))
+                last = history[-1]
+                shown = [n for n in ("itc", "gc", "itm", "mlm", "mim") if "loss/" + n in last]
+                pbar.set_postfix_str(" ".join(f"{n}={last['loss/' + n]:.2f}" for n in shown))
         if done % cfg.ckpt_every == 0 or done == end_step:
             save(done)
         if ddp and done % cfg.ckpt_every == 0:
             dist.barrier()
     pbar.close()
 
-    final = {"final": True, "step": end_step, "wall_s": time.time() - t_start, "skipped_updates": skipped,
-             "bad_input": bad.counts()}
-    model = runtime.unsharded(model, lambda: flava.build_model(model_cfg).to(device))  # FSDP: a plain copy per rank
-    if master and cfg.export:  # the final weights alone, a folder finetune.py --init reads (pretrained.export)
-        pretrained.export(cfg.export, cfg.out_dir, model.state_dict(), asdict(model_cfg), asdict(cfg), end_step)
-    finish(cfg, model, held_out, held_bad, history, final, bad, device, autocast, rank, world)
+    final = {"final": True, "step": end_step, "wall_s": time.time() - t_start,
+             "skipped_updates": skipped, "bad_input": bad.counts()}
+    # FSDP: a plain copy per rank
+    def build():
+        return runtime.choose_attention(MODELS[cfg.recipe](model_cfg), device).to(device)
+    model = runtime.unsharded(model, build)
+    if master and cfg.export:  # the final weights alone, a folder finetune.py --init reads
+        pretrained.export(cfg.export, cfg.out_dir, model.state_dict(), asdict(model_cfg),
+                          asdict(cfg), end_step)
+    # the held-out evaluation, the final record, the loss curves, the summary
+    runlog.finish(cfg, model, held_out, held_bad, history, final, bad, device, autocast, rank,
+                  world)
     if ddp:
         dist.barrier()
     return {"history": history, "final": final}

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+from lib import runlog  # noqa: E402
 from lib import tokenizer  # noqa: E402
 from lib import formats
 import train  # noqa: E402
@@ -41,7 +42,7 @@ def heldout_mlm(run_dir, batch_size=128):
     held_out = formats.parse_test_pairs(sources["pair_test"], formats.BadInput(verbose=False),
                                         config["train"].get("image_root", ""))
     captions = [it["caption"] for it in held_out]
-    ckpt = train.load_checkpoint(run_dir, "cpu")
+    ckpt = runlog.load_checkpoint(run_dir, "cpu")
     model = flava.build_model(flava.config_from_dict(ckpt["model_config"]))  # X-FM or FLAVA, as the checkpoint says
     model.load_state_dict(ckpt["model"])
     model.eval()

@@ -27,7 +27,7 @@ line naming it and the reason, never a traceback:
   allocated: known dtypes, shapes of ints >= 0, each tensor's bytes = prod(shape) x its dtype's size, the
   tensors tiling the data section with no overlap and no gap (safetensors_header);
 - a torch file that torch.load(weights_only=True) cannot read: a text file, a zip of something else, a pickle
-  naming any other global (read_torch); train.load_checkpoint refuses a dict without a "model" state dict;
+  naming any other global (read_torch); runlog.load_checkpoint refuses a dict without a "model" state dict;
 - a config.json that is not a JSON object, or whose sizes are missing or not ints (a string, zero heads), named
   with its key (config_int); an export's model_config of the wrong types (model_of);
 - an export whose "weights" or "tokenizer" is not a name inside its folder (an absolute path, a `..`), or whose

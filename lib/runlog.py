@@ -5,12 +5,19 @@ losses from the first log to the last, zero-shot retrieval, bad input skipped. T
 TRAINING.md "The run folder"): a fresh run never writes into a folder that holds a run (claim_fresh), one process
 at a time writes a folder (RunLock), and a resumed run cuts a torn last record off its log (repair_metrics).
 write_benchmark writes the toy benchmark of finetune.py --task all (benchmark.md, benchmark.json).
+
+The rest of train.py's run-folder work: checkpoints (save_checkpoint, written atomically; load_checkpoint), a
+resume (check_resume: the run's own config; claim_run_folder; run_tokenizer), the run's tokenizer on every rank
+(shared_tokenizer), and the held-out pairs read before step 1 (load_held_out) and evaluated at the end (finish).
 """
 import json
 import os
 import re
+import resource
 import socket
+import sys
 import time
+from dataclasses import asdict, fields
 
 try:
     import fcntl
@@ -20,7 +27,7 @@ except ImportError:  # Windows
 import torch
 import torch.distributed as dist
 
-from lib import runtime
+from lib import formats, pictures, pretrained, retrieval, runtime, tokenizer
 
 
 class Meter:
@@ -200,3 +207,181 @@ def copy_log(src, dst, step):
             kept.append(line if line.endswith("\n") else line + "\n")
     with open(dst, "w", encoding="utf-8") as f:
         f.writelines(kept)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints and resuming a run (train.py)
+
+
+def save_checkpoint(path, model, optimizer, scaler, step, cfg, model_cfg, streams, extra, master):
+    """Every rank calls it (FSDP gathers the whole tensors from every rank's slices; each rank gives its random
+    state); rank 0 writes. Atomic: write path.tmp, then rename, so a crash never leaves a half-written checkpoint.
+    The model is the raw one (no DDP `module.` or compile `_orig_mod.` prefix), in the same format under FSDP."""
+    model_state, optimizer_state = runtime.full_state_dicts(model, optimizer)
+    rngs = runtime.rng_states()                     # hard negatives, dropout and drop path draw from each rank's own
+    if not master:
+        return
+    ckpt = {"model": model_state, "optimizer": optimizer_state,
+            "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
+            "rng": rngs, "data": {k: s.state_dict() for k, s in streams.items()},
+            "train_config": asdict(cfg), "model_config": asdict(model_cfg), **extra}
+    atomic_save(ckpt, path)
+    runtime.keep_checkpoints(path, step, cfg.keep_last)  # --keep_last: RUN/ckpt_STEP.pt, the oldest deleted
+
+
+def atomic_save(obj, path):
+    """torch.save to path.tmp, then rename: a crash never leaves a half-written file (finetune.py uses it too)."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, device):
+    """A checkpoint of train.py or finetune.py (the file, or a run folder for its ckpt.pt) -> its
+    dict, the model's keys without a DDP `module.` or compile `_orig_mod.` prefix. Read with
+    torch.load(weights_only=True) (pretrained.read_torch). A file that is no such checkpoint stops the
+    run with one line naming it: not a torch file, a pickle of other globals, no "model" state dict, a
+    model_config or step of the wrong type, or tensors that are not the model its model_config
+    describes (pretrained.check_state; of a fine-tuned checkpoint, its `xfm.` part)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no checkpoint at {path}")
+    ckpt = pretrained.read_torch(path, device)                            # tensors and plain types only
+    model = ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(model, dict) or not all(isinstance(k, str) for k in model):
+        what = formats.type_of(ckpt) if not isinstance(ckpt, dict) else 'no state dict under "model"'
+        raise SystemExit(f"error: {path}: not a checkpoint of train.py or finetune.py (it holds {what})")
+    if "step" in ckpt:
+        pretrained.config_int(ckpt, "step", path, least=0)
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in model.items()}
+    part = state if "task" not in ckpt else {k[4:]: v for k, v in state.items() if k.startswith("xfm.")}
+    pretrained.check_state(part, pretrained.model_of(ckpt.get("model_config"), path), path)
+    ckpt["model"] = state
+    return ckpt
+
+
+def resumed_run_dir(resume):
+    """The run folder of --resume (a run folder, or a checkpoint file in one)."""
+    return resume if os.path.isdir(resume) else os.path.dirname(resume) or "."
+
+
+def check_resume(resume, ckpt, given, config_cls, may_change):
+    """The config of a resumed run: the checkpoint's train_config (a config_cls, train.TrainConfig), with the
+    may_change keys (train.RESUME_MAY_CHANGE) the command line gives. Refused before anything is written, with
+    one line: a key given with another value than the run's own, a text length beyond the model's position
+    table, or a checkpoint whose train_config config_cls does not know. The out_dir defaults to the resumed
+    run's folder; --stop_at and --overwrite belong to one command and are not carried over."""
+    saved, known = ckpt.get("train_config"), {f.name for f in fields(config_cls)}
+    name = os.path.join(resume, "ckpt.pt") if os.path.isdir(resume) else resume
+    if not isinstance(saved, dict) or "task" in ckpt:
+        raise SystemExit(f"error: {name}: not a checkpoint of train.py (no train_config; a fine-tuned one?): "
+                         f"nothing to resume")
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise SystemExit(f"error: {name}: its train_config has keys this train.py does not know "
+                         f"({', '.join(unknown)}): a checkpoint of another version of the code")
+    clash = [f"--{k}={v} (the run has {k}={saved[k]})" for k, v in given.items()
+             if k not in may_change and k in saved and v != saved[k]]
+    if clash:
+        raise SystemExit(f"error: {'; '.join(clash)}: a resumed run keeps its model, recipe, tokenizer, data and "
+                         f"optimizer settings ({name}); start a new run with --out_dir=NEW to change them "
+                         f"(train.py --help lists the keys a resume may change)")
+    own = {"out_dir": resumed_run_dir(resume), "stop_at": 0, "overwrite": False}  # this command's, not the run's
+    cfg = config_cls(**{**saved, **own, **given})
+    longest = max(cfg.text_len, cfg.caption_len)
+    if longest > ckpt["model_config"]["max_text_len"]:
+        raise SystemExit(f"error: --text_len/--caption_len {longest} is beyond the model's position table of "
+                         f"{ckpt['model_config']['max_text_len']} tokens ({name})")
+    if cfg.overwrite and os.path.abspath(cfg.out_dir) == os.path.abspath(resumed_run_dir(resume)):
+        raise SystemExit(f"error: --overwrite would delete the run that --resume={resume} continues")
+    return cfg
+
+
+def claim_run_folder(cfg, ckpt):
+    """Rank 0, before anything is written -> the folder's lock (RunLock), held until the run ends. Nothing
+    of another run is lost: a fresh run needs a folder without a run (or --overwrite: claim_fresh); a run
+    resumed in its own folder has a torn last log record cut off; one resumed into a new folder needs that folder
+    free too, and starts its log with the old run's records up to the checkpoint."""
+    lock = RunLock(cfg.out_dir)
+    try:
+        metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
+        if ckpt is not None and os.path.samefile(cfg.out_dir, resumed_run_dir(cfg.resume)):
+            repair_metrics(metrics)
+        else:
+            claim_fresh(cfg.out_dir, cfg.overwrite)
+            if ckpt is not None:
+                copy_log(os.path.join(resumed_run_dir(cfg.resume), "metrics.jsonl"), metrics, ckpt["step"])
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def run_tokenizer(ckpt, resume):
+    """A resumed run's own tokenizer: the checkpoint's copy (a checkpoint without one: its run folder's file)."""
+    if "tokenizer" in ckpt:
+        return tokenizer.Tokenizer.from_json(ckpt["tokenizer"])
+    path = os.path.join(resumed_run_dir(resume), "tokenizer.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: the checkpoint {resume} holds no tokenizer and {path} does not exist")
+    return tokenizer.Tokenizer.load(path)
+
+
+def shared_tokenizer(cfg, ckpt, ddp, rank):
+    """The run's tokenizer on every rank: rank 0 takes a resumed run's own (run_tokenizer) or trains (or loads) one
+    (tokenizer.get_tokenizer) and saves it in the run folder too, so the folder is a complete --init for
+    finetune.py; every rank gets its JSON, so no rank re-decides from its own disk and the nodes need no shared
+    folder for it."""
+    def prepare():
+        if ckpt is not None:
+            tok = run_tokenizer(ckpt, cfg.resume)
+        else:
+            tok = tokenizer.get_tokenizer(cfg.data_dir, cfg.out_dir, cfg.vocab_size, cfg.tokenizer or None,
+                                          cfg.image_root)
+        tok.save(os.path.join(cfg.out_dir, "tokenizer.json"))
+        return tok.to_json()
+    return tokenizer.Tokenizer.from_json(runtime.rank0_shares(prepare, ddp, rank))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The held-out pairs: read before step 1, evaluated at the end (train.py)
+
+
+def load_held_out(cfg, sources, tok, image_size, held_bad, ddp, rank):
+    """The held-out pairs (sources["pair_test"], or None without one), each image decoded before step 1: a bad one
+    is skipped now (counted in held_bad), a set left empty stops the run here. Rank 0 reads, every rank gets it."""
+    return runtime.rank0_shares(lambda: retrieval.load_retrieval_set(
+        sources["pair_test"], tok, image_size, cfg.caption_len, held_bad, cfg.image_root),
+        ddp, rank) if "pair_test" in sources else None
+
+
+def finish(cfg, model, held_out, held_bad, history, final, bad, device, autocast, rank, world):
+    """Every rank, on the raw model: zero-shot retrieval on the held-out pairs (held_out: read and checked before
+    step 1, or None), split over the ranks (each rank encodes and re-ranks its share, lib/retrieval.py); then, on rank
+    0, the final metrics record, the loss-curve picture and the summary. held_bad: what the start-up read of the
+    held-out pairs skipped, added to the run's count here. An image that no longer decodes at the end (its file
+    changed during the run) costs a single process its evaluation, not the record: the record says why
+    (retrieval_error); under torchrun the error stops every rank."""
+    metrics_path, master = os.path.join(cfg.out_dir, "metrics.jsonl"), rank == 0
+    for kind, n in held_bad.counts().items():
+        bad.add(kind, n)
+    final["bad_input"] = bad.counts()
+    if held_out is not None:
+        try:
+            final["retrieval"] = retrieval.evaluate_retrieval(model, held_out, device, cfg.eval_k, cfg.eval_batch_size,
+                                                              autocast, rank, world, cfg.num_workers)
+            final["retrieval"]["n_images"], final["retrieval"]["n_texts"] = len(held_out["image"]), len(held_out["ids"])
+        except OSError as e:  # one rank alone would leave the others waiting in the gather
+            if world > 1:
+                raise
+            final["retrieval_error"] = f"{type(e).__name__}: {e}"
+            print(f"warning: no retrieval evaluation: {final['retrieval_error']}", file=sys.stderr, flush=True)
+    final["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        final["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    if master:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(final) + "\n")
+        records = [json.loads(line) for line in open(metrics_path) if '"final"' not in line]
+        pictures.plot_curves(records, os.path.join(cfg.out_dir, "loss_curves.png"))
+        print_summary(history, final, cfg, bad)

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from model import Block, VisionEncoder
+from model import Attention, VisionEncoder
 
 
 def setup_distributed(device_name):
@@ -157,17 +157,70 @@ def rng_states():
     return states
 
 
+def encoder_blocks(model):
+    """The transformer blocks of the model's encoders, of either recipe (model.Block, flava.ViTBlock): every encoder
+    keeps its blocks in a ModuleList `blocks`."""
+    return [b for m in model.modules() if isinstance(getattr(m, "blocks", None), torch.nn.ModuleList) for b in m.blocks]
+
+
 def checkpoint_blocks(model):
-    """Activation checkpointing (train.py --grad_ckpt): each Transformer block (model.Block) of the model keeps only
+    """Activation checkpointing (train.py --grad_ckpt): each Transformer block (encoder_blocks) of the model keeps only
     its input in the forward pass and recomputes its activations in the backward pass, so activation memory grows
     with the number of blocks' inputs instead of with every intermediate tensor, for about one more forward of
     compute. Non-reentrant checkpointing restores the random state for the recomputation, so dropout and drop path
     replay exactly and losses and gradients equal the plain run (tests/test_train.py). Outside autograd (no_grad,
     evaluation) a block simply runs."""
-    for block in [m for m in model.modules() if isinstance(m, Block)]:
+    for block in encoder_blocks(model):
         block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
     return model
 
+
+
+def choose_attention(model, device):
+    """attn_impl "auto" made concrete for each attention layer of a built model (X-FM or FLAVA) on `device`:
+    SDPA (model.Attention.sdpa) wherever it runs a fused kernel, the written-out softmax where it would not.
+    On a GPU that is SDPA everywhere. On a CPU, SDPA's fused kernel (_scaled_dot_product_flash_attention_for_cpu)
+    takes neither dropout nor a mask that needs a gradient: SDPA then falls back to its math path, the written-out
+    computation in more ops (docs/PERFORMANCE.md). So on a CPU an attention layer with dropout (X-FM's language
+    and fusion encoders) or a learned mask (a BEiT block's relative position bias) runs written out, the rest
+    (FLAVA's blocks: no dropout, padding masks only) SDPA. attn_impl sdpa or explicit: the model as it is."""
+    if model.cfg.attn_impl != "auto":
+        return model
+    for block in encoder_blocks(model):
+        learned_mask = getattr(block, "rel_pos", None) is not None
+        for attn in [m for m in block.modules() if isinstance(m, Attention)]:
+            attn.sdpa = device.type != "cpu" or not (attn.attn_drop > 0 or learned_mask)
+    return model
+
+
+def stacked_biases(rel_pos):
+    """The biases of L blocks' model.RelativePositionBias modules in one gather from a stack of their tables:
+    (L, nh, N, N), each the same as that module's own forward(); each table's gradient comes back through the
+    stack."""
+    tables = torch.stack([m.table for m in rel_pos])                       # (L, (2g-1)^2 + 3, nh)
+    return tables[:, rel_pos[0].index].permute(0, 3, 1, 2).contiguous()    # (L, nh, N, N)
+
+
+def stack_position_biases(model):
+    """A fast path for each BEiT vision encoder of the model (model.VisionEncoder): every block's relative position
+    bias in one gather per encoder pass (stacked_biases: a few ops, not a gather, a copy and a zeros + index_put
+    backward per block, plus a copy of each table's gradient), handed to each block as its mask, which takes the
+    place of the bias the block would gather itself. The same values and gradients (tests/test_fastpaths.py). A
+    forward pre-hook on the encoder gathers, one on each block hands its bias down (an argument of the block's
+    forward, so --grad_ckpt keeps it as an input). Not under FSDP (train.wrap): there a block's table is whole
+    only inside that block's forward."""
+    def gather(encoder, args, biases):
+        biases.update(enumerate(stacked_biases([b.rel_pos for b in encoder.blocks])))  # {i: (nh, N, N)}
+
+    def hand_down(block, args, kwargs, i, biases):
+        return (args[0], biases.pop(i, None)), kwargs                      # (x, block i's bias)
+
+    for encoder in [m for m in model.modules() if isinstance(m, VisionEncoder)]:
+        biases = {}
+        encoder.register_forward_pre_hook(functools.partial(gather, biases=biases))
+        for i, block in enumerate(encoder.blocks):
+            block.register_forward_pre_hook(functools.partial(hand_down, i=i, biases=biases), with_kwargs=True)
+    return model
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
@@ -199,7 +252,7 @@ def shard(loss_model, model):
     keeps only the state of that slice. fully_shard(module) makes one group of the module's parameters that no
     inner call took: before the module's forward the group's slices are all-gathered into full parameters,
     after it they are freed again, and after its backward its gradients are reduce-scattered (summed over the
-    ranks, each keeping its slice), then averaged. One group per transformer block (model.Block, the unit every
+    ranks, each keeping its slice), then averaged. One group per transformer block (encoder_blocks, the unit every
     encoder of both recipes is built from) means only about one block is ever whole in memory; the root group,
     on the LossModel, holds the rest (embeddings, heads, the temperature). The root must be the LossModel, not
     the model: the losses call model.encode_text() & co., which never run the model's own forward hooks.
@@ -212,12 +265,22 @@ def shard(loss_model, model):
         owner, _, attr = name.rpartition(".")
         p = model.get_parameter(name)
         setattr(model.get_submodule(owner), attr, torch.nn.Parameter(p.detach().reshape(1), p.requires_grad))
-    for encoder in [m for m in model.modules() if isinstance(m, VisionEncoder)]:
-        encoder.stack_bias = False           # each block's bias table is whole only inside that block's forward
-    for block in [m for m in model.modules() if isinstance(m, Block)]:
+    for block in encoder_blocks(model):
         fully_shard(block)                   # inner groups first: each call takes the parameters no inner call took
     fully_shard(loss_model)                  # the root: what is left; FSDP keeps its parameters whole until backward
     model.fsdp_scalars = scalars             # (for the checkpoint helpers below)
+    return loss_model
+
+
+def distribute(loss_model, model, ddp, fsdp, device, find_unused):
+    """The loss module as every rank runs it under torchrun: sharded by FSDP2 with --fsdp (shard: every block, then
+    the loss module, the root that runs every loss), else in DDP, which looks for parameters an update leaves
+    unused when find_unused; without torchrun the module itself."""
+    if ddp and fsdp:
+        return shard(loss_model, model)
+    if ddp:
+        return torch.nn.parallel.DistributedDataParallel(loss_model, find_unused_parameters=find_unused,
+                                                         device_ids=[device.index] if device.type == "cuda" else None)
     return loss_model
 
 

@@ -71,7 +71,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 import data
-from lib import formats
+from lib import formats, runtime, toyworld
 
 FOLDERS = {"pair": "pairs", "image": "images", "text": "text"}  # kind -> its folder in a data folder
 SUFFIX = {"pair": ".tar", "image": ".tar", "text": ".txt"}       # kind -> the files of that folder
@@ -597,6 +597,32 @@ def build_streams(data_dir, tok, dc, batch_size, bad, rank=0, world_size=1, num_
         streams[kind] = ShardStream(kind, folder, tok, dc, batch_size[kind], rank=rank, world_size=world_size,
                                     num_workers=num_workers, bad=bad, buffer=buffer, pin_memory=pin_memory)
     return {k: streams[k] for k in data.KINDS if k in streams}
+
+
+def prepare_data_dir(data_dir, ddp, rank):
+    """train.py's data folder: rank 0 builds the toy world when data_dir is the default folder and missing
+    (toyworld.build_if_missing); then every rank needs the folder on its own node."""
+    runtime.rank0_shares(lambda: toyworld.build_if_missing(data_dir), ddp, rank)
+    if not os.path.isdir(data_dir):  # another node, without rank 0's file system
+        raise SystemExit(f"error: data_dir {data_dir!r} does not exist on rank {rank}'s node (copy it there)")
+
+
+def find_data(data_dir):
+    """{kind: path} of what a data folder holds: lib/formats.py's files (pair_test too), then the shard folders."""
+    return {**formats.find_sources(data_dir), **find_shards(data_dir)}
+
+
+def run_streams(cfg, tok, model_cfg, per_rank, bad, rank, world, pin_memory):
+    """train.py's streams (build_streams): the run's data settings (cfg: train.TrainConfig) and the model's image
+    and patch sizes as one data.DataConfig; per_rank: {kind: samples a batch}. No data at all stops the run."""
+    dc = data.DataConfig(model_cfg.image_size, model_cfg.patch_size, cfg.text_len, cfg.caption_len, cfg.seed,
+                         cfg.hflip, (cfg.crop_min_scale, 1.0), caption_mask=cfg.recipe, image_root=cfg.image_root,
+                         itm_neg_prob=getattr(model_cfg, "itm_neg_prob", 0.0), static=cfg.compile)
+    streams = build_streams(cfg.data_dir, tok, dc, per_rank, bad, rank, world, cfg.num_workers,
+                            pin_memory=pin_memory, buffer=cfg.shuffle_buffer)
+    if not streams:
+        raise SystemExit(f"error: no training data found in {cfg.data_dir} (formats: lib/formats.py, lib/shards.py)")
+    return streams
 
 
 def corpus_texts(data_dir):

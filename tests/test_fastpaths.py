@@ -12,10 +12,10 @@ removing an optimisation fails a test as surely as breaking one.
     a pair's two views in one vision call              fast_losses.xfm_losses            test_one_call_*
     ITM, IMLM and BBP rows in one fusion call          fast_losses.fuse_groups        test_one_call_*
     SDPA instead of the written-out softmax            model.Attention                test_sdpa_*
-    auto: SDPA where fused, else the written-out path  model.Attention (impl=auto)    test_auto_attention_*
+    auto: SDPA where fused, else the written-out path  runtime.choose_attention       test_auto_attention_*
     attention masks built once per encoder pass        model.additive_mask, encoders  test_masks_*
-    every block's position bias in one gather          RelativePositionBias.stacked   test_masks_*
-    all of them at once                                fast_losses.xfm_losses            test_all_fast_paths_*
+    every block's position bias in one gather          runtime.stack_position_biases  test_masks_*
+    all of them at once                                fast_losses.xfm_losses         test_all_fast_paths_*
     fused AdamW (train.py and finetune.py on CUDA)     torch.optim.AdamW(fused=True)  test_fused_adamw_*
     pinned memory + non_blocking copies                runtime.to_device                test_pinned_* (CUDA only)
 """
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from lib import fast_losses as losses
 import model as model_py
+from lib import runtime
 from conftest import make_batch, tiny_config
 from model import XFM
 
@@ -266,9 +267,10 @@ def test_one_call_for_both_views_and_for_every_fusion_objective(batch, stop_grad
 
 @pytest.mark.parametrize("impl", ["sdpa", "auto"])
 def test_sdpa_equals_explicit_attention(batch, impl):
-    """F.scaled_dot_product_attention (and auto, which mixes both) and the written-out softmax(q k^T / sqrt(d) +
-    mask) v give the same losses and gradients on every data kind: text padding, the position bias, region masks."""
-    fast = tiny_model(attn_impl=impl)
+    """F.scaled_dot_product_attention (and auto as runtime.choose_attention makes it on a CPU, which mixes both)
+    and the written-out softmax(q k^T / sqrt(d) + mask) v give the same losses and gradients on every data kind:
+    text padding, the position bias, region masks."""
+    fast = runtime.choose_attention(tiny_model(attn_impl=impl), torch.device("cpu"))
     explicit = tiny_model(attn_impl="explicit")
     explicit.load_state_dict(fast.state_dict())
     assert_same(step(fast, losses.xfm_losses, batch), step(explicit, losses.xfm_losses, batch))
@@ -276,28 +278,27 @@ def test_sdpa_equals_explicit_attention(batch, impl):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_auto_attention_takes_sdpa_only_where_it_is_fused(batch, dropout, monkeypatch):
-    """impl=auto on a CPU: SDPA's fused kernel takes no dropout and gives no gradient to a mask, so auto calls
-    SDPA for an attention without either and runs the written-out path for the rest (SDPA would fall back to
-    the same math in more ops): in training, a vision block calls SDPA only without a graph (else its position
-    bias needs a gradient), text and fusion blocks only when their dropout is 0; in eval mode without a graph all do."""
+    """attn_impl auto (runtime.choose_attention) on a CPU: SDPA's fused kernel takes no dropout and gives no
+    gradient to a mask, so an attention layer without either calls SDPA and the rest run the written-out path (SDPA
+    would fall back to the same math in more ops): in a training step the vision blocks (a learned position bias)
+    never call SDPA, the text and fusion blocks only when their dropout is 0. On a GPU every layer calls SDPA."""
     sdpa_calls = []
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(model_py.F, "scaled_dot_product_attention",
-                        lambda q, k, v, **kw: sdpa_calls.append(kw["attn_mask"]) or sdpa(q, k, v, **kw))
-    model = tiny_model(attn_impl="auto", dropout=dropout)
-    calls = []                                                             # (encoder, grad mode) per attention call
+                        lambda q, k, v, **kw: sdpa_calls.append(kw) or sdpa(q, k, v, **kw))
+    model = runtime.choose_attention(tiny_model(attn_impl="auto", dropout=dropout), torch.device("cpu"))
+    calls = []                                                             # the encoder of each attention call
     for name in ("text", "vision", "fusion"):
         for blk in getattr(model, name).blocks:
             for attn in [blk.attn] + ([blk.cross_attn] if hasattr(blk, "cross_attn") else []):
-                attn.register_forward_hook(lambda *_, n=name: calls.append((n, torch.is_grad_enabled())))
+                attn.register_forward_hook(lambda *_, n=name: calls.append(n))
     step(model, losses.xfm_losses, batch)
-    fused = [c for c in calls if (c[0] == "vision" and not c[1]) or (c[0] != "vision" and not dropout)]
-    assert len(sdpa_calls) == len(fused) and not any(m is not None and m.requires_grad for m in sdpa_calls)
-    assert 0 < len(fused) < len(calls)
-    sdpa_calls.clear()
-    with torch.no_grad():
-        model.eval().encode_image(batch["image"]["image"])
-    assert len(sdpa_calls) == model.cfg.vision_layers                      # no graph, no dropout: fused
+    fused = [c for c in calls if c != "vision" and not dropout]
+    assert len(sdpa_calls) == len(fused) and len(calls) > len(fused)
+    assert not any(kw["dropout_p"] > 0 or (kw["attn_mask"] is not None and kw["attn_mask"].requires_grad)
+                   for kw in sdpa_calls)
+    gpu = runtime.choose_attention(tiny_model(attn_impl="auto", dropout=dropout), torch.device("cuda"))
+    assert all(m.sdpa for m in gpu.modules() if isinstance(m, model_py.Attention))
 
 
 def plain_mask(key_mask):
@@ -337,17 +338,17 @@ def masks_per_layer(model):
 
 def test_masks_built_once_per_encoder_pass(batch, monkeypatch):
     """Each encoder pass builds its additive masks once (additive_mask: the text padding, a region's patches)
-    and gathers every block's position bias in one op (RelativePositionBias.stacked), then hands them to its
+    and gathers every block's position bias in one op (runtime.stack_position_biases), then hands them to its
     layers: the same losses and gradients (every relative position table included) as masks made in each layer
     the plain way; and only once per pass (a mask per layer would be the slow path)."""
     built = {"masks": 0, "gathers": 0}
-    real_mask, real_stacked = model_py.additive_mask, model_py.RelativePositionBias.stacked
+    real_mask, real_stacked = model_py.additive_mask, runtime.stacked_biases
 
     def count(key, fn):
         return lambda *a: built.__setitem__(key, built[key] + 1) or fn(*a)
     monkeypatch.setattr(model_py, "additive_mask", count("masks", real_mask))
-    monkeypatch.setattr(model_py.RelativePositionBias, "stacked", staticmethod(count("gathers", real_stacked)))
-    model = tiny_model()
+    monkeypatch.setattr(runtime, "stacked_biases", count("gathers", real_stacked))
+    model = runtime.stack_position_biases(tiny_model())
     passes = {"text": [], "vision": [], "fusion": []}
     for name, calls in passes.items():
         getattr(model, name).register_forward_pre_hook(lambda m, a, c=calls: c.append(a))
@@ -359,6 +360,22 @@ def test_masks_built_once_per_encoder_pass(batch, monkeypatch):
         slow = step(model, losses.xfm_losses, batch)
     assert_same(fast, slow)
     assert all(fast[1][f"vision.blocks.{i}.rel_pos.table"].abs().sum() > 0 for i in range(model.cfg.vision_layers))
+
+
+
+def test_a_training_run_gathers_the_position_biases_at_once(batch, monkeypatch):
+    """train.setup_model gives a run's model the stacked position biases (runtime.stack_position_biases): one
+    gather per vision encoder pass, not one per block."""
+    import train
+    from lib import formats
+    gathers = []
+    real = runtime.stacked_biases
+    monkeypatch.setattr(runtime, "stacked_biases", lambda rel_pos: gathers.append(len(rel_pos)) or real(rel_pos))
+    ctx = train.Context(None, False, 0, 1, torch.device("cpu"), formats.BadInput())
+    model = train.setup_model(train.TrainConfig(), ctx, tiny_config(), {})[0]
+    with torch.no_grad():
+        model.encode_image(batch["image"]["image"])
+    assert gathers == [model.cfg.vision_layers]
 
 
 def test_all_fast_paths_together(batch):

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from lib import runlog
 from lib import formats
 import finetune
 import losses
@@ -89,12 +90,12 @@ def test_eval_only_reproduces_the_fine_tuned_result(suite, task):
 
 
 def test_linear_probe_freezes_the_encoder_and_full_fine_tuning_only_its_tower(suite, ckpt):
-    pre = train.load_checkpoint(ckpt, "cpu")["model"]
+    pre = runlog.load_checkpoint(ckpt, "cpu")["model"]
     out, _ = suite
-    probe = train.load_checkpoint(os.path.join(out, "imgcls_linear", "ckpt.pt"), "cpu")["model"]
+    probe = runlog.load_checkpoint(os.path.join(out, "imgcls_linear", "ckpt.pt"), "cpu")["model"]
     assert all(torch.equal(probe["xfm." + k], v) for k, v in pre.items())     # every encoder weight untouched
     assert set(k for k in probe if k.startswith("head.")) == {"head.weight", "head.bias"}  # one nn.Linear
-    full = train.load_checkpoint(os.path.join(out, "imgcls", "ckpt.pt"), "cpu")["model"]
+    full = runlog.load_checkpoint(os.path.join(out, "imgcls", "ckpt.pt"), "cpu")["model"]
     assert not torch.equal(full["xfm.vision.blocks.0.attn.qkv.weight"], pre["vision.blocks.0.attn.qkv.weight"])
     assert torch.equal(full["xfm.text.blocks.0.attn.qkv.weight"], pre["text.blocks.0.attn.qkv.weight"])
 
@@ -125,7 +126,7 @@ def test_textcls_reads_a_glue_tsv_of_pairs_and_regresses(toy, ckpt, tmp_path):
     res = finetune.main(["--task", "textcls", "--init", ckpt, "--train_file", str(tmp_path / "train.tsv"),
                          "--test_file", str(tmp_path / "test.tsv"), "--out_dir", str(tmp_path / "out"), *EPOCH1])
     assert res["metric"] == "pearson" and -100 <= res["value"] <= 100
-    ck = train.load_checkpoint(str(tmp_path / "out" / "textcls" / "ckpt.pt"), "cpu")
+    ck = runlog.load_checkpoint(str(tmp_path / "out" / "textcls" / "ckpt.pt"), "cpu")
     assert ck["model"]["head.3.weight"].shape[0] == 1 and ck["meta"]["labels"] == []
 
 

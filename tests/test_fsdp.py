@@ -14,6 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 import flava
+from lib import runlog
 from lib import pretrained
 from lib import runtime
 from lib import tokenizer
@@ -76,7 +77,7 @@ def assert_same_run(a, b, param_atol):
         for k in keys:
             assert abs(ra[k] - rb[k]) <= 1e-5 * max(1.0, abs(ra[k])), (ra["step"], k, ra[k], rb[k])
     assert "retrieval" in fa[-1] and "retrieval" in fb[-1]                 # (a resumed run has two final lines)
-    ma, mb = (train.load_checkpoint(run, "cpu")["model"] for run in (a, b))
+    ma, mb = (runlog.load_checkpoint(run, "cpu")["model"] for run in (a, b))
     assert ma.keys() == mb.keys()
     for k in ma:
         assert ma[k].shape == mb[k].shape and torch.allclose(ma[k], mb[k], rtol=0, atol=param_atol), k
@@ -98,7 +99,7 @@ def test_fsdp_resume_is_exact_and_the_checkpoint_is_a_plain_one(runs):
     checkpoint has the DDP run's format: a plain single-process model and optimizer load it."""
     straight, resumed, ddp = (os.path.join(runs, n) for n in ("xfm_fsdp", "xfm_fsdp_half", "xfm_ddp"))
     assert_same_run(straight, resumed, param_atol=1e-7)
-    a, b, d = (train.load_checkpoint(run, "cpu") for run in (straight, resumed, ddp))
+    a, b, d = (runlog.load_checkpoint(run, "cpu") for run in (straight, resumed, ddp))
     assert a["step"] == b["step"] == 4 and len(a["rng"]) == 2                 # each rank's random state
     for k, s in a["optimizer"]["state"].items():
         for name, v in s.items():
@@ -120,7 +121,7 @@ def test_fsdp_resume_is_exact_and_the_checkpoint_is_a_plain_one(runs):
 def test_fsdp_export_is_the_whole_model(runs):
     """--export under --fsdp: rank 0 writes the whole model gathered from the ranks' slices, the final
     checkpoint's state dict byte for byte (FLAVA's logit scale 0-dim again, its codebook buffer too)."""
-    state = train.load_checkpoint(os.path.join(runs, "flava_fsdp"), "cpu")["model"]
+    state = runlog.load_checkpoint(os.path.join(runs, "flava_fsdp"), "cpu")["model"]
     got = pretrained.read_export(os.path.join(runs, "flava_fsdp_export"))["model"]
     assert sorted(got) == sorted(state) and got["logit_scale"].shape == () and "image_tokenizer.codebook" in got
     for k, v in state.items():

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import finetune
+from lib import runlog
 from lib import pretrained
 from lib import tokenizer
 import train
@@ -48,7 +49,7 @@ def world(tmp_path_factory):
     cfg = tiny_config(width=32, heads=2, embed_dim=16, vocab_size=tok.vocab_size, pad_id=tok.pad_id)
     torch.manual_seed(0)
     state = XFM(cfg).state_dict()
-    train.atomic_save({"model": state, "model_config": asdict(cfg), "train_config": {}, "step": 3},
+    runlog.atomic_save({"model": state, "model_config": asdict(cfg), "train_config": {}, "step": 3},
                       os.path.join(run, "ckpt.pt"))
     export = os.path.join(run, "export")
     pretrained.export(export, run, state, asdict(cfg), {}, 3)
@@ -71,7 +72,7 @@ def copy_export(world, tmp_path, **config):
 
 
 def test_good_export_checkpoint_and_tokenizer_load_bit_exactly(world):
-    ckpt = train.load_checkpoint(world["run"], "cpu")
+    ckpt = runlog.load_checkpoint(world["run"], "cpu")
     got = pretrained.read_export(world["export"])
     assert sorted(got["model"]) == sorted(ckpt["model"]) == sorted(world["state"])
     for k, t in world["state"].items():
@@ -342,7 +343,7 @@ def bad_torch_files(world, tmp_path):
 
 def test_not_a_checkpoint_is_refused_by_name(bad_torch_files):
     for case, (path, reason) in bad_torch_files.items():
-        refused(lambda: train.load_checkpoint(path, "cpu"), f"error: {path}: ", reason)
+        refused(lambda: runlog.load_checkpoint(path, "cpu"), f"error: {path}: ", reason)
     for case in ("text_file", "zip_of_other_files", "other_global", "a_list"):   # --init_vision's .pth reader
         path, reason = bad_torch_files[case]
         refused(lambda: pretrained.read_state_dict(path), f"error: {path}: ", reason)

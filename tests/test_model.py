@@ -12,8 +12,8 @@ from model import XFM, Attention, RelativePositionBias, additive_mask, drop_path
 @pytest.mark.parametrize("cross", [False, True])
 def test_explicit_attention_equals_sdpa(cross):
     torch.manual_seed(0)
-    fast = Attention(32, 4, cross=cross, beit_bias=not cross, impl="sdpa").eval()
-    slow = Attention(32, 4, cross=cross, beit_bias=not cross, impl="explicit").eval()
+    fast = Attention(32, 4, cross=cross, beit_bias=not cross, sdpa=True).eval()
+    slow = Attention(32, 4, cross=cross, beit_bias=not cross, sdpa=False).eval()
     slow.load_state_dict(fast.state_dict())
     x, kv = torch.randn(3, 5, 32), torch.randn(3, 7, 32)
     key_mask = torch.ones(3, 7 if cross else 5, dtype=torch.bool)
@@ -83,7 +83,7 @@ def test_relative_position_bias_table_and_index():
     # the same relative offset uses the same entry anywhere on the grid
     assert idx[1 + 5, 1 + 6] == idx[1 + 0, 1 + 1]
     rpb.table.data = torch.randn_like(rpb.table)
-    bias = RelativePositionBias.stacked([rpb])[0]
+    bias = rpb()
     assert bias.shape == (2, g * g + 1, g * g + 1)
     assert torch.equal(bias[:, 3, 7], rpb.table[idx[3, 7]])
 

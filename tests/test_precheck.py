@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import finetune
+from lib import runlog
 from lib import formats
 from lib import retrieval
 from lib import toyworld
@@ -112,7 +113,7 @@ def test_train_checks_the_held_out_set_before_step_1(world, tmp_path, monkeypatc
     train.main([f"--data_dir={d}", f"--out_dir={out}", *FAST, "--max_steps=2", "--stop_at=1"])
     assert f"{d / 'pairs_test.jsonl'}:9: unreadable image" in warned[0]  # said before the first update
     assert f"{d / 'pairs_test.jsonl'}:10: unreadable image" in warned[0]
-    assert train.load_checkpoint(str(out), "cpu")["bad_input"] == {"records": []}  # the held-out set is not saved ...
+    assert runlog.load_checkpoint(str(out), "cpu")["bad_input"] == {"records": []}  # the held-out set is not saved ...
     train.main([f"--resume={out}", "--stop_at=0"])                      # ... for a resume reads the set again
     finals = [r for r in map(json.loads, open(out / "metrics.jsonl")) if r.get("final")]
     assert [r["step"] for r in finals] == [1, 2]
@@ -137,12 +138,12 @@ def test_an_evaluation_that_fails_at_the_end_still_writes_the_final_record(tmp_p
     held_bad.report("unreadable image", "pairs_test.jsonl:3", "img/x.jpg: cannot identify image file")
     final = {"final": True, "step": 1, "wall_s": 1.0, "skipped_updates": 0}
     args = (None, {"image": [], "ids": []}, held_bad, [], final, quiet(), torch.device("cpu"), nullcontext, 0)
-    train.finish(cfg, *args, 1)
+    runlog.finish(cfg, *args, 1)
     rec = json.loads(open(tmp_path / "metrics.jsonl").read())
     assert rec["retrieval_error"] == "OSError: image file is truncated (7 bytes not processed)"
     assert rec["bad_input"] == {"unreadable image": 1} and "retrieval" not in rec
     with pytest.raises(OSError):  # under torchrun every rank stops (no rank left waiting in a gather)
-        train.finish(cfg, *args, 2)
+        runlog.finish(cfg, *args, 2)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 load_file = pytest.importorskip("safetensors.torch").load_file  # installed with transformers
 
+from lib import runlog  # noqa: E402
 from lib import pretrained  # noqa: E402
 from conftest import tiny_config  # noqa: E402
 from model import XFM, resize_rel_pos  # noqa: E402
@@ -297,7 +298,7 @@ def test_train_main_starts_from_pretrained_encoders(beit, tmp_path):
     mcfg = json.load(open(os.path.join(out, "config.json")))["model"]
     assert (mcfg["width"], mcfg["heads"], mcfg["text_layers"], mcfg["vision_layers"], mcfg["vocab_size"]) == \
         (D, HEADS, LAYERS, LAYERS, 300)
-    ckpt = train.load_checkpoint(out, "cpu")["model"]
+    ckpt = runlog.load_checkpoint(out, "cpu")["model"]
     gamma = [p for n, p in beit.named_parameters() if n.endswith("lambda_2")][1]
     assert torch.equal(ckpt["vision.blocks.1.gamma_2"], gamma.detach())
     assert torch.equal(ckpt["text.word_embed.weight"], roberta.roberta.embeddings.word_embeddings.weight.detach())

@@ -76,7 +76,7 @@ def test_overwrite_deletes_the_old_runs_files_and_nothing_else(stopped, tmp_path
     assert steps_logged(old) == ([1], [1])                      # the new run's log alone
     assert not os.path.exists(os.path.join(old, "ckpt_000002.pt"))
     assert open(os.path.join(old, "notes.txt")).read() == "x"
-    assert train.load_checkpoint(old, "cpu")["step"] == 1
+    assert runlog.load_checkpoint(old, "cpu")["step"] == 1
 
 
 def test_a_folder_in_use_is_refused_and_a_dead_holders_lock_is_taken_over(stopped, tmp_path, capsys):
@@ -126,7 +126,7 @@ def test_resume_refuses_a_flag_that_contradicts_the_run_before_writing_anything(
     assert says in str(e.value)
     assert snapshot(run) == before
     ok = {"resume": run, "config": "tiny", "lr": 0.5}                  # the run's own value; a key that may change
-    assert train.check_resume(run, train.load_checkpoint(run, "cpu"), ok).lr == 0.5
+    assert check_resume(run, runlog.load_checkpoint(run, "cpu"), ok).lr == 0.5
 
 
 def test_resume_into_a_new_folder_carries_the_tokenizer_and_the_log(stopped, tmp_path):
@@ -153,6 +153,11 @@ def test_a_torn_last_log_record_is_cut_on_resume(stopped, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------------------
 # The same rules one function at a time (no training run: what the mutation check runs)
+
+
+def check_resume(run, ckpt, given):
+    """runlog.check_resume as train.py calls it."""
+    return runlog.check_resume(run, ckpt, given, train.TrainConfig, train.RESUME_MAY_CHANGE)
 
 
 def fake_run(folder, names=("ckpt.pt", "metrics.jsonl", "config.json", "ckpt_000500.pt")):
@@ -195,17 +200,17 @@ def test_check_resume_refuses_what_contradicts_the_run(tmp_path):
     run = str(tmp_path / "run")
     fake_run(run)
     ckpt = saved_run(text_len=32, caption_len=24)
-    cfg = train.check_resume(run, ckpt, {"resume": run, "config": "tiny", "lr": 0.5, "stop_at": 0})
+    cfg = check_resume(run, ckpt, {"resume": run, "config": "tiny", "lr": 0.5, "stop_at": 0})
     assert (cfg.config, cfg.lr, cfg.text_len, cfg.out_dir) == ("tiny", 0.5, 32, run)
     for given, says in (({"config": "small", "seed": 3}, "--config=small (the run has config=tiny); --seed=3 (the "
                                                          "run has seed=0)"),
                         ({"text_len": 33}, "--text_len/--caption_len 33 is beyond the model's position table of 32"),
                         ({"overwrite": True}, "--overwrite would delete the run")):
         with pytest.raises(SystemExit, match=re.escape(says)):
-            train.check_resume(run, ckpt, {"resume": run, **given})
+            check_resume(run, ckpt, {"resume": run, **given})
     ckpt["train_config"]["from_a_newer_version"] = 1
     with pytest.raises(SystemExit, match=r"run/ckpt.pt: its train_config has keys .* \(from_a_newer_version\)"):
-        train.check_resume(run, ckpt, {"resume": run})
+        check_resume(run, ckpt, {"resume": run})
 
 
 def test_a_resume_into_a_new_folder_takes_the_checkpoints_tokenizer_and_a_free_folder(tmp_path):
@@ -217,12 +222,12 @@ def test_a_resume_into_a_new_folder_takes_the_checkpoints_tokenizer_and_a_free_f
         f.write('{"step": 4, "l')
     tok = tokenizer.Tokenizer.train(["a red circle", "a blue square"], 300, str(tmp_path / "tok.json"))
     ckpt = saved_run(tok.to_json())
-    assert train.run_tokenizer(ckpt, old).encode("a red circle", 16) == tok.encode("a red circle", 16)
-    cfg = train.check_resume(old, ckpt, {"resume": old, "out_dir": new})
-    train.claim_run_folder(cfg, ckpt).release()
+    assert runlog.run_tokenizer(ckpt, old).encode("a red circle", 16) == tok.encode("a red circle", 16)
+    cfg = check_resume(old, ckpt, {"resume": old, "out_dir": new})
+    runlog.claim_run_folder(cfg, ckpt).release()
     assert steps_logged(new) == ([1, 2], [])                # the log up to the checkpoint's step 2
     with pytest.raises(SystemExit, match="holds a run"):
-        train.claim_run_folder(cfg, ckpt)
+        runlog.claim_run_folder(cfg, ckpt)
 
 
 def test_repair_metrics_cuts_only_a_torn_last_record(tmp_path):

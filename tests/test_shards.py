@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import data as D
+from lib import runlog
 from lib import formats
 from lib import runtime
 from lib import shards
@@ -281,7 +282,7 @@ def test_train_from_shards_in_two_processes_resumes_exactly_mid_epoch(tmp_path):
         assert {"loss/itc", "loss/mlm", "loss/mim_image", "loss/itc_region"} <= keys
         for k in keys:
             assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (a["step"], k, a[k], b[k])
-    ma, mb = (train.load_checkpoint(os.path.join(root, run), "cpu") for run in ("straight", "stopped"))
+    ma, mb = (runlog.load_checkpoint(os.path.join(root, run), "cpu") for run in ("straight", "stopped"))
     assert ma["data"] == mb["data"] == {"region": {"batches": 4}, **{k: {"batches": 4, "slots": 2} for k in
                                                                      ("text", "image", "pair")}}
     for k in ma["model"]:

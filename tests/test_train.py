@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 import flava
+from lib import runlog
 from lib import pretrained
 from lib import runtime
 import train
@@ -49,7 +50,7 @@ def test_default_run_through_main_writes_the_run_folder(toy, tmp_path):
     assert cfg["train"]["stop_grad"] is True and cfg["train"]["mim_target"] == "vl"
     assert res["final"]["step"] == 4
     # the checkpoint loads with weights_only=True and holds everything a resume needs
-    ckpt = train.load_checkpoint(out, "cpu")
+    ckpt = runlog.load_checkpoint(out, "cpu")
     assert {"model", "optimizer", "scaler", "step", "rng", "data", "train_config", "model_config"} <= set(ckpt)
     assert ckpt["step"] == 4 and not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
 
@@ -81,7 +82,7 @@ def kept(toy, tmp_path_factory):
     folder, export folder, the final checkpoint's model state, read before any test resumes the run)."""
     run, exported = str(tmp_path_factory.mktemp("kept")), str(tmp_path_factory.mktemp("kept_export"))
     train.main([f"--data_dir={toy}", f"--out_dir={run}", *FAST, "--ckpt_every=1", "--keep_last=2", f"--export={exported}"])
-    return run, exported, train.load_checkpoint(run, "cpu")["model"]
+    return run, exported, runlog.load_checkpoint(run, "cpu")["model"]
 
 
 def test_keep_last_keeps_the_newest_n_and_a_kept_one_resumes(kept):
@@ -91,7 +92,7 @@ def test_keep_last_keeps_the_newest_n_and_a_kept_one_resumes(kept):
     run, _, _ = kept
     names = ["ckpt.pt", "ckpt_000003.pt", "ckpt_000004.pt"]
     assert sorted(n for n in os.listdir(run) if n.startswith("ckpt")) == names
-    assert [train.load_checkpoint(os.path.join(run, n), "cpu")["step"] for n in names] == [4, 3, 4]
+    assert [runlog.load_checkpoint(os.path.join(run, n), "cpu")["step"] for n in names] == [4, 3, 4]
     train.main([f"--resume={os.path.join(run, 'ckpt_000003.pt')}", "--export="])  # continues in the run folder
     logs, _ = read_metrics(run)
     assert [l["step"] for l in logs] == [1, 2, 3, 4, 4]                  # the straight run's, then the resumed step
@@ -228,7 +229,7 @@ def test_non_finite_losses_skip_then_stop_with_a_checkpoint(toy, tmp_path, monke
     out = str(tmp_path / "run")
     with pytest.raises(SystemExit, match="non-finite updates in a row"):
         train.main([f"--data_dir={toy}", f"--out_dir={out}", *FAST, "--max_steps=10", "--max_bad_steps=3"])
-    ckpt = train.load_checkpoint(out, "cpu")
+    ckpt = runlog.load_checkpoint(out, "cpu")
     assert ckpt["step"] == 1  # three updates of step 0 were good; step 1's updates were skipped
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
@@ -330,7 +331,6 @@ def test_activation_checkpointing_gives_the_same_losses_and_gradients(recipe):
     run: the recomputation replays the same random draws."""
     import flava
     from lib import runtime
-    from model import Block
     if recipe == "flava":
         cfg = flava.make_flava_config("tiny", vocab_size=64, dropout=0.1)
         batch = make_batch(cfg, kinds=("text", "image", "pair"), seed=1)
@@ -345,7 +345,7 @@ def test_activation_checkpointing_gives_the_same_losses_and_gradients(recipe):
         if checkpointed:
             runtime.checkpoint_blocks(model)
         calls = []
-        for block in (m for m in model.modules() if isinstance(m, Block)):
+        for block in runtime.encoder_blocks(model):
             block.mlp.fc1.register_forward_hook(lambda *args: calls.append(1))
         torch.manual_seed(1)                                               # the same dropout / drop-path draws
         losses, _ = train.LossModel(model, True, recipe)(batch)

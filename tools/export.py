@@ -13,6 +13,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from lib import runlog  # noqa: E402
 from lib import pretrained  # noqa: E402
 import train  # noqa: E402
 
@@ -22,7 +23,7 @@ def main(argv=None):
     ap.add_argument("checkpoint", help="a run folder of train.py, or one of its checkpoint files")
     ap.add_argument("out_dir", help="the export folder (not the run folder)")
     args = ap.parse_args(argv)
-    ckpt = train.load_checkpoint(args.checkpoint, "cpu")
+    ckpt = runlog.load_checkpoint(args.checkpoint, "cpu")
     if "task" in ckpt:
         raise SystemExit(f"error: {args.checkpoint} was fine-tuned by finetune.py ({ckpt['task']}); this tool exports "
                          f"pre-training checkpoints of train.py")

@@ -1,31 +1,32 @@
 """
-The fast path of losses.py: the same X-FM losses and gradients (tests/test_static.py holds them equal, both
-recipes), computed the way a GPU step and torch.compile need them. losses.py is the reference a reader learns from;
-this file only changes how the same numbers are computed:
+The fast path of losses.py: the same X-FM losses and gradients (tests/test_static.py holds them
+equal, both recipes), computed the way a GPU step and torch.compile need them. losses.py is the
+reference a reader learns from; this file only changes how the same numbers are computed:
 
-    - fixed shapes: rows that take no part (unmasked positions, empty caption slots, rows without a hard negative)
-      are computed and weigh 0, instead of being dropped by boolean masks;
-    - no host sync: no `.item()`, no `if tensor`, no data-dependent sizes, so the host never waits for the device;
-    - fewer, bigger launches: the two views of idea 2 in one vision-encoder call, ITM's, IMLM's and box
-      prediction's rows in one fusion-encoder call.
+    - fixed shapes: rows that take no part (unmasked positions, empty caption slots, rows without a
+      hard negative) are computed and weigh 0, instead of being dropped by boolean masks;
+    - no host sync: no `.item()`, no `if tensor`, no data-dependent sizes, so the host never waits
+      for the device;
+    - fewer, bigger launches: the two views of idea 2 in one vision-encoder call, ITM's, IMLM's and
+      box prediction's rows in one fusion-encoder call.
 
-Each trick is a named helper whose comment gives its plain equivalent in losses.py. train.py --losses picks the
-path (fast on CUDA and under --compile).
+Each trick is a named helper whose comment gives its plain equivalent in losses.py.
+train.py --losses picks the path (fast on CUDA and under --compile).
 """
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from losses import (_distributed, _rank, box_xyxy, fusion_input, gather_no_grad, gather_with_grad, generalized_iou,
-                    patchify)
+from losses import (_distributed, _rank, box_xyxy, fusion_input, gather_no_grad, gather_with_grad,
+                    generalized_iou, patchify)
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The tricks, each with its plain equivalent
 
 
 def gather_fixed(x):
-    """= losses.gather_with_grad(x): every rank holds len(x) rows (fixed batch sizes; a region batch has a fixed
-    number of caption slots per image), so no sizes are exchanged and nothing waits."""
+    """= losses.gather_with_grad(x): every rank holds len(x) rows (fixed batch sizes; a region batch
+    has a fixed number of caption slots per image), so no sizes are exchanged and nothing waits."""
     world = dist.get_world_size() if _distributed() else 1
     return gather_with_grad(x, [len(x)] * world)
 
@@ -37,7 +38,8 @@ def gather_fixed_no_grad(x):
 
 
 def global_sum(x):
-    """The sum of a (detached) count over every rank: a collective, not a host sync. = sum over ranks of int(x)."""
+    """The sum of a (detached) count over every rank: a collective, not a host sync.
+    = sum over ranks of int(x)."""
     x = x.detach().float()
     if _distributed():
         x = x.clone()
@@ -53,59 +55,69 @@ def weighted_mean(x, w):
 
 def one_per_row(w):
     """= torch.multinomial(w, 1).squeeze(1) for the rows with sum(w) > 0, without the host waiting.
-    The exponential race argmax_j w_j / E_j, E_j ~ Exp(1), picks j with probability w_j / sum(w): the algorithm
-    torch.multinomial uses for one draw, on the same random stream. -> (index (B,), has (B,) bool: sum(w) > 0);
+    The exponential race argmax_j w_j / E_j, E_j ~ Exp(1), picks j with probability w_j / sum(w):
+    the algorithm torch.multinomial uses for one draw, on the same random stream.
+    -> (index (B,), has (B,) bool: sum(w) > 0);
     a row without candidates gets index 0 and has False."""
-    race = torch.empty_like(w).exponential_().clamp_min(1e-30)           # never 0: 0 / 0 would be NaN
+    # never 0: 0 / 0 would be NaN
+    race = torch.empty_like(w).exponential_().clamp_min(1e-30)
     return (w / race).argmax(dim=1), w.sum(1) > 0
 
 
 def masked_slots(labels, K):
-    """The masked positions of each row gathered into K slots: = the boolean mask labels != -100, as (B, K)
-    positions (masked ones first) and (B, K) 0/1 weights. K bounds the masked positions per row (data.max_masked)."""
+    """The masked positions of each row gathered into K slots: = the boolean mask labels != -100, as
+    (B, K) positions (masked ones first) and (B, K) 0/1 weights. K bounds the masked positions per
+    row (data.max_masked)."""
     sel, pos = (labels != -100).float().topk(K, dim=1)
     return pos, sel
 
 
 def fuse_groups(model, *groups):
-    """= [model.fuse(t, att, v, v_mask) for (t, att, v, v_mask) in groups], in one fusion call. Each group: t (n, T, D),
-    att (n, T), v (n, S, D), v_mask (n, S) or None. The fusion encoder treats every row on its own (no op mixes
-    rows), so one call over the concatenated rows gives each group's states."""
+    """= [model.fuse(t, att, v, v_mask) for (t, att, v, v_mask) in groups], in one fusion call. Each
+    group: t (n, T, D), att (n, T), v (n, S, D), v_mask (n, S) or None. The fusion encoder treats
+    every row on its own (no op mixes rows), so one call over the concatenated rows gives each
+    group's states."""
     masks = [m for *_, m in groups]
     if all(m is None for m in masks):
         v_mask = None                                                      # every key of every row
     else:
-        v_mask = torch.cat([torch.ones(g[2].shape[:2], dtype=torch.bool, device=g[2].device) if m is None else m
+        v_mask = torch.cat([torch.ones(g[2].shape[:2], dtype=torch.bool, device=g[2].device)
+                            if m is None else m
                             for g, m in zip(groups, masks)])
     h = model.fuse(*(torch.cat([g[i] for g in groups]) for i in range(3)), v_mask)
     return h.split([len(g[0]) for g in groups])
 
 
 def both_views(model, image, mim_mask):
-    """= (model.encode_image(image), model.encode_image(image, mim_mask)) in one call of 2B rows: no op of the
-    encoder mixes rows, and an all-False mim_mask leaves an image as it is."""
+    """= (model.encode_image(image), model.encode_image(image, mim_mask)) in one call of 2B rows: no
+    op of the encoder mixes rows, and an all-False mim_mask leaves an image as it is."""
     no_mask = torch.zeros_like(mim_mask)
     return model.encode_image(torch.cat([image, image]), torch.cat([no_mask, mim_mask])).chunk(2)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The objectives (the formulas: losses.py)
 
 
 def mlm_loss(hidden, labels, head, max_masked=None):
-    """= losses.mlm_loss: CE over the masked positions. The vocabulary-sized head runs on K = max_masked slots per
-    row (data.max_masked bounds the masked positions of a row; every position when None); empty slots weigh 0."""
+    """= losses.mlm_loss: CE over the masked positions. The vocabulary-sized head runs on
+    K = max_masked slots per row (data.max_masked bounds the masked positions of a row; every
+    position when None); empty slots weigh 0."""
     B, T, D = hidden.shape
     pos, sel = masked_slots(labels, T if max_masked is None else min(T, max_masked))  # (B, K) each
-    target = labels.gather(1, pos)                                         # (B, K), -100 in the empty slots
+    # (B, K), -100 in the empty slots
+    target = labels.gather(1, pos)
     logits = head(hidden.gather(1, pos.unsqueeze(-1).expand(*pos.shape, D)))  # (B, K, V)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction="sum")
-    return loss / sel.sum().clamp(min=1)                                   # no masked position: 0, graph kept
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100,
+                           reduction="sum")
+    # no masked position: 0, graph kept
+    return loss / sel.sum().clamp(min=1)
 
 
 def itc_loss(f_v, f_t, temp, ids=None, queries=None, keys=None):
-    """= losses.itc_loss on the rows that are keys (keys (B,) bool: empty caption slots are no key and no query),
-    with queries (B,) bool as there. Every rank holds B rows, so the gathers need no sizes."""
+    """= losses.itc_loss on the rows that are keys (keys (B,) bool: empty caption slots are no key
+    and no query), with queries (B,) bool as there. Every rank holds B rows, so the gathers need no
+    sizes."""
     B = f_v.shape[0]
     all_v, all_t = gather_fixed(f_v), gather_fixed(f_t)                    # (N, E)
     s_i2t = (f_v @ all_t.t() / temp).float()                               # (B, N)
@@ -116,24 +128,31 @@ def itc_loss(f_v, f_t, temp, ids=None, queries=None, keys=None):
         s_i2t = s_i2t.masked_fill(not_key, torch.finfo(s_i2t.dtype).min)
         s_t2i = s_t2i.masked_fill(not_key, torch.finfo(s_t2i.dtype).min)
     if ids is None:
-        y = torch.arange(B, device=f_v.device) + B * _rank()              # (B,) diagonal of the global matrix
-        target = (y[:, None] == torch.arange(all_t.shape[0], device=y.device)[None, :]).float()  # (B, N)
+        # (B,) diagonal of the global matrix
+        y = torch.arange(B, device=f_v.device) + B * _rank()
+        # (B, N)
+        target = (y[:, None] == torch.arange(all_t.shape[0], device=y.device)[None, :]).float()
     else:  # every pair sharing an id is a positive
         pos = (ids[:, None] == gather_fixed_no_grad(ids)[None, :]).float()  # (B, N)
         target = pos / pos.sum(1, keepdim=True)
-    q = torch.ones(B, device=f_v.device) if queries is None else queries.float()  # (B,) 1 for a query row
-    target = target * q[:, None]                                           # a row that is no query adds 0
-    row_loss = -(F.log_softmax(s_i2t, 1) * target).sum(1) - (F.log_softmax(s_t2i, 1) * target).sum(1)
-    # sum over local queries x world / all queries: DDP's mean over ranks is then the mean over ALL queries
+    # (B,) 1 for a query row
+    q = torch.ones(B, device=f_v.device) if queries is None else queries.float()
+    # a row that is no query adds 0
+    target = target * q[:, None]
+    row_loss = (-(F.log_softmax(s_i2t, 1) * target).sum(1)
+                - (F.log_softmax(s_t2i, 1) * target).sum(1))
+    # sum over local queries x world / all queries:
+    # DDP's mean over ranks is then the mean over ALL queries
     world = dist.get_world_size() if _distributed() else 1
     return 0.5 * row_loss.sum() * world / global_sum(q.sum()).clamp(min=1)
 
 
 @torch.no_grad()
 def sample_hard_negatives(f_v, f_t, temp, img_id, valid=None):
-    """= losses.sample_hard_negatives, where rows and columns of an empty slot (valid (B,) bool) are no candidate.
-    -> (neg_txt_for_img, neg_img_for_txt, has_txt, has_img): (B,) indices and (B,) bool, False where a row has no
-    candidate (its index is then 0)."""
+    """= losses.sample_hard_negatives, where rows and columns of an empty slot (valid (B,) bool) are
+    no candidate.
+    -> (neg_txt_for_img, neg_img_for_txt, has_txt, has_img): (B,) indices and (B,) bool, False where
+    a row has no candidate (its index is then 0)."""
     sim = f_v @ f_t.t() / temp                                             # (B, B) image x text
     never = img_id[:, None] == img_id[None, :]                             # (B, B) never a negative
     if valid is not None:
@@ -147,9 +166,10 @@ def sample_hard_negatives(f_v, f_t, temp, img_id, valid=None):
 
 
 def itm_inputs(t_sg, att, v, v_mask, f_v, f_t, temp, img_id, valid=None):
-    """The 3B fusion rows of losses.itm_loss and their weights: the B positives, (text b, hard-negative image) and
-    (hard-negative text, image b). -> ((t, att, v, v_mask) of the 3B rows, weight (3B,)): weight 0 for an empty slot
-    and for a row that found no negative, which losses.itm_loss leaves out."""
+    """The 3B fusion rows of losses.itm_loss and their weights: the B positives,
+    (text b, hard-negative image) and (hard-negative text, image b).
+    -> ((t, att, v, v_mask) of the 3B rows, weight (3B,)): weight 0 for an empty slot and for a row
+    that found no negative, which losses.itm_loss leaves out."""
     neg_txt, neg_img, has_txt, has_img = sample_hard_negatives(f_v, f_t, temp, img_id, valid)
     # positives | text b with a negative image | image b with a negative text
     t_all = torch.cat([t_sg, t_sg, t_sg[neg_txt]])                         # (3B, T, D)
@@ -161,11 +181,12 @@ def itm_inputs(t_sg, att, v, v_mask, f_v, f_t, temp, img_id, valid=None):
 
 
 def itm_ce(model, cls, weight):
-    """ITM's loss on the fusion [CLS] (3B, D) of itm_inputs' rows: CE(itm_head(cls), [1]*B + [0]*2B) averaged over
-    the rows of weight True."""
+    """ITM's loss on the fusion [CLS] (3B, D) of itm_inputs' rows: CE(itm_head(cls), [1]*B + [0]*2B)
+    averaged over the rows of weight True."""
     B = len(cls) // 3
     labels = (torch.arange(3 * B, device=cls.device) < B).long()           # 1 for the positives
-    return weighted_mean(F.cross_entropy(model.itm_head(cls).float(), labels, reduction="none"), weight)
+    return weighted_mean(F.cross_entropy(model.itm_head(cls).float(), labels, reduction="none"),
+                         weight)
 
 
 def itm_loss(model, t_sg, att, v, v_mask, f_v, f_t, temp, img_id, valid=None):
@@ -175,9 +196,11 @@ def itm_loss(model, t_sg, att, v, v_mask, f_v, f_t, temp, img_id, valid=None):
 
 
 def mim_loss(pred, target, mim_mask):
-    """= losses.mim_loss; pred, target (B, 1+P, D), mim_mask (B, P) bool; unmasked patches weigh 0."""
+    """= losses.mim_loss; pred, target (B, 1+P, D), mim_mask (B, P) bool;
+    unmasked patches weigh 0."""
     assert not target.requires_grad, "the MIM target must be detached"
-    err = (pred.float() - target.float()).pow(2).mean(-1)                  # (B, 1+P) squared error / D
+    # (B, 1+P) squared error / D
+    err = (pred.float() - target.float()).pow(2).mean(-1)
     return weighted_mean(err[:, 1:], mim_mask) + err[:, 0].mean()
 
 
@@ -190,57 +213,66 @@ def pixel_mim_loss(pred_pixels, images, mim_mask, patch_size):
 
 
 def bbox_loss(pred, target, is_region):
-    """= losses.bbox_loss over the rows of is_region (N,) bool; the other rows weigh 0. -> (L_l1, L_giou)."""
+    """= losses.bbox_loss over the rows of is_region (N,) bool; the other rows weigh 0.
+    -> (L_l1, L_giou)."""
     w = is_region.float()
     n_reg = w.sum().clamp(min=1)
     p, t = pred.float(), target.float()
     l1 = ((p - t).abs().sum(-1) * w).sum() / n_reg
     pb, tb = box_xyxy(p), box_xyxy(t)
     degenerate = (((pb[:, 2:] < pb[:, :2]) | (tb[:, 2:] <= tb[:, :2])).any(-1) & is_region).any()
-    # GIoU off (a degenerate box in the batch) or not a region: the row compares the unit box with itself,
-    # GIoU 1, loss 0. Weighting the row by 0 alone would not do: a degenerate box's GIoU is NaN or inf,
-    # and 0 * NaN is NaN, in the sum and in the gradient.
+    # GIoU off (a degenerate box in the batch) or not a region: the row compares the unit box with
+    # itself, GIoU 1, loss 0. Weighting the row by 0 alone would not do: a degenerate box's GIoU is
+    # NaN or inf, and 0 * NaN is NaN, in the sum and in the gradient.
     off = (degenerate | ~is_region)[:, None]                               # (N, 1)
     unit = pb.new_tensor([0.0, 0.0, 1.0, 1.0])
-    giou = (1 - generalized_iou(torch.where(off, unit, pb), torch.where(off, unit, tb))).sum() / n_reg
+    giou = (1 - generalized_iou(torch.where(off, unit, pb),
+                                torch.where(off, unit, tb))).sum() / n_reg
     return l1, giou
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The entry point: losses.xfm_losses, computed with the tricks above
 
 
 def vl_losses(model, b, v, v_mask, stop_grad, suffix, box_image=None):
-    """= losses.vl_losses, with ITM's 3B rows, IMLM's B rows (and, given box_image (N, S, D), box prediction's rows
-    of each caption with its full image) in one fusion call. -> (losses, box prediction's fused states or None)."""
-    out, valid = {}, b.get("valid")  # valid (B,) bool: a region batch's filled caption slots (None: every row)
-    t = model.encode_text(b["ids"], b["att"])                              # (B, T, D), with grad (for ITC)
+    """= losses.vl_losses, with ITM's 3B rows, IMLM's B rows (and, given box_image (N, S, D), box
+    prediction's rows of each caption with its full image) in one fusion call.
+    -> (losses, box prediction's fused states or None)."""
+    # valid (B,) bool: a region batch's filled caption slots (None: every row)
+    out, valid = {}, b.get("valid")
+    # (B, T, D), with grad (for ITC)
+    t = model.encode_text(b["ids"], b["att"])
     f_t, f_v = model.itc_features(t, v)
     out["itc" + suffix] = itc_loss(f_v, f_t, model.temp, queries=valid, keys=valid)
     itm_rows, itm_weight = itm_inputs(fusion_input(t, stop_grad), b["att"], v, v_mask,
                                       f_v, f_t, model.temp, b["img_id"], valid)
-    # under the stop-gradient IMLM's language pass runs without a graph: nothing would flow back into it
+    # under the stop-gradient IMLM's language pass runs without a graph:
+    # nothing would flow back into it
     with torch.set_grad_enabled(torch.is_grad_enabled() and not stop_grad):
         t_m = model.encode_text(b["mlm_ids"], b["att"])
     groups = [itm_rows, (fusion_input(t_m, stop_grad), b["att"], v, v_mask)]
     if box_image is not None:
         groups.append((fusion_input(t, stop_grad), b["att"], box_image, None))
-    h_itm, h, *h_box = fuse_groups(model, *groups)                         # (3B, T, D), (B, T, D), [(B, T, D)]
+    # (3B, T, D), (B, T, D), [(B, T, D)]
+    h_itm, h, *h_box = fuse_groups(model, *groups)
     out["itm" + suffix] = itm_ce(model, h_itm[:, 0], itm_weight)
     out["imlm" + suffix] = mlm_loss(h, b["mlm_labels"], model.fusion_mlm, b.get("max_masks"))
     return out, (h_box[0] if h_box else None)
 
 
 def mim_objective(model, image, mim_mask, v=None, stats=None, v_hat=None):
-    """= losses.mim_objective; v_hat: the masked view's output when the caller has it (both_views), else None. An
-    image batch's unmasked view (v None) runs without a graph: only its detached output is used."""
+    """= losses.mim_objective; v_hat: the masked view's output when the caller has it (both_views),
+    else None. An image batch's unmasked view (v None) runs without a graph: only its detached
+    output is used."""
     if model.cfg.mim_target == "pixel":
         v_hat = model.encode_image(image, mim_mask)
         return pixel_mim_loss(model.pixel_head(v_hat[:, 1:]), image, mim_mask, model.cfg.patch_size)
     if v is None:
         with torch.no_grad():
             v = model.encode_image(image)
-    target = v.detach()                                                    # X-FM idea 2: losses.mim_objective
+    # X-FM idea 2: losses.mim_objective
+    target = v.detach()
     if stats is not None:
         stats.setdefault("mim_target_std", target[:, 1:].float().std(dim=(0, 1)).mean().detach())
     if v_hat is None:
@@ -249,7 +281,8 @@ def mim_objective(model, image, mim_mask, v=None, stats=None, v_hat=None):
 
 
 def xfm_losses(model, batch, stop_grad=True, stats=None):
-    """= losses.xfm_losses (same arguments, same losses and gradients), for batches with fixed shapes."""
+    """= losses.xfm_losses (same arguments, same losses and gradients), for batches with fixed
+    shapes."""
     out = {}
     use_mim = model.cfg.mim_target != "off"
     if "pair" in batch or "region" in batch:
@@ -274,11 +307,15 @@ def xfm_losses(model, batch, stop_grad=True, stats=None):
 
     if "region" in batch:
         b = batch["region"]
-        v = model.encode_image(b["image"])                                 # (B_img, 1+P, D) full images
-        v_r, v_r_mask = model.region_view(v, b["img_index"], b["patch_mask"])  # (N, 1+P, D), (N, 1+P)
-        vl, h = vl_losses(model, b, v_r, v_r_mask, stop_grad, "_region", box_image=v[b["img_index"]])
+        # (B_img, 1+P, D) full images
+        v = model.encode_image(b["image"])
+        # (N, 1+P, D), (N, 1+P)
+        v_r, v_r_mask = model.region_view(v, b["img_index"], b["patch_mask"])
+        vl, h = vl_losses(model, b, v_r, v_r_mask, stop_grad, "_region",
+                          box_image=v[b["img_index"]])
         out.update(vl)
-        pred = model.bbox_head(h[:, 0]).sigmoid()                          # (N, 4) cx, cy, w, h in [0, 1]
+        # (N, 4) cx, cy, w, h in [0, 1]
+        pred = model.bbox_head(h[:, 0]).sigmoid()
         out["bbox_l1"], out["bbox_giou"] = bbox_loss(pred, b["box"], b["is_region"])
 
     if "image" in batch and use_mim:

@@ -188,8 +188,8 @@ def eval_transform(img, size):
 
 def task_image(path, size):
     """Every fine-tuning task's image (finetune.py): bicubic resize + CLIP normalisation ->
-    (3, S, S). No crop or flip: the toy world's questions name positions (for real image classification, add
-    random_resized_crop)."""
+    (3, S, S). No crop or flip: the toy world's questions name positions (for real image
+    classification, add random_resized_crop)."""
     return eval_transform(formats.load_image(path), size)
 
 

@@ -186,6 +186,13 @@ def eval_transform(img, size):
     return to_tensor(img.resize((size, size), Image.Resampling.BICUBIC))
 
 
+def task_image(path, size):
+    """Every fine-tuning task's image (finetune.py): bicubic resize + CLIP normalisation ->
+    (3, S, S). No crop or flip: the toy world's questions name positions (for real image
+    classification, add random_resized_crop)."""
+    return eval_transform(formats.load_image(path), size)
+
+
 def crop_boxes(boxes_xywh, crop, min_in=0.5):
     """Pixel boxes (x, y, w, h) -> normalised (cx, cy, w, h) inside crop = (x0, y0, x1, y1), clipped
     to it; None for a box with less than min_in of its area left inside the crop."""

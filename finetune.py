@@ -252,12 +252,6 @@ class Examples(Dataset):
         return out
 
 
-def image_tensor(path, size):
-    """Every task's image transform: bicubic resize + CLIP normalisation -> (3, S, S). No crop or flip: the toy
-    world's questions name positions (for real image classification, add data.random_resized_crop)."""
-    return data.eval_transform(formats.load_image(path), size)
-
-
 def tokens(tok, a, b, max_len):
     """RoBERTa input: <s> a </s>, or <s> a </s></s> b </s> for a pair; cut to max_len with </s> kept last."""
     ids = tok.encode(a, max_len)
@@ -293,8 +287,8 @@ def build_model(cfg, env, head, loss_fn, frozen=False):
     """TaskModel with env.ckpt's weights. A pre-trained checkpoint must load with exactly the new head's keys
     missing and nothing unexpected (MAE style); a checkpoint fine-tuned for this task with nothing missing."""
     mcfg = replace(flava.config_from_dict(env.ckpt["model_config"]), image_size=cfg.image_size)
-    xfm = flava.build_model(mcfg)                                       # X-FM or FLAVA, as the checkpoint says
-    runtime.choose_attention(xfm, env.device)                           # attn_impl auto: per device
+    # X-FM or FLAVA, as the checkpoint says; attn_impl auto made concrete for the device
+    xfm = runtime.choose_attention(flava.build_model(mcfg), env.device)
     runtime.stack_position_biases(xfm)                                  # a fast path, the same numbers
     model = TaskModel(xfm, head, loss_fn, frozen)
     state = env.ckpt["model"] if env.finetuned else {"xfm." + k: v for k, v in env.ckpt["model"].items()}
@@ -486,7 +480,7 @@ def run_imgcls(cfg, env, out):
 
     def make(r):
         y = label_index(label_value(r["label"]), labels)
-        return {"image": image_tensor(r["image"], cfg.image_size), "label": torch.tensor(y)}
+        return {"image": data.task_image(r["image"], cfg.image_size), "label": torch.tensor(y)}
 
     def logits(m, b):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not linear):  # the probe's features: no graph
@@ -524,7 +518,7 @@ def run_vqa(cfg, env, out):
         for a, c in Counter(given(r)).items():
             if a in index:
                 target[index[a]] = min(1.0, c / 3) if soft else 1.0
-        return {"image": image_tensor(r["image"], cfg.image_size),
+        return {"image": data.task_image(r["image"], cfg.image_size),
                 "ids": tokens(env.tok, r["question"], None, cfg.text_len), "target": target}
 
     def logits(m, b):
@@ -559,7 +553,7 @@ def run_nlvr(cfg, env, out):
     tr, te = usable(tr, nlvr_problem, bad, "train"), usable(te, nlvr_problem, bad, "test")
 
     def make(r):
-        return {"image": torch.stack([image_tensor(p, cfg.image_size) for p in r["images"]]),  # (2, 3, S, S)
+        return {"image": torch.stack([data.task_image(p, cfg.image_size) for p in r["images"]]),  # (2, 3, S, S)
                 "ids": tokens(env.tok, r["sentence"], None, cfg.text_len),
                 "label": torch.tensor(int(label_value(r["label"])))}
 
@@ -603,7 +597,7 @@ def run_retrieval(cfg, env, out):
             tr.append({"image": r["image"], "caption": c, "img_id": img_ids.setdefault(r["image"], len(img_ids))})
 
     def make(r):
-        return {"image": image_tensor(r["image"], cfg.image_size),
+        return {"image": data.task_image(r["image"], cfg.image_size),
                 "ids": tokens(env.tok, r["caption"], None, cfg.text_len), "img_id": torch.tensor(r["img_id"])}
 
     def loss_fn(m, b):

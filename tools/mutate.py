@@ -934,7 +934,7 @@ def pytest(cwd, args, timeout):
         os.environ.update(PYTHONDONTWRITEBYTECODE="1", COLUMNS="240")  # pytest's summary lines are cut at the width
         _forkserver = multiprocessing.get_context("forkserver")
         _forkserver.set_forkserver_preload(PRELOAD)
-    out_path = os.path.join(cwd, ".mutate_pytest.log")
+    out_path = os.path.join(os.path.dirname(cwd), "pytest.log")  # beside the copy: the copy stays the repository's
     for old in (out_path, out_path + ".rc"):
         if os.path.exists(old):
             os.remove(old)
@@ -956,17 +956,18 @@ def pytest(cwd, args, timeout):
 def run_bug(bug, timeout):
     """Plant one bug in a scratch copy and run its tests -> (id, verdict, seconds, detail)."""
     with tempfile.TemporaryDirectory(prefix=f"mutate_{bug.id}_") as tmp:
-        copy_repo(tmp)
-        path = os.path.join(tmp, bug.file)
+        repo = os.path.join(tmp, "repo")
+        copy_repo(repo)
+        path = os.path.join(repo, bug.file)
         src = open(path).read()
         if src.count(bug.old) != 1:
             return bug.id, "stale", 0.0, f"`old` occurs {src.count(bug.old)} times in {bug.file}"
         with open(path, "w") as f:
             f.write(src.replace(bug.old, bug.new))
-        status, dt, tail = pytest(tmp, shlex.split(bug.tests), timeout)
+        status, dt, tail = pytest(repo, shlex.split(bug.tests), timeout)
         if status == "timeout":  # a hang is no verdict: run once more (a bug that hangs its tests times out twice)
             first = tail
-            status, dt2, tail = pytest(tmp, shlex.split(bug.tests), timeout)
+            status, dt2, tail = pytest(repo, shlex.split(bug.tests), timeout)
             dt, tail = dt + dt2, f"first try timed out after {timeout:.0f} s; its last lines:\n{first}\nretry:\n{tail}"
     verdict = {"failed": "caught", "passed": "SURVIVED"}.get(status, status)
     return bug.id, verdict, dt, tail
@@ -984,9 +985,9 @@ def baseline(bugs, timeout):
             node_ids.update(args)
     runs = ([sorted(node_ids)] if node_ids else []) + [[f, "-k", " or ".join(sorted(set(ks)))] for f, ks in by_k.items()]
     with tempfile.TemporaryDirectory(prefix="mutate_baseline_") as tmp:
-        copy_repo(tmp)
+        copy_repo(os.path.join(tmp, "repo"))
         for args in runs:
-            status, dt, tail = pytest(tmp, args, timeout * 4)
+            status, dt, tail = pytest(os.path.join(tmp, "repo"), args, timeout * 4)
             if status != "passed":
                 return False, f"{' '.join(args)}: {status}\n{tail}"
     return True, ""

@@ -157,8 +157,7 @@ def blanked_functions():
 
 def source_files():
     """The files of the repository as tools/mutate.py's repo_files lists them (git's); in a folder that is no git
-    work tree (a scratch copy made by tools/mutate.py), every file but data/, runs/, out/, caches and mutate.py's
-    pytest log."""
+    work tree (a scratch copy made by tools/mutate.py), every file but data/, runs/, out/ and caches."""
     try:
         return repo_files()
     except (subprocess.CalledProcessError, OSError):
@@ -166,7 +165,7 @@ def source_files():
         for folder, dirs, files in os.walk(ROOT):
             dirs[:] = [d for d in dirs if d not in ("data", "runs", "out", ".git", "__pycache__", ".pytest_cache")]
             out += [os.path.relpath(os.path.join(folder, f), ROOT) for f in files
-                    if not f.endswith((".pyc", ".pt", ".pth", ".safetensors")) and not f.startswith(".mutate_pytest")]
+                    if not f.endswith((".pyc", ".pt", ".pth", ".safetensors"))]
         return sorted(out)
 
 

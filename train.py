@@ -353,7 +353,7 @@ class Context:
 
 
 def setup_data(cfg, ctx, per_rank):
-    """-> (tokenizer, model config, {kind: data.Stream, or shards.ShardStream for tar shards}).
+    """-> (tokenizer, model config, {kind: streams.Stream, or shards.ShardStream for tar shards}).
     Rank 0 builds the toy world if the default folder is missing (shards.prepare_data_dir) and
     trains (or loads) the tokenizer; every rank gets it (runlog.shared_tokenizer)."""
     shards.prepare_data_dir(cfg.data_dir, ctx.ddp, ctx.rank)

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 
 import data
-from lib import formats, tokenizer, toyworld
+from lib import formats, streams, tokenizer, toyworld
 from losses import fusion_input, xfm_losses
 import losses
 from model import XFM, make_config
@@ -46,7 +46,7 @@ def tiny_model(seed=0, **overrides):
 
 def toy_batch(cfg, B=4, T=16, seed=0):
     """{"text", "image", "pair", "region"}: the first batch of each of data.py's streams, exactly as train.py gets
-    them (data.build_streams, then next() on each stream). The data: a toy world (lib/toyworld.py) of B pairs,
+    them (streams.build_streams, then next() on each stream). The data: a toy world (lib/toyworld.py) of B pairs,
     B // 2 region images, B texts and B images, written to a temporary folder and deleted after, and a BPE
     tokenizer trained on its texts with at most cfg.vocab_size words (lib/tokenizer.py). Texts and captions are
     padded to T tokens (DataConfig.static); each region image has one box caption and its whole-image caption
@@ -59,8 +59,8 @@ def toy_batch(cfg, B=4, T=16, seed=0):
         dc = data.DataConfig(cfg.image_size, cfg.patch_size, text_len=T, caption_len=T, seed=seed, max_regions=1,
                              static=True)
         sizes = {"text": B, "image": B, "pair": B, "region": B // 2}
-        streams = data.build_streams(d, tok, dc, sizes, formats.BadInput(verbose=False))
-        return {kind: next(stream) for kind, stream in streams.items()}
+        found = streams.build_streams(d, tok, dc, sizes, formats.BadInput(verbose=False))
+        return {kind: next(stream) for kind, stream in found.items()}
 
 
 @contextmanager

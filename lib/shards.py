@@ -71,7 +71,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 import data
-from lib import formats, runtime, toyworld
+from lib import formats, runtime, streams, toyworld
 
 FOLDERS = {"pair": "pairs", "image": "images", "text": "text"}  # kind -> its folder in a data folder
 SUFFIX = {"pair": ".tar", "image": ".tar", "text": ".txt"}       # kind -> the files of that folder
@@ -414,7 +414,7 @@ def _dataset(kind, samples, ordinals, tok, dc, bad):
 
 
 class ShardStream:
-    """An infinite iterator of batch dicts for one kind, read from its shard folder (data.Stream's interface:
+    """An infinite iterator of batch dicts for one kind, read from its shard folder (streams.Stream's interface:
     state_dict() / load_state_dict() resume it exactly). `last` holds the epoch and the ordinals of the last batch;
     `reader` (a SlotReader) is what the DataLoader's workers run."""
 
@@ -438,7 +438,7 @@ class ShardStream:
 
     def __next__(self):
         if self._it is None:  # (re)start right after the last batch handed out
-            # its own generator: creating the iterator must not draw from the global torch RNG (see data.Stream)
+            # its own generator: creating the iterator must not draw from the global torch RNG (see streams.Stream)
             loader = DataLoader(_Batches(self.reader, self.batches), batch_size=None, num_workers=self.num_workers,
                                 pin_memory=self.pin_memory,
                                 generator=torch.Generator().manual_seed(self.reader.dc.seed))
@@ -585,18 +585,18 @@ class _Batches(IterableDataset):
 
 def build_streams(data_dir, tok, dc, batch_size, bad, rank=0, world_size=1, num_workers=0, pin_memory=False,
                   buffer=1000):
-    """data.build_streams for the JSONL kinds of data_dir, and a ShardStream for each kind with a shard folder
+    """streams.build_streams for the JSONL kinds of data_dir, and a ShardStream for each kind with a shard folder
     (pairs/, images/, text/; a shard folder wins over the kind's JSONL file)."""
     found = {k: f for k, f in find_shards(data_dir).items() if k in batch_size}
-    streams = data.build_streams(data_dir, tok, dc, batch_size, bad, rank, world_size, num_workers, pin_memory,
-                                 skip=tuple(found))
+    out = streams.build_streams(data_dir, tok, dc, batch_size, bad, rank, world_size, num_workers, pin_memory,
+                                skip=tuple(found))
     jsonl = formats.find_sources(data_dir)
     for kind, folder in found.items():
         if kind in jsonl and bad.verbose:
             print(f"note: {kind} data in both {folder}/ and {jsonl[kind]}: streaming {folder}/", file=sys.stderr)
-        streams[kind] = ShardStream(kind, folder, tok, dc, batch_size[kind], rank=rank, world_size=world_size,
-                                    num_workers=num_workers, bad=bad, buffer=buffer, pin_memory=pin_memory)
-    return {k: streams[k] for k in data.KINDS if k in streams}
+        out[kind] = ShardStream(kind, folder, tok, dc, batch_size[kind], rank=rank, world_size=world_size,
+                                num_workers=num_workers, bad=bad, buffer=buffer, pin_memory=pin_memory)
+    return {k: out[k] for k in data.KINDS if k in out}
 
 
 def prepare_data_dir(data_dir, ddp, rank):
@@ -618,11 +618,11 @@ def run_streams(cfg, tok, model_cfg, per_rank, bad, rank, world, pin_memory):
     dc = data.DataConfig(model_cfg.image_size, model_cfg.patch_size, cfg.text_len, cfg.caption_len, cfg.seed,
                          cfg.hflip, (cfg.crop_min_scale, 1.0), caption_mask=cfg.recipe, image_root=cfg.image_root,
                          itm_neg_prob=getattr(model_cfg, "itm_neg_prob", 0.0), static=cfg.compile)
-    streams = build_streams(cfg.data_dir, tok, dc, per_rank, bad, rank, world, cfg.num_workers,
-                            pin_memory=pin_memory, buffer=cfg.shuffle_buffer)
-    if not streams:
+    found = build_streams(cfg.data_dir, tok, dc, per_rank, bad, rank, world, cfg.num_workers,
+                          pin_memory=pin_memory, buffer=cfg.shuffle_buffer)
+    if not found:
         raise SystemExit(f"error: no training data found in {cfg.data_dir} (formats: lib/formats.py, lib/shards.py)")
-    return streams
+    return found
 
 
 def corpus_texts(data_dir):

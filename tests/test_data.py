@@ -16,6 +16,7 @@ from lib import tokenizer  # noqa: E402
 from lib import formats  # noqa: E402
 from lib import toyworld  # noqa: E402
 from lib import retrieval  # noqa: E402
+from lib import streams as stream_lib  # noqa: E402
 
 SMALL = dict(size=32, n_pairs=24, n_regions=12, n_text=30, n_images=12, n_test=10, n_down=8, progress=False)
 DC = dict(image_size=32, patch_size=8, text_len=32, caption_len=16, seed=0)
@@ -45,7 +46,7 @@ def read_tree(root):
 
 def streams(toy, tok, bs=4, num_workers=0, rank=0, world_size=1, **kw):
     dc = D.DataConfig(**{**DC, "hflip": True, "crop_scale": (0.5, 1.0), **kw})
-    return D.build_streams(toy, tok, dc, {k: bs for k in D.KINDS}, formats.BadInput(verbose=False), rank, world_size,
+    return stream_lib.build_streams(toy, tok, dc, {k: bs for k in D.KINDS}, formats.BadInput(verbose=False), rank, world_size,
                            num_workers)
 
 
@@ -164,7 +165,7 @@ def test_unreadable_image_is_replaced_and_counted(tmp_path, tok):
     assert [p[:2] for p in s["bad"]] == [("unreadable image", f"{d}/pairs.jsonl:5")] and s["img_id"] == ds.img_ids[2]
     assert tok.decode(s["ids"]) == "a red square"
     assert "unreadable image" not in bad.counts()  # counted by the main process, through the batch
-    st = D.Stream("pair", ds, 4, seed=0, rank=0, world_size=1, num_workers=0, bad=bad)
+    st = stream_lib.Stream("pair", ds, 4, seed=0, rank=0, world_size=1, num_workers=0, bad=bad)
     batch = next(st)  # one batch = the whole epoch, so it holds the broken item once
     assert "bad" not in batch and bad.counts()["unreadable image"] == 1
     assert any("pairs.jsonl:5: unreadable image" in m and "broken.png" in m for m in bad.messages)
@@ -403,7 +404,7 @@ def test_random_resized_crop_and_eval_transform():
 
 def test_sharding_disjoint_equal_and_reshuffled():
     n, B, W, seed = 23, 4, 2, 3
-    samplers = [D.ShardedBatchSampler(n, B, seed, r, W) for r in range(W)]
+    samplers = [stream_lib.ShardedBatchSampler(n, B, seed, r, W) for r in range(W)]
     assert samplers[0].batches_per_epoch == 2
     per_rank = [[i for b in s.epoch_batches(0) for i, e in b] for s in samplers]
     assert all(len(p) == 8 for p in per_rank) and not set(per_rank[0]) & set(per_rank[1])
@@ -416,7 +417,7 @@ def test_sharding_disjoint_equal_and_reshuffled():
     assert [e for b in got for _, e in b] == [0] * 8 + [1] * 8 and all(len(b) == B for b in got)
     assert [i for b in got[2:] for i, _ in b] == e1
     with pytest.raises(ValueError, match="fewer than world_size"):
-        D.ShardedBatchSampler(7, 4, 0, 0, 2)
+        stream_lib.ShardedBatchSampler(7, 4, 0, 0, 2)
 
 
 def test_stream_resume_is_exact(toy, tok):

@@ -14,6 +14,7 @@ from PIL import Image
 import data as D
 from lib import formats
 from lib import shards
+from lib import streams
 from lib import tokenizer
 
 DC = D.DataConfig(image_size=16, patch_size=8, text_len=16, caption_len=16, seed=0, crop_scale=(1.0, 1.0))
@@ -197,7 +198,7 @@ def broken_pairs(root):
 
 def jsonl_stream(path, tok, bad, workers=0):
     ds = D.PairDataset(formats.parse_pairs(path, bad), tok, DC, bad)
-    return D.Stream("pair", ds, 4, seed=0, rank=0, world_size=1, num_workers=workers, bad=bad)
+    return streams.Stream("pair", ds, 4, seed=0, rank=0, world_size=1, num_workers=workers, bad=bad)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

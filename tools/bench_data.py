@@ -12,6 +12,7 @@ from lib import tokenizer
 from lib import formats
 from lib import toyworld
 from lib import runtime
+from lib import streams
 import train
 from bench_meters import sync
 from model import make_config
@@ -31,11 +32,11 @@ def bench_data(device, out_dir, n_batches, step_s, eats):
             # one stream at a time (batch_size names only this kind), so idle workers of others do not compete
             dc = data.DataConfig(mcfg.image_size, mcfg.patch_size, tc.text_len, tc.caption_len, tc.seed, tc.hflip,
                                  (tc.crop_min_scale, 1.0))
-            streams = data.build_streams(tc.data_dir, tok, dc, {kind: per_rank[kind]}, formats.BadInput(verbose=False),
-                                         num_workers=workers)
-            if kind not in streams:
+            found = streams.build_streams(tc.data_dir, tok, dc, {kind: per_rank[kind]}, formats.BadInput(verbose=False),
+                                          num_workers=workers)
+            if kind not in found:
                 continue
-            stream = streams.pop(kind)
+            stream = found.pop(kind)
             for _ in range(2 + workers):                                 # start-up (worker spawn) excluded
                 one_batch[kind] = next(stream)
             images = texts = 0
@@ -44,7 +45,7 @@ def bench_data(device, out_dir, n_batches, step_s, eats):
                 b = next(stream)
                 images, texts = images + len(b.get("image", ())), texts + len(b.get("ids", ()))
             dt = time.perf_counter() - t0
-            del stream, streams                                         # shuts the workers down
+            del stream, found                                          # shuts the workers down
             gc.collect()
             row = dict(stream=kind, workers=workers, batch=per_rank[kind], batches=n_batches,
                        ms_per_batch=dt / n_batches * 1e3, images_per_s=images / dt, texts_per_s=texts / dt,

@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import data  # noqa: E402
 from lib import tokenizer  # noqa: E402
 from lib import formats
+from lib import streams  # noqa: E402
 import train  # noqa: E402
 from lib import pictures  # noqa: E402
 
@@ -89,7 +90,7 @@ def chance_levels(run_dir, n_batches=20):
         m = config["model"]
         dc = data.DataConfig(m["image_size"], m["patch_size"], t["text_len"], t["caption_len"], t["seed"], t["hflip"],
                              (t["crop_min_scale"], 1.0), image_root=t.get("image_root", ""))
-        stream = data.build_streams(t["data_dir"], tok, dc, {"region": config["per_rank_batch"]["region"]}, bad)["region"]
+        stream = streams.build_streams(t["data_dir"], tok, dc, {"region": config["per_rank_batch"]["region"]}, bad)["region"]
         batches = [next(stream) for _ in range(n_batches)]
         # the candidates are the filled caption slots (b["valid"]), not every slot of the fixed-size batch
         chance["itc_region"] = float(np.mean([math.log(int(b["valid"].sum()) * world) for b in batches]))

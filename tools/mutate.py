@@ -250,8 +250,8 @@ CATALOGUE = [
         "pred = model.bbox_head(h[:, 0].mean(0)).sigmoid().expand(len(h), 4)",
         "fast path: each caption's box comes from its own fusion [CLS]", TSX),
     # --- the walkthrough's printout: the gradient table and the MIM target check (walkthrough.py)
-    Bug("walk_batch_tensors_only", "walkthrough.py", "return {kind: next(stream) for kind, stream in streams.items()}",
-        "return {kind: {k: v for k, v in next(s).items() if torch.is_tensor(v)} for kind, s in streams.items()}",
+    Bug("walk_batch_tensors_only", "walkthrough.py", "return {kind: next(stream) for kind, stream in found.items()}",
+        "return {kind: {k: v for k, v in next(s).items() if torch.is_tensor(v)} for kind, s in found.items()}",
         "the walkthrough's batch is data.py's, every key of it (max_masks, mim_count: ints)",
         f"{TW}::test_printout_equals_the_stored_one"),
     Bug("walk_guided_step_includes_mim", "walkthrough.py", "sum(out[name] for name in VL_STEP).backward()",

@@ -1,15 +1,16 @@
 """
-Data for xfm: the samples and batches of X-FM's four pre-training streams (text, image, image-text
-pairs, region-text) and the two masking generators (text MLM and BEiT block-wise MIM) (docs/METHOD.md
-§4.1, §5, §11). lib/streams.py turns the datasets into sharded, resumable streams; the tokenizer is
-lib/tokenizer.py; the synthetic toy world that feeds every stream is written by lib/toyworld.py.
+Data for xfm: the samples and batches of X-FM's four pre-training streams (text, image,
+image-text pairs, region-text) and the two masking generators (text MLM and BEiT block-wise MIM)
+(docs/METHOD.md §4.1, §5, §11). lib/streams.py turns the datasets into sharded, resumable streams;
+the tokenizer is lib/tokenizer.py; the synthetic toy world that feeds every stream is written by
+lib/toyworld.py.
 
 Run:
     python -m pytest tests/test_data.py -q
 
 The files of a data folder, their formats and the bad-input rules: lib/formats.py.
 
-Batches (tensors, and the ints max_masks, mim_count; T = the longest sequence in the batch, or
+Batches (tensors, and the ints mlm_slots, mim_count; T = the longest sequence in the batch, or
 text_len / caption_len with DataConfig.static (train.py --compile);
 P = (image_size // patch_size) ** 2):
     text:   ids (B,T) masked ids, att (B,T), labels (B,T) with -100 where not masked
@@ -19,14 +20,14 @@ P = (image_size // patch_size) ** 2):
             mlm_ids/mlm_labels (p=0.5, <= 15), img_id (B,), itm_label (B,)
     region: image (B_img,3,S,S) and, per caption slot (N = B_img * slots): img_index, ids, att,
             mlm_ids, mlm_labels, box (N,4) normalised cx,cy,w,h, is_region, patch_mask (N,P),
-            img_id, valid (N,) (False: an empty slot). No MIM on regions.
-    max_masks (text, pair, region): the most masked positions any row can hold (max_masked), the
-            slots that losses.mlm_loss gives each row, so the loss has fixed shapes
-            (docs/METHOD.md §6.3).
+            img_id, filled (N,) (False: an empty slot). No MIM on regions.
+    mlm_slots (text, pair, region): the most masked positions any row can hold (data.mlm_slots), the
+            slots the fast path's mlm_loss gives each row, so that loss has fixed shapes
+            (lib/fast_losses.py); the reference losses.py does not read it.
 A collated image, pair or region batch also holds `bad`: the unreadable images passed over while
-making it, as formats.BadInput.found gives them; lib/streams.Stream takes them out and counts each record once
-(BadInput.once), so a file that fails is counted once however often it is drawn, in any DataLoader
-worker and any epoch.
+making it, as formats.BadInput.found gives them; lib/streams.Stream takes them out and counts each
+record once (BadInput.once), so a file that fails is counted once however often it is drawn, in
+any DataLoader worker and any epoch.
 Every sample draws its randomness from np.random.default_rng([seed, stream, epoch, index]), so
 batches do not depend on the number of DataLoader workers and a resumed run continues the exact same
 sequence.
@@ -58,16 +59,16 @@ KINDS = ("text", "image", "pair", "region")
 # Masking: text MLM (docs/METHOD.md §4.1) and BEiT block-wise MIM (§5.3)
 
 
-def mask_text(ids, tok, prob, max_masks, rng, skipgram_prob=0.2, max_span=3):
+def mask_text(ids, tok, prob, max_predictions, rng, skipgram_prob=0.2, max_span=3):
     """MLM corruption. -> (masked ids, labels) with labels = original id where chosen, -100
-    elsewhere. Masks n = min(max_masks, max(1, round(prob * #candidates))) positions, never more
-    than max_masked(len(ids)) (ValueError otherwise: ids that do not end with </s>)."""
+    elsewhere. Masks n = min(max_predictions, max(1, round(prob * #candidates))) positions, never
+    more than mlm_slots(len(ids)) (ValueError otherwise: ids that do not end with </s>)."""
     ids, labels = list(ids), [-100] * len(ids)
     # never <s>, </s>, <pad>
     cand = [i for i, t in enumerate(ids) if i > 0 and t not in tok.special_ids]
     if not cand:
         return ids, labels
-    n = min(max_masks, max(1, round(len(cand) * prob)))
+    n = min(max_predictions, max(1, round(len(cand) * prob)))
     cand_set, chosen = set(cand), set()
     while len(chosen) < n:
         # start at an unchosen position, so each round progresses
@@ -78,13 +79,13 @@ def mask_text(ids, tok, prob, max_masks, rng, skipgram_prob=0.2, max_span=3):
         for p in range(start, start + span):
             if len(chosen) < n and p in cand_set:
                 chosen.add(p)
-    # the loss gathers a row's masked positions into max_masked(T) slots (losses.mlm_loss),
+    # the fast path gathers a row's masked positions into mlm_slots(T) slots (fast_losses.mlm_loss),
     # T >= len(ids): a row with more would lose some silently. Within the bound whenever ids is
     # <s> ... </s> (tokenizer.encode).
-    bound = max_masked(len(ids), prob, max_masks)
+    bound = mlm_slots(len(ids), prob, max_predictions)
     if len(chosen) > bound:
         raise ValueError(f"mask_text masked {len(chosen)} of {len(ids)} positions, more than "
-                         f"max_masked = {bound}, the slots losses.mlm_loss gives a row: ids must "
+                         f"mlm_slots = {bound}, the slots the fast mlm_loss gives a row: ids must "
                          "start with <s> and end with </s>")
     for p in sorted(chosen):
         labels[p] = ids[p]
@@ -96,11 +97,11 @@ def mask_text(ids, tok, prob, max_masks, rng, skipgram_prob=0.2, max_span=3):
     return ids, labels
 
 
-def max_masked(T, prob, max_masks):
+def mlm_slots(T, prob, max_predictions):
     """The most positions mask_text masks in a text of at most T tokens (<s> and </s> are never
-    masked): the fixed number of slots mlm_loss gives each row, so the loss has fixed shapes
-    (losses.mlm_loss)."""
-    return min(max_masks, max(1, round((T - 2) * prob)))
+    masked): the fixed number of slots the fast path's mlm_loss gives each row, so that loss has
+    fixed shapes (lib/fast_losses.py)."""
+    return min(max_predictions, max(1, round((T - 2) * prob)))
 
 
 def mim_counts(grid):
@@ -336,7 +337,7 @@ class TextDataset(_Base):
         ids = pad_seqs([s["ids"] for s in samples], self.tok.pad_id, T)  # (B, T)
         return {"ids": ids, "att": padding_mask([s["ids"] for s in samples], ids.shape[1]),
                 "labels": pad_seqs([s["labels"] for s in samples], -100, T),
-                "max_masks": max_masked(ids.shape[1], *TEXT_MASKING)}
+                "mlm_slots": mlm_slots(ids.shape[1], *TEXT_MASKING)}
 
 
 class ImageView(NamedTuple):
@@ -382,9 +383,10 @@ def _image_ids(items):
     return [ids.setdefault(it["image"], len(ids)) for it in items]
 
 
-# How texts are masked for MLM: 15 %, at most 20 tokens (prob, max_masks). How captions are masked:
-# X-FM's IMLM masks half of each caption (at most 15 tokens, with "skipgram" spans); FLAVA's MMM
-# masks 15 % of the tokens, BERT style (docs/METHOD.md §8.3). (prob, max_masks, skipgram_prob)
+# How texts are masked for MLM: 15 %, at most 20 tokens (prob, max_predictions). How captions are
+# masked: X-FM's IMLM masks half of each caption (at most 15 tokens, with "skipgram" spans);
+# FLAVA's MMM masks 15 % of the tokens, BERT style (docs/METHOD.md §8.3).
+# (prob, max_predictions, skipgram_prob)
 TEXT_MASKING = (0.15, 20)
 CAPTION_MASKING = {"xfm": (0.5, 15, 0.2), "flava": (0.15, 10 ** 6, 0.0)}
 
@@ -424,7 +426,7 @@ class PairDataset(ImageDataset):
         batch.update(ids=ids, att=padding_mask([s["ids"] for s in samples], ids.shape[1]),
                      mlm_ids=pad_seqs([s["mlm_ids"] for s in samples], self.tok.pad_id, T),
                      mlm_labels=pad_seqs([s["mlm_labels"] for s in samples], -100, T),
-                     max_masks=max_masked(ids.shape[1], *self.masking[:2]),
+                     mlm_slots=mlm_slots(ids.shape[1], *self.masking[:2]),
                      img_id=torch.tensor([s["img_id"] for s in samples], dtype=torch.long),
                      itm_label=torch.tensor([s["itm_label"] for s in samples], dtype=torch.long))
         return batch
@@ -440,7 +442,7 @@ class RegionDataset(_Base):
 
     Every image gets the same number of caption slots, `slots` (the most regions of any record, at
     most max_regions, plus the whole-image caption): batch shapes are fixed and equal on every rank.
-    Slots an image leaves empty hold an empty caption with valid = False, and weigh 0 in every
+    Slots an image leaves empty hold an empty caption with filled = False, and weigh 0 in every
     loss."""
 
     def __init__(self, records, tok, dc, bad):
@@ -499,19 +501,19 @@ class RegionDataset(_Base):
 
     def caption_slot(self, caption, box, patch_mask, is_region, rng):
         """-> one filled slot: ids, mlm_ids, mlm_labels (each <= caption_len; IMLM p = 0.5, <= 15),
-        box (4,), is_region, patch_mask (P,), valid = True."""
+        box (4,), is_region, patch_mask (P,), filled = True."""
         ids = self.tok.encode(caption, self.dc.caption_len)
         mlm_ids, mlm_labels = mask_text(ids, self.tok, *CAPTION_MASKING["xfm"][:2], rng)
         return {"ids": ids, "mlm_ids": mlm_ids, "mlm_labels": mlm_labels, "box": box,
-                "is_region": is_region, "patch_mask": patch_mask, "valid": True}
+                "is_region": is_region, "patch_mask": patch_mask, "filled": True}
 
     def pad_slots(self, texts):
         """-> exactly self.slots slots: texts, then empty ones (<s> </s>, nothing masked, the whole
-        image, every patch, valid = False)."""
+        image, every patch, filled = False)."""
         ids = self.tok.encode("", self.dc.caption_len)  # <s> </s>: an empty slot
         empty = {"ids": ids, "mlm_ids": ids, "mlm_labels": [-100] * len(ids), "box": WHOLE_IMAGE,
                  "is_region": False, "patch_mask": np.ones(self.dc.grid ** 2, dtype=bool),
-                 "valid": False}
+                 "filled": False}
         return texts + [empty] * (self.slots - len(texts))
 
     def collate(self, samples):
@@ -526,9 +528,9 @@ class RegionDataset(_Base):
                 "ids": ids, "att": padding_mask([t["ids"] for t in texts], ids.shape[1]),
                 "mlm_ids": pad_seqs([t["mlm_ids"] for t in texts], self.tok.pad_id, T),
                 "mlm_labels": pad_seqs([t["mlm_labels"] for t in texts], -100, T),
-                "max_masks": max_masked(ids.shape[1], *CAPTION_MASKING["xfm"][:2]),
+                "mlm_slots": mlm_slots(ids.shape[1], *CAPTION_MASKING["xfm"][:2]),
                 # (N,) filled slots
-                "valid": torch.tensor([t["valid"] for t in texts], dtype=torch.bool),
+                "filled": torch.tensor([t["filled"] for t in texts], dtype=torch.bool),
                 # (N, 4) cx, cy, w, h
                 "box": torch.tensor([t["box"] for t in texts], dtype=torch.float32),
                 "is_region": torch.tensor([t["is_region"] for t in texts], dtype=torch.bool),

@@ -350,7 +350,7 @@ def flava_losses(model, batch, stats=None, fast=False):
     if "text" in batch:
         b = batch["text"]
         h = model.text.norm(model.encode_text(b["ids"], b["att"]))         # (B, T, D) final-LN
-        out["mlm"] = mlm_loss(h, b["labels"], model.mlm_head, b.get("max_masks"))
+        out["mlm"] = mlm_loss(h, b["labels"], model.mlm_head, b.get("mlm_slots"))
 
     if "image" in batch:
         b = batch["image"]
@@ -362,22 +362,22 @@ def flava_losses(model, batch, stats=None, fast=False):
         model.clamp_temp()
         b = batch["pair"]
         itm_labels = b.get("itm_label", torch.ones_like(b["img_id"]))     # (B,) 1 = match, 0 = swapped caption
-        pos = itm_labels.bool()
-        pos = pos | ~pos.any()  # no matched pair in the batch: every row serves (both public implementations)
+        matched = itm_labels.bool()
+        matched = matched | ~matched.any()  # no matched pair in the batch: every row serves (both public implementations)
         # GC: unmasked passes; swapped captions are not queries but stay among the keys
         t, v = model.encode_text(b["ids"], b["att"]), model.encode_image(b["image"])
         f_t, f_v = model.itc_features(t, v)
-        out["gc"] = itc_loss(f_v, f_t, model.temp, queries=pos)
+        out["gc"] = itc_loss(f_v, f_t, model.temp, queries=matched)
         # MMM + ITM: one fusion pass over the masked pair
         t_m = model.encode_text(b["mlm_ids"], b["att"])                    # (B, T, D)
         v_m = model.encode_image(b["image"], b["mim_mask"])                # (B, 1+P, D)
         h = model.fuse(t_m, b["att"], v_m)                                 # (B, 2+P+T, D)
         out["itm"] = F.cross_entropy(model.itm_head(h[:, 0]).float(), itm_labels)
         codes = model.image_tokenizer(b["image"])                          # (B, P)
-        img_labels = codes.masked_fill(~b["mim_mask"] | ~pos[:, None], -100)   # masked patches of matched pairs
-        txt_labels = b["mlm_labels"].masked_fill(~pos[:, None], -100)
+        img_labels = codes.masked_fill(~b["mim_mask"] | ~matched[:, None], -100)   # masked patches of matched pairs
+        txt_labels = b["mlm_labels"].masked_fill(~matched[:, None], -100)
         out["mmm_image"] = mlm_loss(h[:, 2:2 + P], img_labels, model.mmm_image_head, b.get("mim_count"))
-        out["mmm_text"] = mlm_loss(h[:, 2 + P:], txt_labels, model.mmm_text_head, b.get("max_masks"))
+        out["mmm_text"] = mlm_loss(h[:, 2 + P:], txt_labels, model.mmm_text_head, b.get("mlm_slots"))
     return out
 
 

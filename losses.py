@@ -151,8 +151,8 @@ def itc_loss(f_v, f_t, temp, ids=None, queries=None):
         target = (y[:, None] == torch.arange(len(all_t), device=y.device)[None, :]).float()
     else:  # every pair sharing an id is a positive
         all_ids = gather_no_grad(ids, sizes)                               # (N,) ids need no graph
-        pos = (ids[:, None] == all_ids[None, :]).float()                   # (B, N)
-        target = pos / pos.sum(1, keepdim=True)
+        positive = (ids[:, None] == all_ids[None, :]).float()              # (B, N)
+        target = positive / positive.sum(1, keepdim=True)
     row_loss = (-(F.log_softmax(s_i2t.float(), 1) * target).sum(1)
                 - (F.log_softmax(s_t2i.float(), 1) * target).sum(1))
     n_queries = sizes
@@ -180,10 +180,10 @@ def sample_hard_negatives(f_v, f_t, temp, img_id):
     def draw(logits):
         w = logits.float().softmax(dim=1) + 1e-5
         w = w.masked_fill(same, 0.0)
-        valid = w.sum(1) > 0
+        has_neg = w.sum(1) > 0
         idx = torch.full((w.shape[0],), -1, dtype=torch.long, device=w.device)
-        if valid.any():
-            idx[valid] = torch.multinomial(w[valid], 1).squeeze(1)
+        if has_neg.any():
+            idx[has_neg] = torch.multinomial(w[has_neg], 1).squeeze(1)
         return idx
 
     return draw(sim), draw(sim.t())
@@ -340,12 +340,12 @@ def mim_objective(model, image, mim_mask, v=None, stats=None):
 
 
 def filled_slots(b):
-    """A region batch without its empty caption slots (valid False): data.RegionDataset gives every
+    """A region batch without its empty caption slots (filled False): data.RegionDataset gives every
     image the same number of slots, and the losses read only the filled ones. Every tensor but the
     images has a row per slot."""
-    if "valid" not in b:                                                   # every slot filled
+    if "filled" not in b:                                                  # every slot filled
         return b
-    return {k: x[b["valid"]] if torch.is_tensor(x) and k != "image" else x for k, x in b.items()}
+    return {k: x[b["filled"]] if torch.is_tensor(x) and k != "image" else x for k, x in b.items()}
 
 
 def xfm_losses(model, batch, stop_grad=True, stats=None):

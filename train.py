@@ -440,8 +440,8 @@ def next_batches(streams, kinds, accum, device, meter):
     for _ in range(accum):
         batch = {k: next(streams[k]) for k in kinds}  # (a stream counts unreadable images in `bad`)
         # counted on the host copy: images, texts, or a region batch's filled caption slots
-        meter.samples += sum(len(b["image"]) if k == "image" else int(b["valid"].sum())
-                             if "valid" in b else len(b["ids"]) for k, b in batch.items())
+        meter.samples += sum(len(b["image"]) if k == "image" else int(b["filled"].sum())
+                             if "filled" in b else len(b["ids"]) for k, b in batch.items())
         yield {k: runtime.to_device(b, device) for k, b in batch.items()}
 
 

@@ -67,9 +67,9 @@ def one_per_row(w):
 def masked_slots(labels, K):
     """The masked positions of each row gathered into K slots: = the boolean mask labels != -100, as
     (B, K) positions (masked ones first) and (B, K) 0/1 weights. K bounds the masked positions per
-    row (data.max_masked)."""
-    sel, pos = (labels != -100).float().topk(K, dim=1)
-    return pos, sel
+    row (data.mlm_slots)."""
+    sel, where = (labels != -100).float().topk(K, dim=1)
+    return where, sel
 
 
 def fuse_groups(model, *groups):
@@ -99,15 +99,15 @@ def both_views(model, image, mim_mask):
 # The objectives (the formulas: losses.py)
 
 
-def mlm_loss(hidden, labels, head, max_masked=None):
+def mlm_loss(hidden, labels, head, slots=None):
     """= losses.mlm_loss: CE over the masked positions. The vocabulary-sized head runs on
-    K = max_masked slots per row (data.max_masked bounds the masked positions of a row; every
+    K = `slots` slots per row (data.mlm_slots bounds the masked positions of a row; every
     position when None); empty slots weigh 0."""
     B, T, D = hidden.shape
-    pos, sel = masked_slots(labels, T if max_masked is None else min(T, max_masked))  # (B, K) each
+    where, sel = masked_slots(labels, T if slots is None else min(T, slots))  # (B, K) each
     # (B, K), -100 in the empty slots
-    target = labels.gather(1, pos)
-    logits = head(hidden.gather(1, pos.unsqueeze(-1).expand(*pos.shape, D)))  # (B, K, V)
+    target = labels.gather(1, where)
+    logits = head(hidden.gather(1, where.unsqueeze(-1).expand(*where.shape, D)))  # (B, K, V)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100,
                            reduction="sum")
     # no masked position: 0, graph kept
@@ -133,8 +133,8 @@ def itc_loss(f_v, f_t, temp, ids=None, queries=None, keys=None):
         # (B, N)
         target = (y[:, None] == torch.arange(all_t.shape[0], device=y.device)[None, :]).float()
     else:  # every pair sharing an id is a positive
-        pos = (ids[:, None] == gather_fixed_no_grad(ids)[None, :]).float()  # (B, N)
-        target = pos / pos.sum(1, keepdim=True)
+        positive = (ids[:, None] == gather_fixed_no_grad(ids)[None, :]).float()  # (B, N)
+        target = positive / positive.sum(1, keepdim=True)
     # (B,) 1 for a query row
     q = torch.ones(B, device=f_v.device) if queries is None else queries.float()
     # a row that is no query adds 0
@@ -148,35 +148,35 @@ def itc_loss(f_v, f_t, temp, ids=None, queries=None, keys=None):
 
 
 @torch.no_grad()
-def sample_hard_negatives(f_v, f_t, temp, img_id, valid=None):
-    """= losses.sample_hard_negatives, where rows and columns of an empty slot (valid (B,) bool) are
+def sample_hard_negatives(f_v, f_t, temp, img_id, filled=None):
+    """= losses.sample_hard_negatives, where rows and columns of an empty slot (filled (B,) bool) are
     no candidate.
-    -> (neg_txt_for_img, neg_img_for_txt, has_txt, has_img): (B,) indices and (B,) bool, False where
+    -> (neg_txt_for_img, neg_img_for_txt, has_neg_txt, has_neg_img): (B,) indices and (B,) bool, False where
     a row has no candidate (its index is then 0)."""
     sim = f_v @ f_t.t() / temp                                             # (B, B) image x text
     never = img_id[:, None] == img_id[None, :]                             # (B, B) never a negative
-    if valid is not None:
-        never = never | ~valid[:, None] | ~valid[None, :]
+    if filled is not None:
+        never = never | ~filled[:, None] | ~filled[None, :]
 
     def draw(logits):
         return one_per_row((logits.float().softmax(dim=1) + 1e-5).masked_fill(never, 0.0))
 
-    (neg_txt, has_txt), (neg_img, has_img) = draw(sim), draw(sim.t())
-    return neg_txt, neg_img, has_txt, has_img
+    (neg_txt, has_neg_txt), (neg_img, has_neg_img) = draw(sim), draw(sim.t())
+    return neg_txt, neg_img, has_neg_txt, has_neg_img
 
 
-def itm_inputs(t_sg, att, v, v_mask, f_v, f_t, temp, img_id, valid=None):
+def itm_inputs(t_sg, att, v, v_mask, f_v, f_t, temp, img_id, filled=None):
     """The 3B fusion rows of losses.itm_loss and their weights: the B positives,
     (text b, hard-negative image) and (hard-negative text, image b).
     -> ((t, att, v, v_mask) of the 3B rows, weight (3B,)): weight 0 for an empty slot and for a row
     that found no negative, which losses.itm_loss leaves out."""
-    neg_txt, neg_img, has_txt, has_img = sample_hard_negatives(f_v, f_t, temp, img_id, valid)
+    neg_txt, neg_img, has_neg_txt, has_neg_img = sample_hard_negatives(f_v, f_t, temp, img_id, filled)
     # positives | text b with a negative image | image b with a negative text
     t_all = torch.cat([t_sg, t_sg, t_sg[neg_txt]])                         # (3B, T, D)
     a_all = torch.cat([att, att, att[neg_txt]])
     v_all = torch.cat([v, v[neg_img], v])                                  # (3B, S, D)
     m_all = None if v_mask is None else torch.cat([v_mask, v_mask[neg_img], v_mask])
-    weight = torch.cat([torch.ones_like(has_img) if valid is None else valid, has_img, has_txt])
+    weight = torch.cat([torch.ones_like(has_neg_img) if filled is None else filled, has_neg_img, has_neg_txt])
     return (t_all, a_all, v_all, m_all), weight
 
 
@@ -189,9 +189,9 @@ def itm_ce(model, cls, weight):
                          weight)
 
 
-def itm_loss(model, t_sg, att, v, v_mask, f_v, f_t, temp, img_id, valid=None):
+def itm_loss(model, t_sg, att, v, v_mask, f_v, f_t, temp, img_id, filled=None):
     """= losses.itm_loss: the fusion encoder once on itm_inputs' 3B rows, then itm_ce."""
-    rows, weight = itm_inputs(t_sg, att, v, v_mask, f_v, f_t, temp, img_id, valid)
+    rows, weight = itm_inputs(t_sg, att, v, v_mask, f_v, f_t, temp, img_id, filled)
     return itm_ce(model, model.fuse(*rows)[:, 0], weight)
 
 
@@ -239,14 +239,14 @@ def vl_losses(model, b, v, v_mask, stop_grad, suffix, box_image=None):
     """= losses.vl_losses, with ITM's 3B rows, IMLM's B rows (and, given box_image (N, S, D), box
     prediction's rows of each caption with its full image) in one fusion call.
     -> (losses, box prediction's fused states or None)."""
-    # valid (B,) bool: a region batch's filled caption slots (None: every row)
-    out, valid = {}, b.get("valid")
+    # filled (B,) bool: a region batch's filled caption slots (None: every row)
+    out, filled = {}, b.get("filled")
     # (B, T, D), with grad (for ITC)
     t = model.encode_text(b["ids"], b["att"])
     f_t, f_v = model.itc_features(t, v)
-    out["itc" + suffix] = itc_loss(f_v, f_t, model.temp, queries=valid, keys=valid)
+    out["itc" + suffix] = itc_loss(f_v, f_t, model.temp, queries=filled, keys=filled)
     itm_rows, itm_weight = itm_inputs(fusion_input(t, stop_grad), b["att"], v, v_mask,
-                                      f_v, f_t, model.temp, b["img_id"], valid)
+                                      f_v, f_t, model.temp, b["img_id"], filled)
     # under the stop-gradient IMLM's language pass runs without a graph:
     # nothing would flow back into it
     with torch.set_grad_enabled(torch.is_grad_enabled() and not stop_grad):
@@ -257,7 +257,7 @@ def vl_losses(model, b, v, v_mask, stop_grad, suffix, box_image=None):
     # (3B, T, D), (B, T, D), [(B, T, D)]
     h_itm, h, *h_box = fuse_groups(model, *groups)
     out["itm" + suffix] = itm_ce(model, h_itm[:, 0], itm_weight)
-    out["imlm" + suffix] = mlm_loss(h, b["mlm_labels"], model.fusion_mlm, b.get("max_masks"))
+    out["imlm" + suffix] = mlm_loss(h, b["mlm_labels"], model.fusion_mlm, b.get("mlm_slots"))
     return out, (h_box[0] if h_box else None)
 
 
@@ -291,7 +291,7 @@ def xfm_losses(model, batch, stop_grad=True, stats=None):
     if "text" in batch:
         b = batch["text"]
         t = model.encode_text(b["ids"], b["att"])
-        out["mlm"] = mlm_loss(t, b["labels"], model.text_mlm, b.get("max_masks"))
+        out["mlm"] = mlm_loss(t, b["labels"], model.text_mlm, b.get("mlm_slots"))
 
     if "pair" in batch:
         b = batch["pair"]

@@ -314,7 +314,7 @@ def test_mask_text_80_10_10_and_spans(tok):
 
 
 def test_mask_text_never_masks_more_than_the_loss_has_slots(tok):
-    """A row of <s> ... </s> never holds more masked positions than max_masked(its length), the slots
+    """A row of <s> ... </s> never holds more masked positions than mlm_slots(its length), the slots
     losses.mlm_loss gives it; ids whose count would pass the bound (no </s> closing them) are refused."""
     rng = np.random.default_rng(0)
     for n in range(40):
@@ -322,9 +322,9 @@ def test_mask_text_never_masks_more_than_the_loss_has_slots(tok):
             for skipgram in (0.0, 0.2, 1.0):  # 1.0: every start opens a span, the likeliest to overshoot
                 ids = seq(tok, n, 0, rng)
                 _, lab = D.mask_text(ids, tok, prob, cap, rng, skipgram_prob=skipgram)
-                assert sum(v != -100 for v in lab) <= D.max_masked(len(ids), prob, cap)
-    ids = seq(tok, 3, 0, rng)[:-1]  # <s> a b c: 3 candidates, round(1.5) = 2 masks, max_masked(4) = 1
-    with pytest.raises(ValueError, match="max_masked"):
+                assert sum(v != -100 for v in lab) <= D.mlm_slots(len(ids), prob, cap)
+    ids = seq(tok, 3, 0, rng)[:-1]  # <s> a b c: 3 candidates, round(1.5) = 2 masks, mlm_slots(4) = 1
+    with pytest.raises(ValueError, match="mlm_slots"):
         D.mask_text(ids, tok, 0.5, 15, rng)
 
 
@@ -449,9 +449,9 @@ def test_batch_formats(toy, tok):
     st = streams(toy, tok, bs=4)
     P = 16
     t = next(st["text"])
-    assert set(t) == {"ids", "att", "labels", "max_masks"}
+    assert set(t) == {"ids", "att", "labels", "mlm_slots"}
     assert all(t[k].dtype == torch.long and t[k].shape == t["ids"].shape for k in ("ids", "att", "labels"))
-    assert t["max_masks"] == D.max_masked(t["ids"].shape[1], 0.15, 20)
+    assert t["mlm_slots"] == D.mlm_slots(t["ids"].shape[1], 0.15, 20)
     assert (t["labels"][t["att"] == 0] == -100).all() and (t["labels"][:, 0] == -100).all()
     assert (t["ids"][t["att"] == 0] == tok.pad_id).all() and ((t["labels"] != -100).sum(1) >= 1).all()
     n_real = t["att"].sum(1) - 2  # MLM on text: 15 % of the tokens between <s> and </s>, at most 20
@@ -465,7 +465,7 @@ def test_batch_formats(toy, tok):
 
     p = next(st["pair"])
     assert set(p) == {"image", "mim_mask", "mim_count", "ids", "att", "mlm_ids", "mlm_labels", "img_id", "itm_label",
-                      "max_masks"}
+                      "mlm_slots"}
     assert (p["itm_label"] == 1).all()                                      # X-FM swaps no captions
     assert p["image"].shape == (4, 3, 32, 32) and p["mim_mask"].shape == (4, P)
     assert p["img_id"].shape == (4,) and p["img_id"].dtype == torch.long
@@ -476,21 +476,21 @@ def test_batch_formats(toy, tok):
     assert torch.equal(p["mlm_ids"][~masked], p["ids"][~masked])
     n_real = (p["att"].sum(1) - 2)  # IMLM: half the caption's tokens, at most 15
     assert torch.equal(masked.sum(1), torch.clamp(torch.round(n_real * 0.5), 1, 15).long())
-    assert (masked.sum(1) <= p["max_masks"]).all() and p["max_masks"] == D.max_masked(p["ids"].shape[1], 0.5, 15)
+    assert (masked.sum(1) <= p["mlm_slots"]).all() and p["mlm_slots"] == D.mlm_slots(p["ids"].shape[1], 0.5, 15)
 
     r = next(st["region"])
     keys = {"image", "img_index", "ids", "att", "mlm_ids", "mlm_labels", "box", "is_region", "patch_mask", "img_id",
-            "valid", "max_masks"}
+            "filled", "mlm_slots"}
     assert set(r) == keys and r["image"].shape == (4, 3, 32, 32)
     N, slots = r["img_index"].shape[0], st["region"].dataset.slots
     assert slots == 4  # the toy records hold 1-3 regions, + the whole-image caption
     assert N == 4 * slots and torch.equal(r["img_index"], torch.arange(4).repeat_interleave(slots))
     # the empty slots: an empty caption, nothing masked, no region, every patch, and the image's id
-    valid = r["valid"]
-    assert valid.dtype == torch.bool and 4 < valid.sum() < N
-    assert (r["att"][~valid].sum(1) == 2).all() and (r["mlm_labels"][~valid] == -100).all()
-    assert not r["is_region"][~valid].any() and r["patch_mask"][~valid].all()
-    r = {k: v[valid] if torch.is_tensor(v) and v.shape[:1] == (N,) else v for k, v in r.items()}  # the filled slots
+    filled = r["filled"]
+    assert filled.dtype == torch.bool and 4 < filled.sum() < N
+    assert (r["att"][~filled].sum(1) == 2).all() and (r["mlm_labels"][~filled] == -100).all()
+    assert not r["is_region"][~filled].any() and r["patch_mask"][~filled].all()
+    r = {k: v[filled] if torch.is_tensor(v) and v.shape[:1] == (N,) else v for k, v in r.items()}  # the filled slots
     N = r["img_index"].shape[0]
     for k in ("ids", "att", "mlm_ids", "mlm_labels"):
         assert r[k].shape[0] == N and r[k].dtype == torch.long

@@ -46,7 +46,7 @@ def slow_mlm_loss(hidden, labels, head):
 def slow_itm_loss(model, b, t_sg, v, v_mask, f_v, f_t, reencode_images, stop_grad):
     """ITM whose hard negatives are encoded again from their raw inputs (pixels, token ids), in three fusion
     passes, instead of indexing the outputs the step already has."""
-    neg_txt, neg_img, ii, ti = losses.sample_hard_negatives(f_v, f_t, model.temp, b["img_id"], b.get("valid"))
+    neg_txt, neg_img, ii, ti = losses.sample_hard_negatives(f_v, f_t, model.temp, b["img_id"], b.get("filled"))
     if v_mask is None:
         v_mask = torch.ones(v.shape[:2], dtype=torch.bool)
     v_neg, m_neg = reencode_images(neg_img[ti])                            # the negative images, from pixels
@@ -170,7 +170,7 @@ def batch():
 
 
 def test_mlm_head_on_masked_positions_only(batch):
-    """The head runs on K slots per row, K = the data's bound on masked positions per row (data.max_masked), with
+    """The head runs on K slots per row, K = the data's bound on masked positions per row (data.mlm_slots), with
     the masked positions gathered into them: the same loss and gradients as the head on every position."""
     model = tiny_model()
     b = batch["text"]
@@ -179,7 +179,7 @@ def test_mlm_head_on_masked_positions_only(batch):
     rows = []
     model.text_mlm.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1]))
     results = []
-    for fn in (lambda *a: losses.mlm_loss(*a, max_masked=K), slow_mlm_loss, losses.mlm_loss):
+    for fn in (lambda *a: losses.mlm_loss(*a, slots=K), slow_mlm_loss, losses.mlm_loss):
         model.zero_grad(set_to_none=True)
         hidden.grad = None
         loss = fn(hidden, b["labels"], model.text_mlm)

@@ -163,17 +163,17 @@ def test_hard_negatives_never_pick_the_positive_or_a_duplicate():
 
 
 def test_fast_hard_negatives_skip_empty_slots_and_flag_rows_without_one():
-    """lib/fast_losses.py: an empty slot (valid False) is never a negative and gets none (has False); a row with no
+    """lib/fast_losses.py: an empty slot (filled False) is never a negative and gets none (has False); a row with no
     candidate gets has False."""
     torch.manual_seed(0)
     f = F.normalize(torch.randn(6, 8), dim=-1)
     img_id = torch.tensor([0, 1, 1, 2, 3, 3])
-    valid = torch.tensor([True, True, True, True, True, False])
+    filled = torch.tensor([True, True, True, True, True, False])
     for _ in range(50):
-        neg_txt, neg_img, has_txt, has_img = fast.sample_hard_negatives(f, f, torch.tensor(1.0), img_id, valid)
-        assert (img_id[neg_txt] != img_id)[valid].all() and (img_id[neg_img] != img_id)[valid].all()
-        assert (neg_txt[valid] != 5).all() and (neg_img[valid] != 5).all()
-        assert has_txt.tolist() == has_img.tolist() == valid.tolist()
+        neg_txt, neg_img, has_neg_txt, has_neg_img = fast.sample_hard_negatives(f, f, torch.tensor(1.0), img_id, filled)
+        assert (img_id[neg_txt] != img_id)[filled].all() and (img_id[neg_img] != img_id)[filled].all()
+        assert (neg_txt[filled] != 5).all() and (neg_img[filled] != 5).all()
+        assert has_neg_txt.tolist() == has_neg_img.tolist() == filled.tolist()
     assert not any(x.any() for x in fast.sample_hard_negatives(f[1:3], f[1:3], torch.tensor(1.0), img_id[1:3])[2:])
 
 
@@ -281,13 +281,13 @@ def _itc_setup(seed=0):
     return proj_v, proj_t, temp, x_v, x_t
 
 
-def _itc_grads(proj_v, proj_t, temp, x_v, x_t, valid=None, path="reference"):
+def _itc_grads(proj_v, proj_t, temp, x_v, x_t, filled=None, path="reference"):
     """The reference reads the filled rows alone (ranks then hold different numbers of rows); the fast path reads
     every row, empty slots marked as neither query nor key."""
-    if path == "reference" and valid is not None:
-        x_v, x_t, valid = x_v[valid], x_t[valid], None
+    if path == "reference" and filled is not None:
+        x_v, x_t, filled = x_v[filled], x_t[filled], None
     f_v, f_t = F.normalize(proj_v(x_v), dim=-1), F.normalize(proj_t(x_t), dim=-1)
-    loss = (fast.itc_loss(f_v, f_t, temp, queries=valid, keys=valid) if path == "fast" else
+    loss = (fast.itc_loss(f_v, f_t, temp, queries=filled, keys=filled) if path == "fast" else
             itc_loss(f_v, f_t, temp))
     params = [*proj_v.parameters(), *proj_t.parameters(), temp]
     return loss.detach(), torch.autograd.grad(loss, params)
@@ -296,9 +296,9 @@ def _itc_grads(proj_v, proj_t, temp, x_v, x_t, valid=None, path="reference"):
 def _itc_worker(rank, world, meet, out_dir, empty, path):
     with gloo_group(rank, world, meet):
         proj_v, proj_t, temp, x_v, x_t = _itc_setup()
-        valid = torch.tensor([i not in empty for i in range(8)])
+        filled = torch.tensor([i not in empty for i in range(8)])
         rows = slice(4 * rank, 4 * rank + 4)
-        loss, grads = _itc_grads(proj_v, proj_t, temp, x_v[rows], x_t[rows], valid[rows], path)
+        loss, grads = _itc_grads(proj_v, proj_t, temp, x_v[rows], x_t[rows], filled[rows], path)
         # what DDP does: average loss and gradients over the ranks
         dist.all_reduce(loss)
         for g in grads:
@@ -359,13 +359,13 @@ def test_fast_itm_rows_labels_and_weights_with_fixed_negatives(monkeypatch):
     torch.manual_seed(0)
     B, T, S, D = 3, 4, 5, 2
     neg_txt, neg_img = torch.tensor([1, 0, 0]), torch.tensor([1, 0, 0])
-    has_txt, has_img = torch.tensor([True, False, False]), torch.tensor([False, True, False])  # slot 2 is empty
-    monkeypatch.setattr(fast, "sample_hard_negatives", lambda *args: (neg_txt, neg_img, has_txt, has_img))
+    has_neg_txt, has_neg_img = torch.tensor([True, False, False]), torch.tensor([False, True, False])  # slot 2 is empty
+    monkeypatch.setattr(fast, "sample_hard_negatives", lambda *args: (neg_txt, neg_img, has_neg_txt, has_neg_img))
     t, att = torch.randn(B, T, D), torch.randint(0, 2, (B, T))
     v, v_mask = torch.randn(B, S, D), torch.rand(B, S) < 0.5
     f, temp, img_id = torch.randn(B, 8), torch.tensor(0.07), torch.arange(B)
-    valid = torch.tensor([True, True, False])
-    (t_all, a_all, v_all, m_all), weight = fast.itm_inputs(t, att, v, v_mask, f, f, temp, img_id, valid)
+    filled = torch.tensor([True, True, False])
+    (t_all, a_all, v_all, m_all), weight = fast.itm_inputs(t, att, v, v_mask, f, f, temp, img_id, filled)
     assert torch.equal(t_all, torch.cat([t, t, t[neg_txt]])) and torch.equal(a_all, torch.cat([att, att, att[neg_txt]]))
     assert torch.equal(v_all, torch.cat([v, v[neg_img], v]))
     assert torch.equal(m_all, torch.cat([v_mask, v_mask[neg_img], v_mask]))

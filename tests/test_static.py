@@ -25,7 +25,7 @@ from model import XFM
 
 def with_empty_slots(region):
     """The region batch of make_batch (2 captions per image) with a third, empty slot per image, as
-    data.RegionDataset makes them: <s> </s>, nothing masked, no box, every patch, valid False."""
+    data.RegionDataset makes them: <s> </s>, nothing masked, no box, every patch, filled False."""
     n_img, T = len(region["image"]), region["ids"].shape[1]
     empty_ids = torch.full((T,), 1)
     empty_ids[:2] = torch.tensor([0, 2])
@@ -40,13 +40,13 @@ def with_empty_slots(region):
     out.update(ids=stack("ids", empty_ids), att=stack("att", (empty_ids != 1).long()), mlm_ids=stack("mlm_ids", empty_ids),
                mlm_labels=stack("mlm_labels", torch.full((T,), -100)), box=stack("box", torch.tensor([0.5, 0.5, 1, 1])),
                is_region=stack("is_region", torch.tensor(False)), patch_mask=stack("patch_mask", region["patch_mask"][0] | True),
-               valid=torch.tensor([r is not None for r in rows]))
+               filled=torch.tensor([r is not None for r in rows]))
     out["img_id"] = out["img_index"].clone()
     return out
 
 
 def masks_bound(b, key):
-    b["max_masks"] = int((b[key] != -100).sum(1).max())                   # as data.py's bound, reached by some row
+    b["mlm_slots"] = int((b[key] != -100).sum(1).max())                   # as data.py's bound, reached by some row
     return b
 
 
@@ -77,7 +77,7 @@ def assert_same(a, b, atol=1e-5):
 
 def xfm_batch(no_negatives=False):
     """make_batch's four kinds as data.py makes them: a third, empty caption slot per image in the region part, and
-    max_masks, the slots each row's masked positions get in the fast path. no_negatives: every pair shows one image
+    mlm_slots, the slots each row's masked positions get in the fast path. no_negatives: every pair shows one image
     (img_id 0), so no row finds a hard negative."""
     batch = make_batch(tiny_config(), B=6, seed=5)
     batch["region"] = masks_bound(with_empty_slots(batch["region"]), "mlm_labels")
@@ -91,7 +91,7 @@ def xfm_batch(no_negatives=False):
 @pytest.mark.parametrize("no_negatives", [False, True])
 def test_xfm_fast_path_equals_the_reference(hardest_negatives, no_negatives):
     batch = xfm_batch(no_negatives)
-    assert (~batch["region"]["valid"]).sum() == 3 and batch["text"]["max_masks"] < batch["text"]["ids"].shape[1]
+    assert (~batch["region"]["filled"]).sum() == 3 and batch["text"]["mlm_slots"] < batch["text"]["ids"].shape[1]
     torch.manual_seed(0)
     model = XFM(tiny_config()).train()
     fast, reference = losses_and_grads(model, fast_losses.xfm_losses, batch), losses_and_grads(model, losses.xfm_losses, batch)

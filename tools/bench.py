@@ -101,15 +101,15 @@ def region_images(B):
 # Synthetic batches with the keys and shapes data.py produces (all text positions real: no padding)
 
 
-def _texts(g, n, T, vocab, prob, max_masks):
+def _texts(g, n, T, vocab, prob, max_predictions):
     """n texts of T tokens <s> w w ... </s>: {ids, att, mlm_ids (the masked copy), mlm_labels (-100 where not
-    masked), max_masks (the bound data.py gives, reached by every row here)}."""
+    masked), mlm_slots (the bound data.py gives, reached by every row here)}."""
     ids = torch.randint(5, vocab, (n, T), generator=g)
     ids[:, 0], ids[:, -1] = 0, 2
-    k = data.max_masked(T, prob, max_masks)                             # data.mask_text's count
+    k = data.mlm_slots(T, prob, max_predictions)                             # data.mask_text's count
     pos = torch.rand(n, T - 2, generator=g).argsort(dim=1)[:, :k] + 1   # (n, k) masked positions, never <s> </s>
     return {"ids": ids, "att": torch.ones(n, T, dtype=torch.long), "mlm_ids": ids.scatter(1, pos, 4),  # 4 = <mask>
-            "mlm_labels": torch.full_like(ids, -100).scatter(1, pos, ids.gather(1, pos)), "max_masks": k}
+            "mlm_labels": torch.full_like(ids, -100).scatter(1, pos, ids.gather(1, pos)), "mlm_slots": k}
 
 
 def _mim_masks(g, n, grid):
@@ -126,7 +126,7 @@ def synthetic_batch(cfg, B, text_len, recipe="xfm", seed=0):
     images = lambda n: torch.randn(n, 3, S, S, generator=g)
     t = _texts(g, B, text_len, V, 0.15, 20)
     mim_count = data.mim_counts(grid)[0]                                 # the masked patches of every image
-    batch = {"text": {"ids": t["mlm_ids"], "att": t["att"], "labels": t["mlm_labels"], "max_masks": t["max_masks"]},
+    batch = {"text": {"ids": t["mlm_ids"], "att": t["att"], "labels": t["mlm_labels"], "mlm_slots": t["mlm_slots"]},
              "image": {"image": images(B), "mim_mask": _mim_masks(g, B, grid), "mim_count": mim_count}}
     # caption masking of the recipe: X-FM's IMLM masks half (<= 15), FLAVA's MMM 15 % (data.CAPTION_MASKING)
     cap_prob, cap_max, _ = data.CAPTION_MASKING[recipe]

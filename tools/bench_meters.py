@@ -105,9 +105,9 @@ def add_mfu(row, device_name):
 
 def batch_shape(batch):
     """What flops_per_step needs to know about a batch: rows, lengths and the rows an MLM head runs on per kind
-    (M = rows x max_masks: losses.mlm_loss gives every row max_masks slots, or every position without the key)."""
+    (M = rows x mlm_slots: the fast mlm_loss gives every row mlm_slots slots, or every position without the key)."""
     shape = {}
-    slots = lambda b: b["ids"].shape[0] * b.get("max_masks", b["ids"].shape[1])  # noqa: E731
+    slots = lambda b: b["ids"].shape[0] * b.get("mlm_slots", b["ids"].shape[1])  # noqa: E731
     if "text" in batch:
         b = batch["text"]
         shape["text"] = dict(B=b["ids"].shape[0], T=b["ids"].shape[1], M=slots(b))

@@ -92,8 +92,8 @@ def chance_levels(run_dir, n_batches=20):
                              (t["crop_min_scale"], 1.0), image_root=t.get("image_root", ""))
         stream = streams.build_streams(t["data_dir"], tok, dc, {"region": config["per_rank_batch"]["region"]}, bad)["region"]
         batches = [next(stream) for _ in range(n_batches)]
-        # the candidates are the filled caption slots (b["valid"]), not every slot of the fixed-size batch
-        chance["itc_region"] = float(np.mean([math.log(int(b["valid"].sum()) * world) for b in batches]))
+        # the candidates are the filled caption slots (b["filled"]), not every slot of the fixed-size batch
+        chance["itc_region"] = float(np.mean([math.log(int(b["filled"].sum()) * world) for b in batches]))
         boxes = np.concatenate([b["box"][b["is_region"]].numpy() for b in batches])
         chance.update(_constant_box_losses(boxes))
     return chance

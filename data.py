@@ -49,9 +49,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from lib import formats
+from lib.transforms import random_resized_crop, to_tensor
 
-CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), dtype=np.float32)
-CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), dtype=np.float32)
 # the four streams; the index also salts each stream's rng
 KINDS = ("text", "image", "pair", "region")
 
@@ -144,53 +143,7 @@ def block_mask(grid, num_masking, min_patches, rng, min_aspect=0.3):
 
 
 # -----------------------------------------------------------------------------
-# Image transforms (Pillow + numpy; no torchvision)
-
-
-def to_tensor(img):
-    """PIL RGB (H, W) -> CLIP-normalised float tensor (3, H, W)."""
-    x = (np.asarray(img, dtype=np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD  # (H, W, 3)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
-
-
-def random_resized_crop(img, size, rng, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), hflip=True):
-    """torchvision's RandomResizedCrop (bicubic) + optional horizontal flip (p 0.5) + normalise
-    -> (3, size, size). scale=(1, 1) means no crop at all."""
-    W, H = img.size
-    box = (0, 0, W, H) if scale[0] >= 1 else None
-    for _ in range(10 if box is None else 0):
-        area = W * H * rng.uniform(*scale)
-        ar = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        w, h = int(round(math.sqrt(area * ar))), int(round(math.sqrt(area / ar)))
-        if 0 < w <= W and 0 < h <= H:
-            x0, y0 = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
-            box = (x0, y0, x0 + w, y0 + h)
-            break
-    # fallback as in torchvision: the largest central crop with an allowed aspect ratio
-    if box is None:
-        if W / H < ratio[0]:
-            w, h = W, int(round(W / ratio[0]))
-        elif W / H > ratio[1]:
-            w, h = int(round(H * ratio[1])), H
-        else:
-            w, h = W, H
-        box = ((W - w) // 2, (H - h) // 2, (W - w) // 2 + w, (H - h) // 2 + h)
-    out = img.resize((size, size), Image.Resampling.BICUBIC, box=box)  # crop and resize in one call
-    if hflip and rng.random() < 0.5:
-        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_tensor(out)
-
-
-def eval_transform(img, size):
-    """Plain bicubic resize to size x size + normalise -> (3, size, size)."""
-    return to_tensor(img.resize((size, size), Image.Resampling.BICUBIC))
-
-
-def task_image(path, size):
-    """Every fine-tuning task's image (finetune.py): bicubic resize + CLIP normalisation ->
-    (3, S, S). No crop or flip: the toy world's questions name positions (for real image
-    classification, add random_resized_crop)."""
-    return eval_transform(formats.load_image(path), size)
+# Region crops and boxes (the generic transforms: lib/transforms.py)
 
 
 def crop_boxes(boxes_xywh, crop, min_in=0.5):

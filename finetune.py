@@ -71,6 +71,7 @@ from lib import retrieval
 from lib.retrieval import accuracy, f1_score, matthews, pearson, vqa_score
 from lib import pictures
 from lib import toyworld
+from lib import transforms
 import train
 from lib import runtime
 from model import build_mlp, resize_rel_pos
@@ -480,7 +481,7 @@ def run_imgcls(cfg, env, out):
 
     def make(r):
         y = label_index(label_value(r["label"]), labels)
-        return {"image": data.task_image(r["image"], cfg.image_size), "label": torch.tensor(y)}
+        return {"image": transforms.task_image(r["image"], cfg.image_size), "label": torch.tensor(y)}
 
     def logits(m, b):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not linear):  # the probe's features: no graph
@@ -518,7 +519,7 @@ def run_vqa(cfg, env, out):
         for a, c in Counter(given(r)).items():
             if a in index:
                 target[index[a]] = min(1.0, c / 3) if soft else 1.0
-        return {"image": data.task_image(r["image"], cfg.image_size),
+        return {"image": transforms.task_image(r["image"], cfg.image_size),
                 "ids": tokens(env.tok, r["question"], None, cfg.text_len), "target": target}
 
     def logits(m, b):
@@ -553,7 +554,7 @@ def run_nlvr(cfg, env, out):
     tr, te = usable(tr, nlvr_problem, bad, "train"), usable(te, nlvr_problem, bad, "test")
 
     def make(r):
-        return {"image": torch.stack([data.task_image(p, cfg.image_size) for p in r["images"]]),  # (2, 3, S, S)
+        return {"image": torch.stack([transforms.task_image(p, cfg.image_size) for p in r["images"]]),  # (2, 3, S, S)
                 "ids": tokens(env.tok, r["sentence"], None, cfg.text_len),
                 "label": torch.tensor(int(label_value(r["label"])))}
 
@@ -597,7 +598,7 @@ def run_retrieval(cfg, env, out):
             tr.append({"image": r["image"], "caption": c, "img_id": img_ids.setdefault(r["image"], len(img_ids))})
 
     def make(r):
-        return {"image": data.task_image(r["image"], cfg.image_size),
+        return {"image": transforms.task_image(r["image"], cfg.image_size),
                 "ids": tokens(env.tok, r["caption"], None, cfg.text_len), "img_id": torch.tensor(r["img_id"])}
 
     def loss_fn(m, b):
@@ -636,7 +637,7 @@ def run_grounding(cfg, env, out):
     def make(r):
         img = formats.load_image(r["image"])
         (W, H), (x, y, w, h) = img.size, r.get("box", r.get("bbox"))      # pixels -> normalised cx, cy, w, h
-        return {"image": data.eval_transform(img, cfg.image_size),
+        return {"image": transforms.eval_transform(img, cfg.image_size),
                 "ids": tokens(env.tok, r.get("phrase", r.get("text")), None, cfg.text_len),
                 "box": torch.tensor([(x + w / 2) / W, (y + h / 2) / H, w / W, h / H], dtype=torch.float32)}
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-import data
 from lib import formats
+from lib import transforms
 
 
 def plot_curves(records, path, chance=None, bands=None, cols=4, w=300, h=200):
@@ -60,7 +60,7 @@ def plot_curves(records, path, chance=None, bands=None, cols=4, w=300, h=200):
 
 def to_pil(x, size):
     """A CLIP-normalised (3, S, S) tensor back to an RGB image, resized to size x size."""
-    arr = (x.float().cpu().permute(1, 2, 0).numpy() * data.CLIP_STD + data.CLIP_MEAN).clip(0, 1)  # (S, S, 3)
+    arr = (x.float().cpu().permute(1, 2, 0).numpy() * transforms.CLIP_STD + transforms.CLIP_MEAN).clip(0, 1)  # (S, S, 3)
     return Image.fromarray((arr * 255).astype("uint8")).resize((size, size), Image.Resampling.BICUBIC)
 
 
@@ -121,10 +121,10 @@ def render_attention(maps, words, image, grid, path, tile=96):
 
 def attention_picture(xfm, tok, caption, image, image_size, text_len, device, path):
     """finetune.py --task attention: the caption tokenized as the model reads it and the image file as every task
-    transforms it (data.eval_transform), their cross_attention_maps drawn by render_attention, each tile named
+    transforms it (transforms.eval_transform), their cross_attention_maps drawn by render_attention, each tile named
     by its token -> (layers, tokens) drawn."""
     ids = torch.tensor([tok.encode(caption, text_len)], device=device)  # (1, T)
-    x = data.eval_transform(formats.load_image(image), image_size)[None].to(device)  # (1, 3, S, S)
+    x = transforms.eval_transform(formats.load_image(image), image_size)[None].to(device)  # (1, 3, S, S)
     maps = cross_attention_maps(xfm, ids, torch.ones_like(ids), x)
     words = [tok.hf.id_to_token(i).replace("\u0120", "") for i in ids[0].tolist()]  # byte-level BPE: Ġ = space
     render_attention([m.cpu() for m in maps], words, formats.load_image(image), xfm.cfg.grid, path)

@@ -33,10 +33,11 @@ from tqdm import tqdm
 import data
 from lib import formats
 from lib import runtime
+from lib import transforms
 
 
 class Images(Dataset):
-    """Image files, each decoded when a batch asks for it: [i] -> (3, S, S) by data.eval_transform."""
+    """Image files, each decoded when a batch asks for it: [i] -> (3, S, S) by transforms.eval_transform."""
 
     def __init__(self, paths, image_size):
         self.paths, self.image_size = paths, image_size
@@ -45,7 +46,7 @@ class Images(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return data.eval_transform(formats.load_image(self.paths[i]), self.image_size)
+        return transforms.eval_transform(formats.load_image(self.paths[i]), self.image_size)
 
 
 # check_images shows a progress bar for more files than this

@@ -17,6 +17,7 @@ from lib import formats  # noqa: E402
 from lib import toyworld  # noqa: E402
 from lib import retrieval  # noqa: E402
 from lib import streams as stream_lib  # noqa: E402
+from lib import transforms  # noqa: E402
 
 SMALL = dict(size=32, n_pairs=24, n_regions=12, n_text=30, n_images=12, n_test=10, n_down=8, progress=False)
 DC = dict(image_size=32, patch_size=8, text_len=32, caption_len=16, seed=0)
@@ -363,7 +364,7 @@ def test_region_crop_keeps_and_maps_box():
         assert x.shape == (3, 64, 64) and b is not None
         cx, cy, w, h = b
         assert 0 <= cx - w / 2 and cx + w / 2 <= 1 and 0 <= cy - h / 2 and cy + h / 2 <= 1
-        white = (x[0] * D.CLIP_STD[0] + D.CLIP_MEAN[0]) > 0.5  # (64, 64)
+        white = (x[0] * transforms.CLIP_STD[0] + transforms.CLIP_MEAN[0]) > 0.5  # (64, 64)
         ys, xs = torch.nonzero(white, as_tuple=True)
         # the white pixels fill the returned box (to within a pixel of bicubic blur)
         assert abs((xs.min().item() - (cx - w / 2) * 64)) <= 1.5 and abs(xs.max().item() + 1 - (cx + w / 2) * 64) <= 1.5
@@ -390,14 +391,14 @@ def test_box_patch_mask():
 def test_random_resized_crop_and_eval_transform():
     img = Image.new("RGB", (40, 30), (255, 0, 0))
     ImageDraw.Draw(img).rectangle([0, 0, 9, 29], fill=(0, 0, 255))  # blue left edge
-    x = D.random_resized_crop(img, 16, np.random.default_rng(0), scale=(1, 1), hflip=False)
+    x = transforms.random_resized_crop(img, 16, np.random.default_rng(0), scale=(1, 1), hflip=False)
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32
-    assert torch.allclose(x, D.eval_transform(img, 16))  # scale (1, 1) and no flip: the plain resize
+    assert torch.allclose(x, transforms.eval_transform(img, 16))  # scale (1, 1) and no flip: the plain resize
     assert x[2, 8, 0] > x[2, 8, 15]  # blue stays on the left
-    flips = [D.random_resized_crop(img, 16, np.random.default_rng(s), scale=(1, 1))[2, 8, 0] < 0 for s in range(40)]
+    flips = [transforms.random_resized_crop(img, 16, np.random.default_rng(s), scale=(1, 1))[2, 8, 0] < 0 for s in range(40)]
     assert 5 < sum(flips) < 35  # with hflip the blue edge moves right about half the time
-    red = torch.tensor(float((1 - D.CLIP_MEAN[0]) / D.CLIP_STD[0]))  # float32 under NumPy 1.26 and 2.x
-    assert torch.allclose(D.eval_transform(Image.new("RGB", (8, 8), (255, 0, 0)), 4)[0], red)
+    red = torch.tensor(float((1 - transforms.CLIP_MEAN[0]) / transforms.CLIP_STD[0]))  # float32 under NumPy 1.26 and 2.x
+    assert torch.allclose(transforms.eval_transform(Image.new("RGB", (8, 8), (255, 0, 0)), 4)[0], red)
 
 
 # ----------------------------------------------------------------------------- sampler and streams

@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-import data
 import finetune
 from lib import runlog
 from lib import formats
 from lib import retrieval
 from lib import toyworld
+from lib import transforms
 import train
 from test_bad_input import FAST, ft_cfg, images, quiet, said, tok, write_lines  # noqa: F401  (tok: a fixture)
 
@@ -195,7 +195,7 @@ def test_every_task_decodes_its_images_at_start_up(tmp_path, tok, monkeypatch):
             assert f"{tmp_path / f'{task}_train.jsonl'}:{line}: unreadable image ({tmp_path / name}: " in said(bad)
         assert f"{task}_test.jsonl:2: unreadable image" in said(bad), task
         torch.testing.assert_close(got["train_set"][0]["image"][-1] if task == "nlvr" else
-                                   got["train_set"][0]["image"], data.task_image(str(tmp_path / good), 32))
+                                   got["train_set"][0]["image"], transforms.task_image(str(tmp_path / good), 32))
     with pytest.raises(ValueError, match=r"vqa_train\.jsonl:2: unreadable image"):
         run("vqa", tmp_path, tok, monkeypatch, [tasks["vqa"](n) for n in (good, *names)], [tasks["vqa"](good)],
             strict=True)

@@ -72,7 +72,7 @@ def test_itc_is_sync_free():
 def test_bench_report_tiny(tmp_path):
     """The whole report on the CPU at the tiny preset: every baseline row carries its op count, sync count,
     µs/op and the forward's ops inside the encoders; neither recipe's step makes the host wait (0 syncs: the loss
-    code has fixed shapes, docs/METHOD.md §6.3); both files are written."""
+    code has fixed shapes, docs/ENGINEERING.md); both files are written."""
     out = tmp_path / "bench.md"
     res = bench.main(["--configs", "tiny", "--recipes", "xfm,flava", "--skip_hf", "--skip_data", "--iters", "1",
                       "--warmup", "1", "--dtypes", "fp32", "--batch_size", "4", "--out", str(out)])

@@ -33,9 +33,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import losses
-from lib import fast_losses
+from lib import fast_losses, runtime
 from losses import patchify
 from model import MLP, PRESETS, XFM, Attention, MLMHead, XFMConfig, additive_mask
 
@@ -458,10 +459,11 @@ def step_updates(ratios, seed, step):
     return [(sample_kind(ratios, seed, step, u),) for u in range(3)]
 
 
-def prepare_run(cfg, model, streams, share, save, progress=None):
+def prepare_run(cfg, model, streams, ddp, rank, save):
     """Give the model its frozen image tokenizer (the codebook that makes the MIM / MMM targets): loaded from
-    --image_tokenizer, or fitted on the training pairs and saved as RUN/image_tokenizer.pt. `share(fn)` runs fn on
-    rank 0 and hands every rank its result (runtime.rank0_shares); `save(obj, path)` writes atomically."""
+    --image_tokenizer, or fitted on the training pairs and saved as RUN/image_tokenizer.pt. Rank 0 makes it and
+    hands every rank its result (runtime.rank0_shares); `save(obj, path)` writes atomically (runlog.atomic_save)."""
+    progress = lambda x: tqdm(x, desc="image tokenizer", leave=False, disable=rank != 0)  # noqa: E731
     def codebook():
         if cfg.image_tokenizer:
             book = torch.load(cfg.image_tokenizer, map_location="cpu", weights_only=True)["codebook"]
@@ -475,7 +477,7 @@ def prepare_run(cfg, model, streams, share, save, progress=None):
         print(f"image tokenizer: k-means codebook of {model.cfg.codebook_size} fitted on {n} patches -> {path}",
               flush=True)
         return model.image_tokenizer.codebook
-    model.image_tokenizer.codebook.copy_(share(codebook))
+    model.image_tokenizer.codebook.copy_(runtime.rank0_shares(codebook, ddp, rank))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ One step follows the official schedule (docs/METHOD.md §5.2), three optimizer u
 or, with --schedule=summed, one update over the sum of every loss. With --recipe=flava (flava.py)
 a step is three updates too, each on ONE data kind drawn with --flava_ratios (flava.step_updates).
 """
-import json
 import os
 import sys
 import textwrap
@@ -311,14 +310,21 @@ def fast_losses_on(cfg, device):
     return cfg.losses == "fast" or (cfg.losses == "auto" and (device.type == "cuda" or cfg.compile))
 
 
-def model_config(cfg, tok):
-    """The model's config for a fresh run: the recipe's preset sized for the tokenizer and the
-    texts (FLAVA: flava.run_config)."""
+def model_config(cfg, tok, ckpt=None):
+    """A resumed run's own model config (the checkpoint's: flava.config_from_dict reads either
+    recipe's); for a fresh run the recipe's preset sized for the tokenizer and the texts (FLAVA:
+    flava.run_config), with the sizes of --init_text / --init_vision (pretrained.model_config)."""
+    if ckpt is not None:
+        return replace(flava.config_from_dict(ckpt["model_config"]), attn_impl=cfg.attn_impl)
     if cfg.recipe == "flava":
-        return flava.run_config(cfg, tok)
-    return make_config(cfg.config, vocab_size=tok.vocab_size, pad_id=tok.pad_id,
-                       mim_target=cfg.mim_target, attn_impl=cfg.attn_impl,
-                       max_text_len=max(cfg.caption_len, cfg.text_len))
+        model_cfg = flava.run_config(cfg, tok)
+    else:
+        model_cfg = make_config(cfg.config, vocab_size=tok.vocab_size, pad_id=tok.pad_id,
+                                mim_target=cfg.mim_target, attn_impl=cfg.attn_impl,
+                                max_text_len=max(cfg.caption_len, cfg.text_len))
+    if cfg.init_text or cfg.init_vision:
+        model_cfg = pretrained.model_config(cfg, model_cfg, tok)
+    return model_cfg
 
 
 def data_kinds(cfg):
@@ -357,20 +363,10 @@ def setup_data(cfg, ctx, per_rank):
     Rank 0 builds the toy world if the default folder is missing (shards.prepare_data_dir) and
     trains (or loads) the tokenizer; every rank gets it (runlog.shared_tokenizer)."""
     shards.prepare_data_dir(cfg.data_dir, ctx.ddp, ctx.rank)
-    # the pre-trained encoder's own vocabulary
-    if cfg.init_text and not cfg.tokenizer and ctx.ckpt is None:
-        hf_tok = pretrained.tokenizer_path(cfg.init_text)
-        if os.path.isfile(hf_tok):
-            cfg.tokenizer = hf_tok
+    if ctx.ckpt is None and cfg.init_text and not cfg.tokenizer:  # the pre-trained encoder's own
+        cfg.tokenizer = pretrained.own_tokenizer(cfg.init_text)
     tok = runlog.shared_tokenizer(cfg, ctx.ckpt, ctx.ddp, ctx.rank)
-    # a resumed run's own config; else the recipe's preset, with what --init_text/vision say
-    if ctx.ckpt is not None:
-        saved = flava.config_from_dict(ctx.ckpt["model_config"])  # XFMConfig or FLAVAConfig
-        model_cfg = replace(saved, attn_impl=cfg.attn_impl)
-    else:
-        model_cfg = model_config(cfg, tok)
-        if cfg.init_text or cfg.init_vision:
-            model_cfg = pretrained.model_config(cfg, model_cfg, tok)
+    model_cfg = model_config(cfg, tok, ctx.ckpt)
     streams = shards.run_streams(cfg, tok, model_cfg, per_rank, ctx.bad, ctx.rank, ctx.world,
                                  pin_memory=ctx.device.type == "cuda")
     return tok, model_cfg, streams
@@ -380,54 +376,29 @@ def setup_model(cfg, ctx, model_cfg, streams):
     """-> (model, the module the loop calls, optimizer, the step to start from). The recipe's model,
     its set-up (FLAVA: its image tokenizer) and the pre-trained encoders; a resume restores model,
     optimizer and streams instead."""
-    ckpt, rank = ctx.ckpt, ctx.rank
     # attn_impl auto made concrete for the device
     model = runtime.choose_attention(MODELS[cfg.recipe](model_cfg), ctx.device)
-    if ckpt is None:
+    if ctx.ckpt is None:
         if cfg.recipe == "flava":  # its frozen image tokenizer: made on rank 0, shared with all
-            share = lambda fn: runtime.rank0_shares(fn, ctx.ddp, rank)  # noqa: E731
-            progress = lambda x: tqdm(x, desc="image tokenizer", leave=False,  # noqa: E731
-                                      disable=rank != 0)
-            flava.prepare_run(cfg, model, streams, share, runlog.atomic_save, progress)
-        inits = ((cfg.init_text, pretrained.load_text), (cfg.init_vision, pretrained.load_vision))
-        for path, load in inits:
-            report = load(model, path) if path else None
-            if report and rank == 0:
-                print(report, flush=True)
+            flava.prepare_run(cfg, model, streams, ctx.ddp, ctx.rank, runlog.atomic_save)
+        pretrained.load_encoders(model, cfg.init_text, cfg.init_vision, verbose=ctx.rank == 0)
     model = model.to(ctx.device)
-    model = runtime.checkpoint_blocks(model) if cfg.grad_ckpt else model  # recompute in backward
     # each of the three updates touches a different subset of the parameters (the text update never
     # runs the vision encoder), so DDP looks for unused parameters, except under the summed schedule
     # over every kind
     every_kind = set(streams) == set(sum(XFM_UPDATES, ()))
     all_used = cfg.recipe == "xfm" and cfg.schedule == "summed" and every_kind
-    fast = fast_losses_on(cfg, ctx.device)
-    loss_model = LossModel(model, cfg.stop_grad, cfg.recipe, fast)
-    # every block's position bias in one gather; not under FSDP, where a block's table is whole only
-    # inside its forward
-    if not (ctx.ddp and cfg.fsdp):
-        runtime.stack_position_biases(model)
-    loss_model = runtime.distribute(loss_model, model, ctx.ddp, cfg.fsdp, ctx.device,
-                                    find_unused=not all_used)
-    # --compile: the whole loss module as one graph (runtime.compile_step): the loss code has fixed
-    # shapes and no host syncs, and --compile pads texts to fixed lengths, so it compiles once
-    if cfg.compile:
-        loss_model = runtime.compile_step(loss_model, cfg.compile_mode)
+    loss_model = LossModel(model, cfg.stop_grad, cfg.recipe, fast_losses_on(cfg, ctx.device))
+    # --grad_ckpt, stacked position biases, DDP or FSDP, --compile
+    loss_model = runtime.wrap(loss_model, model, cfg, ctx.ddp, ctx.device, find_unused=not all_used)
     # built after the wrap: FSDP replaces every parameter by its shard, and AdamW must hold (and
     # keep state for) those
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr_mult), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), eps=1e-8,
                                   fused=ctx.device.type == "cuda")
-    if ckpt is None:
+    if ctx.ckpt is None:
         return model, loss_model, optimizer, 0
-    # FSDP: each rank keeps its slices
-    runtime.load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"])
-    for k, s in streams.items():
-        if k in ckpt["data"]:
-            s.load_state_dict(ckpt["data"][k])
-    # the bad records found before: each still counted once
-    ctx.bad.load_state_dict(ckpt.get("bad_input", {}))
-    return model, loss_model, optimizer, ckpt["step"]
+    return model, loss_model, optimizer, runlog.restore(ctx.ckpt, model, optimizer, streams, ctx.bad)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -530,17 +501,12 @@ def train(cfg, ckpt, ddp, rank, world, device, held):
     if ckpt is not None:
         runtime.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
     if master:
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-            json.dump({"train": asdict(cfg), "model": asdict(model_cfg), "world_size": world,
-                       "amp": amp, "device": name, "accum_steps": accum,
-                       "per_rank_batch": per_rank, "data": sources}, f, indent=2)
+        runlog.write_config(cfg, model_cfg, world, amp, device, accum, per_rank, sources)
     print0(f"{describe(cfg)}: {model.num_params() / 1e6:.2f}M parameters | device {device} "
            f"x{world} | amp {amp} | streams {sorted(streams)} | per-rank batch {per_rank} "
            f"x{accum} accum")
 
     # ---- the loop: each step is the recipe's optimizer updates, each over `accum` micro-batches
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     end_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
     meter, history, bad_streak, skipped = runlog.Meter(), [], 0, 0
@@ -587,8 +553,7 @@ def train(cfg, ckpt, ddp, rank, world, device, held):
             history.append(meter.record(done, lr, model, world, ddp))
             meter = runlog.Meter()
             if master:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(history[-1]) + "\n")
+                runlog.append_record(cfg.out_dir, history[-1])
                 last = history[-1]
                 shown = [n for n in ("itc", "gc", "itm", "mlm", "mim") if "loss/" + n in last]
                 pbar.set_postfix_str(" ".join(f"{n}={last['loss/' + n]:.2f}" for n in shown))

@@ -280,6 +280,11 @@ def config_int(config, key, where, default=None, least=1):
     return v
 
 
+def own_tokenizer(path):
+    """The tokenizer.json of a pre-trained text encoder's folder, or "" when it has none."""
+    return tokenizer_path(path) if os.path.isfile(tokenizer_path(path)) else ""
+
+
 def tokenizer_path(path):
     """The tokenizer.json of a Hugging Face folder such as --init_text's RoBERTa (or next to a file); it need
     not exist."""
@@ -554,6 +559,15 @@ def apply_map(model, src, keymap, skip, source, fix=None):
             rep.unexpected.append(k)
     model.load_state_dict(new, strict=False)
     return rep
+
+
+def load_encoders(model, init_text="", init_vision="", verbose=True):
+    """train.py --init_text / --init_vision: the pre-trained language encoder (load_text) and vision encoder
+    (load_vision) of a fresh run, each load's report printed when verbose (rank 0)."""
+    for path, load in ((init_text, load_text), (init_vision, load_vision)):
+        report = load(model, path) if path else None
+        if report and verbose:
+            print(report, flush=True)
 
 
 def _strip(state, prefix):

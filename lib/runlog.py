@@ -229,6 +229,31 @@ def save_checkpoint(path, model, optimizer, scaler, step, cfg, model_cfg, stream
     runtime.keep_checkpoints(path, step, cfg.keep_last)  # --keep_last: RUN/ckpt_STEP.pt, the oldest deleted
 
 
+def restore(ckpt, model, optimizer, streams, bad):
+    """A resumed run's state from its checkpoint: model and optimizer (FSDP: each rank keeps its slices), each
+    stream's place, and the bad records found before (each still counted once). -> the step to start from."""
+    runtime.load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"])
+    for k, s in streams.items():
+        if k in ckpt["data"]:
+            s.load_state_dict(ckpt["data"][k])
+    bad.load_state_dict(ckpt.get("bad_input", {}))
+    return ckpt["step"]
+
+
+def write_config(cfg, model_cfg, world, amp, device, accum, per_rank, sources):
+    """RUN/config.json: the run's train and model configs and what it ran on (rank 0)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump({"train": asdict(cfg), "model": asdict(model_cfg), "world_size": world, "amp": amp,
+                   "device": name, "accum_steps": accum, "per_rank_batch": per_rank, "data": sources}, f, indent=2)
+
+
+def append_record(out_dir, record):
+    """One record (Meter.record) appended to RUN/metrics.jsonl (rank 0)."""
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def atomic_save(obj, path):
     """torch.save to path.tmp, then rename: a crash never leaves a half-written file (finetune.py uses it too)."""
     torch.save(obj, path + ".tmp")

@@ -231,7 +231,7 @@ def compile_step(module, mode="default"):
     """torch.compile of a module whose forward computes every loss of a training step (train.py --compile): the
     encoders, the heads and the loss code become one graph (and AOTAutograd compiles its backward), so an eager
     step's thousands of small kernel launches become a few fused ones. The loss code is written with fixed shapes
-    and no host syncs (docs/METHOD.md §6.3), so with the fixed batch shapes of --compile (data.DataConfig.static) the
+    and no host syncs (docs/ENGINEERING.md), so with the fixed batch shapes of --compile (data.DataConfig.static) the
     graph has no breaks and compiles once. mode "reduce-overhead" also records the step as a CUDA graph (CUDA only):
     one launch replays the whole graph."""
     if mode not in COMPILE_MODES:
@@ -270,6 +270,20 @@ def shard(loss_model, model):
     fully_shard(loss_model)                  # the root: what is left; FSDP keeps its parameters whole until backward
     model.fsdp_scalars = scalars             # (for the checkpoint helpers below)
     return loss_model
+
+
+def wrap(loss_model, model, cfg, ddp, device, find_unused):
+    """The loss module as train.py's loop calls it: with --grad_ckpt each block recomputes its activations in the
+    backward (checkpoint_blocks); every block's position bias in one gather (stack_position_biases; not under FSDP,
+    where a block's table is whole only inside its forward); DDP or FSDP (distribute); with --compile the whole
+    loss module as one graph (compile_step: --compile pads texts to fixed lengths and picks the fast loss path,
+    which has fixed shapes and no host syncs, so it compiles once)."""
+    if cfg.grad_ckpt:
+        checkpoint_blocks(model)
+    if not (ddp and cfg.fsdp):
+        stack_position_biases(model)
+    loss_model = distribute(loss_model, model, ddp, cfg.fsdp, device, find_unused)
+    return compile_step(loss_model, cfg.compile_mode) if cfg.compile else loss_model
 
 
 def distribute(loss_model, model, ddp, fsdp, device, find_unused):

@@ -364,7 +364,7 @@ def test_masks_built_once_per_encoder_pass(batch, monkeypatch):
 
 
 def test_a_training_run_gathers_the_position_biases_at_once(batch, monkeypatch):
-    """train.setup_model gives a run's model the stacked position biases (runtime.stack_position_biases): one
+    """train.setup_model gives a run's model the stacked position biases (runtime.wrap, stack_position_biases): one
     gather per vision encoder pass, not one per block."""
     import train
     from lib import formats

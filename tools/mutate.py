@@ -495,7 +495,7 @@ CATALOGUE = [
         " for p in params if p.grad is not None])\n    torch.nn.utils.clip_grads_with_norm_(params, clip, grad_norm)\n",
         "under FSDP the clipping and the logged norm use the global norm, not this rank's slices",
         f"{TFS}::test_fsdp_run_equals_the_ddp_run", fast=False),
-    Bug("fsdp_stacked_bias", T, "    if not (ctx.ddp and cfg.fsdp):\n", "    if True:\n",
+    Bug("fsdp_stacked_bias", "lib/runtime.py", "    if not (ddp and cfg.fsdp):\n", "    if True:\n",
         "under FSDP each vision block gathers its own position bias inside its forward (where its table is whole)",
         f"{TFS}::test_fsdp_run_equals_the_ddp_run", fast=False),
     Bug("per_block_bias_dropped", M, "        if self.rel_pos is not None and mask is None:",
@@ -526,7 +526,7 @@ CATALOGUE = [
         "tables = torch.stack([rel_pos[0].table for m in rel_pos])",
         "every block's position bias, gathered at once, comes from its own table",
         "tests/test_fastpaths.py::test_masks_built_once_per_encoder_pass"),
-    Bug("stacked_biases_not_applied", T, "        runtime.stack_position_biases(model)\n", "        pass\n",
+    Bug("stacked_biases_not_applied", "lib/runtime.py", "        stack_position_biases(model)\n", "        pass\n",
         "a training run gathers every vision block's position bias at once (the fast path is applied)",
         "tests/test_fastpaths.py::test_a_training_run_gathers_the_position_biases_at_once"),
     Bug("mask_per_layer", M, "        for blk in self.blocks:\n            x = blk(x, mask, image=image",
@@ -546,7 +546,7 @@ CATALOGUE = [
     Bug("drop_path_unscaled", M, ".bernoulli_(1 - p).div_(1 - p)", ".bernoulli_(1 - p)",
         "drop path rescales the kept samples by 1/(1-p)",
         f"{TM}::test_drop_path_zeroes_whole_samples_and_rescales_the_rest"),
-    # --- fixed shapes, no host syncs (docs/METHOD.md §6.3): the same method as the plain version
+    # --- fixed shapes, no host syncs (docs/ENGINEERING.md): the same method as the plain version
     Bug("flava_pos_sync", F, "matched = matched | ~matched.any()", "matched = matched if matched.any() else torch.ones_like(matched)",
         "the loss code makes the host wait for nothing (no `if tensor`)",
         f"{TS}::test_a_step_makes_the_host_wait_for_nothing"),

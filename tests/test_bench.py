@@ -10,6 +10,7 @@ import torch
 
 import bench
 from lib import fast_losses as losses
+from lib.opcount import DispatchCounter
 
 
 @pytest.mark.parametrize("stop_grad", [True, False])
@@ -27,27 +28,27 @@ def test_analytic_flops_equal_torch_flop_counter(stop_grad):
 def test_dispatch_counter_counts_kernels_and_syncs():
     """Views are free, arithmetic counts, and each way of making a CUDA host wait counts once, at its line."""
     x = torch.randn(4, 6)
-    with bench.DispatchCounter() as views:
+    with DispatchCounter() as views:
         x.view(6, 4).t().unsqueeze(0)[:, :2]
     assert (views.ops, views.syncs) == (0, 0)
 
-    with bench.DispatchCounter() as arith:
+    with DispatchCounter() as arith:
         (x + 1) * 2
     assert (arith.ops, arith.syncs) == (2, 0)
 
     mask = x > 0
-    with bench.DispatchCounter() as c:
+    with DispatchCounter() as c:
         x.sum().item()                     # a Python number: sync
         c.line = inspect.currentframe().f_lineno - 1
     assert c.syncs == 1 and list(c.sync_sites) == [f"test_bench.py:{c.line}"]
-    with bench.DispatchCounter() as c:
+    with DispatchCounter() as c:
         x[mask]                            # boolean-mask indexing: the output size needs the data
     assert c.syncs == 1
-    with bench.DispatchCounter() as c:
+    with DispatchCounter() as c:
         if mask.any():                     # a tensor read as a bool
             pass
     assert c.syncs == 1
-    with bench.DispatchCounter() as c:
+    with DispatchCounter() as c:
         x[torch.tensor([0, 2])]            # integer indexing: the size is known, no sync
     assert c.syncs == 0
 
@@ -58,7 +59,7 @@ def test_itc_is_sync_free():
     torch.manual_seed(0)
     f_v = torch.nn.functional.normalize(torch.randn(8, 16, requires_grad=True), dim=-1)
     f_t = torch.nn.functional.normalize(torch.randn(8, 16, requires_grad=True), dim=-1)
-    with bench.DispatchCounter() as c:
+    with DispatchCounter() as c:
         loss = losses.itc_loss(f_v, f_t, torch.tensor(0.07))
         loss.backward()
     assert c.syncs == 0

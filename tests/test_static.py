@@ -4,7 +4,7 @@ torch.multinomial, data-dependent sizes, one fusion call per objective). These t
 
     - every loss and every gradient of the fast path equals the reference's, for X-FM and FLAVA, on data.py-shaped
       batches whose region part has empty caption slots, and on a batch where no row has a hard negative;
-    - a step of the fast path makes the host wait for nothing: bench's DispatchCounter sees 0 syncs in forward +
+    - a step of the fast path makes the host wait for nothing: lib/opcount's DispatchCounter sees 0 syncs in forward +
       backward, both recipes (the reference has dozens).
 
 The compiled step (0 graph breaks, 0 recompiles over 50 steps) is tests/test_train.py's
@@ -18,7 +18,7 @@ import torch
 import flava
 import losses
 from lib import fast_losses
-from bench_meters import DispatchCounter
+from lib.opcount import DispatchCounter
 from conftest import make_batch, tiny_config
 from model import XFM
 

@@ -67,34 +67,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import data  # noqa: E402
-import flava  # noqa: E402
-from lib import fast_losses as losses  # noqa: E402
 from lib import runtime  # noqa: E402
 import train  # noqa: E402
 from bench_data import bench_data  # noqa: E402  (section 4)
-from bench_hf import bench_hf  # noqa: E402  (section 3)
+from bench_hf import bench_hf, hf_table  # noqa: E402  (section 3)
 from bench_meters import (add_mfu, batch_shape, clear_dynamo_counters, count_dispatch, counted_flops,  # noqa: E402
                           dynamo_summary, flops_per_step, free, ms_between, peak_memory_mb, reset_peak_memory,
                           stamp, sync)
-from bench_meters import DispatchCounter  # noqa: E402,F401  (bench.DispatchCounter, as tests/test_bench.py uses it)
-from model import make_config  # noqa: E402
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Settings per preset and device
-
-# per-stream batch (pairs, images, texts; the region stream gets B // 2 images with 3 captions each, about what
-# the toy world gives): on the CPU the train.py default, on a GPU large enough to keep it busy
-DEFAULT_BATCH = {"cpu": {"tiny": 16, "small": 16, "base": 2}, "cuda": {"tiny": 128, "small": 64, "base": 32}}
-CAPTION_LEN = 30                                     # train.py --caption_len (official: 30)
-TEXT_LEN = {"tiny": 64, "small": 64, "base": 128}    # train.py --text_len; base: the official 128
-VOCAB = {"tiny": 2000, "small": 2000}                # the toy BPE (train.py --vocab_size); base keeps RoBERTa's 50265
-CAPTIONS_PER_REGION_IMAGE = 3
-
-
-def region_images(B):
-    """Images of the synthetic region batch: B // 2, at least 2 so that every caption has a negative."""
-    return max(2, B // 2)
+from bench_meters import (CAPTION_LEN, CAPTIONS_PER_REGION_IMAGE, DEFAULT_BATCH, RECIPES, TEXT_LEN,  # noqa: E402
+                          build, fmt, md_table, pct, region_images)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -162,20 +143,6 @@ def batch_counts(batch, cfg):
 
 # recipe -> (config of a preset, loss function(model, batch) -> {name: loss}); flava.build_model builds either
 # the fast path of each recipe's losses (lib/fast_losses.py): what a GPU step runs
-RECIPES = {"xfm": (make_config, losses.xfm_losses),
-           "flava": (flava.make_flava_config, lambda model, batch: flava.flava_losses(model, batch, fast=True))}
-
-
-def build(recipe, preset, **over):
-    """(model config, model, loss function) of a recipe at a preset."""
-    if preset in VOCAB:
-        over.setdefault("vocab_size", VOCAB[preset])
-    over.setdefault("max_text_len", max(CAPTION_LEN, TEXT_LEN[preset]))
-    make, loss_fn = RECIPES[recipe]
-    cfg = make(preset, **over)
-    return cfg, flava.build_model(cfg), loss_fn
-
-
 # ---------------------------------------------------------------------------------------------------------
 # 1 + 2: the training step
 
@@ -275,28 +242,6 @@ def bench_step(recipe, preset, device, B, dtype="fp32", attn="sdpa", compile="of
 # Report
 
 
-def fmt(v, digits=1):
-    if v is None:
-        return "n/a"
-    if isinstance(v, bool):
-        return "on" if v else "off"
-    if v == 0:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.2g}" if abs(v) < 10 ** -digits else f"{v:,.{digits}f}"
-    return str(v)
-
-
-def pct(v):
-    return f"{100 * v:.1f} %" if v is not None else "n/a"
-
-
-def md_table(headers, rows):
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def step_table(rows):
     headers = ["config", "recipe", "params", "batch (pair/region img/image/text)", "step ms", "fwd ms", "bwd ms",
                "opt ms", "samples/s", "tokens/s", "peak mem MB", "GFLOP/step analytic", "GFLOP/step counted",
@@ -338,12 +283,6 @@ def variant_table(rows, baselines):
                     fmt(r["samples_per_s"]), fmt(r["peak_mem_mb"], 0), pct(r.get("mfu")), fmt(r["warmup_s"]),
                     f"{r['loss']:.4f}"])
     return md_table(headers, out)
-
-
-def hf_table(rows):
-    headers = ["config", "encoder", "input", "dtype", "ours fwd+bwd ms", "HF fwd+bwd ms", "ours / HF", "HF attention"]
-    return md_table(headers, [[r["config"], r["part"], r["input"], r["dtype"], fmt(r["ours_ms"]), fmt(r["hf_ms"]),
-                               f"{r['ratio']:.2f}", r["hf_attn"]] for r in rows])
 
 
 def data_table(rows):

@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from lib import runtime  # noqa: E402
-from bench_meters import sync  # noqa: E402
+from bench_meters import DEFAULT_BATCH, TEXT_LEN, build, fmt, md_table, sync  # noqa: E402
 from model import TextEncoder, VisionEncoder  # noqa: E402
 
 
@@ -81,8 +81,13 @@ def bench_hf(cfg, preset, device, B, T, dtype, iters, warmup):
     return rows
 
 
+def hf_table(rows):
+    headers = ["config", "encoder", "input", "dtype", "ours fwd+bwd ms", "HF fwd+bwd ms", "ours / HF", "HF attention"]
+    return md_table(headers, [[r["config"], r["part"], r["input"], r["dtype"], fmt(r["ours_ms"]), fmt(r["hf_ms"]),
+                               f"{r['ratio']:.2f}", r["hf_attn"]] for r in rows])
+
+
 if __name__ == "__main__":
-    import bench  # noqa: E402  (its presets, batch sizes and table; bench imports this file, not the reverse)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="tiny,small", help="model presets, comma-separated")
     p.add_argument("--attn_impl", default=None, help="our attention path (default: XFMConfig's)")
@@ -93,6 +98,6 @@ if __name__ == "__main__":
     dtype = runtime.amp_setup("auto", device)[2]
     over = {"attn_impl": args.attn_impl} if args.attn_impl else {}
     rows = [r for c in args.configs.split(",") for r in bench_hf(
-        bench.build("xfm", c, **over)[0], c, device, bench.DEFAULT_BATCH[device.type][c], bench.TEXT_LEN[c], dtype,
+        build("xfm", c, **over)[0], c, device, DEFAULT_BATCH[device.type][c], TEXT_LEN[c], dtype,
         args.iters, args.warmup)]
-    print(bench.hf_table(rows))
+    print(hf_table(rows))

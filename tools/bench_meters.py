@@ -9,7 +9,11 @@ import time
 import traceback
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+import flava
+from lib import fast_losses
+from lib.opcount import DispatchCounter
+from model import make_config
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -220,43 +224,6 @@ def counted_flops(model, loss_fn, batch):
 # Host work: aten ops and host syncs
 
 
-# Ops that make the host wait for the GPU on CUDA: a tensor read as a Python number or bool (.item(), `if t.any()`)
-# and ops whose output size depends on the data (nonzero, boolean-mask indexing, masked_select).
-HOST_SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2"}
-NO_KERNEL_OPS = {"_unsafe_view", "_reshape_alias", "lift_fresh", "empty", "empty_like", "empty_strided"}
-
-
-class DispatchCounter(TorchDispatchMode):
-    """Counts the aten ops that one region of code dispatches: `ops`, those that may launch a kernel (views and
-    bare allocations excluded), and `syncs`, those that block the host until the GPU catches up (HOST_SYNC_OPS
-    and indexing with a boolean mask), with the source line of each sync in `sync_sites` (file:line -> count).
-
-    Why count: an eager step pays a roughly fixed host cost per op (Python, dispatcher, kernel launch). When
-    step time / ops is about that cost, the host is the bottleneck and the GPU waits, whatever its speed."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops, self.syncs, self.sync_sites = 0, 0, {}
-        self.depth, self.encoder_ops = 0, 0          # count_dispatch's hooks: ops inside an encoder's forward
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if not func.is_view and name not in NO_KERNEL_OPS:
-            self.ops += 1
-            self.encoder_ops += self.depth > 0
-        indices = args[1] if name in ("index", "index_put", "index_put_") and len(args) > 1 else ()
-        bool_mask = any(torch.is_tensor(t) and t.dtype == torch.bool for t in indices)
-        if name in HOST_SYNC_OPS or bool_mask:
-            self.syncs += 1
-            # the innermost caller outside torch; this file itself there means the autograd engine's backward
-            frame = next(f for f in reversed(traceback.extract_stack()[:-1])
-                         if f"{os.sep}torch{os.sep}" not in f.filename)
-            in_bench = os.path.abspath(frame.filename) == os.path.abspath(__file__)
-            site = "backward" if in_bench else f"{os.path.basename(frame.filename)}:{frame.lineno}"
-            self.sync_sites[site] = self.sync_sites.get(site, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
 def count_dispatch(model, loss_fn, batch, autocast):
     """One forward (under the step's autocast) and backward of every loss, counted by a DispatchCounter. The
     optimizer is left out: on CUDA it is one fused AdamW, a handful of kernels and no sync. Also sets
@@ -317,3 +284,60 @@ def dynamo_summary(frames_first_step=None):
 def clear_dynamo_counters():
     torch._dynamo.utils.counters.clear()
     getattr(torch._dynamo.utils, "graph_break_reasons", []).clear()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Settings per preset and device, and the models they build
+
+# per-stream batch (pairs, images, texts; the region stream gets B // 2 images with 3 captions each, about what
+# the toy world gives): on the CPU the train.py default, on a GPU large enough to keep it busy
+DEFAULT_BATCH = {"cpu": {"tiny": 16, "small": 16, "base": 2}, "cuda": {"tiny": 128, "small": 64, "base": 32}}
+CAPTION_LEN = 30                                     # train.py --caption_len (official: 30)
+TEXT_LEN = {"tiny": 64, "small": 64, "base": 128}    # train.py --text_len; base: the official 128
+VOCAB = {"tiny": 2000, "small": 2000}                # the toy BPE (train.py --vocab_size); base keeps RoBERTa's 50265
+CAPTIONS_PER_REGION_IMAGE = 3
+
+
+def region_images(B):
+    """Images of the synthetic region batch: B // 2, at least 2 so that every caption has a negative."""
+    return max(2, B // 2)
+
+
+RECIPES = {"xfm": (make_config, fast_losses.xfm_losses),
+           "flava": (flava.make_flava_config, lambda model, batch: flava.flava_losses(model, batch, fast=True))}
+
+
+def build(recipe, preset, **over):
+    """(model config, model, loss function) of a recipe at a preset."""
+    if preset in VOCAB:
+        over.setdefault("vocab_size", VOCAB[preset])
+    over.setdefault("max_text_len", max(CAPTION_LEN, TEXT_LEN[preset]))
+    make, loss_fn = RECIPES[recipe]
+    cfg = make(preset, **over)
+    return cfg, flava.build_model(cfg), loss_fn
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report tables
+
+
+def fmt(v, digits=1):
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if v == 0:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.2g}" if abs(v) < 10 ** -digits else f"{v:,.{digits}f}"
+    return str(v)
+
+
+def pct(v):
+    return f"{100 * v:.1f} %" if v is not None else "n/a"
+
+
+def md_table(headers, rows):
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)

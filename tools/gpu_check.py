@@ -15,7 +15,7 @@ What it measures, most important first:
      training step on a fixed synthetic batch of every data kind (tools/bench.py's bench_step: the forward of
      every loss, backward of their sum, clipping, fused AdamW) in each mode of --modes:
        eager    no compile; also the aten ops one step dispatches, µs per op and the host syncs with their
-                source lines (bench_meters.DispatchCounter)
+                source lines (lib/opcount.DispatchCounter)
        step     the step's loss module (train.LossModel) compiled with runtime.compile_step, mode "default"
        graphs   the same in mode "reduce-overhead": the step replayed as CUDA graphs
      Columns: median step ms, samples/s, peak memory (torch.cuda.max_memory_allocated), TFLOP/s and MFU (FLOPs

@@ -183,7 +183,7 @@ def parse_args(argv):
 
 
 # -------------------------------------------------------------------------------------------------
-# Optimizer, batch sizes, schedule, one update
+# Optimizer, schedule, one update (the batches of an update over the ranks: lib/runtime.py)
 
 
 def param_groups(model, weight_decay, lr_mult):
@@ -206,28 +206,6 @@ def param_groups(model, weight_decay, lr_mult):
     named = [n for g in groups.values() for n in g["names"]]
     assert len(named) == len(set(named)) == len([p for p in model.parameters() if p.requires_grad])
     return [{k: v for k, v in g.items() if k != "names"} for g in groups.values()]
-
-
-def batch_plan(cfg, world):
-    """Global batch per stream -> (per-rank micro batch, accumulation steps, {stream: per-rank
-    batch}), exact: batch_size = micro x accum x world, and the text and region batches split over
-    the same accum x world."""
-    micro = cfg.micro_batch_size or cfg.batch_size // world
-    if micro < 1:
-        raise SystemExit(f"error: batch_size {cfg.batch_size} is smaller than the world size "
-                         f"{world}")
-    accum = cfg.batch_size // (micro * world)
-    text_global = cfg.text_batch_size or cfg.batch_size
-    region_global = cfg.region_batch_size or max(cfg.batch_size // 2, accum * world)
-    split = accum * world
-    exact = accum >= 1 and accum * micro * world == cfg.batch_size
-    if not exact or text_global % split or region_global % split:
-        raise SystemExit(f"error: batch_size {cfg.batch_size} (text {text_global}, region "
-                         f"{region_global}) must be a multiple of micro_batch_size {micro} x "
-                         f"world_size {world}")
-    per_rank = {"pair": micro, "region": region_global // split, "image": micro,
-                "text": text_global // split}
-    return micro, accum, per_rank
 
 
 def get_lr(step, lr, warmup_steps, max_steps):
@@ -402,30 +380,6 @@ def setup_model(cfg, ctx, model_cfg, streams):
 
 
 # -------------------------------------------------------------------------------------------------
-# Pieces of the loop: the batches of an update, a non-finite update (the log: lib/runlog.py)
-
-
-def next_batches(streams, kinds, accum, device, meter):
-    """An update's `accum` micro-batches {kind: batch}, each fetched when forward_backward reaches
-    it (so only one is on the device at a time); the samples are counted for the log."""
-    for _ in range(accum):
-        batch = {k: next(streams[k]) for k in kinds}  # (a stream counts unreadable images in `bad`)
-        # counted on the host copy: images, texts, or a region batch's filled caption slots
-        meter.samples += sum(len(b["image"]) if k == "image" else int(b["filled"].sum())
-                             if "filled" in b else len(b["ids"]) for k, b in batch.items())
-        yield {k: runtime.to_device(b, device) for k, b in batch.items()}
-
-
-def nonfinite_everywhere(loss, ddp):
-    """Every rank must agree whether to step: a non-finite loss on any rank skips the update on all
-    of them."""
-    flag = (~torch.isfinite(loss)).float()
-    if ddp:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() > 0
-
-
-# -------------------------------------------------------------------------------------------------
 # Main and the training loop
 
 
@@ -468,7 +422,7 @@ def train(cfg, ckpt, ddp, rank, world, device, held):
     print0 = lambda *a: print(*a, flush=True) if master else None      # noqa: E731
     # bad sizes, --amp, --keep_last and --export fail before any work
     autocast, scaler, amp = runtime.amp_setup(cfg.amp, device, cfg.fsdp and ddp)
-    micro, accum, per_rank = batch_plan(cfg, world)
+    micro, accum, per_rank = runtime.batch_plan(cfg, world)
     if cfg.keep_last < 0:
         raise SystemExit(f"error: --keep_last is a number of checkpoints to keep (0: ckpt.pt "
                          f"alone), not {cfg.keep_last}")
@@ -527,11 +481,11 @@ def train(cfg, ckpt, ddp, rank, world, device, held):
         else:                                            # X-FM: XFM_UPDATES
             updates = xfm_updates(cfg, streams)
         for kinds in updates:
-            micro_batches = next_batches(streams, kinds, accum, device, meter)
+            micro_batches = runtime.next_batches(streams, kinds, accum, device, meter)
             update_loss, logs = forward_backward(loss_model, micro_batches, accum, ddp, autocast,
                                                  scaler)
             meter.add(logs)
-            if nonfinite_everywhere(update_loss, ddp):
+            if runtime.nonfinite_everywhere(update_loss, ddp):
                 optimizer.zero_grad(set_to_none=True)
                 bad_streak, skipped = bad_streak + 1, skipped + 1
                 print0(f"warning: non-finite loss at step {step} ({'+'.join(kinds)}): update "

@@ -129,6 +129,57 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The batches of an update over the ranks (train.py): the global batch split into micro-batches, the
+# micro-batches fetched one at a time, and every rank's agreement on skipping a non-finite update
+
+
+def batch_plan(cfg, world):
+    """Global batch per stream -> (per-rank micro batch, accumulation steps, {stream: per-rank
+    batch}), exact: batch_size = micro x accum x world, and the text and region batches split over
+    the same accum x world."""
+    micro = cfg.micro_batch_size or cfg.batch_size // world
+    if micro < 1:
+        raise SystemExit(f"error: batch_size {cfg.batch_size} is smaller than the world size "
+                         f"{world}")
+    accum = cfg.batch_size // (micro * world)
+    text_global = cfg.text_batch_size or cfg.batch_size
+    region_global = cfg.region_batch_size or max(cfg.batch_size // 2, accum * world)
+    split = accum * world
+    exact = accum >= 1 and accum * micro * world == cfg.batch_size
+    if not exact or text_global % split or region_global % split:
+        raise SystemExit(f"error: batch_size {cfg.batch_size} (text {text_global}, region "
+                         f"{region_global}) must be a multiple of micro_batch_size {micro} x "
+                         f"world_size {world}")
+    per_rank = {"pair": micro, "region": region_global // split, "image": micro,
+                "text": text_global // split}
+    return micro, accum, per_rank
+
+
+def next_batches(streams, kinds, accum, device, meter):
+    """An update's `accum` micro-batches {kind: batch}, each fetched when forward_backward reaches
+    it (so only one is on the device at a time); the samples are counted for the log."""
+    for _ in range(accum):
+        batch = {k: next(streams[k]) for k in kinds}  # (a stream counts unreadable images in `bad`)
+        # counted on the host copy: images, texts, or a region batch's filled caption slots
+        meter.samples += sum(len(b["image"]) if k == "image" else int(b["filled"].sum())
+                             if "filled" in b else len(b["ids"]) for k, b in batch.items())
+        yield {k: to_device(b, device) for k, b in batch.items()}
+
+
+def nonfinite_everywhere(loss, ddp):
+    """Every rank must agree whether to step: a non-finite loss on any rank skips the update on all
+    of them."""
+    flag = (~torch.isfinite(loss)).float()
+    if ddp:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Random state
+
+
 def rng_state():
     """Every random generator's state, in types the safe loader reads (numpy's key array as a tensor)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()

@@ -16,6 +16,7 @@ import pytest
 
 import curves
 from lib import tokenizer
+from lib import runtime
 import train
 from lib import toyworld
 from model import make_config
@@ -61,7 +62,7 @@ def test_region_chance_is_ln_of_the_filled_caption_slots(toy, tmp_path):
     run = tmp_path / "run"
     tokenizer.get_tokenizer(toy, str(run), cfg.vocab_size)
     (run / "metrics.jsonl").write_text("")
-    config = {"train": dataclasses.asdict(cfg), "world_size": 1, "per_rank_batch": train.batch_plan(cfg, 1)[2],
+    config = {"train": dataclasses.asdict(cfg), "world_size": 1, "per_rank_batch": runtime.batch_plan(cfg, 1)[2],
               "model": dataclasses.asdict(make_config(cfg.config))}
     (run / "config.json").write_text(json.dumps(config))
     ref = json.load(open(os.path.join(ROOT, "reference", "xfm_toy_short.json")))

@@ -25,7 +25,7 @@ def bench_data(device, out_dir, n_batches, step_s, eats):
     toyworld.build_if_missing(tc.data_dir)
     tok = tokenizer.get_tokenizer(tc.data_dir, out_dir, tc.vocab_size, tc.tokenizer or None)
     mcfg = make_config(tc.config)
-    per_rank = train.batch_plan(tc, 1)[2]                               # train.py's per-rank batches, one process
+    per_rank = runtime.batch_plan(tc, 1)[2]                               # train.py's per-rank batches, one process
     rows, one_batch = [], {}
     for workers in (0, 2):
         for kind in data.KINDS:

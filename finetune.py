@@ -74,7 +74,7 @@ from lib import toyworld
 from lib import transforms
 import train
 from lib import runtime
-from model import build_mlp, resize_rel_pos
+from model import build_mlp
 
 # ---------------------------------------------------------------------------------------------------------
 # Config, and Env: what every task reads besides it
@@ -296,7 +296,7 @@ def build_model(cfg, env, head, loss_fn, frozen=False):
     if head is None:  # attention maps from a fine-tuned model: its head is not needed
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
     for k in [k for k in state if k.endswith("rel_pos.table")]:  # another image size: interpolate every table
-        state[k] = resize_rel_pos(state[k], env.mcfg.grid, mcfg.grid)
+        state[k] = pretrained.resize_rel_pos(state[k], env.mcfg.grid, mcfg.grid)
     for k in [k for k in state if k.endswith("vision.pos_embed")]:  # FLAVA's absolute image positions
         state[k] = flava.resize_pos_embed(state[k], mcfg.grid)
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -118,28 +118,6 @@ class RelativePositionBias(nn.Module):
         return self.table[self.index].permute(2, 0, 1).contiguous()      # (N, N, nh) -> (nh, N, N)
 
 
-def resize_rel_pos(table, old_grid, new_grid):
-    """A relative position bias table for a new patch grid (fine-tuning at another image size,
-    docs/METHOD.md §7.4).
-
-    table ((2g-1)^2 + 3, nh) -> ((2g'-1)^2 + 3, nh). The (2g-1) x (2g-1) map of offsets (dy, dx) is
-    resized bicubically with align_corners=True, so the zero offset stays at the centre and the
-    largest offsets at the corners; the 3 CLS entries are kept as they are. (BEiT samples the old
-    map at geometrically spaced points with scipy's cubic interpolation; a plain bicubic resize is
-    our choice: no scipy.) Same grid: a copy.
-    """
-    if old_grid == new_grid:
-        return table.clone()
-    n_old, n_new, heads = 2 * old_grid - 1, 2 * new_grid - 1, table.shape[1]
-    assert table.shape[0] == n_old ** 2 + 3, \
-        f"table has {table.shape[0]} rows, not (2*{old_grid}-1)^2 + 3"
-    grid = table[:-3].float().t().reshape(1, heads, n_old, n_old)  # (1, nh, 2g-1, 2g-1) offset map
-    grid = F.interpolate(grid, size=(n_new, n_new), mode="bicubic", align_corners=True)
-    # ((2g'-1)^2, nh), row-major as the index
-    grid = grid.reshape(heads, n_new * n_new).t().to(table.dtype)
-    return torch.cat([grid, table[-3:]], dim=0)              # + cls->token, token->cls, cls->cls
-
-
 def additive_mask(key_mask):
     """key_mask (B, S), nonzero for keys that may be attended to (0 = padding / outside a region) ->
     the additive mask (B, 1, 1, S): 0 there, -inf elsewhere. An encoder builds it once per pass and

@@ -42,7 +42,7 @@ Exactness (checked against transformers in tests/test_pretrained.py, every layer
 - RoBERTa adds token_type_embeddings[0] to every token; we fold that row into every position embedding row.
 - BEiT's relative position index is the same as model.RelativePositionBias's (row-major (dy, dx) offsets, then
   cls->token, token->cls, cls->cls), so tables are copied row for row. A shared table is copied to every block.
-- Another image size: tables are resized with model.resize_rel_pos (bicubic). The official code samples the
+- Another image size: tables are resized with resize_rel_pos (bicubic). The official code samples the
   old table at geometrically spaced points with scipy's cubic interpolation: close, not bit-identical.
 - A BEiT pre-training checkpoint has no fc_norm (it was trained with a final `norm` instead, which mean
   pooling replaces): fc_norm stays at its init (ones, zeros), as in the official X-FM code.
@@ -56,10 +56,11 @@ import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
+import torch.nn.functional as F
 
 import flava
 from lib import formats
-from model import XFM, XFMConfig, make_config, resize_rel_pos
+from model import XFM, XFMConfig, make_config
 
 # ---------------------------------------------------------------------------------------------------------
 # Reading checkpoint files
@@ -608,6 +609,28 @@ def load_text(model, path):
 
 def _is_hf_beit(src):
     return any(k.startswith("embeddings.patch_embeddings") for k in src)
+
+
+def resize_rel_pos(table, old_grid, new_grid):
+    """A relative position bias table for a new patch grid (fine-tuning at another image size,
+    docs/METHOD.md §7.4).
+
+    table ((2g-1)^2 + 3, nh) -> ((2g'-1)^2 + 3, nh). The (2g-1) x (2g-1) map of offsets (dy, dx) is
+    resized bicubically with align_corners=True, so the zero offset stays at the centre and the
+    largest offsets at the corners; the 3 CLS entries are kept as they are. (BEiT samples the old
+    map at geometrically spaced points with scipy's cubic interpolation; a plain bicubic resize is
+    our choice: no scipy.) Same grid: a copy.
+    """
+    if old_grid == new_grid:
+        return table.clone()
+    n_old, n_new, heads = 2 * old_grid - 1, 2 * new_grid - 1, table.shape[1]
+    assert table.shape[0] == n_old ** 2 + 3, \
+        f"table has {table.shape[0]} rows, not (2*{old_grid}-1)^2 + 3"
+    grid = table[:-3].float().t().reshape(1, heads, n_old, n_old)  # (1, nh, 2g-1, 2g-1) offset map
+    grid = F.interpolate(grid, size=(n_new, n_new), mode="bicubic", align_corners=True)
+    # ((2g'-1)^2, nh), row-major as the index
+    grid = grid.reshape(heads, n_new * n_new).t().to(table.dtype)
+    return torch.cat([grid, table[-3:]], dim=0)              # + cls->token, token->cls, cls->cls
 
 
 def load_vision(model, path):

@@ -17,7 +17,8 @@ import finetune
 import losses
 import train
 from conftest import tiny_config
-from model import XFM, build_mlp, resize_rel_pos
+from model import XFM, build_mlp
+from lib.pretrained import resize_rel_pos
 from lib import toyworld
 from lib import retrieval
 from lib import pictures

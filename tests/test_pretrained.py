@@ -14,7 +14,8 @@ load_file = pytest.importorskip("safetensors.torch").load_file  # installed with
 from lib import runlog  # noqa: E402
 from lib import pretrained  # noqa: E402
 from conftest import tiny_config  # noqa: E402
-from model import XFM, resize_rel_pos  # noqa: E402
+from model import XFM  # noqa: E402
+from lib.pretrained import resize_rel_pos  # noqa: E402
 from lib import toyworld
 
 TOL = 1e-5
@@ -213,7 +214,7 @@ def test_beit_official_pth_parity(beit, tmp_path, shared):
 def test_beit_second_image_size(beit, tmp_path):
     """Our encoder at 48 px (grid 6) loaded from the 32 px (grid 4) checkpoint equals an HF BEiT built natively at
     48 px whose tables were set to the same resized tables: this checks the loading path at a new size (the
-    resize itself is model.resize_rel_pos, bicubic; the official code uses a geometric scipy interpolation)."""
+    resize itself is pretrained.resize_rel_pos, bicubic; the official code uses a geometric scipy interpolation)."""
     folder = save_folder(beit, str(tmp_path / "beit"), "safetensors")
     path = str(tmp_path / "beitv2.pth")
     torch.save({"model": hf_to_official(disk_state(beit, str(tmp_path / "hf")))}, path)

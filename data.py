@@ -32,12 +32,9 @@ Every sample draws its randomness from np.random.default_rng([seed, stream, epoc
 batches do not depend on the number of DataLoader workers and a resumed run continues the exact same
 sequence.
 
-Augmentation: random resized crop (scale `crop_scale`) + optional horizontal flip + bicubic resize +
-CLIP normalisation; no RandAugment (our choice). The toy world's captions name positions and
-left/right relations, so for it pass hflip=False (a flip would make "left of" false) and a mild
-crop_scale such as (0.8, 1.0), or (1.0, 1.0) for no crop at all: a crop moves shapes, so "at the
-top" can become false. crop_scale[0] is also the smallest area (fraction of the image) of the
-box-preserving crop of the region stream.
+Augmentation (random resized crop, flip, CLIP normalisation) and what the toy world needs of it:
+lib/transforms.py. crop_scale[0] is also the smallest area (fraction of the image) of the region
+stream's box-preserving crop.
 """
 import math
 from dataclasses import dataclass

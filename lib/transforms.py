@@ -3,6 +3,12 @@ Image transforms in Pillow and numpy (no torchvision): CLIP normalisation, torch
 resized crop with an optional flip, and the plain resize of evaluation and fine-tuning. data.py's
 datasets, finetune.py's tasks and lib/retrieval.py use them.
 
+Pre-training's augmentation: random resized crop (scale data.DataConfig.crop_scale) + optional horizontal
+flip + bicubic resize + CLIP normalisation; no RandAugment (our choice). The toy world's captions name
+positions and left/right relations, so for it pass hflip=False (a flip would make "left of" false) and a
+mild crop_scale such as (0.8, 1.0), or (1.0, 1.0) for no crop at all: a crop moves shapes, so "at the
+top" can become false.
+
     python -m pytest tests/test_data.py -q -k "crop or transform"
 """
 import math

@@ -276,8 +276,7 @@ class LossModel(nn.Module):
         stats = {}
         if self.recipe == "flava":
             return flava.flava_losses(self.model, batch, stats=stats, fast=self.fast), stats
-        # the reference (losses.py) or the fast path (lib/fast_losses.py): the same losses and
-        # gradients
+        # the reference (losses.py) or the fast path (lib/fast_losses.py): equal losses, gradients
         step_losses = fast_losses.xfm_losses if self.fast else xfm_losses
         return step_losses(self.model, batch, stop_grad=self.stop_grad, stats=stats), stats
 
@@ -310,13 +309,6 @@ def data_kinds(cfg):
     if cfg.recipe == "flava":
         return flava.DATA_KINDS
     return ("text", "pair", "region") + (("image",) if cfg.mim_target != "off" else ())
-
-
-def describe(cfg):
-    if cfg.recipe == "flava":
-        return f"FLAVA {cfg.config} | data kinds per update {cfg.flava_ratios}"
-    return (f"X-FM {cfg.config} | stop_grad {cfg.stop_grad} | mim_target {cfg.mim_target} | "
-            f"schedule {cfg.schedule}")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -374,9 +366,8 @@ def setup_model(cfg, ctx, model_cfg, streams):
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr_mult), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), eps=1e-8,
                                   fused=ctx.device.type == "cuda")
-    if ctx.ckpt is None:
-        return model, loss_model, optimizer, 0
-    return model, loss_model, optimizer, runlog.restore(ctx.ckpt, model, optimizer, streams, ctx.bad)
+    start = 0 if ctx.ckpt is None else runlog.restore(ctx.ckpt, model, optimizer, streams, ctx.bad)
+    return model, loss_model, optimizer, start
 
 
 # -------------------------------------------------------------------------------------------------
@@ -456,7 +447,10 @@ def train(cfg, ckpt, ddp, rank, world, device, held):
         runtime.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
     if master:
         runlog.write_config(cfg, model_cfg, world, amp, device, accum, per_rank, sources)
-    print0(f"{describe(cfg)}: {model.num_params() / 1e6:.2f}M parameters | device {device} "
+    recipe = (f"FLAVA {cfg.config} | data kinds per update {cfg.flava_ratios}"
+              if cfg.recipe == "flava" else f"X-FM {cfg.config} | stop_grad {cfg.stop_grad} | "
+              f"mim_target {cfg.mim_target} | schedule {cfg.schedule}")
+    print0(f"{recipe}: {model.num_params() / 1e6:.2f}M parameters | device {device} "
            f"x{world} | amp {amp} | streams {sorted(streams)} | per-rank batch {per_rank} "
            f"x{accum} accum")
 

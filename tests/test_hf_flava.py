@@ -169,3 +169,16 @@ def test_finetune_runs_from_the_converted_folder(converted, tmp_path):
     zero = finetune.main(["--task", "retrieval", "--epochs=0", "--out_dir", str(tmp_path / "ret"), *common])
     vqa = finetune.main(["--task", "vqa", "--epochs=1", "--out_dir", str(tmp_path / "vqa"), *common])
     assert 0 <= zero["value"] <= 100 and all(math.isfinite(x) for x in vqa["train_loss"])
+
+
+def test_a_flava_model_folder_converts_with_the_heads_at_their_init(hf_model, converted, tmp_path):
+    """FlavaModel (no pre-training heads): the encoders load, only the heads are missing."""
+    folder = str(tmp_path / "flava_model")
+    hf_model.flava.save_pretrained(folder)
+    (tmp_path / "flava_model" / "tokenizer.json").write_bytes(
+        open(os.path.join(converted["hf_dir"], "tokenizer.json"), "rb").read())
+    rep = pretrained.convert_flava(folder, str(tmp_path / "out"), max_text_len=16)
+    assert rep.missing and all(k.startswith(pretrained.FLAVA_PRETRAINING_ONLY) for k in rep.missing)
+    state = pretrained.read_export(str(tmp_path / "out"))["model"]
+    ours = converted["model"].state_dict()
+    assert all(torch.equal(state[k], ours[k]) for k in ours if not k.startswith(pretrained.FLAVA_PRETRAINING_ONLY))

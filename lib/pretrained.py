@@ -905,6 +905,8 @@ def convert_flava(hf_dir, out_dir, max_text_len=0):
     """A Hugging Face FLAVA folder (config.json, model.safetensors or pytorch_model.bin, tokenizer.json) -> the
     export folder out_dir (config.json, model.safetensors, tokenizer.json) that finetune.py --init reads. The
     image tokenizer's codebook stays zeros: the DALL-E codebook has no counterpart here. -> LoadReport."""
+    if not os.path.isdir(hf_dir):
+        raise SystemExit(f"error: {hf_dir}: no such folder (a Hugging Face FLAVA folder is expected)")
     if not os.path.isfile(tokenizer_path(hf_dir)):
         raise SystemExit(f"error: {hf_dir}: no tokenizer.json (transformers' AutoTokenizer.from_pretrained(DIR)"
                          f".save_pretrained(DIR) writes one)")

@@ -47,6 +47,7 @@ Exactness (checked against transformers in tests/test_pretrained.py, every layer
 - A BEiT pre-training checkpoint has no fc_norm (it was trained with a final `norm` instead, which mean
   pooling replaces): fc_norm stays at its init (ones, zeros), as in the official X-FM code.
 """
+import argparse
 import json
 import math
 import os
@@ -59,6 +60,7 @@ import torch
 
 import flava
 from lib import formats
+from lib.tokenizer import Tokenizer
 from model import XFM, XFMConfig, make_config, resize_rel_pos
 
 # ---------------------------------------------------------------------------------------------------------
@@ -752,3 +754,186 @@ def from_pretrained_encoders(cfg, tok, master):
             if master:
                 print(rep, flush=True)
     return {"model": model.state_dict(), "model_config": asdict(mcfg), "step": 0}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face FLAVA: a FlavaForPreTraining or FlavaModel folder -> flava.FLAVA, written as an export folder
+#     python -m lib.pretrained convert-flava flava-full/ --out runs/flava_full   # then finetune.py --init DIR
+# Every tensor is placed one to one (q, k, v concatenated into qkv); checked against transformers in
+# tests/test_hf_flava.py, every stage within 1e-5 in fp32:
+# - Hugging Face adds token_type_embeddings[0] to every token; that row is folded into every position row;
+# - its position table has max_position_embeddings rows from 0; a shorter max_text_len keeps the first rows;
+# - its MLM / MIM / MMM heads' LayerNorm eps is the config's layer_norm_eps (FLAVAConfig.head_ln_eps);
+# - its ITM head is a pooler (dense, tanh) and a linear layer: flava.FLAVA's itm_head, Linear-Tanh-Linear;
+# - each head's decoder has a bias that is the same tensor as the head's `bias` (tied in transformers);
+# - unused: the three encoders' poolers (FLAVA's features are final-LN CLS states) and the DALL-E image
+#   codebook (no counterpart: flava.PatchTokenizer's k-means codebook makes the MIM targets here).
+
+FLAVA_HEADS = ("mlm_head", "mim_head", "mmm_text_head", "mmm_image_head")
+
+
+def FLAVA_HF_MAP(cfg):
+    """Hugging Face FLAVA (keys without the `flava.` prefix) -> flava.FLAVA."""
+    emb = "text_model.embeddings"
+    m = {"text.word_embed.weight": f"{emb}.word_embeddings.weight",
+         "text.pos_embed.weight": f"{emb}.position_embeddings.weight",       # + token-type row 0 (load_flava)
+         **_wb("text.embed_norm", f"{emb}.LayerNorm"), **_wb("text.norm", "text_model.layernorm"),
+         **_wb("vision.patch_embed", "image_model.embeddings.patch_embeddings.projection"),
+         "vision.cls_token": "image_model.embeddings.cls_token",
+         "vision.mask_token": "image_model.embeddings.mask_token",
+         "vision.pos_embed": "image_model.embeddings.position_embeddings",
+         **_wb("vision.norm", "image_model.layernorm"),
+         **_wb("fusion.image_to_mm", "image_to_mm_projection"), **_wb("fusion.text_to_mm", "text_to_mm_projection"),
+         "fusion.cls_token": "multimodal_model.cls_token", **_wb("fusion.norm", "multimodal_model.layernorm"),
+         **_wb("text_proj", "text_projection"), **_wb("vision_proj", "image_projection"),
+         "logit_scale": "logit_scale",
+         **_wb("itm_head.0", "itm_head.pooler.dense"), **_wb("itm_head.2", "itm_head.seq_relationship")}
+    for head in FLAVA_HEADS:
+        m |= _wb(f"{head}.dense", f"{head}.transform.dense") | _wb(f"{head}.norm", f"{head}.transform.LayerNorm")
+        m |= {f"{head}.decoder.weight": f"{head}.decoder.weight", f"{head}.bias": f"{head}.decoder.bias"}
+    for ours, theirs, layers in (("text", "text_model", cfg.text_layers), ("vision", "image_model", cfg.vision_layers),
+                                 ("fusion", "multimodal_model", cfg.fusion_layers)):
+        for i in range(layers):
+            o, h = f"{ours}.blocks.{i}", f"{theirs}.encoder.layer.{i}"    # pre-LN ViT block
+            for p in ("weight", "bias"):
+                m[f"{o}.attn.qkv.{p}"] = tuple(f"{h}.attention.attention.{x}.{p}" for x in ("query", "key", "value"))
+            m |= _wb(f"{o}.attn.proj", f"{h}.attention.output.dense") | _wb(f"{o}.norm1", f"{h}.layernorm_before")
+            m |= _wb(f"{o}.mlp.fc1", f"{h}.intermediate.dense") | _wb(f"{o}.mlp.fc2", f"{h}.output.dense")
+            m |= _wb(f"{o}.norm2", f"{h}.layernorm_after")
+    return m
+
+
+# checkpoint keys known and not loaded, with the reason
+FLAVA_HF_SKIP = {r"(text|image|multimodal)_model\.pooler\..*": "a pooler (FLAVA's features are final-LN CLS states)",
+                 r"text_model\.embeddings\.token_type_embeddings\.weight": "folded into pos_embed (every token has "
+                                                                           "type 0)",
+                 r"(mlm|mim|mmm_text|mmm_image)_head\.bias": "the same tensor as the head's decoder.bias (tied)",
+                 r".*(position_ids|token_type_ids)": "a buffer",
+                 r"image_codebook\..*": "the DALL-E image codebook (the k-means PatchTokenizer stands in for it)"}
+# the keys a FlavaModel folder lacks: the pre-training heads, left at their init
+FLAVA_PRETRAINING_ONLY = tuple(f"{h}." for h in (*FLAVA_HEADS, "itm_head"))
+
+# Hugging Face's defaults, for a config.json that leaves a key out
+_FLAVA_HF_DEFAULTS = {"hidden_size": 768, "num_attention_heads": 12, "num_hidden_layers": 12,
+                      "intermediate_size": 3072, "layer_norm_eps": 1e-12, "hidden_act": "gelu", "qkv_bias": True}
+
+
+def flava_hf_config(path, max_text_len=0):
+    """flava.FLAVAConfig of a Hugging Face FLAVA folder's config.json: one width, head count, MLP ratio and eps
+    for the three encoders (refused when they differ), vocabulary, pad id, position rows (or max_text_len, at
+    most that many), layers, image and patch size, codebook size, projection size, logit scale."""
+    where = _hf_file(path, "config.json")
+    hf = read_hf_config(path)
+    if hf is None or hf.get("model_type") != "flava":
+        raise SystemExit(f"error: {where}: not the config.json of a Hugging Face FLAVA model (model_type \"flava\")")
+    parts = {}
+    for part in ("text_config", "image_config", "multimodal_config"):
+        sub = hf.get(part, {})
+        if not isinstance(sub, dict):
+            raise SystemExit(f"error: {where}: {part} is {formats.type_of(sub)}, not an object")
+        sub = {**_FLAVA_HF_DEFAULTS, **({"num_hidden_layers": 6} if part == "multimodal_config" else {}), **sub}
+        d, heads = config_int(sub, "hidden_size", where), config_int(sub, "num_attention_heads", where)
+        eps = sub["layer_norm_eps"]
+        if d % heads or config_int(sub, "intermediate_size", where) % d or not formats._number(eps) or \
+                sub["hidden_act"] != "gelu" or sub["qkv_bias"] is not True:
+            raise SystemExit(f"error: {where}: {part} is no encoder flava.FLAVA has (hidden_size a multiple of "
+                             f"num_attention_heads and a divisor of intermediate_size, gelu, qkv_bias, a number "
+                             f"layer_norm_eps)")
+        parts[part] = (sub, (d, heads, sub["intermediate_size"] // d, float(eps)))
+    shared = {p[1] for p in parts.values()}
+    if len(shared) > 1:
+        raise SystemExit(f"error: {where}: the text, image and multimodal configs differ in hidden_size, "
+                         f"num_attention_heads, intermediate_size or layer_norm_eps; flava.FLAVA has one of each")
+    (d, heads, ratio, eps), = shared
+    text, image, mm = (parts[p][0] for p in ("text_config", "image_config", "multimodal_config"))
+    if config_int(hf, "hidden_size", where, default=768) != d or not mm.get("use_cls_token", True) or \
+            image.get("num_channels", 3) != 3:
+        raise SystemExit(f"error: {where}: hidden_size must be the encoders' width {d}, the multimodal encoder "
+                         f"must use its CLS token and images must have 3 channels")
+    rows = config_int(text, "max_position_embeddings", where, default=512)
+    if max_text_len > rows:
+        raise SystemExit(f"error: {where}: max_position_embeddings {rows} is fewer than --max_text_len {max_text_len}")
+    logit_scale = hf.get("logit_scale_init_value", 2.6592)
+    return flava.make_flava_config(
+        "base", vocab_size=config_int(text, "vocab_size", where, default=30522),
+        pad_id=config_int(text, "pad_token_id", where, default=0, least=0), max_text_len=max_text_len or rows,
+        width=d, heads=heads, mlp_ratio=ratio, text_layers=config_int(text, "num_hidden_layers", where),
+        vision_layers=config_int(image, "num_hidden_layers", where),
+        fusion_layers=config_int(mm, "num_hidden_layers", where),
+        image_size=config_int(image, "image_size", where, default=224),
+        patch_size=config_int(image, "patch_size", where, default=16),
+        codebook_size=config_int(image, "vocab_size", where, default=8192),
+        embed_dim=config_int(hf, "projection_dim", where, default=768),
+        logit_scale=float(logit_scale) if formats._number(logit_scale) else 2.6592, ln_eps=eps, head_ln_eps=eps)
+
+
+def load_flava(model, path):
+    """A Hugging Face FlavaForPreTraining or FlavaModel folder (or weights file) -> flava.FLAVA model, every
+    tensor placed (FLAVA_HF_MAP) or known and unused (FLAVA_HF_SKIP). A tensor with no place, or one missing that
+    is not a pre-training head's (a FlavaModel has none), is refused with one line. -> LoadReport."""
+    src = _strip(read_state_dict(path), "flava.")
+    tt, pos = src.get("text_model.embeddings.token_type_embeddings.weight"), \
+        "text_model.embeddings.position_embeddings.weight"
+    if tt is not None and pos in src:  # every token has type 0: that row is a constant added at every position
+        src[pos] = src[pos] + tt[0]
+    n_pos = model.text.pos_embed.num_embeddings
+    if pos in src and src[pos].shape[0] > n_pos:  # a shorter max_text_len: the first rows (positions from 0)
+        src[pos] = src[pos][:n_pos]
+    for head in FLAVA_HEADS:  # a file may hold either name of the tied bias
+        if f"{head}.decoder.bias" not in src and f"{head}.bias" in src:
+            src[f"{head}.decoder.bias"] = src[f"{head}.bias"]
+    try:
+        rep = apply_map(model, src, FLAVA_HF_MAP(model.cfg), FLAVA_HF_SKIP, path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if rep.unexpected:
+        raise SystemExit(f"error: {path}: the tensor {rep.unexpected[0]} has no place in flava.FLAVA "
+                         f"({len(rep.unexpected)} such tensors)")
+    lost = [k for k in rep.missing if not k.startswith(FLAVA_PRETRAINING_ONLY)]
+    if lost:
+        raise SystemExit(f"error: {path}: no {rep.missing[lost[0]]} for flava.FLAVA's {lost[0]} "
+                         f"({len(lost)} encoder tensors missing)")
+    for head in FLAVA_HEADS:
+        a, b = src.get(f"{head}.bias"), src.get(f"{head}.decoder.bias")
+        if a is not None and b is not None and not torch.equal(a, b):
+            rep.notes.append(f"{head}.bias differs from {head}.decoder.bias; the decoder's is loaded (transformers "
+                             f"ties the two)")
+    return rep
+
+
+def convert_flava(hf_dir, out_dir, max_text_len=0):
+    """A Hugging Face FLAVA folder (config.json, model.safetensors or pytorch_model.bin, tokenizer.json) -> the
+    export folder out_dir (config.json, model.safetensors, tokenizer.json) that finetune.py --init reads. The
+    image tokenizer's codebook stays zeros: the DALL-E codebook has no counterpart here. -> LoadReport."""
+    if not os.path.isdir(hf_dir):
+        raise SystemExit(f"error: {hf_dir}: no such folder (a Hugging Face FLAVA folder is expected)")
+    if not os.path.isfile(tokenizer_path(hf_dir)):
+        raise SystemExit(f"error: {hf_dir}: no tokenizer.json (transformers' AutoTokenizer.from_pretrained(DIR)"
+                         f".save_pretrained(DIR) writes one)")
+    cfg = flava_hf_config(hf_dir, max_text_len)
+    tok = Tokenizer.load(tokenizer_path(hf_dir))
+    if tok.pad_id != cfg.pad_id or tok.vocab_size > cfg.vocab_size:
+        raise SystemExit(f"error: {tokenizer_path(hf_dir)}: pad id {tok.pad_id} and {tok.vocab_size} tokens; the "
+                         f"model has pad_token_id {cfg.pad_id} and {cfg.vocab_size} embeddings")
+    model = flava.FLAVA(cfg)
+    rep = load_flava(model, hf_dir)
+    export(out_dir, hf_dir, model.state_dict(), asdict(cfg), {"config": f"Hugging Face FLAVA {hf_dir}"}, 0)
+    return rep
+
+
+def main(argv=None):
+    """python -m lib.pretrained SUBCOMMAND ...: convert released weights into an export folder."""
+    ap = argparse.ArgumentParser(prog="python -m lib.pretrained", description=main.__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    fl = sub.add_parser("convert-flava", help="a Hugging Face FlavaForPreTraining / FlavaModel folder -> an export")
+    fl.add_argument("hf_dir", help="config.json, model.safetensors or pytorch_model.bin, tokenizer.json")
+    fl.add_argument("--out", required=True, help="the export folder to write (finetune.py --init DIR)")
+    fl.add_argument("--max_text_len", type=int, default=0, help="position rows kept (default: all of them)")
+    args = ap.parse_args(argv)
+    if args.command == "convert-flava":
+        print(convert_flava(args.hf_dir, args.out, args.max_text_len))
+        print(f"wrote {args.out}: python finetune.py --task all --init {args.out}")
+
+
+if __name__ == "__main__":
+    main()

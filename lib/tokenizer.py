@@ -1,6 +1,8 @@
 """
 The tokenizer of xfm: byte-level BPE with RoBERTa's special tokens (<s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4), a thin
-wrapper around the `tokenizers` library. get_tokenizer trains one on a data folder's texts (or loads a given one);
+wrapper around the `tokenizers` library. get_tokenizer trains one on a data folder's texts (or loads a given one).
+A BERT WordPiece tokenizer.json (Hugging Face FLAVA's: [CLS] [PAD] [SEP] [UNK] [MASK], pad id 0) is read too,
+its special tokens found by name;
 train.py saves it in the run folder and in each checkpoint (a resumed run reads it there), so a run folder is a
 complete --init for finetune.py. data.py masks what it encodes (docs/METHOD.md §4.1, §5).
 """
@@ -21,17 +23,23 @@ class Tokenizer:
     """A thin wrapper over a `tokenizers` tokenizer.json. Special ids are looked up by string, never assumed."""
 
     SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # RoBERTa order: a trained vocab gets ids 0..4
+    # the same roles (cls, pad, sep, unk, mask) under BERT's names, as in a WordPiece tokenizer.json
+    BERT_SPECIALS = ("[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]")
 
     def __init__(self, hf):
         # we add <s> ... </s> ourselves, so a trained tokenizer and RoBERTa's behave the same
         hf.no_truncation()
         hf.no_padding()
         self.hf = hf
-        ids = {t: hf.token_to_id(t) for t in self.SPECIALS}
-        missing = [t for t, i in ids.items() if i is None]
-        if missing:
-            raise ValueError(f"tokenizer lacks special tokens {missing}")
-        self.cls_id, self.pad_id, self.sep_id, self.unk_id, self.mask_id = (ids[t] for t in self.SPECIALS)
+        # the first set of names the vocabulary holds whole: RoBERTa's, else BERT's
+        for names in (self.SPECIALS, self.BERT_SPECIALS):
+            ids = {t: hf.token_to_id(t) for t in names}
+            if None not in ids.values():
+                break
+        else:
+            lacks = [[t for t in names if hf.token_to_id(t) is None] for names in (self.SPECIALS, self.BERT_SPECIALS)]
+            raise ValueError(f"tokenizer lacks special tokens {lacks[0]} (RoBERTa's names) or {lacks[1]} (BERT's)")
+        self.cls_id, self.pad_id, self.sep_id, self.unk_id, self.mask_id = ids.values()
         self.special_ids = set(ids.values())
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
 
@@ -59,7 +67,7 @@ class Tokenizer:
     @classmethod
     def load(cls, path):
         """The tokenizer.json at path. A file that is none (not UTF-8, not a `tokenizers` JSON, or without
-        RoBERTa's special tokens) stops the run with one line naming it."""
+        RoBERTa's or BERT's special tokens) stops the run with one line naming it."""
         if not os.path.isfile(path):
             raise SystemExit(f"error: no tokenizer at {path}")
         try:
@@ -82,7 +90,7 @@ class Tokenizer:
             raise SystemExit(f"error: {where}: not a tokenizer.json of the tokenizers library ({first})")
         try:
             return cls(hf)
-        except ValueError as e:                                            # no RoBERTa special tokens
+        except ValueError as e:                                            # no RoBERTa or BERT special tokens
             raise SystemExit(f"error: {where}: {e}")
 
     def encode(self, text, max_len):

@@ -54,6 +54,7 @@ FM, TFM = "lib/formats.py", "tests/test_formats.py"
 TE = "tests/test_evaluation.py"
 SH, TSH = "lib/shards.py", "tests/test_shards.py"
 P, TX = "lib/pretrained.py", "tests/test_export.py"
+THF = "tests/test_hf_flava.py"
 THW = "tests/test_hostile_weights.py"
 ST, TST = "tools/student.py", "tests/test_student.py"
 TST_STATIC = "test_the_copy_keeps_signatures_and_docstrings_and_holds_no_reference_body"
@@ -818,6 +819,46 @@ CATALOGUE = [
         'os.path.join(run_dir, "tokenizer.json") if pretrained.is_export(cfg.init)',
         "finetune.py --init DIR reads the tokenizer the export's config.json names",
         f"{THW}::test_init_reads_the_tokenizer_the_export_names"),
+    # --- Hugging Face FLAVA -> flava.FLAVA (lib/pretrained.py convert-flava, lib/tokenizer.py's BERT names)
+    Bug("hf_flava_qk_swapped", P, 'attention.attention.{x}.{p}" for x in ("query", "key", "value")',
+        'attention.attention.{x}.{p}" for x in ("key", "query", "value")',
+        "Hugging Face FLAVA's query, key, value are concatenated into qkv in that order",
+        f"{THF}::test_every_stage_agrees_with_transformers"),
+    Bug("hf_flava_no_token_type_fold", P,
+        '"text_model.embeddings.position_embeddings.weight"\n    if tt is not None and pos in src:',
+        '"text_model.embeddings.position_embeddings.weight"\n    if False:',
+        "Hugging Face FLAVA's token-type row 0 is folded into every position row",
+        f"{THF}::test_every_stage_agrees_with_transformers"),
+    Bug("hf_flava_position_rows", P,
+        "# a shorter max_text_len: the first rows (positions from 0)\n        src[pos] = src[pos][:n_pos]",
+        "# a shorter max_text_len: the first rows (positions from 0)\n        src[pos] = src[pos][-n_pos:]",
+        "a shorter max_text_len keeps the first rows of the position table (positions start at 0)",
+        f"{THF}::test_every_stage_agrees_with_transformers"),
+    Bug("flava_head_eps_ignored", F, "            head.norm.eps = cfg.head_ln_eps", "            head.norm.eps = 1e-5",
+        "the MLM / MIM / MMM heads' LayerNorm eps is FLAVAConfig.head_ln_eps",
+        f"{THF}::test_every_stage_agrees_with_transformers"),
+    Bug("hf_flava_eps_not_read", P, "ln_eps=eps, head_ln_eps=eps)", "ln_eps=eps)",
+        "the heads' LayerNorm eps comes from the Hugging Face config (layer_norm_eps)",
+        f"{THF}::test_the_export_holds_the_config_and_reports_the_unused"),
+    Bug("hf_flava_pooler_refused", P, r'{r"(text|image|multimodal)_model\.pooler\..*"',
+        r'{r"(text|image)_model\.pooler\..*"',
+        "the three poolers are known and unused, not tensors without a place",
+        f"{THF}::test_the_export_holds_the_config_and_reports_the_unused"),
+    Bug("hf_flava_unplaced_tensor_kept", P,
+        "    if rep.unexpected:\n        raise SystemExit(f\"error: {path}: the tensor",
+        "    if False:\n        raise SystemExit(f\"error: {path}: the tensor",
+        "a Hugging Face FLAVA tensor with no place in flava.FLAVA is refused in one line",
+        f"{THF}::test_a_tensor_with_no_place_is_refused_in_one_line"),
+    Bug("hf_flava_missing_encoder_tensor", P, "    if lost:", "    if False:",
+        "a Hugging Face FLAVA file missing an encoder tensor is refused in one line",
+        f"{THF}::test_a_tensor_with_no_place_is_refused_in_one_line"),
+    Bug("hf_flava_model_heads_required", P,
+        "    lost = [k for k in rep.missing if not k.startswith(FLAVA_PRETRAINING_ONLY)]",
+        "    lost = list(rep.missing)", "a FlavaModel folder (no pre-training heads) converts, the heads at their init",
+        f"{THF}::test_a_flava_model_folder_converts_with_the_heads_at_their_init"),
+    Bug("tokenizer_bert_names", "lib/tokenizer.py", "for names in (self.SPECIALS, self.BERT_SPECIALS):",
+        "for names in (self.SPECIALS,):", "a WordPiece tokenizer.json is read by BERT's special tokens' names",
+        f"{THF}::test_the_wordpiece_tokenizer_is_read_by_its_special_tokens_names"),
 ]
 
 

@@ -303,11 +303,11 @@ def check_export_dir(out_dir, run_dir):
                          f"its own")
 
 
-def export(out_dir, run_dir, state, model_config, train_config, step):
+def export(out_dir, run_dir, state, model_config, train_config, step, tokenizer=""):
     """Write the export folder out_dir of the run in run_dir (train.py --export=DIR at the end of a run,
     tools/export.py from a checkpoint):
         model.safetensors   the model's state dict, tensor for tensor (write_safetensors; no optimizer state)
-        tokenizer.json      a copy of the run's RUN_DIR/tokenizer.json
+        tokenizer.json      a copy of the run's RUN_DIR/tokenizer.json (or of the file tokenizer names)
         config.json         {"format": "xfm-export", "recipe", "model_config" (flava.config_from_dict and
                             flava.build_model rebuild the model from it), "train_config", "step", "weights",
                             "tokenizer"}
@@ -315,7 +315,7 @@ def export(out_dir, run_dir, state, model_config, train_config, step):
     check_export_dir(out_dir, run_dir)
     os.makedirs(out_dir, exist_ok=True)
     write_safetensors(state, os.path.join(out_dir, "model.safetensors"), {"format": "pt"})
-    shutil.copyfile(os.path.join(run_dir, "tokenizer.json"), os.path.join(out_dir, "tokenizer.json"))
+    shutil.copyfile(tokenizer or os.path.join(run_dir, "tokenizer.json"), os.path.join(out_dir, "tokenizer.json"))
     config = {"format": EXPORT_FORMAT, "recipe": model_config.get("recipe", "xfm"), "model_config": model_config,
               "train_config": train_config, "step": step, "weights": "model.safetensors", "tokenizer": "tokenizer.json"}
     with open(os.path.join(out_dir, "config.json.tmp"), "w") as f:
@@ -564,6 +564,15 @@ def _strip(state, prefix):
 # Language encoder: RoBERTa
 
 
+def fold_token_type(src, prefix=""):
+    """RoBERTa adds token_type_embeddings[0] to every token (every token has type 0): a constant, folded here
+    into every row of the position table of src (a dict, changed in place; keys under prefix)."""
+    tt = src.get(f"{prefix}embeddings.token_type_embeddings.weight")
+    pos = f"{prefix}embeddings.position_embeddings.weight"
+    if tt is not None and pos in src:
+        src[pos] = src[pos] + tt[0]
+
+
 def load_text(model, path):
     """Hugging Face RoBERTa folder (or weights file) -> model.text and model.text_mlm. -> LoadReport."""
     src = _strip(read_state_dict(path), "roberta.")
@@ -572,10 +581,8 @@ def load_text(model, path):
     if hf is not None and hf.get("pad_token_id", cfg.pad_id) != cfg.pad_id:
         raise ValueError(f"{path}: pad_token_id {hf['pad_token_id']} != the model's pad_id {cfg.pad_id}")
     src = dict(src)
-    tt = src.get("embeddings.token_type_embeddings.weight")
+    fold_token_type(src)
     pos = "embeddings.position_embeddings.weight"
-    if tt is not None and pos in src:  # every token has type 0: that row is a constant added at every position
-        src[pos] = src[pos] + tt[0]
     n_pos = model.text.pos_embed.num_embeddings
     if pos in src and src[pos].shape[0] > n_pos:  # a shorter max_text_len: keep the first rows (positions start at 0)
         src[pos] = src[pos][:n_pos]
@@ -683,7 +690,12 @@ def vision_config(path):
         size = config_int({"image_size": size}, "image_size", where)
         return dict(width=d, heads=heads, vision_layers=config_int(hf, "num_hidden_layers", where),
                     image_size=size, patch_size=config_int(hf, "patch_size", where))
-    src = read_state_dict(path)
+    return beit_sizes(read_state_dict(path), path)
+
+
+def beit_sizes(src, path):
+    """vision_config of an official BEiT state dict src (read from path): the sizes off the tensor shapes, the
+    head count off the relative position bias table ((2g-1)^2 + 3 rows, one column per head)."""
     if "patch_embed.proj.weight" not in src:
         raise ValueError(f"{path}: neither a Hugging Face BEiT folder nor an official BEiT checkpoint (no patch_embed.proj.weight)")
     w = src["patch_embed.proj.weight"]                                     # (D, 3, p, p)

@@ -245,3 +245,24 @@ def test_anything_but_plain_data_is_refused_unrun(original, text_dir, tmp_path):
             "NotPlainData", text_dir=text_dir)
     refused(tmp_path, {"model": sd, "config": {"image_res": torch.Size([16])}}, "['config']['image_res']",
             "Size", text_dir=text_dir)
+
+
+def test_finetune_runs_from_a_converted_official_file(tmp_path):
+    """The round trip: an official file (a tiny model on the toy world's tokenizer) -> convert-xfm -> finetune.py
+    --init EXPORT, one epoch of textcls and zero-shot retrieval."""
+    import finetune
+    from lib import toyworld
+    from lib.tokenizer import Tokenizer
+    toy = str(tmp_path / "toy")
+    toyworld.make_toy(toy, n_pairs=64, n_regions=32, n_text=64, n_images=32, n_test=16, n_down=16, progress=False)
+    texts = [json.loads(line)["text"] for line in open(os.path.join(toy, "downstream", "textcls_train.jsonl"))]
+    tok = Tokenizer.train(texts, 300, str(tmp_path / "tokenizer.json"))
+    torch.manual_seed(0)
+    sd, _ = to_official(XFM(tiny_config(**{**CFG, "vocab_size": tok.vocab_size})))
+    torch.save({"model": sd, "config": RUN_CONFIG}, str(tmp_path / "official.pth"))
+    export = str(tmp_path / "export")
+    pretrained.convert_xfm(str(tmp_path / "official.pth"), export, tokenizer=str(tmp_path / "tokenizer.json"))
+    common = ["--init", export, "--data_dir", toy, "--batch_size=8", "--eval_batch_size=16"]
+    cls = finetune.main(["--task", "textcls", "--out_dir", str(tmp_path / "ft"), "--epochs=1", *common])
+    ret = finetune.main(["--task", "retrieval", "--out_dir", str(tmp_path / "ft"), "--epochs=0", "--k_test=4", *common])
+    assert cls["task"] == "textcls" and ret["task"] == "retrieval" and 0 <= cls["value"] <= 100

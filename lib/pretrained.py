@@ -964,7 +964,7 @@ def convert_xfm(path, out_dir, text_dir="", tokenizer=""):
 
 def report_unused(rep):
     """The lines convert-xfm prints: the LoadReport, then every official tensor not used, one a line."""
-    return "\n".join([str(rep)] + [f"  unused {k}: {r}" for k, r in rep.skipped.items()])
+    return "\n".join([str(replace(rep, skipped={}))] + [f"  unused {k}: {r}" for k, r in rep.skipped.items()])
 
 
 def main(argv=None):

@@ -12,6 +12,11 @@ beitv2_base_patch16_224_pt1k.pth, or a Hugging Face BEiT folder).
     print(pretrained.load_text(model, "roberta-base/"))                    # a LoadReport: what went where
     print(pretrained.load_vision(model, "beitv2.pth"))
 
+A whole official X-FM checkpoint becomes an export folder (the last section, convert_xfm; docs/FINETUNING.md,
+"Start from released weights"):
+
+    python -m lib.pretrained convert-xfm xfm_base.pth --out runs/xfm_official --text_config roberta-base/
+
 Every key mapping is written out in ROBERTA_MAP / BEIT_MAP / BEIT_HF_MAP below: our key -> the checkpoint key, or
 a tuple of keys that are concatenated along dim 0 (our fused qkv). Loading never runs code from a file:
 torch files go through torch.load(weights_only=True), and safetensors files are parsed here as plain data

@@ -55,6 +55,7 @@ TE = "tests/test_evaluation.py"
 SH, TSH = "lib/shards.py", "tests/test_shards.py"
 P, TX = "lib/pretrained.py", "tests/test_export.py"
 THF = "tests/test_hf_flava.py"
+TOX = "tests/test_official_xfm.py"
 THW = "tests/test_hostile_weights.py"
 ST, TST = "tools/student.py", "tests/test_student.py"
 TST_STATIC = "test_the_copy_keeps_signatures_and_docstrings_and_holds_no_reference_body"
@@ -807,6 +808,21 @@ CATALOGUE = [
         "    except OSError as e:  # noqa: BLE001 (whatever torch.load",
         "a file torch.load cannot read is refused in one line naming it",
         f"{THW}::test_not_a_checkpoint_is_refused_by_name"),
+    # --- official X-FM checkpoints (pretrained.convert_xfm)
+    Bug("official_fusion_qk_swapped", P, 'tuple(f"{a}.self.{x}.{p}" for x in ("query", "key", "value"))',
+        'tuple(f"{a}.self.{x}.{p}" for x in ("key", "query", "value"))',
+        "an official fusion layer's query, key, value are concatenated in that order into attn.qkv",
+        f"{TOX}::test_every_official_tensor_is_placed_or_listed_and_the_outputs_are_equal"),
+    Bug("official_token_type_not_folded", P, "        src[pos] = src[pos] + tt[0]", "        src[pos] = src[pos]",
+        "RoBERTa's token-type row is folded into every position row",
+        f"{TOX}::test_every_official_tensor_is_placed_or_listed_and_the_outputs_are_equal"),
+    Bug("official_cross_kv_swapped", P, '(f"{c}.self.key.{p}", f"{c}.self.value.{p}")',
+        '(f"{c}.self.value.{p}", f"{c}.self.key.{p}")',
+        "an official cross-attention's key then value make cross_attn.kv",
+        f"{TOX}::test_every_official_tensor_is_placed_or_listed_and_the_outputs_are_equal"),
+    Bug("official_unknown_tensor_accepted", P, "    if rep.unexpected:\n", "    if False:\n",
+        "an official tensor with no place in the model refuses the file",
+        f"{TOX}::test_a_tensor_with_no_place_is_refused"),
     Bug("ckpt_without_model", "lib/runlog.py",
         "if not isinstance(model, dict) or not all(isinstance(k, str) for k in model):",
         "if False:", "a torch file without a \"model\" state dict is no checkpoint, refused naming it",

@@ -889,10 +889,8 @@ def load_flava(model, path):
     tensor placed (FLAVA_HF_MAP) or known and unused (FLAVA_HF_SKIP). A tensor with no place, or one missing that
     is not a pre-training head's (a FlavaModel has none), is refused with one line. -> LoadReport."""
     src = _strip(read_state_dict(path), "flava.")
-    tt, pos = src.get("text_model.embeddings.token_type_embeddings.weight"), \
-        "text_model.embeddings.position_embeddings.weight"
-    if tt is not None and pos in src:  # every token has type 0: that row is a constant added at every position
-        src[pos] = src[pos] + tt[0]
+    fold_token_type(src, "text_model.")  # every token has type 0: that row is a constant added at every position
+    pos = "text_model.embeddings.position_embeddings.weight"
     n_pos = model.text.pos_embed.num_embeddings
     if pos in src and src[pos].shape[0] > n_pos:  # a shorter max_text_len: the first rows (positions from 0)
         src[pos] = src[pos][:n_pos]

@@ -874,6 +874,12 @@ CATALOGUE = [
     Bug("tn_resume_may_change", T, '"eval_batch_size")', '"eval_batch_size", "text_norm")',
         "a resume keeps the run's normalisation (text_norm is not in RESUME_MAY_CHANGE)",
         f"{TTN}::test_a_resume_keeps_the_runs_normalisation"),
+    Bug("tn_finetune_key_ignored", FT, "tokenizer.Tokenizer.load(tok_path, cfg.text_norm or None)",
+        "tokenizer.Tokenizer.load(tok_path)", "finetune.py --text_norm turns it on for the task",
+        f"{TFT}::test_text_norm_turns_on_for_a_task_and_its_folder_keeps_it", fast=False),
+    Bug("tn_task_folder_loses_it", FT, 'env.tok.save(os.path.join(out, "tokenizer.json"))',
+        'env.tok.hf.save(os.path.join(out, "tokenizer.json"))', "a task folder's tokenizer.json keeps the normalisation",
+        f"{TFT}::test_text_norm_turns_on_for_a_task_and_its_folder_keeps_it", fast=False),
 ]
 
 

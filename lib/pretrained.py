@@ -1090,12 +1090,13 @@ def convert_xfm(path, out_dir, text_dir="", tokenizer=""):
     """An official X-FM checkpoint file -> the export folder out_dir (config.json, model.safetensors,
     tokenizer.json; finetune.py --init out_dir). The file is read with torch.load(weights_only=True) and
     checked to be plain data (plain_data); the sizes come from its tensors and config (official_xfm_config);
-    the tokenizer.json is --tokenizer's, else text_dir's. Every tensor goes through XFM_OFFICIAL_MAP, the text
+    the tokenizer.json is --tokenizer's, else text_dir's, exported with the official text normalisation on
+    (tokenizer.for_official_weights). Every tensor goes through XFM_OFFICIAL_MAP, the text
     encoder's token-type row folded into its positions. A tensor with no place (neither mapped nor in
     XFM_OFFICIAL_SKIP), or an encoder tensor the file lacks, refuses the file with one line and writes
     nothing. -> the LoadReport, whose keys are the official names; the lines it prints list every official
     tensor not used."""
-    from lib.tokenizer import Tokenizer                                  # the tokenizers package, on demand
+    from lib.tokenizer import Tokenizer, for_official_weights            # the tokenizers package, on demand
     src, names, run_config = official_parts(read_torch(path), path)
     over, notes = official_xfm_config(src, run_config, text_dir, path)
     tok_path = tokenizer or (tokenizer_path(text_dir) if text_dir else "")
@@ -1128,6 +1129,8 @@ def convert_xfm(path, out_dir, text_dir="", tokenizer=""):
     rep.notes += notes
     export(out_dir, os.path.dirname(os.path.abspath(path)), model.state_dict(), asdict(cfg),
            {"converted_from": os.path.abspath(path), "official_config": run_config}, 0, tokenizer=tok_path)
+    # the tokenizer the weights were trained with: the official text normalisation on (docs/METHOD.md §10.1)
+    for_official_weights(tok_path).save(os.path.join(out_dir, "tokenizer.json"))
     return rep
 
 

@@ -196,6 +196,15 @@ def test_every_official_tensor_is_placed_or_listed_and_the_outputs_are_equal(ori
     assert not bad, bad
 
 
+def test_the_export_reads_text_as_the_official_weights_were_trained(converted):
+    """The exported tokenizer.json has the official text normalisation on (lib/tokenizer.normalize_text): a
+    caption reaches the model lowercased, its marks gone, as in the official pre-training and fine-tuning."""
+    from lib.tokenizer import Tokenizer
+    tok = Tokenizer.load(os.path.join(converted[0], "tokenizer.json"))
+    assert tok.text_norm
+    assert tok.encode("A Red-Circle, left!", 32) == tok.encode("a red circle left", 32)
+
+
 def test_a_fine_tuned_layout_keeps_the_heads_it_lacks_at_init(original, text_dir, tmp_path):
     """A bare state dict with bare encoders (no `roberta.`) and no MLM heads, as the official fine-tuning code
     saves it: the encoders and the other heads are placed, the MLM heads are reported missing (left at init)."""

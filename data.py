@@ -278,7 +278,7 @@ class TextDataset(_Base):
 
     def __getitem__(self, key):
         index, epoch = key
-        ids = self.tok.encode(self.items[index], self.dc.text_len)
+        ids = self.tok.encode(self.items[index], self.dc.text_len, document=True)
         masked, labels = mask_text(ids, self.tok, *TEXT_MASKING, self.rng(epoch, index))
         return {"ids": masked, "labels": labels}
 

@@ -96,6 +96,8 @@ class FinetuneConfig:
     strict: bool = False            # any bad record in a task file is an error instead of being skipped and counted
     out_dir: str = ""               # default: INIT_RUN/finetune; each task writes OUT_DIR/NAME/
     tokenizer: str = ""             # default: tokenizer.json next to --init
+    text_norm: bool = False         # the official X-FM normalisation of captions and questions (lib/tokenizer.py);
+                                    # off: as the tokenizer says (docs/METHOD.md §10.1)
     image_size: int = 0             # 0 = the pre-training size; another size interpolates the rel-pos tables
     text_len: int = 0               # 0 = the model's max_text_len
     # optimisation (0 or -1 = the task's default from TASK_DEFAULTS)
@@ -253,11 +255,12 @@ class Examples(Dataset):
         return out
 
 
-def tokens(tok, a, b, max_len):
-    """RoBERTa input: <s> a </s>, or <s> a </s></s> b </s> for a pair; cut to max_len with </s> kept last."""
-    ids = tok.encode(a, max_len)
+def tokens(tok, a, b, max_len, document=False):
+    """RoBERTa input: <s> a </s>, or <s> a </s></s> b </s> for a pair; cut to max_len with </s> kept last.
+    document: text classification's sentences, never normalised (tokenizer.encode)."""
+    ids = tok.encode(a, max_len, document)
     if b is not None:
-        ids = ids + [tok.sep_id] + tok.encode(b, max_len)[1:]
+        ids = ids + [tok.sep_id] + tok.encode(b, max_len, document)[1:]
     return ids if len(ids) <= max_len else ids[: max_len - 1] + [tok.sep_id]
 
 
@@ -436,7 +439,7 @@ def run_textcls(cfg, env, out):
     C = len(labels) or 1                                                   # one output = regression
 
     def make(r):
-        ids = tokens(env.tok, r[names[0]], r[names[1]] if len(names) > 1 else None, cfg.text_len)
+        ids = tokens(env.tok, r[names[0]], r[names[1]] if len(names) > 1 else None, cfg.text_len, document=True)
         y = label_index(label_value(r[label_key]), labels)
         return {"ids": ids, "label": torch.tensor(y, dtype=torch.float32 if C == 1 else torch.long)}
 
@@ -708,7 +711,7 @@ def load_init(cfg, ddp, rank, world, device):
     def read_tokenizer():  # rank 0 reads it; every rank gets its JSON (no shared folder needed for it)
         if not os.path.isfile(tok_path):
             raise SystemExit(f"error: no tokenizer at {tok_path!r} (use --tokenizer)")
-        return tokenizer.Tokenizer.load(tok_path).to_json()
+        return tokenizer.Tokenizer.load(tok_path, cfg.text_norm or None).to_json()
     tok = tokenizer.Tokenizer.from_json(runtime.rank0_shares(read_tokenizer, ddp, rank))
     if not cfg.init:
         ckpt = pretrained.from_pretrained_encoders(cfg, tok, rank == 0)
@@ -733,7 +736,7 @@ def run_task(cfg, given, env):
         os.path.join(cfg.out_dir or os.path.join(env.run_dir, "finetune"), name)
     if env.master:
         os.makedirs(out, exist_ok=True)
-        env.tok.hf.save(os.path.join(out, "tokenizer.json"))               # so the folder is itself an --init
+        env.tok.save(os.path.join(out, "tokenizer.json"))                  # so the folder is itself an --init
     if env.ddp:
         dist.barrier()
     torch.manual_seed(cfg.seed)  # the same head init on every rank

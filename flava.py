@@ -50,7 +50,8 @@ class FLAVAConfig(XFMConfig):
     codebook_size: int = 256     # image-token vocabulary of the MIM / MMM-image heads (the DALL-E dVAE: 8192)
     itm_neg_prob: float = 0.1    # fraction of pairs whose caption is swapped for another one (ITM negatives)
     logit_scale: float = math.log(1 / 0.07)  # contrastive logit scale init, clamped to [0, ln 100]
-    ln_eps: float = 1e-12        # LayerNorm eps inside the encoders (the heads use 1e-5)
+    ln_eps: float = 1e-12        # LayerNorm eps inside the encoders
+    head_ln_eps: float = 1e-5    # LayerNorm eps of the MLM / MIM / MMM heads (Hugging Face's FLAVA: 1e-12)
 
 
 # FLAVA-base: 12 + 12 layers, a 6-layer fusion encoder, 768-d contrastive projections; no dropout, no drop path
@@ -259,6 +260,8 @@ class FLAVA(nn.Module):
         self.mim_head = MLMHead(cfg, num_classes=cfg.codebook_size)        # image batches
         self.mmm_text_head = MLMHead(cfg)                                  # pairs: masked words from the fusion
         self.mmm_image_head = MLMHead(cfg, num_classes=cfg.codebook_size)  # pairs: masked patches from the fusion
+        for head in (self.mlm_head, self.mim_head, self.mmm_text_head, self.mmm_image_head):
+            head.norm.eps = cfg.head_ln_eps
         self.itm_head = nn.Sequential(nn.Linear(cfg.width, cfg.width), nn.Tanh(), nn.Linear(cfg.width, 2))  # pooler
         self.text_proj = nn.Linear(cfg.width, cfg.embed_dim)
         self.vision_proj = nn.Linear(cfg.width, cfg.embed_dim)

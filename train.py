@@ -82,6 +82,9 @@ class TrainConfig:
                                     # on the data (with --init_text: that folder's tokenizer.json if
                                     # it has one)
     vocab_size: int = 2000          # BPE size when training a tokenizer
+    text_norm: bool = False         # the official X-FM normalisation of captions (lowercase, no
+                                    # punctuation, 30 words; lib/tokenizer.py): the tokenizer keeps
+                                    # it; off: a --tokenizer file keeps its own (docs/METHOD.md §10.1)
     caption_len: int = 30           # max caption tokens (pairs, regions)
     text_len: int = 64              # max tokens of a text-only document
     crop_min_scale: float = 0.8     # random resized crop scale lower bound (official: 0.2; the toy

@@ -12,6 +12,11 @@ beitv2_base_patch16_224_pt1k.pth, or a Hugging Face BEiT folder).
     print(pretrained.load_text(model, "roberta-base/"))                    # a LoadReport: what went where
     print(pretrained.load_vision(model, "beitv2.pth"))
 
+A whole official X-FM checkpoint becomes an export folder (the last section, convert_xfm; docs/FINETUNING.md,
+"Start from released weights"):
+
+    python -m lib.pretrained convert-xfm xfm_base.pth --out runs/xfm_official --text_config roberta-base/
+
 Every key mapping is written out in ROBERTA_MAP / BEIT_MAP / BEIT_HF_MAP below: our key -> the checkpoint key, or
 a tuple of keys that are concatenated along dim 0 (our fused qkv). Loading never runs code from a file:
 torch files go through torch.load(weights_only=True), and safetensors files are parsed here as plain data
@@ -47,6 +52,7 @@ Exactness (checked against transformers in tests/test_pretrained.py, every layer
 - A BEiT pre-training checkpoint has no fc_norm (it was trained with a final `norm` instead, which mean
   pooling replaces): fc_norm stays at its init (ones, zeros), as in the official X-FM code.
 """
+import argparse
 import json
 import math
 import os
@@ -60,6 +66,7 @@ import torch.nn.functional as F
 
 import flava
 from lib import formats
+from lib.tokenizer import Tokenizer
 from model import XFM, XFMConfig, make_config
 
 # ---------------------------------------------------------------------------------------------------------
@@ -309,11 +316,11 @@ def check_export_dir(out_dir, run_dir):
                          f"its own")
 
 
-def export(out_dir, run_dir, state, model_config, train_config, step):
+def export(out_dir, run_dir, state, model_config, train_config, step, tokenizer=""):
     """Write the export folder out_dir of the run in run_dir (train.py --export=DIR at the end of a run,
     tools/export.py from a checkpoint):
         model.safetensors   the model's state dict, tensor for tensor (write_safetensors; no optimizer state)
-        tokenizer.json      a copy of the run's RUN_DIR/tokenizer.json
+        tokenizer.json      a copy of the run's RUN_DIR/tokenizer.json (or of the file tokenizer names)
         config.json         {"format": "xfm-export", "recipe", "model_config" (flava.config_from_dict and
                             flava.build_model rebuild the model from it), "train_config", "step", "weights",
                             "tokenizer"}
@@ -321,7 +328,7 @@ def export(out_dir, run_dir, state, model_config, train_config, step):
     check_export_dir(out_dir, run_dir)
     os.makedirs(out_dir, exist_ok=True)
     write_safetensors(state, os.path.join(out_dir, "model.safetensors"), {"format": "pt"})
-    shutil.copyfile(os.path.join(run_dir, "tokenizer.json"), os.path.join(out_dir, "tokenizer.json"))
+    shutil.copyfile(tokenizer or os.path.join(run_dir, "tokenizer.json"), os.path.join(out_dir, "tokenizer.json"))
     config = {"format": EXPORT_FORMAT, "recipe": model_config.get("recipe", "xfm"), "model_config": model_config,
               "train_config": train_config, "step": step, "weights": "model.safetensors", "tokenizer": "tokenizer.json"}
     with open(os.path.join(out_dir, "config.json.tmp"), "w") as f:
@@ -579,6 +586,15 @@ def _strip(state, prefix):
 # Language encoder: RoBERTa
 
 
+def fold_token_type(src, prefix=""):
+    """RoBERTa adds token_type_embeddings[0] to every token (every token has type 0): a constant, folded here
+    into every row of the position table of src (a dict, changed in place; keys under prefix)."""
+    tt = src.get(f"{prefix}embeddings.token_type_embeddings.weight")
+    pos = f"{prefix}embeddings.position_embeddings.weight"
+    if tt is not None and pos in src:
+        src[pos] = src[pos] + tt[0]
+
+
 def load_text(model, path):
     """Hugging Face RoBERTa folder (or weights file) -> model.text and model.text_mlm. -> LoadReport."""
     src = _strip(read_state_dict(path), "roberta.")
@@ -587,10 +603,8 @@ def load_text(model, path):
     if hf is not None and hf.get("pad_token_id", cfg.pad_id) != cfg.pad_id:
         raise ValueError(f"{path}: pad_token_id {hf['pad_token_id']} != the model's pad_id {cfg.pad_id}")
     src = dict(src)
-    tt = src.get("embeddings.token_type_embeddings.weight")
+    fold_token_type(src)
     pos = "embeddings.position_embeddings.weight"
-    if tt is not None and pos in src:  # every token has type 0: that row is a constant added at every position
-        src[pos] = src[pos] + tt[0]
     n_pos = model.text.pos_embed.num_embeddings
     if pos in src and src[pos].shape[0] > n_pos:  # a shorter max_text_len: keep the first rows (positions start at 0)
         src[pos] = src[pos][:n_pos]
@@ -720,7 +734,12 @@ def vision_config(path):
         size = config_int({"image_size": size}, "image_size", where)
         return dict(width=d, heads=heads, vision_layers=config_int(hf, "num_hidden_layers", where),
                     image_size=size, patch_size=config_int(hf, "patch_size", where))
-    src = read_state_dict(path)
+    return beit_sizes(read_state_dict(path), path)
+
+
+def beit_sizes(src, path):
+    """vision_config of an official BEiT state dict src (read from path): the sizes off the tensor shapes, the
+    head count off the relative position bias table ((2g-1)^2 + 3 rows, one column per head)."""
     if "patch_embed.proj.weight" not in src:
         raise ValueError(f"{path}: neither a Hugging Face BEiT folder nor an official BEiT checkpoint (no patch_embed.proj.weight)")
     w = src["patch_embed.proj.weight"]                                     # (D, 3, p, p)
@@ -789,3 +808,402 @@ def from_pretrained_encoders(cfg, tok, master):
             if master:
                 print(rep, flush=True)
     return {"model": model.state_dict(), "model_config": asdict(mcfg), "step": 0}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face FLAVA: a FlavaForPreTraining or FlavaModel folder -> flava.FLAVA, written as an export folder
+#     python -m lib.pretrained convert-flava flava-full/ --out runs/flava_full   # then finetune.py --init DIR
+# Every tensor is placed one to one (q, k, v concatenated into qkv); checked against transformers in
+# tests/test_hf_flava.py, every stage within 1e-5 in fp32:
+# - Hugging Face adds token_type_embeddings[0] to every token; that row is folded into every position row;
+# - its position table has max_position_embeddings rows from 0; a shorter max_text_len keeps the first rows;
+# - its MLM / MIM / MMM heads' LayerNorm eps is the config's layer_norm_eps (FLAVAConfig.head_ln_eps);
+# - its ITM head is a pooler (dense, tanh) and a linear layer: flava.FLAVA's itm_head, Linear-Tanh-Linear;
+# - each head's decoder has a bias that is the same tensor as the head's `bias` (tied in transformers);
+# - unused: the three encoders' poolers (FLAVA's features are final-LN CLS states) and the DALL-E image
+#   codebook (no counterpart: flava.PatchTokenizer's k-means codebook makes the MIM targets here).
+
+FLAVA_HEADS = ("mlm_head", "mim_head", "mmm_text_head", "mmm_image_head")
+
+
+def FLAVA_HF_MAP(cfg):
+    """Hugging Face FLAVA (keys without the `flava.` prefix) -> flava.FLAVA."""
+    emb = "text_model.embeddings"
+    m = {"text.word_embed.weight": f"{emb}.word_embeddings.weight",
+         "text.pos_embed.weight": f"{emb}.position_embeddings.weight",       # + token-type row 0 (load_flava)
+         **_wb("text.embed_norm", f"{emb}.LayerNorm"), **_wb("text.norm", "text_model.layernorm"),
+         **_wb("vision.patch_embed", "image_model.embeddings.patch_embeddings.projection"),
+         "vision.cls_token": "image_model.embeddings.cls_token",
+         "vision.mask_token": "image_model.embeddings.mask_token",
+         "vision.pos_embed": "image_model.embeddings.position_embeddings",
+         **_wb("vision.norm", "image_model.layernorm"),
+         **_wb("fusion.image_to_mm", "image_to_mm_projection"), **_wb("fusion.text_to_mm", "text_to_mm_projection"),
+         "fusion.cls_token": "multimodal_model.cls_token", **_wb("fusion.norm", "multimodal_model.layernorm"),
+         **_wb("text_proj", "text_projection"), **_wb("vision_proj", "image_projection"),
+         "logit_scale": "logit_scale",
+         **_wb("itm_head.0", "itm_head.pooler.dense"), **_wb("itm_head.2", "itm_head.seq_relationship")}
+    for head in FLAVA_HEADS:
+        m |= _wb(f"{head}.dense", f"{head}.transform.dense") | _wb(f"{head}.norm", f"{head}.transform.LayerNorm")
+        m |= {f"{head}.decoder.weight": f"{head}.decoder.weight", f"{head}.bias": f"{head}.decoder.bias"}
+    for ours, theirs, layers in (("text", "text_model", cfg.text_layers), ("vision", "image_model", cfg.vision_layers),
+                                 ("fusion", "multimodal_model", cfg.fusion_layers)):
+        for i in range(layers):
+            o, h = f"{ours}.blocks.{i}", f"{theirs}.encoder.layer.{i}"    # pre-LN ViT block
+            for p in ("weight", "bias"):
+                m[f"{o}.attn.qkv.{p}"] = tuple(f"{h}.attention.attention.{x}.{p}" for x in ("query", "key", "value"))
+            m |= _wb(f"{o}.attn.proj", f"{h}.attention.output.dense") | _wb(f"{o}.norm1", f"{h}.layernorm_before")
+            m |= _wb(f"{o}.mlp.fc1", f"{h}.intermediate.dense") | _wb(f"{o}.mlp.fc2", f"{h}.output.dense")
+            m |= _wb(f"{o}.norm2", f"{h}.layernorm_after")
+    return m
+
+
+# checkpoint keys known and not loaded, with the reason
+FLAVA_HF_SKIP = {r"(text|image|multimodal)_model\.pooler\..*": "a pooler (FLAVA's features are final-LN CLS states)",
+                 r"text_model\.embeddings\.token_type_embeddings\.weight": "folded into pos_embed (every token has "
+                                                                           "type 0)",
+                 r"(mlm|mim|mmm_text|mmm_image)_head\.bias": "the same tensor as the head's decoder.bias (tied)",
+                 r".*(position_ids|token_type_ids)": "a buffer",
+                 r"image_codebook\..*": "the DALL-E image codebook (the k-means PatchTokenizer stands in for it)"}
+# the keys a FlavaModel folder lacks: the pre-training heads, left at their init
+FLAVA_PRETRAINING_ONLY = tuple(f"{h}." for h in (*FLAVA_HEADS, "itm_head"))
+
+# Hugging Face's defaults, for a config.json that leaves a key out
+_FLAVA_HF_DEFAULTS = {"hidden_size": 768, "num_attention_heads": 12, "num_hidden_layers": 12,
+                      "intermediate_size": 3072, "layer_norm_eps": 1e-12, "hidden_act": "gelu", "qkv_bias": True}
+
+
+def flava_hf_config(path, max_text_len=0):
+    """flava.FLAVAConfig of a Hugging Face FLAVA folder's config.json: one width, head count, MLP ratio and eps
+    for the three encoders (refused when they differ), vocabulary, pad id, position rows (or max_text_len, at
+    most that many), layers, image and patch size, codebook size, projection size, logit scale."""
+    where = _hf_file(path, "config.json")
+    hf = read_hf_config(path)
+    if hf is None or hf.get("model_type") != "flava":
+        raise SystemExit(f"error: {where}: not the config.json of a Hugging Face FLAVA model (model_type \"flava\")")
+    parts = {}
+    for part in ("text_config", "image_config", "multimodal_config"):
+        sub = hf.get(part, {})
+        if not isinstance(sub, dict):
+            raise SystemExit(f"error: {where}: {part} is {formats.type_of(sub)}, not an object")
+        sub = {**_FLAVA_HF_DEFAULTS, **({"num_hidden_layers": 6} if part == "multimodal_config" else {}), **sub}
+        d, heads = config_int(sub, "hidden_size", where), config_int(sub, "num_attention_heads", where)
+        eps = sub["layer_norm_eps"]
+        if d % heads or config_int(sub, "intermediate_size", where) % d or not formats._number(eps) or \
+                sub["hidden_act"] != "gelu" or sub["qkv_bias"] is not True:
+            raise SystemExit(f"error: {where}: {part} is no encoder flava.FLAVA has (hidden_size a multiple of "
+                             f"num_attention_heads and a divisor of intermediate_size, gelu, qkv_bias, a number "
+                             f"layer_norm_eps)")
+        parts[part] = (sub, (d, heads, sub["intermediate_size"] // d, float(eps)))
+    shared = {p[1] for p in parts.values()}
+    if len(shared) > 1:
+        raise SystemExit(f"error: {where}: the text, image and multimodal configs differ in hidden_size, "
+                         f"num_attention_heads, intermediate_size or layer_norm_eps; flava.FLAVA has one of each")
+    (d, heads, ratio, eps), = shared
+    text, image, mm = (parts[p][0] for p in ("text_config", "image_config", "multimodal_config"))
+    if config_int(hf, "hidden_size", where, default=768) != d or not mm.get("use_cls_token", True) or \
+            image.get("num_channels", 3) != 3:
+        raise SystemExit(f"error: {where}: hidden_size must be the encoders' width {d}, the multimodal encoder "
+                         f"must use its CLS token and images must have 3 channels")
+    rows = config_int(text, "max_position_embeddings", where, default=512)
+    if max_text_len > rows:
+        raise SystemExit(f"error: {where}: max_position_embeddings {rows} is fewer than --max_text_len {max_text_len}")
+    logit_scale = hf.get("logit_scale_init_value", 2.6592)
+    return flava.make_flava_config(
+        "base", vocab_size=config_int(text, "vocab_size", where, default=30522),
+        pad_id=config_int(text, "pad_token_id", where, default=0, least=0), max_text_len=max_text_len or rows,
+        width=d, heads=heads, mlp_ratio=ratio, text_layers=config_int(text, "num_hidden_layers", where),
+        vision_layers=config_int(image, "num_hidden_layers", where),
+        fusion_layers=config_int(mm, "num_hidden_layers", where),
+        image_size=config_int(image, "image_size", where, default=224),
+        patch_size=config_int(image, "patch_size", where, default=16),
+        codebook_size=config_int(image, "vocab_size", where, default=8192),
+        embed_dim=config_int(hf, "projection_dim", where, default=768),
+        logit_scale=float(logit_scale) if formats._number(logit_scale) else 2.6592, ln_eps=eps, head_ln_eps=eps)
+
+
+def load_flava(model, path):
+    """A Hugging Face FlavaForPreTraining or FlavaModel folder (or weights file) -> flava.FLAVA model, every
+    tensor placed (FLAVA_HF_MAP) or known and unused (FLAVA_HF_SKIP). A tensor with no place, or one missing that
+    is not a pre-training head's (a FlavaModel has none), is refused with one line. -> LoadReport."""
+    src = _strip(read_state_dict(path), "flava.")
+    fold_token_type(src, "text_model.")  # every token has type 0: that row is a constant added at every position
+    pos = "text_model.embeddings.position_embeddings.weight"
+    n_pos = model.text.pos_embed.num_embeddings
+    if pos in src and src[pos].shape[0] > n_pos:  # a shorter max_text_len: the first rows (positions from 0)
+        src[pos] = src[pos][:n_pos]
+    for head in FLAVA_HEADS:  # a file may hold either name of the tied bias
+        if f"{head}.decoder.bias" not in src and f"{head}.bias" in src:
+            src[f"{head}.decoder.bias"] = src[f"{head}.bias"]
+    try:
+        rep = apply_map(model, src, FLAVA_HF_MAP(model.cfg), FLAVA_HF_SKIP, path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if rep.unexpected:
+        raise SystemExit(f"error: {path}: the tensor {rep.unexpected[0]} has no place in flava.FLAVA "
+                         f"({len(rep.unexpected)} such tensors)")
+    lost = [k for k in rep.missing if not k.startswith(FLAVA_PRETRAINING_ONLY)]
+    if lost:
+        raise SystemExit(f"error: {path}: no {rep.missing[lost[0]]} for flava.FLAVA's {lost[0]} "
+                         f"({len(lost)} encoder tensors missing)")
+    for head in FLAVA_HEADS:
+        a, b = src.get(f"{head}.bias"), src.get(f"{head}.decoder.bias")
+        if a is not None and b is not None and not torch.equal(a, b):
+            rep.notes.append(f"{head}.bias differs from {head}.decoder.bias; the decoder's is loaded (transformers "
+                             f"ties the two)")
+    return rep
+
+
+def convert_flava(hf_dir, out_dir, max_text_len=0):
+    """A Hugging Face FLAVA folder (config.json, model.safetensors or pytorch_model.bin, tokenizer.json) -> the
+    export folder out_dir (config.json, model.safetensors, tokenizer.json) that finetune.py --init reads. The
+    image tokenizer's codebook stays zeros: the DALL-E codebook has no counterpart here. -> LoadReport."""
+    if not os.path.isdir(hf_dir):
+        raise SystemExit(f"error: {hf_dir}: no such folder (a Hugging Face FLAVA folder is expected)")
+    if not os.path.isfile(tokenizer_path(hf_dir)):
+        raise SystemExit(f"error: {hf_dir}: no tokenizer.json (transformers' AutoTokenizer.from_pretrained(DIR)"
+                         f".save_pretrained(DIR) writes one)")
+    cfg = flava_hf_config(hf_dir, max_text_len)
+    tok = Tokenizer.load(tokenizer_path(hf_dir))
+    if tok.pad_id != cfg.pad_id or tok.vocab_size > cfg.vocab_size:
+        raise SystemExit(f"error: {tokenizer_path(hf_dir)}: pad id {tok.pad_id} and {tok.vocab_size} tokens; the "
+                         f"model has pad_token_id {cfg.pad_id} and {cfg.vocab_size} embeddings")
+    model = flava.FLAVA(cfg)
+    rep = load_flava(model, hf_dir)
+    export(out_dir, hf_dir, model.state_dict(), asdict(cfg), {"config": f"Hugging Face FLAVA {hf_dir}"}, 0)
+    return rep
+
+
+# Official X-FM checkpoints: a file of the official repository ({"model": state dict, "config": the run's
+# YAML as a dict}, or a bare state dict) -> an export folder, which finetune.py --init DIR reads
+#     python -m lib.pretrained convert-xfm xfm_base.pth --out runs/xfm_official --text_config roberta-base/
+# The official model is XFMBase: text_encoder and fusion_encoder are RobertaForMaskedLM (keys under `roberta.`,
+# lm_head and lm_cap_head beside it; in a fine-tuned file a bare RobertaModel), vision_encoder is BEiT-v2 with a
+# table in every block and mean pooling (fc_norm). Every fusion layer has a cross-attention (fusion_start_at 0).
+
+
+def FUSION_MAP(layers):
+    """The official fusion encoder (keys without `roberta.`) and its MLM head -> our FusionEncoder and
+    fusion_mlm. Self-attention's query, key, value are concatenated into our qkv, cross-attention's key and
+    value into our kv; its decoder is a tensor of its own (ours is untied)."""
+    m = {**_wb("fusion_mlm.dense", "lm_head.dense"), **_wb("fusion_mlm.norm", "lm_head.layer_norm"),
+         "fusion_mlm.decoder.weight": "lm_head.decoder.weight", "fusion_mlm.bias": "lm_head.bias"}
+    for i in range(layers):
+        o, h = f"fusion.blocks.{i}", f"encoder.layer.{i}"
+        a, c = f"{h}.attention", f"{h}.crossattention"                    # post-LN, as RoBERTa's blocks
+        for p in ("weight", "bias"):
+            m[f"{o}.attn.qkv.{p}"] = tuple(f"{a}.self.{x}.{p}" for x in ("query", "key", "value"))
+            m[f"{o}.cross_attn.q.{p}"] = f"{c}.self.query.{p}"
+            m[f"{o}.cross_attn.kv.{p}"] = (f"{c}.self.key.{p}", f"{c}.self.value.{p}")
+        m |= _wb(f"{o}.attn.proj", f"{a}.output.dense") | _wb(f"{o}.norm1", f"{a}.output.LayerNorm")
+        m |= _wb(f"{o}.cross_attn.proj", f"{c}.output.dense") | _wb(f"{o}.norm_cross", f"{c}.output.LayerNorm")
+        m |= _wb(f"{o}.mlp.fc1", f"{h}.intermediate.dense") | _wb(f"{o}.mlp.fc2", f"{h}.output.dense")
+        m |= _wb(f"{o}.norm2", f"{h}.output.LayerNorm")
+    return m
+
+
+def _prefixed(prefix, names):
+    return tuple(prefix + n for n in names) if isinstance(names, tuple) else prefix + names
+
+
+def XFM_OFFICIAL_MAP(text_layers, vision_layers, fusion_layers):
+    """Every tensor of model.XFM -> its official name(s) (the text and fusion encoders' without `roberta.`):
+    the three encoders through ROBERTA_MAP, BEIT_MAP and FUSION_MAP, the heads by the same names."""
+    m = {k: _prefixed("text_encoder.", v) for k, v in ROBERTA_MAP(text_layers).items()}
+    m |= {k: _prefixed("vision_encoder.", v) for k, v in BEIT_MAP(vision_layers).items()}
+    m |= {k: _prefixed("fusion_encoder.", v) for k, v in FUSION_MAP(fusion_layers).items()}
+    for p in ("weight", "bias"):
+        m |= {f"{h}.{i}.{p}": f"{h}.{i}.{p}" for h in ("itm_head", "bbox_head") for i in (0, 1, 3)}
+        m |= {f"{h}.{p}": f"{h}.{p}" for h in ("text_proj", "vision_proj")}
+    return m | {"temp": "temp"}
+
+
+# official tensors with no place in model.XFM, known and listed (names without `roberta.`)
+XFM_OFFICIAL_SKIP = {
+    r"text_encoder\.embeddings\.token_type_embeddings\.weight": "folded into the position table",
+    r"(text|fusion)_encoder\.embeddings\.(position_ids|token_type_ids)": "a buffer",
+    r"text_encoder\.lm_head\.decoder\.weight": "tied to the word embeddings",
+    r"(text|fusion)_encoder\.lm_head\.decoder\.bias": "the same tensor as lm_head.bias",
+    r"(text|fusion)_encoder\.lm_cap_head\..*": "a captioning head (no task here uses it)",
+    r"fusion_encoder\.embeddings\..*": "the fusion encoder's embeddings (its input is the text encoder's states)",
+    r"vision_encoder\..*relative_position_index": "a buffer (model.RelativePositionBias builds the index)"}
+
+# the model's tensors a file may lack (a fine-tuned file has no MLM heads): they keep a fresh init, and say so
+XFM_OFFICIAL_OPTIONAL = ("text_mlm.", "fusion_mlm.", "text_proj.", "vision_proj.", "temp", "itm_head.",
+                         "bbox_head.", "vision.fc_norm.")
+
+
+def plain_data(obj, where):
+    """Refuse (one line naming where and the type) anything in obj but dicts, lists, tuples, strings, numbers,
+    None and tensors. torch.load(weights_only=True) already refuses every class it does not know; this refuses
+    the few others it rebuilds (torch.Size, torch.device, dtypes, ...), which no official file holds."""
+    todo = [(obj, "the file")]
+    while todo:
+        x, at = todo.pop()
+        if isinstance(x, dict) and type(x).__module__ in ("builtins", "collections"):
+            todo += [(v, f"{at}[{k!r}]") for k, v in x.items()]
+        elif type(x) in (list, tuple):
+            todo += [(v, f"{at}[{i}]") for i, v in enumerate(x)]
+        elif not (torch.is_tensor(x) or x is None or type(x) in (str, int, float, bool)):
+            raise SystemExit(f"error: {where}: {at} is {formats.type_of(x)} ({type(x).__name__}); an official "
+                             f"X-FM file holds only dicts, lists, strings, numbers and tensors")
+
+
+def official_parts(raw, where):
+    """(state dict, run config) of an official file: {"model": state dict, "config": {...}, ...} or a bare state
+    dict. The state dict's keys are strings and its values tensors; the text and fusion encoders' keys lose their
+    `roberta.` -> ({name without roberta.: tensor}, {that name: the official name}, run config)."""
+    plain_data(raw, where)
+    if not isinstance(raw, dict):
+        raise SystemExit(f"error: {where}: holds {formats.type_of(raw)}, not a dict")
+    state, run_config = (raw["model"], raw.get("config") or {}) if isinstance(raw.get("model"), dict) else (raw, {})
+    if not isinstance(run_config, dict):
+        raise SystemExit(f"error: {where}: its config is {formats.type_of(run_config)}, not a dict")
+    src, names = {}, {}
+    for k, v in state.items():
+        if not (isinstance(k, str) and torch.is_tensor(v)):
+            raise SystemExit(f"error: {where}: the state dict holds {formats.type_of(v)} under {k!r}, not a "
+                             f"tensor under a name")
+        short = re.sub(r"^(text_encoder|fusion_encoder)\.roberta\.", r"\1.", k)
+        if short in src:
+            raise SystemExit(f"error: {where}: holds both {names[short]} and {k}")
+        src[short], names[short] = v, k
+    return src, names, run_config
+
+
+def _layers(src, prefix):
+    found = {int(m.group(1)) for m in (re.match(rf"{re.escape(prefix)}(\d+)\.", k) for k in src) if m}
+    return 1 + max(found) if found else 0
+
+
+def official_xfm_config(src, run_config, text_dir, where):
+    """make_config overrides for an official state dict (official_parts' names) -> (overrides, notes). The
+    vision sizes come off the BEiT tensors (beit_sizes: heads = the last dimension of each table), vocabulary,
+    width and position rows off the text embeddings, depths off the layer numbers, embed_dim off text_proj; the
+    pad id and the head count of the text encoder from its RoBERTa config.json (text_dir), when given. The
+    run's config, where it names a size, must say the same."""
+    try:
+        sizes = beit_sizes({k.removeprefix("vision_encoder."): v for k, v in src.items()
+                            if k.startswith("vision_encoder.")}, f"{where} (vision_encoder)")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    word = src.get("text_encoder.embeddings.word_embeddings.weight")
+    pos = src.get("text_encoder.embeddings.position_embeddings.weight")
+    proj = src.get("text_proj.weight")
+    if any(t is None or t.dim() != 2 for t in (word, pos, proj)):
+        raise SystemExit(f"error: {where}: no text_encoder word and position embeddings and text_proj of 2 "
+                         f"dimensions: not an X-FM model")
+    notes, pad = [], 1
+    if text_dir:
+        try:
+            t = text_config(text_dir)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        if (t["width"], t["heads"]) != (word.shape[1], sizes["heads"]):
+            raise SystemExit(f"error: {text_dir}: width {t['width']} and {t['heads']} heads, but {where} has "
+                             f"width {word.shape[1]} and {sizes['heads']} heads (one for all three encoders)")
+        pad = t["pad_id"]
+    else:
+        notes.append(f"no --text_config: pad id 1 (RoBERTa's) and the vision encoder's {sizes['heads']} heads "
+                     f"for the text and fusion encoders")
+    over = dict(sizes, vocab_size=word.shape[0], pad_id=pad, max_text_len=pos.shape[0] - pad - 1,
+                text_layers=_layers(src, "text_encoder.encoder.layer."), embed_dim=proj.shape[0],
+                fusion_layers=_layers(src, "fusion_encoder.encoder.layer."))
+    if word.shape[1] != sizes["width"]:
+        raise SystemExit(f"error: {where}: text width {word.shape[1]}, vision width {sizes['width']}: this model "
+                         f"has one width for all three encoders")
+    if over["max_text_len"] < 1:
+        raise SystemExit(f"error: {where}: a position table of {pos.shape[0]} rows leaves no position past "
+                         f"the pad id {pad}")
+    said = {"image_res": "image_size", "patch_size": "patch_size", "embed_dim": "embed_dim",
+            "text_num_hidden_layers": "text_layers", "fusion_num_hidden_layers": "fusion_layers"}
+    for key, ours in said.items():
+        if key in run_config and config_int(run_config, key, f"{where} config") != over[ours]:
+            raise SystemExit(f"error: {where}: its config says {key} {run_config[key]}, its tensors "
+                             f"{over[ours]}")
+    return over, notes
+
+
+def convert_xfm(path, out_dir, text_dir="", tokenizer=""):
+    """An official X-FM checkpoint file -> the export folder out_dir (config.json, model.safetensors,
+    tokenizer.json; finetune.py --init out_dir). The file is read with torch.load(weights_only=True) and
+    checked to be plain data (plain_data); the sizes come from its tensors and config (official_xfm_config);
+    the tokenizer.json is --tokenizer's, else text_dir's, exported with the official text normalisation on
+    (tokenizer.for_official_weights). Every tensor goes through XFM_OFFICIAL_MAP, the text
+    encoder's token-type row folded into its positions. A tensor with no place (neither mapped nor in
+    XFM_OFFICIAL_SKIP), or an encoder tensor the file lacks, refuses the file with one line and writes
+    nothing. -> the LoadReport, whose keys are the official names; the lines it prints list every official
+    tensor not used."""
+    from lib.tokenizer import Tokenizer, for_official_weights            # the tokenizers package, on demand
+    src, names, run_config = official_parts(read_torch(path), path)
+    over, notes = official_xfm_config(src, run_config, text_dir, path)
+    tok_path = tokenizer or (tokenizer_path(text_dir) if text_dir else "")
+    if not tok_path:
+        raise SystemExit("error: no tokenizer.json: give --tokenizer FILE, or --text_config DIR with one")
+    tok = Tokenizer.load(tok_path)
+    if tok.vocab_size > over["vocab_size"] or tok.pad_id != over["pad_id"]:
+        raise SystemExit(f"error: {tok_path}: {tok.vocab_size} tokens with <pad> {tok.pad_id}, but {path} has "
+                         f"{over['vocab_size']} embeddings and pad id {over['pad_id']}")
+    fold_token_type(src, "text_encoder.")
+    cfg = make_config("base", **over)
+    torch.manual_seed(0)                                                  # the heads a file lacks: one init
+    model = XFM(cfg)
+    keymap = XFM_OFFICIAL_MAP(cfg.text_layers, cfg.vision_layers, cfg.fusion_layers)
+    try:
+        rep = apply_map(model, src, keymap, XFM_OFFICIAL_SKIP, path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if rep.unexpected:
+        raise SystemExit(f"error: {path}: {len(rep.unexpected)} tensor(s) with no place in this model, such as "
+                         f"{names[rep.unexpected[0]]}: refused, nothing written")
+    lacking = [k for k in rep.missing if not k.startswith(XFM_OFFICIAL_OPTIONAL)]
+    if lacking:
+        raise SystemExit(f"error: {path}: no {rep.missing[lacking[0]]} (for {lacking[0]}; {len(lacking)} of the "
+                         f"model's tensors lacking): not a whole X-FM model")
+    dec, word = src.get("text_encoder.lm_head.decoder.weight"), src["text_encoder.embeddings.word_embeddings.weight"]
+    if dec is not None and not torch.equal(dec, word):
+        notes.append("text_encoder.lm_head.decoder.weight differs from the word embeddings; ours is tied to them")
+    rep.skipped = {names[k]: r for k, r in rep.skipped.items()}
+    rep.notes += notes
+    export(out_dir, os.path.dirname(os.path.abspath(path)), model.state_dict(), asdict(cfg),
+           {"converted_from": os.path.abspath(path), "official_config": run_config}, 0, tokenizer=tok_path)
+    # the tokenizer the weights were trained with: the official text normalisation on (docs/METHOD.md §10.1)
+    for_official_weights(tok_path).save(os.path.join(out_dir, "tokenizer.json"))
+    return rep
+
+
+def report_unused(rep):
+    """The lines convert-xfm prints: the LoadReport, then every official tensor not used, one a line."""
+    return "\n".join([str(replace(rep, skipped={}))] + [f"  unused {k}: {r}" for k, r in rep.skipped.items()])
+
+
+def main(argv=None):
+    """python -m lib.pretrained SUBCOMMAND ...: released weights -> an export folder that finetune.py --init DIR
+    reads (docs/FINETUNING.md, Start from released weights)."""
+    ap = argparse.ArgumentParser(prog="python -m lib.pretrained", description=main.__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert-xfm", help="an official X-FM checkpoint file -> an export folder")
+    c.add_argument("ckpt", help="the official file: {\"model\": state dict, \"config\": the run's config} or a bare "
+                   "state dict (read with torch.load(weights_only=True): no code from it runs)")
+    c.add_argument("--out", required=True, help="the export folder to write (config.json, model.safetensors, "
+                   "tokenizer.json); a folder of its own")
+    c.add_argument("--text_config", default="", help="the RoBERTa folder the run's config names as text_encoder "
+                   "(roberta-base/): its config.json gives the pad id and the head count, its tokenizer.json the "
+                   "tokenizer; without it: pad id 1 and the vision encoder's head count")
+    c.add_argument("--tokenizer", default="", help="the tokenizer.json to export (default: --text_config's)")
+    fl = sub.add_parser("convert-flava", help="a Hugging Face FlavaForPreTraining / FlavaModel folder -> an export")
+    fl.add_argument("hf_dir", help="config.json, model.safetensors or pytorch_model.bin, tokenizer.json")
+    fl.add_argument("--out", required=True, help="the export folder to write (finetune.py --init DIR)")
+    fl.add_argument("--max_text_len", type=int, default=0, help="position rows kept (default: all of them)")
+    args = ap.parse_args(argv)
+    if args.command == "convert-xfm":
+        rep = convert_xfm(args.ckpt, args.out, args.text_config, args.tokenizer)
+        print(report_unused(rep) + f"\nwritten to {args.out} (python finetune.py --task retrieval --epochs 0 "
+              f"--init {args.out})")
+    else:
+        print(convert_flava(args.hf_dir, args.out, args.max_text_len))
+        print(f"wrote {args.out}: python finetune.py --task all --init {args.out}")
+
+
+if __name__ == "__main__":  # python -m lib.pretrained: run the one copy that the other modules import
+    from lib.pretrained import main
+    main()

@@ -362,7 +362,7 @@ def shared_tokenizer(cfg, ckpt, ddp, rank):
             tok = run_tokenizer(ckpt, cfg.resume)
         else:
             tok = tokenizer.get_tokenizer(cfg.data_dir, cfg.out_dir, cfg.vocab_size, cfg.tokenizer or None,
-                                          cfg.image_root)
+                                          cfg.image_root, cfg.text_norm)
         tok.save(os.path.join(cfg.out_dir, "tokenizer.json"))
         return tok.to_json()
     return tokenizer.Tokenizer.from_json(runtime.rank0_shares(prepare, ddp, rank))

@@ -377,3 +377,14 @@ def test_strict_stops_at_a_bad_record_with_one_line(ckpt, tmp_path):
                                          r"bad record stops the run\)$"):
         finetune.main(["--task", "textcls", "--init", ckpt, "--train_file", str(task), "--test_file", str(task),
                        "--strict", "--out_dir", str(tmp_path / "ft")])
+
+
+def test_text_norm_turns_on_for_a_task_and_its_folder_keeps_it(toy, ckpt, tmp_path):
+    """--text_norm normalises a pre-trained run's captions in fine-tuning (docs/METHOD.md §10.1), and the task
+    folder's tokenizer.json records it, so the folder is an --init that normalises too."""
+    from lib import tokenizer
+    out = str(tmp_path / "ft")
+    finetune.main(["--task", "retrieval", "--init", ckpt, "--data_dir", toy, "--out_dir", out, "--epochs", "0",
+                   "--k_test", "4", "--text_norm"])
+    assert tokenizer.Tokenizer.load(os.path.join(out, "retrieval_zeroshot", "tokenizer.json")).text_norm
+    assert not tokenizer.Tokenizer.load(os.path.join(os.path.dirname(ckpt), "tokenizer.json")).text_norm

@@ -82,9 +82,8 @@ class TrainConfig:
                                     # on the data (with --init_text: that folder's tokenizer.json if
                                     # it has one)
     vocab_size: int = 2000          # BPE size when training a tokenizer
-    text_norm: bool = False         # the official X-FM normalisation of captions (lowercase, no
-                                    # punctuation, 30 words; lib/tokenizer.py): the tokenizer keeps
-                                    # it; off: a --tokenizer file keeps its own (docs/METHOD.md §10.1)
+    text_norm: bool = False         # official X-FM caption normalisation (lib/tokenizer.py), kept
+                                    # by the tokenizer; off: a --tokenizer file keeps its own
     caption_len: int = 30           # max caption tokens (pairs, regions)
     text_len: int = 64              # max tokens of a text-only document
     crop_min_scale: float = 0.8     # random resized crop scale lower bound (official: 0.2; the toy
@@ -399,8 +398,7 @@ def main(argv=None):
         runtime.teardown()
 
 
-# One X-FM step: three optimizer updates in this order, each on these data kinds (docs/METHOD.md
-# §5.2)
+# One X-FM step: three optimizer updates in this order, each on these data kinds (METHOD.md §5.2)
 XFM_UPDATES = [("text",), ("region", "image"), ("pair",)]
 
 

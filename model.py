@@ -197,8 +197,9 @@ class MLP(nn.Module):
 
 
 def drop_path(x, p, training):
-    """Stochastic depth: drop the whole residual branch for a random subset of samples."""
-    if p == 0.0 or not training:
+    """Stochastic depth: drop the whole residual branch for a random subset of samples. p: a float, or
+    (in a compiled block, see Block.forward) a 0-dim tensor, which is drawn from even when it is 0."""
+    if not training or (isinstance(p, float) and p == 0.0):
         return x
     # 0 or 1/(1-p)
     keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p).div_(1 - p)
@@ -226,6 +227,10 @@ class Block(nn.Module):
         # BEiT-v2 pre-training uses no dropout, only drop path
         drop = 0.0 if pre_norm else cfg.dropout
         self.pre_norm, self.drop_path = pre_norm, drop_path
+        # an encoder with drop path: the rate also as a tensor, which a compiled block reads (a graph
+        # input; the float would be a constant of the graph, each layer's rate a recompile of its own)
+        rate = torch.tensor(float(drop_path)) if pre_norm and cfg.drop_path > 0 else None
+        self.register_buffer("drop_rate", rate, persistent=False)
         kw = dict(attn_drop=drop, proj_drop=drop, sdpa=cfg.attn_impl != "explicit")
         self.attn = Attention(D, cfg.heads, beit_bias=pre_norm, **kw)
         self.norm1 = nn.LayerNorm(D, eps=eps)
@@ -243,10 +248,13 @@ class Block(nn.Module):
         if self.rel_pos is not None and mask is None:  # BEiT: each block adds its own position bias
             mask = self.rel_pos()                                          # (nh, N, N)
         if self.pre_norm:
+            # eager: the float (no draw at rate 0); compiled (lib/runtime.compile_blocks): the tensor
+            compiled = torch.compiler.is_compiling() and self.drop_rate is not None
+            p = self.drop_rate if compiled else self.drop_path
             a = self.gamma_1 * self.attn(self.norm1(x), mask=mask)
-            x = x + drop_path(a, self.drop_path, self.training)
+            x = x + drop_path(a, p, self.training)
             m = self.gamma_2 * self.mlp(self.norm2(x))
-            return x + drop_path(m, self.drop_path, self.training)
+            return x + drop_path(m, p, self.training)
         x = self.norm1(x + self.attn(x, mask=mask))
         if image is not None:  # text queries attend to image keys/values; the image is not updated
             x = self.norm_cross(x + self.cross_attn(x, kv=image, mask=image_mask))

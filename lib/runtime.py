@@ -276,20 +276,46 @@ def stack_position_biases(model):
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 COMPILE_BACKEND = "inductor"  # torch.compile's code generator
+# compiled graphs one block code may keep (torch's default: 8): one per block kind and call signature of a step
+# (batch shape, grad mode, whether the input needs a gradient, train or eval), never one per layer
+BLOCK_GRAPHS_LIMIT = 64
+
+
+def compiled(fn, mode="default"):
+    """torch.compile of fn (a module or a function) with fixed shapes, in `mode` (COMPILE_MODES; an Inductor option:
+    the tests' backend "aot_eager" traces the same graphs and generates no code)."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, not {mode!r}")
+    if COMPILE_BACKEND != "inductor":
+        return torch.compile(fn, backend=COMPILE_BACKEND, dynamic=False)
+    return torch.compile(fn, mode=mode, dynamic=False)
+
+
+def compile_blocks(model, mode="default"):
+    """Regional compilation (train.py --compile): the forward of each Transformer block (encoder_blocks) compiled,
+    the rest of the step (embeddings, heads, the loss code) eager. TorchDynamo keeps its compiled graphs on the code
+    object of the forward, which every block of a class shares, with guards on what the code reads: so each kind
+    of block (X-FM: text, vision and fusion blocks; FLAVA: each encoder's input shape) compiles once and every
+    layer of that kind reuses the graph, and the compile time does not grow with depth. What differs between
+    layers of one kind must be a tensor, a graph input: the vision blocks' drop-path rates (model.Block.drop_rate;
+    a float would be a constant guarded per layer). The order is torchtitan's: activation checkpointing first
+    (checkpoint_blocks: the compiled graph holds the checkpoint, so the recomputation is compiled too), then this,
+    then DDP or FSDP (distribute), whose hooks run around the compiled forward, not inside it. With --compile the
+    batch shapes are fixed (data.DataConfig.static), so after the first step no block compiles again."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_GRAPHS_LIMIT)
+    for block in encoder_blocks(model):
+        block.forward = compiled(block.forward, mode)   # (after checkpoint_blocks: the checkpointed forward)
+    return model
 
 
 def compile_step(module, mode="default"):
-    """torch.compile of a module whose forward computes every loss of a training step (train.py --compile): the
-    encoders, the heads and the loss code become one graph (and AOTAutograd compiles its backward), so an eager
-    step's thousands of small kernel launches become a few fused ones. The loss code is written with fixed shapes
-    and no host syncs (docs/ENGINEERING.md), so with the fixed batch shapes of --compile (data.DataConfig.static) the
-    graph has no breaks and compiles once. mode "reduce-overhead" also records the step as a CUDA graph (CUDA only):
-    one launch replays the whole graph."""
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, not {mode!r}")
-    if COMPILE_BACKEND != "inductor":  # the tests' "aot_eager": the same graphs, no code generation; no modes
-        return torch.compile(module, backend=COMPILE_BACKEND, dynamic=False)
-    return torch.compile(module, mode=mode, dynamic=False)
+    """torch.compile of a module whose forward computes every loss of a training step as one graph: the encoders,
+    the heads and the loss code (and AOTAutograd compiles its backward), for tools/bench.py's and
+    tools/gpu_check.py's whole-step rows, beside the regional compilation of train.py --compile (compile_blocks).
+    The loss code is written with fixed shapes and no host syncs (docs/ENGINEERING.md), so with fixed batch shapes
+    (data.DataConfig.static) the graph has no breaks and compiles once. mode "reduce-overhead" also records the
+    step as a CUDA graph (CUDA only): one launch replays the whole graph."""
+    return compiled(module, mode)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -324,17 +350,18 @@ def shard(loss_model, model):
 
 
 def wrap(loss_model, model, cfg, ddp, device, find_unused):
-    """The loss module as train.py's loop calls it: with --grad_ckpt each block recomputes its activations in the
-    backward (checkpoint_blocks); every block's position bias in one gather (stack_position_biases; not under FSDP,
-    where a block's table is whole only inside its forward); DDP or FSDP (distribute); with --compile the whole
-    loss module as one graph (compile_step: --compile pads texts to fixed lengths and picks the fast loss path,
-    which has fixed shapes and no host syncs, so it compiles once)."""
+    """The loss module as train.py's loop calls it, in torchtitan's order: with --grad_ckpt each block recomputes
+    its activations in the backward (checkpoint_blocks); with --compile each block's forward compiled, once per
+    kind of block (compile_blocks: --compile pads texts to fixed lengths, so no block compiles again after the
+    first step); every block's position bias in one gather (stack_position_biases; not under FSDP, where a block's
+    table is whole only inside its forward); then DDP or FSDP (distribute)."""
     if cfg.grad_ckpt:
         checkpoint_blocks(model)
+    if cfg.compile:
+        compile_blocks(model, cfg.compile_mode)
     if not (ddp and cfg.fsdp):
         stack_position_biases(model)
-    loss_model = distribute(loss_model, model, ddp, cfg.fsdp, device, find_unused)
-    return compile_step(loss_model, cfg.compile_mode) if cfg.compile else loss_model
+    return distribute(loss_model, model, ddp, cfg.fsdp, device, find_unused)
 
 
 def distribute(loss_model, model, ddp, fsdp, device, find_unused):

@@ -1005,6 +1005,30 @@ CATALOGUE = [
     Bug("tn_task_folder_loses_it", FT, 'env.tok.save(os.path.join(out, "tokenizer.json"))',
         'env.tok.hf.save(os.path.join(out, "tokenizer.json"))', "a task folder's tokenizer.json keeps the normalisation",
         f"{TFT}::test_text_norm_turns_on_for_a_task_and_its_folder_keeps_it", fast=False),
+    # regional compilation (lib/runtime.compile_blocks, model.Block.drop_rate)
+    Bug("compile_drop_rate_baked", M, "            p = self.drop_rate if compiled else self.drop_path\n",
+        "            p = self.drop_path\n",
+        "a compiled block reads its drop-path rate as a tensor, not a per-layer constant",
+        "tests/test_compile.py::test_each_kind_of_block_compiles_once_for_every_depth"),
+    Bug("compile_eager_draws_at_rate_0", M, "compiled = torch.compiler.is_compiling() and self.drop_rate is not None",
+        "compiled = self.drop_rate is not None", "the eager path draws drop path's random numbers as the float formula",
+        "tests/test_compile.py::test_eager_drop_path_draws_as_the_float_formula"),
+    Bug("compile_before_checkpoint", "lib/runtime.py",
+        "    if cfg.grad_ckpt:\n        checkpoint_blocks(model)\n    if cfg.compile:\n"
+        "        compile_blocks(model, cfg.compile_mode)\n",
+        "    if cfg.compile:\n        compile_blocks(model, cfg.compile_mode)\n    if cfg.grad_ckpt:\n"
+        "        checkpoint_blocks(model)\n",
+        "activation checkpointing first, then compile: the compiled graph holds the checkpoint",
+        "tests/test_compile.py::test_compiled_blocks_hold_the_checkpoint"),
+    Bug("compile_limit_default", "lib/runtime.py",
+        "    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_GRAPHS_LIMIT)\n",
+        "",
+        "a block's code keeps a graph per kind and call signature of a step (more than torch's default 8)",
+        "tests/test_compile.py::test_each_kind_of_block_compiles_once_for_every_depth"),
+    Bug("compile_blocks_off", "lib/runtime.py", "    if cfg.compile:\n        compile_blocks(",
+        "    if False:\n        compile_blocks(",
+        "--compile compiles the blocks",
+        "tests/test_compile.py::test_compiled_blocks_equal_eager_without_breaks_or_recompiles"),
 ]
 
 

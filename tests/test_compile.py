@@ -186,3 +186,15 @@ def test_compiled_blocks_under_ddp_and_fsdp(tmp_path):
         first, later = compiled[2]
         assert breaks == 0 and later == 0, (mode, breaks, first, later)  # (FSDP's blocks reuse DDP's graphs)
         _assert_equal(eager, compiled)
+
+
+def test_bench_reports_the_compile_of_each_kind_of_block():
+    """tools/bench.py's compiled row (compile="blocks", train.py --compile): the compile time, no graph break, the
+    graphs compiled and no recompile after the first step, for both recipes."""
+    import bench
+    for recipe in ("flava", "xfm"):
+        row = bench.bench_step(recipe, "tiny", torch.device("cpu"), 2, compile="blocks", iters=1, warmup=2,
+                               backend="aot_eager")
+        assert row["compile"] == "blocks" and torch.isfinite(torch.tensor(row["loss"]))
+        assert row["graph_breaks"] == 0 and row["recompiles"] == 0 and row["graphs"] > 0, row["dynamo"]
+        assert row["compile_s"] > 0

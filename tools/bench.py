@@ -32,9 +32,9 @@ Sections of the report (one Markdown table each; also in JSON), written to --out
                    and how many of the forward's ops run inside the three encoders (what compile covers)
   2. Speed knobs, one at a time from the baseline (sdpa attention, bf16 autocast on a bf16 GPU else fp32,
      no compile): attention explicit vs sdpa (XFMConfig.attn_impl), every dtype of --dtypes (fp16 with a
-     GradScaler, as train.py; fp16 is skipped on the CPU, whose autocast is bf16 only), and torch.compile of the
-     whole step the way train.py --compile does it (train.LossModel through runtime.compile_step); a compile that
-     fails is noted in the report, not fatal. Compiling takes minutes, so by default it is timed on CUDA
+     GradScaler, as train.py; fp16 is skipped on the CPU, whose autocast is bf16 only), and torch.compile the
+     way train.py --compile does it (each kind of block compiled once: runtime.compile_blocks; bench_step's
+     compile="step" compiles the whole step instead); a compile that fails is noted in the report, not fatal. Compiling takes minutes, so by default it is timed on CUDA
      for the largest config's first recipe only (--compile: every run, also on the CPU; --no-compile: none).
   3. Ours vs Hugging Face: our language and vision encoders against RobertaModel and BeitModel configured
      with the same width, depth, heads, MLP, vocabulary, image and patch size, a relative position bias per
@@ -146,17 +146,20 @@ def batch_counts(batch, cfg):
 # ---------------------------------------------------------------------------------------------------------
 # 1 + 2: the training step
 
-COMPILE_CHOICES = ("off", "step", "graphs")   # bench_step's compile: none, the whole step, + CUDA graphs
+# bench_step's compile: none, each kind of block (train.py --compile), the whole step, the whole step + CUDA graphs
+COMPILE_CHOICES = ("off", "blocks", "step", "graphs")
 
 
 def bench_step(recipe, preset, device, B, dtype="fp32", attn="sdpa", compile="off", iters=5, warmup=2,
                count=False, backend="inductor"):
     """Time `iters` full training steps (after `warmup`) on one fixed synthetic batch; returns a row dict.
-    compile: "off"; "step" (what train.py --compile does: the whole step's loss
-    module, train.LossModel, compiled with runtime.compile_step) or "graphs" (the same in mode "reduce-overhead":
-    CUDA graphs). backend: torch.compile's backend for "step" and "graphs" ("inductor" through
-    runtime.compile_step; "eager" or "aot_eager" test the tracing alone, e.g. on a CPU). A compiled run adds the
-    TorchDynamo counters (graph breaks, graphs, frames compiled after the first step) under "dynamo". count:
+    compile: "off"; "blocks" (what train.py --compile does: each kind of Transformer block compiled once,
+    runtime.compile_blocks, the loss code eager); "step" (the whole step's loss module, train.LossModel, compiled
+    as one graph with runtime.compile_step) or "graphs" (the same in mode "reduce-overhead": CUDA graphs).
+    backend: torch.compile's backend ("inductor"; "eager" or "aot_eager" test the tracing alone, e.g. on a CPU).
+    A compiled run adds compile_s (the first step's time less a compiled step's median), graph_breaks, graphs
+    (TorchDynamo's graphs compiled) and recompiles (frames compiled after the first step), and every TorchDynamo
+    counter under "dynamo". count:
     also count the step's FLOPs with torch's counter (the same batch gives the same count, so once per preset and
     recipe is enough). Timed to the median step too: step_ms is the mean (wall clock), step_ms_median the
     median of the per-step intervals."""
@@ -179,6 +182,15 @@ def bench_step(recipe, preset, device, B, dtype="fp32", attn="sdpa", compile="of
             torch.compile(loss_model, backend=backend, dynamic=False)   # (mode is an Inductor option)
         step_losses = lambda: compiled(batch)[0]                        # noqa: E731  (losses, stats) -> losses
         clear_dynamo_counters()
+    if compile == "blocks":
+        loss_model, inductor = train.LossModel(model, stop_grad=True, recipe=recipe, fast=True), runtime.COMPILE_BACKEND
+        runtime.COMPILE_BACKEND = backend                               # (read when each block is compiled)
+        try:
+            runtime.compile_blocks(model)
+        finally:
+            runtime.COMPILE_BACKEND = inductor
+        step_losses = lambda: loss_model(batch)[0]                      # noqa: E731  (losses, stats) -> losses
+        clear_dynamo_counters()
     frames_first_step = None
 
     marks, t_warm = [], time.perf_counter()
@@ -186,8 +198,9 @@ def bench_step(recipe, preset, device, B, dtype="fp32", attn="sdpa", compile="of
         if i == warmup:
             sync(device)
             warmup_s, t0, marks = time.perf_counter() - t_warm, time.perf_counter(), []
-        if i == 1 and compile in ("step", "graphs"):  # compiling after the first step: a recompile
+        if i == 1 and compile != "off":  # compiling after the first step: a recompile
             frames_first_step = torch._dynamo.utils.counters["frames"]["total"]
+            first_step_s = time.perf_counter() - t_warm
         if compile == "graphs":  # a new step: the previous replay's outputs may be overwritten from here on
             torch.compiler.cudagraph_mark_step_begin()
         marks.append(stamp(device))
@@ -217,8 +230,10 @@ def bench_step(recipe, preset, device, B, dtype="fp32", attn="sdpa", compile="of
                loss=float(loss.detach()), eats={k: c[:2] for k, c in counts.items()})
     if recipe == "xfm":
         row["flops_analytic"] = flops_per_step(cfg, batch_shape(batch))
-    if compile in ("step", "graphs"):
+    if compile != "off":
         row["dynamo"] = dynamo_summary(frames_first_step)
+        row.update(compile_s=max(0.0, first_step_s - step_ms_median / 1e3),
+                   **{k: row["dynamo"][k] for k in ("graph_breaks", "graphs", "recompiles")})
     if compile == "off":  # a compiled step runs fused kernels, not the aten ops counted here
         counter = count_dispatch(model, loss_fn, batch, autocast)
         row.update(ops=counter.ops, syncs=counter.syncs, sync_sites=counter.sync_sites,
@@ -411,7 +426,7 @@ def main(argv=None):
     for preset in configs:
         B = batch_size[preset]
         for recipe in recipes:
-            compile_variant = [("sdpa", base_dtype, "step")] if (preset, recipe) in compiled else []
+            compile_variant = [("sdpa", base_dtype, "blocks")] if (preset, recipe) in compiled else []
             for attn, dtype, comp in variants + compile_variant:
                 is_base = (attn, dtype, comp) == variants[0]
                 print(f"  step: {preset} {recipe} attn={attn} {dtype} compile={comp} batch={B} ...", flush=True)

@@ -1029,6 +1029,9 @@ CATALOGUE = [
         "    if False:\n        compile_blocks(",
         "--compile compiles the blocks",
         "tests/test_compile.py::test_compiled_blocks_equal_eager_without_breaks_or_recompiles"),
+    Bug("bench_blocks_not_compiled", "tools/bench.py", "            runtime.compile_blocks(model)\n",
+        "            pass\n", "bench's compiled row compiles each kind of block",
+        "tests/test_compile.py::test_bench_reports_the_compile_of_each_kind_of_block"),
 ]
 
 

@@ -34,7 +34,8 @@ Sections of the report (one Markdown table each; also in JSON), written to --out
      no compile): attention explicit vs sdpa (XFMConfig.attn_impl), every dtype of --dtypes (fp16 with a
      GradScaler, as train.py; fp16 is skipped on the CPU, whose autocast is bf16 only), and torch.compile the
      way train.py --compile does it (each kind of block compiled once: runtime.compile_blocks; bench_step's
-     compile="step" compiles the whole step instead); a compile that fails is noted in the report, not fatal. Compiling takes minutes, so by default it is timed on CUDA
+     compile="step" compiles the whole step instead); a compile that fails is noted in the report, not fatal.
+     Compiling takes minutes, so by default it is timed on CUDA
      for the largest config's first recipe only (--compile: every run, also on the CPU; --no-compile: none).
   3. Ours vs Hugging Face: our language and vision encoders against RobertaModel and BeitModel configured
      with the same width, depth, heads, MLP, vocabulary, image and patch size, a relative position bias per

@@ -580,11 +580,12 @@ def prepare_run(cfg, model, streams, share, save, progress=None):
     --image_tokenizer=FILE, or one fitted on the training pairs and saved as RUN/image_tokenizer.pt.
     `share(fn)` runs fn on rank 0 and hands every rank its result (runtime.rank0_shares);
     `save(obj, path)` writes atomically."""
-    def dalle():
+    def dalle():  # rank 0 reads the folder into a codebook of its own; every rank copies it
         from lib import pretrained  # here, not at the top: lib/pretrained.py imports this file
-        report = pretrained.load_dalle_codebook(model.image_tokenizer, cfg.image_tokenizer)
+        book = image_tokenizer(model.cfg)
+        report = pretrained.load_dalle_codebook(book, cfg.image_tokenizer)
         print(f"image tokenizer: the DALL-E codebook, {report}", flush=True)
-        return model.image_tokenizer.state_dict()
+        return book.state_dict()
 
     if os.path.isdir(cfg.image_tokenizer):  # run_config built a DalleCodebook
         model.image_tokenizer.load_state_dict(share(dalle))

@@ -62,8 +62,8 @@ class TrainConfig:
                                     # update
     codebook_size: int = 256        # FLAVA: image-token vocabulary of the k-means tokenizer (the
                                     # dVAE's: 8192)
-    image_tokenizer: str = ""       # FLAVA: a saved RUN/image_tokenizer.pt to reuse; empty = fit
-                                    # one on the data
+    image_tokenizer: str = ""       # FLAVA: a saved RUN/image_tokenizer.pt to reuse; a folder: the
+                                    # DALL-E codebook (flava-image-codebook); empty = fit k-means
     attn_impl: str = "auto"         # auto (SDPA where fused, else written out) | sdpa | explicit
                                     # (written out, for teaching)
     init_text: str = ""             # Hugging Face RoBERTa folder: language encoder + MLM head

@@ -784,7 +784,8 @@ def from_pretrained_encoders(cfg, tok, master):
 # - its ITM head is a pooler (dense, tanh) and a linear layer: flava.FLAVA's itm_head, Linear-Tanh-Linear;
 # - each head's decoder has a bias that is the same tensor as the head's `bias` (tied in transformers);
 # - unused: the three encoders' poolers (FLAVA's features are final-LN CLS states) and the DALL-E image
-#   codebook (no counterpart: flava.PatchTokenizer's k-means codebook makes the MIM targets here).
+#   codebook a FlavaForPreTraining folder may hold (`image_codebook.*`); --codebook DIR reads a
+#   FlavaImageCodebook folder instead (the subsection after convert_flava).
 
 FLAVA_HEADS = ("mlm_head", "mim_head", "mmm_text_head", "mmm_image_head")
 
@@ -826,7 +827,8 @@ FLAVA_HF_SKIP = {r"(text|image|multimodal)_model\.pooler\..*": "a pooler (FLAVA'
                                                                            "type 0)",
                  r"(mlm|mim|mmm_text|mmm_image)_head\.bias": "the same tensor as the head's decoder.bias (tied)",
                  r".*(position_ids|token_type_ids)": "a buffer",
-                 r"image_codebook\..*": "the DALL-E image codebook (the k-means PatchTokenizer stands in for it)"}
+                 r"image_codebook\..*": "the DALL-E image codebook (convert-flava --codebook DIR reads a "
+                                         "FlavaImageCodebook folder)"}
 # the keys a FlavaModel folder lacks: the pre-training heads, left at their init
 FLAVA_PRETRAINING_ONLY = tuple(f"{h}." for h in (*FLAVA_HEADS, "itm_head"))
 
@@ -916,10 +918,11 @@ def load_flava(model, path):
     return rep
 
 
-def convert_flava(hf_dir, out_dir, max_text_len=0):
+def convert_flava(hf_dir, out_dir, max_text_len=0, codebook=""):
     """A Hugging Face FLAVA folder (config.json, model.safetensors or pytorch_model.bin, tokenizer.json) -> the
     export folder out_dir (config.json, model.safetensors, tokenizer.json) that finetune.py --init reads. The
-    image tokenizer's codebook stays zeros: the DALL-E codebook has no counterpart here. -> LoadReport."""
+    image tokenizer is the DALL-E codebook of the FlavaImageCodebook folder `codebook` (load_dalle_codebook);
+    without one it is a k-means PatchTokenizer whose codebook stays zeros. -> LoadReport."""
     if not os.path.isdir(hf_dir):
         raise SystemExit(f"error: {hf_dir}: no such folder (a Hugging Face FLAVA folder is expected)")
     if not os.path.isfile(tokenizer_path(hf_dir)):
@@ -930,9 +933,80 @@ def convert_flava(hf_dir, out_dir, max_text_len=0):
     if tok.pad_id != cfg.pad_id or tok.vocab_size > cfg.vocab_size:
         raise SystemExit(f"error: {tokenizer_path(hf_dir)}: pad id {tok.pad_id} and {tok.vocab_size} tokens; the "
                          f"model has pad_token_id {cfg.pad_id} and {cfg.vocab_size} embeddings")
+    train_config = {"config": f"Hugging Face FLAVA {hf_dir}"}
+    if codebook:  # the DALL-E codebook as the export's image tokenizer: its vocabulary must be the heads'
+        sizes = dalle_config(codebook)
+        if sizes["codebook_size"] != cfg.codebook_size:
+            raise SystemExit(f"error: {codebook}: a codebook of {sizes['codebook_size']} codes; {hf_dir}'s MIM / "
+                             f"MMM heads predict {cfg.codebook_size} (image_config.vocab_size)")
+        cfg, train_config = replace(cfg, **sizes), {**train_config, "image_tokenizer": codebook}
     model = flava.FLAVA(cfg)
     rep = load_flava(model, hf_dir)
-    export(out_dir, hf_dir, model.state_dict(), asdict(cfg), {"config": f"Hugging Face FLAVA {hf_dir}"}, 0)
+    if codebook:
+        rep.notes.append(f"image tokenizer: {load_dalle_codebook(model.image_tokenizer, codebook)}")
+    export(out_dir, hf_dir, model.state_dict(), asdict(cfg), train_config, 0)
+    return rep
+
+
+# The DALL-E image codebook: a Hugging Face FlavaImageCodebook folder (facebook/flava-image-codebook: config.json,
+# model.safetensors or pytorch_model.bin) -> flava.DalleCodebook, every tensor placed (DALLE_MAP)
+#     python train.py --recipe=flava --image_tokenizer=flava-image-codebook/    # FLAVA's own MIM / MMM targets
+#     python -m lib.pretrained convert-flava flava-full/ --out runs/flava_full --codebook flava-image-codebook/
+# Checked against transformers in tests/test_dalle_codebook.py: logits within 1e-5, the same codes.
+
+# Hugging Face's defaults, for a config.json that leaves a key out
+_DALLE_HF_DEFAULTS = {"num_groups": 4, "input_channels": 3, "num_blocks_per_group": 2, "hidden_size": 256,
+                      "vocab_size": 8192}
+
+
+def DALLE_MAP(blocks):
+    """Hugging Face's FlavaImageCodebook -> flava.DalleCodebook (4 groups of `blocks` blocks; the first block
+    of groups 2-4 widens, so it has a 1x1 skip conv)."""
+    m = {**_wb("input", "blocks.input"), **_wb("output", "blocks.output.conv")}
+    for g in range(flava.DalleCodebook.GROUPS):
+        for b in range(blocks):
+            o, h = f"groups.{g}.{b}", f"blocks.group_{g + 1}.group.block_{b + 1}"
+            if g > 0 and b == 0:
+                m |= _wb(f"{o}.skip", f"{h}.id_path")
+            for i in range(4):
+                m |= _wb(f"{o}.res.{i}", f"{h}.res_path.path.conv_{i + 1}")
+    return m
+
+
+def dalle_config(path):
+    """The flava.FLAVAConfig fields of a FlavaImageCodebook folder's config.json: {"codebook_size": its
+    vocab_size, "codebook_width": hidden_size, "codebook_blocks": num_blocks_per_group}. Hugging Face's model has
+    4 groups on 3 channels whatever the config says, and its residual gain reads num_groups: a config with
+    other values is refused."""
+    where = _hf_file(path, "config.json")
+    hf = read_hf_config(path)
+    if hf is None or hf.get("model_type") != "flava_image_codebook":
+        raise SystemExit(f"error: {where}: not the config.json of a FlavaImageCodebook (model_type "
+                         f"\"flava_image_codebook\"); --image_tokenizer takes that folder or a saved "
+                         f"image_tokenizer.pt")
+    hf = {**_DALLE_HF_DEFAULTS, **hf}
+    if config_int(hf, "num_groups", where) != 4 or config_int(hf, "input_channels", where) != 3:
+        raise SystemExit(f"error: {where}: num_groups must be 4 and input_channels 3 (DALL-E's encoder)")
+    return {"codebook_size": config_int(hf, "vocab_size", where),
+            "codebook_width": config_int(hf, "hidden_size", where),
+            "codebook_blocks": config_int(hf, "num_blocks_per_group", where)}
+
+
+def load_dalle_codebook(codebook, path):
+    """A FlavaImageCodebook folder's weights -> codebook (a flava.DalleCodebook built with dalle_config's
+    sizes): every tensor placed, none missing; a tensor with no place, a missing one or a shape that differs is
+    refused with one line. -> LoadReport."""
+    try:
+        rep = apply_map(codebook, read_state_dict(path), DALLE_MAP(len(codebook.groups[0])), {}, path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if rep.unexpected:
+        raise SystemExit(f"error: {path}: the tensor {rep.unexpected[0]} has no place in flava.DalleCodebook "
+                         f"({len(rep.unexpected)} such tensors)")
+    if rep.missing:
+        first = next(iter(rep.missing))
+        raise SystemExit(f"error: {path}: no {rep.missing[first]} for flava.DalleCodebook's {first} "
+                         f"({len(rep.missing)} tensors missing)")
     return rep
 
 
@@ -1157,13 +1231,15 @@ def main(argv=None):
     fl.add_argument("hf_dir", help="config.json, model.safetensors or pytorch_model.bin, tokenizer.json")
     fl.add_argument("--out", required=True, help="the export folder to write (finetune.py --init DIR)")
     fl.add_argument("--max_text_len", type=int, default=0, help="position rows kept (default: all of them)")
+    fl.add_argument("--codebook", default="", help="a FlavaImageCodebook folder (facebook/flava-image-codebook): "
+                    "the export's image tokenizer, the DALL-E codebook the MIM / MMM heads predict")
     args = ap.parse_args(argv)
     if args.command == "convert-xfm":
         rep = convert_xfm(args.ckpt, args.out, args.text_config, args.tokenizer)
         print(report_unused(rep) + f"\nwritten to {args.out} (python finetune.py --task retrieval --epochs 0 "
               f"--init {args.out})")
     else:
-        print(convert_flava(args.hf_dir, args.out, args.max_text_len))
+        print(convert_flava(args.hf_dir, args.out, args.max_text_len, args.codebook))
         print(f"wrote {args.out}: python finetune.py --task all --init {args.out}")
 
 

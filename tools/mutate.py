@@ -74,6 +74,8 @@ THS_PACK = "test_pack_reads_only_image_files_under_the_data_folder"
 ONCE = "        if (kind, where) not in self._records:\n            self._records.add((kind, where))\n"
 FT, TPC = "finetune.py", "tests/test_precheck.py"
 TK, TTN = "lib/tokenizer.py", "tests/test_text_norm.py"
+TDC, TDC_EQ = "tests/test_dalle_codebook.py", "test_logits_and_codes_equal_transformers"
+TDC_PIX = "test_input_is_what_the_hugging_face_processor_makes"
 
 # curves._band_verdict: when a loss out of its band is BAD
 BAND_BAD = "if (i + 1 < len(sides) and sides[i + 1][3] == side) or i == len(sides) - 1:"
@@ -866,8 +868,9 @@ CATALOGUE = [
         "the three poolers are known and unused, not tensors without a place",
         f"{THF}::test_the_export_holds_the_config_and_reports_the_unused"),
     Bug("hf_flava_unplaced_tensor_kept", P,
-        "    if rep.unexpected:\n        raise SystemExit(f\"error: {path}: the tensor",
-        "    if False:\n        raise SystemExit(f\"error: {path}: the tensor",
+        "    if rep.unexpected:\n        raise SystemExit(f\"error: {path}: the tensor {rep.unexpected[0]} has "
+        "no place in flava.FLAVA", "    if False:\n        raise SystemExit(f\"error: {path}: the tensor "
+        "{rep.unexpected[0]} has no place in flava.FLAVA",
         "a Hugging Face FLAVA tensor with no place in flava.FLAVA is refused in one line",
         f"{THF}::test_a_tensor_with_no_place_is_refused_in_one_line"),
     Bug("hf_flava_missing_encoder_tensor", P, "    if lost:", "    if False:",
@@ -941,6 +944,39 @@ CATALOGUE = [
     Bug("tn_task_folder_loses_it", FT, 'env.tok.save(os.path.join(out, "tokenizer.json"))',
         'env.tok.hf.save(os.path.join(out, "tokenizer.json"))', "a task folder's tokenizer.json keeps the normalisation",
         f"{TFT}::test_text_norm_turns_on_for_a_task_and_its_folder_keeps_it", fast=False),
+    # the DALL-E image codebook (flava.DalleCodebook, lib/pretrained.load_dalle_codebook)
+    Bug("dalle_no_maxpool", F, "                x = F.max_pool2d(x, 2)", "                x = x",
+        "a max-pool 2 between the groups (one code per 8 x 8 pixels)", f"{TDC}::{TDC_EQ}"),
+    Bug("dalle_residual_swapped", F, "return self.skip(x) + self.gain * h", "return self.gain * self.skip(x) + h",
+        "the gain scales the residual path, not the skip path", f"{TDC}::{TDC_EQ}"),
+    Bug("dalle_relu_after_conv", F, "h = conv(F.relu(h))", "h = F.relu(conv(h))",
+        "each residual conv reads a relu of its input (pre-activation)", f"{TDC}::{TDC_EQ}"),
+    Bug("dalle_gain_per_group", F, "gain = 1 / (self.GROUPS * blocks) ** 2", "gain = 1 / blocks ** 2",
+        "the residual gain is 1 / (all blocks)^2", f"{TDC}::{TDC_EQ}"),
+    Bug("dalle_codes_column_major", F, ".argmax(1).flatten(1)", ".argmax(1).transpose(1, 2).flatten(1)",
+        "codes are row-major over the grid, as the patches", f"{TDC}::{TDC_EQ}"),
+    Bug("dalle_input_not_mapped", F, "return (1 - 2 * self.EPS) * x.clamp(0, 1) + self.EPS", "return x.clamp(0, 1)",
+        "the codebook reads pixels mapped to [0.1, 0.9]", f"{TDC}::{TDC_PIX}"),
+    Bug("dalle_input_clip_normalised", F, "x = images.float() * self.std + self.mean", "x = images.float()",
+        "the codebook reads pixels in [0, 1], not CLIP-normalised ones", f"{TDC}::{TDC_PIX}"),
+    Bug("dalle_unplaced_tensor_kept", P, "    if rep.unexpected:\n        raise SystemExit(f\"error: {path}: the "
+        "tensor {rep.unexpected[0]} has no place in flava.DalleCodebook", "    if False:\n        raise "
+        "SystemExit(f\"error: {path}: the tensor {rep.unexpected[0]} has no place in flava.DalleCodebook",
+        "a codebook tensor with no place is refused",
+        f"{TDC}::test_a_tensor_with_no_place_or_a_missing_one_is_refused"),
+    Bug("dalle_folder_ignored", F, "    if os.path.isdir(cfg.image_tokenizer):\n        from lib",
+        "    if False:\n        from lib", "train.py --image_tokenizer=DIR (a folder) means the DALL-E codebook",
+        f"{TDC}::test_a_flava_run_trains_with_the_codebook_folder", fast=False),
+    Bug("dalle_run_weights_not_loaded", F, "model.image_tokenizer.load_state_dict(share(dalle))", "share(dalle)",
+        "every rank's DalleCodebook gets the folder's weights",
+        f"{TDC}::test_a_flava_run_trains_with_the_codebook_folder", fast=False),
+    Bug("dalle_export_without_codebook", P,
+        'rep.notes.append(f"image tokenizer: {load_dalle_codebook(model.image_tokenizer, codebook)}")',
+        'rep.notes.append("image tokenizer")', "convert-flava --codebook DIR exports the codebook's weights",
+        f"{TDC}::test_convert_flava_with_the_codebook"),
+    Bug("dalle_vocab_unchecked", P, 'if sizes["codebook_size"] != cfg.codebook_size:', "if False:",
+        "convert-flava refuses a codebook whose vocabulary is not the heads'",
+        f"{TDC}::test_convert_flava_with_the_codebook"),
 ]
 
 

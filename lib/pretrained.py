@@ -17,6 +17,9 @@ A whole official X-FM checkpoint becomes an export folder (the last section, con
 
     python -m lib.pretrained convert-xfm xfm_base.pth --out runs/xfm_official --text_config roberta-base/
 
+Any export folder (train.py --export, convert-xfm, convert-flava) starts a fresh pre-training run from its whole
+model: train.py --init=DIR (init_run, init_model_config, load_init).
+
 Every key mapping is written out in ROBERTA_MAP / BEIT_MAP / BEIT_HF_MAP below: our key -> the checkpoint key, or
 a tuple of keys that are concatenated along dim 0 (our fused qkv). Loading never runs code from a file:
 torch files go through torch.load(weights_only=True), and safetensors files are parsed here as plain data

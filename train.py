@@ -70,6 +70,9 @@ class TrainConfig:
                                     # (lib/pretrained.py)
     init_vision: str = ""           # BEiT-v2 checkpoint (official .pth or Hugging Face folder):
                                     # vision encoder
+    init: str = ""                  # an export folder (--export, convert-xfm, convert-flava): a fresh
+                                    # run (step 0) from its whole model; its recipe, model config and
+                                    # tokenizer are the run's (lib/pretrained.py, init_run)
     # data
     data_dir: str = "data/toy"      # folder with pairs/regions/text/images (lib/formats.py); the
                                     # toy world is built here if missing
@@ -332,13 +335,15 @@ def describe(cfg):
 @dataclass
 class Context:
     """What a run's set-up needs besides its config: the checkpoint it resumes (or None), this
-    process's place (runtime.setup_distributed) and the run's count of skipped input records."""
+    process's place (runtime.setup_distributed), the run's count of skipped input records and the
+    export a fresh run starts from (--init, or None)."""
     ckpt: dict | None
     ddp: bool
     rank: int
     world: int
     device: torch.device
     bad: formats.BadInput
+    init: dict | None = None  # --init's export (pretrained.init_run), on a fresh run
 
 
 def setup_data(cfg, ctx, per_rank):
@@ -356,6 +361,8 @@ def setup_data(cfg, ctx, per_rank):
     if ctx.ckpt is not None:
         saved = flava.config_from_dict(ctx.ckpt["model_config"])  # XFMConfig or FLAVAConfig
         model_cfg = replace(saved, attn_impl=cfg.attn_impl)
+    elif ctx.init is not None:  # --init: the export's own (with --image_tokenizer's codebook)
+        model_cfg = pretrained.init_model_config(cfg, ctx.init)
     else:
         model_cfg = model_config(cfg, tok)
         if cfg.init_text or cfg.init_vision:
@@ -367,13 +374,17 @@ def setup_data(cfg, ctx, per_rank):
 
 def setup_model(cfg, ctx, model_cfg, streams):
     """-> (model, the module the loop calls, optimizer, the step to start from). The recipe's model,
-    its set-up (FLAVA: its image tokenizer) and the pre-trained encoders; a resume restores model,
-    optimizer and streams instead."""
+    its set-up (FLAVA: its image tokenizer) and the pre-trained encoders, or the --init export's
+    weights; a resume restores model, optimizer and streams instead."""
     ckpt, rank = ctx.ckpt, ctx.rank
     # attn_impl auto made concrete for the device
     model = runtime.choose_attention(MODELS[cfg.recipe](model_cfg), ctx.device)
     if ckpt is None:
-        if cfg.recipe == "flava":  # its frozen image tokenizer: made on rank 0, shared with all
+        if ctx.init is not None:  # --init: every tensor of the export (FLAVA: its image tokenizer too)
+            pretrained.load_init(model, ctx.init, cfg.image_tokenizer)
+        # FLAVA's frozen image tokenizer: made on rank 0, shared with all (an export's is kept unless
+        # --image_tokenizer replaces it)
+        if cfg.recipe == "flava" and (ctx.init is None or cfg.image_tokenizer):
             share = lambda fn: runtime.rank0_shares(fn, ctx.ddp, rank)  # noqa: E731
             progress = lambda x: tqdm(x, desc="image tokenizer", leave=False,  # noqa: E731
                                       disable=rank != 0)
@@ -456,10 +467,14 @@ def main(argv=None):
         # continue a run: its own config, with what the command line may change
         if ckpt is not None:
             cfg = runlog.check_resume(cfg.resume, ckpt, given, TrainConfig, RESUME_MAY_CHANGE)
+        # a fresh run from an export: its recipe, model config and tokenizer
+        init = None
+        if cfg.init and ckpt is None:
+            cfg, init = pretrained.init_run(cfg, given)
         # FLAVA: no X-FM keys; a fresh run takes FLAVA's AdamW where none is given
         if cfg.recipe == "flava":
             cfg = flava.run_settings(cfg, given, fresh=ckpt is None)
-        return train(cfg, ckpt, ddp, rank, world, device, held)
+        return train(cfg, ckpt, ddp, rank, world, device, held, init)
     except formats.StrictError as e:
         raise formats.strict_exit(e) from None
     finally:
@@ -480,7 +495,7 @@ def xfm_updates(cfg, streams):
     return [u for u in ([k for k in u if k in streams] for u in updates) if u]
 
 
-def train(cfg, ckpt, ddp, rank, world, device, held):
+def train(cfg, ckpt, ddp, rank, world, device, held, init=None):
     t_start, master = time.time(), rank == 0
     print0 = lambda *a: print(*a, flush=True) if master else None      # noqa: E731
     # bad sizes, --amp, --keep_last and --export fail before any work
@@ -498,7 +513,7 @@ def train(cfg, ckpt, ddp, rank, world, device, held):
     # the same model init on every rank (DDP also broadcasts rank 0's weights)
     torch.manual_seed(cfg.seed)
     bad = formats.BadInput(strict=cfg.strict, verbose=master)
-    ctx = Context(ckpt, ddp, rank, world, device, bad)
+    ctx = Context(ckpt, ddp, rank, world, device, bad, init)
     tok, model_cfg, streams = setup_data(cfg, ctx, per_rank)
     sources = shards.find_data(cfg.data_dir)                        # files and shard folders
     # the held-out pairs, read and checked before step 1; their skipped records are counted apart (a
@@ -512,6 +527,9 @@ def train(cfg, ckpt, ddp, rank, world, device, held):
         if scaler is not None and ckpt["scaler"] is not None:
             scaler.load_state_dict(ckpt["scaler"])
         print0(f"resumed from {cfg.resume} at step {start_step}")
+    if init is not None:
+        print0(f"started from the export {cfg.init} (its step {init['step']}): its model and tokenizer, "
+               f"a new optimizer, step 0")
     # the per-rank RNG (hard negatives, dropout) is seeded after the shared init; a resume restores
     # this rank's own random state
     torch.manual_seed(cfg.seed * 1000 + rank)

@@ -17,6 +17,9 @@ A whole official X-FM checkpoint becomes an export folder (the last section, con
 
     python -m lib.pretrained convert-xfm xfm_base.pth --out runs/xfm_official --text_config roberta-base/
 
+Any export folder (train.py --export, convert-xfm, convert-flava) starts a fresh pre-training run from its whole
+model: train.py --init=DIR (init_run, init_model_config, load_init).
+
 Every key mapping is written out in ROBERTA_MAP / BEIT_MAP / BEIT_HF_MAP below: our key -> the checkpoint key, or
 a tuple of keys that are concatenated along dim 0 (our fused qkv). Loading never runs code from a file:
 torch files go through torch.load(weights_only=True), and safetensors files are parsed here as plain data
@@ -420,6 +423,82 @@ def check_state(state, model, where):
                 v.dtype.is_floating_point != t.dtype.is_floating_point:
             got = f"{v.dtype} {tuple(v.shape)}" if torch.is_tensor(v) else formats.type_of(v)
             raise SystemExit(f"error: {where}: {k} is {got}, but the model's is {t.dtype} {tuple(t.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train.py --init=DIR: a fresh pre-training run (step 0, a new optimizer, a new run folder) from an export's
+# whole model: its recipe, model config, weights and tokenizer are the run's
+#     python train.py --init=runs/xfm_official --data_dir=my_data --max_steps=20000
+#     python train.py --init=runs/flava_full --image_tokenizer=flava-image-codebook/   # the export's codebook is zeros
+
+# the train.py keys an export decides (init_run: given with another value, refused) and those it replaces
+INIT_DECIDES = ("recipe", "config", "mim_target", "codebook_size")
+INIT_REPLACES = ("tokenizer", "vocab_size", "init_text", "init_vision")
+
+
+def init_run(cfg, given):
+    """train.py --init=DIR (cfg: train.TrainConfig; given: the keys the command line set) -> (cfg with the
+    export's recipe, config, mim_target or codebook_size and its tokenizer.json as --tokenizer, the export as
+    read_export reads it). Refused in one line before any work: a folder that is no export, a key of
+    INIT_DECIDES given with another value than the export's, one of INIT_REPLACES given at all, a text length
+    beyond the model's position table, a tokenizer the embeddings do not fit, and a FLAVA image tokenizer of
+    zeros (convert-flava without --codebook) unless --image_tokenizer gives one."""
+    if not is_export(cfg.init):
+        raise SystemExit(f"error: --init={cfg.init} is no export folder (config.json, model.safetensors: "
+                         f"train.py --export, convert-xfm, convert-flava write one; tools/export.py RUN OUT "
+                         f"exports a run of train.py, --resume=RUN continues it)")
+    init = read_export(cfg.init)
+    mc, tc = init["model_config"], init.get("train_config", {})
+    own = {"recipe": mc.get("recipe", "xfm"), "config": tc.get("config", cfg.config)}
+    own |= {"mim_target": mc.get("mim_target", "vl")} if own["recipe"] == "xfm" else \
+        {"codebook_size": mc["codebook_size"]}
+    model = ", ".join(f"{k} {v}" for k, v in own.items())
+    for k, v in given.items():
+        if (k in own and v != own[k]) or k in INIT_REPLACES:
+            raise SystemExit(f"error: --{k}={v} contradicts --init={cfg.init} (its model: {model}; its "
+                             f"tokenizer.json): the export decides the model and the tokenizer; leave --{k} out")
+    longest = max(cfg.text_len, cfg.caption_len)
+    if longest > mc["max_text_len"]:
+        raise SystemExit(f"error: --text_len/--caption_len {longest} is beyond the position table of "
+                         f"{mc['max_text_len']} tokens of --init={cfg.init}")
+    tok = Tokenizer.load(init["tokenizer"])
+    if tok.pad_id != mc["pad_id"] or tok.vocab_size > mc["vocab_size"]:
+        raise SystemExit(f"error: {init['tokenizer']}: pad id {tok.pad_id} and {tok.vocab_size} tokens; the "
+                         f"model of --init={cfg.init} has pad id {mc['pad_id']} and {mc['vocab_size']} embeddings")
+    book = [v for k, v in init["model"].items() if k.startswith("image_tokenizer.")]
+    if book and not cfg.image_tokenizer and not any(v.any() for v in book):
+        raise SystemExit(f"error: --init={cfg.init}: its image tokenizer is all zeros (convert-flava without "
+                         f"--codebook); give FLAVA's MIM / MMM targets with --image_tokenizer=DIR (a DALL-E "
+                         f"codebook folder) or --image_tokenizer=FILE.pt (a k-means codebook)")
+    return replace(cfg, **own, tokenizer=init["tokenizer"]), init
+
+
+def init_model_config(cfg, init):
+    """The model config of a run from --init (init: init_run's export): the export's, with --attn_impl, and
+    with --image_tokenizer's codebook in place of the export's (a DALL-E folder's sizes, or the k-means
+    PatchTokenizer for a .pt file); its vocabulary must be the one the MIM / MMM heads predict."""
+    model_cfg = replace(flava.config_from_dict(init["model_config"]), attn_impl=cfg.attn_impl)
+    if not cfg.image_tokenizer or model_cfg.recipe != "flava":
+        return model_cfg
+    sizes = dalle_config(cfg.image_tokenizer) if os.path.isdir(cfg.image_tokenizer) else {"codebook_width": 0}
+    if sizes.get("codebook_size", model_cfg.codebook_size) != model_cfg.codebook_size:
+        raise SystemExit(f"error: {cfg.image_tokenizer}: a codebook of {sizes['codebook_size']} codes; the MIM / "
+                         f"MMM heads of --init={cfg.init} predict {model_cfg.codebook_size}")
+    if sizes["codebook_width"] and model_cfg.patch_size < flava.DalleCodebook.CELL:
+        raise SystemExit(f"error: the DALL-E codebook gives one code per {flava.DalleCodebook.CELL} pixels; the "
+                         f"patches of --init={cfg.init} are {model_cfg.patch_size} pixels")
+    return replace(model_cfg, **sizes)
+
+
+def load_init(model, init, image_tokenizer=""):
+    """Every tensor of the export into model (strict: every key, every shape), except the image tokenizer's
+    where --image_tokenizer replaces it (flava.prepare_run then loads that one)."""
+    if not image_tokenizer:
+        model.load_state_dict(init["model"])
+        return
+    state = {k: v for k, v in init["model"].items() if not k.startswith("image_tokenizer.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("image_tokenizer.") for k in missing), (missing, unexpected)
 
 
 # ---------------------------------------------------------------------------------------------------------

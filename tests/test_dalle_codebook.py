@@ -2,7 +2,8 @@
 transformers.FlavaImageCodebook (a test-only oracle; skipped without it) saved with save_pretrained and loaded
 here gives the same logits (within 1e-5) and the same codes; its input is what Hugging Face's image processor
 makes of the same picture; a tensor with no place or a missing one is refused; a FLAVA run trains with it
-(train.py --image_tokenizer=DIR) and convert-flava --codebook DIR puts it into an export."""
+(train.py --image_tokenizer=DIR), convert-flava --codebook DIR puts it into an export, and train.py --init=EXPORT
+keeps it."""
 import json
 import os
 import shutil
@@ -153,3 +154,19 @@ def test_convert_flava_with_the_codebook(hf_model, codebook_dir, tmp_path):
     json.dump({**cfg, "vocab_size": CODES + 1}, open(other / "config.json", "w"))
     with pytest.raises(SystemExit, match="MIM / MMM heads predict"):
         pretrained.main(["convert-flava", hf_dir, "--out", str(tmp_path / "x"), "--codebook", str(other)])
+
+
+def test_train_starts_from_a_flava_export_with_the_codebook(hf_model, codebook_dir, tmp_path):
+    """train.py --init=EXPORT of convert-flava --codebook: the run keeps the export's DALL-E codebook (no k-means
+    fitted over it) and starts from every tensor of the export (--lr=0)."""
+    hf_dir, out, toy, run = (str(tmp_path / n) for n in ("hf", "export", "toy", "run"))
+    hf_model.save_pretrained(hf_dir)
+    with open(os.path.join(hf_dir, "tokenizer.json"), "w") as f:
+        f.write(wordpiece_json())
+    pretrained.convert_flava(hf_dir, out, max_text_len=16, codebook=codebook_dir)
+    toyworld.make_toy(toy, n_pairs=16, n_regions=8, n_text=16, n_images=8, n_test=8, n_down=8, progress=False)
+    train.main([f"--data_dir={toy}", f"--out_dir={run}", f"--init={out}", "--lr=0", "--max_steps=1", "--batch_size=8",
+                "--caption_len=16", "--text_len=16", "--eval_k=4"])
+    state, ckpt = pretrained.read_export(out)["model"], torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in state.items())
+    assert not os.path.exists(os.path.join(run, "image_tokenizer.pt"))

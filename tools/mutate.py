@@ -977,6 +977,25 @@ CATALOGUE = [
     Bug("dalle_vocab_unchecked", P, 'if sizes["codebook_size"] != cfg.codebook_size:', "if False:",
         "convert-flava refuses a codebook whose vocabulary is not the heads'",
         f"{TDC}::test_convert_flava_with_the_codebook"),
+    # train.py --init=DIR: a fresh run from an export's whole model (lib/pretrained.py, init_run)
+    Bug("init_weights_not_loaded", T, "            pretrained.load_init(model, ctx.init, cfg.image_tokenizer)",
+        "            pass", "--init loads every tensor of the export",
+        f"{TX}::test_init_starts_a_fresh_run_from_the_exports_weights_and_tokenizer", fast=False),
+    Bug("init_tokenizer_not_taken", P, 'return replace(cfg, **own, tokenizer=init["tokenizer"]), init',
+        "return replace(cfg, **own), init", "--init's tokenizer is the export's tokenizer.json",
+        f"{TX}::test_init_starts_a_fresh_run_from_the_exports_weights_and_tokenizer", fast=False),
+    Bug("init_zero_codebook_accepted", P, "if book and not cfg.image_tokenizer and not any(v.any() for v in book):",
+        "if False:", "--init refuses an image tokenizer of zeros unless --image_tokenizer gives one",
+        f"{THF}::test_train_starts_from_the_converted_folder_with_an_image_tokenizer", fast=False),
+    Bug("init_resumable", T, 'RESUME_MAY_CHANGE = ("resume", "out_dir",',
+        'RESUME_MAY_CHANGE = ("resume", "init", "out_dir",', "a resume keeps the run's --init",
+        f"{TX}::test_init_refuses_what_contradicts_the_export_and_is_not_resumable", fast=False),
+    Bug("init_recipe_unchecked", P, "if (k in own and v != own[k]) or k in INIT_REPLACES:",
+        "if k in INIT_REPLACES:", "--init refuses a --recipe or --config other than the export's",
+        f"{TX}::test_init_refuses_what_contradicts_the_export_and_is_not_resumable", fast=False),
+    Bug("init_codebook_refitted", T, 'if cfg.recipe == "flava" and (ctx.init is None or cfg.image_tokenizer):',
+        'if cfg.recipe == "flava":', "--init keeps the export's image tokenizer (no k-means fitted over it)",
+        f"{TDC}::test_train_starts_from_a_flava_export_with_the_codebook", fast=False),
 ]
 
 

@@ -1019,7 +1019,10 @@ def copy_repo(dst):
 # ...): a bug then costs its tests, not a fresh interpreter and a torch import (about 1.5 s of CPU each). The server
 # is single-threaded, so forking it is safe; the project's own modules are imported fresh in each child, from the
 # bug's scratch copy.
-PRELOAD = ["torch", "numpy", "PIL.Image", "tokenizers", "tqdm", "pytest"]
+# imported once by the fork server, so no bug's pytest pays for them again; the transformers models are the
+# parity oracles of tests/test_pretrained.py, test_hf_flava.py and test_dalle_codebook.py (skipped when absent)
+PRELOAD = ["torch", "numpy", "PIL.Image", "tokenizers", "tqdm", "pytest", "transformers.models.roberta.modeling_roberta",
+           "transformers.models.beit.modeling_beit", "transformers.models.flava.modeling_flava"]
 _forkserver = None
 
 

@@ -21,6 +21,7 @@ Beware equivalent mutants (a change that does not change behaviour, e.g. a bias 
 is invariant to it); every bug below breaks its rule.
 """
 import argparse
+import gc
 import multiprocessing
 import os
 import shlex
@@ -1019,10 +1020,14 @@ def copy_repo(dst):
 # ...): a bug then costs its tests, not a fresh interpreter and a torch import (about 1.5 s of CPU each). The server
 # is single-threaded, so forking it is safe; the project's own modules are imported fresh in each child, from the
 # bug's scratch copy.
-# imported once by the fork server, so no bug's pytest pays for them again; the transformers models are the
-# parity oracles of tests/test_pretrained.py, test_hf_flava.py and test_dalle_codebook.py (skipped when absent)
-PRELOAD = ["torch", "numpy", "PIL.Image", "tokenizers", "tqdm", "pytest", "transformers.models.roberta.modeling_roberta",
-           "transformers.models.beit.modeling_beit", "transformers.models.flava.modeling_flava"]
+# Imported once by the fork server, so no bug's pytest pays for them again (about a second a bug): torch's
+# distributed, checkpointing and compiler modules that lib/runtime.py and the tests import, and the transformers
+# models that are the parity oracles of tests/test_pretrained.py, test_hf_flava.py and test_dalle_codebook.py (a
+# module that cannot be imported is skipped).
+PRELOAD = ["torch", "torch.distributed.fsdp", "torch.distributed.checkpoint.state_dict", "torch.distributed.tensor",
+           "torch.utils.checkpoint", "torch.utils.data", "torch._dynamo", "numpy", "PIL.Image", "tokenizers", "tqdm",
+           "pytest", "transformers.models.roberta.modeling_roberta", "transformers.models.beit.modeling_beit",
+           "transformers.models.flava.modeling_flava"]
 _forkserver = None
 
 
@@ -1034,6 +1039,9 @@ def _pytest_child(cwd, args, out_path):
     os.chdir(cwd)
     sys.path[:] = [cwd] + [p for p in sys.path if p and not os.path.abspath(p).startswith(ROOT)]  # not the repository
     sys.dont_write_bytecode = True
+    # the fork server's modules (torch...) never become garbage: frozen, the collections pytest makes at the end of
+    # a session (5, for unraisable exceptions) and any made by a test skip them, about 0.8 s a bug
+    gc.freeze()
     import pytest as _pytest
     rc = int(_pytest.main(["-x", "-q", "-p", "no:cacheprovider", *args]))
     sys.stdout.flush()
@@ -1049,6 +1057,8 @@ def pytest(cwd, args, timeout):
     if _forkserver is None:
         os.environ.setdefault("OMP_NUM_THREADS", "1")                 # read by torch when the server imports it
         os.environ.update(PYTHONDONTWRITEBYTECODE="1", COLUMNS="240")  # pytest's summary lines are cut at the width
+        # the tests use no third-party pytest plugin; loading every installed one costs each bug's run most of a second
+        os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
         _forkserver = multiprocessing.get_context("forkserver")
         _forkserver.set_forkserver_preload(PRELOAD)
     out_path = os.path.join(os.path.dirname(cwd), "pytest.log")  # beside the copy: the copy stays the repository's

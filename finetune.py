@@ -402,7 +402,7 @@ def fit(cfg, env, model, train_set, evaluate, out, meta):
                 with env.autocast():
                     loss, _ = wrapped(runtime.to_device(batch, env.device))
                 (env.scaler.scale(loss) if env.scaler else loss).backward()
-                train.optimizer_step(optimizer, env.scaler, params, cfg.grad_clip)
+                runtime.optimizer_step(optimizer, env.scaler, params, cfg.grad_clip)
                 model.xfm.clamp_temp()                                     # ITC temperature in [0.001, 0.5]
                 total += loss.detach().float()                             # no .item(): no sync per step
                 step += 1

@@ -188,7 +188,7 @@ def parse_args(argv):
 
 
 # -------------------------------------------------------------------------------------------------
-# Optimizer, schedule, one update (the batches of an update over the ranks: lib/runtime.py)
+# Optimizer, schedule, one update (its micro-batches and its clipped step: lib/runtime.py)
 
 
 def param_groups(model, weight_decay, lr_mult):
@@ -241,23 +241,6 @@ def forward_backward(loss_model, micro_batches, accum, ddp, autocast, scaler):
         for name, val in {**losses, **stats}.items():
             logs[name] = logs.get(name, 0.0) + val.detach().float() / accum
     return total, logs
-
-
-def optimizer_step(optimizer, scaler, params, clip):
-    """Clip and step (train.py, finetune.py and tools/bench.py share it). With fp16's GradScaler the
-    gradients are unscaled first, so the clipping sees the true gradients. -> the gradient norm
-    before clipping."""
-    if scaler:
-        scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    if scaler:
-        scaler.step(optimizer)                                 # skips the step on inf/nan gradients
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    # FSDP: clip_grad_norm_ gives a DTensor, the global norm of all slices
-    return runtime.full_tensor(grad_norm)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -398,10 +381,8 @@ def main(argv=None):
         # continue a run: its own config, with what the command line may change
         if ckpt is not None:
             cfg = runlog.check_resume(cfg.resume, ckpt, given, TrainConfig, RESUME_MAY_CHANGE)
-        # a fresh run from an export: its recipe, model config and tokenizer
-        init = None
-        if cfg.init and ckpt is None:
-            cfg, init = pretrained.init_run(cfg, given)
+        # a fresh run from an export: its recipe, model config and tokenizer (None: no --init)
+        cfg, init = pretrained.init_run(cfg, given) if cfg.init and ckpt is None else (cfg, None)
         # FLAVA: no X-FM keys; a fresh run takes FLAVA's AdamW where none is given
         if cfg.recipe == "flava":
             cfg = flava.run_settings(cfg, given, fresh=ckpt is None)
@@ -511,7 +492,7 @@ def train(cfg, ckpt, ddp, rank, world, device, held, init=None):
                                      f"(lower --lr, or try --amp=fp32).")
                 continue
             bad_streak = 0
-            grad_norm = optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
+            grad_norm = runtime.optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
             meter.add({"grad_norm": grad_norm.detach().float()})
             model.clamp_temp()
         meter.steps += 1

@@ -35,7 +35,6 @@ from tqdm import tqdm
 
 import flava
 from lib import cli
-from lib import formats
 from lib import pretrained
 from lib import runlog
 from lib import runtime
@@ -317,7 +316,7 @@ class Context:
     rank: int
     world: int
     device: torch.device
-    bad: formats.BadInput
+    bad: object                # the run's skipped input records (runlog.bad_input)
     init: dict | None = None  # --init's export (pretrained.init_run), on a fresh run
 
 
@@ -371,6 +370,7 @@ def setup_model(cfg, ctx, model_cfg, streams):
 # Main and the training loop
 
 
+@cli.strict_stops
 def main(argv=None):
     cfg, given = parse_args(sys.argv[1:] if argv is None else argv)
     ddp, rank, _, world, device = runtime.setup_distributed(cfg.device)
@@ -387,8 +387,6 @@ def main(argv=None):
         if cfg.recipe == "flava":
             cfg = flava.run_settings(cfg, given, fresh=ckpt is None)
         return train(cfg, ckpt, ddp, rank, world, device, held, init)
-    except formats.StrictError as e:
-        raise formats.strict_exit(e) from None
     finally:
         for lock in held:
             lock.release()
@@ -423,14 +421,13 @@ def train(cfg, ckpt, ddp, rank, world, device, held, init=None):
     os.makedirs(cfg.out_dir, exist_ok=True)
     # the same model init on every rank (DDP also broadcasts rank 0's weights)
     torch.manual_seed(cfg.seed)
-    bad = formats.BadInput(strict=cfg.strict, verbose=master)
+    bad = runlog.bad_input(cfg, rank)
     ctx = Context(ckpt, ddp, rank, world, device, bad, init)
     tok, model_cfg, streams = setup_data(cfg, ctx, per_rank)
     sources = shards.find_data(cfg.data_dir)                        # files and shard folders
     # the held-out pairs, read and checked before step 1; their skipped records are counted apart (a
     # resume reads them again) and added to the run's count at the end (runlog.finish)
-    held_bad = formats.BadInput(strict=cfg.strict, verbose=master)
-    held_out = runlog.load_held_out(cfg, sources, tok, model_cfg.image_size, held_bad, ddp, rank)
+    held_out, held_bad = runlog.load_held_out(cfg, sources, tok, model_cfg.image_size, ddp, rank)
     # FLAVA's --flava_ratios (bad ones fail here, before the model is built)
     ratios = flava.run_ratios(cfg, streams) if cfg.recipe == "flava" else None
     model, loss_model, optimizer, start_step = setup_model(cfg, ctx, model_cfg, streams)

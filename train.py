@@ -436,8 +436,8 @@ def train(cfg, ckpt, ddp, rank, world, device, held, init=None):
             scaler.load_state_dict(ckpt["scaler"])
         print0(f"resumed from {cfg.resume} at step {start_step}")
     if init is not None:
-        print0(f"started from the export {cfg.init} (its step {init['step']}): its model and tokenizer, "
-               f"a new optimizer, step 0")
+        print0(f"started from the export {cfg.init} (its step {init['step']}): its model and "
+               f"tokenizer, a new optimizer, step 0")
     # the per-rank RNG (hard negatives, dropout) is seeded after the shared init; a resume restores
     # this rank's own random state
     torch.manual_seed(cfg.seed * 1000 + rank)

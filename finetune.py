@@ -402,7 +402,7 @@ def fit(cfg, env, model, train_set, evaluate, out, meta):
                 with env.autocast():
                     loss, _ = wrapped(runtime.to_device(batch, env.device))
                 (env.scaler.scale(loss) if env.scaler else loss).backward()
-                train.optimizer_step(optimizer, env.scaler, params, cfg.grad_clip)
+                runtime.optimizer_step(optimizer, env.scaler, params, cfg.grad_clip)
                 model.xfm.clamp_temp()                                     # ITC temperature in [0.001, 0.5]
                 total += loss.detach().float()                             # no .item(): no sync per step
                 step += 1
@@ -771,6 +771,7 @@ def run_all(cfg, given, env):
     return rows
 
 
+@cli.strict_stops
 def main(argv=None):
     cfg, given = parse_args(sys.argv[1:] if argv is None else argv)
     if not cfg.task:
@@ -790,8 +791,6 @@ def main(argv=None):
 
         runtime.rank0_shares(lambda: toyworld.build_if_missing(cfg.data_dir), ddp, rank)  # as train.py does
         return run_all(cfg, given, env) if cfg.task == "all" else run_task(cfg, given, env)
-    except formats.StrictError as e:
-        raise formats.strict_exit(e) from None
     finally:
         runtime.teardown()
 

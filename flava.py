@@ -22,8 +22,9 @@ What differs from the paper (said again in docs/FLAVA_RECIPE.md): FLAVA's target
 which nothing here downloads. The stand-in is `PatchTokenizer`: a k-means codebook fitted on the training
 images' patches when the run starts (saved as RUN/image_tokenizer.pt; `--image_tokenizer=FILE` reuses one).
 Each patch's id is its nearest centroid. Like the dVAE it is frozen and only makes integer targets, but its codes
-describe raw pixels (colour, coarse shape), not the dVAE's learned features. The text side has no token-type
-embedding and uses the project's BPE, not BERT's WordPiece.
+describe raw pixels (colour, coarse shape), not the dVAE's learned features. The dVAE itself is `DalleCodebook`:
+`--image_tokenizer=DIR` with a folder of its released weights (facebook/flava-image-codebook).
+The text side has no token-type embedding and uses the project's BPE, not BERT's WordPiece.
 """
 import math
 import os
@@ -37,6 +38,7 @@ from tqdm import tqdm
 
 import losses
 from lib import fast_losses, runtime
+from lib.transforms import CLIP_MEAN, CLIP_STD
 from losses import patchify
 from model import MLP, PRESETS, XFM, Attention, MLMHead, XFMConfig, additive_mask
 
@@ -52,6 +54,9 @@ class FLAVAConfig(XFMConfig):
     logit_scale: float = math.log(1 / 0.07)  # contrastive logit scale init, clamped to [0, ln 100]
     ln_eps: float = 1e-12        # LayerNorm eps inside the encoders
     head_ln_eps: float = 1e-5    # LayerNorm eps of the MLM / MIM / MMM heads (Hugging Face's FLAVA: 1e-12)
+    # the image tokenizer: 0 = k-means PatchTokenizer; > 0 = DalleCodebook, this width (DALL-E: 256)
+    codebook_width: int = 0
+    codebook_blocks: int = 2     # DalleCodebook's residual blocks per group (released: 2)
 
 
 # FLAVA-base: 12 + 12 layers, a 6-layer fusion encoder, 768-d contrastive projections; no dropout, no drop path
@@ -139,6 +144,109 @@ def _nearest(x, c, chunk=65536):
         assign.append(m.indices)
         dist.append(m.values)
     return torch.cat(assign), torch.cat(dist)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The frozen image tokenizer FLAVA was trained with: DALL-E's dVAE encoder (flava-image-codebook)
+
+
+def frozen_conv(c_in, c_out, k):
+    """A k x k convolution (padding k // 2 keeps the size) whose weight and bias are buffers, not
+    parameters: saved with the model, moved by .to(), unseen by the optimizer, DDP and FSDP."""
+    conv = nn.Conv2d(c_in, c_out, k, padding=k // 2)
+    for name in ("weight", "bias"):
+        t = getattr(conv, name).detach()
+        delattr(conv, name)
+        conv.register_buffer(name, t)
+    return conv
+
+
+class DalleBlock(nn.Module):
+    """x -> skip(x) + gain * res(x). res: relu-conv3x3 (to c_out / 4), relu-conv3x3, relu-conv3x3,
+    relu-conv1x1 (to c_out); skip: a 1x1 conv where the width changes, else x itself."""
+
+    def __init__(self, c_in, c_out, gain):
+        super().__init__()
+        hid = c_out // 4
+        self.skip = frozen_conv(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.res = nn.ModuleList([frozen_conv(c_in, hid, 3), frozen_conv(hid, hid, 3),
+                                  frozen_conv(hid, hid, 3), frozen_conv(hid, c_out, 1)])
+        self.gain = gain                                                   # 1 / (all blocks)^2
+
+    def forward(self, x):
+        h = x
+        for conv in self.res:
+            h = conv(F.relu(h))
+        return self.skip(x) + self.gain * h
+
+
+class DalleCodebook(nn.Module):
+    """Image -> one id per patch from DALL-E's dVAE encoder: the ids FLAVA's MIM / MMM-image heads
+    were trained to predict (facebook/flava-image-codebook: width 256, 2 blocks per group, 8,192
+    codes; lib/pretrained.load_dalle_codebook loads it). PatchTokenizer's interface: CLIP-normalised
+    images (B, 3, S, S) -> (B, P) long, no gradient, every tensor a buffer.
+
+        conv 7x7 (3 -> w) | group (w) | max-pool 2 | group (2w) | max-pool 2 | group (4w)
+        | max-pool 2 | group (8w) | relu, conv 1x1 (-> vocabulary logits) | argmax
+
+    A group is `blocks` DalleBlocks. Three poolings give one code per CELL x CELL input pixels, so
+    the codebook reads the image resized to CELL * g pixels, g = S / patch_size the model's patch
+    grid: its g x g codes, row-major, are the model's patches (FLAVA-base: 224 / 16 = 14 patches a
+    side, a 112-pixel codebook input, as Hugging Face's processor makes). Its input is the image's
+    pixels in [0, 1] mapped to [0.1, 0.9], DALL-E's range."""
+    GROUPS, CELL, EPS = 4, 8, 0.1
+
+    def __init__(self, codebook_size, patch_size, width=256, blocks=2):
+        super().__init__()
+        if patch_size < self.CELL:
+            raise ValueError(f"the DALL-E codebook gives one code per {self.CELL} x {self.CELL} "
+                             f"pixels; patches of {patch_size} pixels would need an enlarged image "
+                             f"(patch_size >= {self.CELL})")
+        self.patch_size = patch_size
+        gain = 1 / (self.GROUPS * blocks) ** 2
+        widths = [width * 2 ** i for i in range(self.GROUPS)]              # w, 2w, 4w, 8w
+        self.input = frozen_conv(3, width, 7)
+        self.groups = nn.ModuleList(
+            nn.ModuleList(DalleBlock(c_in if b == 0 else c_out, c_out, gain) for b in range(blocks))
+            for c_in, c_out in zip([width] + widths[:-1], widths))
+        self.output = frozen_conv(widths[-1], codebook_size, 1)
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+
+    def pixels(self, images):
+        """CLIP-normalised (B, 3, S, S) -> codebook input (B, 3, CELL*g, CELL*g) in [0.1, 0.9].
+        Resized bicubically with antialiasing (Hugging Face's processor: Lanczos on the uint8 image;
+        close, not equal); an image CELL * g wide is used as it is."""
+        x = images.float() * self.std + self.mean                            # [0, 1]
+        side = self.CELL * (images.shape[-1] // self.patch_size)
+        if x.shape[-1] != side:
+            x = F.interpolate(x, size=(side, side), mode="bicubic", antialias=True,
+                              align_corners=False)
+        return (1 - 2 * self.EPS) * x.clamp(0, 1) + self.EPS
+
+    def logits(self, pixels):
+        """(B, 3, H, W) codebook input -> (B, vocabulary, H / CELL, W / CELL) logits."""
+        x = self.input(pixels)
+        for i, group in enumerate(self.groups):
+            for block in group:
+                x = block(x)
+            if i < len(self.groups) - 1:
+                x = F.max_pool2d(x, 2)
+        return self.output(F.relu(x))
+
+    @torch.no_grad()
+    def forward(self, images):                                       # (B, 3, S, S) -> (B, P) long
+        with torch.autocast(images.device.type, enabled=False):     # fp32 under AMP: exact codes
+            return self.logits(self.pixels(images)).argmax(1).flatten(1)
+
+
+def image_tokenizer(cfg):
+    """The frozen image tokenizer the config names: DalleCodebook where codebook_width > 0, else
+    the k-means PatchTokenizer."""
+    if cfg.codebook_width:
+        return DalleCodebook(cfg.codebook_size, cfg.patch_size, cfg.codebook_width,
+                             cfg.codebook_blocks)
+    return PatchTokenizer(cfg.codebook_size, cfg.patch_size)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -266,7 +374,7 @@ class FLAVA(nn.Module):
         self.text_proj = nn.Linear(cfg.width, cfg.embed_dim)
         self.vision_proj = nn.Linear(cfg.width, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(cfg.logit_scale))
-        self.image_tokenizer = PatchTokenizer(cfg.codebook_size, cfg.patch_size)
+        self.image_tokenizer = image_tokenizer(cfg)
         self.apply(self._init_weights)  # N(0, 0.02); CLS, mask token and positions stay zero (docs/METHOD.md §8.1)
 
     @staticmethod
@@ -439,13 +547,28 @@ def run_settings(cfg, given, fresh):
     refused = [k for k in XFM_ONLY_KEYS if k in given]
     if refused:
         raise SystemExit(f"error: --{refused[0]} belongs to the xfm recipe; flava has no such option")
+    if "codebook_size" in given and os.path.isdir(cfg.image_tokenizer):
+        raise SystemExit(f"error: --codebook_size is the vocab_size of the codebook in "
+                         f"{cfg.image_tokenizer}; leave it out")
     return replace(cfg, **{k: v for k, v in RUN_DEFAULTS.items() if k not in given}) if fresh else cfg
 
 
 def run_config(cfg, tok):
-    """The model config of a train.py run (cfg: train.TrainConfig)."""
-    return make_flava_config(cfg.config, vocab_size=tok.vocab_size, pad_id=tok.pad_id, attn_impl=cfg.attn_impl,
-                             max_text_len=max(cfg.caption_len, cfg.text_len), codebook_size=cfg.codebook_size)
+    """The model config of a train.py run (cfg: train.TrainConfig). The image tokenizer: with
+    --image_tokenizer=DIR (a FlavaImageCodebook folder) a DalleCodebook of that folder's sizes;
+    with a .pt file or none, the k-means PatchTokenizer of --codebook_size codes."""
+    tokenizer = {"codebook_size": cfg.codebook_size}
+    if os.path.isdir(cfg.image_tokenizer):
+        from lib import pretrained  # here, not at the top: lib/pretrained.py imports this file
+        tokenizer = pretrained.dalle_config(cfg.image_tokenizer)
+    model_cfg = make_flava_config(cfg.config, vocab_size=tok.vocab_size, pad_id=tok.pad_id,
+                                  attn_impl=cfg.attn_impl, **tokenizer,
+                                  max_text_len=max(cfg.caption_len, cfg.text_len))
+    if model_cfg.codebook_width and model_cfg.patch_size < DalleCodebook.CELL:
+        raise SystemExit(f"error: the DALL-E codebook gives one code per {DalleCodebook.CELL} x "
+                         f"{DalleCodebook.CELL} pixels; this model's patches are "
+                         f"{model_cfg.patch_size} pixels")
+    return model_cfg
 
 
 def run_ratios(cfg, streams):
@@ -463,10 +586,27 @@ def step_updates(ratios, seed, step):
 
 
 def prepare_run(cfg, model, streams, ddp, rank, save):
-    """Give the model its frozen image tokenizer (the codebook that makes the MIM / MMM targets): loaded from
-    --image_tokenizer, or fitted on the training pairs and saved as RUN/image_tokenizer.pt. Rank 0 makes it and
-    hands every rank its result (runtime.rank0_shares); `save(obj, path)` writes atomically (runlog.atomic_save)."""
+    """Give the model its frozen image tokenizer (the codebook that makes the MIM / MMM targets):
+    the DALL-E codebook of the folder --image_tokenizer=DIR, the k-means codebook of the file
+    --image_tokenizer=FILE, or one fitted on the training pairs and saved as RUN/image_tokenizer.pt.
+    Rank 0 makes it and hands every rank its result (runtime.rank0_shares); `save(obj, path)` writes
+    atomically (runlog.atomic_save)."""
     progress = lambda x: tqdm(x, desc="image tokenizer", leave=False, disable=rank != 0)  # noqa: E731
+
+    def share(fn):
+        return runtime.rank0_shares(fn, ddp, rank)
+
+    def dalle():  # rank 0 reads the folder into a codebook of its own; every rank copies it
+        from lib import pretrained  # here, not at the top: lib/pretrained.py imports this file
+        book = image_tokenizer(model.cfg)
+        report = pretrained.load_dalle_codebook(book, cfg.image_tokenizer)
+        print(f"image tokenizer: the DALL-E codebook, {report}", flush=True)
+        return book.state_dict()
+
+    if os.path.isdir(cfg.image_tokenizer):  # run_config built a DalleCodebook
+        model.image_tokenizer.load_state_dict(share(dalle))
+        return
+
     def codebook():
         if cfg.image_tokenizer:
             book = torch.load(cfg.image_tokenizer, map_location="cpu", weights_only=True)["codebook"]
@@ -480,7 +620,7 @@ def prepare_run(cfg, model, streams, ddp, rank, save):
         print(f"image tokenizer: k-means codebook of {model.cfg.codebook_size} fitted on {n} patches -> {path}",
               flush=True)
         return model.image_tokenizer.codebook
-    model.image_tokenizer.codebook.copy_(runtime.rank0_shares(codebook, ddp, rank))
+    model.image_tokenizer.codebook.copy_(share(codebook))
 
 
 if __name__ == "__main__":

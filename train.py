@@ -35,7 +35,6 @@ from tqdm import tqdm
 
 import flava
 from lib import cli
-from lib import formats
 from lib import pretrained
 from lib import runlog
 from lib import runtime
@@ -62,14 +61,17 @@ class TrainConfig:
                                     # update
     codebook_size: int = 256        # FLAVA: image-token vocabulary of the k-means tokenizer (the
                                     # dVAE's: 8192)
-    image_tokenizer: str = ""       # FLAVA: a saved RUN/image_tokenizer.pt to reuse; empty = fit
-                                    # one on the data
+    image_tokenizer: str = ""       # FLAVA: a saved RUN/image_tokenizer.pt to reuse; a folder: the
+                                    # DALL-E codebook (flava-image-codebook); empty = fit k-means
     attn_impl: str = "auto"         # auto (SDPA where fused, else written out) | sdpa | explicit
                                     # (written out, for teaching)
     init_text: str = ""             # Hugging Face RoBERTa folder: language encoder + MLM head
                                     # (lib/pretrained.py)
     init_vision: str = ""           # BEiT-v2 checkpoint (official .pth or Hugging Face folder):
                                     # vision encoder
+    init: str = ""                  # an export folder (--export, convert-xfm, convert-flava): a fresh
+                                    # run (step 0) from its whole model; its recipe, model config and
+                                    # tokenizer are the run's (lib/pretrained.py, init_run)
     # data
     data_dir: str = "data/toy"      # folder with pairs/regions/text/images (lib/formats.py); the
                                     # toy world is built here if missing
@@ -185,7 +187,7 @@ def parse_args(argv):
 
 
 # -------------------------------------------------------------------------------------------------
-# Optimizer, schedule, one update (the batches of an update over the ranks: lib/runtime.py)
+# Optimizer, schedule, one update (its micro-batches and its clipped step: lib/runtime.py)
 
 
 def param_groups(model, weight_decay, lr_mult):
@@ -240,23 +242,6 @@ def forward_backward(loss_model, micro_batches, accum, ddp, autocast, scaler):
     return total, logs
 
 
-def optimizer_step(optimizer, scaler, params, clip):
-    """Clip and step (train.py, finetune.py and tools/bench.py share it). With fp16's GradScaler the
-    gradients are unscaled first, so the clipping sees the true gradients. -> the gradient norm
-    before clipping."""
-    if scaler:
-        scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    if scaler:
-        scaler.step(optimizer)                                 # skips the step on inf/nan gradients
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    # FSDP: clip_grad_norm_ gives a DTensor, the global norm of all slices
-    return runtime.full_tensor(grad_norm)
-
-
 # -------------------------------------------------------------------------------------------------
 # The two recipes: X-FM here and in model.py / losses.py, FLAVA in flava.py; --recipe picks
 
@@ -289,12 +274,15 @@ def fast_losses_on(cfg, device):
     return cfg.losses == "fast" or (cfg.losses == "auto" and (device.type == "cuda" or cfg.compile))
 
 
-def model_config(cfg, tok, ckpt=None):
+def model_config(cfg, tok, ckpt=None, init=None):
     """A resumed run's own model config (the checkpoint's: flava.config_from_dict reads either
-    recipe's); for a fresh run the recipe's preset sized for the tokenizer and the texts (FLAVA:
-    flava.run_config), with the sizes of --init_text / --init_vision (pretrained.model_config)."""
+    recipe's); with --init the export's (pretrained.init_model_config); else the recipe's preset
+    sized for the tokenizer and the texts (FLAVA: flava.run_config), with the sizes of --init_text /
+    --init_vision (pretrained.model_config)."""
     if ckpt is not None:
         return replace(flava.config_from_dict(ckpt["model_config"]), attn_impl=cfg.attn_impl)
+    if init is not None:
+        return pretrained.init_model_config(cfg, init)
     if cfg.recipe == "flava":
         model_cfg = flava.run_config(cfg, tok)
     else:
@@ -321,13 +309,15 @@ def data_kinds(cfg):
 @dataclass
 class Context:
     """What a run's set-up needs besides its config: the checkpoint it resumes (or None), this
-    process's place (runtime.setup_distributed) and the run's count of skipped input records."""
+    process's place (runtime.setup_distributed), the run's count of skipped input records and the
+    export a fresh run starts from (--init, or None)."""
     ckpt: dict | None
     ddp: bool
     rank: int
     world: int
     device: torch.device
-    bad: formats.BadInput
+    bad: object                # the run's skipped input records (runlog.bad_input)
+    init: dict | None = None  # --init's export (pretrained.init_run), on a fresh run
 
 
 def setup_data(cfg, ctx, per_rank):
@@ -338,7 +328,7 @@ def setup_data(cfg, ctx, per_rank):
     if ctx.ckpt is None and cfg.init_text and not cfg.tokenizer:  # the pre-trained encoder's own
         cfg.tokenizer = pretrained.own_tokenizer(cfg.init_text)
     tok = runlog.shared_tokenizer(cfg, ctx.ckpt, ctx.ddp, ctx.rank)
-    model_cfg = model_config(cfg, tok, ctx.ckpt)
+    model_cfg = model_config(cfg, tok, ctx.ckpt, ctx.init)
     streams = shards.run_streams(cfg, tok, model_cfg, per_rank, ctx.bad, ctx.rank, ctx.world,
                                  pin_memory=ctx.device.type == "cuda")
     return tok, model_cfg, streams
@@ -346,12 +336,16 @@ def setup_data(cfg, ctx, per_rank):
 
 def setup_model(cfg, ctx, model_cfg, streams):
     """-> (model, the module the loop calls, optimizer, the step to start from). The recipe's model,
-    its set-up (FLAVA: its image tokenizer) and the pre-trained encoders; a resume restores model,
-    optimizer and streams instead."""
+    its set-up (FLAVA: its image tokenizer) and the pre-trained encoders, or the --init export's
+    weights; a resume restores model, optimizer and streams instead."""
     # attn_impl auto made concrete for the device
     model = runtime.choose_attention(MODELS[cfg.recipe](model_cfg), ctx.device)
     if ctx.ckpt is None:
-        if cfg.recipe == "flava":  # its frozen image tokenizer: made on rank 0, shared with all
+        if ctx.init is not None:  # --init: every tensor of the export (FLAVA: its image tokenizer too)
+            pretrained.load_init(model, ctx.init, cfg.image_tokenizer)
+        # FLAVA's frozen image tokenizer: made on rank 0, shared with all (an export's is kept unless
+        # --image_tokenizer replaces it)
+        if cfg.recipe == "flava" and (ctx.init is None or cfg.image_tokenizer):
             flava.prepare_run(cfg, model, streams, ctx.ddp, ctx.rank, runlog.atomic_save)
         pretrained.load_encoders(model, cfg.init_text, cfg.init_vision, verbose=ctx.rank == 0)
     model = model.to(ctx.device)
@@ -376,6 +370,7 @@ def setup_model(cfg, ctx, model_cfg, streams):
 # Main and the training loop
 
 
+@cli.strict_stops
 def main(argv=None):
     cfg, given = parse_args(sys.argv[1:] if argv is None else argv)
     ddp, rank, _, world, device = runtime.setup_distributed(cfg.device)
@@ -386,12 +381,12 @@ def main(argv=None):
         # continue a run: its own config, with what the command line may change
         if ckpt is not None:
             cfg = runlog.check_resume(cfg.resume, ckpt, given, TrainConfig, RESUME_MAY_CHANGE)
+        # a fresh run from an export: its recipe, model config and tokenizer (None: no --init)
+        cfg, init = pretrained.init_run(cfg, given) if cfg.init and ckpt is None else (cfg, None)
         # FLAVA: no X-FM keys; a fresh run takes FLAVA's AdamW where none is given
         if cfg.recipe == "flava":
             cfg = flava.run_settings(cfg, given, fresh=ckpt is None)
-        return train(cfg, ckpt, ddp, rank, world, device, held)
-    except formats.StrictError as e:
-        raise formats.strict_exit(e) from None
+        return train(cfg, ckpt, ddp, rank, world, device, held, init)
     finally:
         for lock in held:
             lock.release()
@@ -409,7 +404,7 @@ def xfm_updates(cfg, streams):
     return [u for u in ([k for k in u if k in streams] for u in updates) if u]
 
 
-def train(cfg, ckpt, ddp, rank, world, device, held):
+def train(cfg, ckpt, ddp, rank, world, device, held, init=None):
     t_start, master = time.time(), rank == 0
     print0 = lambda *a: print(*a, flush=True) if master else None      # noqa: E731
     # bad sizes, --amp, --keep_last and --export fail before any work
@@ -426,14 +421,13 @@ def train(cfg, ckpt, ddp, rank, world, device, held):
     os.makedirs(cfg.out_dir, exist_ok=True)
     # the same model init on every rank (DDP also broadcasts rank 0's weights)
     torch.manual_seed(cfg.seed)
-    bad = formats.BadInput(strict=cfg.strict, verbose=master)
-    ctx = Context(ckpt, ddp, rank, world, device, bad)
+    bad = runlog.bad_input(cfg, rank)
+    ctx = Context(ckpt, ddp, rank, world, device, bad, init)
     tok, model_cfg, streams = setup_data(cfg, ctx, per_rank)
     sources = shards.find_data(cfg.data_dir)                        # files and shard folders
     # the held-out pairs, read and checked before step 1; their skipped records are counted apart (a
     # resume reads them again) and added to the run's count at the end (runlog.finish)
-    held_bad = formats.BadInput(strict=cfg.strict, verbose=master)
-    held_out = runlog.load_held_out(cfg, sources, tok, model_cfg.image_size, held_bad, ddp, rank)
+    held_out, held_bad = runlog.load_held_out(cfg, sources, tok, model_cfg.image_size, ddp, rank)
     # FLAVA's --flava_ratios (bad ones fail here, before the model is built)
     ratios = flava.run_ratios(cfg, streams) if cfg.recipe == "flava" else None
     model, loss_model, optimizer, start_step = setup_model(cfg, ctx, model_cfg, streams)
@@ -441,6 +435,9 @@ def train(cfg, ckpt, ddp, rank, world, device, held):
         if scaler is not None and ckpt["scaler"] is not None:
             scaler.load_state_dict(ckpt["scaler"])
         print0(f"resumed from {cfg.resume} at step {start_step}")
+    if init is not None:
+        print0(f"started from the export {cfg.init} (its step {init['step']}): its model and "
+               f"tokenizer, a new optimizer, step 0")
     # the per-rank RNG (hard negatives, dropout) is seeded after the shared init; a resume restores
     # this rank's own random state
     torch.manual_seed(cfg.seed * 1000 + rank)
@@ -492,7 +489,7 @@ def train(cfg, ckpt, ddp, rank, world, device, held):
                                      f"(lower --lr, or try --amp=fp32).")
                 continue
             bad_streak = 0
-            grad_norm = optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
+            grad_norm = runtime.optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
             meter.add({"grad_norm": grad_norm.detach().float()})
             model.clamp_temp()
         meter.steps += 1

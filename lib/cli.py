@@ -1,12 +1,16 @@
 """
 The command line of train.py and finetune.py: `--key=value` overrides of a config dataclass, checked before any
-work starts, and --help written from the comments beside each key.
+work starts, and --help written from the comments beside each key; a bad record under --strict ends the command with
+one line (strict_stops).
 """
 import difflib
+import functools
 import inspect
 import re
 import sys
 from dataclasses import fields
+
+from lib import formats
 
 
 def key_help(config_cls):
@@ -70,3 +74,15 @@ def parse_overrides(argv, config_cls, intro, choices):
     for key, val in given.items():
         setattr(cfg, key, val)
     return cfg, given
+
+
+def strict_stops(main):
+    """Decorates a command's main: a bad record under --strict (formats.StrictError, maybe raised in a DataLoader
+    worker) ends the command with its one line (formats.strict_exit), not a traceback."""
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except formats.StrictError as e:
+            raise formats.strict_exit(e) from None
+    return run

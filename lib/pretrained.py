@@ -17,6 +17,9 @@ A whole official X-FM checkpoint becomes an export folder (the last section, con
 
     python -m lib.pretrained convert-xfm xfm_base.pth --out runs/xfm_official --text_config roberta-base/
 
+Any export folder (train.py --export, convert-xfm, convert-flava) starts a fresh pre-training run from its whole
+model: train.py --init=DIR (init_run, init_model_config, load_init).
+
 Every key mapping is written out in ROBERTA_MAP / BEIT_MAP / BEIT_HF_MAP below: our key -> the checkpoint key, or
 a tuple of keys that are concatenated along dim 0 (our fused qkv). Loading never runs code from a file:
 torch files go through torch.load(weights_only=True), and safetensors files are parsed here as plain data
@@ -429,6 +432,82 @@ def check_state(state, model, where):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# train.py --init=DIR: a fresh pre-training run (step 0, a new optimizer, a new run folder) from an export's
+# whole model: its recipe, model config, weights and tokenizer are the run's
+#     python train.py --init=runs/xfm_official --data_dir=my_data --max_steps=20000
+#     python train.py --init=runs/flava_full --image_tokenizer=flava-image-codebook/   # the export's codebook is zeros
+
+# the train.py keys an export decides (init_run: given with another value, refused) and those it replaces
+INIT_DECIDES = ("recipe", "config", "mim_target", "codebook_size")
+INIT_REPLACES = ("tokenizer", "vocab_size", "init_text", "init_vision")
+
+
+def init_run(cfg, given):
+    """train.py --init=DIR (cfg: train.TrainConfig; given: the keys the command line set) -> (cfg with the
+    export's recipe, config, mim_target or codebook_size and its tokenizer.json as --tokenizer, the export as
+    read_export reads it). Refused in one line before any work: a folder that is no export, a key of
+    INIT_DECIDES given with another value than the export's, one of INIT_REPLACES given at all, a text length
+    beyond the model's position table, a tokenizer the embeddings do not fit, and a FLAVA image tokenizer of
+    zeros (convert-flava without --codebook) unless --image_tokenizer gives one."""
+    if not is_export(cfg.init):
+        raise SystemExit(f"error: --init={cfg.init} is no export folder (config.json, model.safetensors: "
+                         f"train.py --export, convert-xfm, convert-flava write one; tools/export.py RUN OUT "
+                         f"exports a run of train.py, --resume=RUN continues it)")
+    init = read_export(cfg.init)
+    mc, tc = init["model_config"], init.get("train_config", {})
+    own = {"recipe": mc.get("recipe", "xfm"), "config": tc.get("config", cfg.config)}
+    own |= {"mim_target": mc.get("mim_target", "vl")} if own["recipe"] == "xfm" else \
+        {"codebook_size": mc["codebook_size"]}
+    model = ", ".join(f"{k} {v}" for k, v in own.items())
+    for k, v in given.items():
+        if (k in own and v != own[k]) or k in INIT_REPLACES:
+            raise SystemExit(f"error: --{k}={v} contradicts --init={cfg.init} (its model: {model}; its "
+                             f"tokenizer.json): the export decides the model and the tokenizer; leave --{k} out")
+    longest = max(cfg.text_len, cfg.caption_len)
+    if longest > mc["max_text_len"]:
+        raise SystemExit(f"error: --text_len/--caption_len {longest} is beyond the position table of "
+                         f"{mc['max_text_len']} tokens of --init={cfg.init}")
+    tok = Tokenizer.load(init["tokenizer"])
+    if tok.pad_id != mc["pad_id"] or tok.vocab_size > mc["vocab_size"]:
+        raise SystemExit(f"error: {init['tokenizer']}: pad id {tok.pad_id} and {tok.vocab_size} tokens; the "
+                         f"model of --init={cfg.init} has pad id {mc['pad_id']} and {mc['vocab_size']} embeddings")
+    book = [v for k, v in init["model"].items() if k.startswith("image_tokenizer.")]
+    if book and not cfg.image_tokenizer and not any(v.any() for v in book):
+        raise SystemExit(f"error: --init={cfg.init}: its image tokenizer is all zeros (convert-flava without "
+                         f"--codebook); give FLAVA's MIM / MMM targets with --image_tokenizer=DIR (a DALL-E "
+                         f"codebook folder) or --image_tokenizer=FILE.pt (a k-means codebook)")
+    return replace(cfg, **own, tokenizer=init["tokenizer"]), init
+
+
+def init_model_config(cfg, init):
+    """The model config of a run from --init (init: init_run's export): the export's, with --attn_impl, and
+    with --image_tokenizer's codebook in place of the export's (a DALL-E folder's sizes, or the k-means
+    PatchTokenizer for a .pt file); its vocabulary must be the one the MIM / MMM heads predict."""
+    model_cfg = replace(flava.config_from_dict(init["model_config"]), attn_impl=cfg.attn_impl)
+    if not cfg.image_tokenizer or model_cfg.recipe != "flava":
+        return model_cfg
+    sizes = dalle_config(cfg.image_tokenizer) if os.path.isdir(cfg.image_tokenizer) else {"codebook_width": 0}
+    if sizes.get("codebook_size", model_cfg.codebook_size) != model_cfg.codebook_size:
+        raise SystemExit(f"error: {cfg.image_tokenizer}: a codebook of {sizes['codebook_size']} codes; the MIM / "
+                         f"MMM heads of --init={cfg.init} predict {model_cfg.codebook_size}")
+    if sizes["codebook_width"] and model_cfg.patch_size < flava.DalleCodebook.CELL:
+        raise SystemExit(f"error: the DALL-E codebook gives one code per {flava.DalleCodebook.CELL} pixels; the "
+                         f"patches of --init={cfg.init} are {model_cfg.patch_size} pixels")
+    return replace(model_cfg, **sizes)
+
+
+def load_init(model, init, image_tokenizer=""):
+    """Every tensor of the export into model (strict: every key, every shape), except the image tokenizer's
+    where --image_tokenizer replaces it (flava.prepare_run then loads that one)."""
+    if not image_tokenizer:
+        model.load_state_dict(init["model"])
+        return
+    state = {k: v for k, v in init["model"].items() if not k.startswith("image_tokenizer.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("image_tokenizer.") for k in missing), (missing, unexpected)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The key maps: our key -> checkpoint key (copied) or tuple of checkpoint keys (concatenated along dim 0)
 
 
@@ -821,7 +900,8 @@ def from_pretrained_encoders(cfg, tok, master):
 # - its ITM head is a pooler (dense, tanh) and a linear layer: flava.FLAVA's itm_head, Linear-Tanh-Linear;
 # - each head's decoder has a bias that is the same tensor as the head's `bias` (tied in transformers);
 # - unused: the three encoders' poolers (FLAVA's features are final-LN CLS states) and the DALL-E image
-#   codebook (no counterpart: flava.PatchTokenizer's k-means codebook makes the MIM targets here).
+#   codebook a FlavaForPreTraining folder may hold (`image_codebook.*`); --codebook DIR reads a
+#   FlavaImageCodebook folder instead (the subsection after convert_flava).
 
 FLAVA_HEADS = ("mlm_head", "mim_head", "mmm_text_head", "mmm_image_head")
 
@@ -863,7 +943,8 @@ FLAVA_HF_SKIP = {r"(text|image|multimodal)_model\.pooler\..*": "a pooler (FLAVA'
                                                                            "type 0)",
                  r"(mlm|mim|mmm_text|mmm_image)_head\.bias": "the same tensor as the head's decoder.bias (tied)",
                  r".*(position_ids|token_type_ids)": "a buffer",
-                 r"image_codebook\..*": "the DALL-E image codebook (the k-means PatchTokenizer stands in for it)"}
+                 r"image_codebook\..*": "the DALL-E image codebook (convert-flava --codebook DIR reads a "
+                                         "FlavaImageCodebook folder)"}
 # the keys a FlavaModel folder lacks: the pre-training heads, left at their init
 FLAVA_PRETRAINING_ONLY = tuple(f"{h}." for h in (*FLAVA_HEADS, "itm_head"))
 
@@ -953,10 +1034,11 @@ def load_flava(model, path):
     return rep
 
 
-def convert_flava(hf_dir, out_dir, max_text_len=0):
+def convert_flava(hf_dir, out_dir, max_text_len=0, codebook=""):
     """A Hugging Face FLAVA folder (config.json, model.safetensors or pytorch_model.bin, tokenizer.json) -> the
     export folder out_dir (config.json, model.safetensors, tokenizer.json) that finetune.py --init reads. The
-    image tokenizer's codebook stays zeros: the DALL-E codebook has no counterpart here. -> LoadReport."""
+    image tokenizer is the DALL-E codebook of the FlavaImageCodebook folder `codebook` (load_dalle_codebook);
+    without one it is a k-means PatchTokenizer whose codebook stays zeros. -> LoadReport."""
     if not os.path.isdir(hf_dir):
         raise SystemExit(f"error: {hf_dir}: no such folder (a Hugging Face FLAVA folder is expected)")
     if not os.path.isfile(tokenizer_path(hf_dir)):
@@ -967,9 +1049,80 @@ def convert_flava(hf_dir, out_dir, max_text_len=0):
     if tok.pad_id != cfg.pad_id or tok.vocab_size > cfg.vocab_size:
         raise SystemExit(f"error: {tokenizer_path(hf_dir)}: pad id {tok.pad_id} and {tok.vocab_size} tokens; the "
                          f"model has pad_token_id {cfg.pad_id} and {cfg.vocab_size} embeddings")
+    train_config = {"config": f"Hugging Face FLAVA {hf_dir}"}
+    if codebook:  # the DALL-E codebook as the export's image tokenizer: its vocabulary must be the heads'
+        sizes = dalle_config(codebook)
+        if sizes["codebook_size"] != cfg.codebook_size:
+            raise SystemExit(f"error: {codebook}: a codebook of {sizes['codebook_size']} codes; {hf_dir}'s MIM / "
+                             f"MMM heads predict {cfg.codebook_size} (image_config.vocab_size)")
+        cfg, train_config = replace(cfg, **sizes), {**train_config, "image_tokenizer": codebook}
     model = flava.FLAVA(cfg)
     rep = load_flava(model, hf_dir)
-    export(out_dir, hf_dir, model.state_dict(), asdict(cfg), {"config": f"Hugging Face FLAVA {hf_dir}"}, 0)
+    if codebook:
+        rep.notes.append(f"image tokenizer: {load_dalle_codebook(model.image_tokenizer, codebook)}")
+    export(out_dir, hf_dir, model.state_dict(), asdict(cfg), train_config, 0)
+    return rep
+
+
+# The DALL-E image codebook: a Hugging Face FlavaImageCodebook folder (facebook/flava-image-codebook: config.json,
+# model.safetensors or pytorch_model.bin) -> flava.DalleCodebook, every tensor placed (DALLE_MAP)
+#     python train.py --recipe=flava --image_tokenizer=flava-image-codebook/    # FLAVA's own MIM / MMM targets
+#     python -m lib.pretrained convert-flava flava-full/ --out runs/flava_full --codebook flava-image-codebook/
+# Checked against transformers in tests/test_dalle_codebook.py: logits within 1e-5, the same codes.
+
+# Hugging Face's defaults, for a config.json that leaves a key out
+_DALLE_HF_DEFAULTS = {"num_groups": 4, "input_channels": 3, "num_blocks_per_group": 2, "hidden_size": 256,
+                      "vocab_size": 8192}
+
+
+def DALLE_MAP(blocks):
+    """Hugging Face's FlavaImageCodebook -> flava.DalleCodebook (4 groups of `blocks` blocks; the first block
+    of groups 2-4 widens, so it has a 1x1 skip conv)."""
+    m = {**_wb("input", "blocks.input"), **_wb("output", "blocks.output.conv")}
+    for g in range(flava.DalleCodebook.GROUPS):
+        for b in range(blocks):
+            o, h = f"groups.{g}.{b}", f"blocks.group_{g + 1}.group.block_{b + 1}"
+            if g > 0 and b == 0:
+                m |= _wb(f"{o}.skip", f"{h}.id_path")
+            for i in range(4):
+                m |= _wb(f"{o}.res.{i}", f"{h}.res_path.path.conv_{i + 1}")
+    return m
+
+
+def dalle_config(path):
+    """The flava.FLAVAConfig fields of a FlavaImageCodebook folder's config.json: {"codebook_size": its
+    vocab_size, "codebook_width": hidden_size, "codebook_blocks": num_blocks_per_group}. Hugging Face's model has
+    4 groups on 3 channels whatever the config says, and its residual gain reads num_groups: a config with
+    other values is refused."""
+    where = _hf_file(path, "config.json")
+    hf = read_hf_config(path)
+    if hf is None or hf.get("model_type") != "flava_image_codebook":
+        raise SystemExit(f"error: {where}: not the config.json of a FlavaImageCodebook (model_type "
+                         f"\"flava_image_codebook\"); --image_tokenizer takes that folder or a saved "
+                         f"image_tokenizer.pt")
+    hf = {**_DALLE_HF_DEFAULTS, **hf}
+    if config_int(hf, "num_groups", where) != 4 or config_int(hf, "input_channels", where) != 3:
+        raise SystemExit(f"error: {where}: num_groups must be 4 and input_channels 3 (DALL-E's encoder)")
+    return {"codebook_size": config_int(hf, "vocab_size", where),
+            "codebook_width": config_int(hf, "hidden_size", where),
+            "codebook_blocks": config_int(hf, "num_blocks_per_group", where)}
+
+
+def load_dalle_codebook(codebook, path):
+    """A FlavaImageCodebook folder's weights -> codebook (a flava.DalleCodebook built with dalle_config's
+    sizes): every tensor placed, none missing; a tensor with no place, a missing one or a shape that differs is
+    refused with one line. -> LoadReport."""
+    try:
+        rep = apply_map(codebook, read_state_dict(path), DALLE_MAP(len(codebook.groups[0])), {}, path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if rep.unexpected:
+        raise SystemExit(f"error: {path}: the tensor {rep.unexpected[0]} has no place in flava.DalleCodebook "
+                         f"({len(rep.unexpected)} such tensors)")
+    if rep.missing:
+        first = next(iter(rep.missing))
+        raise SystemExit(f"error: {path}: no {rep.missing[first]} for flava.DalleCodebook's {first} "
+                         f"({len(rep.missing)} tensors missing)")
     return rep
 
 
@@ -1194,13 +1347,15 @@ def main(argv=None):
     fl.add_argument("hf_dir", help="config.json, model.safetensors or pytorch_model.bin, tokenizer.json")
     fl.add_argument("--out", required=True, help="the export folder to write (finetune.py --init DIR)")
     fl.add_argument("--max_text_len", type=int, default=0, help="position rows kept (default: all of them)")
+    fl.add_argument("--codebook", default="", help="a FlavaImageCodebook folder (facebook/flava-image-codebook): "
+                    "the export's image tokenizer, the DALL-E codebook the MIM / MMM heads predict")
     args = ap.parse_args(argv)
     if args.command == "convert-xfm":
         rep = convert_xfm(args.ckpt, args.out, args.text_config, args.tokenizer)
         print(report_unused(rep) + f"\nwritten to {args.out} (python finetune.py --task retrieval --epochs 0 "
               f"--init {args.out})")
     else:
-        print(convert_flava(args.hf_dir, args.out, args.max_text_len))
+        print(convert_flava(args.hf_dir, args.out, args.max_text_len, args.codebook))
         print(f"wrote {args.out}: python finetune.py --task all --init {args.out}")
 
 

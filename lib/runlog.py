@@ -372,12 +372,21 @@ def shared_tokenizer(cfg, ckpt, ddp, rank):
 # The held-out pairs: read before step 1, evaluated at the end (train.py)
 
 
-def load_held_out(cfg, sources, tok, image_size, held_bad, ddp, rank):
-    """The held-out pairs (sources["pair_test"], or None without one), each image decoded before step 1: a bad one
-    is skipped now (counted in held_bad), a set left empty stops the run here. Rank 0 reads, every rank gets it."""
+def bad_input(cfg, rank):
+    """A count of skipped input records (formats.BadInput; rank 0 prints them, --strict stops at the first): the
+    run's own, kept in each checkpoint, and the held-out pairs' (load_held_out), added to it at the end (finish)."""
+    return formats.BadInput(strict=cfg.strict, verbose=rank == 0)
+
+
+def load_held_out(cfg, sources, tok, image_size, ddp, rank):
+    """-> (the held-out pairs: sources["pair_test"], or None without one; held_bad). Each image is decoded before
+    step 1: a bad one is skipped now and counted in held_bad, a count of its own that no checkpoint keeps, so a
+    resume, which reads the set again, counts it once. A set left empty stops the run here. Rank 0 reads, every
+    rank gets it."""
+    held_bad = bad_input(cfg, rank)
     return runtime.rank0_shares(lambda: retrieval.load_retrieval_set(
         sources["pair_test"], tok, image_size, cfg.caption_len, held_bad, cfg.image_root),
-        ddp, rank) if "pair_test" in sources else None
+        ddp, rank) if "pair_test" in sources else None, held_bad
 
 
 def finish(cfg, model, held_out, held_bad, history, final, bad, device, autocast, rank, world):

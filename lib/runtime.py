@@ -176,6 +176,23 @@ def nonfinite_everywhere(loss, ddp):
     return flag.item() > 0
 
 
+def optimizer_step(optimizer, scaler, params, clip):
+    """Clip and step (train.py, finetune.py and tools/bench.py share it). With fp16's GradScaler the
+    gradients are unscaled first, so the clipping sees the true gradients. -> the gradient norm
+    before clipping."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    if scaler:
+        scaler.step(optimizer)                                 # skips the step on inf/nan gradients
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    # FSDP: clip_grad_norm_ gives a DTensor, the global norm of all slices
+    return full_tensor(grad_norm)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Random state
 

@@ -111,5 +111,8 @@ def gloo_group(rank, world, path, timeout_s=60):
                             timeout=timedelta(seconds=timeout_s))
     try:
         yield
+        # no rank tears the group down while another is still in a collective or about to enter one (gloo
+        # aborts the process whose peer closed the connection under it)
+        dist.barrier()
     finally:
         dist.destroy_process_group()

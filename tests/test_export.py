@@ -2,13 +2,18 @@
 checked byte by byte against the safetensors format (header length, dtype names, shapes, offsets, little-endian
 data), a round trip of every dtype through pretrained.read_safetensors, and the safetensors package as a second
 reader where it is installed. The export folders themselves are tested in test_train.py (train.py --export, with
---keep_last), test_fsdp.py (under --fsdp) and test_finetune.py (tools/export.py, finetune.py --init DIR)."""
+--keep_last), test_fsdp.py (under --fsdp) and test_finetune.py (tools/export.py, finetune.py --init DIR); here,
+train.py --init=DIR: a fresh pre-training run from an export's whole model (lib/pretrained.py, init_run);
+test_official_xfm.py, test_hf_flava.py and test_dalle_codebook.py start one from convert-xfm's and
+convert-flava's exports."""
 import json
+import os
 
 import pytest
 import torch
 
-from lib import pretrained
+import train
+from lib import pretrained, toyworld
 
 EVERY_DTYPE = {"f32": torch.randn(3, 4), "f64": torch.randn(2, dtype=torch.float64), "f16": torch.randn(5).half(),
                "bf16": torch.randn(2, 3).bfloat16(), "i64": torch.arange(7), "i32": torch.arange(-3, 3, dtype=torch.int32),
@@ -68,3 +73,50 @@ def test_the_safetensors_package_reads_our_file(tmp_path):
     assert set(got) == set(EVERY_DTYPE)
     for k, t in EVERY_DTYPE.items():
         assert same_bytes(got[k], t), k
+
+
+# train.py --init=DIR
+
+FAST = ["--batch_size=8", "--log_every=1", "--warmup_steps=2", "--eval_k=4", "--caption_len=24", "--text_len=32"]
+
+
+@pytest.fixture(scope="module")
+def inited(tmp_path_factory):
+    """A 2-step X-FM run exported, then a run from that export with --lr=0 (its one update changes nothing)
+    -> (toy folder, export folder, the new run's folder)."""
+    d = tmp_path_factory.mktemp("init")
+    toy, exported, run = str(d / "toy"), str(d / "export"), str(d / "run")
+    toyworld.make_toy(toy, seed=0, n_pairs=32, n_regions=16, n_text=32, n_images=16, n_test=8, n_down=8,
+                      progress=False)
+    train.main([f"--data_dir={toy}", f"--out_dir={d / 'first'}", *FAST, "--vocab_size=300", "--max_steps=2",
+                f"--export={exported}"])
+    train.main([f"--data_dir={toy}", f"--out_dir={run}", *FAST, f"--init={exported}", "--lr=0", "--max_steps=1"])
+    return toy, exported, run
+
+
+def test_init_starts_a_fresh_run_from_the_exports_weights_and_tokenizer(inited):
+    """Step 0, the export's model (every tensor, equal before the first update: --lr=0) and its tokenizer.json."""
+    _, exported, run = inited
+    ckpt = torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)
+    state = pretrained.read_export(exported)["model"]
+    assert ckpt["step"] == 1 and set(ckpt["model"]) == set(state)
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in state.items())
+    assert open(os.path.join(run, "tokenizer.json")).read() == open(os.path.join(exported, "tokenizer.json")).read()
+    assert ckpt["train_config"]["init"] == exported and ckpt["model_config"] == json.load(
+        open(os.path.join(exported, "config.json")))["model_config"]
+
+
+def test_init_refuses_what_contradicts_the_export_and_is_not_resumable(inited, tmp_path):
+    """A --recipe other than the export's, or a caption longer than its position table: refused in one line
+    before anything is written. A resume continues the run and keeps its --init."""
+    toy, exported, run = inited
+    args = [f"--data_dir={toy}", f"--out_dir={tmp_path / 'new'}", f"--init={exported}", *FAST, "--max_steps=1"]
+    with pytest.raises(SystemExit) as e:
+        train.main([*args, "--recipe=flava"])
+    assert str(e.value).startswith(f"error: --recipe=flava contradicts --init={exported} (its model: recipe xfm,")
+    assert "\n" not in str(e.value)
+    with pytest.raises(SystemExit, match="--caption_len 99 is beyond the position table of 32"):
+        train.main([*args, "--caption_len=99"])
+    assert not os.path.exists(tmp_path / "new")
+    with pytest.raises(SystemExit, match=f"--init={tmp_path} \\(the run has init={exported}\\)"):
+        train.main([f"--resume={run}", f"--init={tmp_path}"])

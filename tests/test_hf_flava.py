@@ -2,7 +2,8 @@
 transformers.FlavaForPreTraining (a test-only oracle; skipped without it) is saved with save_pretrained, converted
 into an export folder, read back as finetune.py reads it, and every stage must agree within 1e-5 in fp32: text,
 image (masked and not), fusion, GC features and logit scale, ITM logits, the MLM, MIM and MMM heads. The BERT
-WordPiece tokenizer.json it ships with is accepted by its special tokens' names, and finetune.py runs from it."""
+WordPiece tokenizer.json it ships with is accepted by its special tokens' names, and finetune.py runs from it, as
+train.py --init does once an image tokenizer replaces the export's codebook of zeros."""
 import math
 import os
 import string
@@ -182,3 +183,23 @@ def test_a_flava_model_folder_converts_with_the_heads_at_their_init(hf_model, co
     state = pretrained.read_export(str(tmp_path / "out"))["model"]
     ours = converted["model"].state_dict()
     assert all(torch.equal(state[k], ours[k]) for k in ours if not k.startswith(pretrained.FLAVA_PRETRAINING_ONLY))
+
+
+def test_train_starts_from_the_converted_folder_with_an_image_tokenizer(converted, tmp_path):
+    """train.py --init=EXPORT: convert-flava without --codebook leaves a codebook of zeros, which is refused in
+    one line; with --image_tokenizer=FILE.pt the run starts from every other tensor of the export (--lr=0) and
+    that file's codebook."""
+    import train
+    toy, run, book = str(tmp_path / "toy"), str(tmp_path / "run"), str(tmp_path / "book.pt")
+    toyworld.make_toy(toy, n_pairs=16, n_regions=8, n_text=16, n_images=8, n_test=8, n_down=8, progress=False)
+    args = [f"--data_dir={toy}", f"--out_dir={run}", f"--init={converted['out']}", "--lr=0", "--max_steps=1",
+            "--batch_size=8", "--caption_len=16", "--text_len=16", "--eval_k=4"]
+    with pytest.raises(SystemExit, match="its image tokenizer is all zeros .*--image_tokenizer="):
+        train.main(args)
+    codebook = torch.randn(CODES, 3 * 8 * 8, generator=torch.Generator().manual_seed(4))
+    torch.save({"codebook": codebook}, book)
+    train.main([*args, f"--image_tokenizer={book}"])
+    ckpt = torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)
+    assert ckpt["step"] == 1 and torch.equal(ckpt["model"]["image_tokenizer.codebook"], codebook)
+    state = converted["ckpt"]["model"]
+    assert all(torch.equal(ckpt["model"][k], v) for k, v in state.items() if not k.startswith("image_tokenizer."))

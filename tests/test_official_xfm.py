@@ -3,7 +3,8 @@ names and shapes (XFMBase's state dict: text_encoder / fusion_encoder as Roberta
 BEiT-v2, the heads; the inverse of XFM_OFFICIAL_MAP written out below, with the tensors the official model has
 and this one does not), saved as {"model": state dict, "config": {...}}, converted to an export folder and read
 back: every tensor placed, every output equal within 1e-6, every unused official tensor listed; a tensor with no
-place and a file holding anything but plain data are refused."""
+place and a file holding anything but plain data are refused. finetune.py --init and train.py --init start from the
+export."""
 import json
 import os
 
@@ -275,3 +276,18 @@ def test_finetune_runs_from_a_converted_official_file(tmp_path):
     cls = finetune.main(["--task", "textcls", "--out_dir", str(tmp_path / "ft"), "--epochs=1", *common])
     ret = finetune.main(["--task", "retrieval", "--out_dir", str(tmp_path / "ft"), "--epochs=0", "--k_test=4", *common])
     assert cls["task"] == "textcls" and ret["task"] == "retrieval" and 0 <= cls["value"] <= 100
+
+
+def test_train_starts_from_a_converted_official_file(converted, tmp_path):
+    """train.py --init=EXPORT: a fresh pre-training run on the converted model and its tokenizer (the official
+    text normalisation on), every tensor as converted before the first update (--lr=0)."""
+    import train
+    from lib import toyworld
+    out, run, toy = converted[0], str(tmp_path / "run"), str(tmp_path / "toy")
+    toyworld.make_toy(toy, n_pairs=16, n_regions=8, n_text=16, n_images=8, n_test=8, n_down=8, progress=False)
+    train.main([f"--data_dir={toy}", f"--out_dir={run}", f"--init={out}", "--lr=0", "--max_steps=1", "--batch_size=8",
+                "--caption_len=12", "--text_len=12", "--eval_k=4"])
+    ckpt = torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)
+    state = pretrained.read_export(out)["model"]
+    assert ckpt["step"] == 1 and all(torch.equal(ckpt["model"][k], v) for k, v in state.items())
+    assert json.loads(open(os.path.join(run, "tokenizer.json")).read())["text_norm"] == "xfm"

@@ -163,7 +163,7 @@ def test_optimizer_step_clips_to_the_given_norm():
     p = torch.nn.Parameter(torch.zeros(4))
     opt = torch.optim.SGD([p], lr=1.0)
     p.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])                             # norm 5
-    norm = train.optimizer_step(opt, None, [p], 1.0)
+    norm = runtime.optimizer_step(opt, None, [p], 1.0)
     assert math.isclose(norm.item(), 5.0)                                   # the norm before clipping
     assert torch.allclose(p.detach(), torch.tensor([-0.6, -0.8, 0.0, 0.0]))  # the step of a norm-1 gradient
     assert p.grad is None
@@ -173,7 +173,7 @@ def test_three_updates_in_order_each_clipped(toy, tmp_path, monkeypatch):
     """One step is three optimizer updates in the official order (text | regions + images | pairs), each
     clipped at --grad_clip."""
     kinds, clips = [], []
-    real_losses, real_step = train.xfm_losses, train.optimizer_step
+    real_losses, real_step = train.xfm_losses, runtime.optimizer_step
 
     def losses(model, batch, **kw):
         kinds.append(sorted(batch))
@@ -184,7 +184,7 @@ def test_three_updates_in_order_each_clipped(toy, tmp_path, monkeypatch):
         return real_step(optimizer, scaler, params, clip)
 
     monkeypatch.setattr(train, "xfm_losses", losses)
-    monkeypatch.setattr(train, "optimizer_step", step)
+    monkeypatch.setattr(runtime, "optimizer_step", step)
     train.main([f"--data_dir={toy}", f"--out_dir={tmp_path / 'run'}", *FAST, "--max_steps=2", "--grad_clip=0.25"])
     assert kinds == [["text"], ["image", "region"], ["pair"]] * 2
     assert clips == [0.25] * 6

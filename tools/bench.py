@@ -211,7 +211,7 @@ def bench_step(recipe, preset, device, B, dtype="fp32", attn="sdpa", compile="of
         marks.append(stamp(device))
         (scaler.scale(loss) if scaler else loss).backward()
         marks.append(stamp(device))
-        train.optimizer_step(optimizer, scaler, model.parameters(), 1.0)   # clip + AdamW, as train.py
+        runtime.optimizer_step(optimizer, scaler, model.parameters(), 1.0)   # clip + AdamW, as train.py
         marks.append(stamp(device))
     sync(device)
     wall = time.perf_counter() - t0

@@ -21,6 +21,7 @@ Beware equivalent mutants (a change that does not change behaviour, e.g. a bias 
 is invariant to it); every bug below breaks its rule.
 """
 import argparse
+import gc
 import multiprocessing
 import os
 import shlex
@@ -76,6 +77,8 @@ THS_PACK = "test_pack_reads_only_image_files_under_the_data_folder"
 ONCE = "        if (kind, where) not in self._records:\n            self._records.add((kind, where))\n"
 FT, TPC = "finetune.py", "tests/test_precheck.py"
 TK, TTN = "lib/tokenizer.py", "tests/test_text_norm.py"
+TDC, TDC_EQ = "tests/test_dalle_codebook.py", "test_logits_and_codes_equal_transformers"
+TDC_PIX = "test_input_is_what_the_hugging_face_processor_makes"
 
 # curves._band_verdict: when a loss out of its band is BAD
 BAND_BAD = "if (i + 1 < len(sides) and sides[i + 1][3] == side) or i == len(sides) - 1:"
@@ -319,10 +322,13 @@ CATALOGUE = [
     Bug("torn_log_kept", "lib/runlog.py", 'if not raw or raw.endswith(b"\\n"):', "if True:",
         "a resumed run cuts a torn last record off metrics.jsonl (else the next record is glued onto it)",
         f"{TRF}::test_repair_metrics_cuts_only_a_torn_last_record"),
-    Bug("strict_traceback", T, "        raise formats.strict_exit(e) from None", "        raise",
+    Bug("strict_traceback", "lib/cli.py", "            raise formats.strict_exit(e) from None", "            raise",
         "a bad record under --strict stops the run with one line, not a traceback",
         f"{TT}::test_bad_input_is_skipped_counted_and_reported"),
-    Bug("finetune_strict_traceback", "finetune.py", "        raise formats.strict_exit(e) from None", "        raise",
+    Bug("train_strict_unguarded", T, "@cli.strict_stops\ndef main", "def main",
+        "train.py's main ends a --strict run at a bad record with one line (cli.strict_stops)",
+        f"{TT}::test_bad_input_is_skipped_counted_and_reported"),
+    Bug("finetune_strict_traceback", "finetune.py", "@cli.strict_stops\ndef main", "def main",
         "a bad record under finetune.py --strict stops with one line, not a traceback",
         f"{TFT}::test_strict_stops_at_a_bad_record_with_one_line", fast=False),
     Bug("tokenizer_reused_from_run_dir", "lib/tokenizer.py", '    path = os.path.join(run_dir, "tokenizer.json")\n    texts',
@@ -404,7 +410,7 @@ CATALOGUE = [
     Bug("updates_regrouped", T, 'XFM_UPDATES = [("text",), ("region", "image"), ("pair",)]',
         'XFM_UPDATES = [("text",), ("region",), ("image", "pair")]',
         "regions and images share the second update", f"{TT}::test_three_updates_in_order_each_clipped", fast=False),
-    Bug("clip_off", T, "grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)",
+    Bug("clip_off", "lib/runtime.py", "grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)",
         'grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))',
         "optimizer_step clips the gradient norm to clip", f"{TT}::test_optimizer_step_clips_to_the_given_norm"),
     Bug("grad_ckpt_rng", "lib/runtime.py", "block.forward, use_reentrant=False)",
@@ -412,8 +418,8 @@ CATALOGUE = [
         "--grad_ckpt replays dropout and drop path exactly", f"{TT} -k checkpointing"),
     Bug("grad_ckpt_off", "lib/runtime.py", "        block.forward = functools.partial(", "        block.fwd = functools.partial(",
         "--grad_ckpt recomputes each block in the backward pass", f"{TT} -k checkpointing"),
-    Bug("clip_off_loop", T, "grad_norm = optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)",
-        'grad_norm = optimizer_step(optimizer, scaler, model.parameters(), float("inf"))',
+    Bug("clip_off_loop", T, "grad_norm = runtime.optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)",
+        'grad_norm = runtime.optimizer_step(optimizer, scaler, model.parameters(), float("inf"))',
         "every update is clipped at --grad_clip", f"{TT}::test_three_updates_in_order_each_clipped", fast=False),
     Bug("accum_sum", T, "loss = sum(losses.values()) / accum", "loss = sum(losses.values())",
         "accumulated gradients are the mean over the global batch",
@@ -493,7 +499,7 @@ CATALOGUE = [
     Bug("fsdp_no_sync_last", "lib/runtime.py", "    finally:\n        loss_model.set_requires_gradient_sync(True)",
         "    finally:\n        pass", "under FSDP the last micro-step reduce-scatters the accumulated gradients",
         f"{TFS}::test_fsdp_accumulation_equals_one_big_micro_batch", fast=False),
-    Bug("fsdp_clip_rank_norm", T, "    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)\n",
+    Bug("fsdp_clip_rank_norm", "lib/runtime.py", "    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)\n",
         "    params = list(params)\n    grad_norm = torch.nn.utils.get_total_norm([getattr(p.grad, '_local_tensor', p.grad)"
         " for p in params if p.grad is not None])\n    torch.nn.utils.clip_grads_with_norm_(params, clip, grad_norm)\n",
         "under FSDP the clipping and the logged norm use the global norm, not this rank's slices",
@@ -808,7 +814,9 @@ CATALOGUE = [
         "ddp, rank) if False else None",
         "train.py reads and checks its held-out pairs before step 1 (and evaluates that set at the end)",
         f"{TPC}::test_train_checks_the_held_out_set_before_step_1", fast=False),
-    Bug("held_out_count_saved", T, "held_bad = formats.BadInput(strict=cfg.strict, verbose=master)", "held_bad = bad",
+    Bug("held_out_count_saved", T, "    held_out, held_bad = runlog.load_held_out(cfg, sources, tok, model_cfg.image_size, ddp, rank)\n",
+        "    held_out, held_bad = runlog.load_held_out(cfg, sources, tok, model_cfg.image_size, ddp, rank)\n"
+        "    [bad.add(k, n) for k, n in held_bad.counts().items()]\n",
         "the held-out set's skipped pairs are counted once per run, not saved and counted again by a resume",
         f"{TPC}::test_train_checks_the_held_out_set_before_step_1", fast=False),
     Bug("held_out_empty_accepted", R, "    if not paths:\n        raise SystemExit",
@@ -930,8 +938,9 @@ CATALOGUE = [
         "the three poolers are known and unused, not tensors without a place",
         f"{THF}::test_the_export_holds_the_config_and_reports_the_unused"),
     Bug("hf_flava_unplaced_tensor_kept", P,
-        "    if rep.unexpected:\n        raise SystemExit(f\"error: {path}: the tensor",
-        "    if False:\n        raise SystemExit(f\"error: {path}: the tensor",
+        "    if rep.unexpected:\n        raise SystemExit(f\"error: {path}: the tensor {rep.unexpected[0]} has "
+        "no place in flava.FLAVA", "    if False:\n        raise SystemExit(f\"error: {path}: the tensor "
+        "{rep.unexpected[0]} has no place in flava.FLAVA",
         "a Hugging Face FLAVA tensor with no place in flava.FLAVA is refused in one line",
         f"{THF}::test_a_tensor_with_no_place_is_refused_in_one_line"),
     Bug("hf_flava_missing_encoder_tensor", P, "    if lost:", "    if False:",
@@ -1005,6 +1014,58 @@ CATALOGUE = [
     Bug("tn_task_folder_loses_it", FT, 'env.tok.save(os.path.join(out, "tokenizer.json"))',
         'env.tok.hf.save(os.path.join(out, "tokenizer.json"))', "a task folder's tokenizer.json keeps the normalisation",
         f"{TFT}::test_text_norm_turns_on_for_a_task_and_its_folder_keeps_it", fast=False),
+    # the DALL-E image codebook (flava.DalleCodebook, lib/pretrained.load_dalle_codebook)
+    Bug("dalle_no_maxpool", F, "                x = F.max_pool2d(x, 2)", "                x = x",
+        "a max-pool 2 between the groups (one code per 8 x 8 pixels)", f"{TDC}::{TDC_EQ}"),
+    Bug("dalle_residual_swapped", F, "return self.skip(x) + self.gain * h", "return self.gain * self.skip(x) + h",
+        "the gain scales the residual path, not the skip path", f"{TDC}::{TDC_EQ}"),
+    Bug("dalle_relu_after_conv", F, "h = conv(F.relu(h))", "h = F.relu(conv(h))",
+        "each residual conv reads a relu of its input (pre-activation)", f"{TDC}::{TDC_EQ}"),
+    Bug("dalle_gain_per_group", F, "gain = 1 / (self.GROUPS * blocks) ** 2", "gain = 1 / blocks ** 2",
+        "the residual gain is 1 / (all blocks)^2", f"{TDC}::{TDC_EQ}"),
+    Bug("dalle_codes_column_major", F, ".argmax(1).flatten(1)", ".argmax(1).transpose(1, 2).flatten(1)",
+        "codes are row-major over the grid, as the patches", f"{TDC}::{TDC_EQ}"),
+    Bug("dalle_input_not_mapped", F, "return (1 - 2 * self.EPS) * x.clamp(0, 1) + self.EPS", "return x.clamp(0, 1)",
+        "the codebook reads pixels mapped to [0.1, 0.9]", f"{TDC}::{TDC_PIX}"),
+    Bug("dalle_input_clip_normalised", F, "x = images.float() * self.std + self.mean", "x = images.float()",
+        "the codebook reads pixels in [0, 1], not CLIP-normalised ones", f"{TDC}::{TDC_PIX}"),
+    Bug("dalle_unplaced_tensor_kept", P, "    if rep.unexpected:\n        raise SystemExit(f\"error: {path}: the "
+        "tensor {rep.unexpected[0]} has no place in flava.DalleCodebook", "    if False:\n        raise "
+        "SystemExit(f\"error: {path}: the tensor {rep.unexpected[0]} has no place in flava.DalleCodebook",
+        "a codebook tensor with no place is refused",
+        f"{TDC}::test_a_tensor_with_no_place_or_a_missing_one_is_refused"),
+    Bug("dalle_folder_ignored", F, "    if os.path.isdir(cfg.image_tokenizer):\n        from lib",
+        "    if False:\n        from lib", "train.py --image_tokenizer=DIR (a folder) means the DALL-E codebook",
+        f"{TDC}::test_a_flava_run_trains_with_the_codebook_folder", fast=False),
+    Bug("dalle_run_weights_not_loaded", F, "model.image_tokenizer.load_state_dict(share(dalle))", "share(dalle)",
+        "every rank's DalleCodebook gets the folder's weights",
+        f"{TDC}::test_a_flava_run_trains_with_the_codebook_folder", fast=False),
+    Bug("dalle_export_without_codebook", P,
+        'rep.notes.append(f"image tokenizer: {load_dalle_codebook(model.image_tokenizer, codebook)}")',
+        'rep.notes.append("image tokenizer")', "convert-flava --codebook DIR exports the codebook's weights",
+        f"{TDC}::test_convert_flava_with_the_codebook"),
+    Bug("dalle_vocab_unchecked", P, 'if sizes["codebook_size"] != cfg.codebook_size:', "if False:",
+        "convert-flava refuses a codebook whose vocabulary is not the heads'",
+        f"{TDC}::test_convert_flava_with_the_codebook"),
+    # train.py --init=DIR: a fresh run from an export's whole model (lib/pretrained.py, init_run)
+    Bug("init_weights_not_loaded", T, "            pretrained.load_init(model, ctx.init, cfg.image_tokenizer)",
+        "            pass", "--init loads every tensor of the export",
+        f"{TX}::test_init_starts_a_fresh_run_from_the_exports_weights_and_tokenizer", fast=False),
+    Bug("init_tokenizer_not_taken", P, 'return replace(cfg, **own, tokenizer=init["tokenizer"]), init',
+        "return replace(cfg, **own), init", "--init's tokenizer is the export's tokenizer.json",
+        f"{TX}::test_init_starts_a_fresh_run_from_the_exports_weights_and_tokenizer", fast=False),
+    Bug("init_zero_codebook_accepted", P, "if book and not cfg.image_tokenizer and not any(v.any() for v in book):",
+        "if False:", "--init refuses an image tokenizer of zeros unless --image_tokenizer gives one",
+        f"{THF}::test_train_starts_from_the_converted_folder_with_an_image_tokenizer", fast=False),
+    Bug("init_resumable", T, 'RESUME_MAY_CHANGE = ("resume", "out_dir",',
+        'RESUME_MAY_CHANGE = ("resume", "init", "out_dir",', "a resume keeps the run's --init",
+        f"{TX}::test_init_refuses_what_contradicts_the_export_and_is_not_resumable", fast=False),
+    Bug("init_recipe_unchecked", P, "if (k in own and v != own[k]) or k in INIT_REPLACES:",
+        "if k in INIT_REPLACES:", "--init refuses a --recipe or --config other than the export's",
+        f"{TX}::test_init_refuses_what_contradicts_the_export_and_is_not_resumable", fast=False),
+    Bug("init_codebook_refitted", T, 'if cfg.recipe == "flava" and (ctx.init is None or cfg.image_tokenizer):',
+        'if cfg.recipe == "flava":', "--init keeps the export's image tokenizer (no k-means fitted over it)",
+        f"{TDC}::test_train_starts_from_a_flava_export_with_the_codebook", fast=False),
     # regional compilation (lib/runtime.compile_blocks, model.Block.drop_rate)
     Bug("compile_drop_rate_baked", M, "            p = self.drop_rate if compiled else self.drop_path\n",
         "            p = self.drop_path\n",
@@ -1055,7 +1116,14 @@ def copy_repo(dst):
 # ...): a bug then costs its tests, not a fresh interpreter and a torch import (about 1.5 s of CPU each). The server
 # is single-threaded, so forking it is safe; the project's own modules are imported fresh in each child, from the
 # bug's scratch copy.
-PRELOAD = ["torch", "numpy", "PIL.Image", "tokenizers", "tqdm", "pytest"]
+# Imported once by the fork server, so no bug's pytest pays for them again (about a second a bug): torch's
+# distributed, checkpointing and compiler modules that lib/runtime.py and the tests import, and the transformers
+# models that are the parity oracles of tests/test_pretrained.py, test_hf_flava.py and test_dalle_codebook.py (a
+# module that cannot be imported is skipped).
+PRELOAD = ["torch", "torch.distributed.fsdp", "torch.distributed.checkpoint.state_dict", "torch.distributed.tensor",
+           "torch.utils.checkpoint", "torch.utils.data", "torch._dynamo", "numpy", "PIL.Image", "tokenizers", "tqdm",
+           "pytest", "transformers.models.roberta.modeling_roberta", "transformers.models.beit.modeling_beit",
+           "transformers.models.flava.modeling_flava"]
 _forkserver = None
 
 
@@ -1067,6 +1135,9 @@ def _pytest_child(cwd, args, out_path):
     os.chdir(cwd)
     sys.path[:] = [cwd] + [p for p in sys.path if p and not os.path.abspath(p).startswith(ROOT)]  # not the repository
     sys.dont_write_bytecode = True
+    # the fork server's modules (torch...) never become garbage: frozen, the collections pytest makes at the end of
+    # a session (5, for unraisable exceptions) and any made by a test skip them, about 0.8 s a bug
+    gc.freeze()
     import pytest as _pytest
     rc = int(_pytest.main(["-x", "-q", "-p", "no:cacheprovider", *args]))
     sys.stdout.flush()
@@ -1082,6 +1153,8 @@ def pytest(cwd, args, timeout):
     if _forkserver is None:
         os.environ.setdefault("OMP_NUM_THREADS", "1")                 # read by torch when the server imports it
         os.environ.update(PYTHONDONTWRITEBYTECODE="1", COLUMNS="240")  # pytest's summary lines are cut at the width
+        # the tests use no third-party pytest plugin; loading every installed one costs each bug's run most of a second
+        os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
         _forkserver = multiprocessing.get_context("forkserver")
         _forkserver.set_forkserver_preload(PRELOAD)
     out_path = os.path.join(os.path.dirname(cwd), "pytest.log")  # beside the copy: the copy stays the repository's

@@ -10,6 +10,7 @@ import random
 import re
 import shutil
 from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -47,12 +48,27 @@ def setup_distributed(device_name):
     return False, 0, 0, 1, torch.device(device_name)
 
 
+# Rank 0's preparation (a BPE tokenizer over a large corpus, FLAVA's k-means codebook) may outlast NCCL's watchdog
+# (10 minutes by default): the other ranks wait for it in a gloo group of its own, whose timeout is this.
+PREP_TIMEOUT = timedelta(hours=24)
+_prep = None  # (the default group it was made in, the preparation group)
+
+
+def prep_group():
+    """The gloo group (every rank, timeout PREP_TIMEOUT) that rank0_shares broadcasts in. Made at its first use
+    (every rank calls rank0_shares in the same order) and again after a new default group."""
+    global _prep
+    if _prep is None or _prep[0] is not dist.group.WORLD:
+        _prep = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=PREP_TIMEOUT))
+    return _prep[1]
+
+
 def rank0_shares(fn, ddp, rank):
     """fn() on rank 0 alone, its result given to every rank: a "rank 0 prepares, the others use it" step decides
     once and shares the decision (or the object itself), so no rank re-decides it from its own file system
     (rank 0 may be creating the very folder the others would look for) and several nodes need no shared file
     system. When fn fails on rank 0, every rank stops (rank 0 with the error), so none waits for a broadcast
-    that never comes."""
+    that never comes. The others wait in prep_group(), so a long fn is no NCCL timeout."""
     result, error = None, None
     if rank == 0:
         try:
@@ -61,7 +77,7 @@ def rank0_shares(fn, ddp, rank):
             error = e
     if ddp:
         box = [result, error is not None]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=prep_group())
         result, failed = box
         if failed and rank != 0:
             raise SystemExit(1)  # rank 0 prints the error once

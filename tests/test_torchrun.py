@@ -9,9 +9,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from datetime import timedelta
 
 import pytest
+import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.distributed_c10d import _set_pg_timeout
 
 from lib import runtime
 from conftest import gloo_group, rendezvous
@@ -90,15 +94,21 @@ def _shares_worker(rank, meet, folder, results):
             err = None
         except SystemExit as e:
             err = str(e.code)
-        results[rank] = {"got": got, "calls": calls, "error": err}
+        # a preparation longer than the default group's timeout (NCCL's watchdog on a GPU node)
+        dist.barrier()
+        _set_pg_timeout(timedelta(seconds=1), dist.group.WORLD)
+        slow = runtime.rank0_shares(lambda: time.sleep(3) or "slow", True, rank)
+        results[rank] = {"got": got, "calls": calls, "error": err, "slow": slow}
 
 
 def test_rank0_shares_runs_once_and_every_rank_stops_with_rank0(tmp_path):
     """fn runs on rank 0 only and every rank gets its result (rank 1 never looks at the folder, so it cannot
-    re-decide); when fn fails on rank 0, rank 1 stops too instead of waiting (the group timeout is 30 s)."""
+    re-decide); when fn fails on rank 0, rank 1 stops too instead of waiting (the group timeout is 30 s); rank 1
+    waits out a preparation longer than the default group's timeout (runtime.prep_group)."""
     results = mp.Manager().dict()
     mp.spawn(_shares_worker, args=(rendezvous(), str(tmp_path), results), nprocs=2, join=True)
     for rank in (0, 1):
         assert results[rank]["got"] == {"made_by": 0, "existed_before": False}
         assert results[rank]["calls"] == ([0] if rank == 0 else [])
     assert results[0]["error"] == "error: rank 0 cannot" and results[1]["error"] == "1"
+    assert results[0]["slow"] == results[1]["slow"] == "slow"

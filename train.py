@@ -443,6 +443,7 @@ def train(cfg, ckpt, ddp, rank, world, device, held, init=None):
     torch.manual_seed(cfg.seed * 1000 + rank)
     if ckpt is not None:
         runtime.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
+        ckpt.clear()  # restored: the loop needs none of its tensors (base: GBs on every rank)
     if master:
         runlog.write_config(cfg, model_cfg, world, amp, device, accum, per_rank, sources)
     recipe = (f"FLAVA {cfg.config} | data kinds per update {cfg.flava_ratios}"

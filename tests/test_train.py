@@ -3,6 +3,7 @@ parameter groups, exact resume, DDP + gradient accumulation, the config parser, 
 import json
 import math
 import os
+import weakref
 
 import pytest
 import torch
@@ -55,18 +56,26 @@ def test_default_run_through_main_writes_the_run_folder(toy, tmp_path):
     assert ckpt["step"] == 4 and not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
 
 
-def test_resume_reproduces_the_uninterrupted_run_exactly(toy, tmp_path):
+def test_resume_reproduces_the_uninterrupted_run_exactly(toy, tmp_path, monkeypatch):
     """Steps 4-6 of a run stopped after step 3 and resumed match the uninterrupted run's. "Exactly" up to
     float32 rounding: CPU matmul kernels round differently depending on memory alignment, so even two
     uninterrupted runs in one process differ in the last bit (~1e-7 relative). A real resume bug (RNG, data
-    position, optimizer or scaler state) moves the losses by far more than the 1e-5 allowed here."""
+    position, optimizer or scaler state) moves the losses by far more than the 1e-5 allowed here.
+    The resumed run holds no copy of the checkpoint's weights while it trains (gone by its first log record)."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     args = [f"--data_dir={toy}", *FAST, "--max_steps=6"]
     train.main([*args, f"--out_dir={a}"])
     train.main([*args, f"--out_dir={b}", "--stop_at=3"])                  # "interrupted" after step 3
     logs_b, _ = read_metrics(b)
     assert [l["step"] for l in logs_b] == [1, 2, 3]
+    loaded, alive_at_log = [], []
+    load, append = runlog.load_checkpoint, runlog.append_record
+    monkeypatch.setattr(runlog, "load_checkpoint", lambda *a: (lambda c: loaded.extend(
+        weakref.ref(t) for t in c["model"].values()) or c)(load(*a)))
+    monkeypatch.setattr(runlog, "append_record", lambda *a: alive_at_log.append(
+        sum(r() is not None for r in loaded)) or append(*a))
     train.main([f"--resume={b}", "--stop_at=0"])                           # continue to max_steps
+    assert loaded and alive_at_log == [0, 0, 0]
     logs_a, _ = read_metrics(a)
     logs_b, _ = read_metrics(b)
     assert [l["step"] for l in logs_b] == [1, 2, 3, 4, 5, 6]

@@ -99,6 +99,13 @@ def both_views(model, image, mim_mask):
 # The objectives (the formulas: losses.py)
 
 
+def fp32_scores(a, b, temp):
+    """a @ b^T / temp in fp32, autocast or not (= (a.float() @ b.float().t()) / temp without autocast): at a
+    temperature near 0.01, bf16's 8-bit mantissa would round the similarities a softmax compares."""
+    with torch.autocast(a.device.type, enabled=False):
+        return a.float() @ b.float().t() / temp
+
+
 def mlm_loss(hidden, labels, head, slots=None):
     """= losses.mlm_loss: CE over the masked positions. The vocabulary-sized head runs on
     K = `slots` slots per row (data.mlm_slots bounds the masked positions of a row; every
@@ -120,8 +127,8 @@ def itc_loss(f_v, f_t, temp, ids=None, queries=None, keys=None):
     sizes."""
     B = f_v.shape[0]
     all_v, all_t = gather_fixed(f_v), gather_fixed(f_t)                    # (N, E)
-    s_i2t = (f_v @ all_t.t() / temp).float()                               # (B, N)
-    s_t2i = (f_t @ all_v.t() / temp).float()                               # (B, N)
+    s_i2t = fp32_scores(f_v, all_t, temp)                                  # (B, N)
+    s_t2i = fp32_scores(f_t, all_v, temp)                                  # (B, N)
     if keys is not None:
         # a finite floor, not -inf: 0 * -inf in the row loss below would be NaN
         not_key = ~gather_fixed_no_grad(keys)[None, :]                     # (1, N)
@@ -153,7 +160,7 @@ def sample_hard_negatives(f_v, f_t, temp, img_id, filled=None):
     no candidate.
     -> (neg_txt_for_img, neg_img_for_txt, has_neg_txt, has_neg_img): (B,) indices and (B,) bool, False where
     a row has no candidate (its index is then 0)."""
-    sim = f_v @ f_t.t() / temp                                             # (B, B) image x text
+    sim = fp32_scores(f_v, f_t, temp)                                      # (B, B) image x text
     never = img_id[:, None] == img_id[None, :]                             # (B, B) never a negative
     if filled is not None:
         never = never | ~filled[:, None] | ~filled[None, :]

@@ -276,6 +276,20 @@ def test_sdpa_equals_explicit_attention(batch, impl):
     assert_same(step(fast, losses.xfm_losses, batch), step(explicit, losses.xfm_losses, batch))
 
 
+def test_itc_scores_are_fp32_under_autocast():
+    """Under bf16 autocast ITC and the hard negatives score in fp32 (fast_losses.fp32_scores): the loss equals
+    the fp32 one to fp32 rounding, where bf16 similarities over a temperature of 0.01 move it by ~1e-2."""
+    g = torch.Generator().manual_seed(0)
+    f_v, f_t = (F.normalize(torch.randn(16, 32, generator=g), dim=-1) for _ in range(2))
+    temp = torch.tensor(0.01)
+    fp32 = losses.itc_loss(f_v, f_t, temp)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = losses.itc_loss(f_v, f_t, temp)
+        sim = losses.fp32_scores(f_v, f_t, temp)
+    assert sim.dtype == torch.float32 and torch.equal(sim, f_v @ f_t.t() / temp)
+    assert torch.allclose(amp, fp32, rtol=1e-6, atol=1e-6), (amp.item(), fp32.item())
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_auto_attention_takes_sdpa_only_where_it_is_fused(batch, dropout, monkeypatch):
     """attn_impl auto (runtime.choose_attention) on a CPU: SDPA's fused kernel takes no dropout and gives no

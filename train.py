@@ -128,10 +128,10 @@ class TrainConfig:
     losses: str = "auto"            # auto (fast on CUDA and with --compile, else reference) |
                                     # reference (losses.py) | fast (lib/fast_losses.py: the same
                                     # losses and gradients, fixed shapes, no host sync)
-    compile: bool = False           # torch.compile the whole step's losses as one graph; texts
-                                    # padded to fixed lengths
-    compile_mode: str = "default"   # with --compile: default | reduce-overhead (CUDA graphs) |
-                                    # max-autotune-no-cudagraphs
+    compile: bool = False           # torch.compile each kind of block once, for every layer of it
+                                    # (runtime.compile_blocks); texts padded to fixed lengths
+    compile_mode: str = "default"   # with --compile: default | reduce-overhead (CUDA graphs; no
+                                    # gradient accumulation) | max-autotune-no-cudagraphs
     grad_ckpt: bool = False         # activation checkpointing per block: less memory for about one
                                     # more forward
     fsdp: bool = False              # under torchrun: shard parameters, gradients and AdamW state

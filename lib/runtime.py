@@ -169,6 +169,11 @@ def batch_plan(cfg, world):
                          f"world_size {world}")
     per_rank = {"pair": micro, "region": region_global // split, "image": micro,
                 "text": text_global // split}
+    if accum > 1 and cfg.compile and cfg.compile_mode == "reduce-overhead":
+        # a replay overwrites the graph's outputs, the last micro-batch's gradients among them
+        raise SystemExit(f"error: --compile_mode=reduce-overhead (CUDA graphs) takes no gradient accumulation "
+                         f"(batch_size {cfg.batch_size} = micro {micro} x accum {accum} x world {world}): "
+                         f"use --compile_mode=default, or a micro_batch_size of the whole per-rank batch")
     return micro, accum, per_rank
 
 

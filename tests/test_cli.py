@@ -18,7 +18,10 @@ BAD_TRAIN = [("--config=huge", "--config must be one of tiny, small, base, not '
              ("--amp=fp8", "--amp must be one of auto, bf16, fp16, fp32"),
              ("--device=tpu", "--device must be one of auto, cpu, cuda, mps"),
              ("--keep_last=-1", "--keep_last is a number of checkpoints to keep (0: ckpt.pt alone), not -1"),
-             ("--export=runs/default", "runs/default is a run folder or holds another config.json")]
+             ("--export=runs/default", "runs/default is a run folder or holds another config.json"),
+             ("--compile --compile_mode=reduce-overhead --micro_batch_size=8",
+              "--compile_mode=reduce-overhead (CUDA graphs) takes no gradient accumulation (batch_size 16 = micro 8 x "
+              "accum 2 x world 1)")]
 BAD_FINETUNE = [("--task=glue", "--task must be one of textcls, imgcls, vqa, nlvr, retrieval, grounding, all"),
                 ("--probe=lin", "--probe must be one of full, linear"),
                 ("--metric=auc", "--metric must be one of , accuracy, f1, mcc, pearson"),
@@ -43,7 +46,7 @@ def _refused_before_any_work(main, args, message, folder, capsys):
 @pytest.mark.parametrize("arg,message", BAD_TRAIN)
 def test_train_refuses_bad_values_before_any_work(arg, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)                                            # data/toy and runs/ would appear here
-    _refused_before_any_work(train.main, [arg], message, tmp_path, capsys)
+    _refused_before_any_work(train.main, arg.split(), message, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("arg,message", BAD_FINETUNE)

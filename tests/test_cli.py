@@ -19,7 +19,7 @@ BAD_TRAIN = [("--config=huge", "--config must be one of tiny, small, base, not '
              ("--device=tpu", "--device must be one of auto, cpu, cuda, mps"),
              ("--keep_last=-1", "--keep_last is a number of checkpoints to keep (0: ckpt.pt alone), not -1"),
              ("--export=runs/default", "runs/default is a run folder or holds another config.json"),
-             ("--compile --compile_mode=reduce-overhead --micro_batch_size=8",
+             ("--compile --compile_mode=reduce-overhead --micro_batch_size=8 --data_dir=none",  # (none: fails fast)
               "--compile_mode=reduce-overhead (CUDA graphs) takes no gradient accumulation (batch_size 16 = micro 8 x "
               "accum 2 x world 1)")]
 BAD_FINETUNE = [("--task=glue", "--task must be one of textcls, imgcls, vqa, nlvr, retrieval, grounding, all"),

@@ -1093,6 +1093,20 @@ CATALOGUE = [
     Bug("bench_blocks_not_compiled", "tools/bench.py", "            runtime.compile_blocks(model)\n",
         "            pass\n", "bench's compiled row compiles each kind of block",
         "tests/test_compile.py::test_bench_reports_the_compile_of_each_kind_of_block"),
+    # a GPU node: preparation, resume memory, ITC precision, CUDA graphs
+    Bug("prep_in_default_group", "lib/runtime.py", "dist.broadcast_object_list(box, src=0, group=prep_group())",
+        "dist.broadcast_object_list(box, src=0)",
+        "the ranks wait for rank 0's preparation in a group of their own (no NCCL watchdog timeout)",
+        "tests/test_torchrun.py::test_rank0_shares_runs_once_and_every_rank_stops_with_rank0", fast=False),
+    Bug("resume_ckpt_kept", T, "        ckpt.clear()  # restored", "        pass  # restored",
+        "a resumed run frees the checkpoint once restored",
+        f"{TT}::test_resume_reproduces_the_uninterrupted_run_exactly", fast=False),
+    Bug("itc_scores_bf16", "lib/fast_losses.py", "with torch.autocast(a.device.type, enabled=False):",
+        "with torch.autocast(a.device.type, enabled=torch.is_autocast_enabled(a.device.type)):",
+        "the fast path's ITC similarities are fp32 under autocast", f"{TFP}::test_itc_scores_are_fp32_under_autocast"),
+    Bug("graphs_with_accumulation", "lib/runtime.py", '    if accum > 1 and cfg.compile and cfg.compile_mode == "reduce-overhead":',
+        "    if False:", "CUDA graphs with gradient accumulation are refused before any work",
+        "tests/test_cli.py::test_train_refuses_bad_values_before_any_work"),
 ]
 
 

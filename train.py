@@ -354,14 +354,15 @@ def setup_model(cfg, ctx, model_cfg, streams):
     # over every kind
     every_kind = set(streams) == set(sum(XFM_UPDATES, ()))
     all_used = cfg.recipe == "xfm" and cfg.schedule == "summed" and every_kind
-    loss_model = LossModel(model, cfg.stop_grad, cfg.recipe, fast_losses_on(cfg, ctx.device))
+    fast = fast_losses_on(cfg, ctx.device)
+    loss_model = LossModel(model, cfg.stop_grad, cfg.recipe, fast)
     # --grad_ckpt, stacked position biases, DDP or FSDP, --compile
     loss_model = runtime.wrap(loss_model, model, cfg, ctx.ddp, ctx.device, find_unused=not all_used)
     # built after the wrap: FSDP replaces every parameter by its shard, and AdamW must hold (and
-    # keep state for) those
+    # keep state for) those; fused on CUDA and with the fast path (a skip without host sync)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr_mult), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                                  fused=ctx.device.type == "cuda")
+                                  fused=ctx.device.type == "cuda" or fast)
     start = 0 if ctx.ckpt is None else runlog.restore(ctx.ckpt, model, optimizer, streams, ctx.bad)
     return model, loss_model, optimizer, start
 
@@ -456,7 +457,11 @@ def train(cfg, ckpt, ddp, rank, world, device, held, init=None):
     # ---- the loop: each step is the recipe's optimizer updates, each over `accum` micro-batches
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     end_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
-    meter, history, bad_streak, skipped = runlog.Meter(), [], 0, 0
+    meter, history = runlog.Meter(), []
+    # non-finite losses: updates skipped, the run stopped after max_bad_steps in a row (on the device
+    # with fused AdamW: no host sync, runtime.NonFinite)
+    on_device = optimizer.defaults["fused"] and scaler is None and not (ddp and cfg.fsdp)
+    guard = runtime.NonFinite(on_device, ddp, cfg.max_bad_steps, device)
 
     def save(step):  # every rank calls it (runlog.save_checkpoint)
         extra = {"bad_input": bad.state_dict(), "tokenizer": tok.to_json()}
@@ -478,24 +483,26 @@ def train(cfg, ckpt, ddp, rank, world, device, held, init=None):
             update_loss, logs = forward_backward(loss_model, micro_batches, accum, ddp, autocast,
                                                  scaler)
             meter.add(logs)
-            if runtime.nonfinite_everywhere(update_loss, ddp):
+            if guard.skip(update_loss, optimizer):      # (on the host) skipped here
                 optimizer.zero_grad(set_to_none=True)
-                bad_streak, skipped = bad_streak + 1, skipped + 1
                 print0(f"warning: non-finite loss at step {step} ({'+'.join(kinds)}): update "
                        f"skipped")
-                if bad_streak >= cfg.max_bad_steps:
-                    save(step)
-                    raise SystemExit(f"error: {bad_streak} non-finite updates in a row at step "
-                                     f"{step}; stopped. The last good state is in {ckpt_path} "
-                                     f"(lower --lr, or try --amp=fp32).")
                 continue
-            bad_streak = 0
             grad_norm = runtime.optimizer_step(optimizer, scaler, model.parameters(), cfg.grad_clip)
             meter.add({"grad_norm": grad_norm.detach().float()})
             model.clamp_temp()
         meter.steps += 1
         pbar.update(1)
         done = step + 1
+        if not on_device or done % cfg.log_every == 0 or done == end_step:  # the host reads
+            skipped, too_many = guard.read()
+            if skipped and on_device:
+                print0(f"warning: {skipped} non-finite updates skipped by step {done}")
+            if too_many:
+                save(done)
+                raise SystemExit(f"error: {cfg.max_bad_steps} non-finite updates in a row by step "
+                                 f"{done}; stopped. The last good state is in {ckpt_path} (lower "
+                                 f"--lr, or try --amp=fp32).")
         if done % cfg.log_every == 0 or done == end_step:
             history.append(meter.record(done, lr, model, world, ddp))
             meter = runlog.Meter()
@@ -511,7 +518,7 @@ def train(cfg, ckpt, ddp, rank, world, device, held, init=None):
     pbar.close()
 
     final = {"final": True, "step": end_step, "wall_s": time.time() - t_start,
-             "skipped_updates": skipped, "bad_input": bad.counts()}
+             "skipped_updates": int(guard.total.item()), "bad_input": bad.counts()}
     # FSDP: a plain copy per rank
     def build():
         return runtime.choose_attention(MODELS[cfg.recipe](model_cfg), device).to(device)

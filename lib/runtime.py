@@ -188,13 +188,43 @@ def next_batches(streams, kinds, accum, device, meter):
         yield {k: to_device(b, device) for k, b in batch.items()}
 
 
-def nonfinite_everywhere(loss, ddp):
-    """Every rank must agree whether to step: a non-finite loss on any rank skips the update on all
-    of them."""
-    flag = (~torch.isfinite(loss)).float()
-    if ddp:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() > 0
+class NonFinite:
+    """A non-finite loss on any rank skips the update on all of them (every rank agrees), and
+    `max_bad` skipped updates in a row stop the run. Two ways to the same decisions:
+    - on the host (the reference path): skip() reads the update's flag (.item(), the host waits for
+      the device) and the caller skips the update at once;
+    - on the device (on_device: fused AdamW, no GradScaler, no FSDP; the fast path): skip() hands
+      the flag to fused AdamW as its found_inf, whose kernel then leaves the parameters and their
+      moments as they are; the counts stay on the device until read() (train.py: at log steps).
+    """
+
+    def __init__(self, on_device, ddp, max_bad, device):
+        self.on_device, self.ddp, self.max_bad = on_device, ddp, max_bad
+        # skipped updates (all, and since the last read), the current and the longest run in a row
+        self.total, self.recent, self.streak, self.longest = (torch.zeros((), device=device)
+                                                              for _ in range(4))
+
+    def skip(self, loss, optimizer):
+        """-> True when the caller must skip this update (on the host), False otherwise."""
+        flag = (~torch.isfinite(loss.detach())).float()
+        if self.ddp:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.total += flag
+        self.recent += flag
+        self.streak = (self.streak + flag) * flag                  # 0 again after a good update
+        self.longest = torch.maximum(self.longest, self.streak)
+        if self.on_device:
+            optimizer.found_inf = flag                               # fused AdamW: no update where 1
+            return False
+        return flag.item() > 0
+
+    def read(self):
+        """-> (updates skipped since the last read, the longest run in a row among them, or
+        max_bad when a run reached it)."""
+        recent, longest = int(self.recent.item()), int(self.longest.item())
+        self.recent.zero_()
+        self.longest.copy_(self.streak)                              # a run may go on
+        return recent, longest >= self.max_bad
 
 
 def optimizer_step(optimizer, scaler, params, clip):

@@ -5,7 +5,8 @@ torch.multinomial, data-dependent sizes, one fusion call per objective). These t
     - every loss and every gradient of the fast path equals the reference's, for X-FM and FLAVA, on data.py-shaped
       batches whose region part has empty caption slots, and on a batch where no row has a hard negative;
     - a step of the fast path makes the host wait for nothing: lib/opcount's DispatchCounter sees 0 syncs in forward +
-      backward, both recipes (the reference has dozens).
+      backward, both recipes (the reference has dozens), and 0 in a whole train.py step (its updates, the non-finite
+      check, clipping, fused AdamW, the meter) that logs nothing.
 
 The compiled step (0 graph breaks, 0 recompiles over 50 steps) is tests/test_train.py's
 test_compiled_step_never_breaks_the_graph_nor_recompiles; the hard-negative draw's distribution is
@@ -14,10 +15,12 @@ tests/test_losses.py's test_hard_negatives_are_drawn_with_the_softmax_probabilit
 
 import pytest
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 import flava
 import losses
-from lib import fast_losses
+import train
+from lib import fast_losses, runtime, toyworld
 from lib.opcount import DispatchCounter
 from conftest import make_batch, tiny_config
 from model import XFM
@@ -134,3 +137,68 @@ def test_a_step_makes_the_host_wait_for_nothing(recipe):
     with DispatchCounter() as reference_counter:
         sum(reference(model, batch).values()).backward()
     assert reference_counter.syncs > 10
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A whole train.py step on the fast path: the three updates (X-FM) or FLAVA's, forward and backward, the
+# non-finite check, clipping, fused AdamW, the temperature clamp, the meter; a step that logs nothing
+
+
+class _StepCounter:
+    """Stands in for train.py's progress bar: counts the dispatched ops of the second step (from the first
+    pbar.update to the second). The data fetch is host work on the loader's CPU tensors (a worker's batch, read
+    and counted before its copy to the device), so it runs with the counter paused."""
+
+    def __init__(self, *args, **kwargs):
+        self.updates, self.counter = 0, DispatchCounter()
+
+    def update(self, n):
+        self.updates += 1
+        if self.updates == 1:
+            self.counter.__enter__()
+        elif self.updates == 2:
+            self.counter.__exit__(None, None, None)
+            counted.append(self.counter)
+
+    def set_postfix_str(self, text):
+        pass
+
+    def close(self):
+        pass
+
+
+counted = []
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("toy"))
+    toyworld.make_toy(d, seed=0, n_pairs=64, n_regions=32, n_text=64, n_images=32, n_test=16, n_down=8, progress=False)
+    return d
+
+
+@pytest.mark.parametrize("recipe", ["xfm", "flava"])
+def test_a_train_py_step_makes_the_host_wait_for_nothing(recipe, toy, tmp_path, monkeypatch):
+    """0 host syncs in a whole train.py step of the fast path (no .item() for the non-finite check: fused AdamW
+    skips on the device, runtime.NonFinite), where the reference path's step has one per update and per
+    parameter (the non-fused AdamW's step counter) at least."""
+    fetch = runtime.next_batches
+
+    def fetch_uncounted(*args):
+        batches = fetch(*args)
+        while True:
+            with _disable_current_modes():
+                batch = next(batches, None)
+            if batch is None:
+                return
+            yield batch
+    monkeypatch.setattr(runtime, "next_batches", fetch_uncounted)
+    monkeypatch.setattr(train, "tqdm", _StepCounter)
+    args = [f"--recipe={recipe}", f"--data_dir={toy}", "--max_steps=3", "--log_every=100", "--ckpt_every=100",
+            "--batch_size=8", "--vocab_size=300", "--eval_k=4", "--caption_len=24", "--text_len=32",
+            "--num_workers=1"]
+    for path in ("fast", "reference"):
+        train.main([*args, f"--losses={path}", f"--out_dir={tmp_path / path}"])
+    fast, reference = counted[-2:]
+    assert fast.syncs == 0, fast.sync_sites
+    assert fast.ops > 500 and reference.syncs > 10

@@ -223,8 +223,13 @@ def test_bad_input_is_skipped_counted_and_reported(toy, tmp_path):
         train.main([f"--data_dir={d}", f"--out_dir={out}2", *FAST, "--max_steps=1", "--strict=true"])
 
 
-def test_non_finite_losses_skip_then_stop_with_a_checkpoint(toy, tmp_path, monkeypatch):
-    real = train.xfm_losses
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_non_finite_losses_skip_then_stop_with_a_checkpoint(toy, tmp_path, monkeypatch, path):
+    """Skipped on the host (the reference path) or on the device (the fast path: fused AdamW's found_inf, the
+    counts read at the log steps), the same run: step 1's three updates are skipped, the run stops after it with
+    the weights of step 0 in its checkpoint."""
+    owner = train if path == "reference" else train.fast_losses
+    real = owner.xfm_losses
     calls = {"n": 0}
 
     def flaky(*args, **kw):
@@ -234,13 +239,15 @@ def test_non_finite_losses_skip_then_stop_with_a_checkpoint(toy, tmp_path, monke
             out = {k: v * float("nan") for k, v in out.items()}
         return out
 
-    monkeypatch.setattr(train, "xfm_losses", flaky)
+    monkeypatch.setattr(owner, "xfm_losses", flaky)
     out = str(tmp_path / "run")
-    with pytest.raises(SystemExit, match="non-finite updates in a row"):
-        train.main([f"--data_dir={toy}", f"--out_dir={out}", *FAST, "--max_steps=10", "--max_bad_steps=3"])
-    ckpt = runlog.load_checkpoint(out, "cpu")
-    assert ckpt["step"] == 1  # three updates of step 0 were good; step 1's updates were skipped
+    with pytest.raises(SystemExit, match="3 non-finite updates in a row by step 2"):
+        train.main([f"--data_dir={toy}", f"--out_dir={out}", *FAST, "--max_steps=10", "--max_bad_steps=3",
+                    f"--losses={path}", "--ckpt_every=1", "--keep_last=2"])
+    ckpt, after_step_0 = (runlog.load_checkpoint(os.path.join(out, f), "cpu") for f in ("ckpt.pt", "ckpt_000001.pt"))
+    assert ckpt["step"] == 2  # three updates of step 0 were good; step 1's updates were skipped
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert all(torch.equal(v, after_step_0["model"][k]) for k, v in ckpt["model"].items())
 
 
 # ---------------------------------------------------------------------------------------------------------

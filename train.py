@@ -120,7 +120,7 @@ class TrainConfig:
     beta2: float = 0.98             # AdamW beta2 (FLAVA: 0.999)
     grad_clip: float = 1.0          # clip the global gradient norm of each update to this
     max_bad_steps: int = 5          # this many non-finite updates in a row stop the run (with a
-                                    # checkpoint)
+                                    # checkpoint), at the step's end (fast path: at the next log step)
     # runtime
     device: str = "auto"            # auto (cuda > mps > cpu) | cpu | cuda | mps
     amp: str = "auto"               # auto (bf16 on a bf16 GPU, else fp32) | bf16 | fp16 (CUDA, with

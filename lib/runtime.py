@@ -435,11 +435,14 @@ def wrap(loss_model, model, cfg, ddp, device, find_unused):
 def distribute(loss_model, model, ddp, fsdp, device, find_unused):
     """The loss module as every rank runs it under torchrun: sharded by FSDP2 with --fsdp (shard: every block, then
     the loss module, the root that runs every loss), else in DDP, which looks for parameters an update leaves
-    unused when find_unused; without torchrun the module itself."""
+    unused when find_unused; without torchrun the module itself. DDP copies rank 0's buffers to every rank once,
+    when it wraps: no buffer changes in training (position indices, drop-path rates, FLAVA's codebook, fitted or
+    loaded before the wrap), so no forward broadcasts them again."""
     if ddp and fsdp:
         return shard(loss_model, model)
     if ddp:
         return torch.nn.parallel.DistributedDataParallel(loss_model, find_unused_parameters=find_unused,
+                                                         broadcast_buffers=False,
                                                          device_ids=[device.index] if device.type == "cuda" else None)
     return loss_model
 

@@ -279,13 +279,18 @@ def _ddp_worker(rank, world, meet, out_dir):
         torch.manual_seed(0)
         cfg, full = _full_batch()
         model = XFM(cfg)
-        ddp = torch.nn.parallel.DistributedDataParallel(train.LossModel(model, True), find_unused_parameters=True)
+        # train.py's wrapper; its buffers never change, so no forward broadcasts them (counted)
+        ddp = runtime.distribute(train.LossModel(model, True), model, True, False, torch.device("cpu"), True)
+        broadcasts = []
+        sync = ddp._distributed_broadcast_coalesced
+        ddp._distributed_broadcast_coalesced = lambda *a, **k: broadcasts.append(1) or sync(*a, **k)
         # global batch 8 = 2 ranks x 2 micro-steps x 2; ITM is left out (its hard negatives are sampled per
         # micro-batch, so they differ by design) and ITC is checked without accumulation in test_losses.py
         mine = [_rows(full, slice(4 * rank + 2 * i, 4 * rank + 2 * i + 2)) for i in range(2)]
         for b in mine:
             b.pop("pair")
         train.forward_backward(ddp, iter(mine), 2, True, train.nullcontext, None)
+        assert not broadcasts, "a forward broadcast the buffers, which never change"
         if rank == 0:
             torch.save(_grads(model), os.path.join(out_dir, "ddp_grads.pt"))
 

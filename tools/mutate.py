@@ -1093,7 +1093,10 @@ CATALOGUE = [
     Bug("bench_blocks_not_compiled", "tools/bench.py", "            runtime.compile_blocks(model)\n",
         "            pass\n", "bench's compiled row compiles each kind of block",
         "tests/test_compile.py::test_bench_reports_the_compile_of_each_kind_of_block"),
-    # a GPU node: preparation, resume memory, ITC precision, CUDA graphs, the sync-free loop
+    # a GPU node: preparation, resume memory, ITC precision, CUDA graphs, the sync-free loop, DDP's traffic
+    Bug("ddp_broadcasts_buffers", "lib/runtime.py", "                                                         broadcast_buffers=False,\n",
+        "", "DDP broadcasts no buffer at each forward (none changes in training)",
+        f"{TT}::test_ddp_with_accumulation_equals_one_process_full_batch", fast=False),
     Bug("nonfinite_read_every_update", T,
         '    on_device = optimizer.defaults["fused"] and scaler is None and not (ddp and cfg.fsdp)',
         "    on_device = False", "the fast path's loop skips a non-finite update on the device (no .item())",

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from model import Attention, VisionEncoder
@@ -390,7 +390,7 @@ def compile_step(module, mode="default"):
 # FSDP2 (train.py --fsdp): each rank keeps 1/world of every parameter, gradient and optimizer state
 
 
-def shard(loss_model, model):
+def shard(loss_model, model, param_dtype=None):
     """Fully shard the model with PyTorch's FSDP2 (torch.distributed.fsdp.fully_shard), in place of DDP.
 
     Each rank keeps a 1/world slice (dim 0) of every parameter as a DTensor, and the optimizer built afterwards
@@ -404,15 +404,18 @@ def shard(loss_model, model):
 
     fully_shard refuses 0-dim parameters (it shards dim 0), such as X-FM's temperature and FLAVA's logit scale:
     each becomes a 1-element vector first (x / temp and exp(-logit_scale) broadcast the same), and
-    full_state_dicts / load_full_state turn it back, so checkpoints keep the shapes of a DDP run's."""
+    full_state_dicts / load_full_state turn it back, so checkpoints keep the shapes of a DDP run's.
+    param_dtype (bf16 autocast: torch.bfloat16): the parameters are all-gathered and computed with in that dtype,
+    the gradients reduce-scattered in fp32, and the slices AdamW steps stay fp32 (MixedPrecisionPolicy)."""
     scalars = [name for name, p in model.named_parameters() if p.ndim == 0]
     for name in scalars:
         owner, _, attr = name.rpartition(".")
         p = model.get_parameter(name)
         setattr(model.get_submodule(owner), attr, torch.nn.Parameter(p.detach().reshape(1), p.requires_grad))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for block in encoder_blocks(model):
-        fully_shard(block)                   # inner groups first: each call takes the parameters no inner call took
-    fully_shard(loss_model)                  # the root: what is left; FSDP keeps its parameters whole until backward
+        fully_shard(block, mp_policy=policy)  # inner groups first: each takes the parameters no inner call took
+    fully_shard(loss_model, mp_policy=policy)  # the root: what is left; kept whole until backward
     model.fsdp_scalars = scalars             # (for the checkpoint helpers below)
     return loss_model
 
@@ -429,17 +432,19 @@ def wrap(loss_model, model, cfg, ddp, device, find_unused):
         compile_blocks(model, cfg.compile_mode)
     if not (ddp and cfg.fsdp):
         stack_position_biases(model)
-    return distribute(loss_model, model, ddp, cfg.fsdp, device, find_unused)
+    param_dtype = torch.bfloat16 if amp_setup(cfg.amp, device, cfg.fsdp and ddp)[2] == "bf16" else None
+    return distribute(loss_model, model, ddp, cfg.fsdp, device, find_unused, param_dtype)
 
 
-def distribute(loss_model, model, ddp, fsdp, device, find_unused):
+def distribute(loss_model, model, ddp, fsdp, device, find_unused, param_dtype=None):
     """The loss module as every rank runs it under torchrun: sharded by FSDP2 with --fsdp (shard: every block, then
     the loss module, the root that runs every loss), else in DDP, which looks for parameters an update leaves
-    unused when find_unused; without torchrun the module itself. DDP copies rank 0's buffers to every rank once,
+    unused when find_unused; without torchrun the module itself. FSDP under bf16 autocast (param_dtype) gathers
+    bf16 parameters and reduces fp32 gradients (shard). DDP copies rank 0's buffers to every rank once,
     when it wraps: no buffer changes in training (position indices, drop-path rates, FLAVA's codebook, fitted or
     loaded before the wrap), so no forward broadcasts them again."""
     if ddp and fsdp:
-        return shard(loss_model, model)
+        return shard(loss_model, model, param_dtype)
     if ddp:
         return torch.nn.parallel.DistributedDataParallel(loss_model, find_unused_parameters=find_unused,
                                                          broadcast_buffers=False,

@@ -152,6 +152,18 @@ def _accumulation(rank, root):
         mine = [_batch(slice(4 * rank + i * 4 // accum, 4 * rank + (i + 1) * 4 // accum)) for i in range(accum)]
         train.forward_backward(loss_model, iter(mine), accum, True, train.nullcontext, None)
         grads[accum] = {n: runtime.full_tensor(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+    # bf16 autocast: bf16 parameters gathered (seen inside a block's forward), fp32 gradients and slices
+    torch.manual_seed(0)
+    model = XFM(tiny_config())
+    loss_model = runtime.shard(train.LossModel(model, True), model, param_dtype=torch.bfloat16)
+    block = runtime.encoder_blocks(model)[0]
+    seen = []
+    block.register_forward_pre_hook(lambda module, args: seen.append(next(module.parameters()).dtype))
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)                   # noqa: E731
+    train.forward_backward(loss_model, iter([_batch(slice(4 * rank, 4 * rank + 4))]), 1, True, bf16, None)
+    grads["bf16"] = {n: runtime.full_tensor(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+    grads["bf16_seen"] = seen
+    grads["bf16_slices"] = {p.to_local().dtype for p in model.parameters()}
     if rank == 0:
         torch.save(grads, os.path.join(root, "accumulation.pt"))
 
@@ -168,3 +180,20 @@ def test_fsdp_accumulation_equals_one_big_micro_batch(runs):
     for n in ref:
         assert torch.allclose(grads[2][n], grads[1][n], rtol=1e-4, atol=2e-6), n
         assert torch.allclose(grads[2][n].reshape(ref[n].shape), ref[n], rtol=1e-4, atol=2e-5), n
+    # --fsdp under bf16: the block computed with bf16 parameters, the gradients and the slices stay fp32, and
+    # the gradient is the fp32 one to bf16's precision
+    assert set(grads["bf16_seen"]) == {torch.bfloat16} and grads["bf16_slices"] == {torch.float32}
+    for n in ref:
+        g = grads["bf16"][n].reshape(ref[n].shape)
+        assert g.dtype == torch.float32 and (g - ref[n]).norm() <= 0.05 * ref[n].norm() + 1e-6, n
+
+
+@pytest.mark.parametrize("amp,dtype", [("bf16", torch.bfloat16), ("fp32", None)])
+def test_fsdp_takes_bf16_parameters_under_bf16_autocast(amp, dtype, monkeypatch):
+    """runtime.wrap hands FSDP the bf16 policy under --amp=bf16 (and none in fp32)."""
+    got = []
+    monkeypatch.setattr(runtime, "distribute", lambda *args: got.append(args[-1]))
+    model = XFM(tiny_config())
+    runtime.wrap(train.LossModel(model, True), model, train.TrainConfig(fsdp=True, amp=amp), True,
+                 torch.device("cpu"), True)
+    assert got == [dtype]

@@ -161,7 +161,8 @@ def test_gpu_check_deadline_skips_failures_are_kept_and_every_row_is_reported(mo
                                "recompiles": 0}}
     monkeypatch.setattr(bench, "bench_step", step)
     res = gpu_check.main(["--device", "cpu", "--configs", "tiny", "--out", str(tmp_path), "--budget_s", "250",
-                          "--skip_toy", "--max_batch_search", "off", "--matmul_n", "64", "--isolate", "off"])
+                          "--modes", "eager,step,graphs", "--loop", "off", "--skip_toy", "--max_batch_search", "off",
+                          "--matmul_n", "64", "--isolate", "off"])
     status = {(r["recipe"], r["mode"]): r["status"] for r in res["rows"]}
     # t=0 eager runs (-> 100), t=100 step runs (-> 200), t=200 graphs needs 60 of the 50 left: skipped,
     # flava eager needs 20: runs and fails (-> 300), the rest skipped
@@ -183,7 +184,8 @@ def test_gpu_check_deadline_skips_failures_are_kept_and_every_row_is_reported(mo
     clock[0] = 0.0
     monkeypatch.setattr(bench, "bench_step", fake_step_oom_above(32, []))
     res = gpu_check.main(["--device", "cpu", "--configs", "tiny", "--recipes", "xfm", "--modes", "eager", "--batch",
-                          "64", "--out", str(tmp_path), "--skip_toy", "--matmul_n", "64", "--isolate", "off"])
+                          "64", "--loop", "off", "--out", str(tmp_path), "--skip_toy", "--matmul_n", "64",
+                          "--isolate", "off"])
     assert res["rows"][0]["status"] == "out of memory"
     assert res["search"][0]["largest"] == 32 and res["rows"][1]["batch"] == 32 and res["rows"][1]["status"] == "ok"
     assert "64 out of memory, 32 fits" in (tmp_path / "gpu_check.md").read_text()
@@ -224,3 +226,23 @@ def test_gpu_check_isolated_measurement_runs_in_a_child_and_stops_at_its_limit(t
     result = gpu_check.run(spec, args, report, 0.5)
     assert result["status"] == "stopped at its 0 s limit"
     assert report.child is None
+
+
+def test_gpu_check_loop_row_times_train_py_own_step(tmp_path):
+    """The loop row runs train.py itself in a child process, as under a 1-rank torchrun (DDP-wrapped), on the fast
+    path: its step time, its samples, the host syncs of its checked step (on a CPU: lib/opcount's count), and a
+    profile of 3 steps. Under --schedule=summed every parameter takes part in the update, so DDP runs without
+    find_unused_parameters, and the step makes the host wait for nothing (with it, DDP's reducer reads its map of
+    used parameters back on the host)."""
+    from lib import toyworld
+    toy = str(tmp_path / "toy")
+    toyworld.make_toy(toy, seed=0, n_pairs=64, n_regions=32, n_text=64, n_images=32, n_test=16, n_down=8, progress=False)
+    args = gpu_check.parse_args(["--device", "cpu", "--out", str(tmp_path)])
+    report = gpu_check.Report(str(tmp_path), "test", 450)
+    spec = dict(kind="loop", device="cpu", recipe="xfm", config="tiny", batch=4, mode="eager", iters=2, warmup=1,
+                workers=0, data_dir=toy, extra=["--schedule", "summed"])
+    result = gpu_check.run(spec, args, report, 300)
+    assert result["status"] == "ok", result
+    row = result["row"]
+    assert row["step_ms_median"] > 0 and row["samples_per_step"] > 0 and row["syncs"] == 0, row["sync_sites"]
+    assert row["profile"]["top"] and "--losses fast" in row["argv"]

@@ -56,9 +56,10 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 import bench  # noqa: E402
 from bench_meters import free, peak_flops  # noqa: E402
 
-MODES = {"eager": "off", "step": "step", "graphs": "graphs"}     # our mode -> bench_step's compile=
+MODES = {"eager": "off", "blocks": "blocks", "step": "step", "graphs": "graphs"}  # our mode -> bench_step's compile=
+LOOP_MODES = ("eager", "blocks")   # train.py's loop: eager, or --compile (each kind of block compiled once)
 # seconds a measurement needs at least (base on an H100), so that none starts when the deadline is nearer
-NEEDS_S = {"eager": 20, "step": 60, "graphs": 60, "toy": 60, "search": 40}
+NEEDS_S = {"eager": 20, "blocks": 40, "step": 60, "graphs": 60, "loop": 60, "toy": 60, "search": 40}
 
 
 def is_oom(e):
@@ -131,6 +132,15 @@ class Report:
                  for r in d["rows"] if r.get("sync_sites")]
         if syncs:
             lines += ["", "Host syncs by source line (eager):", ""] + syncs
+        loops = [r for r in d["rows"] if r["mode"].startswith("loop") and r.get("profile")]
+        if loops:
+            lines += ["", "train.py's step (loop rows: `" + loops[0].get("argv", "") + "`, under a 1-rank torchrun "
+                      "group): host syncs in one step (CUDA: torch.cuda.set_sync_debug_mode's warnings), GPU busy "
+                      "share and top kernels over 3 profiled steps:", ""]
+            lines += [f"- {r['config']} {r['recipe']} {r['mode']}: syncs {r.get('syncs')}, GPU busy "
+                      + (f"{100 * r['profile']['busy_share']:.0f} %" if r["profile"].get("busy_share") is not None
+                         else "n/a") + "; top: " + ", ".join(f"{k} {ms:.1f} ms" for k, ms in r["profile"]["top"])
+                      for r in loops]
         breaks = [f"- {r['config']} {r['recipe']} {r['mode']} batch {r['batch']}: " +
                   "; ".join(f"{k} x{n}" for k, n in list(r["dynamo"]["break_reasons"].items())[:8])
                   for r in d["rows"] if r.get("dynamo", {}).get("break_reasons")]
@@ -252,11 +262,127 @@ def run_spec(spec):
     return result
 
 
+class LoopMeter:
+    """Stands in for train.py's progress bar in run_loop: its update(1) ends a step. After `warmup` steps: one step
+    under the sync check (CUDA: torch.cuda.set_sync_debug_mode "warn", its warnings counted; a CPU: the ops that
+    would make a GPU host wait, lib/opcount.DispatchCounter), then `profiled` steps under torch.profiler, then
+    `iters` timed steps (the device synchronised at each step's end)."""
+
+    def __init__(self, device, warmup, profiled, iters):
+        self.device, self.warmup, self.profiled, self.iters = device, warmup, profiled, iters
+        self.step, self.marks, self.syncs, self.sync_sites, self.profile = 0, [], None, {}, None
+
+    def __call__(self, *args, **kwargs):  # tqdm(total=..., ...) -> the bar
+        return self
+
+    def update(self, n):
+        import warnings
+        self.step += 1
+        if self.step == self.warmup:  # the sync check's step starts
+            if self.device.type == "cuda":
+                self.caught = warnings.catch_warnings(record=True)
+                self.records = self.caught.__enter__()
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+            else:
+                from lib.opcount import DispatchCounter
+                self.counter = DispatchCounter().__enter__()
+        elif self.step == self.warmup + 1:
+            if self.device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+                self.caught.__exit__(None, None, None)
+                self.syncs = sum("synchronizing" in str(w.message) for w in self.records)
+            else:
+                self.counter.__exit__(None, None, None)
+                self.syncs, self.sync_sites = self.counter.syncs, self.counter.sync_sites
+            activities = [torch.profiler.ProfilerActivity.CPU] + \
+                ([torch.profiler.ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+            self.t_profile = time.perf_counter()
+        elif self.step == self.warmup + 1 + self.profiled:
+            bench.sync(self.device)
+            wall = time.perf_counter() - self.t_profile
+            self.profiler.__exit__(None, None, None)
+            self.profile = profile_summary(self.profiler, wall, self.device)
+            self.marks.append(time.perf_counter())
+        elif self.step > self.warmup + 1 + self.profiled:
+            bench.sync(self.device)
+            self.marks.append(time.perf_counter())
+
+    def set_postfix_str(self, text):
+        pass
+
+    def close(self):
+        pass
+
+
+def profile_summary(profiler, wall_s, device, top=5):
+    """GPU busy share (kernel time / wall time of the profiled steps) and the top kernels (CPU: the top ops)."""
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in profiler.key_averages() if getattr(e, key, 0) > 0]
+    events.sort(key=lambda e: -getattr(e, key))
+    busy = sum(getattr(e, key) for e in events) / 1e6 / wall_s if device.type == "cuda" else None
+    return {"busy_share": busy, "wall_s": wall_s,
+            "top": [(e.key[:60], getattr(e, key) / 1e3) for e in events[:top]]}
+
+
+def run_loop(spec):
+    """train.py itself, in this process, as under `torchrun --nproc_per_node=1` (a 1-rank group: DDP wraps the
+    model as on a node): spec["config"] and spec["recipe"] on the toy world at spec["batch"] per stream, the fast
+    path, --compile in mode "blocks"; the real step (the recipe's updates, the non-finite check, clipping, fused
+    AdamW, DDP), timed as LoopMeter says. -> {"status": "ok", "row": ...} or the failure."""
+    import socket
+    import train
+    from lib import runtime
+    device = torch.device(spec["device"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    meter = LoopMeter(device, spec["warmup"], spec.get("profiled", 3), spec["iters"])
+    steps = spec["warmup"] + 1 + meter.profiled + spec["iters"]
+    fetch = runtime.next_batches
+
+    def fetch_unchecked(*args):  # the data fetch (host work on the loader's CPU tensors) is not sync-checked
+        from torch.utils._python_dispatch import _disable_current_modes
+        batches = fetch(*args)
+        while True:
+            with _disable_current_modes():
+                batch = next(batches, None)
+            if batch is None:
+                return
+            yield batch
+    runtime.next_batches, train.tqdm = fetch_unchecked, meter
+    out_dir = tempfile.mkdtemp(prefix="gpu_check_loop_")
+    argv = ["--config", spec["config"], "--recipe", spec["recipe"], "--device", device.type, "--out_dir", out_dir,
+            "--batch_size", str(spec["batch"]), "--max_steps", str(steps), "--log_every", str(steps),
+            "--ckpt_every", str(steps), "--losses", "fast", "--num_workers", str(spec.get("workers", 4)),
+            "--compile", str(spec["mode"] == "blocks").lower()]
+    argv += ["--data_dir", spec["data_dir"]] if spec.get("data_dir") else []   # (default: the toy world)
+    argv += spec.get("extra", [])
+    try:
+        train.main(argv)
+        records = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+        log = [r for r in records if not r.get("final")][-1]
+        gaps = [b - a for a, b in zip(meter.marks, meter.marks[1:])]
+        ms = statistics.median(gaps) * 1e3
+        row = {"step_ms_median": ms, "samples_per_step": log["samples_per_s"] * log["s_per_step"],
+               "syncs": meter.syncs, "sync_sites": meter.sync_sites, "profile": meter.profile, "warmup_s": None, "argv": " ".join(argv),
+               "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None}
+        result = {"status": "ok", "row": row}
+    except BaseException as e:  # noqa: BLE001  (SystemExit included: train.py's refusals)
+        result = {"status": "out of memory" if is_oom(e) else f"failed: {short(e)}",
+                  "traceback": traceback.format_exc()[-4000:]}
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return result
+
+
 def run(spec, args, report, limit_s):
     """run_spec(spec) in a child process (--isolate on: a crash, a hung compile or a broken CUDA context ends
     there, and a time limit can stop it; its output goes to --out/logs/) or in this one."""
     if not args.isolate:
-        return run_spec(spec)
+        return run_loop(spec) if spec["kind"] == "loop" else run_spec(spec)
     os.makedirs(os.path.join(report.out_dir, "logs"), exist_ok=True)
     name = "_".join(str(spec[k]) for k in ("kind", "config", "recipe", "mode", "batch") if k in spec)
     log_path, result_path = (os.path.join(report.out_dir, "logs", name + ext) for ext in (".log", ".result.json"))
@@ -283,6 +409,39 @@ def run(spec, args, report, limit_s):
     why = f"stopped at its {limit_s:.0f} s limit" if timed_out else f"failed: exit code {proc.returncode}" + \
         (" (killed: out of host memory?)" if proc.returncode == -9 else "")
     return {"status": why, "traceback": tail}
+
+
+def measure_loop(row, device, args, report, flops_from=None):
+    """Fill `row` (mode "loop eager" or "loop blocks") with run_loop's figures: train.py's real step."""
+    mode, name = row["mode"], f"{row['config']} {row['recipe']} batch {row['batch']} {row['mode']}"
+    if report.left() < NEEDS_S["loop"]:
+        row["status"] = f"skipped: {report.left():.0f} s left of the budget"
+        report.log(f"{name}: {row['status']}")
+        return row
+    limit = min(args.row_limit_s, report.left())
+    report.log(f"{name} (limit {limit:.0f} s) ...")
+    row["status"] = "running"
+    report.write()
+    spec = dict(kind="loop", device=str(device), recipe=row["recipe"], config=row["config"], batch=row["batch"],
+                mode=mode.split()[1], iters=args.iters, warmup=max(args.warmup, 3), workers=args.loop_workers)
+    result = run(spec, args, report, limit)
+    if result["status"] != "ok":
+        row.update(status=result["status"], traceback=result.get("traceback"))
+    else:
+        r = result["row"]
+        row.update(r, mode=mode, status="ok")
+        ms = r["step_ms_median"]
+        row["samples_per_s_median"] = r["samples_per_step"] / ms * 1e3
+        flops = flops_from and flops_from["flops"] * row["batch"] / flops_from["batch"]
+        row["tflops_per_s_median"] = flops / ms / 1e9 if flops else None
+        peak = peak_flops(report.data["device"].get("name", ""), args.dtype) if device.type == "cuda" else None
+        row["mfu"] = row["tflops_per_s_median"] * 1e12 / peak if flops and peak else None
+        busy = (r.get("profile") or {}).get("busy_share")
+        report.log(f"{name}: {ms:.1f} ms/step, {row['samples_per_s_median']:.0f} samples/s, host syncs {r['syncs']}"
+                   + (f", MFU {100 * row['mfu']:.1f} %" if row.get("mfu") else "")
+                   + (f", GPU busy {100 * busy:.0f} %" if busy is not None else ""))
+    report.write()
+    return row
 
 
 def measure_step(row, device, args, report, flops_from=None):
@@ -485,7 +644,14 @@ def parse_args(argv):
     p.add_argument("--configs", default="base", help="model presets, comma-separated")
     p.add_argument("--recipes", default="xfm,flava", help="xfm and/or flava")
     p.add_argument("--batch", type=int, default=32, help="per-stream batch of the main rows")
-    p.add_argument("--modes", default="eager,step,graphs", help="eager, step (compiled), graphs (CUDA graphs)")
+    p.add_argument("--modes", default="eager,blocks", help="bench's step (one summed update on a synthetic batch): "
+                                                         "eager, blocks (each kind of block compiled once, as "
+                                                         "train.py --compile), step (the whole step compiled), "
+                                                         "graphs (step as CUDA graphs)")
+    p.add_argument("--loop", default="eager,blocks", help="train.py's own step on the toy world (its updates, the "
+                                                        "loop, a 1-rank DDP), eager and/or blocks (--compile); "
+                                                        "off: none")
+    p.add_argument("--loop_workers", type=int, default=4, help="DataLoader workers of the loop rows")
     p.add_argument("--dtype", default="bf16", help="autocast dtype: bf16 | fp16 | fp32")
     p.add_argument("--iters", type=int, default=10, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (at least 3 in a compiled mode)")
@@ -509,7 +675,10 @@ def parse_args(argv):
     args = p.parse_args(argv)
     for m in args.modes.split(","):
         if m not in MODES:
-            p.error(f"unknown mode {m!r} (eager, step, graphs)")
+            p.error(f"unknown mode {m!r} (eager, blocks, step, graphs)")
+    for m in args.loop.split(",") if args.loop != "off" else ():
+        if m not in LOOP_MODES:
+            p.error(f"unknown loop mode {m!r} (eager, blocks, or off)")
     for r in args.recipes.split(","):
         if r not in bench.RECIPES:
             p.error(f"unknown recipe {r!r} (xfm, flava)")
@@ -520,7 +689,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.worker:  # a child process of --isolate: one measurement, its result as JSON
-        result = run_spec(json.loads(args.worker))
+        spec = json.loads(args.worker)
+        result = run_loop(spec) if spec["kind"] == "loop" else run_spec(spec)
         with open(args.out + ".tmp", "w") as f:
             json.dump(result, f, default=str)
         os.replace(args.out + ".tmp", args.out)
@@ -530,6 +700,8 @@ def main(argv=None):
     report = Report(args.out, "python tools/gpu_check.py" + "".join(" " + a for a in argv), args.budget_s)
     rows = report.data["rows"]
     rows += [step_row(c, r, m, args.batch) for c in configs for r in recipes for m in modes]
+    rows += [step_row(c, r, "loop " + m, args.batch) for c in configs for r in recipes
+             for m in (args.loop.split(",") if args.loop != "off" else ())]
     if args.max_batch_search:
         rows += [step_row(c, r, m, "largest") for c in configs for r in recipes for m in modes]
     watchdog = start_watchdog(report, args.hard_limit_s or args.budget_s + 30)
@@ -584,12 +756,16 @@ def check(args, report, device, configs, recipes, modes):
 
     # ---- 2: the step at --batch, every preset, recipe and mode ---------------------------------------------
     counted = {}  # (config, recipe, batch) -> FLOPs per step, for the rows that do not count them
-    for row in [r for r in rows if r["batch"] == args.batch]:
+    for row in [r for r in rows if r["batch"] == args.batch and not r["mode"].startswith("loop")]:
         key = (row["config"], row["recipe"], row["batch"])
         measure_step(row, device, args, report, flops_from=counted.get(key))
         flops = row.get("flops_analytic") or row.get("flops_counted")
         if row["status"] == "ok" and flops and key not in counted:
             counted[key] = {"flops": flops, "batch": row["batch"]}
+
+    # ---- 2b: train.py's own step (the recipe's updates, the loop, DDP), with the same FLOPs per step ---------
+    for row in [r for r in rows if r["mode"].startswith("loop")]:
+        measure_loop(row, device, args, report, flops_from=counted.get((row["config"], row["recipe"], row["batch"])))
 
     if not args.toy_first and not args.skip_toy:
         toy()

@@ -436,6 +436,81 @@ def wrap(loss_model, model, cfg, ddp, device, find_unused):
     return distribute(loss_model, model, ddp, cfg.fsdp, device, find_unused, param_dtype)
 
 
+class PerUpdateDDP(torch.nn.Module):
+    """Data parallelism that reduces, in each update, only the gradients that update made: one DDP per kind of
+    update (the data kinds of its batch), each over the parameters that kind reaches, so no DDP looks for unused
+    parameters (which costs a graph traversal and a host read of the used-parameter map in every backward, and
+    an all-reduce of zeros for every parameter the update never reached). A kind's first update runs on the module
+    itself: hooks on the parameters record which ones its backward reaches, and at the end of that backward (of its
+    last micro-batch) those gradients are averaged over the ranks at once (reduce_reached); its next update builds
+    that kind's DDP over them. Every rank runs the same kinds in the same order, and the sets are made equal across
+    ranks. Only for graphs that are the same from batch to batch: the fast path's.
+    -> the losses of loss_model(batch), as DDP(loss_model) gives them."""
+
+    def __init__(self, loss_model, device):
+        super().__init__()
+        self.module, self.device = loss_model, device
+        self.lean, self.reached, self.recording, self.queued, self.sync = {}, {}, None, False, True
+        self.names = [n for n, p in loss_model.named_parameters() if p.requires_grad]
+        for t in [*loss_model.parameters(), *loss_model.buffers()]:   # rank 0's weights on every rank, as DDP does
+            dist.broadcast(t.data, src=0)
+        for name, p in loss_model.named_parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(lambda p, name=name: self.record(name))
+
+    def agreed(self, reached):
+        """The names any rank's backward reached (every rank calls it)."""
+        used = torch.tensor([n in reached for n in self.names], dtype=torch.float32, device=self.device)
+        dist.all_reduce(used, op=dist.ReduceOp.MAX)
+        return {n for n, u in zip(self.names, used.tolist()) if u}
+
+    def record(self, name):
+        if self.recording is None:
+            return
+        self.recording.add(name)
+        if self.sync and not self.queued:  # the last micro-batch's backward: reduce when it ends
+            self.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.reduce_reached)
+
+    def reduce_reached(self):
+        """End of a kind's first update: its gradients averaged over the ranks, in one all-reduce."""
+        reached = self.agreed(self.recording)
+        self.recording.update(reached)
+        params = [p for n, p in self.module.named_parameters() if n in reached]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for p, g in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = g.view_as(p).clone()
+
+    def forward(self, batch):
+        kinds = tuple(sorted(batch))
+        if kinds not in self.lean and kinds in self.reached:  # its second update: its own DDP, built once
+            ignore = [n for n in self.names if n not in self.reached[kinds]]
+            self.module._ddp_params_and_buffers_to_ignore = ignore
+            try:  # (DDP copies no buffer after the wrap: none changes in training)
+                self.lean[kinds] = torch.nn.parallel.DistributedDataParallel(
+                    self.module, broadcast_buffers=False,
+                    device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            finally:
+                del self.module._ddp_params_and_buffers_to_ignore
+        if kinds in self.lean:
+            self.recording = None
+            self.lean[kinds].require_backward_grad_sync = self.sync    # (no_sync: a micro-step before the last)
+            return self.lean[kinds](batch)
+        self.recording, self.queued = self.reached.setdefault(kinds, set()), False   # its first update
+        return self.module(batch)
+
+    @contextmanager
+    def no_sync(self):
+        self.sync = False
+        try:
+            yield
+        finally:
+            self.sync = True
+
+
 def distribute(loss_model, model, ddp, fsdp, device, find_unused, param_dtype=None):
     """The loss module as every rank runs it under torchrun: sharded by FSDP2 with --fsdp (shard: every block, then
     the loss module, the root that runs every loss), else in DDP, which looks for parameters an update leaves
@@ -445,6 +520,8 @@ def distribute(loss_model, model, ddp, fsdp, device, find_unused, param_dtype=No
     loaded before the wrap), so no forward broadcasts them again."""
     if ddp and fsdp:
         return shard(loss_model, model, param_dtype)
+    if ddp and find_unused and getattr(loss_model, "fast", False):  # graphs that stay the same: no unused search
+        return PerUpdateDDP(loss_model, device)
     if ddp:
         return torch.nn.parallel.DistributedDataParallel(loss_model, find_unused_parameters=find_unused,
                                                          broadcast_buffers=False,

@@ -34,6 +34,11 @@ RUNS = {  # name: the arguments after --data_dir and --out_dir, run in this orde
     "flava_ddp": ["--recipe=flava"],
     "flava_fsdp": ["--recipe=flava", "--fsdp", "--image_tokenizer={root}/flava_ddp/image_tokenizer.pt",
                    "--export={root}/flava_fsdp_export"],
+    "fast_ddp": ["--losses=fast", "--micro_batch_size=2"],             # runtime.PerUpdateDDP, accumulating
+    "fast_fsdp": ["--losses=fast", "--micro_batch_size=2", "--fsdp"],
+    "flava_fast_ddp": ["--recipe=flava", "--losses=fast", "--image_tokenizer={root}/flava_ddp/image_tokenizer.pt"],
+    "flava_fast_fsdp": ["--recipe=flava", "--losses=fast", "--fsdp",
+                        "--image_tokenizer={root}/flava_ddp/image_tokenizer.pt"],
 }
 
 
@@ -43,11 +48,20 @@ def _worker(rank, meet, toy, root):
         runtime.setup_distributed = lambda name: (True, rank, rank, 2, torch.device("cpu"))
         runtime.teardown = lambda: None
         tok = ["--tokenizer=" + os.path.join(toy, "tokenizer.json")]
+        made, per_update = [], runtime.PerUpdateDDP                   # (what each kind of update reduces)
+        runtime.PerUpdateDDP = lambda *args: made.append(per_update(*args)) or made[-1]
         for name, args in RUNS.items():
             train.main([f"--data_dir={toy}", f"--out_dir={root}/{name}", *STEPS, *tok,
                         *[a.format(root=root) for a in args]])
         train.main([f"--resume={root}/xfm_fsdp_half", "--stop_at=0"])   # steps 3-4 of the stopped run
         _accumulation(rank, root)
+        if rank == 0:
+            wrapper = made[0]                                         # (X-FM's; made[1]: FLAVA's)
+            every = [n for n, p in wrapper.module.named_parameters() if p.requires_grad]
+            reduced = {"+".join(k): sorted(set(every) - set(ddp.parameters_to_ignore)) for k, ddp in wrapper.lean.items()}
+            reached = {"+".join(k): sorted(v) for k, v in wrapper.reached.items()}
+            with open(os.path.join(root, "per_update.json"), "w") as f:
+                json.dump({"every": every, "reduced": reduced, "reached": reached}, f)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +97,7 @@ def assert_same_run(a, b, param_atol):
         assert ma[k].shape == mb[k].shape and torch.allclose(ma[k], mb[k], rtol=0, atol=param_atol), k
 
 
-@pytest.mark.parametrize("recipe", ["xfm", "summed", "flava"])
+@pytest.mark.parametrize("recipe", ["xfm", "summed", "flava", "fast", "flava_fast"])
 def test_fsdp_run_equals_the_ddp_run(runs, recipe):
     """Same init, same data, 2 processes: --fsdp trains exactly as DDP (losses at every step, clipped gradient
     norms, temperature, final parameters), for X-FM's three updates, its summed schedule (with --grad_ckpt on the
@@ -197,3 +211,16 @@ def test_fsdp_takes_bf16_parameters_under_bf16_autocast(amp, dtype, monkeypatch)
     runtime.wrap(train.LossModel(model, True), model, train.TrainConfig(fsdp=True, amp=amp), True,
                  torch.device("cpu"), True)
     assert got == [dtype]
+
+
+def test_ddp_on_the_fast_path_reduces_what_each_update_reached(runs):
+    """runtime.PerUpdateDDP (the fast path under torchrun): each of X-FM's three updates reduces exactly the
+    parameters its first backward reached, no DDP looks for unused ones, and the run equals FSDP's (above). The text
+    update reaches no vision, fusion or box parameter; the region-and-image update none of the text MLM head."""
+    got = json.load(open(os.path.join(runs, "per_update.json")))
+    assert set(got["reduced"]) == {"text", "image+region", "pair"}
+    assert got["reduced"] == got["reached"]
+    text, region = set(got["reduced"]["text"]), set(got["reduced"]["image+region"])
+    assert text and not any(n.startswith(("model.vision.", "model.fusion.", "model.bbox")) for n in text)
+    assert len(text) < len(got["every"]) and len(region) < len(got["every"])
+    assert not any(n.startswith("model.text_mlm.") for n in region)

@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 import flava
 from lib import runlog
@@ -50,6 +51,16 @@ def _worker(rank, meet, toy, root):
         tok = ["--tokenizer=" + os.path.join(toy, "tokenizer.json")]
         made, per_update = [], runtime.PerUpdateDDP                   # (what each kind of update reduces)
         runtime.PerUpdateDDP = lambda *args: made.append(per_update(*args)) or made[-1]
+        ddp_class, reductions = torch.nn.parallel.DistributedDataParallel, []   # (a micro-step's sync flag, for
+        # each bucket a DDP of PerUpdateDDP reduces)
+
+        def watched_ddp(*args, **kwargs):
+            ddp = ddp_class(*args, **kwargs)
+            if made:
+                ddp.register_comm_hook(None, lambda state, bucket: reductions.append(made[-1].sync) or
+                                       allreduce_hook(None, bucket))
+            return ddp
+        torch.nn.parallel.DistributedDataParallel = watched_ddp
         for name, args in RUNS.items():
             train.main([f"--data_dir={toy}", f"--out_dir={root}/{name}", *STEPS, *tok,
                         *[a.format(root=root) for a in args]])
@@ -61,7 +72,7 @@ def _worker(rank, meet, toy, root):
             reduced = {"+".join(k): sorted(set(every) - set(ddp.parameters_to_ignore)) for k, ddp in wrapper.lean.items()}
             reached = {"+".join(k): sorted(v) for k, v in wrapper.reached.items()}
             with open(os.path.join(root, "per_update.json"), "w") as f:
-                json.dump({"every": every, "reduced": reduced, "reached": reached}, f)
+                json.dump({"every": every, "reduced": reduced, "reached": reached, "reductions": reductions}, f)
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +235,5 @@ def test_ddp_on_the_fast_path_reduces_what_each_update_reached(runs):
     assert text and not any(n.startswith(("model.vision.", "model.fusion.", "model.bbox")) for n in text)
     assert len(text) < len(got["every"]) and len(region) < len(got["every"])
     assert not any(n.startswith("model.text_mlm.") for n in region)
+    # with 2 micro-batches per update, each DDP reduces in the last micro-batch's backward alone
+    assert got["reductions"] and all(got["reductions"])

@@ -1119,7 +1119,7 @@ CATALOGUE = [
     Bug("per_update_syncs_every_micro_step", "lib/runtime.py",
         "            self.lean[kinds].require_backward_grad_sync = self.sync    # (no_sync: a micro-step before the last)\n",
         "", "a kind's DDP reduces once per update, after its last micro-batch",
-        "tests/test_fsdp.py::test_fsdp_run_equals_the_ddp_run", fast=False),
+        "tests/test_fsdp.py::test_ddp_on_the_fast_path_reduces_what_each_update_reached", fast=False),
     Bug("ddp_broadcasts_buffers", "lib/runtime.py", "                                                         broadcast_buffers=False,\n",
         "", "DDP broadcasts no buffer at each forward (none changes in training)",
         f"{TT}::test_ddp_with_accumulation_equals_one_process_full_batch", fast=False),

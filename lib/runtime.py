@@ -432,7 +432,8 @@ def wrap(loss_model, model, cfg, ddp, device, find_unused):
         compile_blocks(model, cfg.compile_mode)
     if not (ddp and cfg.fsdp):
         stack_position_biases(model)
-    param_dtype = torch.bfloat16 if amp_setup(cfg.amp, device, cfg.fsdp and ddp)[2] == "bf16" else None
+    sharded = cfg.fsdp and ddp
+    param_dtype = torch.bfloat16 if sharded and amp_setup(cfg.amp, device, sharded)[2] == "bf16" else None
     return distribute(loss_model, model, ddp, cfg.fsdp, device, find_unused, param_dtype)
 
 

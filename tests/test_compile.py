@@ -27,7 +27,7 @@ def aot_eager(monkeypatch):
 
 def _options(compile, grad_ckpt=False, fsdp=False):
     """The TrainConfig fields runtime.wrap reads."""
-    return SimpleNamespace(compile=compile, compile_mode="default", grad_ckpt=grad_ckpt, fsdp=fsdp)
+    return SimpleNamespace(compile=compile, compile_mode="default", grad_ckpt=grad_ckpt, fsdp=fsdp, amp="fp32")
 
 
 def _steps(loss_model, model, batch, steps=2):

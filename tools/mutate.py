@@ -1099,7 +1099,7 @@ CATALOGUE = [
         "    policy = MixedPrecisionPolicy()", "--fsdp under bf16 gathers bf16 parameters and reduces fp32 gradients",
         "tests/test_fsdp.py::test_fsdp_accumulation_equals_one_big_micro_batch", fast=False),
     Bug("fsdp_policy_not_given", "lib/runtime.py",
-        '    param_dtype = torch.bfloat16 if amp_setup(cfg.amp, device, cfg.fsdp and ddp)[2] == "bf16" else None',
+        '    param_dtype = torch.bfloat16 if sharded and amp_setup(cfg.amp, device, sharded)[2] == "bf16" else None',
         "    param_dtype = None", "train.py's --fsdp takes the bf16 policy under --amp=bf16",
         "tests/test_fsdp.py::test_fsdp_takes_bf16_parameters_under_bf16_autocast"),
     Bug("gpu_check_loop_reference", "tools/gpu_check.py", '"--losses", "fast"', '"--losses", "reference"',

@@ -24,6 +24,8 @@ P = (image_size // patch_size) ** 2):
     mlm_slots (text, pair, region): the most masked positions any row can hold (data.mlm_slots), the
             slots the fast path's mlm_loss gives each row, so that loss has fixed shapes
             (lib/fast_losses.py); the reference losses.py does not read it.
+Images are CLIP-normalised float32, or with DataConfig.uint8_images (train.py on CUDA) uint8 pixels that
+runtime.to_device normalises on the device to the same values.
 A collated image, pair or region batch also holds `bad`: the unreadable images passed over while
 making it, as formats.BadInput.found gives them; lib/streams.Stream takes them out and counts each
 record once (BadInput.once), so a file that fails is counted once however often it is drawn, in
@@ -46,7 +48,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from lib import formats
-from lib.transforms import random_resized_crop, to_tensor
+from lib.transforms import random_resized_crop, to_tensor, to_uint8
 
 # the four streams; the index also salts each stream's rng
 KINDS = ("text", "image", "pair", "region")
@@ -161,7 +163,7 @@ def crop_boxes(boxes_xywh, crop, min_in=0.5):
     return out
 
 
-def region_crop(img, boxes_xywh, size, rng, n_keep=None, min_scale=0.0):
+def region_crop(img, boxes_xywh, size, rng, n_keep=None, min_scale=0.0, uint8=False):
     """X-VLM style box-preserving crop. The crop contains the first n_keep boxes (default all)
     fully; its edges are drawn uniformly between those boxes and the image border (redrawn up to 10
     times until it covers at least min_scale of the image; min_scale >= 1: no crop); then it is
@@ -181,7 +183,7 @@ def region_crop(img, boxes_xywh, size, rng, n_keep=None, min_scale=0.0):
         if (c[2] - c[0]) * (c[3] - c[1]) >= min_scale * W * H:
             crop = c
             break
-    x = to_tensor(img.resize((size, size), Image.Resampling.BICUBIC, box=crop))
+    x = (to_uint8 if uint8 else to_tensor)(img.resize((size, size), Image.Resampling.BICUBIC, box=crop))
     return x, crop_boxes(boxes_xywh, crop)
 
 
@@ -235,6 +237,8 @@ class DataConfig:
     static: bool = False
     # image paths are relative to this folder ("": the file's own; formats.image_base)
     image_root: str = ""
+    # images leave the workers as uint8, normalised on the device (runtime.to_device; train.py on CUDA)
+    uint8_images: bool = False
 
     @property
     def grid(self):
@@ -309,7 +313,7 @@ class ImageDataset(_Base):
         rng = self.rng(epoch, index)
         j, img, bad = self.load(index)
         x = random_resized_crop(img, self.dc.image_size, rng, scale=self.dc.crop_scale,
-                                hflip=self.dc.hflip)
+                                hflip=self.dc.hflip, uint8=self.dc.uint8_images)
         # the masked and unmasked MIM views are this same tensor; only the mask differs
         # (docs/METHOD.md §5.3)
         m = block_mask(self.dc.grid, *mim_counts(self.dc.grid), rng)
@@ -426,7 +430,7 @@ class RegionDataset(_Base):
         # the crop keeps every sampled box whole, so no region is lost (no hflip: it would swap
         # left/right words)
         return region_crop(img, [rec["regions"][i]["box"] for i in pick], self.dc.image_size, rng,
-                           min_scale=self.dc.crop_scale[0])
+                           min_scale=self.dc.crop_scale[0], uint8=self.dc.uint8_images)
 
     def pick_captions(self, rec, pick, boxes, rng):
         """-> [(caption, box (4,), is_region)]: one drawn caption per kept region, in pick's order,

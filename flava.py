@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import losses
-from lib import fast_losses, runtime
+from lib import fast_losses, runtime, transforms
 from lib.transforms import CLIP_MEAN, CLIP_STD
 from losses import patchify
 from model import MLP, PRESETS, XFM, Attention, MLMHead, XFMConfig, additive_mask
@@ -527,7 +527,8 @@ def fit_image_tokenizer(model, dataset, n_images=2000, seed=0, progress=None):
     idx = np.random.default_rng(seed).permutation(len(dataset))[:n_images]
     images = []
     for i in (progress(idx) if progress else idx):
-        images.append(dataset[(int(i), 0)]["image"])
+        x = dataset[(int(i), 0)]["image"]
+        images.append(transforms.normalize(x) if x.dtype == torch.uint8 else x)   # (uint8 on CUDA runs)
     patches = patchify(torch.stack(images), model.cfg.patch_size).flatten(0, 1)   # (n * P, 3*p*p)
     model.image_tokenizer.codebook.copy_(fit_codebook(patches, model.cfg.codebook_size, seed=seed))
     return len(patches)

@@ -91,7 +91,7 @@ class TrainConfig:
     crop_min_scale: float = 0.8     # random resized crop scale lower bound (official: 0.2; the toy
                                     # captions name positions)
     hflip: bool = False             # horizontal flip (off: captions say "left of"/"right of")
-    num_workers: int = 0            # DataLoader workers per rank
+    num_workers: int = -1           # DataLoader workers per rank; -1: 4 on CUDA, 0 elsewhere
     shuffle_buffer: int = 1000      # tar shards (lib/shards.py): the samples each worker shuffles
                                     # among
     strict: bool = False            # any bad input record is an error instead of being skipped and
@@ -329,8 +329,7 @@ def setup_data(cfg, ctx, per_rank):
         cfg.tokenizer = pretrained.own_tokenizer(cfg.init_text)
     tok = runlog.shared_tokenizer(cfg, ctx.ckpt, ctx.ddp, ctx.rank)
     model_cfg = model_config(cfg, tok, ctx.ckpt, ctx.init)
-    streams = shards.run_streams(cfg, tok, model_cfg, per_rank, ctx.bad, ctx.rank, ctx.world,
-                                 pin_memory=ctx.device.type == "cuda")
+    streams = shards.run_streams(cfg, tok, model_cfg, per_rank, ctx.bad, ctx.rank, ctx.world, ctx.device)
     return tok, model_cfg, streams
 
 

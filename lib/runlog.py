@@ -403,7 +403,8 @@ def finish(cfg, model, held_out, held_bad, history, final, bad, device, autocast
     if held_out is not None:
         try:
             final["retrieval"] = retrieval.evaluate_retrieval(model, held_out, device, cfg.eval_k, cfg.eval_batch_size,
-                                                              autocast, rank, world, cfg.num_workers)
+                                                              autocast, rank, world,
+                                                              runtime.num_workers(cfg, device))
             final["retrieval"]["n_images"], final["retrieval"]["n_texts"] = len(held_out["image"]), len(held_out["ids"])
         except OSError as e:  # one rank alone would leave the others waiting in the gather
             if world > 1:

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from lib import transforms
 from model import Attention, VisionEncoder
 
 
@@ -141,8 +142,19 @@ def amp_setup(amp, device, sharded=False):
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler, amp
 
 
+def num_workers(cfg, device):
+    """train.py's DataLoader workers per rank: --num_workers, or with -1 four on CUDA (JPEG decoding and crops
+    beside the GPU's step) and none elsewhere (the CPU's cores train)."""
+    return cfg.num_workers if cfg.num_workers >= 0 else 4 if device.type == "cuda" else 0
+
+
 def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """A batch on the device; uint8 images (data.DataConfig.uint8_images) normalised there
+    (transforms.normalize: to_tensor's values)."""
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if torch.is_tensor(out.get("image")) and out["image"].dtype == torch.uint8:
+        out["image"] = transforms.normalize(out["image"])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

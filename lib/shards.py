@@ -612,14 +612,17 @@ def find_data(data_dir):
     return {**formats.find_sources(data_dir), **find_shards(data_dir)}
 
 
-def run_streams(cfg, tok, model_cfg, per_rank, bad, rank, world, pin_memory):
+def run_streams(cfg, tok, model_cfg, per_rank, bad, rank, world, device):
     """train.py's streams (build_streams): the run's data settings (cfg: train.TrainConfig) and the model's image
-    and patch sizes as one data.DataConfig; per_rank: {kind: samples a batch}. No data at all stops the run."""
+    and patch sizes as one data.DataConfig; per_rank: {kind: samples a batch}. On CUDA the batches are pinned and
+    their images uint8, normalised on the GPU (runtime.to_device). No data at all stops the run."""
+    cuda = device.type == "cuda"
     dc = data.DataConfig(model_cfg.image_size, model_cfg.patch_size, cfg.text_len, cfg.caption_len, cfg.seed,
                          cfg.hflip, (cfg.crop_min_scale, 1.0), caption_mask=cfg.recipe, image_root=cfg.image_root,
-                         itm_neg_prob=getattr(model_cfg, "itm_neg_prob", 0.0), static=cfg.compile)
-    found = build_streams(cfg.data_dir, tok, dc, per_rank, bad, rank, world, cfg.num_workers,
-                          pin_memory=pin_memory, buffer=cfg.shuffle_buffer)
+                         itm_neg_prob=getattr(model_cfg, "itm_neg_prob", 0.0), static=cfg.compile,
+                         uint8_images=cuda)
+    found = build_streams(cfg.data_dir, tok, dc, per_rank, bad, rank, world, runtime.num_workers(cfg, device),
+                          pin_memory=cuda, buffer=cfg.shuffle_buffer)
     if not found:
         raise SystemExit(f"error: no training data found in {cfg.data_dir} (formats: lib/formats.py, lib/shards.py)")
     return found

@@ -30,9 +30,28 @@ def to_tensor(img):
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
-def random_resized_crop(img, size, rng, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), hflip=True):
+# CLIP normalisation as a table: CLIP_TABLE[c, v] = (v / 255 - CLIP_MEAN[c]) / CLIP_STD[c], the very float32
+# values to_tensor computes (tests/test_data.py compares all 3 x 256), so a uint8 image normalised with it on
+# its device equals to_tensor's bit for bit
+CLIP_TABLE = torch.from_numpy((np.arange(256, dtype=np.float32)[None, :] / 255.0 - CLIP_MEAN[:, None])
+                              / CLIP_STD[:, None])                         # (3, 256)
+
+
+def to_uint8(img):
+    """PIL RGB (H, W) -> uint8 tensor (3, H, W): the pixels as they are, a quarter of to_tensor's bytes
+    (data.DataConfig.uint8_images: what a DataLoader worker sends; normalize() on the device)."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)))
+
+
+def normalize(x):
+    """uint8 images (..., 3, H, W), on any device -> to_tensor's float32 values, by looking up CLIP_TABLE."""
+    table = CLIP_TABLE.to(x.device, non_blocking=True)
+    return table[torch.arange(3, device=x.device).view(3, 1, 1), x.long()]
+
+
+def random_resized_crop(img, size, rng, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), hflip=True, uint8=False):
     """torchvision's RandomResizedCrop (bicubic) + optional horizontal flip (p 0.5) + normalise
-    -> (3, size, size). scale=(1, 1) means no crop at all."""
+    -> (3, size, size); uint8: the pixels unnormalised (to_uint8). scale=(1, 1) means no crop at all."""
     W, H = img.size
     box = (0, 0, W, H) if scale[0] >= 1 else None
     for _ in range(10 if box is None else 0):
@@ -55,7 +74,7 @@ def random_resized_crop(img, size, rng, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), 
     out = img.resize((size, size), Image.Resampling.BICUBIC, box=box)  # crop and resize in one call
     if hflip and rng.random() < 0.5:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_tensor(out)
+    return to_uint8(out) if uint8 else to_tensor(out)
 
 
 def eval_transform(img, size):

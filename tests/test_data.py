@@ -12,12 +12,14 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data as D  # noqa: E402
+import flava  # noqa: E402
 from lib import tokenizer  # noqa: E402
 from lib import formats  # noqa: E402
 from lib import toyworld  # noqa: E402
 from lib import retrieval  # noqa: E402
 from lib import streams as stream_lib  # noqa: E402
 from lib import transforms  # noqa: E402
+from lib import runtime  # noqa: E402
 
 SMALL = dict(size=32, n_pairs=24, n_regions=12, n_text=30, n_images=12, n_test=10, n_down=8, progress=False)
 DC = dict(image_size=32, patch_size=8, text_len=32, caption_len=16, seed=0)
@@ -399,6 +401,28 @@ def test_random_resized_crop_and_eval_transform():
     assert 5 < sum(flips) < 35  # with hflip the blue edge moves right about half the time
     red = torch.tensor(float((1 - transforms.CLIP_MEAN[0]) / transforms.CLIP_STD[0]))  # float32 under NumPy 1.26 and 2.x
     assert torch.allclose(transforms.eval_transform(Image.new("RGB", (8, 8), (255, 0, 0)), 4)[0], red)
+
+
+def test_uint8_images_normalised_on_the_device_equal_to_tensor(toy, tok):
+    """Every value of every channel: transforms.normalize (a table lookup, on the device) gives to_tensor's float32
+    bit for bit; and a stream of uint8 images (DataConfig.uint8_images, CUDA runs) gives, once through
+    runtime.to_device, exactly the float batch, a quarter of the bytes before."""
+    every = np.stack([np.roll(np.arange(256), c) for c in range(3)], -1).astype(np.uint8)  # (256, 3)
+    img = Image.fromarray(every[:, None, :])                      # 256 x 1 pixels: each channel takes every value
+    assert torch.equal(transforms.normalize(transforms.to_uint8(img)), transforms.to_tensor(img))
+    floats, raw = (streams(toy, tok, uint8_images=u) for u in (False, True))
+    for kind in ("image", "pair", "region"):
+        a, b = next(floats[kind]), next(raw[kind])
+        assert b["image"].dtype == torch.uint8 and a["image"].dtype == torch.float32
+        b = runtime.to_device(b, torch.device("cpu"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k])), kind
+    # FLAVA's k-means image tokenizer reads the pair dataset's images itself: the same codebook from either
+    books = []
+    for found in (floats, raw):
+        model = flava.FLAVA(flava.make_flava_config("tiny", vocab_size=64, image_size=32, codebook_size=16))
+        flava.fit_image_tokenizer(model, found["pair"].dataset, n_images=8)
+        books.append(model.image_tokenizer.codebook)
+    assert torch.equal(*books)
 
 
 # ----------------------------------------------------------------------------- sampler and streams

@@ -15,7 +15,7 @@ from lib import pretrained
 from lib import runtime
 import train
 from conftest import gloo_group, rendezvous, make_batch, tiny_config
-from model import XFM
+from model import XFM, make_config
 from lib import toyworld
 
 FAST = ["--max_steps=4", "--batch_size=8", "--log_every=1", "--warmup_steps=2", "--vocab_size=300",
@@ -408,3 +408,19 @@ def test_compiled_step_never_breaks_the_graph_nor_recompiles(toy, tmp_path, monk
     assert len(updates) >= 50 and updates[0][1] > 0
     assert not [(i, kinds, n) for i, (kinds, n) in enumerate(updates) if n and kinds in {k for k, _ in updates[:i]}]
     torch._dynamo.reset()
+
+
+def test_cuda_runs_stream_uint8_images_and_four_workers(toy, monkeypatch):
+    """shards.run_streams for a CUDA run: pinned batches of uint8 images (normalised on the GPU) from 4 workers per
+    rank (--num_workers=-1, the default); 0 workers and float images on the CPU."""
+    from lib import shards, tokenizer
+    got = {}
+    def build(data_dir, tok, dc, per_rank, bad, rank, world, workers, pin_memory, buffer):
+        got.update(uint8=dc.uint8_images, workers=workers, pin=pin_memory)
+        return {"pair": None}
+    monkeypatch.setattr(shards, "build_streams", build)
+    cfg, tok = train.TrainConfig(data_dir=toy), tokenizer.get_tokenizer(toy, toy, 300, None)
+    for device, want in (("cuda", dict(uint8=True, workers=4, pin=True)),
+                         ("cpu", dict(uint8=False, workers=0, pin=False))):
+        shards.run_streams(cfg, tok, make_config("tiny"), {"pair": 2}, None, 0, 1, torch.device(device))
+        assert got == want, device

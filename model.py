@@ -227,10 +227,6 @@ class Block(nn.Module):
         # BEiT-v2 pre-training uses no dropout, only drop path
         drop = 0.0 if pre_norm else cfg.dropout
         self.pre_norm, self.drop_path = pre_norm, drop_path
-        # an encoder with drop path: the rate also as a tensor, which a compiled block reads (a graph
-        # input; the float would be a constant of the graph, each layer's rate a recompile of its own)
-        rate = torch.tensor(float(drop_path)) if pre_norm and cfg.drop_path > 0 else None
-        self.register_buffer("drop_rate", rate, persistent=False)
         kw = dict(attn_drop=drop, proj_drop=drop, sdpa=cfg.attn_impl != "explicit")
         self.attn = Attention(D, cfg.heads, beit_bias=pre_norm, **kw)
         self.norm1 = nn.LayerNorm(D, eps=eps)
@@ -248,8 +244,8 @@ class Block(nn.Module):
         if self.rel_pos is not None and mask is None:  # BEiT: each block adds its own position bias
             mask = self.rel_pos()                                          # (nh, N, N)
         if self.pre_norm:
-            # eager: the float (no draw at rate 0); compiled (lib/runtime.compile_blocks): the tensor
-            compiled = torch.compiler.is_compiling() and self.drop_rate is not None
+            # eager: the float (no draw at rate 0); compiled: the tensor runtime.compile_blocks gave
+            compiled = torch.compiler.is_compiling() and hasattr(self, "drop_rate")
             p = self.drop_rate if compiled else self.drop_path
             a = self.gamma_1 * self.attn(self.norm1(x), mask=mask)
             x = x + drop_path(a, p, self.training)

@@ -457,10 +457,8 @@ def train(cfg, ckpt, ddp, rank, world, device, held, init=None):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     end_step = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
     meter, history = runlog.Meter(), []
-    # non-finite losses: updates skipped, the run stopped after max_bad_steps in a row (on the device
-    # with fused AdamW: no host sync, runtime.NonFinite)
-    on_device = optimizer.defaults["fused"] and scaler is None and not (ddp and cfg.fsdp)
-    guard = runtime.NonFinite(on_device, ddp, cfg.max_bad_steps, device)
+    # non-finite losses: updates skipped, the run stopped after max_bad_steps in a row
+    guard = runtime.NonFinite(optimizer, scaler, cfg, ddp, device)
 
     def save(step):  # every rank calls it (runlog.save_checkpoint)
         extra = {"bad_input": bad.state_dict(), "tokenizer": tok.to_json()}
@@ -493,15 +491,11 @@ def train(cfg, ckpt, ddp, rank, world, device, held, init=None):
         meter.steps += 1
         pbar.update(1)
         done = step + 1
-        if not on_device or done % cfg.log_every == 0 or done == end_step:  # the host reads
-            skipped, too_many = guard.read()
-            if skipped and on_device:
-                print0(f"warning: {skipped} non-finite updates skipped by step {done}")
-            if too_many:
-                save(done)
-                raise SystemExit(f"error: {cfg.max_bad_steps} non-finite updates in a row by step "
-                                 f"{done}; stopped. The last good state is in {ckpt_path} (lower "
-                                 f"--lr, or try --amp=fp32).")
+        if guard.too_many(done, done % cfg.log_every == 0 or done == end_step, print0):
+            save(done)
+            raise SystemExit(f"error: {cfg.max_bad_steps} non-finite updates in a row by step {done}; "
+                             f"stopped. The last good state is in {ckpt_path} (lower --lr, or try "
+                             f"--amp=fp32).")
         if done % cfg.log_every == 0 or done == end_step:
             history.append(meter.record(done, lr, model, world, ddp))
             meter = runlog.Meter()

@@ -207,11 +207,13 @@ class NonFinite:
       the device) and the caller skips the update at once;
     - on the device (on_device: fused AdamW, no GradScaler, no FSDP; the fast path): skip() hands
       the flag to fused AdamW as its found_inf, whose kernel then leaves the parameters and their
-      moments as they are; the counts stay on the device until read() (train.py: at log steps).
+      moments as they are; the counts stay on the device until the host reads them (too_many: at
+      log steps).
     """
 
-    def __init__(self, on_device, ddp, max_bad, device):
-        self.on_device, self.ddp, self.max_bad = on_device, ddp, max_bad
+    def __init__(self, optimizer, scaler, cfg, ddp, device):
+        self.on_device = optimizer.defaults["fused"] and scaler is None and not (ddp and cfg.fsdp)
+        self.ddp, self.max_bad = ddp, cfg.max_bad_steps
         # skipped updates (all, and since the last read), the current and the longest run in a row
         self.total, self.recent, self.streak, self.longest = (torch.zeros((), device=device)
                                                               for _ in range(4))
@@ -230,13 +232,18 @@ class NonFinite:
             return False
         return flag.item() > 0
 
-    def read(self):
-        """-> (updates skipped since the last read, the longest run in a row among them, or
-        max_bad when a run reached it)."""
+    def too_many(self, step, log_step, say):
+        """At the end of a step: True when max_bad skipped updates came in a row. The host reads the
+        counts after every step on the host, at log steps on the device (saying how many it skipped:
+        the host said each as it skipped it)."""
+        if self.on_device and not log_step:
+            return False
         recent, longest = int(self.recent.item()), int(self.longest.item())
         self.recent.zero_()
         self.longest.copy_(self.streak)                              # a run may go on
-        return recent, longest >= self.max_bad
+        if recent and self.on_device:
+            say(f"warning: {recent} non-finite updates skipped by step {step}")
+        return longest >= self.max_bad
 
 
 def optimizer_step(optimizer, scaler, params, clip):
@@ -377,13 +384,18 @@ def compile_blocks(model, mode="default"):
     object of the forward, which every block of a class shares, with guards on what the code reads: so each kind
     of block (X-FM: text, vision and fusion blocks; FLAVA: each encoder's input shape) compiles once and every
     layer of that kind reuses the graph, and the compile time does not grow with depth. What differs between
-    layers of one kind must be a tensor, a graph input: the vision blocks' drop-path rates (model.Block.drop_rate;
-    a float would be a constant guarded per layer). The order is torchtitan's: activation checkpointing first
+    layers of one kind must be a tensor, a graph input: a block's drop-path rate is given to it as the buffer
+    drop_rate, which its compiled forward reads (a float would be a constant guarded per layer). The order is torchtitan's: activation checkpointing first
     (checkpoint_blocks: the compiled graph holds the checkpoint, so the recomputation is compiled too), then this,
     then DDP or FSDP (distribute), whose hooks run around the compiled forward, not inside it. With --compile the
     batch shapes are fixed (data.DataConfig.static), so after the first step no block compiles again."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_GRAPHS_LIMIT)
-    for block in encoder_blocks(model):
+    blocks = encoder_blocks(model)
+    dropping = [b for b in blocks if getattr(b, "pre_norm", False)]      # (model.Block: drop path's rate, a float)
+    for block in dropping if any(b.drop_path > 0 for b in dropping) else ():  # all of them: one graph, rate 0 too
+        block.register_buffer("drop_rate", torch.tensor(float(block.drop_path), device=block.gamma_1.device),
+                              persistent=False)
+    for block in blocks:
         block.forward = compiled(block.forward, mode)   # (after checkpoint_blocks: the checkpointed forward)
     return model
 

@@ -98,7 +98,7 @@ def _signatures(model):
 def test_each_kind_of_block_compiles_once_for_every_depth(aot_eager):
     """With drop path and dropout on, the compiled graphs are one per kind of block and call signature (the same
     for 2 and 3 layers of every encoder), not one per layer: every vision layer's drop-path rate differs, and is a
-    tensor the graph reads (model.Block.drop_rate), not a constant of it. No recompile in the second step."""
+    tensor the graph reads (the drop_rate runtime.compile_blocks gives), not a constant of it. No recompile in the second step."""
     graphs = []
     for layers in (2, 3):
         torch._dynamo.reset()
@@ -144,6 +144,8 @@ def test_eager_drop_path_draws_as_the_float_formula():
     cfg = tiny_config(drop_path=0.2, vision_layers=2)
     torch.manual_seed(0)
     first, block = XFM(cfg).train().vision.blocks
+    for b in (first, block):  # the tensor rate a compiled block reads (runtime.compile_blocks), here read eagerly
+        b.register_buffer("drop_rate", torch.tensor(b.drop_path), persistent=False)
     x = torch.randn(4, cfg.num_patches + 1, cfg.width)
     torch.manual_seed(3)
     before = torch.get_rng_state()

@@ -24,8 +24,7 @@ P = (image_size // patch_size) ** 2):
     mlm_slots (text, pair, region): the most masked positions any row can hold (data.mlm_slots), the
             slots the fast path's mlm_loss gives each row, so that loss has fixed shapes
             (lib/fast_losses.py); the reference losses.py does not read it.
-Images are CLIP-normalised float32, or with DataConfig.uint8_images (train.py on CUDA) uint8 pixels that
-runtime.to_device normalises on the device to the same values.
+Images: CLIP-normalised float32, or uint8 (DataConfig.uint8_images) that runtime.to_device normalises.
 A collated image, pair or region batch also holds `bad`: the unreadable images passed over while
 making it, as formats.BadInput.found gives them; lib/streams.Stream takes them out and counts each
 record once (BadInput.once), so a file that fails is counted once however often it is drawn, in

@@ -9,7 +9,7 @@ import os
 import traceback
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 
 # Ops that make the host wait for the GPU on CUDA: a tensor read as a Python number or bool (.item(), `if t.any()`)
@@ -47,3 +47,14 @@ class DispatchCounter(TorchDispatchMode):
             site = "backward" if in_this_file else f"{os.path.basename(frame.filename)}:{frame.lineno}"
             self.sync_sites[site] = self.sync_sites.get(site, 0) + 1
         return func(*args, **(kwargs or {}))
+
+
+def uncounted(items):
+    """The items of an iterator, each made with every dispatch mode paused (a DispatchCounter sees none of its ops):
+    train.py's batch fetch (runtime.next_batches) is host work on the loader's CPU tensors, not the step's."""
+    while True:
+        with _disable_current_modes():
+            item = next(items, None)
+        if item is None:
+            return
+        yield item

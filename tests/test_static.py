@@ -15,13 +15,12 @@ tests/test_losses.py's test_hard_negatives_are_drawn_with_the_softmax_probabilit
 
 import pytest
 import torch
-from torch.utils._python_dispatch import _disable_current_modes
 
 import flava
 import losses
 import train
 from lib import fast_losses, runtime, toyworld
-from lib.opcount import DispatchCounter
+from lib.opcount import DispatchCounter, uncounted
 from conftest import make_batch, tiny_config
 from model import XFM
 
@@ -183,16 +182,7 @@ def test_a_train_py_step_makes_the_host_wait_for_nothing(recipe, toy, tmp_path, 
     skips on the device, runtime.NonFinite), where the reference path's step has one per update and per
     parameter (the non-fused AdamW's step counter) at least."""
     fetch = runtime.next_batches
-
-    def fetch_uncounted(*args):
-        batches = fetch(*args)
-        while True:
-            with _disable_current_modes():
-                batch = next(batches, None)
-            if batch is None:
-                return
-            yield batch
-    monkeypatch.setattr(runtime, "next_batches", fetch_uncounted)
+    monkeypatch.setattr(runtime, "next_batches", lambda *args: uncounted(fetch(*args)))
     monkeypatch.setattr(train, "tqdm", _StepCounter)
     args = [f"--recipe={recipe}", f"--data_dir={toy}", "--max_steps=3", "--log_every=100", "--ckpt_every=100",
             "--batch_size=8", "--vocab_size=300", "--eval_k=4", "--caption_len=24", "--text_len=32",

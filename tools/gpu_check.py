@@ -334,7 +334,7 @@ def run_loop(spec):
     AdamW, DDP), timed as LoopMeter says. -> {"status": "ok", "row": ...} or the failure."""
     import socket
     import train
-    from lib import runtime
+    from lib import opcount, runtime
     device = torch.device(spec["device"])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -343,17 +343,8 @@ def run_loop(spec):
     meter = LoopMeter(device, spec["warmup"], spec.get("profiled", 3), spec["iters"])
     steps = spec["warmup"] + 1 + meter.profiled + spec["iters"]
     fetch = runtime.next_batches
-
-    def fetch_unchecked(*args):  # the data fetch (host work on the loader's CPU tensors) is not sync-checked
-        from torch.utils._python_dispatch import _disable_current_modes
-        batches = fetch(*args)
-        while True:
-            with _disable_current_modes():
-                batch = next(batches, None)
-            if batch is None:
-                return
-            yield batch
-    runtime.next_batches, train.tqdm = fetch_unchecked, meter
+    runtime.next_batches = lambda *a: opcount.uncounted(fetch(*a))   # (the data fetch is not sync-checked)
+    train.tqdm = meter
     out_dir = tempfile.mkdtemp(prefix="gpu_check_loop_")
     argv = ["--config", spec["config"], "--recipe", spec["recipe"], "--device", device.type, "--out_dir", out_dir,
             "--batch_size", str(spec["batch"]), "--max_steps", str(steps), "--log_every", str(steps),
@@ -411,17 +402,27 @@ def run(spec, args, report, limit_s):
     return {"status": why, "traceback": tail}
 
 
-def measure_loop(row, device, args, report, flops_from=None):
-    """Fill `row` (mode "loop eager" or "loop blocks") with run_loop's figures: train.py's real step."""
-    mode, name = row["mode"], f"{row['config']} {row['recipe']} batch {row['batch']} {row['mode']}"
-    if report.left() < NEEDS_S["loop"]:
+def start_row(row, need_s, args, report):
+    """-> (the row's name, its time limit), the row marked running; or (name, None), the row skipped when the
+    deadline leaves it less than need_s."""
+    name = f"{row['config']} {row['recipe']} batch {row['batch']} {row['mode']}"
+    if report.left() < need_s:
         row["status"] = f"skipped: {report.left():.0f} s left of the budget"
         report.log(f"{name}: {row['status']}")
-        return row
+        return name, None
     limit = min(args.row_limit_s, report.left())
     report.log(f"{name} (limit {limit:.0f} s) ...")
     row["status"] = "running"
     report.write()
+    return name, limit
+
+
+def measure_loop(row, device, args, report, flops_from=None):
+    """Fill `row` (mode "loop eager" or "loop blocks") with run_loop's figures: train.py's real step."""
+    mode = row["mode"]
+    name, limit = start_row(row, NEEDS_S["loop"], args, report)
+    if limit is None:
+        return row
     spec = dict(kind="loop", device=str(device), recipe=row["recipe"], config=row["config"], batch=row["batch"],
                 mode=mode.split()[1], iters=args.iters, warmup=max(args.warmup, 3), workers=args.loop_workers)
     result = run(spec, args, report, limit)
@@ -447,15 +448,10 @@ def measure_loop(row, device, args, report, flops_from=None):
 def measure_step(row, device, args, report, flops_from=None):
     """Fill `row` with bench_step's figures in its mode; a failure (out of memory, a compile error, the time
     limit) is written in the row's status and the run goes on."""
-    mode, name = row["mode"], f"{row['config']} {row['recipe']} batch {row['batch']} {row['mode']}"
-    if report.left() < NEEDS_S[mode]:
-        row["status"] = f"skipped: {report.left():.0f} s left of the budget"
-        report.log(f"{name}: {row['status']}")
+    mode = row["mode"]
+    name, limit = start_row(row, NEEDS_S[mode], args, report)
+    if limit is None:
         return row
-    limit = min(args.row_limit_s, report.left())
-    report.log(f"{name} (limit {limit:.0f} s) ...")
-    row["status"] = "running"
-    report.write()
     spec = dict(kind="step", device=str(device), recipe=row["recipe"], config=row["config"], batch=row["batch"],
                 mode=mode, dtype=args.dtype, iters=args.iters, backend=args.compile_backend,
                 warmup=args.warmup if mode == "eager" else max(args.warmup, 3),  # compile, (re)compile/record, replay

@@ -24,7 +24,7 @@ P = (image_size // patch_size) ** 2):
     mlm_slots (text, pair, region): the most masked positions any row can hold (data.mlm_slots), the
             slots the fast path's mlm_loss gives each row, so that loss has fixed shapes
             (lib/fast_losses.py); the reference losses.py does not read it.
-Images: CLIP-normalised float32, or uint8 (DataConfig.uint8_images) that runtime.to_device normalises.
+Images: CLIP-normalised float32, or uint8 (DataConfig.uint8_images), normalised by runtime.to_device.
 A collated image, pair or region batch also holds `bad`: the unreadable images passed over while
 making it, as formats.BadInput.found gives them; lib/streams.Stream takes them out and counts each
 record once (BadInput.once), so a file that fails is counted once however often it is drawn, in
@@ -182,7 +182,8 @@ def region_crop(img, boxes_xywh, size, rng, n_keep=None, min_scale=0.0, uint8=Fa
         if (c[2] - c[0]) * (c[3] - c[1]) >= min_scale * W * H:
             crop = c
             break
-    x = (to_uint8 if uint8 else to_tensor)(img.resize((size, size), Image.Resampling.BICUBIC, box=crop))
+    x = img.resize((size, size), Image.Resampling.BICUBIC, box=crop)
+    x = to_uint8(x) if uint8 else to_tensor(x)
     return x, crop_boxes(boxes_xywh, crop)
 
 
@@ -236,7 +237,7 @@ class DataConfig:
     static: bool = False
     # image paths are relative to this folder ("": the file's own; formats.image_base)
     image_root: str = ""
-    # images leave the workers as uint8, normalised on the device (runtime.to_device; train.py on CUDA)
+    # images leave the workers as uint8, normalised on the device (runtime.to_device; CUDA runs)
     uint8_images: bool = False
 
     @property

@@ -120,7 +120,7 @@ class TrainConfig:
     beta2: float = 0.98             # AdamW beta2 (FLAVA: 0.999)
     grad_clip: float = 1.0          # clip the global gradient norm of each update to this
     max_bad_steps: int = 5          # this many non-finite updates in a row stop the run (with a
-                                    # checkpoint), at the step's end (fast path: at the next log step)
+                                    # checkpoint) at the step's end (fast path: the next log step)
     # runtime
     device: str = "auto"            # auto (cuda > mps > cpu) | cpu | cuda | mps
     amp: str = "auto"               # auto (bf16 on a bf16 GPU, else fp32) | bf16 | fp16 (CUDA, with
@@ -329,7 +329,8 @@ def setup_data(cfg, ctx, per_rank):
         cfg.tokenizer = pretrained.own_tokenizer(cfg.init_text)
     tok = runlog.shared_tokenizer(cfg, ctx.ckpt, ctx.ddp, ctx.rank)
     model_cfg = model_config(cfg, tok, ctx.ckpt, ctx.init)
-    streams = shards.run_streams(cfg, tok, model_cfg, per_rank, ctx.bad, ctx.rank, ctx.world, ctx.device)
+    streams = shards.run_streams(cfg, tok, model_cfg, per_rank, ctx.bad, ctx.rank, ctx.world,
+                                 ctx.device)
     return tok, model_cfg, streams
 
 
@@ -493,9 +494,9 @@ def train(cfg, ckpt, ddp, rank, world, device, held, init=None):
         done = step + 1
         if guard.too_many(done, done % cfg.log_every == 0 or done == end_step, print0):
             save(done)
-            raise SystemExit(f"error: {cfg.max_bad_steps} non-finite updates in a row by step {done}; "
-                             f"stopped. The last good state is in {ckpt_path} (lower --lr, or try "
-                             f"--amp=fp32).")
+            raise SystemExit(f"error: {cfg.max_bad_steps} non-finite updates in a row by step "
+                             f"{done}; stopped. The last good state is in {ckpt_path} (lower --lr, "
+                             f"or try --amp=fp32).")
         if done % cfg.log_every == 0 or done == end_step:
             history.append(meter.record(done, lr, model, world, ddp))
             meter = runlog.Meter()

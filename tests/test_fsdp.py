@@ -35,17 +35,31 @@ RUNS = {  # name: the arguments after --data_dir and --out_dir, run in this orde
     "flava_ddp": ["--recipe=flava"],
     "flava_fsdp": ["--recipe=flava", "--fsdp", "--image_tokenizer={root}/flava_ddp/image_tokenizer.pt",
                    "--export={root}/flava_fsdp_export"],
-    "fast_ddp": ["--losses=fast", "--micro_batch_size=2"],             # runtime.PerUpdateDDP, accumulating
+}
+FAST_RUNS = {  # the fast path: DDP is runtime.PerUpdateDDP (its own spawn, so its planted bugs run these alone)
+    "fast_ddp": ["--losses=fast", "--micro_batch_size=2"],             # (accumulating)
     "fast_fsdp": ["--losses=fast", "--micro_batch_size=2", "--fsdp"],
-    "flava_fast_ddp": ["--recipe=flava", "--losses=fast", "--image_tokenizer={root}/flava_ddp/image_tokenizer.pt"],
+    "flava_fast_ddp": ["--recipe=flava", "--losses=fast"],
     "flava_fast_fsdp": ["--recipe=flava", "--losses=fast", "--fsdp",
-                        "--image_tokenizer={root}/flava_ddp/image_tokenizer.pt"],
+                        "--image_tokenizer={root}/flava_fast_ddp/image_tokenizer.pt"],
 }
 
 
 def _worker(rank, meet, toy, root):
     with gloo_group(rank, 2, meet, timeout_s=60):
         # train.main as under `torchrun --nproc_per_node=2`, in the group the test made
+        runtime.setup_distributed = lambda name: (True, rank, rank, 2, torch.device("cpu"))
+        runtime.teardown = lambda: None
+        tok = ["--tokenizer=" + os.path.join(toy, "tokenizer.json")]
+        for name, args in RUNS.items():
+            train.main([f"--data_dir={toy}", f"--out_dir={root}/{name}", *STEPS, *tok,
+                        *[a.format(root=root) for a in args]])
+        train.main([f"--resume={root}/xfm_fsdp_half", "--stop_at=0"])   # steps 3-4 of the stopped run
+        _accumulation(rank, root)
+
+
+def _fast_worker(rank, meet, toy, root):
+    with gloo_group(rank, 2, meet, timeout_s=60):
         runtime.setup_distributed = lambda name: (True, rank, rank, 2, torch.device("cpu"))
         runtime.teardown = lambda: None
         tok = ["--tokenizer=" + os.path.join(toy, "tokenizer.json")]
@@ -61,29 +75,42 @@ def _worker(rank, meet, toy, root):
                                        allreduce_hook(None, bucket))
             return ddp
         torch.nn.parallel.DistributedDataParallel = watched_ddp
-        for name, args in RUNS.items():
+        for name, args in FAST_RUNS.items():
             train.main([f"--data_dir={toy}", f"--out_dir={root}/{name}", *STEPS, *tok,
                         *[a.format(root=root) for a in args]])
-        train.main([f"--resume={root}/xfm_fsdp_half", "--stop_at=0"])   # steps 3-4 of the stopped run
-        _accumulation(rank, root)
         if rank == 0:
             wrapper = made[0]                                         # (X-FM's; made[1]: FLAVA's)
             every = [n for n, p in wrapper.module.named_parameters() if p.requires_grad]
-            reduced = {"+".join(k): sorted(set(every) - set(ddp.parameters_to_ignore)) for k, ddp in wrapper.lean.items()}
+            reduced = {"+".join(k): sorted(set(every) - set(ddp.parameters_to_ignore))
+                       for k, ddp in wrapper.lean.items()}
             reached = {"+".join(k): sorted(v) for k, v in wrapper.reached.items()}
             with open(os.path.join(root, "per_update.json"), "w") as f:
                 json.dump({"every": every, "reduced": reduced, "reached": reached, "reductions": reductions}, f)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(toy, tmp_path_factory):
     """Every run of RUNS in one spawn of 2 processes -> the folder holding a folder per run."""
-    toy, root = str(tmp_path_factory.mktemp("toy")), str(tmp_path_factory.mktemp("runs"))
+    root = str(tmp_path_factory.mktemp("runs"))
+    mp.spawn(_worker, args=(rendezvous(), toy, root), nprocs=2, join=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def fast_runs(toy, tmp_path_factory):
+    """Every run of FAST_RUNS in one spawn of 2 processes, with what PerUpdateDDP reduced (per_update.json)."""
+    root = str(tmp_path_factory.mktemp("fast_runs"))
+    mp.spawn(_fast_worker, args=(rendezvous(), toy, root), nprocs=2, join=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    toy = str(tmp_path_factory.mktemp("toy"))
     toyworld.make_toy(toy, seed=0, n_pairs=48, n_regions=24, n_text=48, n_images=24, n_test=8, n_down=4,
                       progress=False)
     tokenizer.get_tokenizer(toy, toy, 300, None).save(os.path.join(toy, "tokenizer.json"))
-    mp.spawn(_worker, args=(rendezvous(), toy, root), nprocs=2, join=True)
-    return root
+    return toy
 
 
 def logs(run):
@@ -108,7 +135,7 @@ def assert_same_run(a, b, param_atol):
         assert ma[k].shape == mb[k].shape and torch.allclose(ma[k], mb[k], rtol=0, atol=param_atol), k
 
 
-@pytest.mark.parametrize("recipe", ["xfm", "summed", "flava", "fast", "flava_fast"])
+@pytest.mark.parametrize("recipe", ["xfm", "summed", "flava"])
 def test_fsdp_run_equals_the_ddp_run(runs, recipe):
     """Same init, same data, 2 processes: --fsdp trains exactly as DDP (losses at every step, clipped gradient
     norms, temperature, final parameters), for X-FM's three updates, its summed schedule (with --grad_ckpt on the
@@ -224,11 +251,19 @@ def test_fsdp_takes_bf16_parameters_under_bf16_autocast(amp, dtype, monkeypatch)
     assert got == [dtype]
 
 
-def test_ddp_on_the_fast_path_reduces_what_each_update_reached(runs):
+@pytest.mark.parametrize("recipe", ["fast", "flava_fast"])
+def test_fast_path_ddp_run_equals_the_fsdp_run(fast_runs, recipe):
+    """The fast path under torchrun (runtime.PerUpdateDDP, X-FM with 2 micro-batches per update, and FLAVA, whose
+    kinds of update come in a drawn order) trains as FSDP does: test_fsdp_run_equals_the_ddp_run's check."""
+    assert_same_run(os.path.join(fast_runs, f"{recipe}_ddp"), os.path.join(fast_runs, f"{recipe}_fsdp"),
+                    param_atol=5e-5)
+
+
+def test_ddp_on_the_fast_path_reduces_what_each_update_reached(fast_runs):
     """runtime.PerUpdateDDP (the fast path under torchrun): each of X-FM's three updates reduces exactly the
     parameters its first backward reached, no DDP looks for unused ones, and the run equals FSDP's (above). The text
     update reaches no vision, fusion or box parameter; the region-and-image update none of the text MLM head."""
-    got = json.load(open(os.path.join(runs, "per_update.json")))
+    got = json.load(open(os.path.join(fast_runs, "per_update.json")))
     assert set(got["reduced"]) == {"text", "image+region", "pair"}
     assert got["reduced"] == got["reached"]
     text, region = set(got["reduced"]["text"]), set(got["reduced"]["image+region"])

@@ -1124,7 +1124,7 @@ CATALOGUE = [
         "tests/test_fsdp.py::test_ddp_on_the_fast_path_reduces_what_each_update_reached", fast=False),
     Bug("per_update_first_not_averaged", "lib/runtime.py", "        flat /= dist.get_world_size()\n", "",
         "a kind's first update averages its gradients over the ranks",
-        "tests/test_fsdp.py::test_fsdp_run_equals_the_ddp_run", fast=False),
+        "tests/test_fsdp.py::test_fast_path_ddp_run_equals_the_fsdp_run", fast=False),
     Bug("per_update_reduces_everything", "lib/runtime.py",
         "            ignore = [n for n in self.names if n not in self.reached[kinds]]", "            ignore = []",
         "a kind's DDP reduces only what the kind reached",

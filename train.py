@@ -268,12 +268,6 @@ class LossModel(nn.Module):
         return step_losses(self.model, batch, stop_grad=self.stop_grad, stats=stats), stats
 
 
-def fast_losses_on(cfg, device):
-    """--losses=auto: the fast path where it pays (a GPU, a compiled step), the reference
-    elsewhere."""
-    return cfg.losses == "fast" or (cfg.losses == "auto" and (device.type == "cuda" or cfg.compile))
-
-
 def model_config(cfg, tok, ckpt=None, init=None):
     """A resumed run's own model config (the checkpoint's: flava.config_from_dict reads either
     recipe's); with --init the export's (pretrained.init_model_config); else the recipe's preset
@@ -354,7 +348,7 @@ def setup_model(cfg, ctx, model_cfg, streams):
     # over every kind
     every_kind = set(streams) == set(sum(XFM_UPDATES, ()))
     all_used = cfg.recipe == "xfm" and cfg.schedule == "summed" and every_kind
-    fast = fast_losses_on(cfg, ctx.device)
+    fast = runtime.fast_path_on(cfg, ctx.device)
     loss_model = LossModel(model, cfg.stop_grad, cfg.recipe, fast)
     # --grad_ckpt, stacked position biases, DDP or FSDP, --compile
     loss_model = runtime.wrap(loss_model, model, cfg, ctx.ddp, ctx.device, find_unused=not all_used)

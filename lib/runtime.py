@@ -142,6 +142,12 @@ def amp_setup(amp, device, sharded=False):
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler, amp
 
 
+def fast_path_on(cfg, device):
+    """train.py --losses: auto is the fast path (lib/fast_losses.py) where it pays (a GPU, a compiled step), the
+    reference (losses.py) elsewhere."""
+    return cfg.losses == "fast" or (cfg.losses == "auto" and (device.type == "cuda" or cfg.compile))
+
+
 def num_workers(cfg, device):
     """train.py's DataLoader workers per rank: --num_workers, or with -1 four on CUDA (JPEG decoding and crops
     beside the GPU's step) and none elsewhere (the CPU's cores train)."""

@@ -197,8 +197,7 @@ class MLP(nn.Module):
 
 
 def drop_path(x, p, training):
-    """Stochastic depth: drop the whole residual branch for a random subset of samples. p: a float,
-    or (in a compiled block, see Block.forward) a 0-dim tensor, drawn from even when it is 0."""
+    """Stochastic depth: drop the residual branch of a random subset of samples (p: see Block)."""
     if not training or (isinstance(p, float) and p == 0.0):
         return x
     # 0 or 1/(1-p)

@@ -133,6 +133,7 @@ class Attention(nn.Module):
           relative position bias (nh, N, S) of a BEiT block.
     beit_bias: BEiT's qkv has biases on q and v only (k has none); RoBERTa has all three.
     sdpa: F.scaled_dot_product_attention, or (False) the same computation written out (see forward).
+    index (B,S): keys from a pool kv (M,D), each token projected once; row b sees kv[index[b]]
     """
 
     def __init__(self, dim, heads, cross=False, beit_bias=False, attn_drop=0.0, proj_drop=0.0,
@@ -160,11 +161,11 @@ class Attention(nn.Module):
         B, N, _ = x.shape
         return x.view(B, N, self.heads, self.head_dim).transpose(1, 2)     # (B, nh, N, hs)
 
-    def forward(self, x, kv=None, mask=None):
+    def forward(self, x, kv=None, mask=None, index=None):
         B, N, C = x.shape
         if self.cross:
-            q = self.q(x)
-            k, v = self.kv(kv).chunk(2, dim=-1)
+            q, kv = self.q(x), self.kv(kv)
+            k, v = (kv if index is None else kv[index]).chunk(2, dim=-1)
         else:  # BEiT: k gets a fixed zero bias
             bias = self.qkv.bias
             if self.beit_bias:
@@ -239,7 +240,7 @@ class Block(nn.Module):
             self.gamma_2 = nn.Parameter(cfg.layer_scale * torch.ones(D))
         self.rel_pos = RelativePositionBias(rel_pos_grid, cfg.heads) if rel_pos_grid else None
 
-    def forward(self, x, mask=None, image=None, image_mask=None):
+    def forward(self, x, mask=None, image=None, image_mask=None, image_index=None):
         if self.rel_pos is not None and mask is None:  # BEiT: each block adds its own position bias
             mask = self.rel_pos()                                          # (nh, N, N)
         if self.pre_norm:
@@ -252,7 +253,7 @@ class Block(nn.Module):
             return x + drop_path(m, p, self.training)
         x = self.norm1(x + self.attn(x, mask=mask))
         if image is not None:  # text queries attend to image keys/values; the image is not updated
-            x = self.norm_cross(x + self.cross_attn(x, kv=image, mask=image_mask))
+            x = self.norm_cross(x + self.cross_attn(x, image, mask=image_mask, index=image_index))
         return self.norm2(x + self.mlp(x))
 
 
@@ -308,8 +309,7 @@ class TextEncoder(nn.Module):
             raise ValueError(f"text of {ids.shape[1]} tokens is longer than max_text_len "
                              f"{self.pos_embed.num_embeddings - self.pad_id - 1}")
         not_pad = (ids != self.pad_id).long()
-        # (B, T) RoBERTa position ids
-        pos = torch.cumsum(not_pad, dim=1) * not_pad + self.pad_id
+        pos = torch.cumsum(not_pad, dim=1) * not_pad + self.pad_id  # (B, T) RoBERTa position ids
         x = self.drop(self.norm(self.word_embed(ids) + self.pos_embed(pos)))  # (B, T, D)
         mask = additive_mask(att)                                           # (B, 1, 1, T)
         for blk in self.blocks:
@@ -354,19 +354,19 @@ class FusionEncoder(nn.Module):
     own: its input is the language encoder's hidden states (detached in pre-training: see
     losses.py).
 
-    forward(t (B,T,D), att (B,T), image (B,S,D), image_mask (B,S) or None)
-        -> text-side states (B, T, D)
+    forward(t (B,T,D), att (B,T), image (B,S,D), image_mask (B,S) or None[, image_index (B,S)])
+        -> text-side states (B, T, D); with image_index, image is a pool of tokens (Attention)
     """
 
     def __init__(self, cfg):
         super().__init__()
         self.blocks = nn.ModuleList([Block(cfg, cross=True) for _ in range(cfg.fusion_layers)])
 
-    def forward(self, t, att, image, image_mask=None):
+    def forward(self, t, att, image, image_mask=None, image_index=None):
         x, mask = t, additive_mask(att)                                     # (B, 1, 1, T)
         image_mask = None if image_mask is None else additive_mask(image_mask)  # (B, 1, 1, S)
         for blk in self.blocks:
-            x = blk(x, mask, image=image, image_mask=image_mask)
+            x = blk(x, mask, image, image_mask, image_index)
         return x
 
 
@@ -432,8 +432,8 @@ class XFM(nn.Module):
     def encode_image(self, images, mim_mask=None):
         return self.vision(images, mim_mask)                               # (B, 1+P, D)
 
-    def fuse(self, t, att, image, image_mask=None):
-        return self.fusion(t, att, image, image_mask)                      # (B, T, D)
+    def fuse(self, t, att, image, image_mask=None, image_index=None):
+        return self.fusion(t, att, image, image_mask, image_index)         # (B, T, D)
 
     def text_cls(self, t):
         return t[:, 0]                        # (B, D) <s>: the encoder ends in a LayerNorm

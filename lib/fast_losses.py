@@ -8,7 +8,9 @@ reference a reader learns from; this file only changes how the same numbers are 
     - no host sync: no `.item()`, no `if tensor`, no data-dependent sizes, so the host never waits
       for the device;
     - fewer, bigger launches: the two views of idea 2 in one vision-encoder call, ITM's, IMLM's and
-      box prediction's rows in one fusion-encoder call.
+      box prediction's rows in one fusion-encoder call;
+    - no repeated work: the fusion encoder projects each image token's keys and values once, however
+      many rows attend to that image.
 
 Each trick is a named helper whose comment gives its plain equivalent in losses.py.
 train.py --losses picks the path (fast on CUDA and under --compile).
@@ -72,20 +74,30 @@ def masked_slots(labels, K):
     return where, sel
 
 
-def fuse_groups(model, *groups):
-    """= [model.fuse(t, att, v, v_mask) for (t, att, v, v_mask) in groups], in one fusion call. Each
-    group: t (n, T, D), att (n, T), v (n, S, D), v_mask (n, S) or None. The fusion encoder treats
-    every row on its own (no op mixes rows), so one call over the concatenated rows gives each
-    group's states."""
+def fuse_groups(model, pool, *groups):
+    """= [model.fuse(t, att, pool[index], v_mask) for (t, att, index, v_mask) in groups], in one fusion
+    call. pool (M, D): every image token the rows attend to; each group: t (n, T, D), att (n, T),
+    index (n, S) the pool rows of each row's S image tokens, v_mask (n, S) or None. The fusion
+    encoder treats every row on its own (no op mixes rows), so one call over the concatenated rows
+    gives each group's states; and its cross-attention projects the keys and values of each pooled
+    token once (model.Attention's index), not once per row that sees it (ITM's negatives, IMLM,
+    box prediction and a region batch's captions share their images' tokens)."""
     masks = [m for *_, m in groups]
     if all(m is None for m in masks):
         v_mask = None                                                      # every key of every row
     else:
-        v_mask = torch.cat([torch.ones(g[2].shape[:2], dtype=torch.bool, device=g[2].device)
+        v_mask = torch.cat([torch.ones(g[2].shape, dtype=torch.bool, device=g[2].device)
                             if m is None else m
                             for g, m in zip(groups, masks)])
-    h = model.fuse(*(torch.cat([g[i] for g in groups]) for i in range(3)), v_mask)
+    t, att, index = (torch.cat([g[i] for g in groups]) for i in range(3))
+    h = model.fuse(t, att, pool, v_mask, image_index=index)
     return h.split([len(g[0]) for g in groups])
+
+
+def token_index(rows, S):
+    """(n, S): the pool rows of the S tokens of images `rows` (n,) in a pool of images flattened to
+    (U * S, D): = row r's image states v[rows[r]] for pool = v.flatten(0, 1)."""
+    return rows[:, None] * S + torch.arange(S, device=rows.device)
 
 
 def both_views(model, image, mim_mask):
@@ -174,7 +186,8 @@ def sample_hard_negatives(f_v, f_t, temp, img_id, filled=None):
 
 def itm_inputs(t_sg, att, v, v_mask, f_v, f_t, temp, img_id, filled=None):
     """The 3B fusion rows of losses.itm_loss and their weights: the B positives,
-    (text b, hard-negative image) and (hard-negative text, image b).
+    (text b, hard-negative image) and (hard-negative text, image b). v: the images' states (B, S, D),
+    or their tokens' rows in fuse_groups' pool (B, S).
     -> ((t, att, v, v_mask) of the 3B rows, weight (3B,)): weight 0 for an empty slot and for a row
     that found no negative, which losses.itm_loss leaves out."""
     neg_txt, neg_img, has_neg_txt, has_neg_img = sample_hard_negatives(f_v, f_t, temp, img_id, filled)
@@ -242,27 +255,28 @@ def bbox_loss(pred, target, is_region):
 # The entry point: losses.xfm_losses, computed with the tricks above
 
 
-def vl_losses(model, b, v, v_mask, stop_grad, suffix, box_image=None):
-    """= losses.vl_losses, with ITM's 3B rows, IMLM's B rows (and, given box_image (N, S, D), box
-    prediction's rows of each caption with its full image) in one fusion call.
-    -> (losses, box prediction's fused states or None)."""
+def vl_losses(model, b, pool, v_index, v_mask, stop_grad, suffix, box_index=None):
+    """= losses.vl_losses on the images pool[v_index] (B, S, D), with ITM's 3B rows, IMLM's B rows
+    (and, given box_index (N, S), box prediction's rows of each caption with its full image) in one
+    fusion call (fuse_groups). -> (losses, box prediction's fused states or None)."""
     # filled (B,) bool: a region batch's filled caption slots (None: every row)
     out, filled = {}, b.get("filled")
     # (B, T, D), with grad (for ITC)
     t = model.encode_text(b["ids"], b["att"])
-    f_t, f_v = model.itc_features(t, v)
+    f_t, f_v = model.itc_features(t, pool[v_index[:, :1]])                # the images' slot 0
     out["itc" + suffix] = itc_loss(f_v, f_t, model.temp, queries=filled, keys=filled)
-    itm_rows, itm_weight = itm_inputs(fusion_input(t, stop_grad), b["att"], v, v_mask,
+    # the rows' images as pool indices: itm_inputs indexes them as it would the states
+    itm_rows, itm_weight = itm_inputs(fusion_input(t, stop_grad), b["att"], v_index, v_mask,
                                       f_v, f_t, model.temp, b["img_id"], filled)
     # under the stop-gradient IMLM's language pass runs without a graph:
     # nothing would flow back into it
     with torch.set_grad_enabled(torch.is_grad_enabled() and not stop_grad):
         t_m = model.encode_text(b["mlm_ids"], b["att"])
-    groups = [itm_rows, (fusion_input(t_m, stop_grad), b["att"], v, v_mask)]
-    if box_image is not None:
-        groups.append((fusion_input(t, stop_grad), b["att"], box_image, None))
+    groups = [itm_rows, (fusion_input(t_m, stop_grad), b["att"], v_index, v_mask)]
+    if box_index is not None:
+        groups.append((fusion_input(t, stop_grad), b["att"], box_index, None))
     # (3B, T, D), (B, T, D), [(B, T, D)]
-    h_itm, h, *h_box = fuse_groups(model, *groups)
+    h_itm, h, *h_box = fuse_groups(model, pool, *groups)
     out["itm" + suffix] = itm_ce(model, h_itm[:, 0], itm_weight)
     out["imlm" + suffix] = mlm_loss(h, b["mlm_labels"], model.fusion_mlm, b.get("mlm_slots"))
     return out, (h_box[0] if h_box else None)
@@ -307,7 +321,8 @@ def xfm_losses(model, batch, stop_grad=True, stats=None):
             v, v_hat = both_views(model, b["image"], b["mim_mask"])        # 2 x (B, 1+P, D)
         else:
             v = model.encode_image(b["image"])                             # (B, 1+P, D)
-        vl, _ = vl_losses(model, b, v, None, stop_grad, "")
+        rows = token_index(torch.arange(len(v), device=v.device), v.shape[1])  # image b: v[b]
+        vl, _ = vl_losses(model, b, v.flatten(0, 1), rows, None, stop_grad, "")
         out.update(vl)
         if use_mim:
             out["mim"] = mim_objective(model, b["image"], b["mim_mask"], v, stats, v_hat)
@@ -318,8 +333,13 @@ def xfm_losses(model, batch, stop_grad=True, stats=None):
         v = model.encode_image(b["image"])
         # (N, 1+P, D), (N, 1+P)
         v_r, v_r_mask = model.region_view(v, b["img_index"], b["patch_mask"])
-        vl, h = vl_losses(model, b, v_r, v_r_mask, stop_grad, "_region",
-                          box_image=v[b["img_index"]])
+        # the pool: every image's tokens, then each caption's slot 0 (the mean over its box)
+        (n_img, S), N = v.shape[:2], len(v_r)
+        pool = torch.cat([v.flatten(0, 1), v_r[:, 0]])                     # (n_img * S + N, D)
+        full = token_index(b["img_index"], S)                             # = v[img_index]
+        slot0 = n_img * S + torch.arange(N, device=v.device)[:, None]
+        v_index = torch.cat([slot0, full[:, 1:]], dim=1)                   # = v_r
+        vl, h = vl_losses(model, b, pool, v_index, v_r_mask, stop_grad, "_region", box_index=full)
         out.update(vl)
         # (N, 4) cx, cy, w, h in [0, 1]
         pred = model.bbox_head(h[:, 0]).sigmoid()

@@ -11,6 +11,7 @@ removing an optimisation fails a test as surely as breaking one.
     ITM negatives reuse the encoders' outputs          fast_losses.itm_inputs         test_itm_negatives_*
     a pair's two views in one vision call              fast_losses.xfm_losses            test_one_call_*
     ITM, IMLM and BBP rows in one fusion call          fast_losses.fuse_groups        test_one_call_*
+    keys and values once per image token               fast_losses.fuse_groups        test_keys_and_values_*
     SDPA instead of the written-out softmax            model.Attention                test_sdpa_*
     auto: SDPA where fused, else the written-out path  runtime.choose_attention       test_auto_attention_*
     attention masks built once per encoder pass        model.additive_mask, encoders  test_masks_*
@@ -59,6 +60,16 @@ def slow_itm_loss(model, b, t_sg, v, v_mask, f_v, f_t, reencode_images, stop_gra
     return F.cross_entropy(model.itm_head(cls).float(), labels)
 
 
+def unshared_pool(groups):
+    """fuse_groups' arguments for groups (t, att, v (n, S, D), v_mask): a pool where every row has its own copy of
+    its image's tokens, so the cross-attention projects them once per row, as model.fuse does."""
+    pool, out = torch.cat([g[2].flatten(0, 1) for g in groups]), []
+    for t, att, v, v_mask in groups:
+        start = sum(len(x) for _, _, x, _ in out) * v.shape[1]
+        out.append((t, att, start + torch.arange(v.shape[0] * v.shape[1]).view(v.shape[:2]), v_mask))
+    return (pool, *out)
+
+
 def reference_losses(model, batch, stop_grad=True, fast=()):
     """The X-FM losses of docs/METHOD.md §4 without the fast paths, except those named in `fast` (ALL_FAST: the same
     computation as losses.xfm_losses). Hard negatives are drawn in the same order as xfm_losses draws them."""
@@ -104,7 +115,7 @@ def reference_losses(model, batch, stop_grad=True, fast=()):
         if "reuse_itm" in fast:
             groups.insert(0, itm_rows)
         if "one_fusion_call" in fast:
-            hs = list(losses.fuse_groups(model, *groups))
+            hs = list(losses.fuse_groups(model, *unshared_pool(groups)))
         else:                                                              # slow: one fusion call per objective
             hs = [model.fuse(*g) for g in groups]
         if "reuse_itm" in fast:
@@ -262,6 +273,23 @@ def test_one_call_for_both_views_and_for_every_fusion_objective(batch, stop_grad
     slow = step(model, lambda m, bt: reference_losses(m, bt, stop_grad, slow_paths), vl)
     assert [len(x) for x, _ in vision_calls[2:]] == [B, B, len(vl["region"]["image"])]
     assert [len(x) for x, _ in fusion_calls[2:]] == [3 * B, B, 3 * N, N, N]
+    assert_same(fast, slow)
+
+
+def test_keys_and_values_once_per_image_token(batch):
+    """The fusion encoder's cross-attention projects the keys and values of each image token once per step (the pair
+    images' tokens; the region images' tokens and each caption's slot 0), not once per fusion row that attends to
+    it (ITM's 3 rows and IMLM's row per pair; 5 rows per caption with box prediction): the same losses and
+    gradients."""
+    vl = {k: batch[k] for k in ("pair", "region")}
+    model = tiny_model()
+    projected = record_calls(model.fusion.blocks[0].cross_attn.kv)
+    fast = step(model, lambda m, bt: losses.xfm_losses(m, bt), vl)
+    B, N, n_img = len(vl["pair"]["ids"]), len(vl["region"]["ids"]), len(vl["region"]["image"])
+    S = model.cfg.num_patches + 1
+    assert [x.shape[:-1] for x, _ in projected] == [(B * S,), (n_img * S + N,)]
+    slow = step(model, lambda m, bt: reference_losses(m, bt, True, ALL_FAST), vl)
+    assert [x.shape[:-1] for x, _ in projected[2:]] == [(4 * B * S,), (5 * N * S,)]
     assert_same(fast, slow)
 
 

@@ -133,12 +133,15 @@ def flops_per_step(cfg, shape, stop_grad=True):
     (batch_shape's dict), for any subset of the four kinds, with the passes that losses.py really runs:
 
       text    language encoder + MLM head on the masked positions only
-      pair    vision encoder (with grad) -- language encoder on the caption -- ITC -- fusion encoder on the
-              positives + 2 sets of hard negatives (ITM, reusing the encoders' outputs) -- language encoder on
-              the masked caption (no grad under the stop-gradient) -- fusion encoder + head on the masked
-              positions (IMLM) -- vision encoder on the masked view (MIM; its target is the unmasked pass above)
-      region  the same on the region view (one vision pass per image, captions per region) + the fusion
-              encoder once more for the box head; no MIM
+      pair    vision encoder (with grad) -- language encoder on the caption -- ITC -- language encoder on the
+              masked caption (no grad under the stop-gradient) -- one fusion call on the positives + 2 sets of
+              hard negatives (ITM, reusing the encoders' outputs) and the masked captions (IMLM, head on the
+              masked positions), whose cross-attention projects the keys and values of each image token once
+              (fast_losses.fuse_groups) -- vision encoder on the masked view (MIM; its target is the unmasked
+              pass above)
+      region  the same on the region view (one vision pass per image, captions per region; the keys and
+              values of each image's tokens and of each caption's slot 0), with the box head's rows in the
+              fusion call; no MIM
       image   vision encoder without grad (the MIM target) + vision encoder on the masked view
 
     Rule (the 6 * params * tokens convention, made exact per matmul): an (n x k) @ (k x m) product costs
@@ -157,11 +160,11 @@ def flops_per_step(cfg, shape, stop_grad=True):
     def attention(B, nq, nk, grad=True):                                # q k^T and att v over the heads
         return B * 2 * (2 * nq * nk * D) * (3 if grad else 1)
 
-    def block(B, T, grad, dgrad_in=True, kv_len=0):                     # one layer: self-attn [+ cross] + MLP
+    def block(B, T, grad, dgrad_in=True, kv_len=0, kv_tokens=0):        # one layer: self-attn [+ cross] + MLP
         n = B * T
         f = mm(n, D, 3 * D, grad, dgrad_in) + attention(B, T, T, grad) + mm(n, D, D, grad)  # qkv, attn, proj
         if kv_len:                                                      # cross-attention to the image
-            f += mm(n, D, D, grad) + mm(B * kv_len, D, 2 * D, grad) + attention(B, T, kv_len, grad) + mm(n, D, D, grad)
+            f += mm(n, D, D, grad) + mm(kv_tokens, D, 2 * D, grad) + attention(B, T, kv_len, grad) + mm(n, D, D, grad)
         return f + mm(n, D, Hd, grad) + mm(n, Hd, D, grad)              # MLP
 
     def text(B, T, grad=True):
@@ -171,8 +174,9 @@ def flops_per_step(cfg, shape, stop_grad=True):
         patch = mm(B * P, 3 * cfg.patch_size ** 2, D, grad, dgrad=False)  # the conv as a matmul; images need no grad
         return patch + sum(block(B, S, grad) for _ in range(cfg.vision_layers))
 
-    def fusion(B, T):                                                   # the text input is detached under stop_grad
-        return sum(block(B, T, True, dgrad_in=(i > 0 or not stop_grad), kv_len=S) for i in range(cfg.fusion_layers))
+    def fusion(B, T, kv_tokens):                                        # the text input is detached under stop_grad
+        return sum(block(B, T, True, dgrad_in=(i > 0 or not stop_grad), kv_len=S, kv_tokens=kv_tokens)
+                   for i in range(cfg.fusion_layers))
 
     def mlm_head(M):                                                    # dense + decoder on the M slots
         return mm(M, D, D) + mm(M, D, V)
@@ -198,12 +202,11 @@ def flops_per_step(cfg, shape, stop_grad=True):
         s = shape[kind]
         N, T = s["N"], s["T"]
         total += vision(s["B"]) + text(N, T) + itc(N)
-        total += fusion(s["itm"], T) + mlp_head(s["itm"], 2)            # ITM
-        total += text(N, T, grad=not stop_grad) + fusion(N, T) + mlm_head(s["M"])  # IMLM
-        if kind == "pair":
-            total += mim(s["B"])
-        else:
-            total += fusion(N, T) + mlp_head(N, 4)                      # box prediction on the full image
+        total += mlp_head(s["itm"], 2) + text(N, T, grad=not stop_grad) + mlm_head(s["M"])  # ITM, IMLM
+        if kind == "pair":                                              # one fusion call: ITM + IMLM rows
+            total += fusion(s["itm"] + N, T, kv_tokens=s["B"] * S) + mim(s["B"])
+        else:                                                           # ... + box rows; + each caption's slot 0
+            total += fusion(s["itm"] + 2 * N, T, kv_tokens=s["B"] * S + N) + mlp_head(N, 4)
     if "image" in shape and cfg.mim_target != "off":
         B = shape["image"]["B"]
         total += mim(B) + (vision(B, grad=False) if cfg.mim_target == "vl" else 0)

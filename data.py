@@ -47,7 +47,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from lib import formats
-from lib.transforms import random_resized_crop, to_tensor, to_uint8
+from lib.transforms import crop_draft, random_resized_crop, to_tensor, to_uint8
 
 # the four streams; the index also salts each stream's rng
 KINDS = ("text", "image", "pair", "region")
@@ -259,16 +259,16 @@ class _Base(Dataset):
         # resumed run draws exactly what the uninterrupted one drew
         return np.random.default_rng([self.dc.seed, self.salt, epoch, index])
 
-    def load(self, index):
+    def load(self, index, draft=None):
         """-> (j, PIL image, bad): item j is index or, if its image cannot be decoded, the next
         readable one; bad: the problem of each item passed over (BadInput.found: the batch carries
-        them to the main process)."""
+        them to the main process). draft: formats.load_image's."""
         n, bad = len(self.items), []
         for k in range(n):
             j = (index + k) % n
             item = self.items[j]
             try:
-                return j, formats.load_image(item["image"]), bad
+                return j, formats.load_image(item["image"], draft), bad
             except Exception as e:
                 bad.append(self.bad.found("unreadable image", item["where"],
                                           f"{item['image']}: {e}", "replaced by the next sample"))
@@ -311,7 +311,7 @@ class ImageDataset(_Base):
         """(index, epoch) -> ImageView: the augmented image and its MIM mask (the sample's rng)."""
         index, epoch = key
         rng = self.rng(epoch, index)
-        j, img, bad = self.load(index)
+        j, img, bad = self.load(index, crop_draft(self.dc.image_size, self.dc.crop_scale))
         x = random_resized_crop(img, self.dc.image_size, rng, scale=self.dc.crop_scale,
                                 hflip=self.dc.hflip, uint8=self.dc.uint8_images)
         # the masked and unmasked MIM views are this same tensor; only the mask differs

@@ -619,10 +619,15 @@ PARSERS = {"pair": parse_pairs, "pair_test": parse_test_pairs, "region": parse_r
            "text": parse_texts, "image": parse_images}
 
 
-def load_image(path):
+def load_image(path, draft=None):
     """PIL RGB image, fully decoded (so a truncated file fails here, not later). A 16-bit or float image is
-    scaled to 8 bits first (_to_8bit): convert("RGB") alone clips it, 16-bit data to almost white, float to black."""
+    scaled to 8 bits first (_to_8bit): convert("RGB") alone clips it, 16-bit data to almost white, float to black.
+    draft(W, H) -> (w, h): the size a JPEG of W x H pixels is needed at (transforms.crop_draft); Pillow then
+    decodes it at 1/2, 1/4 or 1/8 scale where both sides stay at least (w, h) (Image.draft: the JPEG decoder
+    skips the fine DCT detail, a fraction of a full decode's work). Other formats decode in full."""
     with Image.open(path) as im:
+        if draft is not None and im.format == "JPEG":
+            im.draft(None, draft(*im.size))
         if im.mode in ("I", "F") or im.mode.startswith("I;16"):
             return _to_8bit(im).convert("RGB")
         return im.convert("RGB")

@@ -378,9 +378,9 @@ class _FromShards:
     def rng(self, epoch, index):
         return np.random.default_rng([self.dc.seed, self.salt, epoch, self.ordinals[index]])
 
-    def load(self, index):
+    def load(self, index, draft=None):
         img = self.images[index]  # a decoded image, or the bytes of one (ShardStream.dataset: decoded when used)
-        return index, (formats.load_image(io.BytesIO(img)) if isinstance(img, bytes) else img), []
+        return index, (formats.load_image(io.BytesIO(img), draft) if isinstance(img, bytes) else img), []
 
 
 class _Pairs(_FromShards, data.PairDataset):

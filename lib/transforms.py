@@ -49,6 +49,21 @@ def normalize(x):
     return table[torch.arange(3, device=x.device).view(3, 1, 1), x.long()]
 
 
+def crop_draft(size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+    """formats.load_image's draft for random_resized_crop(img, size, scale=scale, ratio=ratio): every crop it
+    can draw keeps at least `size` pixels on its shorter side in the decoded image, so the resize to size x size
+    loses nothing a full decode would give. The shortest side of a crop is that of the smallest one (area
+    scale[0] of the image, the most elongated ratio r = min(ratio[0], 1 / ratio[1])): sqrt(scale[0] * W * H * r),
+    or of the image itself (the fallback, central crop): min(W, H). A decode at a fraction
+    f >= size / (that side) of the full resolution keeps it."""
+    r = min(ratio[0], 1 / ratio[1])
+
+    def need(W, H):
+        f = min(1.0, size / min(math.sqrt(scale[0] * W * H * r), W, H))
+        return math.ceil(W * f), math.ceil(H * f)
+    return need
+
+
 def random_resized_crop(img, size, rng, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), hflip=True, uint8=False):
     """torchvision's RandomResizedCrop (bicubic) + optional horizontal flip (p 0.5) + normalise
     -> (3, size, size); uint8: the pixels unnormalised (to_uint8). scale=(1, 1) means no crop at all."""

@@ -2,6 +2,7 @@
 Run: python -m pytest tests/test_data.py -q   (CPU, a few seconds)"""
 
 import json
+import math
 import os
 import sys
 
@@ -401,6 +402,31 @@ def test_random_resized_crop_and_eval_transform():
     assert 5 < sum(flips) < 35  # with hflip the blue edge moves right about half the time
     red = torch.tensor(float((1 - transforms.CLIP_MEAN[0]) / transforms.CLIP_STD[0]))  # float32 under NumPy 1.26 and 2.x
     assert torch.allclose(transforms.eval_transform(Image.new("RGB", (8, 8), (255, 0, 0)), 4)[0], red)
+
+
+def test_a_jpeg_decodes_at_the_resolution_its_crops_need(tmp_path, monkeypatch):
+    """A pair or image JPEG decodes at a reduced DCT scale (Image.draft) only as far as every random resized crop
+    it can draw keeps `size` pixels on its shorter side (transforms.crop_draft); the crop is then close to that of
+    the full decode. Other formats decode in full, and the datasets pass the draft."""
+    yy, xx = np.mgrid[0:512, 0:384]                                        # a smooth 384 x 512 picture
+    a = np.stack([xx / 384 * 255, yy / 512 * 255, ((xx - 192) ** 2 + (yy - 256) ** 2 < 100 ** 2) * 255], -1)
+    for ext in ("jpg", "png"):
+        Image.fromarray(a.astype(np.uint8)).save(tmp_path / f"a.{ext}", quality=95)
+    jpg = str(tmp_path / "a.jpg")
+    # 32 px from crops of at least 0.8 of the area: 1/8 scale; 224 px from 0.2 of it: the full image
+    for size, scale, decoded in [(32, (0.8, 1.0), (48, 64)), (224, (0.2, 1.0), (384, 512)), (32, (1, 1), (48, 64))]:
+        im = formats.load_image(jpg, transforms.crop_draft(size, scale))
+        W, H = im.size                                                     # drafted: the smallest crop keeps size
+        assert im.size == decoded and (im.size == (384, 512) or min(math.sqrt(scale[0] * W * H * 0.75), W, H) >= size)
+    assert formats.load_image(str(tmp_path / "a.png"), transforms.crop_draft(32, (0.8, 1.0))).size == (384, 512)
+    crop = lambda im: transforms.random_resized_crop(im, 32, np.random.default_rng(1), scale=(1, 1), hflip=False)
+    full, drafted = crop(formats.load_image(jpg)), crop(formats.load_image(jpg, transforms.crop_draft(32, (1, 1))))
+    assert (full - drafted).abs().mean() < 0.05                             # about 3 grey levels of 255
+    drafts = []
+    monkeypatch.setattr(formats, "load_image", lambda path, draft=None: drafts.append(draft) or Image.open(path))
+    dc = D.DataConfig(**{**DC, "crop_scale": (0.8, 1.0)})
+    D.ImageDataset([{"image": jpg, "where": "a:1"}], dc, formats.BadInput(verbose=False))[0, 0]
+    assert drafts[0] is not None and drafts[0](384, 512) == (36, 48)
 
 
 def test_uint8_images_normalised_on_the_device_equal_to_tensor(toy, tok):

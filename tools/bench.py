@@ -70,7 +70,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import data  # noqa: E402
 from lib import runtime  # noqa: E402
 import train  # noqa: E402
-from bench_data import bench_data  # noqa: E402  (section 4)
+from bench_data import bench_data, jpeg_decode  # noqa: E402  (section 4; --jpeg)
 from bench_hf import bench_hf, hf_table  # noqa: E402  (section 3)
 from bench_meters import (add_mfu, batch_shape, clear_dynamo_counters, count_dispatch, counted_flops,  # noqa: E402
                           dynamo_summary, flops_per_step, free, ms_between, peak_memory_mb, reset_peak_memory,
@@ -158,7 +158,8 @@ def bench_step(recipe, preset, device, B, dtype="fp32", attn="sdpa", compile="of
     runtime.compile_blocks, the loss code eager); "step" (the whole step's loss module, train.LossModel, compiled
     as one graph with runtime.compile_step) or "graphs" (the same in mode "reduce-overhead": CUDA graphs).
     backend: torch.compile's backend ("inductor"; "eager" or "aot_eager" test the tracing alone, e.g. on a CPU).
-    A compiled run adds compile_s (the first step's time less a compiled step's median), graph_breaks, graphs
+    A compiled run adds compile_s (the first step's time less a compiled step's median), compile_clock_s (the time
+    TorchDynamo's own clock gives its frame compiles: no first-step allocations in it), graph_breaks, graphs
     (TorchDynamo's graphs compiled) and recompiles (frames compiled after the first step), and every TorchDynamo
     counter under "dynamo". count:
     also count the step's FLOPs with torch's counter (the same batch gives the same count, so once per preset and
@@ -233,7 +234,7 @@ def bench_step(recipe, preset, device, B, dtype="fp32", attn="sdpa", compile="of
         row["flops_analytic"] = flops_per_step(cfg, batch_shape(batch))
     if compile != "off":
         row["dynamo"] = dynamo_summary(frames_first_step)
-        row.update(compile_s=max(0.0, first_step_s - step_ms_median / 1e3),
+        row.update(compile_s=max(0.0, first_step_s - step_ms_median / 1e3), compile_clock_s=row["dynamo"]["compile_clock_s"],
                    **{k: row["dynamo"][k] for k in ("graph_breaks", "graphs", "recompiles")})
     if compile == "off":  # a compiled step runs fused kernels, not the aten ops counted here
         counter = count_dispatch(model, loss_fn, batch, autocast)
@@ -352,6 +353,8 @@ def parse_args(argv):
     p.add_argument("--skip_data", action="store_true", help="skip the data loading measurement")
     p.add_argument("--data_batches", type=int, default=20, help="timed batches per stream and worker count")
     p.add_argument("--out", default="runs/bench/bench.md", help="the Markdown report; the JSON goes beside it")
+    p.add_argument("--jpeg", action="store_true", help="only time a JPEG's decode + crop, in full and at the draft "
+                   "scale the crop allows (transforms.crop_draft; 224 px, --crop_min_scale 0.8), and exit")
     return p.parse_args(argv)
 
 
@@ -369,6 +372,11 @@ def cpu_has_bf16():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.jpeg:
+        print("| JPEG | KiB | decode + crop, full (ms) | at the draft scale (ms) | decoded at |\n|---|---|---|---|---|")
+        for r in jpeg_decode():
+            print(f"| {r['image']} | {r['kib']} | {r['full_ms']:.1f} | {r['draft_ms']:.1f} | {r['draft_decoded']} |")
+        return
     t_start = time.time()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)

@@ -3,9 +3,13 @@ the default TrainConfig (the toy world, built if missing), with 0 and 2 workers;
 copy of one step's batches from pageable vs pinned memory. bench.py imports it (with the repository root on
 sys.path) and writes the tables."""
 import gc
+import io
+import statistics
 import time
 
+import numpy as np
 import torch
+from PIL import Image, ImageFilter
 
 import data
 from lib import tokenizer
@@ -13,6 +17,7 @@ from lib import formats
 from lib import toyworld
 from lib import runtime
 from lib import streams
+from lib import transforms
 import train
 from bench_meters import sync
 from model import make_config
@@ -77,4 +82,27 @@ def bench_copy(batches, device, reps=20):
         sync(device)
         dt = (time.perf_counter() - t0) / reps
         rows.append(dict(memory=name, mb=nbytes / 2 ** 20, ms=dt * 1e3, gb_per_s=nbytes / dt / 1e9))
+    return rows
+
+
+def jpeg_decode(sizes=((640, 480), (1024, 768), (1600, 1200), (3000, 2000)), size=224, min_scale=0.8, reps=30):
+    """Decode + random resized crop of one JPEG (synthetic: blurred noise, quality 90), in full and at the scale
+    transforms.crop_draft allows for crops of min_scale to 1 of the area at size px: one row per image size
+    with the median ms of each and the draft's decoded size (bench.py --jpeg)."""
+    rng, rows = np.random.default_rng(0), []
+    draft = transforms.crop_draft(size, (min_scale, 1.0))
+    for W, H in sizes:
+        noise = Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(2))
+        buf = io.BytesIO()
+        noise.save(buf, format="JPEG", quality=90)
+        row = {"image": f"{W}x{H}", "kib": len(buf.getvalue()) // 1024}
+        for name, d in (("full", None), ("draft", draft)):
+            times = []
+            for i in range(reps):
+                t = time.perf_counter()
+                im = formats.load_image(io.BytesIO(buf.getvalue()), d)
+                transforms.random_resized_crop(im, size, np.random.default_rng(i), scale=(min_scale, 1.0), uint8=True)
+                times.append(time.perf_counter() - t)
+            row[name + "_ms"], row[name + "_decoded"] = statistics.median(times) * 1e3, "x".join(map(str, im.size))
+        rows.append(row)
     return rows

@@ -278,7 +278,10 @@ def dynamo_summary(frames_first_step=None):
         for text, n in utils.counters["graph_break"].items():
             reasons[_break_reason(text)] = reasons.get(_break_reason(text), 0) + n
     frames = utils.counters["frames"]["total"]
-    return dict(graph_breaks=sum(utils.counters["graph_break"].values()),
+    # Dynamo's own clock of its frame compiles (tracing, AOTAutograd, the backend), which a first step's
+    # wall time also holds alongside its first eager work (allocations, page faults)
+    clock = sum(getattr(utils, "compilation_time_metrics", {}).get("_compile.compile_inner", []))
+    return dict(graph_breaks=sum(utils.counters["graph_break"].values()), compile_clock_s=clock,
                 break_reasons=dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
                 graphs=utils.counters["stats"]["unique_graphs"], frames=frames,
                 recompiles=None if frames_first_step is None else frames - frames_first_step)
@@ -287,6 +290,7 @@ def dynamo_summary(frames_first_step=None):
 def clear_dynamo_counters():
     torch._dynamo.utils.counters.clear()
     getattr(torch._dynamo.utils, "graph_break_reasons", []).clear()
+    getattr(torch._dynamo.utils, "compilation_time_metrics", {}).clear()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1118,6 +1118,12 @@ CATALOGUE = [
     # uint8 images from the workers, normalised on the device (CUDA runs)
     Bug("uint8_not_normalised", "lib/runtime.py", '    if torch.is_tensor(out.get("image")) and out["image"].dtype == torch.uint8:',
         "    if False:", "runtime.to_device normalises uint8 images on the device", "tests/test_data.py::test_uint8_images_normalised_on_the_device_equal_to_tensor"),
+    Bug("draft_ignores_crop_scale", "lib/transforms.py", "f = min(1.0, size / min(math.sqrt(scale[0] * W * H * r), W, H))",
+        "f = min(1.0, size / max(W, H))", "a JPEG decodes at no less than the smallest crop's resolution",
+        "tests/test_data.py::test_a_jpeg_decodes_at_the_resolution_its_crops_need"),
+    Bug("dataset_no_draft", "data.py", "j, img, bad = self.load(index, crop_draft(self.dc.image_size, self.dc.crop_scale))",
+        "j, img, bad = self.load(index)", "pair and image JPEGs decode at the scale their crops need",
+        "tests/test_data.py::test_a_jpeg_decodes_at_the_resolution_its_crops_need"),
     Bug("uint8_region_crop_float", "data.py", "min_scale=self.dc.crop_scale[0], uint8=self.dc.uint8_images)",
         "min_scale=self.dc.crop_scale[0])", "a region batch's images are uint8 too", "tests/test_data.py::test_uint8_images_normalised_on_the_device_equal_to_tensor"),
     Bug("uint8_table_float64", "lib/transforms.py", "np.arange(256, dtype=np.float32)[None, :] / 255.0",

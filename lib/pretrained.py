@@ -69,7 +69,7 @@ import torch.nn.functional as F
 
 import flava
 from lib import formats
-from lib.tokenizer import Tokenizer
+from lib.tokenizer import Tokenizer, for_official_weights
 from model import XFM, XFMConfig, make_config
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1286,7 +1286,6 @@ def convert_xfm(path, out_dir, text_dir="", tokenizer=""):
     XFM_OFFICIAL_SKIP), or an encoder tensor the file lacks, refuses the file with one line and writes
     nothing. -> the LoadReport, whose keys are the official names; the lines it prints list every official
     tensor not used."""
-    from lib.tokenizer import Tokenizer, for_official_weights            # the tokenizers package, on demand
     src, names, run_config = official_parts(read_torch(path), path)
     over, notes = official_xfm_config(src, run_config, text_dir, path)
     tok_path = tokenizer or (tokenizer_path(text_dir) if text_dir else "")

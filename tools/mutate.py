@@ -1219,8 +1219,8 @@ def _pytest_child(cwd, args, out_path):
     os.chdir(cwd)
     sys.path[:] = [cwd] + [p for p in sys.path if p and not os.path.abspath(p).startswith(ROOT)]  # not the repository
     sys.dont_write_bytecode = True
-    # the fork server's modules (torch...) never become garbage: frozen, the collections pytest makes at the end of
-    # a session (5, for unraisable exceptions) and any made by a test skip them, about 0.8 s a bug
+    # the fork server's modules (torch...) never become garbage: frozen, the collections pytest makes when its run
+    # ends (5, for unraisable exceptions) and any made by a test skip them, about 0.8 s a bug
     gc.freeze()
     import pytest as _pytest
     rc = int(_pytest.main(["-x", "-q", "-p", "no:cacheprovider", *args]))

@@ -253,7 +253,7 @@ class Block(nn.Module):
             return x + drop_path(m, p, self.training)
         x = self.norm1(x + self.attn(x, mask=mask))
         if image is not None:  # text queries attend to image keys/values; the image is not updated
-            x = self.norm_cross(x + self.cross_attn(x, image, mask=image_mask, index=image_index))
+            x = self.norm_cross(x + self.cross_attn(x, kv=image, mask=image_mask, index=image_index))
         return self.norm2(x + self.mlp(x))
 
 

@@ -366,11 +366,11 @@ CATALOGUE = [
         f"{TM}::test_vision_output_is_mean_slot_plus_normed_patches"),
     Bug("fusion_own_embedding", M,
         "self.blocks = nn.ModuleList([Block(cfg, cross=True) for _ in range(cfg.fusion_layers)])\n\n"
-        "    def forward(self, t, att, image, image_mask=None):\n        x, mask = t, additive_mask(att)",
+        "    def forward(self, t, att, image, image_mask=None, image_index=None):\n        x, mask = t, additive_mask(att)",
         "self.blocks = nn.ModuleList([Block(cfg, cross=True) for _ in range(cfg.fusion_layers)])\n"
         "        self.pos_embed = nn.Embedding(cfg.max_text_len, cfg.width)\n"
         "        self.norm = nn.LayerNorm(cfg.width)\n\n"
-        "    def forward(self, t, att, image, image_mask=None):\n"
+        "    def forward(self, t, att, image, image_mask=None, image_index=None):\n"
         "        x, mask = self.norm(t + self.pos_embed(torch.arange(t.shape[1], device=t.device))), additive_mask(att)",
         "the fusion encoder's input is the language encoder's states as they are (no embedding layer of its own)",
         f"{TM}::test_fusion_encoder_reads_the_language_states_as_they_are"),

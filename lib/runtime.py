@@ -481,7 +481,8 @@ class PerUpdateDDP(torch.nn.Module):
     def __init__(self, loss_model, device):
         super().__init__()
         self.module, self.device = loss_model, device
-        self.lean, self.reached, self.recording, self.queued, self.sync = {}, {}, None, False, True
+        self.lean, self.reached, self.sync = {}, {}, True
+        self.kinds, self.recording, self.queued = None, None, False     # (a kind's first update, under way)
         self.names = [n for n, p in loss_model.named_parameters() if p.requires_grad]
         for t in [*loss_model.parameters(), *loss_model.buffers()]:   # rank 0's weights on every rank, as DDP does
             dist.broadcast(t.data, src=0)
@@ -505,8 +506,8 @@ class PerUpdateDDP(torch.nn.Module):
 
     def reduce_reached(self):
         """End of a kind's first update: its gradients averaged over the ranks, in one all-reduce."""
-        reached = self.agreed(self.recording)
-        self.recording.update(reached)
+        reached = self.reached[self.kinds] = self.agreed(self.recording)
+        self.recording = None
         params = [p for n, p in self.module.named_parameters() if n in reached]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -530,7 +531,9 @@ class PerUpdateDDP(torch.nn.Module):
             self.recording = None
             self.lean[kinds].require_backward_grad_sync = self.sync    # (no_sync: a micro-step before the last)
             return self.lean[kinds](batch)
-        self.recording, self.queued = self.reached.setdefault(kinds, set()), False   # its first update
+        if self.recording is None or self.kinds != kinds:  # its first update's first micro-batch
+            self.kinds, self.recording = kinds, set()
+        self.queued = False
         return self.module(batch)
 
     @contextmanager

@@ -4,10 +4,11 @@ stopped halfway and resumed must equal the straight run (parameters and AdamW st
 DDP run's (a plain model loads it), as must its export (--export); and gradient accumulation under FSDP must
 equal one big micro-batch.
 
-All runs share one pair of spawned processes (starting them costs seconds); train.main runs inside a gloo group
-whose 60 s timeout turns a hang (ranks waiting in different collectives) into a failure."""
+The runs the selected tests need share one pair of spawned processes (starting them costs seconds); train.main
+runs inside a gloo group whose 60 s timeout turns a hang (ranks waiting in different collectives) into a failure."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -35,8 +36,7 @@ RUNS = {  # name: the arguments after --data_dir and --out_dir, run in this orde
     "flava_ddp": ["--recipe=flava"],
     "flava_fsdp": ["--recipe=flava", "--fsdp", "--image_tokenizer={root}/flava_ddp/image_tokenizer.pt",
                    "--export={root}/flava_fsdp_export"],
-}
-FAST_RUNS = {  # the fast path: DDP is runtime.PerUpdateDDP (its own spawn, so its planted bugs run these alone)
+    # the fast path: DDP is runtime.PerUpdateDDP
     "fast_ddp": ["--losses=fast", "--micro_batch_size=2"],             # (accumulating)
     "fast_fsdp": ["--losses=fast", "--micro_batch_size=2", "--fsdp"],
     "flava_fast_ddp": ["--recipe=flava", "--losses=fast"],
@@ -45,62 +45,79 @@ FAST_RUNS = {  # the fast path: DDP is runtime.PerUpdateDDP (its own spawn, so i
 }
 
 
-def _worker(rank, meet, toy, root):
+def needs(test):
+    """The runs a test of this module reads ("accumulation": _accumulation's gradients). The fixture makes only
+    the runs of the tests pytest selected, so one test (`pytest -k`, or a planted bug's test) pays for its own."""
+    recipe = test.callspec.params.get("recipe") if hasattr(test, "callspec") else None
+    return {"test_fsdp_run_equals_the_ddp_run": [f"{recipe}_ddp", f"{recipe}_fsdp"],
+            "test_fsdp_resume_is_exact_and_the_checkpoint_is_a_plain_one": ["xfm_ddp", "xfm_fsdp", "xfm_fsdp_half"],
+            "test_fsdp_export_is_the_whole_model": ["flava_fsdp"],
+            "test_fsdp_accumulation_equals_one_big_micro_batch": ["accumulation"],
+            "test_fast_path_ddp_run_equals_the_fsdp_run": [f"{recipe}_ddp", f"{recipe}_fsdp"],
+            "test_ddp_on_the_fast_path_reduces_what_each_update_reached": ["fast_ddp"]}.get(test.originalname, [])
+
+
+def _worker(rank, meet, toy, root, wanted):
     with gloo_group(rank, 2, meet, timeout_s=60):
         # train.main as under `torchrun --nproc_per_node=2`, in the group the test made
         runtime.setup_distributed = lambda name: (True, rank, rank, 2, torch.device("cpu"))
         runtime.teardown = lambda: None
         tok = ["--tokenizer=" + os.path.join(toy, "tokenizer.json")]
+        made, reductions = _watch_per_update_ddp()
         for name, args in RUNS.items():
-            train.main([f"--data_dir={toy}", f"--out_dir={root}/{name}", *STEPS, *tok,
-                        *[a.format(root=root) for a in args]])
-        train.main([f"--resume={root}/xfm_fsdp_half", "--stop_at=0"])   # steps 3-4 of the stopped run
-        _accumulation(rank, root)
+            if name in wanted:
+                train.main([f"--data_dir={toy}", f"--out_dir={root}/{name}", *STEPS, *tok,
+                            *[a.format(root=root) for a in args]])
+            if name == "xfm_fsdp_half" and name in wanted:
+                train.main([f"--resume={root}/xfm_fsdp_half", "--stop_at=0"])   # steps 3-4 of the stopped run
+            if name == "fast_ddp" and name in wanted and rank == 0:
+                _save_per_update(made[-1], reductions, os.path.join(root, "per_update.json"))
+        if "accumulation" in wanted:
+            _accumulation(rank, root)
 
 
-def _fast_worker(rank, meet, toy, root):
-    with gloo_group(rank, 2, meet, timeout_s=60):
-        runtime.setup_distributed = lambda name: (True, rank, rank, 2, torch.device("cpu"))
-        runtime.teardown = lambda: None
-        tok = ["--tokenizer=" + os.path.join(toy, "tokenizer.json")]
-        made, per_update = [], runtime.PerUpdateDDP                   # (what each kind of update reduces)
-        runtime.PerUpdateDDP = lambda *args: made.append(per_update(*args)) or made[-1]
-        ddp_class, reductions = torch.nn.parallel.DistributedDataParallel, []   # (a micro-step's sync flag, for
-        # each bucket a DDP of PerUpdateDDP reduces)
+def _watch_per_update_ddp():
+    """-> (each runtime.PerUpdateDDP made: what each kind of update reduces; the reductions: for every bucket a DDP
+    of the last one reduces, the micro-step's sync flag, and "first:" and the kinds for each first update's own)."""
+    made, reductions, per_update = [], [], runtime.PerUpdateDDP
 
-        def watched_ddp(*args, **kwargs):
-            ddp = ddp_class(*args, **kwargs)
-            if made:
-                ddp.register_comm_hook(None, lambda state, bucket: reductions.append(made[-1].sync) or
-                                       allreduce_hook(None, bucket))
-            return ddp
-        torch.nn.parallel.DistributedDataParallel = watched_ddp
-        for name, args in FAST_RUNS.items():
-            train.main([f"--data_dir={toy}", f"--out_dir={root}/{name}", *STEPS, *tok,
-                        *[a.format(root=root) for a in args]])
-        if rank == 0:
-            wrapper = made[0]                                         # (X-FM's; made[1]: FLAVA's)
-            every = [n for n, p in wrapper.module.named_parameters() if p.requires_grad]
-            reduced = {"+".join(k): sorted(set(every) - set(ddp.parameters_to_ignore))
-                       for k, ddp in wrapper.lean.items()}
-            reached = {"+".join(k): sorted(v) for k, v in wrapper.reached.items()}
-            with open(os.path.join(root, "per_update.json"), "w") as f:
-                json.dump({"every": every, "reduced": reduced, "reached": reached, "reductions": reductions}, f)
+    def made_one(*args):
+        wrapper = per_update(*args)
+        first = wrapper.reduce_reached
+        wrapper.reduce_reached = lambda: reductions.append("first:" + "+".join(wrapper.kinds)) or first()
+        made.append(wrapper)
+        return wrapper
+    runtime.PerUpdateDDP = made_one
+    ddp_class = torch.nn.parallel.DistributedDataParallel
+
+    def watched_ddp(*args, **kwargs):
+        ddp = ddp_class(*args, **kwargs)
+        if made:
+            ddp.register_comm_hook(None, lambda state, bucket: reductions.append(made[-1].sync) or
+                                   allreduce_hook(None, bucket))
+        return ddp
+    torch.nn.parallel.DistributedDataParallel = watched_ddp
+    return made, reductions
+
+
+def _save_per_update(wrapper, reductions, path):
+    every = [n for n, p in wrapper.module.named_parameters() if p.requires_grad]
+    reduced = {"+".join(k): sorted(set(every) - set(ddp.parameters_to_ignore)) for k, ddp in wrapper.lean.items()}
+    reached = {"+".join(k): sorted(v) for k, v in wrapper.reached.items()}
+    with open(path, "w") as f:
+        json.dump({"every": every, "reduced": reduced, "reached": reached, "reductions": reductions}, f)
 
 
 @pytest.fixture(scope="module")
-def runs(toy, tmp_path_factory):
-    """Every run of RUNS in one spawn of 2 processes -> the folder holding a folder per run."""
+def runs(request, toy, tmp_path_factory):
+    """The runs (of RUNS, and the accumulation check) that this module's selected tests need, in one spawn of 2
+    processes -> the folder holding a folder per run (and per_update.json: what PerUpdateDDP reduced)."""
+    wanted = {n for test in request.session.items if test.module is request.module for n in needs(test)}
+    for name, args in reversed(RUNS.items()):       # a run reading another's files needs that one first
+        if name in wanted:
+            wanted |= set(re.findall(r"\{root\}/(\w+)/", " ".join(args)))
     root = str(tmp_path_factory.mktemp("runs"))
-    mp.spawn(_worker, args=(rendezvous(), toy, root), nprocs=2, join=True)
-    return root
-
-
-@pytest.fixture(scope="module")
-def fast_runs(toy, tmp_path_factory):
-    """Every run of FAST_RUNS in one spawn of 2 processes, with what PerUpdateDDP reduced (per_update.json)."""
-    root = str(tmp_path_factory.mktemp("fast_runs"))
-    mp.spawn(_fast_worker, args=(rendezvous(), toy, root), nprocs=2, join=True)
+    mp.spawn(_worker, args=(rendezvous(), toy, root, wanted), nprocs=2, join=True)
     return root
 
 
@@ -252,23 +269,26 @@ def test_fsdp_takes_bf16_parameters_under_bf16_autocast(amp, dtype, monkeypatch)
 
 
 @pytest.mark.parametrize("recipe", ["fast", "flava_fast"])
-def test_fast_path_ddp_run_equals_the_fsdp_run(fast_runs, recipe):
+def test_fast_path_ddp_run_equals_the_fsdp_run(runs, recipe):
     """The fast path under torchrun (runtime.PerUpdateDDP, X-FM with 2 micro-batches per update, and FLAVA, whose
     kinds of update come in a drawn order) trains as FSDP does: test_fsdp_run_equals_the_ddp_run's check."""
-    assert_same_run(os.path.join(fast_runs, f"{recipe}_ddp"), os.path.join(fast_runs, f"{recipe}_fsdp"),
+    assert_same_run(os.path.join(runs, f"{recipe}_ddp"), os.path.join(runs, f"{recipe}_fsdp"),
                     param_atol=5e-5)
 
 
-def test_ddp_on_the_fast_path_reduces_what_each_update_reached(fast_runs):
+def test_ddp_on_the_fast_path_reduces_what_each_update_reached(runs):
     """runtime.PerUpdateDDP (the fast path under torchrun): each of X-FM's three updates reduces exactly the
     parameters its first backward reached, no DDP looks for unused ones, and the run equals FSDP's (above). The text
     update reaches no vision, fusion or box parameter; the region-and-image update none of the text MLM head."""
-    got = json.load(open(os.path.join(fast_runs, "per_update.json")))
+    got = json.load(open(os.path.join(runs, "per_update.json")))
     assert set(got["reduced"]) == {"text", "image+region", "pair"}
     assert got["reduced"] == got["reached"]
     text, region = set(got["reduced"]["text"]), set(got["reduced"]["image+region"])
     assert text and not any(n.startswith(("model.vision.", "model.fusion.", "model.bbox")) for n in text)
     assert len(text) < len(got["every"]) and len(region) < len(got["every"])
     assert not any(n.startswith("model.text_mlm.") for n in region)
-    # with 2 micro-batches per update, each DDP reduces in the last micro-batch's backward alone
-    assert got["reductions"] and all(got["reductions"])
+    # with 2 micro-batches per update: each kind's first update reduces once, at the end of its last micro-batch's
+    # backward, then its DDP reduces in the last micro-batch's backward alone
+    syncs = [r for r in got["reductions"] if r in (True, False)]
+    assert got["reductions"][:3] == ["first:text", "first:image+region", "first:pair"]
+    assert len(got["reductions"]) == 3 + len(syncs) and syncs and all(syncs)

@@ -1339,7 +1339,8 @@ def main(argv=None):
         print(f"baseline: every selected test passes unmodified ({time.time() - t0:.0f} s)", flush=True)
     bad = []
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        for bug_id, verdict, dt, tail in pool.map(lambda b: run_bug(b, args.timeout), bugs):
+        slow_first = sorted(bugs, key=lambda b: b.fast)   # (so no job is left running a slow bug alone at the end)
+        for bug_id, verdict, dt, tail in pool.map(lambda b: run_bug(b, args.timeout), slow_first):
             print(f"{verdict:<9} {bug_id:<24} {dt:5.1f} s", flush=True)
             if verdict != "caught":
                 bad.append(bug_id)
